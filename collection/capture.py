@@ -1,0 +1,202 @@
+"""Capturing routing from a running MoE model without slowing it down.
+
+A forward hook on each MoE router (`mlp.gate`) sees exactly what the model computes: its input
+(the MoE-block input, i.e. the post-attention RMSNorm output, flattened to (B*T, H)) and its
+outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
+layer the hook keeps only real-token rows (padding dropped with one index_select), casts them to
+the storage dtypes on the GPU, and queues a non-blocking copy into pinned host memory on a side
+stream, so the copies overlap the next layers' compute. A background thread waits for each
+batch's copies and writes them into the shard file; two sets of pinned buffers alternate so the
+GPU never waits for the disk unless the disk is the bottleneck.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from collection.format import ShardWriter
+from collection.model import moe_blocks
+
+
+def router_outputs(output: Any, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, E), weights (N, k), ids (N, k)) from whatever the router module returned.
+
+    transformers >= 5: the router returns the tuple itself. transformers 4.x: the gate is an
+    nn.Linear returning logits, so weights and ids are derived the way the 4.x MoE block did.
+    """
+    if isinstance(output, tuple) and len(output) == 3:
+        return output
+    logits = output
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, weights.to(logits.dtype), ids
+
+
+@dataclass
+class HostBatch:
+    """One batch's captured rows in host memory (pinned on CUDA), valid once `ready` has completed."""
+    hidden: torch.Tensor | None   # (Lh, max_rows, H)
+    topk_ids: torch.Tensor        # (L, max_rows, k) int16
+    topk_weights: torch.Tensor    # (L, max_rows, k) float16
+    router_logits: torch.Tensor | None  # (L, max_rows, E) float16
+    rows: int = 0
+    ready: torch.cuda.Event | None = None
+
+
+class RoutingCapture:
+    """Hooks every MoE router of `model`; `capture(batch_fn)` runs one forward and returns HostBatch."""
+
+    def __init__(self, model: nn.Module, hidden_layers: list[int], hidden_dtype: torch.dtype,
+                 store_logits: bool, max_rows: int, top_k: int, norm_topk_prob: bool, num_experts: int,
+                 hidden_size: int, num_buffers: int = 2):
+        self.blocks = moe_blocks(model)
+        self.L = len(self.blocks)
+        self.slot = {layer: j for j, layer in enumerate(hidden_layers)}  # MoE layer -> hidden slot
+        self.hidden_dtype, self.store_logits = hidden_dtype, store_logits
+        self.top_k, self.norm = top_k, norm_topk_prob
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        pin = self.cuda
+
+        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, pin_memory=pin)
+
+        self.free: queue.Queue[HostBatch] = queue.Queue()
+        for _ in range(num_buffers if self.cuda else 1):
+            self.free.put(HostBatch(
+                hidden=host(len(hidden_layers), max_rows, hidden_size, dtype=hidden_dtype) if hidden_layers else None,
+                topk_ids=host(self.L, max_rows, top_k, dtype=torch.int16),
+                topk_weights=host(self.L, max_rows, top_k, dtype=torch.float16),
+                router_logits=host(self.L, max_rows, num_experts, dtype=torch.float16) if store_logits else None))
+        self._current: HostBatch | None = None
+        self._rows_index: torch.Tensor | None = None
+        self.handles = [mlp.gate.register_forward_hook(self._hook(j)) for j, (_, mlp) in enumerate(self.blocks)]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def release(self, batch: HostBatch) -> None:
+        """Give a batch's buffers back once its rows have been written."""
+        self.free.put(batch)
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            batch = self._current
+            if batch is None:
+                return
+            x = args[0]
+            logits, weights, ids = router_outputs(output, self.top_k, self.norm)
+            idx = self._rows_index
+            n = batch.rows
+            # gather real tokens and cast on the GPU: fewer bytes cross PCIe and hit the disk
+            parts = [(batch.topk_ids[layer, :n], ids.index_select(0, idx).to(torch.int16)),
+                     (batch.topk_weights[layer, :n], weights.index_select(0, idx).to(torch.float16))]
+            if batch.router_logits is not None:
+                parts.append((batch.router_logits[layer, :n], logits.index_select(0, idx).to(torch.float16)))
+            if layer in self.slot and batch.hidden is not None:
+                h = x.reshape(-1, x.shape[-1]).index_select(0, idx).to(self.hidden_dtype)
+                parts.append((batch.hidden[self.slot[layer], :n], h))
+            if self.cuda:
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.copy_stream):
+                    for dst, src in parts:
+                        dst.copy_(src, non_blocking=True)
+                        src.record_stream(self.copy_stream)  # keep src alive until its copy ran
+            else:
+                for dst, src in parts:
+                    dst.copy_(src)
+        return hook
+
+    @torch.no_grad()
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HostBatch:
+        """Run one padded batch (on CPU tensors) and return its captured real-token rows.
+
+        The buffers are reused: call `release` after the rows are written.
+        """
+        flat_mask = attention_mask.reshape(-1).bool()
+        rows_index = flat_mask.nonzero().squeeze(1)  # computed on the host: no GPU sync
+        batch = self.free.get()
+        batch.rows = int(rows_index.numel())
+        self._rows_index = rows_index.to(self.device, non_blocking=True)
+        self._current = batch
+        try:
+            model(input_ids=input_ids.to(self.device, non_blocking=True),
+                  attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False)
+        finally:
+            self._current = None
+        if self.cuda:
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self.copy_stream)
+        return batch
+
+
+class ShardFiller:
+    """Background thread writing captured batches into shard files, in order.
+
+    Work items are closures run on the thread; the queue is bounded by the number of host buffers,
+    which is the back-pressure that keeps a slow disk from piling up memory. An exception on the
+    thread is re-raised in the caller at the next submit or at `join`.
+    """
+
+    def __init__(self, capture: RoutingCapture):
+        self.capture = capture
+        self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (task := self.q.get()) is not None:
+            try:
+                if self.error is None:
+                    task()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                self.q.task_done()
+        self.q.task_done()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self._check()
+        self.q.put(task)
+
+    def write_batch(self, writer: ShardWriter, batch: HostBatch, row: int) -> None:
+        def task() -> None:
+            try:
+                if batch.ready is not None:
+                    batch.ready.synchronize()
+                n = batch.rows
+                for layer in range(self.capture.L):
+                    writer.write("topk_ids", batch.topk_ids[layer, :n], index=(layer,), row=row)
+                    writer.write("topk_weights", batch.topk_weights[layer, :n], index=(layer,), row=row)
+                    if batch.router_logits is not None:
+                        writer.write("router_logits", batch.router_logits[layer, :n], index=(layer,), row=row)
+                if batch.hidden is not None:
+                    for j in range(batch.hidden.shape[0]):
+                        writer.write("hidden", batch.hidden[j, :n], index=(j,), row=row)
+            finally:
+                self.capture.release(batch)
+        self.submit(task)
+
+    def join(self) -> None:
+        """Wait until everything submitted has been written."""
+        self.q.join()
+        self._check()
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()

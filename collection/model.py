@@ -1,0 +1,129 @@
+"""Loading an MoE causal LM the way its users do, and reading its routing shape.
+
+`from_pretrained` by hub id or local directory, optional bitsandbytes 4-/8-bit. The MoE blocks are
+found by what they hold (a `gate` router and `experts`), so Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE
+all work without per-model code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from collection.errors import UserError
+from collection.sources import REPO_ROOT, require_hub
+
+EMBEDDED_MODEL = REPO_ROOT / "models" / "embedded" / "qwen2moe-mini"
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+@dataclass
+class RoutingShape:
+    architecture: str
+    num_layers: int            # MoE layers (the trace format's layer axis)
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    norm_topk_prob: bool
+    moe_layer_indices: list[int]  # decoder-layer index of each MoE layer
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(decoder layer index, MoE block) for every decoder layer whose MLP is a routed MoE."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UserError(f"{type(model).__name__}: no decoder layers found; not a supported causal LM")
+    blocks = [(i, layer.mlp) for i, layer in enumerate(layers)
+              if hasattr(getattr(layer, "mlp", None), "gate") and hasattr(layer.mlp, "experts")]
+    if not blocks:
+        raise UserError(f"{type(model).__name__}: no MoE layers (an mlp with gate and experts) found")
+    return blocks
+
+
+def routing_shape(model: nn.Module) -> RoutingShape:
+    cfg = model.config
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise UserError(f"{type(model).__name__}: config has no num_experts / num_experts_per_tok")
+    return RoutingShape(architecture=type(model).__name__, num_layers=len(moe_blocks(model)),
+                        num_experts=int(num_experts), top_k=int(top_k), hidden_size=int(cfg.hidden_size),
+                        norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", False)),
+                        moe_layer_indices=[i for i, _ in moe_blocks(model)])
+
+
+def router_weights(model: nn.Module) -> torch.Tensor:
+    """(L, E, H) router matrices: what router-reuse baselines apply to stored hidden states."""
+    return torch.stack([mlp.gate.weight.detach().float().cpu() for _, mlp in moe_blocks(model)])
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is it local). A hub id is checked for reachability first."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model {name_or_path}: directory has no config.json (not a saved model)")
+        return str(p), True
+    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"--model {name_or_path}: no such model directory")
+    require_hub(f"--model {name_or_path}",
+                f"Pass a local directory saved with save_pretrained (the embedded default is {EMBEDDED_MODEL}).")
+    return name_or_path, False
+
+
+def quantization_config(quantization: str, device: torch.device, compute_dtype: torch.dtype) -> Any:
+    if quantization == "none":
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"--quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if device.type != "cuda":
+        raise UserError(f"--quantization {quantization} needs a CUDA GPU (bitsandbytes); "
+                        f"this run is on {device}. Use --quantization none on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # the seed's recipe: NF4 with double quantization, fp16 compute
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
+               quantization: str = "none") -> tuple[nn.Module, Any]:
+    """Model (eval mode, on `device`) and tokenizer, exactly as a user of transformers loads them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, local = resolve_model_path(name_or_path)
+    qconfig = quantization_config(quantization, device, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if quantization == "4bit":
+            from collection.quantize import load_4bit_with_quantized_experts
+
+            model = load_4bit_with_quantized_experts(path, kwargs, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {name_or_path}: cannot load ({first})") from None
+    if qconfig is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer

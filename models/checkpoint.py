@@ -1,0 +1,81 @@
+"""Predictor checkpoints: one `.pth` dict of plain tensors and values plus a readable JSON sidecar.
+
+Saved atomically (temp file + rename) and loaded with `torch.load(..., weights_only=True)`, so a
+checkpoint can never run code. It carries everything evaluation needs to rebuild the predictor
+and re-find its test split: config, weights, split, the args of the run and its metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from collection.errors import UserError
+from collection.format import PARTIAL_SUFFIX, atomic_write_json, fsync_dir
+from models.predictors import PredictorConfig, build_predictor
+
+CHECKPOINT_FORMAT = "expert-predictor/1"
+
+
+def plain(obj: Any) -> Any:
+    """Args and metrics reduced to types that weights_only loading accepts."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def save_checkpoint(path: Path, model: nn.Module, cfg: PredictorConfig, split: dict[str, np.ndarray],
+                    traces: dict[str, Any], args: dict[str, Any], metrics: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "state_dict": state,
+            "split": {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in split.items()},
+            "traces": plain(traces), "args": plain(args), "metrics": plain(metrics)}
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    torch.save(ckpt, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    side = {k: ckpt[k] for k in ("format", "config", "traces", "args", "metrics")}
+    side["split_sizes"] = {k: int(len(v)) for k, v in split.items()}
+    atomic_write_json(path.with_suffix(".json"), side)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, PredictorConfig, dict[str, Any]]:
+    """(predictor in eval mode, its config, the whole checkpoint dict). Bad files give a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "not a checkpoint"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--checkpoint {path}: not a loadable checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--checkpoint {path}: not a predictor checkpoint of this project (format "
+                        f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
+    try:
+        cfg = PredictorConfig(**ckpt["config"])
+        model = build_predictor(cfg)
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"--checkpoint {path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    side = Path(path).with_suffix(".json")
+    return json.loads(side.read_text()) if side.is_file() else {}

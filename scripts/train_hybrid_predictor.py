@@ -1,0 +1,31 @@
+"""Train the hybrid expert predictor: hidden state plus the routing already observed, causal.
+
+The seed's command (its hyperparameters are the defaults):
+    python scripts/train_hybrid_predictor.py --shards-per-group 2 --batch-size 12 --lr 3e-5 --epochs 30
+Seconds on a CPU:
+    python scripts/train_hybrid_predictor.py --traces routing_data/traces/quick --epochs 2 \
+        --output models/hybrid_checkpoints/quick --overwrite
+
+Unlike the original hybrid (a temporal head that saw the tokens it predicted), this one sees only
+what exists when layer l runs: h_l, this token's experts at layer l (l-1 when --lookahead 0) and
+the previous token's experts at the target layer. It predicts layer l+d, d = --lookahead (default 1).
+"""
+from __future__ import annotations
+
+import argparse
+
+from collection.errors import one_line_errors
+from training.trainer import add_training_args, run_training
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p, kind="hybrid", shards_per_group=2, batch_size=12, lr=3e-5, epochs=30, lookahead=1,
+                      output="models/hybrid_checkpoints")
+    run_training(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    with one_line_errors("train_hybrid_predictor"):
+        main()

@@ -1,0 +1,30 @@
+"""Stage 2: train the seed's simple expert predictor (3-layer LayerNorm MLP, AdamW) on a trace set.
+
+The seed's command (its hyperparameters are the defaults):
+    python scripts/train_simple_predictor.py --shards-per-group 4 --batch-size 8 --lr 5e-5 --epochs 20
+Seconds on a CPU, on traces collected by `make demo` or the collect script's quick command:
+    python scripts/train_simple_predictor.py --traces routing_data/traces/quick --epochs 2 \
+        --output models/simple_checkpoints/quick --overwrite
+
+Same-layer prediction (--lookahead 0, the seed's task) is what the seed measured; a prefetcher needs
+--lookahead 1 or more (see scripts/compare_predictors.py and docs/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+
+from collection.errors import one_line_errors
+from training.trainer import add_training_args, run_training
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=20, lookahead=0,
+                      output="models/simple_checkpoints")
+    run_training(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    with one_line_errors("train_simple_predictor"):
+        main()

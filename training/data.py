@@ -1,0 +1,163 @@
+"""The one data loader: splits, shard groups, and (token, layer) row batches for every stage.
+
+A *row* pairs a token's MoE input at layer l with its experts at the target layer l + d
+(d = lookahead). Rows are drawn from a `TokenBlock`: the tokens of whole sequences from a group
+of shards, read from memory-mapped shards and kept on the training device, so a batch is a
+single gather, never a Python loop over tokens.
+
+What a predictor may see at layer l (`make_features`) is fixed here for every stage: its own
+MoE input at l; its own routing at the last layer before the target that has already run
+(layer l if d >= 1, layer l - 1 if d = 0); earlier tokens' routing (decode-time prefetching:
+earlier tokens have finished every layer). Nothing of this token at later layers, nothing of
+later tokens: tests/test_leakage.py holds it to that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from collection.errors import UserError
+from collection.format import TraceSet
+from models.predictors import Features
+
+SPLITS = ("train", "val", "test")
+
+
+def split_sequences(table: dict[str, np.ndarray], seed: int, val_fraction: float = 0.1,
+                    test_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Sequence ids per split, stratified by source and seeded: the same traces and seed always give
+    the same split, which is stored in every checkpoint and recomputed by baselines."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in SPLITS}
+    for src in np.unique(table["source"]):
+        ids = rng.permutation(np.sort(table["seq_id"][table["source"] == src]))
+        n_test = int(round(len(ids) * test_fraction))
+        n_val = int(round(len(ids) * val_fraction))
+        if len(ids) >= 3:  # every split gets every source, however small the trace set
+            n_test, n_val = max(n_test, 1), max(n_val, 1)
+        out["test"].append(ids[:n_test])
+        out["val"].append(ids[n_test:n_test + n_val])
+        out["train"].append(ids[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in out.items()}
+
+
+@dataclass
+class TokenBlock:
+    """Tokens of whole sequences (N rows), every layer's routing, and the stored hidden states."""
+    hidden: torch.Tensor | None   # (Lh, N, H) storage dtype
+    topk_ids: torch.Tensor        # (L, N, K) int64
+    topk_weights: torch.Tensor    # (L, N, K) float32
+    prev: torch.Tensor            # (N,) row of the previous token of the same sequence, -1 at its start
+    source: torch.Tensor          # (N,) source index
+    hidden_slot: torch.Tensor     # (L,) slot of layer l in `hidden`, -1 if not stored
+
+    @property
+    def tokens(self) -> int:
+        return self.topk_ids.shape[1]
+
+
+def shard_groups(num_shards: int, per_group: int, rng: np.random.Generator | None = None) -> list[list[int]]:
+    """Shards in groups of `per_group` (shuffled order when an rng is given, as in training)."""
+    order = rng.permutation(num_shards) if rng is not None else np.arange(num_shards)
+    return [sorted(order[i:i + per_group].tolist()) for i in range(0, num_shards, per_group)]
+
+
+def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: torch.device,
+               with_hidden: bool = True) -> TokenBlock | None:
+    """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none)."""
+    hidden, ids, weights, prev, source = [], [], [], [], []
+    base = 0
+    for sh in ts.shards(shards):
+        off = sh.numpy("seq_offsets").astype(np.int64)
+        keep = np.isin(sh.numpy("seq_ids"), seq_ids)
+        if not keep.any():
+            continue
+        starts, lens = off[:-1][keep], np.diff(off)[keep]
+        first = np.repeat(np.cumsum(lens) - lens, lens)          # block row of each token's sequence start
+        rows = np.repeat(starts, lens) + np.arange(lens.sum()) - first  # shard rows, in sequence order
+        whole = keep.all()
+        index = slice(None) if whole else rows
+        if with_hidden and ts.manifest.hidden_layers:
+            hidden.append(sh.tensor("hidden", (slice(None), index)))
+        ids.append(sh.tensor("topk_ids", (slice(None), index)))
+        weights.append(sh.tensor("topk_weights", (slice(None), index)))
+        pos = np.arange(lens.sum()) - first
+        prev.append(torch.from_numpy(np.where(pos > 0, base + np.arange(lens.sum()) - 1, -1)))
+        source.append(torch.from_numpy(np.repeat(sh.numpy("seq_sources")[keep].astype(np.int64), lens)))
+        base += int(lens.sum())
+    if not ids:
+        return None
+    L = ts.manifest.num_layers
+    slot = torch.full((L,), -1, dtype=torch.long)
+    for j, layer in enumerate(ts.manifest.hidden_layers):
+        slot[layer] = j
+    return TokenBlock(
+        hidden=torch.cat(hidden, 1).to(device, non_blocking=True) if hidden else None,
+        topk_ids=torch.cat(ids, 1).to(device).long(),
+        topk_weights=torch.cat(weights, 1).to(device).float(),
+        prev=torch.cat(prev).to(device), source=torch.cat(source).to(device), hidden_slot=slot.to(device))
+
+
+def input_layers(ts: TraceSet, lookahead: int, need_hidden: bool = True) -> list[int]:
+    """Layers l whose rows exist for this lookahead: l + d is a layer, and h_l is stored if needed."""
+    L = ts.manifest.num_layers
+    if not 0 <= lookahead < L:
+        raise UserError(f"--lookahead {lookahead}: the model has {L} MoE layers, so 0 <= d <= {L - 1}")
+    stored = set(ts.manifest.hidden_layers) if need_hidden else set(range(L))
+    layers = [l for l in range(L - lookahead) if l in stored]
+    if not layers:
+        raise UserError(f"no layer has its hidden state stored with a layer {lookahead} ahead "
+                        f"(stored: {ts.manifest.hidden_layers}); collect with --hidden-layers all")
+    return layers
+
+
+def row_batches(block: TokenBlock, layers: list[int], batch_rows: int,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(token rows, input layers) index batches over every (token, layer) pair; shuffled if a
+    generator is given, else in order (evaluation)."""
+    N = block.tokens
+    layer_t = torch.tensor(layers, device=block.topk_ids.device)
+    total = N * len(layers)
+    order = (torch.randperm(total, generator=generator, device="cpu").to(layer_t.device)
+             if generator is not None else torch.arange(total, device=layer_t.device))
+    for i in range(0, total, batch_rows):
+        r = order[i:i + batch_rows]
+        yield r % N, layer_t[r // N]
+
+
+def routing_vector(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, E: int) -> torch.Tensor:
+    """(R, E) routing weights of token rows `tok` at layers `layer` (rows with tok < 0 or layer < 0: zeros)."""
+    valid = (tok >= 0) & (layer >= 0)
+    t, l = tok.clamp(min=0), layer.clamp(min=0)
+    out = torch.zeros(tok.shape[0], E, device=tok.device)
+    out.scatter_(1, block.topk_ids[l, t], block.topk_weights[l, t])
+    return out * valid.unsqueeze(1)
+
+
+def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int, num_experts: int,
+                  with_history: bool, dtype: torch.dtype = torch.float32) -> Features:
+    """What is known when layer `layer` runs for token `tok` (see the module docstring)."""
+    f = Features(hidden=block.hidden[block.hidden_slot[layer], tok].to(dtype), layer=layer)
+    if with_history:
+        seen = layer if lookahead >= 1 else layer - 1  # layer l's own routing is the answer when d = 0
+        f.own_routing = routing_vector(block, seen, tok, num_experts).to(dtype)
+        f.prev_token = routing_vector(block, layer + lookahead, block.prev[tok], num_experts).to(dtype)
+    return f
+
+
+def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """(R, K) true experts at the target layer."""
+    return block.topk_ids[layer + lookahead, tok]
+
+
+def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The seed's target: 1/K on each true expert (soft cross-entropy against it)."""
+    t = torch.zeros(true_ids.shape[0], num_experts, device=true_ids.device)
+    return t.scatter_(1, true_ids, 1.0 / true_ids.shape[1])
+
+
+def mean_tokens_per_sequence(table: dict[str, np.ndarray], seq_ids: np.ndarray) -> float:
+    return float(table["length"][np.isin(table["seq_id"], seq_ids)].mean())

@@ -1,0 +1,194 @@
+"""Training an expert predictor on a trace set: the loop shared by the train_*_predictor scripts.
+
+Story of a run: read the trace set and split its sequences (train / val / test, stratified by
+source, seeded); build the predictor from the manifest's routing shape; each epoch, walk the
+training shards `--shards-per-group` at a time, shuffle that group's (token, layer) rows and take
+AdamW steps on the seed's soft cross-entropy; validate; keep `latest_checkpoint.pth` and
+`best_checkpoint.pth`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from collection.device import pick_device
+from collection.errors import UserError
+from collection.format import TraceSet, atomic_write_json
+from models.checkpoint import save_checkpoint
+from models.predictors import PredictorConfig, build_predictor, count_parameters, flops_per_row, needs_history
+from training.data import (input_layers, load_block, make_features, mean_tokens_per_sequence, multi_hot_target,
+                           row_batches, shard_groups, split_sequences, targets)
+from validation.evaluate import evaluate, predictor_scorer
+
+DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"
+
+
+def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group: int, batch_size: int, lr: float,
+                      epochs: int, lookahead: int, output: str) -> None:
+    """The seed's flags with its values as defaults, plus what a prefetching study needs."""
+    g = p.add_argument_group("data")
+    g.add_argument("--traces", default=DEFAULT_TRACES, help=f"trace directory (default {DEFAULT_TRACES})")
+    g.add_argument("--shards-per-group", "--shards_per_group", type=int, default=shards_per_group,
+                   help=f"shards loaded together; rows are shuffled within a group (default {shards_per_group})")
+    g.add_argument("--lookahead", type=int, default=lookahead,
+                   help=f"predict layer l+d's experts from layer l (default {lookahead}; 0 = the seed's same-layer task)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="sequences held out for validation (0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="sequences held out for the test split (0.1)")
+    g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification (faster start)")
+    g = p.add_argument_group("optimisation (seed defaults)")
+    g.add_argument("--batch-size", "--batch_size", type=int, default=batch_size,
+                   help=f"sequences per step, as the seed counted them (default {batch_size}): a step takes "
+                        "batch-size x mean tokens per sequence x layers (token, layer) rows, shuffled across the group")
+    g.add_argument("--batch-rows", type=int, default=None, help="token rows per step (overrides --batch-size)")
+    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs; cosine schedule over them (default {epochs})")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (1.0)")
+    g.add_argument("--hidden-dim", type=int, default=256, help="predictor width (256, the seed's)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout (0.1)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling (0)")
+    g.add_argument("--select-metric", default=None, help="validation metric that picks best_checkpoint "
+                   "(default recall@K, K = the model's top-k; the seed used any_hit@1)")
+    g = p.add_argument_group("run")
+    g.add_argument("--model-type", default=kind, choices=["simple", "layer-aware", "hybrid"], help=f"predictor ({kind})")
+    g.add_argument("--output", default=output, help=f"checkpoint directory (default {output})")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
+    g.add_argument("--amp", choices=["auto", "off"], default="auto", help="bf16 autocast on GPU (auto) or never")
+    g.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --output")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    for name in ("shards_per_group", "batch_size", "epochs", "hidden_dim"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_rows is not None and args.batch_rows <= 0:
+        raise UserError("--batch-rows must be positive")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError("--lr must be a positive number")
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
+        raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+
+
+def soft_cross_entropy(logits: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
+    """The seed's loss: cross-entropy against 1/K on each true expert, in float32."""
+    return -(multi_hot_target(true_ids, logits.shape[1]) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    validate_args(args)
+    out = Path(args.output)
+    if (out / "best_checkpoint.pth").exists() and not args.overwrite:
+        raise UserError(f"{out} already holds checkpoints; --overwrite replaces them, or choose another --output")
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device, args.gpu)
+    amp = device.type == "cuda" and args.amp == "auto"
+    dtype = torch.bfloat16 if amp else torch.float32
+
+    # --- data: the trace set, its split, and what one step holds
+    ts = TraceSet(Path(args.traces), verify=not args.no_verify)
+    m = ts.manifest
+    table = ts.sequence_table()
+    split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
+    if len(split["train"]) == 0 or len(split["val"]) == 0:
+        raise UserError(f"{args.traces}: too few sequences ({len(table['seq_id'])}) for a train and a validation split")
+    layers = input_layers(ts, args.lookahead)
+    tokens_per_seq = mean_tokens_per_sequence(table, split["train"])
+    rows_per_step = args.batch_rows or max(1, round(args.batch_size * tokens_per_seq * len(layers)))
+    train_tokens = int(table["length"][np.isin(table["seq_id"], split["train"])].sum())
+    steps_per_epoch = math.ceil(train_tokens * len(layers) / rows_per_step)
+    print(f"traces: {args.traces} ({m.model['name_or_path']}, {m.num_layers} layers x {m.num_experts} experts, "
+          f"top-{m.top_k}); split by sequence: {len(split['train'])} train / {len(split['val'])} val / "
+          f"{len(split['test'])} test")
+    print(f"rows: (token, layer l) -> experts of layer l+{args.lookahead}; layers {layers[0]}..{layers[-1]}; "
+          f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}), "
+          f"~{steps_per_epoch} steps per epoch")
+
+    # --- model and optimiser (the seed's recipe: AdamW, cosine stepped per epoch, clip 1.0)
+    cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
+                          num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
+                          dropout=args.dropout)
+    model = build_predictor(cfg).to(device)
+    history_feats = needs_history(cfg.kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    select = args.select_metric or f"recall@{m.top_k}"
+    print(f"predictor: {cfg.kind}, {count_parameters(model):,} parameters, {flops_per_row(model):,} FLOPs per row; "
+          f"best checkpoint by val {select}")
+
+    traces_info = {"dir": str(args.traces), "model": m.model, "routing": m.routing,
+                   "tokens_sha256": m.plan.get("tokens_sha256"), "sources": m.source_names}
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    history: list[dict[str, Any]] = []
+    best = -1.0
+    train_rows, train_time = 0, 0.0
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        steps = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
+                   dynamic_ncols=True)
+        for group in shard_groups(len(ts), args.shards_per_group, rng):
+            block = load_block(ts, group, split["train"], device)
+            if block is None:
+                continue
+            for tok, layer in row_batches(block, layers, rows_per_step, gen):
+                f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats)
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
+                    logits = model(f)
+                loss = soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
+                loss_sum += loss.detach()  # summed on the device: no host sync per step
+                steps += 1
+                train_rows += tok.shape[0]
+                bar.update(1)
+            del block
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        bar.close()
+
+        model.eval()
+        acc = evaluate(predictor_scorer(model, args.lookahead, m.num_experts, history_feats, dtype), ts, split["val"],
+                       args.lookahead, device, shards_per_group=args.shards_per_group, progress=False,
+                       loss_fn=soft_cross_entropy)
+        val = acc.summary()
+        val["loss"] = acc.mean_loss()
+        row = {"epoch": epoch, "train_loss": (loss_sum / max(steps, 1)).item(), "lr": sched.get_last_lr()[0],
+               "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
+               **{f"val/{k}": v for k, v in val.items()}}
+        history.append(row)
+        K = m.top_k
+        print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
+              f"recall@{K} {val[f'recall@{K}']:.4f} coverage@8 {val.get('coverage@8', float('nan')):.4f} "
+              f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
+              f"{row['rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
+        if select not in val:
+            raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
+        metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
+        save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
+        if val[select] > best:
+            best = val[select]
+            save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                            {**metrics, "best": {select: best, "epoch": epoch}})
+    summary = {"best": {select: best}, "train/rows_per_s": train_rows / max(train_time, 1e-9),
+               "train/seconds": train_time, "parameters": count_parameters(model),
+               "flops_per_row": flops_per_row(model), "history": history}
+    atomic_write_json(out / "results.json", summary)
+    print(f"best val {select} {best:.4f}; checkpoints in {out}")
+    return summary

@@ -1,0 +1,173 @@
+"""Expert-prediction metrics: one definition each, vectorized over rows.
+
+A *row* is one (token, target layer). A predictor scores all E experts; T is the set of the K
+experts the router really chose (K = top_k, 4 for Qwen1.5-MoE). Everything derives from the rank
+of each true expert in the predicted order (rank 0 = best score; ties broken by expert index), so
+a whole batch is one argsort, and every k comes from the same ranks.
+
+Names follow the prefetching literature (docs/metrics.md maps them to the seed's names):
+    recall@k      |top_k_pred & T| / K        the seed's "individual accuracy"; slot recall at k = K
+    coverage@k    1[T inside top_k_pred]      the seed's "coverage probability"
+    any_hit@k     1[top_k_pred & T nonempty]  the seed's "Top-k accuracy" (inflated: never a headline)
+    avg_found@k   |top_k_pred & T|            the seed's "average coverage"
+    exact_match   coverage@K                  predicted top-K set equals the true set
+"""
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import torch
+
+SEED_KS = (1, 3, 5, 8, 10, 12, 15, 20, 25, 30)
+
+
+def true_expert_ranks(scores: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
+    """Rank of each true expert in the predicted order.
+
+    scores: (R, E) any real scores, higher = more likely; true_ids: (R, K) int. Returns (R, K) int64.
+    """
+    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (R, E) expert ids, best first
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return position.gather(1, true_ids.long())
+
+
+def found_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """(R,) number of true experts inside the top-k."""
+    return (ranks < k).sum(dim=1)
+
+
+def recall_at_k(ranks: torch.Tensor, k: int) -> float:
+    """mean |top-k & T| / K. Random: k / E."""
+    return (found_at_k(ranks, k).float() / ranks.shape[1]).mean().item()
+
+
+def coverage_at_k(ranks: torch.Tensor, k: int) -> float:
+    """mean 1[T inside top-k]. Random: C(E-K, k-K) / C(E, k)."""
+    return (ranks.max(dim=1).values < k).float().mean().item()
+
+
+def any_hit_at_k(ranks: torch.Tensor, k: int) -> float:
+    """mean 1[top-k & T nonempty]. Random: 1 - C(E-K, k) / C(E, k) (any_hit@1 = K/E = 6.7% for 60/4)."""
+    return (ranks.min(dim=1).values < k).float().mean().item()
+
+
+def avg_found_at_k(ranks: torch.Tensor, k: int) -> float:
+    """mean |top-k & T|. Random: k K / E."""
+    return found_at_k(ranks, k).float().mean().item()
+
+
+def exact_match(ranks: torch.Tensor) -> float:
+    """mean 1[predicted top-K set == T] (= coverage@K). Random: 1 / C(E, K)."""
+    return coverage_at_k(ranks, ranks.shape[1])
+
+
+def random_expectation(metric: str, k: int, num_experts: int, top_k: int) -> float:
+    """Expected value of a metric for uniformly random scores (the sanity floor of every table)."""
+    E, K = num_experts, top_k
+    k = min(k, E)
+    if metric == "recall":
+        return k / E
+    if metric == "avg_found":
+        return k * K / E
+    if metric == "coverage":
+        return comb(E - K, k - K) / comb(E, k) if k >= K else 0.0
+    if metric == "any_hit":
+        return 1.0 - comb(E - K, k) / comb(E, k)
+    raise ValueError(metric)
+
+
+class CoverageAccumulator:
+    """Streaming sums of every metric at every k, overall, per target layer and per source.
+
+    `update` takes one batch of ranks; nothing is kept per row, so validation runs in constant
+    memory over any number of shards. All sums are int64 on the ranks' device, read back once.
+    """
+
+    def __init__(self, num_layers: int, num_sources: int, num_experts: int, top_k: int,
+                 ks: tuple[int, ...] = SEED_KS, device: torch.device | str = "cpu"):
+        # k = K (recall@K, exact match) is always evaluated, whatever ks the caller asked for
+        self.ks = tuple(sorted(k for k in set(ks) | {top_k} if k <= num_experts))
+        self.L, self.S, self.E, self.K = num_layers, num_sources, num_experts, top_k
+        self.device = torch.device(device)
+        nk = len(self.ks)
+        z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=self.device)  # noqa: E731
+        self.rows = z(num_layers, num_sources)                 # rows per (layer, source)
+        self.found = z(num_layers, num_sources, nk)            # sum |topk & T|
+        self.covered = z(num_layers, num_sources, nk)          # sum 1[T in topk]
+        self.any_hit = z(num_layers, num_sources, nk)          # sum 1[topk & T nonempty]
+        self.pred_freq = z(num_experts)                        # how often each expert is predicted in top-K
+        self.true_freq = z(num_experts)                        # how often each expert is truly chosen
+        self.rank_hist = z(num_experts)                        # where true experts sit in the predicted order
+        self._ks = torch.tensor(self.ks, device=self.device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_rows = 0
+
+    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
+        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
+        self.loss_rows += rows
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / max(self.loss_rows, 1)).item()
+
+    @torch.no_grad()
+    def update(self, ranks: torch.Tensor, layer: torch.Tensor, source: torch.Tensor,
+               true_ids: torch.Tensor, pred_topk: torch.Tensor) -> None:
+        """ranks (R, K); layer, source (R,) int; true_ids (R, K); pred_topk (R, K) predicted experts."""
+        ranks = ranks.to(self.device)
+        inside = ranks.unsqueeze(-1) < self._ks                # (R, K, nk)
+        found = inside.sum(1)                                  # (R, nk)
+        cell = layer.to(self.device).long() * self.S + source.to(self.device).long()  # (R,)
+        flat = self.L * self.S
+        self.rows += torch.bincount(cell, minlength=flat).view(self.L, self.S)
+        for acc, val in ((self.found, found), (self.covered, found == self.K), (self.any_hit, found > 0)):
+            acc.view(flat, -1).index_add_(0, cell, val.long())
+        self.pred_freq += torch.bincount(pred_topk.reshape(-1).to(self.device).long(), minlength=self.E)
+        self.true_freq += torch.bincount(true_ids.reshape(-1).to(self.device).long(), minlength=self.E)
+        self.rank_hist += torch.bincount(ranks.reshape(-1), minlength=self.E)
+
+    def merge(self, other: "CoverageAccumulator") -> None:
+        for name in ("rows", "found", "covered", "any_hit", "pred_freq", "true_freq", "rank_hist"):
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+
+    def summary(self, layers: list[int] | None = None, sources: list[int] | None = None) -> dict[str, float]:
+        """Flat metric dict over the selected layers/sources: recall@k, coverage@k, any_hit@k, avg_found@k."""
+        sel_l = slice(None) if layers is None else torch.tensor(layers, device=self.device)
+        sel_s = slice(None) if sources is None else torch.tensor(sources, device=self.device)
+        rows = self.rows[sel_l][:, sel_s].sum().item()
+        out: dict[str, float] = {"tokens": float(rows)}
+        if rows == 0:
+            return out
+        found = self.found[sel_l][:, sel_s].sum((0, 1)).double()
+        covered = self.covered[sel_l][:, sel_s].sum((0, 1)).double()
+        anyh = self.any_hit[sel_l][:, sel_s].sum((0, 1)).double()
+        for i, k in enumerate(self.ks):
+            out[f"recall@{k}"] = found[i].item() / (rows * self.K)
+            out[f"coverage@{k}"] = covered[i].item() / rows
+            out[f"any_hit@{k}"] = anyh[i].item() / rows
+            out[f"avg_found@{k}"] = found[i].item() / rows
+        if self.K in self.ks:
+            out["exact_match"] = out[f"coverage@{self.K}"]
+        return out
+
+    def smallest_k_for_coverage(self, target: float) -> int | None:
+        """Smallest k among the evaluated ks whose coverage@k reaches `target` (None if none does)."""
+        s = self.summary()
+        for k in self.ks:
+            if s.get(f"coverage@{k}", 0.0) >= target:
+                return k
+        return None
+
+    def per_layer(self, metric: str) -> list[float | None]:
+        return [self.summary(layers=[l]).get(metric) for l in range(self.L)]
+
+    def per_source(self, metric: str) -> list[float | None]:
+        return [self.summary(sources=[s]).get(metric) for s in range(self.S)]
+
+    def frequencies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted-in-top-K share, true share, and true-expert rank histogram (all normalised)."""
+        def norm(t: torch.Tensor) -> np.ndarray:
+            a = t.double().cpu().numpy()
+            return a / max(a.sum(), 1.0)
+        return norm(self.pred_freq), norm(self.true_freq), norm(self.rank_hist)

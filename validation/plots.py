@@ -1,0 +1,84 @@
+"""Figures for coverage analyses and predictor comparisons (matplotlib, written atomically)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from collection.format import PARTIAL_SUFFIX
+
+
+def _figure_module():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
+
+
+def coverage_figure(result: dict[str, Any], ks: list[int], per_layer: list[float | None], pred_freq: np.ndarray,
+                    true_freq: np.ndarray, rank_hist: np.ndarray, title: str, path: Path) -> None:
+    """Four panels: metrics vs k, per-layer recall@K, predicted vs true expert share, true-expert ranks."""
+    plt = _figure_module()
+    K = int(result["top_k"])
+    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    a = ax[0, 0]
+    for metric, style in (("coverage", "o-"), ("recall", "s-"), ("any_hit", "^--")):
+        a.plot(ks, [result[f"{metric}@{k}"] for k in ks], style, label=f"{metric}@k")
+    a.plot(ks, [result[f"random/recall@{k}"] for k in ks], ":", color="gray", label="random recall@k")
+    a.axhline(0.9, color="gray", lw=0.5)
+    a.axhline(0.95, color="gray", lw=0.5)
+    a.set(xlabel="k (experts predicted)", ylabel="fraction of rows", ylim=(0, 1.02), title="metrics vs k")
+    a.legend(loc="lower right")
+    a.grid(alpha=0.3)
+    a = ax[0, 1]
+    vals = [np.nan if v is None else v for v in per_layer]
+    a.bar(range(len(vals)), vals, color="tab:blue")
+    a.axhline(K / len(true_freq), color="gray", ls=":", label=f"random ({K}/{len(true_freq)})")
+    a.set(xlabel="target layer", ylabel=f"recall@{K}", ylim=(0, 1.02), title=f"per-layer recall@{K}")
+    a.legend(loc="lower right")
+    a = ax[1, 0]
+    E = len(true_freq)
+    w = 0.4
+    a.bar(np.arange(E) - w / 2, true_freq, w, label="true (router)")
+    a.bar(np.arange(E) + w / 2, pred_freq, w, label=f"predicted top-{K}")
+    a.set(xlabel="expert id", ylabel="share of assignments", title="expert frequency: predicted vs true")
+    a.legend()
+    a = ax[1, 1]
+    top = min(20, E)
+    a.bar(np.arange(1, top + 1), rank_hist[:top])
+    a.set(xlabel="position of a true expert in the predicted order", ylabel="share of true experts",
+          title=f"where true experts rank (first {top} positions: {rank_hist[:top].sum():.1%})")
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def comparison_figure(curves: dict[str, dict[int, list[float | None]]], metric: str, path: Path, title: str) -> None:
+    """One panel per lookahead d: per-target-layer `metric` of every predictor and baseline."""
+    plt = _figure_module()
+    ds = sorted({d for c in curves.values() for d in c})
+    fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4.2), squeeze=False, sharey=True)
+    for a, d in zip(axes[0], ds):
+        for name, by_d in curves.items():
+            if d in by_d:
+                ys = [np.nan if v is None else v for v in by_d[d]]
+                a.plot(range(len(ys)), ys, marker=".", label=name)
+        a.set(title=f"lookahead d = {d}", xlabel="target layer", ylim=(0, 1.02))
+        a.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
