@@ -16,7 +16,8 @@ from torch import nn
 from collection.errors import UserError
 from collection.sources import REPO_ROOT, require_hub
 
-EMBEDDED_MODEL = REPO_ROOT / "models" / "embedded" / "qwen2moe-mini"
+EMBEDDED_MODEL_NAME = "models/embedded/qwen2moe-mini"  # relative to the repository root
+EMBEDDED_MODEL = REPO_ROOT / EMBEDDED_MODEL_NAME
 QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
@@ -67,6 +68,8 @@ def router_weights(model: nn.Module) -> torch.Tensor:
 def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, is it local). A hub id is checked for reachability first."""
     p = Path(name_or_path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).is_dir():
+        p = REPO_ROOT / p  # repository-relative paths (the embedded default) work from any directory
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"--model {name_or_path}: directory has no config.json (not a saved model)")

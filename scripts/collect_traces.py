@@ -21,16 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from collection.capture import RoutingCapture, ShardFiller
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
 from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
-                               TensorSpec, TraceShard, atomic_write_bytes, read_manifest, shard_name,
+                               TensorSpec, TraceShard, atomic_save_tensors, read_manifest, shard_name,
                                write_manifest)
-from collection.model import EMBEDDED_MODEL, QUANTIZATIONS, load_model, router_weights, routing_shape
+from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, router_weights, routing_shape
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=str(EMBEDDED_MODEL),
+    g.add_argument("--model", default=EMBEDDED_MODEL_NAME,
                    help="hub id or local directory saved with save_pretrained (default: the embedded model)")
     g.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="bitsandbytes, CUDA only")
     g.add_argument("--device", default="auto", help="auto (GPU with most free memory, else CPU), cpu, cuda:N")
@@ -93,6 +92,10 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
+def plan_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
     """Existing manifest when resuming; refuses to touch an existing trace set without a flag."""
     if resume:
@@ -102,7 +105,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
             partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
         return read_manifest(out)
     if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file() and not any(out.glob("shard_*")):
+        if not any((out / f).exists() for f in (MANIFEST, ROUTER_WEIGHTS)) and not any(out.glob("shard_*")):
             raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
         if not overwrite:
             raise UserError(f"--output {out} already holds traces; --resume continues them, --overwrite replaces them")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     hidden_layers = parse_layers(args.hidden_layers, shape.num_layers)
     store_logits = not args.no_logits
     mem = f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU memory" if device.type == "cuda" else ""
-    print(f"model: {shape.architecture} from {args.model} ({args.quantization}, {compute_dtype}) in {load_s:.1f} s{mem}: "
+    print(f"model: {shape.architecture} from {args.model} ({args.quantization}, {plan_dtype(compute_dtype)}) in {load_s:.1f} s{mem}: "
           f"{shape.num_layers} MoE layers x {shape.num_experts} experts, top-{shape.top_k}, hidden {shape.hidden_size}")
 
     encoded = tokenizer([t for _, t in texts], truncation=True, max_length=args.max_length)["input_ids"]
@@ -149,9 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     n_shards = -(-n_seq // args.shard_size)
 
     H, L, E, K = shape.hidden_size, shape.num_layers, shape.num_experts, shape.top_k
-    hidden_name = str(hidden_dtype).removeprefix("torch.")
+    hidden_name = plan_dtype(hidden_dtype)
     bytes_per_token = 4 + L * K * 4 + (L * E * 2 if store_logits else 0) + len(hidden_layers) * H * hidden_dtype.itemsize
-    plan = {"model": args.model, "quantization": args.quantization, "dtype": str(compute_dtype).removeprefix("torch."),
+    plan = {"model": args.model, "quantization": args.quantization, "dtype": plan_dtype(compute_dtype),
             "datasets": [s.describe() for s in sources], "target_traces": args.target_traces,
             "per_source": per_source, "shard_size": args.shard_size, "batch_size": args.batch_size,
             "max_length": args.max_length, "min_chars": args.min_chars, "seed": args.seed,
@@ -178,11 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                                    "quantization": args.quantization, "dtype": plan["dtype"]},
                             routing=shape.to_json(), capture=capture_cfg,
                             sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
-        tmp = out / (ROUTER_WEIGHTS + PARTIAL_SUFFIX)
-        save_file({f"router.{l}": w.to(compute_dtype).contiguous() for l, w in enumerate(router_weights(model))},
-                  str(tmp))
-        atomic_write_bytes(out / ROUTER_WEIGHTS, tmp.read_bytes())
-        tmp.unlink()
+        atomic_save_tensors(out / ROUTER_WEIGHTS,
+                            {f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))})
         write_manifest(out, manifest)
 
     # --- disk: refuse a collection that cannot fit rather than fail hours in
