@@ -1,7 +1,8 @@
 """Text sources for trace collection: hub datasets, local files and the bundled corpus, read alike.
 
-Every source is read through `datasets` in streaming mode, shuffled with a seed and filtered, so
-a bundled domain is sampled exactly like a hub dataset. `sample_balanced` takes the same number
+Hub datasets are read through `datasets` in streaming mode; local files (and the bundled corpus)
+through the same interface, so every source is shuffled with the seed, filtered and counted
+alike, and a bundled domain is sampled exactly like a hub dataset. `sample_balanced` takes the same number
 of texts from each source and interleaves them, so every shard holds every source.
 
 Source specs (`--datasets`, comma separated):
@@ -106,9 +107,57 @@ def bundled_domains(corpus_dir: Path = CORPUS_DIR) -> dict[str, Path]:
         raise UserError(f"{index}: unreadable corpus index ({e})") from None
 
 
-def _local_source(kind: str, rest: str, spec: str) -> Source:
-    import datasets
+def read_local_rows(files: list[str], kind: str, field: str, spec: str) -> Iterator[dict[str, Any]]:
+    """Rows of local files. JSON Lines and text need only the standard library (gzip allowed), so
+    the bundled corpus reads on machines without pyarrow; parquet and csv go through `datasets`."""
+    import gzip
 
+    if kind in ("parquet", "csv"):
+        import datasets
+
+        yield from datasets.load_dataset(kind, data_files=files, split="train", streaming=True)
+        return
+    for path in files:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if kind == "text":
+                    if line.strip():
+                        yield {field: line.rstrip("\n")}
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"--datasets {spec}: {path} line {n} is not JSON") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"--datasets {spec}: {path} line {n} is not a JSON object")
+                yield row
+
+
+class LocalRows:
+    """A local file source with the same interface as a streaming hub dataset: `.shuffle(seed)`
+    gives a seeded permutation (local files fit in memory, so the shuffle is exact)."""
+
+    def __init__(self, files: list[str], kind: str, field: str, spec: str):
+        self.files, self.kind, self.field, self.spec = files, kind, field, spec
+        self.seed: int | None = None
+
+    def shuffle(self, seed: int, buffer_size: int = 0) -> "LocalRows":
+        self.seed = seed
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rows = list(read_local_rows(self.files, self.kind, self.field, self.spec))
+        if self.seed is not None:
+            import numpy as np
+
+            rows = [rows[i] for i in np.random.default_rng(self.seed).permutation(len(rows))]
+        return iter(rows)
+
+
+def _local_source(kind: str, rest: str, spec: str) -> Source:
     path, _, field = rest.partition(":") if kind != "text" else (rest, "", "")
     if kind != "text" and not Path(path).exists() and Path(rest).exists():
         path, field = rest, ""  # a path that itself contains ':'
@@ -119,24 +168,19 @@ def _local_source(kind: str, rest: str, spec: str) -> Source:
     files = sorted(str(f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else [str(p)]
     if not files:
         raise UserError(f"--datasets {spec}: directory {path} holds no files")
-    builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "text": "text"}[kind]
-
-    def load() -> Any:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    kind = "jsonl" if kind == "json" else kind
 
     def to_text(row: dict[str, Any]) -> str:
         if field not in row:
             raise UserError(f"--datasets {spec}: rows have no field {field!r} (fields: {sorted(row)})")
         return str(row[field])
 
-    return Source(name=p.stem.split(".")[0] if not p.is_dir() else p.name, kind="local", spec=spec,
-                  loader=load, to_text=to_text)
+    return Source(name=p.name.split(".")[0], kind="local", spec=spec,
+                  loader=lambda: LocalRows(files, kind, field, spec), to_text=to_text)
 
 
 def parse_sources(specs: str, corpus_dir: Path = CORPUS_DIR) -> list[Source]:
     """Turn `--datasets a,b,c` into sources; unknown names are an error listing what is known."""
-    import datasets
-
     bundled = bundled_domains(corpus_dir)
     names: list[str] = []
     for part in [s.strip() for s in specs.split(",") if s.strip()]:
@@ -161,22 +205,26 @@ def parse_sources(specs: str, corpus_dir: Path = CORPUS_DIR) -> list[Source]:
             if not path.is_file():
                 raise UserError(f"bundled domain {spec}: missing file {path}")
             sources.append(Source(name=spec, kind="bundled", spec=spec, to_text=_join("text"),
-                                  loader=lambda p=str(path): datasets.load_dataset(
-                                      "json", data_files=[p], split="train", streaming=True)))
+                                  loader=lambda p=str(path), s=spec: LocalRows([p], "jsonl", "text", s)))
         elif spec in HUB_DATASETS or spec in {v[0] for v in HUB_DATASETS.values()}:
             name = spec if spec in HUB_DATASETS else next(k for k, v in HUB_DATASETS.items() if v[0] == spec)
             if not hub_checked:
                 require_hub(f"dataset {spec}", LOCAL_DATA_HINT)
                 hub_checked = True
             hub_id, to_text = HUB_DATASETS[name]
-            sources.append(Source(name=name, kind="hub", spec=spec, to_text=to_text,
-                                  loader=lambda h=hub_id: datasets.load_dataset(h, split="train", streaming=True)))
+            sources.append(Source(name=name, kind="hub", spec=spec, to_text=to_text, loader=lambda h=hub_id: _hub(h)))
         else:
             known = ", ".join(SEED_DATASETS + sorted(bundled))
             raise UserError(f"unknown dataset {spec!r}. Known: {known}, seed, bundled, or jsonl:/parquet:/csv:/text:PATH")
     if len({s.name for s in sources}) != len(sources):
         raise UserError(f"--datasets names a source twice: {[s.name for s in sources]}")
     return sources
+
+
+def _hub(hub_id: str) -> Any:
+    import datasets
+
+    return datasets.load_dataset(hub_id, split="train", streaming=True)
 
 
 # ----------------------------------------------------------------------------------------------

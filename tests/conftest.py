@@ -1,0 +1,48 @@
+"""Fixtures built by the project's own code: a tiny Qwen2-MoE (same routing shape as Qwen1.5-MoE:
+60 experts, top-4, shared expert) and traces collected from it on the bundled corpus.
+
+    pytest -q                    # the whole CPU suite
+    pytest -q tests/test_format.py
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_script(script: str, *args: str, check: bool = True, env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>.py` as a user would, from the repository root."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-moe"
+    from scripts.make_random_checkpoint import main
+
+    main(["--preset", "qwen2moe-tiny", "--dtype", "float32", "--output", str(out), "--seed", "0"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_traces(tmp_path_factory, tiny_model) -> Path:
+    """72 sequences (12 per bundled domain) in 3 shards, every layer's hidden state stored."""
+    out = tmp_path_factory.mktemp("traces") / "tiny"
+    from scripts.collect_traces import main
+
+    main(["--model", str(tiny_model), "--datasets", "bundled", "--target_traces", "72", "--shard_size", "24",
+          "--batch_size", "8", "--max_length", "64", "--output", str(out)])
+    return out

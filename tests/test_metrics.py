@@ -1,0 +1,63 @@
+"""Metric definitions against hand-computed cases (validation/metrics.py)."""
+import math
+
+import pytest
+import torch
+
+from validation.metrics import (CoverageAccumulator, any_hit_at_k, avg_found_at_k, coverage_at_k, exact_match,
+                                random_expectation, recall_at_k, true_expert_ranks)
+
+
+def test_ranks_follow_scores_and_break_ties_by_index():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5]])
+    ranks = true_expert_ranks(scores, torch.tensor([[1, 3, 2, 0]]))
+    assert ranks.tolist() == [[0, 2, 1, 3]]
+
+
+def test_hand_computed_rows():
+    # E = 6, K = 2. Row 0: predicted order 0,1,2,3,4,5 and true {0, 3}. Row 1: order 5,4,3,2,1,0 and true {5, 4}.
+    scores = torch.tensor([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]], dtype=torch.float)
+    true = torch.tensor([[0, 3], [5, 4]])
+    r = true_expert_ranks(scores, true)  # row 0: ranks 0, 3; row 1: ranks 0, 1
+    assert recall_at_k(r, 1) == pytest.approx((0.5 + 0.5) / 2)
+    assert recall_at_k(r, 2) == pytest.approx((0.5 + 1.0) / 2)
+    assert coverage_at_k(r, 2) == pytest.approx(0.5)
+    assert coverage_at_k(r, 4) == pytest.approx(1.0)
+    assert any_hit_at_k(r, 1) == pytest.approx(1.0)
+    assert avg_found_at_k(r, 3) == pytest.approx((1 + 2) / 2)
+    assert exact_match(r) == pytest.approx(0.5)
+
+
+def test_random_expectations_match_closed_forms_and_simulation():
+    E, K = 60, 4
+    assert random_expectation("recall", 4, E, K) == pytest.approx(4 / 60)
+    assert random_expectation("any_hit", 1, E, K) == pytest.approx(4 / 60)
+    assert random_expectation("coverage", 4, E, K) == pytest.approx(1 / math.comb(60, 4))
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(20000, E, generator=g)
+    true = torch.rand(20000, E, generator=g).argsort(1)[:, :K]
+    r = true_expert_ranks(scores, true)
+    assert recall_at_k(r, 10) == pytest.approx(10 / 60, abs=0.01)
+    assert any_hit_at_k(r, 5) == pytest.approx(random_expectation("any_hit", 5, E, K), abs=0.01)
+
+
+def test_accumulator_matches_direct_metrics_and_splits_by_layer_and_source():
+    g = torch.Generator().manual_seed(1)
+    E, K, R = 12, 3, 500
+    scores = torch.randn(R, E, generator=g)
+    true = torch.rand(R, E, generator=g).argsort(1)[:, :K]
+    layer = torch.randint(0, 4, (R,), generator=g)
+    source = torch.randint(0, 2, (R,), generator=g)
+    r = true_expert_ranks(scores, true)
+    acc = CoverageAccumulator(4, 2, E, K, ks=(1, 5))
+    acc.update(r[:200], layer[:200], source[:200], true[:200], scores[:200].topk(K).indices)
+    acc.update(r[200:], layer[200:], source[200:], true[200:], scores[200:].topk(K).indices)
+    s = acc.summary()
+    assert s["tokens"] == R
+    assert s["recall@3"] == pytest.approx(recall_at_k(r, 3))  # k = K is always evaluated
+    assert s["coverage@5"] == pytest.approx(coverage_at_k(r, 5))
+    assert s["exact_match"] == pytest.approx(exact_match(r))
+    m = layer == 2
+    assert acc.summary(layers=[2])["any_hit@1"] == pytest.approx(any_hit_at_k(r[m], 1))
+    m = source == 1
+    assert acc.summary(sources=[1])["avg_found@5"] == pytest.approx(avg_found_at_k(r[m], 5))
