@@ -77,6 +77,7 @@ class RoutingCapture:
                 topk_weights=host(self.L, max_rows, top_k, dtype=torch.float16),
                 router_logits=host(self.L, max_rows, num_experts, dtype=torch.float16) if store_logits else None))
         self._current: HostBatch | None = None
+        self.last_output: Any = None
         self._rows_index: torch.Tensor | None = None
         self.handles = [mlp.gate.register_forward_hook(self._hook(j)) for j, (_, mlp) in enumerate(self.blocks)]
 
@@ -117,10 +118,12 @@ class RoutingCapture:
         return hook
 
     @torch.no_grad()
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HostBatch:
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **model_kwargs: Any) -> HostBatch:
         """Run one padded batch (on CPU tensors) and return its captured real-token rows.
 
-        The buffers are reused: call `release` after the rows are written.
+        The buffers are reused: call `release` after the rows are written. The model's own output
+        is kept in `last_output` (tests compare it with what was captured).
         """
         flat_mask = attention_mask.reshape(-1).bool()
         rows_index = flat_mask.nonzero().squeeze(1)  # computed on the host: no GPU sync
@@ -129,8 +132,9 @@ class RoutingCapture:
         self._rows_index = rows_index.to(self.device, non_blocking=True)
         self._current = batch
         try:
-            model(input_ids=input_ids.to(self.device, non_blocking=True),
-                  attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False)
+            self.last_output = model(input_ids=input_ids.to(self.device, non_blocking=True),
+                                     attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False,
+                                     **model_kwargs)
         finally:
             self._current = None
         if self.cuda:

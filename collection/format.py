@@ -271,7 +271,9 @@ class SafetensorsFile:
 
     def tensor(self, name: str, index: Any = slice(None)) -> torch.Tensor:
         """Tensor `name`, indexed before copying (reads only the pages the index touches)."""
-        arr = np.ascontiguousarray(self.numpy(name)[index])
+        arr = self.numpy(name)[index]
+        if not (arr.flags.writeable and arr.flags.c_contiguous):  # a view into the map: copy it out
+            arr = np.array(arr, order="C")
         t = torch.from_numpy(arr)
         if self.entries[name][0] == "BF16":
             t = t.view(torch.bfloat16)

@@ -29,8 +29,12 @@ from collection.errors import UserError, one_line_errors
 from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
                                TensorSpec, TraceShard, atomic_save_tensors, read_manifest, shard_name,
                                write_manifest)
-from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, router_weights, routing_shape
+from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
+                              routing_shape)
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
+
+
+BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--datasets", default="bundled",
                    help="comma list: seed (the six hub datasets), bundled (shipped corpus), a hub id, a bundled "
                         "domain, or jsonl:/parquet:/csv:/text:PATH[:FIELD] (default: bundled)")
-    g.add_argument("--target_traces", "--target-traces", type=int, default=5000,
-                   help="sequences to collect, split equally over the datasets (default 5000, as the seed)")
+    g.add_argument("--target_traces", "--target-traces", type=int, default=None,
+                   help="sequences to collect, split equally over the datasets (default 5000, as the seed; "
+                        f"{BUNDLED_PER_DOMAIN} per domain when a bundled domain is sampled: its trace split is that small)")
     g.add_argument("--shard_size", "--shard-size", type=int, default=500, help="sequences per shard (default 500)")
     g.add_argument("--batch_size", "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     g.add_argument("--max_length", "--max-length", type=int, default=256, help="tokens per sequence at most (256)")
@@ -66,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overwrite", action="store_true", help="replace an existing trace set in --output")
     args = p.parse_args(argv)
     for name in ("target_traces", "shard_size", "batch_size", "max_length"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
@@ -120,8 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output)
     previous = prepare_output(out, args.resume, args.overwrite)
 
+    resolve_model_path(args.model)  # a hub id fails here, in seconds, before any text is read
+
     # --- the plan: which texts, in which order, as which tokens (all deterministic from --seed)
     sources = parse_sources(args.datasets)
+    if args.target_traces is None:
+        bundled = any(s.kind == "bundled" for s in sources)
+        args.target_traces = BUNDLED_PER_DOMAIN * len(sources) if bundled else 5000
     per_source = args.target_traces // len(sources)
     if per_source == 0:
         raise UserError(f"--target_traces {args.target_traces} is fewer than the {len(sources)} datasets")

@@ -53,7 +53,7 @@ def test_damaged_files_raise_named_errors(tmp_path, damage):
     if damage == "truncate":
         path.write_bytes(raw[: len(raw) - 7])
     elif damage == "header":
-        path.write_bytes(raw[:8] + b"{" + raw[9:])
+        path.write_bytes(raw[:8] + b"[" + raw[9:])
     elif damage == "empty":
         path.write_bytes(b"")
     else:

@@ -1,0 +1,66 @@
+"""Capture takes exactly what the model computes: router ids/weights/logits and the MoE-block input."""
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from collection.capture import RoutingCapture
+from collection.format import TraceSet
+from collection.model import moe_blocks, routing_shape
+
+
+def padded_batch(seqs, pad=0):
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def test_captured_rows_are_the_models_own_routing(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    shape = routing_shape(model)
+    L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
+    moe_inputs = {}  # an independent witness of the MoE-block input: a pre-hook on each mlp
+    hooks = [mlp.register_forward_pre_hook(lambda m, a, l=l: moe_inputs.__setitem__(l, a[0].detach().clone()))
+             for l, (_, mlp) in enumerate(moe_blocks(model))]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (9, 4, 13)]  # ragged: padding inside
+    ids, mask = padded_batch(seqs)
+    cap = RoutingCapture(model, list(range(L)), torch.float32, True, 64, K, shape.norm_topk_prob, E, H)
+    hb = cap.forward(model, ids, mask, output_router_logits=True)
+    cap.close()
+    for h in hooks:
+        h.remove()
+    real = mask.reshape(-1).bool()
+    assert hb.rows == sum(map(len, seqs)) == int(real.sum())  # padding positions are not stored
+    for l in range(L):
+        logits = cap.last_output.router_logits[l][real]  # the model's own router logits, real tokens
+        probs = torch.softmax(logits.float(), -1)
+        top = probs.topk(K, dim=-1)
+        assert torch.equal(hb.topk_ids[l, :hb.rows].long(), top.indices)
+        assert torch.allclose(hb.topk_weights[l, :hb.rows].float(), top.values, atol=1e-3)
+        assert torch.allclose(hb.router_logits[l, :hb.rows].float(), logits.float(), atol=2e-3, rtol=1e-3)
+        assert torch.equal(hb.hidden[l, :hb.rows], moe_inputs[l].reshape(-1, H)[real])
+
+
+def test_stored_shards_match_a_fresh_forward(tiny_model, tiny_traces):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ts = TraceSet(tiny_traces)
+    sh = ts.shard(0)
+    off = sh.numpy("seq_offsets")
+    tokens = sh.numpy("token_ids")
+    s = 3  # one sequence, run alone (no padding at all)
+    ids = torch.from_numpy(tokens[off[s]:off[s + 1]].astype(np.int64))[None]
+    out = model(input_ids=ids, output_router_logits=True)
+    stored = sh.tensor("topk_ids", (slice(None), slice(off[s], off[s + 1])))
+    agree = 0
+    for l in range(ts.manifest.num_layers):
+        fresh = out.router_logits[l].float().topk(ts.manifest.top_k, -1).indices
+        agree += (fresh.sort(-1).values == stored[l].long().sort(-1).values).all(-1).float().mean().item()
+    # the batch shape differs from collection, so only near-ties at the k-th expert may flip
+    assert agree / ts.manifest.num_layers > 0.98
+    m = ts.manifest
+    assert m.num_experts == 60 and m.top_k == 4 and m.capture["hidden_layers"] == list(range(m.num_layers))
+    assert int(sh.numpy("seq_sources").max()) < len(m.sources) == 6

@@ -1,0 +1,94 @@
+"""Bad input gives one clear line and a non-zero exit, never a traceback, and no finished-looking file."""
+import pickle
+import shutil
+import time
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert ": error: " in last, proc.stderr
+    for f in fragments:
+        assert f in last, last
+
+
+def test_quantization_needs_cuda(tiny_model, tmp_path):
+    proc = run_script("collect_traces", "--model", tiny_model, "--quantization", "4bit", "--target_traces", "6",
+                      "--output", tmp_path / "q", check=False)
+    assert_one_line_error(proc, "needs a CUDA GPU")
+    assert not (tmp_path / "q" / "manifest.json").exists()
+
+
+def test_unknown_dataset(tiny_model, tmp_path):
+    proc = run_script("collect_traces", "--model", tiny_model, "--datasets", "imbd", "--output", tmp_path / "d",
+                      check=False)
+    assert_one_line_error(proc, "unknown dataset 'imbd'")
+
+
+@pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}])
+def test_hub_unreachable_fails_fast(tiny_model, tmp_path, offline_env):
+    t0 = time.monotonic()
+    proc = run_script("collect_traces", "--model", tiny_model, "--datasets", "imdb", "--output", tmp_path / "h",
+                      check=False, env=offline_env)
+    assert_one_line_error(proc, "Hugging Face hub", "--datasets bundled")
+    proc = run_script("collect_traces", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--output", tmp_path / "h2",
+                      check=False, env=offline_env)
+    assert_one_line_error(proc, "Hugging Face hub")
+    assert time.monotonic() - t0 < 30  # two runs, each fails in seconds (no 25-second retry loop)
+
+
+def test_existing_output_is_not_overwritten(tiny_traces, tiny_model):
+    before = (tiny_traces / "manifest.json").read_bytes()
+    proc = run_script("collect_traces", "--model", tiny_model, "--output", tiny_traces, "--target_traces", "6",
+                      check=False)
+    assert_one_line_error(proc, "--overwrite")
+    assert (tiny_traces / "manifest.json").read_bytes() == before
+
+
+def test_missing_traces(tmp_path):
+    proc = run_script("train_simple_predictor", "--traces", tmp_path / "nope", "--output", tmp_path / "o", check=False)
+    assert_one_line_error(proc, "no such trace directory")
+    assert not (tmp_path / "o" / "best_checkpoint.pth").exists()
+
+
+def test_corrupt_shard_names_the_file(tiny_traces, tmp_path):
+    bad = tmp_path / "t"
+    shutil.copytree(tiny_traces, bad)
+    shard = bad / "shard_00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    proc = run_script("validate_coverage_analysis", "--traces", bad, "--model-type", "popularity",
+                      "--output-dir", tmp_path / "v", check=False)
+    assert_one_line_error(proc, "shard_00001.safetensors", "checksum")
+    assert not (tmp_path / "v" / "coverage_metrics.json").exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "pickle", "foreign", "mismatch"])
+def test_bad_checkpoints(tmp_path, kind):
+    path = tmp_path / "c.pth"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"format": "expert-predictor/1", "x": Exploit()}, f)
+    elif kind == "foreign":
+        torch.save({"state_dict": {}}, path)
+    elif kind == "mismatch":
+        torch.save({"format": "expert-predictor/1", "config": {"kind": "simple", "input_dim": 8, "num_experts": 60,
+                    "top_k": 4, "num_layers": 2}, "state_dict": {"w": torch.zeros(2)}}, path)
+    proc = run_script("validate_coverage_analysis", "--checkpoint", path, "--model-type", "simple",
+                      "--output-dir", tmp_path / "v", check=False)
+    assert_one_line_error(proc, "--checkpoint")
+    assert "pwned" not in proc.stdout

@@ -1,0 +1,62 @@
+"""The three stages end to end on the tiny model, as a user runs them, and the sanity controls."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_traces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    run_script("train_simple_predictor", "--traces", tiny_traces, "--epochs", "2", "--batch-rows", "2048",
+               "--lr", "1e-3", "--output", out)
+    return out
+
+
+def test_training_writes_safe_checkpoints_with_split_and_metrics(trained, tiny_traces):
+    for name in ("best_checkpoint.pth", "latest_checkpoint.pth"):
+        ckpt = torch.load(trained / name, weights_only=True)  # no pickle of custom classes inside
+        assert ckpt["config"]["kind"] == "simple" and ckpt["config"]["input_dim"] == 32
+        split = {k: set(v.tolist()) for k, v in ckpt["split"].items()}
+        assert not (split["train"] & split["test"]) and not (split["val"] & split["test"])
+        assert len(split["train"] | split["val"] | split["test"]) == 72
+        assert ckpt["args"]["lr"] == 1e-3 and len(ckpt["metrics"]["history"]) >= 1
+    side = json.loads((trained / "best_checkpoint.json").read_text())
+    assert side["split_sizes"]["test"] >= 6  # 10% of 12 per source, at least 1 per source
+
+
+def test_validation_json_table_and_plot(trained, tmp_path):
+    js, png = tmp_path / "m.json", tmp_path / "m.png"
+    proc = run_script("validate_coverage_analysis", "--checkpoint", trained / "best_checkpoint.pth",
+                      "--model-type", "simple", "--batch-size", "16", "--json", js, "--plot", png)
+    assert "coverage@k" in proc.stdout and "smallest k with coverage >= 90%" in proc.stdout
+    res = json.loads(js.read_text())
+    for key in ("recall@4", "coverage@10", "any_hit@1", "any_hit@5", "avg_found@30", "exact_match", "tokens"):
+        assert key in res
+    assert res["model_type"] == "simple" and res["lookahead"] == 0 and res["tokens"] > 0
+    assert png.stat().st_size > 10_000
+    assert set(res["per_source"]) == {"encyclopedia", "fiction", "movie_reviews", "news", "product_reviews",
+                                      "questions"}
+
+
+def test_router_control_is_exact_and_random_is_at_chance(tiny_traces, tmp_path):
+    js = tmp_path / "r.json"
+    run_script("validate_coverage_analysis", "--traces", tiny_traces, "--model-type", "router", "--lookahead", "0",
+               "--json", js, "--plot", tmp_path / "r.png")
+    res = json.loads(js.read_text())
+    assert res["recall@4"] == 1.0 and res["coverage@4"] == 1.0 and res["exact_match"] == 1.0
+    run_script("validate_coverage_analysis", "--traces", tiny_traces, "--model-type", "random", "--split", "train",
+               "--json", js, "--plot", tmp_path / "r.png")
+    res = json.loads(js.read_text())
+    assert abs(res["recall@4"] - 4 / 60) < 0.01
+
+
+def test_baselines_run_at_every_lookahead(tiny_traces, tmp_path):
+    for kind in ("router-reuse", "previous-token", "popularity"):
+        js = tmp_path / f"{kind}.json"
+        run_script("validate_coverage_analysis", "--traces", tiny_traces, "--model-type", kind, "--lookahead", "1",
+                   "--json", js, "--plot", tmp_path / "x.png", "--quiet")
+        res = json.loads(js.read_text())
+        assert res["lookahead"] == 1 and 0.0 <= res["recall@4"] <= 1.0
