@@ -233,7 +233,7 @@ class SafetensorsFile:
             if not isinstance(info, dict):
                 raise self._error(f"tensor {name!r} has no description")
             dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if dt not in _ST_TO_NP:
+            if not isinstance(dt, str) or dt not in _ST_TO_NP:
                 raise self._error(f"tensor {name!r} has unsupported dtype {dt!r}")
             if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
                     or not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)):
@@ -393,6 +393,8 @@ def shard_name(index: int) -> str:
 
 
 SHARD_KEYS = ("token_ids", "seq_offsets", "seq_ids", "seq_sources", "topk_ids", "topk_weights")
+SHARD_DTYPES = {"token_ids": "I32", "seq_offsets": "I64", "seq_ids": "I64", "seq_sources": "I16", "topk_ids": "I16",
+                "topk_weights": "F16", "router_logits": "F16"}
 
 
 class TraceShard(SafetensorsFile):
@@ -424,6 +426,10 @@ class TraceShard(SafetensorsFile):
                 raise self._error(f"missing tensor {name!r}")
             if self.entries[name][1] != shape:
                 raise self._error(f"{name} has shape {self.entries[name][1]}, expected {shape}")
+            if name in SHARD_DTYPES and self.entries[name][0] != SHARD_DTYPES[name]:
+                raise self._error(f"{name} has dtype {self.entries[name][0]}, expected {SHARD_DTYPES[name]}")
+        if "hidden" in want and self.entries["hidden"][0] not in ("F16", "BF16", "F32"):
+            raise self._error("hidden must be a float16, bfloat16 or float32 tensor")
         offsets = self.numpy("seq_offsets")
         if offsets[0] != 0 or offsets[-1] != N or np.any(np.diff(offsets) <= 0):
             raise self._error("seq_offsets are not increasing from 0 to the token count")

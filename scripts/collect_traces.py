@@ -103,18 +103,17 @@ def plan_dtype(dtype: torch.dtype) -> str:
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
     """Existing manifest when resuming; refuses to touch an existing trace set without a flag."""
-    if resume:
-        if not (out / MANIFEST).is_file():
-            raise UserError(f"--resume: {out} holds no collection to resume (no {MANIFEST})")
+    if resume and (out / MANIFEST).is_file():
         for partial in out.glob(f"*{PARTIAL_SUFFIX}"):
             partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
         return read_manifest(out)
+    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]  # noqa: E731
     if out.exists() and any(out.iterdir()):
-        if not any((out / f).exists() for f in (MANIFEST, ROUTER_WEIGHTS)) and not any(out.glob("shard_*")):
+        if not any(f.exists() for f in ours()):
             raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
-        if not overwrite:
+        if not (overwrite or resume):  # resume without a manifest: killed before the first shard, start over
             raise UserError(f"--output {out} already holds traces; --resume continues them, --overwrite replaces them")
-        for f in [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]:
+        for f in ours():
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return None
