@@ -181,6 +181,12 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
            "heldout_perplexity": math.exp(lm), "unigram_perplexity": math.exp(uni),
            "heldout_text": "routing_data/corpus/*/traces.jsonl.gz (never used for training)",
            "routing": routing, **(extra or {})}
+    previous = out / REPORT
+    if extra is None and previous.is_file():  # --report-only: keep how the model was trained, refresh the numbers
+        import json
+
+        rep = {**json.loads(previous.read_text()), **rep, "report_device": rep["device"]}
+        rep["device"] = rep.get("train_device", rep["device"])
     atomic_write_json(out / REPORT, rep)
     print(f"held-out perplexity {rep['heldout_perplexity']:.1f} vs unigram {rep['unigram_perplexity']:.1f} "
           f"({rep['heldout_tokens']:,} tokens)")
