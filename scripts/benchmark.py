@@ -1,0 +1,327 @@
+"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
+
+a) collection: tokens/s of the bare forward pass vs forward + capture + shard writing (same model,
+   same batches), with the measured disk write speed beside it;
+b) training: (token, layer) rows/s of the simple predictor's training loop reading shards from disk,
+   and the seed's 20-epoch recipe's wall time on 5,000 sequences at that rate;
+c) validation: rows/s of the coverage analysis, end to end from the shards and with the rows
+   already on the device.
+
+Full size on a GPU (see docs/BENCHMARKS.md for the exact calls):
+    python scripts/make_random_checkpoint.py --preset qwen1.5-moe-a2.7b --device cuda --output /tmp/qwen15
+    python scripts/benchmark.py --model /tmp/qwen15 --quantization none --json bench_bf16.json
+    python scripts/benchmark.py --model /tmp/qwen15 --quantization 4bit --stages collect --json bench_4bit.json
+The embedded default on a CPU (about a minute):
+    python scripts/benchmark.py --batches 4 --train-sequences 120 --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from collection.capture import RoutingCapture, ShardFiller
+from collection.device import device_name, pick_device, pick_dtype
+from collection.errors import one_line_errors
+from collection.format import ShardWriter, TensorSpec, TraceSet, atomic_write_json
+from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
+from scripts.make_random_checkpoint import corpus_texts
+
+SEED_TRAIN_ROWS_PER_S = 3870     # the seed's training step on an H200 (docs/platform.md)
+SEED_VALIDATE_ROWS_PER_S = 2062  # the seed's validation loop on the same GPU
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def token_batches(tokenizer: Any, n: int, batch: int, seq_len: int) -> list[torch.Tensor]:
+    """`n` batches of real text, every position a real token (the same batches for every variant)."""
+    stream = tokenizer("\n".join(corpus_texts("traces")), add_special_tokens=False)["input_ids"]
+    need = n * batch * seq_len
+    stream = (stream * (need // len(stream) + 1))[:need]
+    return list(torch.tensor(stream, dtype=torch.long).view(n, batch, seq_len))
+
+
+def disk_write_speed(directory: Path, nbytes: int) -> float:
+    """Bytes/s of a sequential write with fsync, as the shard writer does it."""
+    buf = np.random.default_rng(0).integers(0, 255, size=64 << 20, dtype=np.uint8)
+    path = directory / "disk_speed.bin"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    while written < nbytes:
+        written += os.write(fd, memoryview(buf))
+    os.fsync(fd)
+    os.close(fd)
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return written / dt
+
+
+def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: torch.device, work: Path) -> dict[str, Any]:
+    shape = routing_shape(model)
+    L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
+    batches = token_batches(tokenizer, args.warmup + args.batches, args.batch_size, args.seq_len)
+    mask = torch.ones_like(batches[0])
+    hidden_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else pick_dtype("auto", dev)
+    if hidden_dtype == torch.float32 and dev.type == "cuda":
+        hidden_dtype = torch.float16
+
+    def bare() -> None:
+        with torch.no_grad():
+            model(input_ids=b.to(dev, non_blocking=True), attention_mask=mask.to(dev, non_blocking=True), use_cache=False)
+
+    for b in batches[:args.warmup]:
+        bare()
+    sync(dev)
+    t0 = time.perf_counter()
+    for b in batches[args.warmup:]:
+        bare()
+    sync(dev)
+    bare_s = time.perf_counter() - t0
+
+    # forward + capture + writing: exactly what collect_traces.py runs, into a shard on local disk
+    rows = args.batches * args.batch_size * args.seq_len
+    hname = str(hidden_dtype).removeprefix("torch.")
+    specs = {"topk_ids": TensorSpec("int16", (L, rows, K)), "topk_weights": TensorSpec("float16", (L, rows, K)),
+             "router_logits": TensorSpec("float16", (L, rows, E)), "hidden": TensorSpec(hname, (L, rows, H))}
+    capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, args.batch_size * args.seq_len, K,
+                             shape.norm_topk_prob, E, H)
+    filler = ShardFiller(capture)
+    for b in batches[:args.warmup]:  # warm the hooks and pinned buffers too
+        hb = capture.forward(model, b, mask)
+        if hb.ready is not None:
+            hb.ready.synchronize()
+        capture.release(hb)
+    writer = ShardWriter(work / "bench_shard.safetensors", specs)
+    sync(dev)
+    t0 = time.perf_counter()
+    row = 0
+    for b in batches[args.warmup:]:
+        hb = capture.forward(model, b, mask)
+        filler.write_batch(writer, hb, row)
+        row += hb.rows
+    filler.join()
+    forward_capture_s = time.perf_counter() - t0
+    nbytes, _ = writer.commit()
+    total_s = time.perf_counter() - t0
+    filler.close()
+    capture.close()
+    (work / "bench_shard.safetensors").unlink()
+    disk = disk_write_speed(work, max(nbytes, 1 << 30))
+    per_token = nbytes / rows
+    return {"tokens": rows, "batch": f"{args.batch_size}x{args.seq_len}", "bare_tokens_per_s": rows / bare_s,
+            "capture_tokens_per_s": rows / forward_capture_s, "capture_overhead": forward_capture_s / bare_s - 1,
+            "with_commit_tokens_per_s": rows / total_s, "bytes_per_token": per_token, "hidden_dtype": hname,
+            "hidden_layers": L, "disk_write_bytes_per_s": disk, "disk_bound_tokens_per_s": disk / per_token}
+
+
+def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path, stages: set[str]) -> dict[str, Any]:
+    """Collect a trace set with collect_traces.py itself, then time training and validation on it."""
+    from scripts.collect_traces import main as collect_main
+    from training.trainer import add_training_args, run_training
+
+    traces = work / "traces"
+    collect_main(["--model", args.model, "--quantization", args.quantization, "--datasets", "bundled",
+                  "--target_traces", str(args.train_sequences), "--shard_size", str(max(1, args.train_sequences // 4)),
+                  "--batch_size", str(args.batch_size), "--max_length", str(args.seq_len), "--output", str(traces),
+                  "--overwrite", "--hidden-dtype", "float16" if dev.type == "cuda" else "auto",
+                  *(["--device", str(dev)])])
+    ts = TraceSet(traces)
+    out: dict[str, Any] = {"trace_sequences": args.train_sequences,
+                           "trace_bytes": sum(s.bytes for s in ts.manifest.shards)}
+    ckpt = work / "ckpt"
+    if "train" in stages:
+        p = argparse.ArgumentParser()
+        add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=args.epochs,
+                          lookahead=0, output=str(ckpt))
+        targs = p.parse_args(["--traces", str(traces), "--device", str(dev), "--overwrite",
+                              "--val-fraction", "0.05", "--test-fraction", "0.05", "--no-verify"])
+        res = run_training(targs)
+        table = ts.sequence_table()
+        mean_tokens = float(table["length"].mean())
+        seed_rows = 5000 * mean_tokens * ts.manifest.num_layers * 20
+        out.update({"train_rows_per_s": res["train/rows_per_s"], "train_seconds": res["train/seconds"],
+                    "train_epochs": args.epochs, "seed_recipe_rows": seed_rows,
+                    "seed_recipe_seconds_at_this_rate": seed_rows / res["train/rows_per_s"],
+                    "vs_seed_training_loop": res["train/rows_per_s"] / SEED_TRAIN_ROWS_PER_S})
+    if "validate" in stages:
+        from models.checkpoint import load_checkpoint
+        from training.data import input_layers, load_block, row_batches, targets
+        from validation.evaluate import evaluate, predictor_scorer
+        from validation.metrics import true_expert_ranks
+
+        if (ckpt / "best_checkpoint.pth").exists():
+            model, cfg, _ = load_checkpoint(ckpt / "best_checkpoint.pth", dev)
+        else:
+            from models.predictors import PredictorConfig, build_predictor
+            m = ts.manifest
+            cfg = PredictorConfig("simple", m.hidden_size, m.num_experts, m.top_k, m.num_layers)
+            model = build_predictor(cfg).to(dev).eval()
+        amp = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        scorer = predictor_scorer(model, 0, ts.manifest.num_experts, False, amp)
+        ids = ts.sequence_table()["seq_id"]
+        evaluate(scorer, ts, ids[:8], 0, dev, progress=False)  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        acc = evaluate(scorer, ts, ids, 0, dev, batch_rows=args.validate_batch_rows, progress=False)
+        sync(dev)
+        e2e = acc.summary()["tokens"] / (time.perf_counter() - t0)
+        # the same work with the rows already on the device: what the vectorized metric code costs
+        block = load_block(ts, list(range(len(ts))), ids, dev)
+        layers = input_layers(ts, 0)
+        from validation.metrics import CoverageAccumulator
+        acc2 = CoverageAccumulator(ts.manifest.num_layers, len(ts.manifest.sources), ts.manifest.num_experts,
+                                   ts.manifest.top_k, device=dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        n = 0
+        with torch.no_grad():
+            for tok, layer in row_batches(block, layers, args.validate_batch_rows):
+                scores = scorer(block, tok, layer)
+                true = targets(block, tok, layer, 0)
+                acc2.update(true_expert_ranks(scores, true), layer, block.source[tok], true,
+                            scores.topk(ts.manifest.top_k, 1).indices)
+                n += tok.shape[0]
+        sync(dev)
+        resident = n / (time.perf_counter() - t0)
+        # the coverage analysis itself (ranks + metric sums) on precomputed scores
+        with torch.no_grad():
+            tok, layer = next(row_batches(block, layers, args.validate_batch_rows))
+            scores, true = scorer(block, tok, layer), targets(block, tok, layer, 0)
+            src, pred = block.source[tok], scores.topk(ts.manifest.top_k, 1).indices
+            reps = 5
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                acc2.update(true_expert_ranks(scores, true), layer, src, true, pred)
+            sync(dev)
+            metrics_only = reps * tok.shape[0] / (time.perf_counter() - t0)
+        out.update({"validate_rows_per_s_metrics_only": metrics_only,"validate_rows_per_s_end_to_end": e2e, "validate_rows_per_s_device_resident": resident,
+                    "validate_batch_rows": args.validate_batch_rows,
+                    "vs_seed_validation_loop": resident / SEED_VALIDATE_ROWS_PER_S})
+    return out
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"\n=== benchmark: {res['model']} ({res['quantization']}) on {res['device']} ===")
+    print(f"torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, "
+          f"bitsandbytes {res['versions'].get('bitsandbytes')}, python {res['versions']['python']}")
+    if "gpu_memory_after_load_bytes" in res:
+        print(f"GPU memory after load: {res['gpu_memory_after_load_bytes'] / 2**30:.2f} GiB allocated, "
+              f"max allocated {res['gpu_max_memory_after_load_bytes'] / 2**30:.2f} GiB; groups: " +
+              ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in res["parameter_bytes"].items()))
+    c = res.get("collect")
+    if c:
+        head = f"collection ({c['batch']}, all {c['hidden_layers']} layers' hidden in {c['hidden_dtype']})"
+        print(f"\n{head:<60} {'tokens/s':>12} {'vs bare':>9}")
+        print(f"{'  bare forward':<60} {c['bare_tokens_per_s']:>12,.0f} {1.0:>9.2f}")
+        print(f"{'  forward + capture + shard writes (page cache)':<60} {c['capture_tokens_per_s']:>12,.0f} "
+              f"{c['capture_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
+        print(f"{'  ... + fsync + SHA-256 of the shard':<60} {c['with_commit_tokens_per_s']:>12,.0f} "
+              f"{c['with_commit_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
+        disk = (f"  disk-bound ceiling ({c['disk_write_bytes_per_s'] / 1e9:.2f} GB/s fsync write, "
+                f"{c['bytes_per_token'] / 1024:.1f} KiB/token)")
+        print(f"{disk:<60} {c['disk_bound_tokens_per_s']:>12,.0f} "
+              f"{c['disk_bound_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
+        print(f"  capture overhead over the bare forward: {c['capture_overhead'] * 100:+.1f}%")
+    t = res.get("train_validate", {})
+    if "train_rows_per_s" in t:
+        print(f"\n{'training (simple predictor, seed recipe, shards on disk)':<60} {'rows/s':>12} {'vs seed':>9}")
+        print(f"{'  this loop':<60} {t['train_rows_per_s']:>12,.0f} {t['vs_seed_training_loop']:>9,.0f}x")
+        print(f"{'  the seed loop (H200, docs/platform.md)':<60} {SEED_TRAIN_ROWS_PER_S:>12,} {1:>9}x")
+        print(f"  seed recipe (20 epochs, 5000 sequences = {t['seed_recipe_rows'] / 1e6:,.0f}M rows) at this rate: "
+              f"{t['seed_recipe_seconds_at_this_rate']:,.0f} s (the seed: ~40 min on an RTX 3090)")
+    if "validate_rows_per_s_end_to_end" in t:
+        print(f"\n{'validation (coverage analysis, simple predictor)':<60} {'rows/s':>12} {'vs seed':>9}")
+        print(f"{'  end to end (shards -> device -> metrics)':<60} {t['validate_rows_per_s_end_to_end']:>12,.0f} "
+              f"{t['validate_rows_per_s_end_to_end'] / SEED_VALIDATE_ROWS_PER_S:>9,.0f}x")
+        print(f"{'  rows on the device (scoring + ranks + metric sums)':<60} "
+              f"{t['validate_rows_per_s_device_resident']:>12,.0f} {t['vs_seed_validation_loop']:>9,.0f}x")
+        print(f"{'  metrics only (ranks + sums on given scores)':<60} "
+              f"{t['validate_rows_per_s_metrics_only']:>12,.0f} "
+              f"{t['validate_rows_per_s_metrics_only'] / SEED_VALIDATE_ROWS_PER_S:>9,.0f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=EMBEDDED_MODEL_NAME, help="model directory or hub id (embedded default)")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="none | 4bit | 8bit")
+    p.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU; fp16 for 4-bit)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
+    p.add_argument("--stages", default="collect,train,validate", help="comma list of collect, train, validate")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
+    p.add_argument("--batches", type=int, default=10, help="timed forward batches (10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches (2)")
+    p.add_argument("--train-sequences", type=int, default=400, help="sequences collected for train/validate (400)")
+    p.add_argument("--epochs", type=int, default=3, help="timed training epochs (3)")
+    p.add_argument("--validate-batch-rows", type=int, default=262144, help="rows per validation batch (262144)")
+    p.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    stages = set(args.stages.split(","))
+
+    dev = pick_device(args.device)
+    dtype = pick_dtype("float16" if args.quantization != "none" and args.dtype == "auto" else args.dtype, dev)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    res: dict[str, Any] = {"model": args.model, "quantization": args.quantization, "device": device_name(dev),
+                           "versions": versions, "args": vars(args)}
+    if dev.type == "cuda":
+        res["gpu_total_bytes"] = torch.cuda.get_device_properties(dev).total_memory
+    try:
+        if "collect" in stages:
+            t0 = time.perf_counter()
+            model, tokenizer = load_model(args.model, dev, dtype, args.quantization)
+            res["load_seconds"] = time.perf_counter() - t0
+            if dev.type == "cuda":
+                res["gpu_memory_after_load_bytes"] = torch.cuda.memory_allocated(dev)
+                res["gpu_max_memory_after_load_bytes"] = torch.cuda.max_memory_allocated(dev)
+            if args.quantization == "4bit":
+                from collection.quantize import quantized_bytes
+
+                res["parameter_bytes"] = quantized_bytes(model)
+            else:
+                res["parameter_bytes"] = {"all_parameters": sum(q.numel() * q.element_size() for q in model.parameters())}
+            res["collect"] = bench_collect(args, model, tokenizer, dev, work)
+            if dev.type == "cuda":
+                res["gpu_max_memory_collect_bytes"] = torch.cuda.max_memory_allocated(dev)
+            del model
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        if stages & {"train", "validate"}:
+            res["train_validate"] = bench_train_validate(args, dev, work, stages)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(res)
+    if args.json:
+        atomic_write_json(Path(args.json), res)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    with one_line_errors("benchmark"):
+        main()

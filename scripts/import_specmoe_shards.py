@@ -1,0 +1,254 @@
+"""Import the original SpecMoE project's pickle shards as a trace set that every stage here reads.
+
+Each legacy shard is a pickled list of the collector's dataclass, one object per (MoE layer, forward
+batch). They are read through a restricted unpickler (no code in the files runs, the collector's
+module is never imported), their layer index is recovered from the trace order, and each input
+shard becomes one output shard of whole forward passes. What cannot be recovered (padding, token ids,
+router weights) is stated in the manifest's capture.legacy section. Details: docs/legacy-import.md.
+
+    python scripts/import_specmoe_shards.py --input routing_data/shards --output routing_data/traces/specmoe \
+        --num-layers 24
+    python scripts/train_simple_predictor.py --traces routing_data/traces/specmoe
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from collection.errors import UserError, one_line_errors
+from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
+                               TensorSpec, sha256_file, shard_name, write_manifest)
+from collection.legacy import (DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass, LegacyFormatError,
+                               group_passes, layer_id_meaning, load_legacy_shard, looks_like_probabilities,
+                               num_layers_from_config, number_traces, pass_arrays, read_traces, shape_run_hint,
+                               token_ids_of)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="legacy shard files, or directories of *.pkl shards (read in natural name order)")
+    p.add_argument("--output", required=True, help="trace directory to write")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="MoE layers of the model (24 for Qwen1.5-MoE-A2.7B); default: model_info.num_layers of "
+                        "the collector's training_config.json beside the shards, else required")
+    p.add_argument("--class-module", default=DEFAULT_CLASS_MODULE,
+                   help=f"module the trace dataclass pickled under (default {DEFAULT_CLASS_MODULE}: the collector "
+                        "ran as a script); never imported")
+    p.add_argument("--class-name", default=DEFAULT_CLASS_NAME,
+                   help=f"the trace dataclass's name (default {DEFAULT_CLASS_NAME}; the streaming collector's "
+                        "was QwenMoEGatingDataPoint)")
+    p.add_argument("--order", choices=["auto", "input"], default="auto",
+                   help="where a trace sits in the collection: auto = the trace counter in sample_id when there "
+                        "is one, else input order; input = input order always")
+    p.add_argument("--model", default="Qwen/Qwen1.5-MoE-A2.7B",
+                   help="the model the traces came from, recorded in the manifest (not checked)")
+    p.add_argument("--norm-topk-prob", action="store_true",
+                   help="the model renormalised its top-k weights to sum to 1 (Qwen1.5-MoE did not)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace set in --output")
+    args = p.parse_args(argv)
+    if args.num_layers is not None and args.num_layers <= 0:
+        p.error("--num-layers must be positive")
+    return args
+
+
+def natural_key(path: Path) -> list:
+    """shard_2 before shard_10 (plain sorting puts shard_1000 before shard_100_)."""
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def expand_inputs(specs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted([*p.glob("*.pkl"), *p.glob("*.pickle")], key=natural_key)
+            if not found:
+                raise UserError(f"--input {p}: no *.pkl or *.pickle shards in this directory")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"--input {p}: no such file or directory")
+    if len({f.resolve() for f in files}) != len(files):
+        raise UserError("--input names the same shard twice")
+    return files
+
+
+def prepare_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse to touch an existing trace set without --overwrite, or anything that is not one."""
+    if any(f.resolve().parent == out.resolve() for f in inputs):
+        raise UserError(f"--output {out} holds the input shards; choose another directory")
+    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*.safetensors"),  # noqa: E731
+                    *out.glob(f"*{PARTIAL_SUFFIX}")]
+    if out.exists() and any(out.iterdir()):
+        if not any(f.exists() for f in ours()):
+            raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
+        if not overwrite:
+            raise UserError(f"--output {out} already holds traces; --overwrite replaces them")
+        for f in ours():
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    inputs = expand_inputs(args.input)
+    out = Path(args.output)
+    prepare_output(out, inputs, args.overwrite)
+
+    # --- L: the one fact the layer recovery rests on, from the user or the collector's own config
+    config_L, config_file = num_layers_from_config(inputs)
+    if args.num_layers is not None and config_L is not None and args.num_layers != config_L:
+        raise UserError(f"--num-layers {args.num_layers}, but {config_file} says {config_L}")
+    L = args.num_layers or config_L
+    L_from = "--num-layers" if args.num_layers else config_file
+    print(f"importing {len(inputs)} legacy shards into {out}" + (f"; {L} MoE layers ({L_from})" if L else ""))
+
+    # --- one output shard per input shard: the forward passes that complete in it
+    dims: dict[str, int] = {}           # H, E, K, fixed by the first pass
+    probabilities: bool | None = None   # was target_routing probabilities (True) or logits (False)?
+    sources: dict[str, int] = {}        # dataset name -> index into manifest["sources"]
+    seqs_per_source: dict[str, int] = {}
+    shards: list[ShardInfo] = []
+    inputs_info: list[dict] = []
+    carry, next_index, dropped, num_seq, agree, rows = [], 0, 0, 0, 0.0, 0
+    token_ids_seen, datasets_seen, source_dtype = set(), set(), ""
+    writer: ShardWriter | None = None
+    try:
+        bar = tqdm(inputs, desc="import", unit="shard", dynamic_ncols=True)
+        for path in bar:
+            bar.set_postfix_str(path.name)
+            traces = read_traces(path, load_legacy_shard(path, args.class_module, args.class_name))
+            how = number_traces(traces, next_index, args.order == "auto", path)
+            next_index = traces[-1].index + 1
+            if L is None:
+                raise UserError(f"--num-layers is needed: no {inputs[0].parent / 'training_config.json'} and "
+                                f"{shape_run_hint(traces)}")
+            grouping = group_passes(traces, L, carry)
+            carry, dropped = grouping.carry, dropped + grouping.dropped
+            info = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                    "traces": len(traces), "first_trace": traces[0].index, "layer_index_from": how,
+                    "layer_id_field": layer_id_meaning(traces, L), "output_shard": None}
+            inputs_info.append(info)
+            if not grouping.passes:
+                continue
+            first = grouping.passes[0].traces[0]
+            if not dims:
+                dims = {"H": first.hidden.shape[-1], "E": first.routing.shape[-1], "K": first.topk.shape[-1]}
+                probabilities = looks_like_probabilities(first.routing)
+                source_dtype = str(first.hidden.dtype).removeprefix("torch.")
+            for fp in grouping.passes:
+                for t in fp.traces:
+                    got = {"H": t.hidden.shape[-1], "E": t.routing.shape[-1], "K": t.topk.shape[-1]}
+                    if got != dims:
+                        raise LegacyFormatError(f"{t.where}: hidden/experts/top-k {list(got.values())}, earlier "
+                                                f"traces {list(dims.values())}: not one model's traces")
+                name = fp.traces[0].dataset or "legacy"
+                datasets_seen.add(fp.traces[0].dataset is not None)
+                token_ids_seen.add(fp.traces[0].token_ids is not None)
+                sources.setdefault(name, len(sources))
+                seqs_per_source[name] = seqs_per_source.get(name, 0) + fp.shape[0]
+
+            # the shard: sequences = the batch rows of each pass, tokens = all their (padded) positions
+            passes: list[ForwardPass] = grouping.passes
+            S, N = sum(fp.shape[0] for fp in passes), sum(fp.tokens for fp in passes)
+            H, E, K = dims["H"], dims["E"], dims["K"]
+            specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (S + 1,)),
+                     "seq_ids": TensorSpec("int64", (S,)), "seq_sources": TensorSpec("int16", (S,)),
+                     "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
+            if not probabilities:
+                specs["router_logits"] = TensorSpec("float16", (L, N, E))
+            specs["hidden"] = TensorSpec("float16", (L, N, H))
+            idx = len(shards)
+            writer = ShardWriter(out / shard_name(idx), specs, {"format_version": "1", "shard": str(idx)})
+            lengths = np.concatenate([np.full(fp.shape[0], fp.shape[1], dtype=np.int64) for fp in passes])
+            writer.write("seq_offsets", np.concatenate([[0], np.cumsum(lengths)]))
+            writer.write("seq_ids", np.arange(num_seq, num_seq + S, dtype=np.int64))
+            writer.write("seq_sources", np.concatenate([np.full(fp.shape[0], sources[fp.traces[0].dataset or "legacy"],
+                                                                dtype=np.int16) for fp in passes]))
+            row = 0
+            for fp in passes:
+                writer.write("token_ids", token_ids_of(fp), row=row)
+                arrays = pass_arrays(fp, probabilities, args.norm_topk_prob)
+                for layer in range(L):
+                    for key in ("hidden", "topk_ids", "topk_weights", "router_logits"):
+                        if arrays[key]:
+                            writer.write(key, arrays[key][layer], index=(layer,), row=row)
+                agree += float(sum(arrays["topk_agree"]))
+                row += fp.tokens
+            nbytes, digest = writer.commit()
+            writer = None
+            shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
+            info["output_shard"] = shard_name(idx)
+            num_seq, rows = num_seq + S, rows + N
+            del traces, grouping, passes
+        bar.close()
+        dropped += len(carry)  # a pass still open after the last input: the collector stopped mid-pass
+        if not shards:
+            raise UserError(f"the inputs hold no complete forward pass of {L} layers ({dropped} traces); "
+                            f"check --num-layers")
+
+        # --- the manifest, last: it lists only finished shards, and says what the import could not recover
+        H, E, K = dims["H"], dims["E"], dims["K"]
+        weights_from = ("target_routing probabilities at the stored ids" if probabilities else
+                        "softmax over all experts of the stored router logits, at the stored ids")
+        legacy = {
+            "importer": "scripts/import_specmoe_shards.py", "dataclass": f"{args.class_module}.{args.class_name}",
+            "num_layers_from": L_from,
+            "layer_index": "trace g of the collection is layer g % num_layers (hook order); layer_id ignored",
+            "target_routing_was": "probabilities" if probabilities else "logits",
+            "topk_weights_from": weights_from + (", renormalised (--norm-topk-prob)" if args.norm_topk_prob else ""),
+            "topk_ids_equal_routing_topk": round(agree / max(rows * L, 1), 6),
+            "padding_recovered": False,
+            "padding_note": "no attention mask was stored: every position of the padded batch is a token here",
+            "token_ids_recovered": token_ids_seen == {True},
+            "source_dataset_recovered": datasets_seen == {True},
+            "router_weights": False,
+            "router_weights_note": "legacy shards hold no router matrices: router baselines are unavailable",
+            "dropped_traces": dropped,
+            "dropped_note": "traces of forward passes with a layer missing (collection stopped mid-pass, or a "
+                            "shard absent from the inputs)",
+        }
+        capture = {"hidden_layers": list(range(L)), "hidden_dtype": "float16", "store_logits": not probabilities,
+                   "hidden_is": "MoE-block input (post-attention RMSNorm output), every padded position",
+                   "bytes_per_token": 4 + L * K * 4 + (0 if probabilities else L * E * 2) + L * H * 2,
+                   "legacy": legacy}
+        identity = hashlib.sha256("".join(i["sha256"] for i in inputs_info).encode() + str(L).encode()).hexdigest()
+        plan = {"legacy_import": True, "model": args.model, "num_layers": L, "order": args.order,
+                "class": f"{args.class_module}.{args.class_name}", "norm_topk_prob": args.norm_topk_prob,
+                "inputs": inputs_info, "sequences": num_seq, "tokens": rows,
+                "tokens_sha256": identity}  # no token ids exist: the inputs' checksums identify the data instead
+        unnamed = "unknown: the legacy traces do not name their dataset"
+        source_list = [{"name": n, "kind": "legacy", "spec": unnamed if n == "legacy" and False in datasets_seen
+                        else "dataset_name of the legacy traces", "sequences": seqs_per_source[n]} for n in sources]
+        manifest = Manifest(model={"name_or_path": args.model, "architecture": "unknown (legacy import)",
+                                   "quantization": "unknown (legacy import)",
+                                   "dtype": source_dtype},
+                            routing={"architecture": "unknown (legacy import)", "num_layers": L, "num_experts": E,
+                                     "top_k": K, "hidden_size": H, "norm_topk_prob": args.norm_topk_prob,
+                                     "moe_layer_indices": list(range(L))},
+                            capture=capture, sources=source_list, plan=plan, shards=shards, complete=True)
+        write_manifest(out, manifest)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        for s in shards:  # without a manifest they are no trace set: leave the directory as it was found
+            (out / s.file).unlink(missing_ok=True)
+        raise
+    print(f"done: {num_seq} sequences ({rows} token positions, padding included) in {len(shards)} shards at {out}; "
+          f"{dropped} traces of unfinished passes dropped; target_routing held "
+          f"{'probabilities' if probabilities else 'logits'}; no router weights, token ids "
+          f"{'kept' if token_ids_seen == {True} else 'absent (-1)'}")
+
+
+if __name__ == "__main__":
+    with one_line_errors("import_specmoe_shards"):
+        main()
