@@ -162,8 +162,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             return ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):  # e.g. torch.float16
             return getattr(torch, name)
-        self.refused = f"{module}.{name}"
-        raise _Refused(f"refused global {module}.{name}")
+        # a crafted name may hold newlines or be huge: the error stays one readable line
+        self.refused = "".join(c if c.isprintable() else "?" for c in f"{module}.{name}")[:200]
+        raise _Refused(f"refused global {self.refused}")
 
     def persistent_load(self, pid: Any) -> Any:
         raise _Refused("persistent ids (a torch.save archive, not a pickle.dump list)")
@@ -228,7 +229,10 @@ class Trace:
 
 def _as_tensor(value: Any, where: str, name: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        try:
+            value = torch.from_numpy(value.astype(value.dtype.newbyteorder("="), copy=False))
+        except (TypeError, ValueError) as e:  # e.g. a numpy dtype torch lacks
+            raise LegacyFormatError(f"{where}: {name} is a numpy {value.dtype} array torch cannot hold ({e})") from None
     if not isinstance(value, torch.Tensor):
         raise LegacyFormatError(f"{where}: {name} is a {type(value).__name__}, not a tensor")
     return value
@@ -249,11 +253,14 @@ def read_traces(path: Path, records: list[LegacyRecord]) -> list[Trace]:
                                     f"target_top_k {tuple(k.shape)}: expected [batch, seq, H / E / k] alike")
         if not (h.is_floating_point() and g.is_floating_point()) or k.is_floating_point():
             raise LegacyFormatError(f"{where}: unexpected dtypes {h.dtype}, {g.dtype}, {k.dtype}")
+        if not 0 < k.shape[-1] <= g.shape[-1]:
+            raise LegacyFormatError(f"{where}: top-{k.shape[-1]} of {g.shape[-1]} experts")
         tok = getattr(r, "token_ids", None)
         if tok is not None:
             tok = _as_tensor(tok, where, "token_ids")
             if tok.numel() != h.shape[0] * h.shape[1] or tok.is_floating_point():
-                raise LegacyFormatError(f"{where}: token_ids {tuple(tok.shape)} do not match the batch {tuple(h.shape[:2])}")
+                raise LegacyFormatError(f"{where}: token_ids {tuple(tok.shape)} do not fit the batch "
+                                        f"{tuple(h.shape[:2])}")
             tok = tok.reshape(h.shape[:2])
         ds = getattr(r, "dataset_name", None)
         traces.append(Trace(hidden=h, routing=g, topk=k, token_ids=tok, dataset=None if ds is None else str(ds),
@@ -387,9 +394,9 @@ def check_pass(run: list[Trace], L: int) -> None:
     for layer, t in enumerate(run):
         if t.shape != first.shape or t.dataset != first.dataset:
             raise LegacyFormatError(
-                f"{t.where}: taken as layer {layer} of the pass starting at {first.where}, but its batch is "
-                f"{list(t.shape)} ({t.dataset}) there {list(first.shape)} ({first.dataset}): --num-layers {L} "
-                f"is wrong, or the collector skipped a trace")
+                f"{t.where}: taken as layer {layer} of the pass starting at {first.where}, but its batch "
+                f"{list(t.shape)} ({t.dataset}) differs from that pass's {list(first.shape)} ({first.dataset}): "
+                f"--num-layers {L} is wrong, or the collector skipped a trace")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,9 +110,10 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     path, local = resolve_model_path(name_or_path)
     qconfig = quantization_config(quantization, device, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, not through host RAM
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device.index or 0}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if quantization == "4bit":
@@ -124,7 +125,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {name_or_path}: cannot load ({first})") from None
-    if qconfig is None:
+    if qconfig is None and device.type != "cuda":
         model.to(device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -117,7 +117,8 @@ def test_import_recovers_layers_and_trains(legacy, tmp_path):
                 assert torch.equal(shard.tensor("hidden", (layer, rows)), t["hidden_states"].reshape(n, H))
                 assert torch.equal(shard.tensor("topk_ids", (layer, rows)).long(), t["target_top_k"].reshape(n, K))
                 assert torch.equal(shard.tensor("router_logits", (layer, rows)), t["target_routing"].reshape(n, E))
-                want = torch.softmax(t["target_routing"].float().reshape(n, E), -1).gather(1, t["target_top_k"].reshape(n, K))
+                probs = torch.softmax(t["target_routing"].float().reshape(n, E), -1)
+                want = probs.gather(1, t["target_top_k"].reshape(n, K))
                 assert torch.allclose(shard.tensor("topk_weights", (layer, rows)).float(), want, atol=1e-3)
             row += n
         assert shard.numpy("seq_sources").tolist() == [i % 2 for i in passes for _ in range(B)]
