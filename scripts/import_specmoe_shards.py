@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from collection.errors import UserError, one_line_errors
