@@ -97,6 +97,41 @@ def prepare_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def open_shard(path: Path, idx: int, passes: list[ForwardPass], L: int, dims: dict[str, int],
+               probabilities: bool) -> ShardWriter:
+    """The collector's shard layout: sequences = the batch rows of each pass, tokens = all their positions."""
+    S, N = sum(fp.shape[0] for fp in passes), sum(fp.tokens for fp in passes)
+    H, E, K = dims["H"], dims["E"], dims["K"]
+    specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (S + 1,)),
+             "seq_ids": TensorSpec("int64", (S,)), "seq_sources": TensorSpec("int16", (S,)),
+             "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
+    if not probabilities:
+        specs["router_logits"] = TensorSpec("float16", (L, N, E))
+    specs["hidden"] = TensorSpec("float16", (L, N, H))
+    return ShardWriter(path, specs, {"format_version": "1", "shard": str(idx)})
+
+
+def fill_shard(writer: ShardWriter, passes: list[ForwardPass], first_seq: int, source_of_pass: list[int],
+               probabilities: bool, norm_topk_prob: bool) -> float:
+    """Write every pass's rows; returns how many (token, layer) rows have ids equal to the routing's top-k."""
+    B_of = [fp.shape[0] for fp in passes]
+    lengths = np.concatenate([np.full(fp.shape[0], fp.shape[1], dtype=np.int64) for fp in passes])
+    writer.write("seq_offsets", np.concatenate([[0], np.cumsum(lengths)]))
+    writer.write("seq_ids", np.arange(first_seq, first_seq + sum(B_of), dtype=np.int64))
+    writer.write("seq_sources", np.repeat(np.array(source_of_pass, dtype=np.int16), B_of))
+    row, agree = 0, 0.0
+    for fp in passes:
+        writer.write("token_ids", token_ids_of(fp), row=row)
+        arrays = pass_arrays(fp, probabilities, norm_topk_prob)
+        for layer in range(len(fp.traces)):
+            for key in ("hidden", "topk_ids", "topk_weights", "router_logits"):
+                if arrays[key]:
+                    writer.write(key, arrays[key][layer], index=(layer,), row=row)
+        agree += float(sum(arrays["topk_agree"]))
+        row += fp.tokens
+    return agree
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     inputs = expand_inputs(args.input)
@@ -144,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 dims = {"H": first.hidden.shape[-1], "E": first.routing.shape[-1], "K": first.topk.shape[-1]}
                 probabilities = looks_like_probabilities(first.routing)
                 source_dtype = str(first.hidden.dtype).removeprefix("torch.")
+            pass_sources = []
             for fp in grouping.passes:
                 for t in fp.traces:
                     got = {"H": t.hidden.shape[-1], "E": t.routing.shape[-1], "K": t.topk.shape[-1]}
@@ -153,42 +189,19 @@ def main(argv: list[str] | None = None) -> None:
                 name = fp.traces[0].dataset or "legacy"
                 datasets_seen.add(fp.traces[0].dataset is not None)
                 token_ids_seen.add(fp.traces[0].token_ids is not None)
-                sources.setdefault(name, len(sources))
+                pass_sources.append(sources.setdefault(name, len(sources)))
                 seqs_per_source[name] = seqs_per_source.get(name, 0) + fp.shape[0]
 
-            # the shard: sequences = the batch rows of each pass, tokens = all their (padded) positions
-            passes: list[ForwardPass] = grouping.passes
-            S, N = sum(fp.shape[0] for fp in passes), sum(fp.tokens for fp in passes)
-            H, E, K = dims["H"], dims["E"], dims["K"]
-            specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (S + 1,)),
-                     "seq_ids": TensorSpec("int64", (S,)), "seq_sources": TensorSpec("int16", (S,)),
-                     "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
-            if not probabilities:
-                specs["router_logits"] = TensorSpec("float16", (L, N, E))
-            specs["hidden"] = TensorSpec("float16", (L, N, H))
             idx = len(shards)
-            writer = ShardWriter(out / shard_name(idx), specs, {"format_version": "1", "shard": str(idx)})
-            lengths = np.concatenate([np.full(fp.shape[0], fp.shape[1], dtype=np.int64) for fp in passes])
-            writer.write("seq_offsets", np.concatenate([[0], np.cumsum(lengths)]))
-            writer.write("seq_ids", np.arange(num_seq, num_seq + S, dtype=np.int64))
-            writer.write("seq_sources", np.concatenate([np.full(fp.shape[0], sources[fp.traces[0].dataset or "legacy"],
-                                                                dtype=np.int16) for fp in passes]))
-            row = 0
-            for fp in passes:
-                writer.write("token_ids", token_ids_of(fp), row=row)
-                arrays = pass_arrays(fp, probabilities, args.norm_topk_prob)
-                for layer in range(L):
-                    for key in ("hidden", "topk_ids", "topk_weights", "router_logits"):
-                        if arrays[key]:
-                            writer.write(key, arrays[key][layer], index=(layer,), row=row)
-                agree += float(sum(arrays["topk_agree"]))
-                row += fp.tokens
+            writer = open_shard(out / shard_name(idx), idx, grouping.passes, L, dims, probabilities)
+            agree += fill_shard(writer, grouping.passes, num_seq, pass_sources, probabilities, args.norm_topk_prob)
             nbytes, digest = writer.commit()
             writer = None
+            S, N = sum(fp.shape[0] for fp in grouping.passes), sum(fp.tokens for fp in grouping.passes)
             shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
             info["output_shard"] = shard_name(idx)
             num_seq, rows = num_seq + S, rows + N
-            del traces, grouping, passes
+            del traces, grouping
         bar.close()
         dropped += len(carry)  # a pass still open after the last input: the collector stopped mid-pass
         if not shards:

@@ -1,0 +1,165 @@
+"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
+
+For each d: the seed's simple MLP (layer-agnostic), the layer-aware MLP and the hybrid (hidden state
+plus observed routing, causal) are trained, then scored with the same evaluation as every baseline
+(router reuse, previous token, popularity, random; the router control at d = 0). Writes a markdown
+table, JSON, and per-layer curves (PNG); prints how far each best learned predictor cuts router
+reuse's error (1 - recall@4).
+
+The table in docs/RESULTS.md (embedded default, traces of the whole bundled trace split):
+    python scripts/collect_traces.py --output routing_data/traces/qwen2moe-mini --overwrite
+    python scripts/compare_predictors.py --traces routing_data/traces/qwen2moe-mini --output results/compare --jobs 4
+Seconds on a CPU (tiny and noisy):
+    python scripts/compare_predictors.py --traces routing_data/traces/quick --lookaheads 0,1 --epochs 1 \
+        --output results/compare-quick
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from collection.device import device_name, pick_device
+from collection.errors import UserError, one_line_errors
+from collection.format import TraceSet, atomic_write_bytes, atomic_write_json
+from models.checkpoint import load_checkpoint
+from models.predictors import count_parameters, flops_per_row, needs_history
+from training.data import split_sequences
+from validation.evaluate import baseline_scorer, evaluate, predictor_scorer
+from validation.plots import comparison_figure
+
+REPO = Path(__file__).resolve().parent.parent
+PREDICTORS = ("simple", "layer-aware", "hybrid")
+BASELINES = ("router", "router-reuse", "previous-token", "popularity", "random")
+COLUMNS = ("recall@4", "coverage@8", "exact_match", "any_hit@1", "any_hit@5")
+
+
+def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
+    """Train one predictor in a subprocess (jobs run side by side); returns its checkpoint directory."""
+    name = f"{kind}-seed-recipe-d{d}" if seed_recipe else f"{kind}-d{d}"
+    out = Path(args.output) / "checkpoints" / name
+    if (out / "best_checkpoint.pth").exists() and not args.retrain:
+        return out
+    recipe = (["--lr", "5e-5", "--epochs", "20", "--batch-size", "8", "--shards-per-group", "4"] if seed_recipe else
+              ["--lr", str(args.lr), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--shards-per-group", str(args.shards_per_group)])
+    cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), "--traces", args.traces,
+           "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed), "--output", str(out), "--overwrite",
+           "--device", args.device, *recipe]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise UserError(f"training {name} failed; see {out / 'train.log'}")
+    print(f"trained {name}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", default="routing_data/traces/qwen2moe-mini", help="trace directory")
+    p.add_argument("--lookaheads", default="0,1,2,3", help="comma list of d (0,1,2,3)")
+    p.add_argument("--predictors", default=",".join(PREDICTORS), help="learned predictors to train and compare")
+    p.add_argument("--baselines", default=",".join(BASELINES), help="training-free baselines to compare")
+    p.add_argument("--seed-recipe", action="store_true", help="also train the simple MLP at d=0 with the seed's exact "
+                   "recipe (lr 5e-5, 20 epochs, batch 8 sequences)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the comparison recipe (1e-3)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs of the comparison recipe (12)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (8)")
+    p.add_argument("--shards-per-group", type=int, default=4, help="shards per group (4)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (0)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run side by side (1; 4 suits one GPU)")
+    p.add_argument("--retrain", action="store_true", help="retrain even where a checkpoint exists")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
+    p.add_argument("--output", default="results/compare", help="checkpoints, table, JSON and PNG go here")
+    args = p.parse_args(argv)
+    ds = [int(x) for x in args.lookaheads.split(",")]
+    kinds = [k for k in args.predictors.split(",") if k]
+    bases = [b for b in args.baselines.split(",") if b]
+    for k in kinds:
+        if k not in PREDICTORS:
+            raise UserError(f"--predictors: unknown {k!r} (choose from {', '.join(PREDICTORS)})")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(args.device)
+    ts = TraceSet(Path(args.traces))
+    m = ts.manifest
+    split = split_sequences(ts.sequence_table(), args.seed)
+
+    # --- train every (predictor, d), side by side
+    jobs = [(k, d, False) for d in ds for k in kinds] + ([("simple", 0, True)] if args.seed_recipe and 0 in ds else [])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        ckpts = dict(zip(jobs, pool.map(lambda j: train_job(args, *j), jobs)))
+    print(f"training done in {time.perf_counter() - t0:.0f} s")
+
+    # --- score everything on the same test rows
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[int, list[float | None]]] = {}
+    for d in ds:
+        entries: list[tuple[str, Any, bool, dict[str, Any]]] = []
+        for (kind, dd, seed_recipe), ck in ckpts.items():
+            if dd != d:
+                continue
+            model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
+            if not np.array_equal(ckpt["split"]["test"].numpy(), split["test"]):
+                raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
+            label = f"{kind} (seed recipe)" if seed_recipe else kind
+            info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
+                    "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"]}
+            entries.append((label, predictor_scorer(model, d, m.num_experts, needs_history(cfg.kind)), True, info))
+        for b in bases:
+            if (b == "router") != (d == 0) and b in ("router", "router-reuse"):
+                continue  # at d = 0 router reuse is the router itself: the control row stands for both
+            entries.append((b, baseline_scorer(b, ts, d, split["train"], dev, args.seed), b in ("router", "router-reuse"), {}))
+        for label, scorer, need_hidden, info in entries:
+            acc = evaluate(scorer, ts, split["test"], d, dev, need_hidden=need_hidden, progress=False)
+            s = acc.summary()
+            rows.append({"lookahead": d, "predictor": label, **{c: s[c] for c in COLUMNS}, "rows": int(s["tokens"]),
+                         "per_layer_recall@4": acc.per_layer("recall@4"), **info})
+            curves.setdefault(label.replace(" (seed recipe)", "-seed"), {})[d] = acc.per_layer("recall@4")
+            print(f"d={d} {label:<22} " + " ".join(f"{c} {s[c]:.4f}" for c in COLUMNS), flush=True)
+
+    # --- targets: how much of router reuse's error the best learned predictor removes
+    summary = {}
+    for d in ds:
+        reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
+        learned = [r for r in rows if r["lookahead"] == d and r["predictor"] in kinds]
+        if reuse and learned:
+            best = max(learned, key=lambda r: r["recall@4"])
+            cut = 1 - (1 - best["recall@4"]) / max(1 - reuse["recall@4"], 1e-12)
+            summary[d] = {"best": best["predictor"], "best_recall@4": best["recall@4"],
+                          "router_reuse_recall@4": reuse["recall@4"], "error_reduction_vs_router_reuse": cut}
+    lines = [f"Model `{m.model['name_or_path']}`, traces `{args.traces}`, held-out test split: "
+             f"{len(split['test'])} sequences (split seed {args.seed}); rows = (token, layer l) with target layer l+d; "
+             f"device {device_name(dev)}.", "",
+             "| d | predictor | " + " | ".join(COLUMNS) + " | params | FLOPs/row |",
+             "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        lines.append(f"| {r['lookahead']} | {r['predictor']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) +
+                     f" | {r.get('parameters', '-')} | {r.get('flops_per_row', '-')} |")
+    lines += ["", "| d | best learned | its recall@4 | router reuse recall@4 | error cut vs router reuse |",
+              "|---|---|---|---|---|"]
+    for d, s in summary.items():
+        lines.append(f"| {d} | {s['best']} | {s['best_recall@4']:.4f} | {s['router_reuse_recall@4']:.4f} | "
+                     f"{s['error_reduction_vs_router_reuse'] * 100:.1f}% |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_bytes(out / "comparison.md", table.encode())
+    atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": args.traces,
+                                                 "model": m.model, "device": device_name(dev), "args": vars(args)})
+    comparison_figure(curves, "recall@4", out / "comparison_per_layer.png",
+                      f"per-layer recall@4 by lookahead, {m.model['name_or_path']}, test split")
+    print("\n" + table + f"\nwrote {out / 'comparison.md'}, comparison.json, comparison_per_layer.png")
+
+
+if __name__ == "__main__":
+    with one_line_errors("compare_predictors"):
+        main()
