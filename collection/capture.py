@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -151,8 +152,11 @@ class ShardFiller:
     thread is re-raised in the caller at the next submit or at `join`.
     """
 
-    def __init__(self, capture: RoutingCapture):
+    def __init__(self, capture: RoutingCapture, write_threads: int = 4):
         self.capture = capture
+        # pwrite releases the GIL: a batch's per-layer slices go to the page cache in parallel,
+        # since one thread's memcpy (a few GB/s) is slower than a full-size model's output
+        self.pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="pwrite")
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -184,14 +188,13 @@ class ShardFiller:
                 if batch.ready is not None:
                     batch.ready.synchronize()
                 n = batch.rows
-                for layer in range(self.capture.L):
-                    writer.write("topk_ids", batch.topk_ids[layer, :n], index=(layer,), row=row)
-                    writer.write("topk_weights", batch.topk_weights[layer, :n], index=(layer,), row=row)
-                    if batch.router_logits is not None:
-                        writer.write("router_logits", batch.router_logits[layer, :n], index=(layer,), row=row)
-                if batch.hidden is not None:
-                    for j in range(batch.hidden.shape[0]):
-                        writer.write("hidden", batch.hidden[j, :n], index=(j,), row=row)
+                parts = [(name, t) for name, t in (("topk_ids", batch.topk_ids), ("topk_weights", batch.topk_weights),
+                                                   ("router_logits", batch.router_logits), ("hidden", batch.hidden))
+                         if t is not None]
+                jobs = [self.pool.submit(writer.write, name, t[j, :n], (j,), row)
+                        for name, t in parts for j in range(t.shape[0])]
+                for job in jobs:
+                    job.result()
             finally:
                 self.capture.release(batch)
         self.submit(task)
@@ -204,3 +207,4 @@ class ShardFiller:
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+        self.pool.shutdown()

@@ -14,4 +14,4 @@ python3 scripts/benchmark.py --model "$W/qwen15" --quantization 4bit --stages co
 python3 scripts/collect_traces.py --model "$W/qwen15" --quantization 4bit --target_traces 48 --shard_size 24 \
     --batch_size 8 --max_length 256 --hidden-layers 0,12,23 --output "$W/traces4bit" --overwrite 2>&1 | log | tee "$O/collect_4bit.log"
 python3 scripts/benchmark.py --model "$W/qwen15" --quantization none --workdir "$W/b16" --train-sequences "${TRAIN_SEQ:-200}" \
-    --epochs "${EPOCHS:-2}" --json "$O/bench_bf16.json" 2>&1 | log | tee "$O/bench_bf16.log"
+    --epochs "${EPOCHS:-3}" --json "$O/bench_bf16.json" 2>&1 | log | tee "$O/bench_bf16.log"

@@ -8,10 +8,12 @@ from validation.metrics import (CoverageAccumulator, any_hit_at_k, avg_found_at_
                                 random_expectation, recall_at_k, true_expert_ranks)
 
 
-def test_ranks_follow_scores_and_break_ties_by_index():
+def test_ranks_follow_scores_and_ties_count_against_the_prediction():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.5]])
     ranks = true_expert_ranks(scores, torch.tensor([[1, 3, 2, 0]]))
-    assert ranks.tolist() == [[0, 2, 1, 3]]
+    assert ranks.tolist() == [[0, 2, 2, 3]]  # experts 2 and 3 tie: each is ranked after the other
+    constant = true_expert_ranks(torch.zeros(1, 6), torch.tensor([[0, 1]]))
+    assert recall_at_k(constant, 2) == 0.0  # a predictor that predicts nothing finds nothing
 
 
 def test_hand_computed_rows():

@@ -65,6 +65,21 @@ def shard_groups(num_shards: int, per_group: int, rng: np.random.Generator | Non
     return [sorted(order[i:i + per_group].tolist()) for i in range(0, num_shards, per_group)]
 
 
+def _read(sh, name: str, rows: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """Tensor `name` (layer axis first) restricted to token `rows`, on `device`.
+
+    When most of a shard is wanted, the whole tensor is read sequentially (page-cache speed), moved,
+    and the rows are selected on the device; a small subset (validation, test) is gathered from the
+    memory map instead, reading only its pages.
+    """
+    if rows is None:
+        return sh.tensor(name).to(device, non_blocking=True)
+    if len(rows) > sh.info.tokens // 2:
+        t = sh.tensor(name).to(device, non_blocking=True)
+        return t.index_select(1, torch.from_numpy(rows).to(device))
+    return sh.tensor(name, (slice(None), rows)).to(device, non_blocking=True)
+
+
 def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: torch.device,
                with_hidden: bool = True) -> TokenBlock | None:
     """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none)."""
@@ -77,13 +92,11 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
             continue
         starts, lens = off[:-1][keep], np.diff(off)[keep]
         first = np.repeat(np.cumsum(lens) - lens, lens)          # block row of each token's sequence start
-        rows = np.repeat(starts, lens) + np.arange(lens.sum()) - first  # shard rows, in sequence order
-        whole = keep.all()
-        index = slice(None) if whole else rows
+        rows = None if keep.all() else np.repeat(starts, lens) + np.arange(lens.sum()) - first  # shard rows
         if with_hidden and ts.manifest.hidden_layers:
-            hidden.append(sh.tensor("hidden", (slice(None), index)))
-        ids.append(sh.tensor("topk_ids", (slice(None), index)))
-        weights.append(sh.tensor("topk_weights", (slice(None), index)))
+            hidden.append(_read(sh, "hidden", rows, device))
+        ids.append(_read(sh, "topk_ids", rows, device).long())
+        weights.append(_read(sh, "topk_weights", rows, device).float())
         pos = np.arange(lens.sum()) - first
         prev.append(torch.from_numpy(np.where(pos > 0, base + np.arange(lens.sum()) - 1, -1)))
         source.append(torch.from_numpy(np.repeat(sh.numpy("seq_sources")[keep].astype(np.int64), lens)))
@@ -94,11 +107,63 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
     slot = torch.full((L,), -1, dtype=torch.long)
     for j, layer in enumerate(ts.manifest.hidden_layers):
         slot[layer] = j
-    return TokenBlock(
-        hidden=torch.cat(hidden, 1).to(device, non_blocking=True) if hidden else None,
-        topk_ids=torch.cat(ids, 1).to(device).long(),
-        topk_weights=torch.cat(weights, 1).to(device).float(),
-        prev=torch.cat(prev).to(device), source=torch.cat(source).to(device), hidden_slot=slot.to(device))
+    return TokenBlock(hidden=torch.cat(hidden, 1) if hidden else None, topk_ids=torch.cat(ids, 1),
+                      topk_weights=torch.cat(weights, 1), prev=torch.cat(prev).to(device),
+                      source=torch.cat(source).to(device), hidden_slot=slot.to(device))
+
+
+def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True) -> int:
+    """Device bytes the blocks of a split take (estimate from the manifest)."""
+    m = ts.manifest
+    tokens = sum(s.tokens for s in m.shards) * seq_fraction
+    hidden_item = {"float32": 4}.get(m.capture.get("hidden_dtype", "float16"), 2)
+    per_token = m.num_layers * m.top_k * 12 + 16 + (len(m.hidden_layers) * m.hidden_size * hidden_item if with_hidden else 0)
+    return int(tokens * per_token)
+
+
+def cache_budget(device: torch.device) -> int:
+    """How many bytes of blocks may stay resident across epochs: half the free GPU memory, or a
+    quarter of the host's memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+class SplitBlocks:
+    """The blocks of one split, `shards_per_group` shards at a time; after the first pass they stay on
+    the device when the whole split fits `cache_budget` (then later epochs read no disk at all:
+    the groups are kept and only their order and rows are reshuffled)."""
+
+    def __init__(self, ts: TraceSet, seq_ids: np.ndarray, device: torch.device, shards_per_group: int,
+                 with_hidden: bool = True, keep: bool | None = None):
+        self.ts, self.seq_ids, self.device = ts, seq_ids, device
+        self.per_group, self.with_hidden = shards_per_group, with_hidden
+        fraction = len(seq_ids) / max(len(ts.sequence_table()["seq_id"]), 1)
+        self.keep = block_bytes(ts, fraction, with_hidden) <= cache_budget(device) if keep is None else keep
+        self.groups: list[list[int]] | None = None
+        self.cache: dict[int, TokenBlock | None] = {}
+
+    def __iter__(self) -> Iterator[TokenBlock]:
+        return self.epoch(None)
+
+    def epoch(self, rng: np.random.Generator | None) -> Iterator[TokenBlock]:
+        if self.groups is None or not self.keep:
+            self.groups = shard_groups(len(self.ts), self.per_group, rng)
+        order = rng.permutation(len(self.groups)) if rng is not None else range(len(self.groups))
+        for i in order:
+            if i in self.cache:
+                block = self.cache[i]
+            else:
+                block = load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden)
+                if self.keep:
+                    self.cache[i] = block
+            if block is not None:
+                yield block
 
 
 def input_layers(ts: TraceSet, lookahead: int, need_hidden: bool = True) -> list[int]:

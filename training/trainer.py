@@ -24,8 +24,8 @@ from collection.errors import UserError
 from collection.format import TraceSet, atomic_write_json
 from models.checkpoint import save_checkpoint
 from models.predictors import PredictorConfig, build_predictor, count_parameters, flops_per_row, needs_history
-from training.data import (input_layers, load_block, make_features, mean_tokens_per_sequence, multi_hot_target,
-                           row_batches, shard_groups, split_sequences, targets)
+from training.data import (SplitBlocks, input_layers, make_features, mean_tokens_per_sequence, multi_hot_target,
+                           row_batches, split_sequences, targets)
 from validation.evaluate import evaluate, predictor_scorer
 
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"
@@ -118,7 +118,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                           dropout=args.dropout)
     model = build_predictor(cfg).to(device)
     history_feats = needs_history(cfg.kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     select = args.select_metric or f"recall@{m.top_k}"
     print(f"predictor: {cfg.kind}, {count_parameters(model):,} parameters, {flops_per_row(model):,} FLOPs per row; "
@@ -128,6 +129,10 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                    "tokens_sha256": m.plan.get("tokens_sha256"), "sources": m.source_names}
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    train_blocks = SplitBlocks(ts, split["train"], device, args.shards_per_group)
+    val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
+    print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
+          f"({len(ts)} shards, {args.shards_per_group} per group)")
     history: list[dict[str, Any]] = []
     best = -1.0
     train_rows, train_time = 0, 0.0
@@ -136,12 +141,10 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         steps = 0
+        rows_before = train_rows
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
                    dynamic_ncols=True)
-        for group in shard_groups(len(ts), args.shards_per_group, rng):
-            block = load_block(ts, group, split["train"], device)
-            if block is None:
-                continue
+        for block in train_blocks.epoch(rng):
             for tok, layer in row_batches(block, layers, rows_per_step, gen):
                 f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats)
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
@@ -155,7 +158,6 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                 steps += 1
                 train_rows += tok.shape[0]
                 bar.update(1)
-            del block
         sched.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -165,19 +167,19 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
         model.eval()
         acc = evaluate(predictor_scorer(model, args.lookahead, m.num_experts, history_feats, dtype), ts, split["val"],
-                       args.lookahead, device, shards_per_group=args.shards_per_group, progress=False,
-                       loss_fn=soft_cross_entropy)
+                       args.lookahead, device, progress=False, loss_fn=soft_cross_entropy, blocks=val_blocks)
         val = acc.summary()
         val["loss"] = acc.mean_loss()
         row = {"epoch": epoch, "train_loss": (loss_sum / max(steps, 1)).item(), "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
+               "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
                **{f"val/{k}": v for k, v in val.items()}}
         history.append(row)
         K = m.top_k
         print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
               f"recall@{K} {val[f'recall@{K}']:.4f} coverage@8 {val.get('coverage@8', float('nan')):.4f} "
               f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
-              f"{row['rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
+              f"{row['epoch_rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
         if select not in val:
             raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from collection.errors import UserError
 from collection.format import TraceSet
-from training.data import (TokenBlock, input_layers, load_block, make_features, routing_vector, row_batches,
-                           shard_groups, targets)
+from training.data import (SplitBlocks, TokenBlock, input_layers, make_features, routing_vector, row_batches,
+                           targets)
 from validation.metrics import SEED_KS, CoverageAccumulator, true_expert_ranks
 
 Scorer = Callable[[TokenBlock, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,11 +34,9 @@ def expert_popularity(ts: TraceSet, seq_ids: np.ndarray, shards_per_group: int =
     """(L, E) share of top-k assignments per layer over the given sequences (the training split)."""
     L, E = ts.manifest.num_layers, ts.manifest.num_experts
     counts = torch.zeros(L, E, dtype=torch.float64)
-    for group in shard_groups(len(ts), shards_per_group):
-        block = load_block(ts, group, seq_ids, torch.device("cpu"), with_hidden=False)
-        if block is not None:
-            counts.scatter_add_(1, block.topk_ids.reshape(L, -1),
-                                torch.ones(L, block.topk_ids[0].numel(), dtype=torch.float64))
+    for block in SplitBlocks(ts, seq_ids, torch.device("cpu"), shards_per_group, with_hidden=False, keep=False):
+        counts.scatter_add_(1, block.topk_ids.reshape(L, -1),
+                            torch.ones(L, block.topk_ids[0].numel(), dtype=torch.float64))
     return (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()
 
 
@@ -87,18 +85,19 @@ def predictor_scorer(model: nn.Module, lookahead: int, num_experts: int, with_hi
 def evaluate(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device,
              batch_rows: int = 65536, shards_per_group: int = 4, need_hidden: bool = True,
              ks: tuple[int, ...] = SEED_KS, progress: bool = True,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> CoverageAccumulator:
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             blocks: SplitBlocks | None = None) -> CoverageAccumulator:
     """Every (token, layer) row of `seq_ids`, scored and ranked; returns the metric sums
-    (and the mean of `loss_fn(scores, true_ids)` over rows when given)."""
+    (and the mean of `loss_fn(scores, true_ids)` over rows when given). `blocks` may hold the split's
+    blocks already loaded (training validates every epoch on the same rows)."""
     m = ts.manifest
     acc = CoverageAccumulator(m.num_layers, len(m.sources), m.num_experts, m.top_k, ks, device)
     layers = input_layers(ts, lookahead, need_hidden)
-    groups = shard_groups(len(ts), shards_per_group)
-    for group in tqdm(groups, desc="evaluate", unit="group", disable=not progress or len(groups) < 2,
+    if blocks is None:
+        blocks = SplitBlocks(ts, seq_ids, device, shards_per_group, with_hidden=need_hidden, keep=False)
+    n_groups = -(-len(ts) // blocks.per_group)
+    for block in tqdm(blocks, desc="evaluate", unit="group", total=n_groups, disable=not progress or n_groups < 2,
                       dynamic_ncols=True):
-        block = load_block(ts, group, seq_ids, device, with_hidden=need_hidden)
-        if block is None:
-            continue
         for tok, layer in row_batches(block, layers, batch_rows):
             scores = scorer(block, tok, layer)
             true = targets(block, tok, layer, lookahead)

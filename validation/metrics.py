@@ -2,8 +2,8 @@
 
 A *row* is one (token, target layer). A predictor scores all E experts; T is the set of the K
 experts the router really chose (K = top_k, 4 for Qwen1.5-MoE). Everything derives from the rank
-of each true expert in the predicted order (rank 0 = best score; ties broken by expert index), so
-a whole batch is one argsort, and every k comes from the same ranks.
+of each true expert in the predicted order (rank 0 = best score; ties ranked against the
+predictor), so a whole batch is one comparison pass, and every k comes from the same ranks.
 
 Names follow the prefetching literature (docs/metrics.md maps them to the seed's names):
     recall@k      |top_k_pred & T| / K        the seed's "individual accuracy"; slot recall at k = K
@@ -23,14 +23,16 @@ SEED_KS = (1, 3, 5, 8, 10, 12, 15, 20, 25, 30)
 
 
 def true_expert_ranks(scores: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
-    """Rank of each true expert in the predicted order.
+    """Rank of each true expert in the predicted order: how many other experts score at least as high.
 
     scores: (R, E) any real scores, higher = more likely; true_ids: (R, K) int. Returns (R, K) int64.
+    Ties count against the prediction (an expert tied with others is ranked after all of them), so a
+    predictor can never gain from ties: constant scores get recall 0, not luck. Counting costs
+    R*K*E comparisons, cheaper than sorting every row.
     """
-    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (R, E) expert ids, best first
-    position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return position.gather(1, true_ids.long())
+    scores = scores.float()
+    s_true = scores.gather(1, true_ids.long()).unsqueeze(2)                # (R, K, 1)
+    return (scores.unsqueeze(1) >= s_true).sum(2, dtype=torch.int16).long() - 1
 
 
 def found_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,8 +83,10 @@ def random_expectation(metric: str, k: int, num_experts: int, top_k: int) -> flo
 class CoverageAccumulator:
     """Streaming sums of every metric at every k, overall, per target layer and per source.
 
-    `update` takes one batch of ranks; nothing is kept per row, so validation runs in constant
-    memory over any number of shards. All sums are int64 on the ranks' device, read back once.
+    Per (layer, source) cell it keeps three histograms over rank values 0..E-1: of every true
+    expert's rank, of each row's worst rank and of its best rank. Then sum_rows |top-k & T| is the
+    first histogram's mass below k, sum_rows 1[T in top-k] the second's and sum_rows 1[hit] the
+    third's: three bincounts per batch, any number of ks for free, nothing kept per row.
     """
 
     def __init__(self, num_layers: int, num_sources: int, num_experts: int, top_k: int,
@@ -91,16 +95,12 @@ class CoverageAccumulator:
         self.ks = tuple(sorted(k for k in set(ks) | {top_k} if k <= num_experts))
         self.L, self.S, self.E, self.K = num_layers, num_sources, num_experts, top_k
         self.device = torch.device(device)
-        nk = len(self.ks)
         z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=self.device)  # noqa: E731
-        self.rows = z(num_layers, num_sources)                 # rows per (layer, source)
-        self.found = z(num_layers, num_sources, nk)            # sum |topk & T|
-        self.covered = z(num_layers, num_sources, nk)          # sum 1[T in topk]
-        self.any_hit = z(num_layers, num_sources, nk)          # sum 1[topk & T nonempty]
-        self.pred_freq = z(num_experts)                        # how often each expert is predicted in top-K
-        self.true_freq = z(num_experts)                        # how often each expert is truly chosen
-        self.rank_hist = z(num_experts)                        # where true experts sit in the predicted order
-        self._ks = torch.tensor(self.ks, device=self.device)
+        self.hist_all = z(num_layers, num_sources, num_experts)   # ranks of every true expert
+        self.hist_max = z(num_layers, num_sources, num_experts)   # worst rank per row (coverage)
+        self.hist_min = z(num_layers, num_sources, num_experts)   # best rank per row (any hit)
+        self.pred_freq = z(num_experts)                           # how often each expert is predicted in top-K
+        self.true_freq = z(num_experts)                           # how often each expert is truly chosen
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_rows = 0
 
@@ -115,40 +115,37 @@ class CoverageAccumulator:
     def update(self, ranks: torch.Tensor, layer: torch.Tensor, source: torch.Tensor,
                true_ids: torch.Tensor, pred_topk: torch.Tensor) -> None:
         """ranks (R, K); layer, source (R,) int; true_ids (R, K); pred_topk (R, K) predicted experts."""
-        ranks = ranks.to(self.device)
-        inside = ranks.unsqueeze(-1) < self._ks                # (R, K, nk)
-        found = inside.sum(1)                                  # (R, nk)
-        cell = layer.to(self.device).long() * self.S + source.to(self.device).long()  # (R,)
-        flat = self.L * self.S
-        self.rows += torch.bincount(cell, minlength=flat).view(self.L, self.S)
-        for acc, val in ((self.found, found), (self.covered, found == self.K), (self.any_hit, found > 0)):
-            acc.view(flat, -1).index_add_(0, cell, val.long())
-        self.pred_freq += torch.bincount(pred_topk.reshape(-1).to(self.device).long(), minlength=self.E)
-        self.true_freq += torch.bincount(true_ids.reshape(-1).to(self.device).long(), minlength=self.E)
-        self.rank_hist += torch.bincount(ranks.reshape(-1), minlength=self.E)
+        E = self.E
+        ranks = ranks.to(self.device).clamp(max=E - 1)
+        cell = (layer.to(self.device).long() * self.S + source.to(self.device).long()) * E   # (R,)
+        size = self.L * self.S * E
+        self.hist_all.view(-1).add_(torch.bincount((cell.unsqueeze(1) + ranks).reshape(-1), minlength=size))
+        self.hist_max.view(-1).add_(torch.bincount(cell + ranks.max(1).values, minlength=size))
+        self.hist_min.view(-1).add_(torch.bincount(cell + ranks.min(1).values, minlength=size))
+        self.pred_freq += torch.bincount(pred_topk.reshape(-1).to(self.device).long(), minlength=E)
+        self.true_freq += torch.bincount(true_ids.reshape(-1).to(self.device).long(), minlength=E)
 
     def merge(self, other: "CoverageAccumulator") -> None:
-        for name in ("rows", "found", "covered", "any_hit", "pred_freq", "true_freq", "rank_hist"):
+        for name in ("hist_all", "hist_max", "hist_min", "pred_freq", "true_freq"):
             getattr(self, name).add_(getattr(other, name).to(self.device))
 
     def summary(self, layers: list[int] | None = None, sources: list[int] | None = None) -> dict[str, float]:
         """Flat metric dict over the selected layers/sources: recall@k, coverage@k, any_hit@k, avg_found@k."""
         sel_l = slice(None) if layers is None else torch.tensor(layers, device=self.device)
         sel_s = slice(None) if sources is None else torch.tensor(sources, device=self.device)
-        rows = self.rows[sel_l][:, sel_s].sum().item()
+        pick = lambda h: h[sel_l][:, sel_s].sum((0, 1)).double().cumsum(0)  # noqa: E731  mass below k+1
+        below_all, below_max, below_min = pick(self.hist_all), pick(self.hist_max), pick(self.hist_min)
+        rows = below_max[-1].item()
         out: dict[str, float] = {"tokens": float(rows)}
         if rows == 0:
             return out
-        found = self.found[sel_l][:, sel_s].sum((0, 1)).double()
-        covered = self.covered[sel_l][:, sel_s].sum((0, 1)).double()
-        anyh = self.any_hit[sel_l][:, sel_s].sum((0, 1)).double()
-        for i, k in enumerate(self.ks):
-            out[f"recall@{k}"] = found[i].item() / (rows * self.K)
-            out[f"coverage@{k}"] = covered[i].item() / rows
-            out[f"any_hit@{k}"] = anyh[i].item() / rows
-            out[f"avg_found@{k}"] = found[i].item() / rows
-        if self.K in self.ks:
-            out["exact_match"] = out[f"coverage@{self.K}"]
+        for k in self.ks:
+            found = below_all[k - 1].item()
+            out[f"recall@{k}"] = found / (rows * self.K)
+            out[f"coverage@{k}"] = below_max[k - 1].item() / rows
+            out[f"any_hit@{k}"] = below_min[k - 1].item() / rows
+            out[f"avg_found@{k}"] = found / rows
+        out["exact_match"] = out[f"coverage@{self.K}"]
         return out
 
     def smallest_k_for_coverage(self, target: float) -> int | None:
@@ -170,4 +167,4 @@ class CoverageAccumulator:
         def norm(t: torch.Tensor) -> np.ndarray:
             a = t.double().cpu().numpy()
             return a / max(a.sum(), 1.0)
-        return norm(self.pred_freq), norm(self.true_freq), norm(self.rank_hist)
+        return norm(self.pred_freq), norm(self.true_freq), norm(self.hist_all.sum((0, 1)))
