@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="none | 4bit | 8bit")
     p.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU; fp16 for 4-bit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA GPU index (overrides --device)")
     p.add_argument("--stages", default="collect,train,validate", help="comma list of collect, train, validate")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     stages = set(args.stages.split(","))
 
-    dev = pick_device(args.device)
+    dev = pick_device(args.device, args.gpu)
     dtype = pick_dtype("float16" if args.quantization != "none" and args.dtype == "auto" else args.dtype, dev)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-bench-"))
     work.mkdir(parents=True, exist_ok=True)

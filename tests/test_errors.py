@@ -92,3 +92,16 @@ def test_bad_checkpoints(tmp_path, kind):
                       "--output-dir", tmp_path / "v", check=False)
     assert_one_line_error(proc, "--checkpoint")
     assert "pwned" not in proc.stdout
+
+
+def test_collection_refuses_when_the_disk_cannot_hold_it(tiny_model, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from collection.errors import UserError
+    from scripts import collect_traces
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(collect_traces.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match="GiB are free"):
+        collect_traces.main(["--model", str(tiny_model), "--target_traces", "6", "--output", str(tmp_path / "full")])
+    assert not list((tmp_path / "full").glob("shard_*"))
