@@ -49,6 +49,7 @@ class HostBatch:
     router_logits: torch.Tensor | None  # (L, max_rows, E) float16
     rows: int = 0
     ready: torch.cuda.Event | None = None
+    sources: list[torch.Tensor] | None = None  # GPU tensors being copied: kept alive until `ready`
 
 
 class RoutingCapture:
@@ -88,6 +89,7 @@ class RoutingCapture:
 
     def release(self, batch: HostBatch) -> None:
         """Give a batch's buffers back once its rows have been written."""
+        batch.sources = None
         self.free.put(batch)
 
     def _hook(self, layer: int) -> Callable[..., None]:
@@ -112,7 +114,9 @@ class RoutingCapture:
                 with torch.cuda.stream(self.copy_stream):
                     for dst, src in parts:
                         dst.copy_(src, non_blocking=True)
-                        src.record_stream(self.copy_stream)  # keep src alive until its copy ran
+                # a reference (not record_stream) keeps each source alive until the batch's copies are done:
+                # the allocator then never has to track cross-stream uses of short-lived blocks
+                batch.sources.extend(src for _, src in parts)
             else:
                 for dst, src in parts:
                     dst.copy_(src)
@@ -130,6 +134,7 @@ class RoutingCapture:
         rows_index = flat_mask.nonzero().squeeze(1)  # computed on the host: no GPU sync
         batch = self.free.get()
         batch.rows = int(rows_index.numel())
+        batch.sources = []
         self._rows_index = rows_index.to(self.device, non_blocking=True)
         self._current = batch
         try:

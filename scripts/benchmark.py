@@ -47,7 +47,7 @@ def sync(dev: torch.device) -> None:
 
 def token_batches(tokenizer: Any, n: int, batch: int, seq_len: int) -> list[torch.Tensor]:
     """`n` batches of real text, every position a real token (the same batches for every variant)."""
-    stream = tokenizer("\n".join(corpus_texts("traces")), add_special_tokens=False)["input_ids"]
+    stream = [t for ids in tokenizer(corpus_texts("traces"), add_special_tokens=False)["input_ids"] for t in ids]
     need = n * batch * seq_len
     stream = (stream * (need // len(stream) + 1))[:need]
     return list(torch.tensor(stream, dtype=torch.long).view(n, batch, seq_len))

@@ -49,7 +49,7 @@ def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) ->
         return out
     recipe = (["--lr", "5e-5", "--epochs", "20", "--batch-size", "8", "--shards-per-group", "4"] if seed_recipe else
               ["--lr", str(args.lr), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--shards-per-group", str(args.shards_per_group)])
+               "--shards-per-group", str(args.shards_per_group), "--hidden-dim", str(args.hidden_dim)])
     cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), "--traces", args.traces,
            "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed), "--output", str(out), "--overwrite",
            "--device", args.device, *recipe]
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed-recipe", action="store_true", help="also train the simple MLP at d=0 with the seed's exact "
                    "recipe (lr 5e-5, 20 epochs, batch 8 sequences)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the comparison recipe (1e-3)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs of the comparison recipe (12)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the comparison recipe (20)")
+    p.add_argument("--hidden-dim", type=int, default=512, help="predictor width of the comparison recipe (512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (8)")
     p.add_argument("--shards-per-group", type=int, default=4, help="shards per group (4)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (0)")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
-                    "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"]}
+                    "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}
             entries.append((label, predictor_scorer(model, d, m.num_experts, needs_history(cfg.kind)), True, info))
         for b in bases:
             if (b == "router") != (d == 0) and b in ("router", "router-reuse"):
