@@ -40,6 +40,18 @@ def router_outputs(output: Any, top_k: int, norm_topk_prob: bool) -> tuple[torch
     return logits, weights.to(logits.dtype), ids
 
 
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask) of token lists. Causal attention never lets a real
+    token see the padding after it, so real tokens compute exactly as they would unpadded."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):  # per sequence, not per token: B small copies
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
 @dataclass
 class HostBatch:
     """One batch's captured rows in host memory (pinned on CUDA), valid once `ready` has completed."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collection.capture import RoutingCapture, ShardFiller
+from collection.capture import RoutingCapture, ShardFiller, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
 from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
@@ -234,13 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.write("seq_sources", np.array([texts[i][0] for i in range(lo, hi)], dtype=np.int16))
             row = 0
             for b in range(lo, hi, args.batch_size):
-                batch = encoded[b:min(b + args.batch_size, hi)]
-                T = max(len(x) for x in batch)
-                input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.long)
-                for i, ids in enumerate(batch):  # per sequence, not per token: B small copies
-                    input_ids[i, :len(ids)] = torch.tensor(ids)
-                    mask[i, :len(ids)] = 1
+                input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id)
                 host = capture.forward(model, input_ids, mask)
                 filler.write_batch(writer, host, row)
                 row += host.rows

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from collection.capture import RoutingCapture
+from collection.capture import RoutingCapture, pad_batch
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import atomic_write_json
@@ -129,13 +129,7 @@ def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.d
     ids_all, hid_all, ent_all = [], [], []
     enc = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
     for i in range(0, len(enc), batch):
-        chunk = enc[i:i + batch]
-        T = max(map(len, chunk))
-        x = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for j, ids in enumerate(chunk):
-            x[j, :len(ids)] = torch.tensor(ids)
-            mask[j, :len(ids)] = 1
+        x, mask = pad_batch(enc[i:i + batch], tokenizer.pad_token_id)
         hb = cap.forward(model, x, mask)
         if hb.ready is not None:
             hb.ready.synchronize()

@@ -3,19 +3,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from collection.capture import RoutingCapture
+from collection.capture import RoutingCapture, pad_batch
 from collection.format import TraceSet
 from collection.model import moe_blocks, routing_shape
-
-
-def padded_batch(seqs, pad=0):
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 def test_captured_rows_are_the_models_own_routing(tiny_model):
@@ -27,7 +17,7 @@ def test_captured_rows_are_the_models_own_routing(tiny_model):
              for l, (_, mlp) in enumerate(moe_blocks(model))]
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (9, 4, 13)]  # ragged: padding inside
-    ids, mask = padded_batch(seqs)
+    ids, mask = pad_batch(seqs, 0)
     cap = RoutingCapture(model, list(range(L)), torch.float32, True, 64, K, shape.norm_topk_prob, E, H)
     hb = cap.forward(model, ids, mask, output_router_logits=True)
     cap.close()
