@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", action="store_true", help="retrain even where a checkpoint exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
     p.add_argument("--output", default="results/compare", help="checkpoints, table, JSON and PNG go here")
+    p.add_argument("--from-json", default=None, help="only redraw the table and figure of a comparison.json")
     args = p.parse_args(argv)
+    if args.from_json:
+        import json
+
+        saved = json.loads(Path(args.from_json).read_text())
+        write_report(saved["rows"], saved["traces"], saved["model"], saved["device"], saved["args"], Path(args.output))
+        return
     ds = [int(x) for x in args.lookaheads.split(",")]
     kinds = [k for k in args.predictors.split(",") if k]
     bases = [b for b in args.baselines.split(",") if b]
@@ -104,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- score everything on the same test rows
     rows: list[dict[str, Any]] = []
-    curves: dict[str, dict[int, list[float | None]]] = {}
     for d in ds:
         entries: list[tuple[str, Any, bool, dict[str, Any]]] = []
         for (kind, dd, seed_recipe), ck in ckpts.items():
@@ -126,22 +132,30 @@ def main(argv: list[str] | None = None) -> None:
             s = acc.summary()
             rows.append({"lookahead": d, "predictor": label, **{c: s[c] for c in COLUMNS}, "rows": int(s["tokens"]),
                          "per_layer_recall@4": acc.per_layer("recall@4"), **info})
-            curves.setdefault(label.replace(" (seed recipe)", "-seed"), {})[d] = acc.per_layer("recall@4")
             print(f"d={d} {label:<22} " + " ".join(f"{c} {s[c]:.4f}" for c in COLUMNS), flush=True)
 
-    # --- targets: how much of router reuse's error the best learned predictor removes
+    write_report(rows, args.traces, m.model, device_name(dev), {**vars(args), "test_sequences": len(split["test"])}, out)
+
+
+def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any], device: str, args: dict[str, Any],
+                 out: Path) -> None:
+    """comparison.md / .json / _per_layer.png, and how much of router reuse's error each best predictor removes."""
+    out.mkdir(parents=True, exist_ok=True)
+    ds = sorted({r["lookahead"] for r in rows})
+    learned = [k for k in PREDICTORS]
     summary = {}
     for d in ds:
         reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
-        learned = [r for r in rows if r["lookahead"] == d and r["predictor"] in kinds]
-        if reuse and learned:
-            best = max(learned, key=lambda r: r["recall@4"])
+        mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in learned]
+        if reuse and mine:
+            best = max(mine, key=lambda r: r["recall@4"])
             cut = 1 - (1 - best["recall@4"]) / max(1 - reuse["recall@4"], 1e-12)
             summary[d] = {"best": best["predictor"], "best_recall@4": best["recall@4"],
                           "router_reuse_recall@4": reuse["recall@4"], "error_reduction_vs_router_reuse": cut}
-    lines = [f"Model `{m.model['name_or_path']}`, traces `{args.traces}`, held-out test split: "
-             f"{len(split['test'])} sequences (split seed {args.seed}); rows = (token, layer l) with target layer l+d; "
-             f"device {device_name(dev)}.", "",
+    n_test = args.get("test_sequences")
+    lines = [f"Model `{model['name_or_path']}`, traces `{traces}`, held-out test split"
+             f"{f': {n_test} sequences' if n_test else ''} "
+             f"(split seed {args['seed']}); rows = (token, layer l) with target layer l+d; device {device}.", "",
              "| d | predictor | " + " | ".join(COLUMNS) + " | params | FLOPs/row |",
              "|---|---|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
@@ -154,10 +168,13 @@ def main(argv: list[str] | None = None) -> None:
                      f"{s['error_reduction_vs_router_reuse'] * 100:.1f}% |")
     table = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "comparison.md", table.encode())
-    atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": args.traces,
-                                                 "model": m.model, "device": device_name(dev), "args": vars(args)})
+    atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": traces, "model": model,
+                                                 "device": device, "args": args})
+    curves: dict[str, dict[int, list[float | None]]] = {}
+    for r in rows:
+        curves.setdefault(r["predictor"], {})[r["lookahead"]] = r["per_layer_recall@4"]
     comparison_figure(curves, "recall@4", out / "comparison_per_layer.png",
-                      f"per-layer recall@4 by lookahead, {m.model['name_or_path']}, test split")
+                      f"per-layer recall@4 by lookahead, {model['name_or_path']}, test split")
     print("\n" + table + f"\nwrote {out / 'comparison.md'}, comparison.json, comparison_per_layer.png")
 
 

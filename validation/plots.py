@@ -66,19 +66,23 @@ def coverage_figure(result: dict[str, Any], ks: list[int], per_layer: list[float
 
 
 def comparison_figure(curves: dict[str, dict[int, list[float | None]]], metric: str, path: Path, title: str) -> None:
-    """One panel per lookahead d: per-target-layer `metric` of every predictor and baseline."""
+    """One panel per lookahead d: per-target-layer `metric` of every predictor and baseline.
+    Each name keeps one colour in every panel; the legend lists every name."""
     plt = _figure_module()
     ds = sorted({d for c in curves.values() for d in c})
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(curves)}
     fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4.2), squeeze=False, sharey=True)
     for a, d in zip(axes[0], ds):
         for name, by_d in curves.items():
             if d in by_d:
                 ys = [np.nan if v is None else v for v in by_d[d]]
-                a.plot(range(len(ys)), ys, marker=".", label=name)
+                a.plot(range(len(ys)), ys, marker=".", color=colours[name], label=name)
         a.set(title=f"lookahead d = {d}", xlabel="target layer", ylim=(0, 1.02))
         a.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    handles = [plt.Line2D([], [], color=colours[n], marker=".", label=n) for n in curves]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
     fig.suptitle(title)
+    fig.subplots_adjust(bottom=0.2)
     save_figure(fig, path)
     plt.close(fig)
