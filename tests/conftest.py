@@ -38,11 +38,19 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_traces(tmp_path_factory, tiny_model) -> Path:
-    """72 sequences (12 per bundled domain) in 3 shards, every layer's hidden state stored."""
+def embedded_model() -> Path:
+    from collection.model import EMBEDDED_MODEL
+
+    return EMBEDDED_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny_traces(tmp_path_factory) -> Path:
+    """The embedded default (the trained model, the default --model) on the bundled corpus: 72 sequences
+    (12 per domain) in 3 shards, every layer's hidden state stored."""
     out = tmp_path_factory.mktemp("traces") / "tiny"
     from scripts.collect_traces import main
 
-    main(["--model", str(tiny_model), "--datasets", "bundled", "--target_traces", "72", "--shard_size", "24",
-          "--batch_size", "8", "--max_length", "64", "--output", str(out)])
+    main(["--datasets", "bundled", "--target_traces", "72", "--shard_size", "24", "--batch_size", "8",
+          "--max_length", "64", "--output", str(out)])
     return out

@@ -35,8 +35,8 @@ def test_captured_rows_are_the_models_own_routing(tiny_model):
         assert torch.equal(hb.hidden[l, :hb.rows], moe_inputs[l].reshape(-1, H)[real])
 
 
-def test_stored_shards_match_a_fresh_forward(tiny_model, tiny_traces):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+def test_stored_shards_match_a_fresh_forward(embedded_model, tiny_traces):
+    model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
     ts = TraceSet(tiny_traces)
     sh = ts.shard(0)
     off = sh.numpy("seq_offsets")

@@ -18,7 +18,7 @@ def trained(tiny_traces, tmp_path_factory):
 def test_training_writes_safe_checkpoints_with_split_and_metrics(trained, tiny_traces):
     for name in ("best_checkpoint.pth", "latest_checkpoint.pth"):
         ckpt = torch.load(trained / name, weights_only=True)  # no pickle of custom classes inside
-        assert ckpt["config"]["kind"] == "simple" and ckpt["config"]["input_dim"] == 32
+        assert ckpt["config"]["kind"] == "simple" and ckpt["config"]["input_dim"] == 128  # the embedded default
         split = {k: set(v.tolist()) for k, v in ckpt["split"].items()}
         assert not (split["train"] & split["test"]) and not (split["val"] & split["test"])
         assert len(split["train"] | split["val"] | split["test"]) == 72

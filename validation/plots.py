@@ -58,6 +58,7 @@ def coverage_figure(result: dict[str, Any], ks: list[int], per_layer: list[float
     a = ax[1, 1]
     top = min(20, E)
     a.bar(np.arange(1, top + 1), rank_hist[:top])
+    a.set_xticks(np.arange(1, top + 1, 2 if top > 10 else 1))
     a.set(xlabel="position of a true expert in the predicted order", ylabel="share of true experts",
           title=f"where true experts rank (first {top} positions: {rank_hist[:top].sum():.1%})")
     fig.suptitle(title)
