@@ -245,7 +245,7 @@ class SafetensorsFile:
             self.entries[name] = (dt, tuple(shape), begin, end)
             spans.append((begin, end))
         spans.sort()
-        for (b0, e0), (b1, _) in zip(spans, spans[1:]):
+        for (_, e0), (b1, _) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._error("tensors overlap")
         self._mmap: np.memmap | None = None
@@ -451,6 +451,7 @@ class TraceSet:
             raise TraceFormatError(f"{self.dir / MANIFEST}: lists no finished shard")
         self.verify = verify
         self._open: dict[int, TraceShard] = {}
+        self._table: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.manifest.shards)
@@ -466,7 +467,9 @@ class TraceSet:
             yield self.shard(i)
 
     def sequence_table(self) -> dict[str, np.ndarray]:
-        """Per sequence over all shards: seq_id, source, shard, first row in its shard, length."""
+        """Per sequence over all shards: seq_id, source, shard, first row in its shard, length (read once)."""
+        if self._table is not None:
+            return self._table
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "source", "shard", "start", "length")}
         for i in range(len(self)):
             sh = self.shard(i)
@@ -479,6 +482,7 @@ class TraceSet:
         table = {k: np.concatenate(v) for k, v in parts.items()}
         if len(np.unique(table["seq_id"])) != len(table["seq_id"]):
             raise TraceFormatError(f"{self.dir}: the same sequence id appears in two shards")
+        self._table = table
         return table
 
     def router_weights(self) -> torch.Tensor:

@@ -122,9 +122,9 @@ def quantized_bytes(model: nn.Module) -> dict[str, int]:
         q = getattr(module, "_quantized_experts", None)
         if q is not None:
             groups["routed_experts_nf4"] += q.nbytes() + sum(
-                b.numel() * b.element_size() for n, b in module.named_buffers(recurse=False))
+                b.numel() * b.element_size() for b in module.buffers(recurse=False))
             seen.update(id(b) for b in module.buffers(recurse=False))
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    for p in list(model.parameters()) + list(model.buffers()):
         if id(p) in seen:
             continue
         seen.add(id(p))

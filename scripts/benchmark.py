@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -78,16 +77,16 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     if hidden_dtype == torch.float32 and dev.type == "cuda":
         hidden_dtype = torch.float16
 
-    def bare() -> None:
+    def bare(b: torch.Tensor) -> None:
         with torch.no_grad():
             model(input_ids=b.to(dev, non_blocking=True), attention_mask=mask.to(dev, non_blocking=True), use_cache=False)
 
     for b in batches[:args.warmup]:
-        bare()
+        bare(b)
     sync(dev)
     t0 = time.perf_counter()
     for b in batches[args.warmup:]:
-        bare()
+        bare(b)
     sync(dev)
     bare_s = time.perf_counter() - t0
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors

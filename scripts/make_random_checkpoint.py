@@ -35,7 +35,7 @@ def corpus_texts(split: str = "lm_train", limit: int | None = None) -> list[str]
     if not index.is_file():
         raise UserError(f"{index} missing: build the corpus with scripts/build_corpus.py")
     texts: list[str] = []
-    for name, d in sorted(json.loads(index.read_text())["domains"].items()):
+    for _, d in sorted(json.loads(index.read_text())["domains"].items()):
         if split in d["splits"]:
             with gzip.open(CORPUS_DIR / d["splits"][split]["file"], "rt", encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for line in f]

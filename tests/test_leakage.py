@@ -11,8 +11,8 @@ L, E, K, H, N = 6, 60, 4, 16, 40
 
 
 def make_block(seed: int) -> TokenBlock:
+    """Two sequences in one block: tokens 0-14 and 15-39."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [15, 25]  # two sequences in one block
     prev = torch.tensor([-1 if i in (0, 15) else i - 1 for i in range(N)])
     return TokenBlock(hidden=torch.randn(L, N, H, generator=g),
                       topk_ids=torch.rand(L, N, E, generator=g).argsort(-1)[..., :K],

@@ -43,7 +43,7 @@ def make_collection() -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     traces = []
     for p, T in enumerate(SEQ + [4]):
-        for layer in range(L if p < len(SEQ) else 2):
+        for _layer in range(L if p < len(SEQ) else 2):
             h = torch.randn(B, T, H, generator=gen, dtype=torch.float32).half()
             logits = (2 * torch.randn(B, T, E, generator=gen)).half()
             traces.append({"hidden_states": h, "input_embeddings": h, "target_routing": logits,
