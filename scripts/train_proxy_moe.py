@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from collection.capture import RoutingCapture, pad_batch
 from collection.device import device_name, pick_device
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     history = []
     step = 0
+    bar = tqdm(total=args.steps, unit="step", desc="train", dynamic_ncols=True)
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.perf_counter() - t0
+        bar.update(1)
         last = step == args.steps - 1 or elapsed > args.time_limit
         if step % args.eval_every == 0 or last:
             model.eval()
@@ -269,13 +272,14 @@ def main(argv: list[str] | None = None) -> None:
             row = {"step": step, "lm_loss": lm_loss.item(), "aux": aux.item(), "balance": bal.item(),
                    "heldout_ppl": math.exp(hl), "min_share_per_layer": min_share.tolist(), "seconds": elapsed}
             history.append(row)
-            print(f"step {step:5d}: lm {row['lm_loss']:.3f} aux {row['aux']:.3f} bal {row['balance']:.4f} | "
+            tqdm.write(f"step {step:5d}: lm {row['lm_loss']:.3f} aux {row['aux']:.3f} bal {row['balance']:.4f} | "
                   f"held-out ppl {row['heldout_ppl']:.1f} | min expert share {min_share.min().item():.4f} | "
                   f"{(step + 1) / elapsed:.2f} steps/s")
         if last:
             if elapsed > args.time_limit and step < args.steps - 1:
                 print(f"time limit {args.time_limit:.0f} s reached after {step + 1} of {args.steps} steps")
             break
+    bar.close()
     train_s = time.perf_counter() - t0
 
     # --- save like any hub model, then report on the saved copy
