@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--report-only", action="store_true", help="only recompute the report of --output")
     p.add_argument("--report-sequences", type=int, default=300, help="held-out sequences in the report (300)")
+    p.add_argument("--max-texts", type=int, default=None,
+                   help="use only the first N texts of each corpus split (smoke runs; default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace --output")
     return p.parse_args(argv)
 
@@ -158,16 +160,17 @@ def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.d
             "dead_experts": [int((share[l] < 0.002).sum()) for l in range(L)]}
 
 
-def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dict[str, Any] | None = None,
+           max_texts: int | None = None) -> dict[str, Any]:
     """Load the saved model from disk (as users will) and measure it on held-out text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
-    heldout_texts = corpus_texts("traces")
+    heldout_texts = corpus_texts("traces", max_texts)
     rng = np.random.default_rng(0)
     pick = [heldout_texts[i] for i in rng.permutation(len(heldout_texts))[:n_seq]]
-    train_stream = token_stream(tokenizer, corpus_texts("lm_train"))
+    train_stream = token_stream(tokenizer, corpus_texts("lm_train", max_texts))
     held = windows(token_stream(tokenizer, heldout_texts), seq_len)[:512]
     lm = heldout_loss(model, held, device)
     uni = unigram_loss(train_stream, held, len(tokenizer))
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         if not (out / "config.json").is_file():
             raise UserError(f"--output {out}: no saved model to report on")
-        report(out, device, args.report_sequences, args.seq_len)
+        report(out, device, args.report_sequences, args.seq_len, max_texts=args.max_texts)
         return
     if out.exists() and not args.overwrite:
         raise UserError(f"--output {out} exists; --overwrite replaces it")
@@ -210,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- tokenizer and data: the corpus's lm_train split only; the traces split stays held out
     t0 = time.perf_counter()
-    train_texts = corpus_texts("lm_train")
+    train_texts = corpus_texts("lm_train", args.max_texts)
     tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size)
     stream = token_stream(tokenizer, train_texts)
-    held = windows(token_stream(tokenizer, corpus_texts("traces")), args.seq_len)[:256]
+    held = windows(token_stream(tokenizer, corpus_texts("traces", args.max_texts)), args.seq_len)[:256]
     print(f"tokenizer: {len(tokenizer)} BPE tokens; training stream {len(stream):,} tokens; "
           f"held-out {held.numel():,} tokens ({time.perf_counter() - t0:.1f} s)")
 
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
              "corpus_train_tokens": int(len(stream)), "history": history,
              "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(f"trained {step + 1} steps in {train_s:.0f} s on {device_name(device)}; saved to {out}")
-    report(out, device, args.report_sequences, args.seq_len, extra)
+    report(out, device, args.report_sequences, args.seq_len, extra, args.max_texts)
 
 
 if __name__ == "__main__":
