@@ -29,14 +29,12 @@ from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import TraceSet, atomic_write_bytes, atomic_write_json
 from models.checkpoint import load_checkpoint
-from models.predictors import count_parameters, flops_per_row, needs_history
+from models.predictors import PREDICTORS, count_parameters, flops_per_row, needs_history
 from training.data import split_sequences
-from validation.evaluate import baseline_scorer, evaluate, predictor_scorer
+from validation.evaluate import BASELINES, ROUTER_BASELINES, baseline_scorer, evaluate, predictor_scorer
 from validation.plots import comparison_figure
 
 REPO = Path(__file__).resolve().parent.parent
-PREDICTORS = ("simple", "layer-aware", "hybrid")
-BASELINES = ("router", "router-reuse", "previous-token", "popularity", "random")
 COLUMNS = ("recall@4", "coverage@8", "exact_match", "any_hit@1", "any_hit@5")
 
 
@@ -123,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                     "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}
             entries.append((label, predictor_scorer(model, d, m.num_experts, needs_history(cfg.kind)), True, info))
         for b in bases:
-            if (b == "router") != (d == 0) and b in ("router", "router-reuse"):
+            if (b == "router") != (d == 0) and b in ROUTER_BASELINES:
                 continue  # at d = 0 router reuse is the router itself: the control row stands for both
-            entries.append((b, baseline_scorer(b, ts, d, split["train"], dev, args.seed), b in ("router", "router-reuse"), {}))
+            entries.append((b, baseline_scorer(b, ts, d, split["train"], dev, args.seed), b in ROUTER_BASELINES, {}))
         for label, scorer, need_hidden, info in entries:
             acc = evaluate(scorer, ts, split["test"], d, dev, need_hidden=need_hidden, progress=False)
             s = acc.summary()
@@ -141,11 +139,10 @@ def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any],
     """comparison.md / .json / _per_layer.png, and how much of router reuse's error each best predictor removes."""
     out.mkdir(parents=True, exist_ok=True)
     ds = sorted({r["lookahead"] for r in rows})
-    learned = [k for k in PREDICTORS]
     summary = {}
     for d in ds:
         reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
-        mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in learned]
+        mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in PREDICTORS]
         if reuse and mine:
             best = max(mine, key=lambda r: r["recall@4"])
             cut = 1 - (1 - best["recall@4"]) / max(1 - reuse["recall@4"], 1e-12)

@@ -29,7 +29,7 @@ from models.checkpoint import load_checkpoint
 from models.predictors import PREDICTORS, needs_history
 from training.data import mean_tokens_per_sequence, input_layers, split_sequences
 from training.trainer import DEFAULT_TRACES
-from validation.evaluate import BASELINES, baseline_scorer, evaluate, predictor_scorer
+from validation.evaluate import BASELINES, ROUTER_BASELINES, baseline_scorer, evaluate, predictor_scorer
 from validation.metrics import SEED_KS, random_expectation
 from validation.plots import coverage_figure
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         split = split_sequences(ts.sequence_table(), args.seed)
         seq_ids = split[args.split]
         scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed)
-        need_hidden = args.model_type in ("router", "router-reuse")
+        need_hidden = args.model_type in ROUTER_BASELINES
         out_dir = Path(args.output_dir or f"results/{args.model_type}-d{lookahead}")
         label = f"{args.model_type} baseline"
     if len(seq_ids) == 0:

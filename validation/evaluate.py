@@ -28,6 +28,7 @@ from validation.metrics import SEED_KS, CoverageAccumulator, true_expert_ranks
 
 Scorer = Callable[[TokenBlock, torch.Tensor, torch.Tensor], torch.Tensor]
 BASELINES = ("router", "router-reuse", "previous-token", "popularity", "random")
+ROUTER_BASELINES = ("router", "router-reuse")  # the ones that apply stored router weights to stored hidden states
 
 
 def expert_popularity(ts: TraceSet, seq_ids: np.ndarray, shards_per_group: int = 8) -> torch.Tensor:
@@ -43,7 +44,7 @@ def expert_popularity(ts: TraceSet, seq_ids: np.ndarray, shards_per_group: int =
 def baseline_scorer(name: str, ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device,
                     seed: int = 0) -> Scorer:
     E = ts.manifest.num_experts
-    if name in ("router", "router-reuse"):
+    if name in ROUTER_BASELINES:
         if name == "router" and lookahead != 0:
             raise UserError("--model-type router is the same-layer control: it needs --lookahead 0 "
                             "(router-reuse applies layer l+d's router to h_l)")
