@@ -146,7 +146,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                    dynamic_ncols=True)
         for block in train_blocks.epoch(rng):
             for tok, layer in row_batches(block, layers, rows_per_step, gen):
-                f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats)
+                # features go straight into Linear layers, which autocast would cast to `dtype` anyway
+                f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats, dtype)
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
                     logits = model(f)
                 loss = soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
