@@ -30,7 +30,7 @@ import torch
 
 from collection.capture import RoutingCapture, ShardFiller
 from collection.device import device_name, pick_device, pick_dtype
-from collection.errors import one_line_errors
+from collection.errors import UserError, one_line_errors
 from collection.format import ShardWriter, TensorSpec, TraceSet, atomic_write_json
 from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
 from scripts.make_random_checkpoint import corpus_texts
@@ -113,6 +113,42 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
         capture.release(hb)
     sync(dev)
     capture_only_s = time.perf_counter() - t0
+
+    # The block timings above compare two runs minutes apart, and the 4-bit forward drifts by +-20% over
+    # that span. Interleaving the variants batch by batch (ABBA order) pairs each capture batch with a bare
+    # batch measured next to it, so drift cancels and the spread of the paired ratios is the noise.
+    def timed(step: Any, b: torch.Tensor) -> float:
+        sync(dev)
+        t = time.perf_counter()
+        step(b)
+        sync(dev)
+        return time.perf_counter() - t
+
+    def captured(b: torch.Tensor) -> None:
+        hb = capture.forward(model, b, mask)
+        if hb.ready is not None:
+            hb.ready.synchronize()
+        capture.release(hb)
+
+    bare_t, cap_t = [], []
+    for r in range(args.paired_rounds):
+        b = batches[args.warmup + r % args.batches]
+        if r % 2 == 0:
+            bare_t.append(timed(bare, b))
+            cap_t.append(timed(captured, b))
+        else:
+            cap_t.append(timed(captured, b))
+            bare_t.append(timed(bare, b))
+    paired = {}
+    if bare_t:
+        ratio = np.array(cap_t) / np.array(bare_t) - 1
+        tokens = args.batch_size * args.seq_len
+        paired = {"rounds": len(bare_t), "bare_tokens_per_s_median": tokens / float(np.median(bare_t)),
+                  "capture_only_tokens_per_s_median": tokens / float(np.median(cap_t)),
+                  "capture_only_overhead_median": float(np.median(ratio)),
+                  "capture_only_overhead_p25": float(np.percentile(ratio, 25)),
+                  "capture_only_overhead_p75": float(np.percentile(ratio, 75)),
+                  "bare_seconds": bare_t, "capture_only_seconds": cap_t}
     writer = ShardWriter(work / "bench_shard.safetensors", specs)
     sync(dev)
     t0 = time.perf_counter()
@@ -134,7 +170,8 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
             "capture_only_tokens_per_s": rows / capture_only_s, "capture_only_overhead": capture_only_s / bare_s - 1,
             "capture_tokens_per_s": rows / forward_capture_s, "capture_overhead": forward_capture_s / bare_s - 1,
             "with_commit_tokens_per_s": rows / total_s, "bytes_per_token": per_token, "hidden_dtype": hname,
-            "hidden_layers": L, "disk_write_bytes_per_s": disk, "disk_bound_tokens_per_s": disk / per_token}
+            "hidden_layers": L, "disk_write_bytes_per_s": disk, "disk_bound_tokens_per_s": disk / per_token,
+            "paired": paired}
 
 
 def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path, stages: set[str]) -> dict[str, Any]:
@@ -254,6 +291,12 @@ def print_table(res: dict[str, Any]) -> None:
               f"{c['disk_bound_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
         print(f"  capture overhead over the bare forward: {c['capture_only_overhead'] * 100:+.1f}% to host memory, "
               f"{c['capture_overhead'] * 100:+.1f}% with shard writes")
+        q = c.get("paired")
+        if q:
+            print(f"  interleaved, {q['rounds']} batch pairs (ABBA): bare {q['bare_tokens_per_s_median']:,.0f} vs capture "
+                  f"{q['capture_only_tokens_per_s_median']:,.0f} tokens/s (medians); paired capture overhead "
+                  f"{q['capture_only_overhead_median'] * 100:+.1f}% (median; quartiles "
+                  f"{q['capture_only_overhead_p25'] * 100:+.1f}% to {q['capture_only_overhead_p75'] * 100:+.1f}%)")
     t = res.get("train_validate", {})
     if "train_rows_per_s" in t:
         print(f"\n{'training (simple predictor, seed recipe, shards on disk)':<60} {'rows/s':>12} {'vs seed':>9}")
@@ -289,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
     p.add_argument("--batches", type=int, default=10, help="timed forward batches (10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches (2)")
+    p.add_argument("--paired-rounds", type=int, default=20,
+                   help="bare/capture batch pairs timed interleaved, ABBA order (20; 0 skips)")
     p.add_argument("--train-sequences", type=int, default=400, help="sequences collected for train/validate (400)")
     p.add_argument("--epochs", type=int, default=3, help="timed training epochs (3)")
     p.add_argument("--validate-batch-rows", type=int, default=262144, help="rows per validation batch (262144)")
@@ -296,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     stages = set(args.stages.split(","))
+    if stages - {"collect", "train", "validate"}:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(sorted(stages - {'collect', 'train', 'validate'}))}")
+    if args.batches < 1 or args.warmup < 0 or args.paired_rounds < 0:
+        raise UserError("--batches must be >= 1, --warmup and --paired-rounds >= 0")
 
     dev = pick_device(args.device, args.gpu)
     dtype = pick_dtype("float16" if args.quantization != "none" and args.dtype == "auto" else args.dtype, dev)
