@@ -3,9 +3,10 @@
 A forward hook on each MoE router (`mlp.gate`) sees exactly what the model computes: its input
 (the MoE-block input, i.e. the post-attention RMSNorm output, flattened to (B*T, H)) and its
 outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
-layer the hook keeps only real-token rows (padding dropped with one index_select), casts them to
-the storage dtypes on the GPU, and queues a non-blocking copy into pinned host memory on a side
-stream, so the copies overlap the next layers' compute. A background thread waits for each
+layer the hook keeps only real-token rows of the hidden state (padding dropped with one
+index_select), casts them to the storage dtype on the GPU, and queues a non-blocking copy into
+pinned host memory on a side stream, so the copies overlap the next layers' compute; the router's
+small outputs of all layers are stacked and copied once, after the forward. A background thread waits for each
 batch's copies and writes them into the shard file; two sets of pinned buffers alternate so the
 GPU never waits for the disk unless the disk is the bottleneck.
 """
@@ -93,6 +94,7 @@ class RoutingCapture:
         self._current: HostBatch | None = None
         self.last_output: Any = None
         self._rows_index: torch.Tensor | None = None
+        self._router: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.handles = [mlp.gate.register_forward_hook(self._hook(j)) for j, (_, mlp) in enumerate(self.blocks)]
 
     def close(self) -> None:
@@ -105,34 +107,53 @@ class RoutingCapture:
         self.free.put(batch)
 
     def _hook(self, layer: int) -> Callable[..., None]:
+        # The forward of a Hugging Face MoE block is bound by kernel launches (it syncs with the host to
+        # find the experts hit), so every launch in a hook adds to the wall time. Per layer the hook only
+        # copies the hidden state (the one big tensor, worth overlapping with later layers) and keeps a
+        # reference to the router's small outputs; `_copy_router_outputs` moves all layers' at once.
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             batch = self._current
             if batch is None:
                 return
-            x = args[0]
-            logits, weights, ids = router_outputs(output, self.top_k, self.norm)
-            idx = self._rows_index
-            n = batch.rows
-            # gather real tokens and cast on the GPU: fewer bytes cross PCIe and hit the disk
-            parts = [(batch.topk_ids[layer, :n], ids.index_select(0, idx).to(torch.int16)),
-                     (batch.topk_weights[layer, :n], weights.index_select(0, idx).to(torch.float16))]
-            if batch.router_logits is not None:
-                parts.append((batch.router_logits[layer, :n], logits.index_select(0, idx).to(torch.float16)))
+            self._router[layer] = router_outputs(output, self.top_k, self.norm)
             if layer in self.slot and batch.hidden is not None:
-                h = x.reshape(-1, x.shape[-1]).index_select(0, idx).to(self.hidden_dtype)
-                parts.append((batch.hidden[self.slot[layer], :n], h))
-            if self.cuda:
-                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.copy_stream):
-                    for dst, src in parts:
-                        dst.copy_(src, non_blocking=True)
-                # a reference (not record_stream) keeps each source alive until the batch's copies are done:
-                # the allocator then never has to track cross-stream uses of short-lived blocks
-                batch.sources.extend(src for _, src in parts)
-            else:
-                for dst, src in parts:
-                    dst.copy_(src)
+                x = args[0]
+                h = x.reshape(-1, x.shape[-1])
+                if self._rows_index is not None:  # drop padding on the GPU: fewer bytes cross PCIe
+                    h = h.index_select(0, self._rows_index)
+                self._copy(batch, [(batch.hidden[self.slot[layer], :batch.rows], h.to(self.hidden_dtype))])
         return hook
+
+    def _copy(self, batch: HostBatch, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queue device-to-host copies behind the work queued so far, on the side stream."""
+        if not self.cuda:
+            for dst, src in parts:
+                dst.copy_(src)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for dst, src in parts:
+                dst.copy_(src, non_blocking=True)
+        # a reference (not record_stream) keeps each source alive until the batch's copies are done:
+        # the allocator then never has to track cross-stream uses of short-lived blocks
+        batch.sources.extend(src for _, src in parts)
+
+    def _copy_router_outputs(self, batch: HostBatch) -> None:
+        """All layers' (ids, weights, logits) in one stack, gather, cast and copy each: a handful of
+        launches per forward instead of a dozen per layer."""
+        if len(self._router) != self.L:
+            raise RuntimeError(f"captured the router of {len(self._router)} of {self.L} MoE layers in one forward")
+        n, idx = batch.rows, self._rows_index
+
+        def stacked(i: int, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.stack([self._router[layer][i] for layer in range(self.L)])  # (L, B*T, .)
+            return (t if idx is None else t.index_select(1, idx)).to(dtype)
+
+        parts = [(batch.topk_ids[:, :n], stacked(2, torch.int16)), (batch.topk_weights[:, :n], stacked(1, torch.float16))]
+        if batch.router_logits is not None:
+            parts.append((batch.router_logits[:, :n], stacked(0, torch.float16)))
+        self._router = {}
+        self._copy(batch, parts)
 
     @torch.no_grad()
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -147,14 +168,18 @@ class RoutingCapture:
         batch = self.free.get()
         batch.rows = int(rows_index.numel())
         batch.sources = []
-        self._rows_index = rows_index.to(self.device, non_blocking=True)
+        # no padding: every row is kept and no gather is launched
+        self._rows_index = None if batch.rows == flat_mask.numel() else rows_index.to(self.device, non_blocking=True)
+        self._router = {}
         self._current = batch
         try:
             self.last_output = model(input_ids=input_ids.to(self.device, non_blocking=True),
                                      attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False,
                                      **model_kwargs)
+            self._copy_router_outputs(batch)
         finally:
             self._current = None
+            self._router = {}
         if self.cuda:
             batch.ready = torch.cuda.Event()
             batch.ready.record(self.copy_stream)

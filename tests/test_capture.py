@@ -1,5 +1,6 @@
 """Capture takes exactly what the model computes: router ids/weights/logits and the MoE-block input."""
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -8,7 +9,8 @@ from collection.format import TraceSet
 from collection.model import moe_blocks, routing_shape
 
 
-def test_captured_rows_are_the_models_own_routing(tiny_model):
+@pytest.mark.parametrize("lengths,hidden", [((9, 4, 13), "all"), ((8, 8), "ends")])  # ragged / no padding at all
+def test_captured_rows_are_the_models_own_routing(tiny_model, lengths, hidden):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     shape = routing_shape(model)
     L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
@@ -16,9 +18,10 @@ def test_captured_rows_are_the_models_own_routing(tiny_model):
     hooks = [mlp.register_forward_pre_hook(lambda m, a, l=l: moe_inputs.__setitem__(l, a[0].detach().clone()))
              for l, (_, mlp) in enumerate(moe_blocks(model))]
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (9, 4, 13)]  # ragged: padding inside
+    seqs = [torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths]
     ids, mask = pad_batch(seqs, 0)
-    cap = RoutingCapture(model, list(range(L)), torch.float32, True, 64, K, shape.norm_topk_prob, E, H)
+    hidden_layers = list(range(L)) if hidden == "all" else [0, L - 1]
+    cap = RoutingCapture(model, hidden_layers, torch.float32, True, 64, K, shape.norm_topk_prob, E, H)
     hb = cap.forward(model, ids, mask, output_router_logits=True)
     cap.close()
     for h in hooks:
@@ -32,7 +35,8 @@ def test_captured_rows_are_the_models_own_routing(tiny_model):
         assert torch.equal(hb.topk_ids[l, :hb.rows].long(), top.indices)
         assert torch.allclose(hb.topk_weights[l, :hb.rows].float(), top.values, atol=1e-3)
         assert torch.allclose(hb.router_logits[l, :hb.rows].float(), logits.float(), atol=2e-3, rtol=1e-3)
-        assert torch.equal(hb.hidden[l, :hb.rows], moe_inputs[l].reshape(-1, H)[real])
+        if l in hidden_layers:
+            assert torch.equal(hb.hidden[hidden_layers.index(l), :hb.rows], moe_inputs[l].reshape(-1, H)[real])
 
 
 def test_stored_shards_match_a_fresh_forward(embedded_model, tiny_traces):
