@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -73,8 +74,25 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
         return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
     url = urlparse(hub_endpoint())
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    # the socket timeout does not bound the DNS lookup, which can hang for tens of seconds where DNS
+    # is blocked (two offline runs took 46 s on the GPU machine): resolve on a daemon thread, stop waiting
+    found: list[Any] = []
+
+    def resolve() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4])
+        except OSError as e:
+            found.append(e)
+
+    lookup = threading.Thread(target=resolve, daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    if not found:
+        return f"cannot resolve {host} within {timeout:.0f} s"
+    if isinstance(found[0], OSError):
+        return f"cannot resolve {host} ({found[0].strerror or type(found[0]).__name__})"
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        socket.create_connection(found[0][:2], timeout=timeout).close()
     except OSError as e:
         return f"cannot reach {host}:{port} ({e.strerror or type(e).__name__})"
     return None

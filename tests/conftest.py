@@ -47,10 +47,11 @@ def embedded_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_traces(tmp_path_factory) -> Path:
     """The embedded default (the trained model, the default --model) on the bundled corpus: 72 sequences
-    (12 per domain) in 3 shards, every layer's hidden state stored."""
+    (12 per domain) in 3 shards, every layer's hidden state stored. On the CPU in fp32 on every machine:
+    tests compare them with fresh fp32 forwards, and bf16 on a GPU would flip near-tied experts."""
     out = tmp_path_factory.mktemp("traces") / "tiny"
     from scripts.collect_traces import main
 
     main(["--datasets", "bundled", "--target_traces", "72", "--shard_size", "24", "--batch_size", "8",
-          "--max_length", "64", "--output", str(out)])
+          "--max_length", "64", "--device", "cpu", "--dtype", "float32", "--output", str(out)])
     return out

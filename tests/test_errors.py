@@ -19,7 +19,7 @@ def assert_one_line_error(proc, *fragments):
 
 
 def test_quantization_needs_cuda(tiny_model, tmp_path):
-    proc = run_script("collect_traces", "--model", tiny_model, "--quantization", "4bit", "--target_traces", "6",
+    proc = run_script("collect_traces", "--model", tiny_model, "--quantization", "4bit", "--device", "cpu", "--target_traces", "6",
                       "--output", tmp_path / "q", check=False)
     assert_one_line_error(proc, "needs a CUDA GPU")
     assert not (tmp_path / "q" / "manifest.json").exists()
