@@ -105,3 +105,17 @@ def test_collection_refuses_when_the_disk_cannot_hold_it(tiny_model, tmp_path, m
     with pytest.raises(UserError, match="GiB are free"):
         collect_traces.main(["--model", str(tiny_model), "--target_traces", "6", "--output", str(tmp_path / "full")])
     assert not list((tmp_path / "full").glob("shard_*"))
+
+
+def test_hub_check_does_not_wait_for_a_hanging_dns_lookup(monkeypatch):
+    """Where DNS is blocked, getaddrinfo can hang far past any socket timeout; the check must not."""
+    import socket
+
+    from collection import sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(30))
+    t0 = time.monotonic()
+    reason = sources.hub_unreachable_reason(timeout=0.5)
+    assert time.monotonic() - t0 < 5 and "cannot resolve" in reason
