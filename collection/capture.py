@@ -152,7 +152,6 @@ class RoutingCapture:
         parts = [(batch.topk_ids[:, :n], stacked(2, torch.int16)), (batch.topk_weights[:, :n], stacked(1, torch.float16))]
         if batch.router_logits is not None:
             parts.append((batch.router_logits[:, :n], stacked(0, torch.float16)))
-        self._router = {}
         self._copy(batch, parts)
 
     @torch.no_grad()
@@ -170,7 +169,6 @@ class RoutingCapture:
         batch.sources = []
         # no padding: every row is kept and no gather is launched
         self._rows_index = None if batch.rows == flat_mask.numel() else rows_index.to(self.device, non_blocking=True)
-        self._router = {}
         self._current = batch
         try:
             self.last_output = model(input_ids=input_ids.to(self.device, non_blocking=True),

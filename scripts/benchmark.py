@@ -98,19 +98,21 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, args.batch_size * args.seq_len, K,
                              shape.norm_topk_prob, E, H)
     filler = ShardFiller(capture)
-    for b in batches[:args.warmup]:  # warm the hooks and pinned buffers too
+
+    def captured(b: torch.Tensor) -> None:
+        """Forward + capture into pinned host memory, waiting for the copies; no disk."""
         hb = capture.forward(model, b, mask)
         if hb.ready is not None:
             hb.ready.synchronize()
         capture.release(hb)
+
+    for b in batches[:args.warmup]:  # warm the hooks and pinned buffers too
+        captured(b)
     # capture alone: hooks, gathers, casts and asynchronous copies into pinned host memory, no disk
     sync(dev)
     t0 = time.perf_counter()
     for b in batches[args.warmup:]:
-        hb = capture.forward(model, b, mask)
-        if hb.ready is not None:
-            hb.ready.synchronize()
-        capture.release(hb)
+        captured(b)
     sync(dev)
     capture_only_s = time.perf_counter() - t0
 
@@ -123,12 +125,6 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
         step(b)
         sync(dev)
         return time.perf_counter() - t
-
-    def captured(b: torch.Tensor) -> None:
-        hb = capture.forward(model, b, mask)
-        if hb.ready is not None:
-            hb.ready.synchronize()
-        capture.release(hb)
 
     bare_t, cap_t = [], []
     for r in range(args.paired_rounds):
