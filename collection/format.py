@@ -24,7 +24,6 @@ both, so a truncated, corrupt or swapped shard is an error naming the file, neve
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -35,12 +34,13 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from collection.atomic import PARTIAL_SUFFIX, atomic_path, atomic_write_json, commit_file, sha256_file
 from collection.errors import UserError
 
 FORMAT_VERSION = 1
+DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
 MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router_weights.safetensors"
-PARTIAL_SUFFIX = ".partial"  # files being written; never listed in a manifest
 
 # safetensors dtype codes <-> numpy storage dtypes (bfloat16 is stored as its raw 16 bits)
 _ST_TO_NP = {
@@ -59,53 +59,12 @@ class TraceFormatError(UserError):
     """A trace set, shard or manifest that cannot be used; the message names the file."""
 
 
-# ----------------------------------------------------------------------------------------------
-# atomic small-file writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A small safetensors file (e.g. router weights), written under a temporary name and renamed."""
+    """A small safetensors file (e.g. router weights), written atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +130,7 @@ class ShardWriter:
         os.close(self.fd)
         self.fd = -1
         digest = sha256_file(self.tmp)
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        commit_file(self.tmp, self.path)
         return self.total_bytes, digest
 
     def abort(self) -> None:
@@ -392,13 +350,41 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-SHARD_KEYS = ("token_ids", "seq_offsets", "seq_ids", "seq_sources", "topk_ids", "topk_weights")
-SHARD_DTYPES = {"token_ids": "I32", "seq_offsets": "I64", "seq_ids": "I64", "seq_sources": "I16", "topk_ids": "I16",
-                "topk_weights": "F16", "router_logits": "F16"}
+def shard_specs(tokens: int, sequences: int, *, num_layers: int, top_k: int, num_experts: int, hidden_size: int,
+                hidden_layers: int, hidden_dtype: str, store_logits: bool) -> dict[str, TensorSpec]:
+    """Every tensor of one shard, its storage dtype and shape: the schema of this module's docstring, in code.
+    Collection, legacy import, benchmarks and the reader all take the layout from here."""
+    L, N, S, K = num_layers, tokens, sequences, top_k
+    specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (S + 1,)),
+             "seq_ids": TensorSpec("int64", (S,)), "seq_sources": TensorSpec("int16", (S,)),
+             "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
+    if store_logits:
+        specs["router_logits"] = TensorSpec("float16", (L, N, num_experts))
+    if hidden_layers:
+        specs["hidden"] = TensorSpec(hidden_dtype, (hidden_layers, N, hidden_size))
+    return specs
+
+
+def spec_bytes(specs: dict[str, TensorSpec]) -> int:
+    return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(_ST_TO_NP[_NAME_TO_ST[s.dtype]]).itemsize
+               for s in specs.values())
+
+
+def bytes_per_token(**dims: Any) -> int:
+    """Stored bytes per token for the dimensions `shard_specs` takes (everything but tokens and sequences)."""
+    return spec_bytes(shard_specs(1, 0, **dims)) - spec_bytes(shard_specs(0, 0, **dims))
+
+
+def manifest_dims(manifest: Manifest, store_logits: bool | None = None) -> dict[str, Any]:
+    """The `shard_specs` dimensions a manifest records."""
+    return {"num_layers": manifest.num_layers, "top_k": manifest.top_k, "num_experts": manifest.num_experts,
+            "hidden_size": manifest.hidden_size, "hidden_layers": len(manifest.hidden_layers),
+            "hidden_dtype": str(manifest.capture.get("hidden_dtype", "float16")),
+            "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits}
 
 
 class TraceShard(SafetensorsFile):
-    """One finished shard, checked against its manifest entry and the routing shape."""
+    """One finished shard, checked against its manifest entry and the schema of `shard_specs`."""
 
     def __init__(self, path: Path, info: ShardInfo, manifest: Manifest, verify: bool = True):
         path = Path(path)
@@ -410,26 +396,18 @@ class TraceShard(SafetensorsFile):
             raise TraceFormatError(f"{path}: checksum mismatch (corrupt or replaced shard); --no-verify skips this check")
         super().__init__(path)
         self.info = info
-        missing = [k for k in SHARD_KEYS if k not in self.entries]
-        if missing:
-            raise self._error(f"missing tensors {missing}")
-        L, E, k, H = manifest.num_layers, manifest.num_experts, manifest.top_k, manifest.hidden_size
-        N, S = info.tokens, info.sequences
-        want = {"token_ids": (N,), "seq_offsets": (S + 1,), "seq_ids": (S,), "seq_sources": (S,),
-                "topk_ids": (L, N, k), "topk_weights": (L, N, k)}
-        if "router_logits" in self.entries:
-            want["router_logits"] = (L, N, E)
-        if manifest.hidden_layers:
-            want["hidden"] = (len(manifest.hidden_layers), N, H)
-        for name, shape in want.items():
+        N, E = info.tokens, manifest.num_experts
+        dims = manifest_dims(manifest, store_logits="router_logits" in self.entries)
+        if dims["hidden_dtype"] not in _NAME_TO_ST or dims["hidden_dtype"] not in ("float16", "bfloat16", "float32"):
+            raise TraceFormatError(f"{self.path.parent / MANIFEST}: capture.hidden_dtype "
+                                   f"{dims['hidden_dtype']!r} is not float16, bfloat16 or float32")
+        for name, spec in shard_specs(N, info.sequences, **dims).items():
             if name not in self.entries:
                 raise self._error(f"missing tensor {name!r}")
-            if self.entries[name][1] != shape:
-                raise self._error(f"{name} has shape {self.entries[name][1]}, expected {shape}")
-            if name in SHARD_DTYPES and self.entries[name][0] != SHARD_DTYPES[name]:
-                raise self._error(f"{name} has dtype {self.entries[name][0]}, expected {SHARD_DTYPES[name]}")
-        if "hidden" in want and self.entries["hidden"][0] not in ("F16", "BF16", "F32"):
-            raise self._error("hidden must be a float16, bfloat16 or float32 tensor")
+            if self.entries[name][1] != spec.shape:
+                raise self._error(f"{name} has shape {self.entries[name][1]}, expected {spec.shape}")
+            if self.entries[name][0] != _NAME_TO_ST[spec.dtype]:
+                raise self._error(f"{name} has dtype {self.entries[name][0]}, expected {_NAME_TO_ST[spec.dtype]}")
         offsets = self.numpy("seq_offsets")
         if offsets[0] != 0 or offsets[-1] != N or np.any(np.diff(offsets) <= 0):
             raise self._error("seq_offsets are not increasing from 0 to the token count")

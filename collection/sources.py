@@ -28,7 +28,7 @@ from collection.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = REPO_ROOT / "routing_data" / "corpus"
 MIN_CHARS = 50          # the original collector dropped texts shorter than this
-SHUFFLE_BUFFER = 10_000  # streaming shuffle buffer: a true permutation for the bundled domains
+SHUFFLE_BUFFER = 10_000  # hub datasets' streaming shuffle buffer; local files are permuted exactly (LocalRows)
 
 
 def _join(*fields: str) -> Callable[[dict[str, Any]], str]:
@@ -163,6 +163,7 @@ class LocalRows:
         self.seed: int | None = None
 
     def shuffle(self, seed: int, buffer_size: int = 0) -> "LocalRows":
+        """A full seeded permutation; `buffer_size` is accepted for the streaming interface and not needed."""
         self.seed = seed
         return self
 
@@ -249,16 +250,22 @@ def _hub(hub_id: str) -> Any:
 # sampling
 
 
-def iter_texts(source: Source, seed: int, min_chars: int = MIN_CHARS) -> Iterator[str]:
-    """The source's texts in a seeded shuffled order, those shorter than `min_chars` skipped."""
+def iter_texts(source: Source, seed: int, min_chars: int = MIN_CHARS,
+               skipped: dict[str, int] | None = None) -> Iterator[str]:
+    """The source's texts in a seeded shuffled order; those shorter than `min_chars` are skipped and
+    counted in `skipped[source.name]`."""
     try:
         ds = source.loader().shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
         for row in ds:
             text = source.to_text(row).strip()
             if len(text) >= min_chars:
                 yield text
+            elif skipped is not None:
+                skipped[source.name] = skipped.get(source.name, 0) + 1
     except UserError:
         raise
+    except UnicodeDecodeError as e:
+        raise UserError(f"source {source.spec}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
     except (ConnectionError, OSError) as e:
         raise UserError(f"source {source.spec}: cannot be read ({e}). {LOCAL_DATA_HINT}") from None
     except Exception as e:  # datasets raises many types for unreadable files; all mean the same to a user
@@ -268,20 +275,23 @@ def iter_texts(source: Source, seed: int, min_chars: int = MIN_CHARS) -> Iterato
 
 
 def sample_balanced(sources: list[Source], per_source: int, seed: int,
-                    min_chars: int = MIN_CHARS) -> list[tuple[int, str]]:
-    """`per_source` texts from each source, interleaved round-robin: [(source index, text), ...].
+                    min_chars: int = MIN_CHARS) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """`per_source` texts from each source, interleaved round-robin: ([(source index, text), ...], the number
+    of texts skipped as shorter than `min_chars` per source name, up to where sampling stopped).
 
     Deterministic for a given seed, so a resumed collection sees exactly the same sequences.
     """
     columns: list[list[str]] = []
+    skipped: dict[str, int] = {s.name: 0 for s in sources}
     for source in sources:
         texts = []
-        for text in iter_texts(source, seed, min_chars):
+        for text in iter_texts(source, seed, min_chars, skipped):
             texts.append(text)
             if len(texts) == per_source:
                 break
         if len(texts) < per_source:
-            raise UserError(f"source {source.name} has only {len(texts)} texts of >= {min_chars} characters, "
-                            f"{per_source} needed for a balanced sample; lower --target_traces or add sources")
+            raise UserError(f"source {source.name} has only {len(texts)} texts of >= {min_chars} characters "
+                            f"({skipped[source.name]} shorter ones skipped), {per_source} needed for a balanced "
+                            "sample; lower --target_traces, lower --min-chars or add sources")
         columns.append(texts)
-    return [(s, columns[s][i]) for i in range(per_source) for s in range(len(sources))]
+    return [(s, columns[s][i]) for i in range(per_source) for s in range(len(sources))], skipped

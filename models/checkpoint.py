@@ -7,7 +7,6 @@ and re-find its test split: config, weights, split, the args of the run and its 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from collection.errors import UserError
-from collection.format import PARTIAL_SUFFIX, atomic_write_json, fsync_dir
+from collection.atomic import atomic_path, atomic_write_json
 from models.predictors import PredictorConfig, build_predictor
 
 CHECKPOINT_FORMAT = "expert-predictor/1"
@@ -43,12 +42,8 @@ def save_checkpoint(path: Path, model: nn.Module, cfg: PredictorConfig, split: d
     ckpt = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "state_dict": state,
             "split": {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in split.items()},
             "traces": plain(traces), "args": plain(args), "metrics": plain(metrics)}
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    torch.save(ckpt, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
     side = {k: ckpt[k] for k in ("format", "config", "traces", "args", "metrics")}
     side["split_sizes"] = {k: int(len(v)) for k, v in split.items()}
     atomic_write_json(path.with_suffix(".json"), side)

@@ -1,7 +1,7 @@
 """Expert predictors: score all E experts of a target layer for one (token, layer) row.
 
 Every predictor takes a `Features` batch and returns logits (R, E). What a predictor may see is
-decided by `training.data.make_features`, which is where the no-future-leakage rule lives.
+decided by `models.features.make_features`, which is where the no-future-leakage rule lives.
 
     simple       the seed's MLP on the MoE input h_l, one network for all layers (layer-agnostic)
     layer-aware  the same trunk plus a layer embedding and one output head per target layer
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from models.features import Features
 
 
 @dataclass
@@ -29,15 +31,6 @@ class PredictorConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Features:
-    """One batch of rows. Only `hidden` and `layer` exist for every predictor."""
-    hidden: torch.Tensor                     # (R, H) MoE-block input at layer l
-    layer: torch.Tensor                      # (R,) input layer l; the target is l + lookahead
-    own_routing: torch.Tensor | None = None  # (R, E) this token's routing weights at layer l (scattered)
-    prev_token: torch.Tensor | None = None   # (R, E) previous token's routing weights at layer l + d (0 at t=0)
 
 
 def _xavier(module: nn.Module) -> None:
@@ -64,6 +57,8 @@ class SimplePredictor(nn.Module):
             nn.Linear(d, cfg.num_experts),
         )
         _xavier(self)
+
+    uses_history = False
 
     def forward(self, f: Features) -> torch.Tensor:
         return self.net(f.hidden)
@@ -119,10 +114,6 @@ def build_predictor(cfg: PredictorConfig) -> nn.Module:
     if cfg.kind not in PREDICTORS:
         raise ValueError(f"unknown predictor kind {cfg.kind!r}")
     return PREDICTORS[cfg.kind](cfg)
-
-
-def needs_history(kind: str) -> bool:
-    return kind == "hybrid"
 
 
 def count_parameters(model: nn.Module) -> int:

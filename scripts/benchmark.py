@@ -31,7 +31,8 @@ import torch
 from collection.capture import RoutingCapture, ShardFiller
 from collection.device import device_name, pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
-from collection.format import ShardWriter, TensorSpec, TraceSet, atomic_write_json
+from collection.atomic import atomic_write_json
+from collection.format import ShardWriter, TraceSet, shard_specs
 from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
 from scripts.make_random_checkpoint import corpus_texts
 
@@ -93,8 +94,8 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     # forward + capture + writing: exactly what collect_traces.py runs, into a shard on local disk
     rows = args.batches * args.batch_size * args.seq_len
     hname = str(hidden_dtype).removeprefix("torch.")
-    specs = {"topk_ids": TensorSpec("int16", (L, rows, K)), "topk_weights": TensorSpec("float16", (L, rows, K)),
-             "router_logits": TensorSpec("float16", (L, rows, E)), "hidden": TensorSpec(hname, (L, rows, H))}
+    specs = shard_specs(rows, 1, num_layers=L, top_k=K, num_experts=E, hidden_size=H, hidden_layers=L,
+                        hidden_dtype=hname, store_logits=True)
     capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, args.batch_size * args.seq_len, K,
                              shape.norm_topk_prob, E, H)
     filler = ShardFiller(capture)
@@ -174,6 +175,7 @@ def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path
     """Collect a trace set with collect_traces.py itself, then time training and validation on it."""
     from scripts.collect_traces import main as collect_main
     from training.trainer import add_training_args, run_training
+    from validation.evaluate import epoch_validation
 
     traces = work / "traces"
     collect_main(["--model", args.model, "--quantization", args.quantization, "--datasets", "bundled",
@@ -191,7 +193,7 @@ def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path
                           lookahead=0, output=str(ckpt))
         targs = p.parse_args(["--traces", str(traces), "--device", str(dev), "--overwrite",
                               "--val-fraction", "0.05", "--test-fraction", "0.05", "--no-verify"])
-        res = run_training(targs)
+        res = run_training(targs, validate=epoch_validation)
         table = ts.sequence_table()
         mean_tokens = float(table["length"].mean())
         seed_rows = 5000 * mean_tokens * ts.manifest.num_layers * 20
@@ -206,9 +208,10 @@ def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path
                     "vs_seed_training_loop": resident / SEED_TRAIN_ROWS_PER_S})
     if "validate" in stages:
         from models.checkpoint import load_checkpoint
-        from training.data import input_layers, load_block, row_batches, targets
-        from validation.evaluate import evaluate, predictor_scorer
-        from validation.metrics import true_expert_ranks
+        from collection.rows import SplitBlocks, input_layers, row_batches, targets
+        from validation.evaluate import evaluate
+        from validation.scorers import predictor_scorer
+        from validation.metrics import CoverageAccumulator, true_expert_ranks
 
         if (ckpt / "best_checkpoint.pth").exists():
             model, cfg, _ = load_checkpoint(ckpt / "best_checkpoint.pth", dev)
@@ -218,7 +221,7 @@ def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path
             cfg = PredictorConfig("simple", m.hidden_size, m.num_experts, m.top_k, m.num_layers)
             model = build_predictor(cfg).to(dev).eval()
         amp = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        scorer = predictor_scorer(model, 0, ts.manifest.num_experts, False, amp)
+        scorer = predictor_scorer(model, 0, ts.manifest.num_experts, amp)
         ids = ts.sequence_table()["seq_id"]
         evaluate(scorer, ts, ids[:8], 0, dev, progress=False)  # warm-up
         sync(dev)
@@ -226,24 +229,20 @@ def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path
         acc = evaluate(scorer, ts, ids, 0, dev, batch_rows=args.validate_batch_rows, progress=False)
         sync(dev)
         e2e = acc.summary()["tokens"] / (time.perf_counter() - t0)
-        # the same work with the rows already on the device: what the vectorized metric code costs
-        block = load_block(ts, list(range(len(ts))), ids, dev)
-        layers = input_layers(ts, 0)
-        from validation.metrics import CoverageAccumulator
-        acc2 = CoverageAccumulator(ts.manifest.num_layers, len(ts.manifest.sources), ts.manifest.num_experts,
-                                   ts.manifest.top_k, device=dev)
+        # the same evaluation loop with the rows already on the device: what the vectorized scoring and metric
+        # code costs once reading is out of the way (the first pass loads the blocks and keeps them)
+        resident_blocks = SplitBlocks(ts, ids, dev, shards_per_group=len(ts), keep=True)
+        evaluate(scorer, ts, ids, 0, dev, batch_rows=args.validate_batch_rows, progress=False, blocks=resident_blocks)
         sync(dev)
         t0 = time.perf_counter()
-        n = 0
-        with torch.no_grad():
-            for tok, layer in row_batches(block, layers, args.validate_batch_rows):
-                scores = scorer(block, tok, layer)
-                true = targets(block, tok, layer, 0)
-                acc2.update(true_expert_ranks(scores, true), layer, block.source[tok], true,
-                            scores.topk(ts.manifest.top_k, 1).indices)
-                n += tok.shape[0]
+        n = evaluate(scorer, ts, ids, 0, dev, batch_rows=args.validate_batch_rows, progress=False,
+                     blocks=resident_blocks).summary()["tokens"]
         sync(dev)
         resident = n / (time.perf_counter() - t0)
+        block = next(iter(resident_blocks))
+        layers = input_layers(ts, 0)
+        acc2 = CoverageAccumulator(ts.manifest.num_layers, len(ts.manifest.sources), ts.manifest.num_experts,
+                                   ts.manifest.top_k, device=dev)
         # the coverage analysis itself (ranks + metric sums) on precomputed scores
         with torch.no_grad():
             tok, layer = next(row_batches(block, layers, args.validate_batch_rows))

@@ -27,7 +27,6 @@ import gzip
 import hashlib
 import html
 import json
-import os
 import random
 import re
 import subprocess
@@ -36,6 +35,8 @@ import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from collection.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -499,9 +500,7 @@ def split_docs(docs: list[Doc], ranges: dict[str, tuple[int, int]],
 
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def write_split(path: Path, records: list[Record]) -> dict:

@@ -26,8 +26,9 @@ from tqdm import tqdm
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
-from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
-                               TensorSpec, TraceShard, atomic_save_tensors, read_manifest, shard_name,
+from collection.atomic import PARTIAL_SUFFIX
+from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
+                               atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
                                write_manifest)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
@@ -135,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     if per_source == 0:
         raise UserError(f"--target_traces {args.target_traces} is fewer than the {len(sources)} datasets")
     print(f"sampling {per_source} texts from each of {len(sources)} sources: {', '.join(s.name for s in sources)}")
-    texts = sample_balanced(sources, per_source, args.seed, args.min_chars)
+    texts, skipped = sample_balanced(sources, per_source, args.seed, args.min_chars)
+    if any(skipped.values()):
+        print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars}: "
+              + ", ".join(f"{name} {n}" for name, n in skipped.items() if n))
 
     device = pick_device(args.device, args.gpu)
     dtype = pick_dtype(args.dtype, device)
@@ -162,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
 
     H, L, E, K = shape.hidden_size, shape.num_layers, shape.num_experts, shape.top_k
     hidden_name = plan_dtype(hidden_dtype)
-    bytes_per_token = 4 + L * K * 4 + (L * E * 2 if store_logits else 0) + len(hidden_layers) * H * hidden_dtype.itemsize
+    dims = {"num_layers": L, "top_k": K, "num_experts": E, "hidden_size": H, "hidden_layers": len(hidden_layers),
+            "hidden_dtype": hidden_name, "store_logits": store_logits}
+    per_token = bytes_per_token(**dims)
     plan = {"model": args.model, "quantization": args.quantization, "dtype": plan_dtype(compute_dtype),
             "datasets": [s.describe() for s in sources], "target_traces": args.target_traces,
             "per_source": per_source, "shard_size": args.shard_size, "batch_size": args.batch_size,
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             "sequences": n_seq, "tokens": int(lengths.sum()), "tokens_sha256": fingerprint}
     capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "store_logits": store_logits,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), real tokens only",
-                   "bytes_per_token": bytes_per_token}
+                   "bytes_per_token": per_token}
 
     if previous is not None:
         mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
@@ -197,9 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     # --- disk: refuse a collection that cannot fit rather than fail hours in
     start = len(manifest.shards)
     done_tokens = int(lengths[: start * args.shard_size].sum())
-    need = (int(lengths.sum()) - done_tokens) * bytes_per_token
+    need = (int(lengths.sum()) - done_tokens) * per_token
     free = shutil.disk_usage(out).free
-    print(f"storing {bytes_per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
           f"{', logits' if store_logits else ''}): {need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free")
     if need > 0.98 * free:
         raise UserError(f"{out}: needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; store fewer "
@@ -220,13 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
-            specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (hi - lo + 1,)),
-                     "seq_ids": TensorSpec("int64", (hi - lo,)), "seq_sources": TensorSpec("int16", (hi - lo,)),
-                     "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
-            if store_logits:
-                specs["router_logits"] = TensorSpec("float16", (L, N, E))
-            if hidden_layers:
-                specs["hidden"] = TensorSpec(hidden_name, (len(hidden_layers), N, H))
+            specs = shard_specs(N, hi - lo, **dims)
             writer = ShardWriter(out / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
             writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
             writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])

@@ -25,17 +25,24 @@ from typing import Any
 
 import numpy as np
 
+from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
-from collection.format import TraceSet, atomic_write_bytes, atomic_write_json
+from collection.format import TraceSet
+from collection.rows import split_sequences
 from models.checkpoint import load_checkpoint
-from models.predictors import PREDICTORS, count_parameters, flops_per_row, needs_history
-from training.data import split_sequences
-from validation.evaluate import BASELINES, ROUTER_BASELINES, baseline_scorer, evaluate, predictor_scorer
+from models.predictors import PREDICTORS, count_parameters, flops_per_row
+from validation.evaluate import evaluate
 from validation.plots import comparison_figure
+from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
 
 REPO = Path(__file__).resolve().parent.parent
-COLUMNS = ("recall@4", "coverage@8", "exact_match", "any_hit@1", "any_hit@5")
+
+
+def columns(top_k: int) -> tuple[str, ...]:
+    """The table's metrics for a model routing to top_k experts: recall and exact match at K, coverage of a
+    2K-expert prefetch, and the seed's any_hit@1 / any_hit@5 for comparison with its report."""
+    return (f"recall@{top_k}", f"coverage@{2 * top_k}", "exact_match", "any_hit@1", "any_hit@5")
 
 
 def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         import json
 
         saved = json.loads(Path(args.from_json).read_text())
-        write_report(saved["rows"], saved["traces"], saved["model"], saved["device"], saved["args"], Path(args.output))
+        top_k = saved.get("top_k") or int(next(c for c in saved["rows"][0] if c.startswith("recall@")).split("@")[1])
+        write_report(saved["rows"], saved["traces"], saved["model"], top_k, saved["device"], saved["args"],
+                     Path(args.output))
         return
     ds = [int(x) for x in args.lookaheads.split(",")]
     kinds = [k for k in args.predictors.split(",") if k]
@@ -98,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     ts = TraceSet(Path(args.traces))
     m = ts.manifest
     split = split_sequences(ts.sequence_table(), args.seed)
+    cols = columns(m.top_k)
+    recall = cols[0]
+    for b in bases:
+        if b not in BASELINES:
+            raise UserError(f"--baselines: unknown {b!r} (choose from {', '.join(BASELINES)})")
 
     # --- train every (predictor, d), side by side
     jobs = [(k, d, False) for d in ds for k in kinds] + ([("simple", 0, True)] if args.seed_recipe and 0 in ds else [])
@@ -119,58 +133,61 @@ def main(argv: list[str] | None = None) -> None:
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
                     "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}
-            entries.append((label, predictor_scorer(model, d, m.num_experts, needs_history(cfg.kind)), True, info))
+            entries.append((label, predictor_scorer(model, d, m.num_experts), True, info))
         for b in bases:
-            if (b == "router") != (d == 0) and b in ROUTER_BASELINES:
+            if SCORERS[b].same_layer_only != (d == 0) and SCORERS[b].needs_router:
                 continue  # at d = 0 router reuse is the router itself: the control row stands for both
-            entries.append((b, baseline_scorer(b, ts, d, split["train"], dev, args.seed), b in ROUTER_BASELINES, {}))
+            entries.append((b, baseline_scorer(b, ts, d, split["train"], dev, args.seed), SCORERS[b].needs_hidden, {}))
         for label, scorer, need_hidden, info in entries:
             acc = evaluate(scorer, ts, split["test"], d, dev, need_hidden=need_hidden, progress=False)
             s = acc.summary()
-            rows.append({"lookahead": d, "predictor": label, **{c: s[c] for c in COLUMNS}, "rows": int(s["tokens"]),
-                         "per_layer_recall@4": acc.per_layer("recall@4"), **info})
-            print(f"d={d} {label:<22} " + " ".join(f"{c} {s[c]:.4f}" for c in COLUMNS), flush=True)
+            rows.append({"lookahead": d, "predictor": label, **{c: s[c] for c in cols}, "rows": int(s["tokens"]),
+                         f"per_layer_{recall}": acc.per_layer(recall), **info})
+            print(f"d={d} {label:<22} " + " ".join(f"{c} {s[c]:.4f}" for c in cols), flush=True)
 
-    write_report(rows, args.traces, m.model, device_name(dev), {**vars(args), "test_sequences": len(split["test"])}, out)
+    write_report(rows, args.traces, m.model, m.top_k, device_name(dev),
+                 {**vars(args), "test_sequences": len(split["test"])}, out)
 
 
-def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any], device: str, args: dict[str, Any],
-                 out: Path) -> None:
+def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any], top_k: int, device: str,
+                 args: dict[str, Any], out: Path) -> None:
     """comparison.md / .json / _per_layer.png, and how much of router reuse's error each best predictor removes."""
     out.mkdir(parents=True, exist_ok=True)
+    cols = columns(top_k)
+    recall = cols[0]
     ds = sorted({r["lookahead"] for r in rows})
     summary = {}
     for d in ds:
         reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
         mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in PREDICTORS]
         if reuse and mine:
-            best = max(mine, key=lambda r: r["recall@4"])
-            cut = 1 - (1 - best["recall@4"]) / max(1 - reuse["recall@4"], 1e-12)
-            summary[d] = {"best": best["predictor"], "best_recall@4": best["recall@4"],
-                          "router_reuse_recall@4": reuse["recall@4"], "error_reduction_vs_router_reuse": cut}
+            best = max(mine, key=lambda r: r[recall])
+            cut = 1 - (1 - best[recall]) / max(1 - reuse[recall], 1e-12)
+            summary[d] = {"best": best["predictor"], f"best_{recall}": best[recall],
+                          f"router_reuse_{recall}": reuse[recall], "error_reduction_vs_router_reuse": cut}
     n_test = args.get("test_sequences")
     lines = [f"Model `{model['name_or_path']}`, traces `{traces}`, held-out test split"
              f"{f': {n_test} sequences' if n_test else ''} "
              f"(split seed {args['seed']}); rows = (token, layer l) with target layer l+d; device {device}.", "",
-             "| d | predictor | " + " | ".join(COLUMNS) + " | params | FLOPs/row |",
-             "|---|---|" + "---|" * (len(COLUMNS) + 2)]
+             "| d | predictor | " + " | ".join(cols) + " | params | FLOPs/row |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
     for r in rows:
-        lines.append(f"| {r['lookahead']} | {r['predictor']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) +
+        lines.append(f"| {r['lookahead']} | {r['predictor']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) +
                      f" | {r.get('parameters', '-')} | {r.get('flops_per_row', '-')} |")
-    lines += ["", "| d | best learned | its recall@4 | router reuse recall@4 | error cut vs router reuse |",
+    lines += ["", f"| d | best learned | its {recall} | router reuse {recall} | error cut vs router reuse |",
               "|---|---|---|---|---|"]
     for d, s in summary.items():
-        lines.append(f"| {d} | {s['best']} | {s['best_recall@4']:.4f} | {s['router_reuse_recall@4']:.4f} | "
+        lines.append(f"| {d} | {s['best']} | {s[f'best_{recall}']:.4f} | {s[f'router_reuse_{recall}']:.4f} | "
                      f"{s['error_reduction_vs_router_reuse'] * 100:.1f}% |")
     table = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "comparison.md", table.encode())
     atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": traces, "model": model,
-                                                 "device": device, "args": args})
+                                                 "top_k": top_k, "device": device, "args": args})
     curves: dict[str, dict[int, list[float | None]]] = {}
     for r in rows:
-        curves.setdefault(r["predictor"], {})[r["lookahead"]] = r["per_layer_recall@4"]
-    comparison_figure(curves, "recall@4", out / "comparison_per_layer.png",
-                      f"per-layer recall@4 by lookahead, {model['name_or_path']}, test split")
+        curves.setdefault(r["predictor"], {})[r["lookahead"]] = r[f"per_layer_{recall}"]
+    comparison_figure(curves, recall, out / "comparison_per_layer.png",
+                      f"per-layer {recall} by lookahead, {model['name_or_path']}, test split")
     print("\n" + table + f"\nwrote {out / 'comparison.md'}, comparison.json, comparison_per_layer.png")
 
 

@@ -21,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from collection.errors import UserError, one_line_errors
-from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
-                               TensorSpec, sha256_file, shard_name, write_manifest)
+from collection.atomic import PARTIAL_SUFFIX, sha256_file
+from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, bytes_per_token,
+                               shard_name, shard_specs, write_manifest)
 from collection.legacy import (DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass, LegacyFormatError,
                                group_passes, layer_id_meaning, load_legacy_shard, looks_like_probabilities,
                                num_layers_from_config, number_traces, pass_arrays, read_traces, shape_run_hint,
@@ -102,12 +103,8 @@ def open_shard(path: Path, idx: int, passes: list[ForwardPass], L: int, dims: di
     """The collector's shard layout: sequences = the batch rows of each pass, tokens = all their positions."""
     S, N = sum(fp.shape[0] for fp in passes), sum(fp.tokens for fp in passes)
     H, E, K = dims["H"], dims["E"], dims["K"]
-    specs = {"token_ids": TensorSpec("int32", (N,)), "seq_offsets": TensorSpec("int64", (S + 1,)),
-             "seq_ids": TensorSpec("int64", (S,)), "seq_sources": TensorSpec("int16", (S,)),
-             "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
-    if not probabilities:
-        specs["router_logits"] = TensorSpec("float16", (L, N, E))
-    specs["hidden"] = TensorSpec("float16", (L, N, H))
+    specs = shard_specs(N, S, num_layers=L, top_k=K, num_experts=E, hidden_size=H, hidden_layers=L,
+                        hidden_dtype="float16", store_logits=not probabilities)
     return ShardWriter(path, specs, {"format_version": "1", "shard": str(idx)})
 
 
@@ -231,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         capture = {"hidden_layers": list(range(L)), "hidden_dtype": "float16", "store_logits": not probabilities,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), every padded position",
-                   "bytes_per_token": 4 + L * K * 4 + (0 if probabilities else L * E * 2) + L * H * 2,
+                   "bytes_per_token": bytes_per_token(num_layers=L, top_k=K, num_experts=E, hidden_size=H,
+                                                      hidden_layers=L, hidden_dtype="float16",
+                                                      store_logits=not probabilities),
                    "legacy": legacy}
         identity = hashlib.sha256("".join(i["sha256"] for i in inputs_info).encode() + str(L).encode()).hexdigest()
         plan = {"legacy_import": True, "model": args.model, "num_layers": L, "order": args.order,

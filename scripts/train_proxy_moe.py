@@ -33,7 +33,7 @@ from tqdm import tqdm
 from collection.capture import RoutingCapture, pad_batch
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
-from collection.format import atomic_write_json
+from collection.atomic import atomic_write_json
 from collection.model import EMBEDDED_MODEL_NAME, moe_blocks
 from models.moe_configs import make_config
 from models.tokenizer import train_bpe_tokenizer
@@ -189,7 +189,8 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
     atomic_write_json(out / REPORT, rep)
     print(f"held-out perplexity {rep['heldout_perplexity']:.1f} vs unigram {rep['unigram_perplexity']:.1f} "
           f"({rep['heldout_tokens']:,} tokens)")
-    print("layer | min share | max share | load entropy | token entropy (bits) | dead | router reuse recall@4 (l->l+1)")
+    print(f"layer | min share | max share | load entropy | token entropy (bits) | dead | "
+          f"router reuse recall@{model.config.num_experts_per_tok} (l->l+1)")
     for l in range(len(routing["min_share"])):
         rr = routing["router_reuse_recall"][l] if l < len(routing["router_reuse_recall"]) else None
         print(f"{l:>5} | {routing['min_share'][l]:>9.4f} | {routing['max_share'][l]:>9.4f} | "

@@ -15,6 +15,7 @@ import argparse
 
 from collection.errors import one_line_errors
 from training.trainer import add_training_args, run_training
+from validation.evaluate import epoch_validation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=20, lookahead=0,
                       output="models/simple_checkpoints")
-    run_training(p.parse_args(argv))
+    run_training(p.parse_args(argv), validate=epoch_validation)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,16 @@ from typing import Any
 
 import torch
 
+from collection.atomic import atomic_write_json
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
-from collection.format import TraceSet, atomic_write_json
+from collection.format import DEFAULT_TRACES, TraceSet
+from collection.rows import input_layers, mean_tokens_per_sequence, split_sequences
 from models.checkpoint import load_checkpoint
-from models.predictors import PREDICTORS, needs_history
-from training.data import mean_tokens_per_sequence, input_layers, split_sequences
-from training.trainer import DEFAULT_TRACES
-from validation.evaluate import BASELINES, ROUTER_BASELINES, baseline_scorer, evaluate, predictor_scorer
+from models.predictors import PREDICTORS
+from validation.evaluate import evaluate
 from validation.metrics import SEED_KS, random_expectation
+from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
 from validation.plots import coverage_figure
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
             print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
         seq_ids = ckpt["split"][args.split].numpy()
-        scorer = predictor_scorer(model, lookahead, m.num_experts, needs_history(cfg.kind))
+        scorer = predictor_scorer(model, lookahead, m.num_experts)
         need_hidden = True
         out_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         label = f"{cfg.kind} predictor ({args.checkpoint})"
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         split = split_sequences(ts.sequence_table(), args.seed)
         seq_ids = split[args.split]
         scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed)
-        need_hidden = args.model_type in ROUTER_BASELINES
+        need_hidden = SCORERS[args.model_type].needs_hidden
         out_dir = Path(args.output_dir or f"results/{args.model_type}-d{lookahead}")
         label = f"{args.model_type} baseline"
     if len(seq_ids) == 0:

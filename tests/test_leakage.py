@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models.predictors import PredictorConfig, build_predictor
-from training.data import TokenBlock, make_features, targets
+from collection.rows import TokenBlock, targets
+from models.features import make_features
 
 L, E, K, H, N = 6, 60, 4, 16, 40
 

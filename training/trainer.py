@@ -12,23 +12,28 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from collection.atomic import atomic_write_json
 from collection.device import pick_device
 from collection.errors import UserError
-from collection.format import TraceSet, atomic_write_json
+from collection.format import DEFAULT_TRACES, TraceSet
+from collection.rows import (SplitBlocks, input_layers, mean_tokens_per_sequence, row_batches, split_sequences,
+                             targets)
 from models.checkpoint import save_checkpoint
-from models.predictors import PredictorConfig, build_predictor, count_parameters, flops_per_row, needs_history
-from training.data import (SplitBlocks, input_layers, make_features, mean_tokens_per_sequence, multi_hot_target,
-                           row_batches, split_sequences, targets)
-from validation.evaluate import evaluate, predictor_scorer
+from models.features import make_features
+from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 
-DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"
+# validate(model, trace set, sequence ids, lookahead, device, blocks, loss_fn, dtype) -> flat metric dict with
+# "loss": the train scripts pass `validation.evaluate.epoch_validation`, the project's one evaluation loop
+Validate = Callable[[nn.Module, TraceSet, np.ndarray, int, torch.device, SplitBlocks,
+                     Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.dtype], dict[str, float]]
 
 
 def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group: int, batch_size: int, lr: float,
@@ -58,7 +63,7 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--select-metric", default=None, help="validation metric that picks best_checkpoint "
                    "(default recall@K, K = the model's top-k; the seed used any_hit@1)")
     g = p.add_argument_group("run")
-    g.add_argument("--model-type", default=kind, choices=["simple", "layer-aware", "hybrid"], help=f"predictor ({kind})")
+    g.add_argument("--model-type", default=kind, choices=list(PREDICTORS), help=f"predictor ({kind})")
     g.add_argument("--output", default=output, help=f"checkpoint directory (default {output})")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
@@ -78,12 +83,18 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
 
 
+def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The seed's target: 1/K on each true expert (soft cross-entropy against it)."""
+    t = torch.zeros(true_ids.shape[0], num_experts, device=true_ids.device)
+    return t.scatter_(1, true_ids, 1.0 / true_ids.shape[1])
+
+
 def soft_cross_entropy(logits: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
     """The seed's loss: cross-entropy against 1/K on each true expert, in float32."""
     return -(multi_hot_target(true_ids, logits.shape[1]) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
-def run_training(args: argparse.Namespace) -> dict[str, Any]:
+def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
     if (out / "best_checkpoint.pth").exists() and not args.overwrite:
@@ -117,7 +128,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
                           dropout=args.dropout)
     model = build_predictor(cfg).to(device)
-    history_feats = needs_history(cfg.kind)
+    history_feats = model.uses_history
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
@@ -167,10 +178,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         bar.close()
 
         model.eval()
-        acc = evaluate(predictor_scorer(model, args.lookahead, m.num_experts, history_feats, dtype), ts, split["val"],
-                       args.lookahead, device, progress=False, loss_fn=soft_cross_entropy, blocks=val_blocks)
-        val = acc.summary()
-        val["loss"] = acc.mean_loss()
+        val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
         row = {"epoch": epoch, "train_loss": (loss_sum / max(steps, 1)).item(), "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
                "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
@@ -178,7 +186,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         history.append(row)
         K = m.top_k
         print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
-              f"recall@{K} {val[f'recall@{K}']:.4f} coverage@8 {val.get('coverage@8', float('nan')):.4f} "
+              f"recall@{K} {val[f'recall@{K}']:.4f} coverage@{2 * K} {val.get(f'coverage@{2 * K}', float('nan')):.4f} "
               f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
               f"{row['epoch_rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
         if select not in val:

@@ -1,4 +1,9 @@
-"""Expert-prediction metrics: one definition each, vectorized over rows.
+"""Expert-prediction metrics, vectorized over rows.
+
+Each metric is defined once, by the per-row function below that bears its name (its docstring gives the
+formula and the random baseline). Every report computes them through `CoverageAccumulator`, which gets
+the same sums from rank histograms so that any number of ks and layer/source breakdowns cost one pass;
+tests/test_metrics.py holds the accumulator equal to the per-row definitions.
 
 A *row* is one (token, target layer). A predictor scores all E experts; T is the set of the K
 experts the router really chose (K = top_k, 4 for Qwen1.5-MoE). Everything derives from the rank
@@ -91,8 +96,9 @@ class CoverageAccumulator:
 
     def __init__(self, num_layers: int, num_sources: int, num_experts: int, top_k: int,
                  ks: tuple[int, ...] = SEED_KS, device: torch.device | str = "cpu"):
-        # k = K (recall@K, exact match) is always evaluated, whatever ks the caller asked for
-        self.ks = tuple(sorted(k for k in set(ks) | {top_k} if k <= num_experts))
+        # k = K (recall@K, exact match) and k = 2K (coverage@2K: a prefetch of twice the experts needed) are
+        # always evaluated, whatever ks the caller asked for, so reports can name them for any model's top_k
+        self.ks = tuple(sorted(k for k in set(ks) | {top_k, 2 * top_k} if k <= num_experts))
         self.L, self.S, self.E, self.K = num_layers, num_sources, num_experts, top_k
         self.device = torch.device(device)
         z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=self.device)  # noqa: E731

@@ -1,13 +1,12 @@
 """Figures for coverage analyses and predictor comparisons (matplotlib, written atomically)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from collection.format import PARTIAL_SUFFIX
+from collection.atomic import atomic_path
 
 
 def _figure_module():
@@ -22,9 +21,8 @@ def _figure_module():
 def save_figure(fig: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
 
 
 def coverage_figure(result: dict[str, Any], ks: list[int], per_layer: list[float | None], pred_freq: np.ndarray,

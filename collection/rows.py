@@ -1,15 +1,10 @@
-"""The one data loader: splits, shard groups, and (token, layer) row batches for every stage.
+"""The one row loader: splits, shard groups, and (token, layer) row batches for every stage.
 
 A *row* pairs a token's MoE input at layer l with its experts at the target layer l + d
 (d = lookahead). Rows are drawn from a `TokenBlock`: the tokens of whole sequences from a group
 of shards, read from memory-mapped shards and kept on the training device, so a batch is a
-single gather, never a Python loop over tokens.
-
-What a predictor may see at layer l (`make_features`) is fixed here for every stage: its own
-MoE input at l; its own routing at the last layer before the target that has already run
-(layer l if d >= 1, layer l - 1 if d = 0); earlier tokens' routing (decode-time prefetching:
-earlier tokens have finished every layer). Nothing of this token at later layers, nothing of
-later tokens: tests/test_leakage.py holds it to that.
+single gather, never a Python loop over tokens. Training, validation, baselines and the prefetch
+simulator all read rows through here; what a predictor may see of a row is `models.features`.
 """
 from __future__ import annotations
 
@@ -21,7 +16,6 @@ import torch
 
 from collection.errors import UserError
 from collection.format import TraceSet
-from models.predictors import Features
 
 SPLITS = ("train", "val", "test")
 
@@ -113,12 +107,16 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
 
 
 def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True) -> int:
-    """Device bytes the blocks of a split take (estimate from the manifest)."""
+    """Device bytes the blocks of a split take (estimate from the manifest): per token, a TokenBlock holds
+    int64 ids + float32 weights for each (layer, k) slot, int64 `prev` and `source`, and the hidden states
+    in their storage dtype."""
     m = ts.manifest
     tokens = sum(s.tokens for s in m.shards) * seq_fraction
-    hidden_item = {"float32": 4}.get(m.capture.get("hidden_dtype", "float16"), 2)
-    per_token = m.num_layers * m.top_k * 12 + 16 + (len(m.hidden_layers) * m.hidden_size * hidden_item if with_hidden else 0)
-    return int(tokens * per_token)
+    routing = m.num_layers * m.top_k * (8 + 4)   # topk_ids int64 + topk_weights float32
+    per_token_index = 8 + 8                      # prev int64 + source int64
+    hidden_item = torch.empty((), dtype=getattr(torch, m.capture.get("hidden_dtype", "float16"))).element_size()
+    hidden = len(m.hidden_layers) * m.hidden_size * hidden_item if with_hidden else 0
+    return int(tokens * (routing + per_token_index + hidden))
 
 
 def cache_budget(device: torch.device) -> int:
@@ -202,26 +200,9 @@ def routing_vector(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, E:
     return out * valid.unsqueeze(1)
 
 
-def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int, num_experts: int,
-                  with_history: bool, dtype: torch.dtype = torch.float32) -> Features:
-    """What is known when layer `layer` runs for token `tok` (see the module docstring)."""
-    f = Features(hidden=block.hidden[block.hidden_slot[layer], tok].to(dtype), layer=layer)
-    if with_history:
-        seen = layer if lookahead >= 1 else layer - 1  # layer l's own routing is the answer when d = 0
-        f.own_routing = routing_vector(block, seen, tok, num_experts).to(dtype)
-        f.prev_token = routing_vector(block, layer + lookahead, block.prev[tok], num_experts).to(dtype)
-    return f
-
-
 def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int) -> torch.Tensor:
     """(R, K) true experts at the target layer."""
     return block.topk_ids[layer + lookahead, tok]
-
-
-def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """The seed's target: 1/K on each true expert (soft cross-entropy against it)."""
-    t = torch.zeros(true_ids.shape[0], num_experts, device=true_ids.device)
-    return t.scatter_(1, true_ids, 1.0 / true_ids.shape[1])
 
 
 def mean_tokens_per_sequence(table: dict[str, np.ndarray], seq_ids: np.ndarray) -> float:
