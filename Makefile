@@ -7,11 +7,12 @@ DEMO   := runs/demo
 # pip would otherwise fetch a multi-GB CUDA torch on a machine without the pinned CPU wheel nearby
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test clean-demo help
+.PHONY: setup demo test mutation clean-demo help
 
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default"
 	@echo "make test   create .venv, install requirements, run the CPU test suite"
+	@echo "make mutation   plant each named bug of scripts/mutation.py in a copy of the code; every one must be caught"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Each named bug (scripts/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
+# must fail. The working tree is never changed. Exit 1 if any bug survives.
+mutation: setup
+	$(BIN)/python scripts/mutation.py
 
 clean-demo:
 	rm -rf $(DEMO)

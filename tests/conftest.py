@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
+
+# scripts/mutation.py runs the suite with --hypothesis-profile=mutation: a planted bug must be found the same way
+# every run (derandomized), and a failure needs only to be seen, not shrunk to its smallest example (minutes)
+settings.register_profile("mutation", derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
