@@ -26,6 +26,7 @@ from tqdm import tqdm
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
+from collection.families import router_extras
 from collection.format import (MANIFEST, PARTIAL_SUFFIX, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter,
                                TensorSpec, TraceShard, atomic_save_tensors, read_manifest, shard_name,
                                write_manifest)
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                             routing=shape.to_json(), capture=capture_cfg,
                             sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
         atomic_save_tensors(out / ROUTER_WEIGHTS,
-                            {f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))})
+                            {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
+                             **router_extras(model)})
         write_manifest(out, manifest)
 
     # --- disk: refuse a collection that cannot fit rather than fail hours in
