@@ -139,3 +139,36 @@ def test_full_size_presets_match_the_published_parameter_counts(preset):
     n = sum(p.numel() for p in model.parameters())
     assert abs(n / PUBLISHED_PARAMETERS[preset] - 1) < 0.01, f"{preset}: {n:,} parameters"
     assert family_of(model).model_type == FULL_SIZE[preset]["model_type"]
+
+
+def test_collected_manifest_records_the_family_and_loads_old_manifests(tmp_path):
+    """collect_traces on a DeepSeek-V3 (dense first layers, correction bias): the manifest holds family,
+    E, top_k, MoE decoder layers and normalisation; router_weights.safetensors holds the bias; a manifest
+    written before families existed still loads, with the defaults it implies."""
+    import json
+
+    from collection.format import MANIFEST, TraceSet
+    from scripts.collect_traces import main as collect
+    from scripts.make_random_checkpoint import main as make_checkpoint
+
+    make_checkpoint(["--preset", "tiny-deepseek_v3", "--dtype", "float32", "--output", str(tmp_path / "m")])
+    collect(["--model", str(tmp_path / "m"), "--datasets", "news", "--target_traces", "6", "--shard_size", "6",
+             "--max_length", "32", "--device", "cpu", "--dtype", "float32", "--output", str(tmp_path / "t")])
+    ts = TraceSet(tmp_path / "t")
+    m = ts.manifest
+    assert (m.family, m.num_experts, m.top_k, m.moe_layer_indices, m.norm_topk_prob) == ("deepseek_v3", 16, 4, [2, 3, 4], True)
+    assert m.routing["router"]["groups"] == {"n_group": 4, "topk_group": 2, "group_score": "sum of top-2"}
+    extras = ts.router_extras()
+    assert set(extras) == {"score_correction_bias"} and extras["score_correction_bias"].shape == (3, 16)
+    assert ts.router_weights().shape == (3, 16, 32)
+
+    d = json.loads((tmp_path / "t" / MANIFEST).read_text())  # as written before this change
+    for key in ("family", "router", "moe_layer_indices"):
+        d["routing"].pop(key)
+    (tmp_path / "t" / MANIFEST).write_text(json.dumps(d))
+    old = TraceSet(tmp_path / "t").manifest
+    assert (old.family, old.moe_layer_indices, old.top_k) == ("qwen2_moe", [0, 1, 2], 4)
+    d["routing"]["moe_layer_indices"] = [2, 2, 4]  # not increasing: refused with the file named
+    (tmp_path / "t" / MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(UserError, match="moe_layer_indices"):
+        TraceSet(tmp_path / "t")
