@@ -14,7 +14,7 @@ For each full-size preset (models/moe_configs.py), with random weights and the e
 One JSON per (preset, quantization) under OUTDIR, and a summary table at the end. Random weights route
 differently from the real models: speed and memory only.
 
-On one H100 (about 6-8 minutes; needs bitsandbytes):
+On one H100 (estimated 6-8 minutes, not yet run; needs bitsandbytes):
     python scripts/bench_families.py results/families
 One preset, fewer rounds:
     python scripts/bench_families.py results/families --presets olmoe-1b-7b --paired-rounds 8
