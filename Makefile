@@ -7,11 +7,12 @@ DEMO   := runs/demo
 # pip would otherwise fetch a multi-GB CUDA torch on a machine without the pinned CPU wheel nearby
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test clean-demo help
+.PHONY: setup demo test families clean-demo help
 
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default"
 	@echo "make test   create .venv, install requirements, run the CPU test suite"
+	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# One line per supported MoE family (docs/FAMILIES.md); random weights, so only "it ran" means anything.
+families: setup
+	$(BIN)/python scripts/family_smoke.py --families all
 
 clean-demo:
 	rm -rf $(DEMO)
