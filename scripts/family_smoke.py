@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 failed.append(name)
                 print(f"{name:<12} FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__} (log: {work / 'log.txt'})")
                 continue
+            if r["router"] < 1.0:  # the control: the family's own rule on its own router must reproduce its choice
+                failed.append(name)
             layers = ",".join(map(str, r["layers"]))
             print(f"{name:<12} {r['E']:>3} {r['k']:>2} {layers:<20} {r['tokens']:>6} {time.perf_counter() - t0:>7.1f}  "
                   f"simple {r['simple']:.3f}, router {r['router']:.3f}   (random weights: meaningless)")
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(f"!!! {BANNER} !!!")
-    print("router control: 1.000 wherever ranking the stored logits W h reproduces the router's choice; below 1 "
-          "where the choice also uses a bias or groups (gpt_oss, deepseek_v2/v3; docs/FAMILIES.md)")
+    print("router control: the stored router matrices applied with each family's selection rule (router bias, "
+          "sigmoid + correction bias, grouped top-k; docs/FAMILIES.md) must read 1.000 in every family")
     if failed:
         raise UserError(f"{len(failed)} famil{'y' if len(failed) == 1 else 'ies'} failed: {', '.join(failed)}")
 

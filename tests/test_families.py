@@ -161,6 +161,13 @@ def test_collected_manifest_records_the_family_and_loads_old_manifests(tmp_path)
     extras = ts.router_extras()
     assert set(extras) == {"score_correction_bias"} and extras["score_correction_bias"].shape == (3, 16)
     assert ts.router_weights().shape == (3, 16, 32)
+    # the router control applies DeepSeek-V3's own rule (sigmoid + correction bias + groups): exactly 1.0
+    from validation.evaluate import evaluate
+    from validation.scorers import baseline_scorer
+
+    ids = ts.sequence_table()["seq_id"]
+    control = baseline_scorer("router", ts, 0, ids, torch.device("cpu"))
+    assert evaluate(control, ts, ids, 0, torch.device("cpu"), progress=False).summary()["recall@4"] == 1.0
 
     d = json.loads((tmp_path / "t" / MANIFEST).read_text())  # as written before this change
     for key in ("family", "router", "moe_layer_indices"):
