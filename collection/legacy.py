@@ -57,7 +57,7 @@ class _Refused(Exception):
 # - nothing is allocated from a size the file states: every array and storage holds exactly bytes present
 #   in the file, a tensor may not view more elements than its storage has (stride 0 would repeat one
 #   element 2**40 times), all tensors and arrays together hold at most VIEW_BUDGET_FACTOR x the file, and
-#   memo indices are checked before the C unpickler sizes (and zeroes) its memo by the largest one.
+#   memo indices and frame lengths are checked (`_prescan`) before the C unpickler sizes allocations by them.
 # - a storage's payload, a small legacy torch.save file inside the pickle, is parsed here: torch.load
 #   would allocate the size its header states before reading the data.
 
@@ -85,10 +85,11 @@ def _dims(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _check_memo(f: Any) -> None:
-    """Refuse memo indices beyond the entries made so far. A pickler numbers them 0, 1, 2, ...; the C
-    unpickler grows (and zeroes) its memo to twice the largest index, so LONG_BINPUT 2**31 alone takes 32 GiB.
-    Leaves `f` after the pickle's STOP."""
+def _prescan(f: Any, size: int) -> None:
+    """Check what the C unpickler would size an allocation by, before it runs: memo indices (it grows and
+    zeroes its memo to twice the largest, so LONG_BINPUT 2**31 alone takes 32 GiB; a pickler numbers them
+    0, 1, 2, ...) and frame lengths. genops itself refuses a length of bytes or text past the end of `f`,
+    whose reads are clamped to what it holds (an mmap or a BytesIO). Leaves `f` after the pickle's STOP."""
     entries = 0
     for op, arg, pos in pickletools.genops(f):
         if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
@@ -97,6 +98,8 @@ def _check_memo(f: Any) -> None:
             entries += 1
         elif op.name == "MEMOIZE":
             entries += 1
+        elif op.name == "FRAME" and arg > size - pos - 9:  # what a cut file shows too: reported as corrupt
+            raise ValueError(f"a frame of {arg} bytes at byte {pos} runs past the end of the file")
 
 
 class _Inert:
@@ -334,7 +337,7 @@ def _load_from_bytes(payload: Any) -> _Storage:
 
     def load(unpickler_file: io.BytesIO, unpickler: _PayloadUnpickler | None = None) -> Any:
         start = unpickler_file.tell()
-        _check_memo(unpickler_file)
+        _prescan(unpickler_file, len(payload))
         unpickler_file.seek(start)
         return (unpickler or _PayloadUnpickler(unpickler_file)).load()
 
@@ -475,25 +478,25 @@ def load_legacy_shard(path: Path, class_module: str = DEFAULT_CLASS_MODULE,
         if head[:1] != b"\x80" or head[1:2] not in (b"\x02", b"\x03", b"\x04", b"\x05"):
             why = "a torch.save zip archive" if head == b"PK" else "not a pickle of protocol 2-5"
             raise LegacyFormatError(f"{path}: {why}; legacy shards are pickle.dump'ed lists of {class_name}")
-        # mapped, so a length the file states can never make a read allocate more than the file holds
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            unpickler = RestrictedUnpickler(data, class_module, class_name,
-                                            budget=VIEW_BUDGET_FACTOR * len(data) + VIEW_BUDGET_SLACK)
-            try:
-                _check_memo(data)
-                data.seek(0)
-                obj = unpickler.load()
-            except _Refused as e:
-                hint = ""
-                if unpickler.refused and unpickler.refused.endswith("GatingDataPoint"):
-                    mod, _, name = unpickler.refused.rpartition(".")
-                    hint = (f"; if that is the collector's trace dataclass, pass --class-module {mod} "
-                            f"--class-name {name}")
-                raise LegacyFormatError(f"{path}: {e}; not loaded (the restricted unpickler allows tensors and "
-                                        f"{class_module}.{class_name} only){hint}") from None
-            except Exception as e:  # truncated, corrupt, or a valid pickle of something else: never a traceback
-                why = " ".join(str(e).split())[:300] or type(e).__name__
-                raise LegacyFormatError(f"{path}: not a readable legacy shard (truncated or corrupt?): {why}") from None
+        unpickler = RestrictedUnpickler(f, class_module, class_name,
+                                        budget=VIEW_BUDGET_FACTOR * path.stat().st_size + VIEW_BUDGET_SLACK)
+        try:
+            # scanned mapped, where a length the file states cannot make a read allocate more than the file
+            # holds; loaded from the file, so the mapping's pages are not held during the load as well
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                _prescan(data, len(data))
+            f.seek(0)
+            obj = unpickler.load()
+        except _Refused as e:
+            hint = ""
+            if unpickler.refused and unpickler.refused.endswith("GatingDataPoint"):
+                mod, _, name = unpickler.refused.rpartition(".")
+                hint = f"; if that is the collector's trace dataclass, pass --class-module {mod} --class-name {name}"
+            raise LegacyFormatError(f"{path}: {e}; not loaded (the restricted unpickler allows tensors and "
+                                    f"{class_module}.{class_name} only){hint}") from None
+        except Exception as e:  # truncated, corrupt, or a valid pickle of something else: never a traceback
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise LegacyFormatError(f"{path}: not a readable legacy shard (truncated or corrupt?): {why}") from None
     if not isinstance(obj, list) or not all(isinstance(r, LegacyRecord) for r in obj):
         kinds = sorted({type(r).__name__ for r in obj}) if isinstance(obj, list) else [type(obj).__name__]
         raise LegacyFormatError(f"{path}: holds {', '.join(kinds)}, not a list of {class_name}")
