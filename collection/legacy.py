@@ -48,7 +48,7 @@ class _Refused(Exception):
 # __setstate__ on (or fills the __dict__ of) any object on the stack. So the pickle is never handed a
 # numpy, torch or Python function object. Each allowed name resolves to a `_Constructor`, a checked
 # function that returns a plain value or an inert placeholder (`_Dtype`, `_NumpyArray`, `_Storage`,
-# `_Tensor`: no __dict__, BUILD refused or taken once with a checked state), and the real tensors are
+# `_Tensor`: no __dict__, BUILD refused or limited to one checked state), and the real tensors are
 # made after the load (`_as_tensor`). By construction:
 # - no object array, no pointer read from file bytes: a numpy dtype is one of a fixed set of number codes,
 #   never numpy's dtype built from the file's fields, subarray or flags, and numpy.ndarray is never called
@@ -239,7 +239,7 @@ class _NumpyArray(_Inert):
         if self.data is None:
             raise _Refused("numpy array without data")
         dt = self.dtype.numpy()
-        if dt.kind == "b" and self.data and max(self.data) > 1:
+        if dt.kind == "b" and np.frombuffer(self.data, dtype=np.uint8).max(initial=0) > 1:
             raise _Refused("numpy bool array holding bytes other than 0 and 1")
         arr = np.frombuffer(self.data, dtype=dt).reshape(self.shape, order="F" if self.fortran else "C")
         return torch.from_numpy(arr.astype(dt.newbyteorder("="), copy=True))  # native order, writable
