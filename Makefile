@@ -7,12 +7,13 @@ DEMO   := runs/demo
 # pip would otherwise fetch a multi-GB CUDA torch on a machine without the pinned CPU wheel nearby
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test mutation clean-demo help
+.PHONY: setup demo test mutation families clean-demo help
 
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default"
 	@echo "make test   create .venv, install requirements, run the CPU test suite"
 	@echo "make mutation   plant each named bug of scripts/mutation.py in a copy of the code; every one must be caught"
+	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,10 @@ test: setup
 # must fail. The working tree is never changed. Exit 1 if any bug survives.
 mutation: setup
 	$(BIN)/python scripts/mutation.py
+
+# One line per supported MoE family (docs/FAMILIES.md); random weights, so only "it ran" means anything.
+families: setup
+	$(BIN)/python scripts/family_smoke.py --families all
 
 clean-demo:
 	rm -rf $(DEMO)

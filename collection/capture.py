@@ -1,8 +1,8 @@
 """Capturing routing from a running MoE model without slowing it down.
 
-A forward hook on each MoE router (`mlp.gate`) sees exactly what the model computes: its input
-(the MoE-block input, i.e. the post-attention RMSNorm output, flattened to (B*T, H)) and its
-outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
+A forward hook on each MoE router (found through collection/families.py) sees exactly what the model
+computes: its input (the MoE-block input, i.e. the post-attention norm output, (B*T, H) or (B, T, H))
+and its outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
 layer the hook keeps only real-token rows of the hidden state (padding dropped with one
 index_select), casts them to the storage dtype on the GPU, and queues a non-blocking copy into
 pinned host memory on a side stream, so the copies overlap the next layers' compute; the router's
@@ -22,23 +22,7 @@ import torch
 from torch import nn
 
 from collection.format import ShardWriter
-from collection.model import moe_blocks
-
-
-def router_outputs(output: Any, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (N, E), weights (N, k), ids (N, k)) from whatever the router module returned.
-
-    transformers >= 5: the router returns the tuple itself. transformers 4.x: the gate is an
-    nn.Linear returning logits, so weights and ids are derived the way the 4.x MoE block did.
-    """
-    if isinstance(output, tuple) and len(output) == 3:
-        return output
-    logits = output
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return logits, weights.to(logits.dtype), ids
+from collection.families import family_of, moe_layers, router_outputs
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,16 +50,21 @@ class HostBatch:
 
 
 class RoutingCapture:
-    """Hooks every MoE router of `model`; `capture(batch_fn)` runs one forward and returns HostBatch."""
+    """Hooks every MoE router of `model`; `forward(...)` runs one forward and returns a HostBatch.
+
+    `top_k` and `num_experts` size the host buffers. `norm_topk_prob` is not used: every supported
+    router returns the weights it applied, and those are stored (kept in the signature for callers).
+    """
 
     def __init__(self, model: nn.Module, hidden_layers: list[int], hidden_dtype: torch.dtype,
                  store_logits: bool, max_rows: int, top_k: int, norm_topk_prob: bool, num_experts: int,
                  hidden_size: int, num_buffers: int = 2):
-        self.blocks = moe_blocks(model)
-        self.L = len(self.blocks)
+        self.family = family_of(model)
+        self.layers = moe_layers(model)
+        self.L = len(self.layers)
         self.slot = {layer: j for j, layer in enumerate(hidden_layers)}  # MoE layer -> hidden slot
         self.hidden_dtype, self.store_logits = hidden_dtype, store_logits
-        self.top_k, self.norm = top_k, norm_topk_prob
+        self.top_k = top_k
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -95,7 +84,7 @@ class RoutingCapture:
         self.last_output: Any = None
         self._rows_index: torch.Tensor | None = None
         self._router: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.handles = [mlp.gate.register_forward_hook(self._hook(j)) for j, (_, mlp) in enumerate(self.blocks)]
+        self.handles = [m.router.register_forward_hook(self._hook(j)) for j, m in enumerate(self.layers)]
 
     def close(self) -> None:
         for h in self.handles:
@@ -115,7 +104,7 @@ class RoutingCapture:
             batch = self._current
             if batch is None:
                 return
-            self._router[layer] = router_outputs(output, self.top_k, self.norm)
+            self._router[layer] = router_outputs(self.family, output)
             if layer in self.slot and batch.hidden is not None:
                 x = args[0]
                 h = x.reshape(-1, x.shape[-1])

@@ -257,7 +257,8 @@ class ShardInfo:
 @dataclass
 class Manifest:
     model: dict[str, Any]      # name_or_path, architecture, dtype, quantization
-    routing: dict[str, Any]    # num_layers, num_experts, top_k, hidden_size, norm_topk_prob, moe_layer_indices
+    routing: dict[str, Any]    # num_layers, num_experts, top_k, hidden_size, norm_topk_prob, moe_layer_indices,
+    #                            family, router (trace sets before the families: no family/router keys)
     capture: dict[str, Any]    # hidden_layers, hidden_dtype, store_logits, max_length, batch_size, shard_size
     sources: list[dict[str, Any]]  # [{"name", "kind", "spec", "sequences"}]
     plan: dict[str, Any]       # target_traces, seed, ... : what a resumed run must match
@@ -280,6 +281,21 @@ class Manifest:
     @property
     def hidden_size(self) -> int:
         return int(self.routing["hidden_size"])
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Decoder-layer index of each MoE layer (0..L-1 when an old manifest does not say)."""
+        return [int(i) for i in self.routing.get("moe_layer_indices", range(self.num_layers))]
+
+    @property
+    def family(self) -> str:
+        """The model's family (config.model_type); trace sets written before families existed all came
+        from Qwen2-MoE models, the only family the collector then built."""
+        return str(self.routing.get("family") or "qwen2_moe")
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        return bool(self.routing.get("norm_topk_prob", False))
 
     @property
     def hidden_layers(self) -> list[int]:
@@ -310,6 +326,12 @@ class Manifest:
         for key in ("num_layers", "num_experts", "top_k", "hidden_size"):
             if type(d["routing"].get(key)) is not int or d["routing"][key] <= 0:
                 raise bad(f"routing.{key} must be a positive integer")
+        if d["routing"]["top_k"] > d["routing"]["num_experts"]:
+            raise bad("routing.top_k exceeds routing.num_experts")
+        mli = d["routing"].get("moe_layer_indices")
+        if mli is not None and (not isinstance(mli, list) or len(mli) != d["routing"]["num_layers"]
+                                or not all(type(x) is int and x >= 0 for x in mli) or mli != sorted(set(mli))):
+            raise bad("routing.moe_layer_indices must list num_layers increasing decoder-layer indices")
         if not isinstance(d.get("sources"), list) or not all(isinstance(s, dict) and "name" in s for s in d["sources"]):
             raise bad("sources must be a list of objects with a name")
         hl = d["capture"].get("hidden_layers", [])
@@ -477,3 +499,22 @@ class TraceSet:
                 raise TraceFormatError(f"{path}: {name} missing or not of shape ({E}, {H})")
             mats.append(f.tensor(name))
         return torch.stack(mats)
+
+    def router_extras(self) -> dict[str, torch.Tensor]:
+        """(L, E) float32 router tensors some families add (collection/families.py): "router_bias"
+        (GPT-OSS: part of the logits) and "score_correction_bias" (DeepSeek-V3: added to the sigmoid
+        scores for the choice only). Empty for the other families and for older trace sets."""
+        path = self.dir / ROUTER_WEIGHTS
+        if not path.is_file():
+            return {}
+        f = SafetensorsFile(path)
+        L, E = self.manifest.num_layers, self.manifest.num_experts
+        out = {}
+        for kind in ("router_bias", "score_correction_bias"):
+            names = [f"{kind}.{layer}" for layer in range(L)]
+            if not any(n in f.entries for n in names):
+                continue
+            if not all(n in f.entries and f.entries[n][1] == (E,) for n in names):
+                raise TraceFormatError(f"{path}: {kind}.l missing for some layer or not of shape ({E},)")
+            out[kind] = torch.stack([f.tensor(n).float() for n in names])
+        return out

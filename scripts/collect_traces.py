@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from collection.atomic import PARTIAL_SUFFIX
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
-from collection.atomic import PARTIAL_SUFFIX
+from collection.families import router_extras
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
                                atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
                                write_manifest)
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                             routing=shape.to_json(), capture=capture_cfg,
                             sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
         atomic_save_tensors(out / ROUTER_WEIGHTS,
-                            {f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))})
+                            {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
+                             **router_extras(model)})
         write_manifest(out, manifest)
 
     # --- disk: refuse a collection that cannot fit rather than fail hours in

@@ -24,10 +24,10 @@ from collection.errors import UserError, one_line_errors
 from collection.atomic import PARTIAL_SUFFIX, sha256_file
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, bytes_per_token,
                                shard_name, shard_specs, write_manifest)
-from collection.legacy import (DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass, LegacyFormatError,
-                               group_passes, layer_id_meaning, load_legacy_shard, looks_like_probabilities,
-                               num_layers_from_config, number_traces, pass_arrays, read_traces, shape_run_hint,
-                               token_ids_of)
+from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass,
+                               LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
+                               looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
+                               read_traces, shape_run_hint, token_ids_of)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,10 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     inputs = expand_inputs(args.input)
     out = Path(args.output)
+    created = not out.exists()  # removed again if the import fails: a refused input leaves nothing behind
     prepare_output(out, inputs, args.overwrite)
 
     # --- L: the one fact the layer recovery rests on, from the user or the collector's own config
-    config_L, config_file = num_layers_from_config(inputs)
+    config_L, config_file, config_unusable = num_layers_from_config(inputs)
+    if config_unusable:  # said, never skipped silently
+        print(f"{len(config_unusable)} {CONFIG_FILE} ignored: {'; '.join(config_unusable)}")
     if args.num_layers is not None and config_L is not None and args.num_layers != config_L:
         raise UserError(f"--num-layers {args.num_layers}, but {config_file} says {config_L}")
     L = args.num_layers or config_L
@@ -161,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             how = number_traces(traces, next_index, args.order == "auto", path)
             next_index = traces[-1].index + 1
             if L is None:
-                raise UserError(f"--num-layers is needed: no {inputs[0].parent / 'training_config.json'} and "
-                                f"{shape_run_hint(traces)}")
+                no_config = "; ".join(config_unusable) or f"no {inputs[0].parent / CONFIG_FILE}"
+                raise UserError(f"--num-layers is needed: {no_config}; and {shape_run_hint(traces)}")
             grouping = group_passes(traces, L, carry)
             carry, dropped = grouping.carry, dropped + grouping.dropped
             info = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             "dropped_traces": dropped,
             "dropped_note": "traces of forward passes with a layer missing (collection stopped mid-pass, or a "
                             "shard absent from the inputs)",
+            "configs_ignored": config_unusable,
         }
         capture = {"hidden_layers": list(range(L)), "hidden_dtype": "float16", "store_logits": not probabilities,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), every padded position",
@@ -253,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
             writer.abort()
         for s in shards:  # without a manifest they are no trace set: leave the directory as it was found
             (out / s.file).unlink(missing_ok=True)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:  # something else appeared in it meanwhile: not ours to delete
+                pass
         raise
     print(f"done: {num_seq} sequences ({rows} token positions, padding included) in {len(shards)} shards at {out}; "
           f"{dropped} traces of unfinished passes dropped; target_routing held "

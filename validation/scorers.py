@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from collection.errors import UserError
+from collection.families import selection_scores
 from collection.format import ROUTER_WEIGHTS, TraceSet
 from collection.rows import SplitBlocks, TokenBlock, routing_vector
 from models.features import make_features
@@ -81,14 +82,20 @@ def expert_popularity(ts: TraceSet, seq_ids: np.ndarray, shards_per_group: int =
 def _router(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device, seed: int) -> Scorer:
     # the router in the model's own dtype, as the model applied it: the control then matches bit for bit
     weights = ts.router_weights().to(device)
+    extras = {k: v.to(device) for k, v in ts.router_extras().items()}
+    rule = ts.manifest.routing.get("router")  # how the family turns logits into its choice (None: top-k of logits)
     E = ts.manifest.num_experts
 
     def score(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         h = block.hidden[block.hidden_slot[layer], tok]
         scores = torch.empty(tok.shape[0], E, device=device)
         for l in layer.unique().tolist():  # one matmul per target layer present in the batch
-            m = layer == l
-            scores[m] = torch.nn.functional.linear(h[m].to(weights.dtype), weights[l + lookahead]).float()
+            m, t = layer == l, l + lookahead
+            logits = torch.nn.functional.linear(h[m].to(weights.dtype), weights[t]).float()
+            if "router_bias" in extras:  # GPT-OSS: the bias is part of the logits
+                logits = logits + extras["router_bias"][t]
+            bias = extras["score_correction_bias"][t] if "score_correction_bias" in extras else None
+            scores[m] = logits if rule is None else selection_scores(rule, logits, bias)
         return scores
     return score
 
