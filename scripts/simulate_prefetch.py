@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 
 from collection.errors import UserError, one_line_errors
-from collection.format import TraceSet, atomic_write_json
+from collection.format import atomic_write_json
 from models.moe_configs import PRESETS
-from training.data import split_sequences
 from training.trainer import DEFAULT_TRACES
-from validation.cache_sim import (POLICY_HELP, PREDICTED, Policy, build_predictor, build_stream, check_needs, parse_policy,
-                                  run_policy, static_experts, summarize)
+from validation.cache_sim import (POLICIES, POLICY_HELP, Policy, Stream, build_stream, check_caches, prepare, run_policy, static_experts,
+                                  summarize)
 from validation.cost_model import (DEFAULT_EXPERT_MS, DEFAULT_PRE_MS, DEFAULT_SHARED_MS, FORMATS, LINKS, CostModel,
                                    expert_bytes, expert_params)
 from validation.plots import prefetch_figure
@@ -84,22 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Every check of the input, before anything is computed or written (one line, exit 2, on failure)."""
-    names = list(dict.fromkeys(n.strip() for n in args.policies.split(",") if n.strip()))
-    if not names:
-        raise UserError("--policies is empty")
-    policies = [parse_policy(n) for n in names]
-    ts = TraceSet(Path(args.traces), verify=not args.no_verify)
-    m = ts.manifest
-    L, E = m.num_layers, m.num_experts
-    if not 1 <= args.lookahead < L:
-        raise UserError(f"--lookahead {args.lookahead}: the traces have {L} MoE layers, so 1 <= d <= {L - 1} "
-                        "(d = 0 would fetch a layer's experts when they are already needed)")
-    if not 1 <= args.fetch_budget <= E:
-        raise UserError(f"--fetch-budget {args.fetch_budget}: must be within 1..{E} (experts per layer)")
-    if not 0.0 <= args.locality <= 1.0:
-        raise UserError(f"--locality {args.locality}: a probability, within 0..1")
-    if args.max_tokens is not None and args.max_tokens <= 0:
-        raise UserError("--max-tokens must be positive")
+    setup = prepare(args.traces, args.policies, args.lookahead, args.fetch_budget, args.seed, args.locality,
+                    args.max_tokens, verify=not args.no_verify)
+    m = setup.ts.manifest
     if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):
         raise UserError("--warmup-tokens must be >= 0 and below --max-tokens")
     for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms"):
@@ -113,39 +99,49 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.cache_gib is not None:
         if args.cache_gib < 0:
             raise UserError("--cache-gib must be >= 0")
-        caches = [int(args.cache_gib * 2**30 // (L * nbytes))]
+        caches = [int(args.cache_gib * 2**30 // (m.num_layers * nbytes))]
+        if caches[0] > m.num_experts:
+            raise UserError(f"--cache-gib {args.cache_gib} gives {caches[0]} experts per layer; each layer has "
+                            f"{m.num_experts}")
     else:
         try:
             caches = sorted({int(c) for c in args.cache_experts.split(",") if c.strip()})
         except ValueError:
             raise UserError(f"--cache-experts {args.cache_experts!r}: a comma list of integers") from None
-        if not caches:
-            raise UserError("--cache-experts is empty")
-    for c in caches:
-        if not 0 <= c <= E:
-            how = f"--cache-gib {args.cache_gib} gives {c} per layer" if args.cache_gib is not None else f"cache {c}"
-            raise UserError(f"{how}: each layer has {E} experts, so the cache holds 0..{E} of them")
-    for pol in policies:
-        check_needs(pol, ts, args.lookahead)
-    split = split_sequences(ts.sequence_table(), args.seed)
-    if len(split["test"]) == 0 or len(split["train"]) == 0:
-        raise UserError(f"{args.traces}: too few sequences for a training and a test split")
-    predictors = {pol.name: build_predictor(pol, ts, args.lookahead, split["train"], split["test"], args.seed)
-                  for pol in policies if pol.prefetch == PREDICTED}
+    check_caches(caches, m.num_experts)
     if args.measure:
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--measure needs a CUDA GPU (this machine has none); drop it to use the cost model's "
                             "defaults or set --pre-ms/--shared-ms/--expert-ms/--link-gbps")
-    return {"ts": ts, "policies": policies, "caches": caches, "split": split, "predictors": predictors,
-            "expert_bytes": nbytes}
+    return {"ts": setup.ts, "policies": setup.policies, "caches": caches, "split": setup.split,
+            "predictors": setup.predictors, "expert_bytes": nbytes}
 
 
 def cost_from_args(args: argparse.Namespace, nbytes: int) -> CostModel:
     link = args.link_gbps * 1e9 if args.link_gbps is not None else LINKS[args.link]
     return CostModel(nbytes, link, args.pre_ms, args.shared_ms, args.expert_ms, args.token_ms,
                      source=f"flags ({'--link-gbps' if args.link_gbps else args.link})")
+
+
+def measure_on_gpu(args: argparse.Namespace, stream: Any, predictors: dict[str, Any], L: int, E: int, K: int
+                   ) -> tuple[CostModel, dict[str, float]]:
+    """Pinned copy time per expert and per-layer compute of the replay's full-size layer (validation/offload.py),
+    with its pre phase calibrated on a 128-token all-resident replay, on this machine's GPU."""
+    import torch
+
+    from validation.offload import ModelDims, ReplayEngine, host_schedule, measure_costs
+
+    dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
+    engine = ReplayEngine(dims, L, torch.device("cuda", torch.cuda.current_device()), [args.expert_format], args.seed)
+    _, cal = run_policy(POLICIES["all-resident"], E, stream, CostModel(1, 1.0), args.lookahead, args.fetch_budget, E,
+                        record=True)
+    measured = measure_costs(engine, [args.expert_format], {n: (p.kind, p.config) for n, p in predictors.items()},
+                             args.lookahead, calibration=host_schedule(cal, stream.weights, stream.position,
+                                                                       min(stream.tokens, 128)))
+    print(f"measured: {measured['raw']}")
+    return measured["costs"][args.expert_format], measured["predictor_ms"]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -169,6 +165,11 @@ def simulate(policies: list[Policy], caches: list[int], stream: Any, cost: CostM
 
     L, K = stream.ids.shape[1:]
     rows = []
+    for pol in policies:  # compile (or load) the kernels first, so the rates below are the replay's own
+        run_policy(pol, min(caches), Stream(stream.ids[:2], stream.weights[:2], stream.first[:2], stream.position[:2],
+                                            {k: v[:2] for k, v in stream.predictions.items()}),
+                   cost, lookahead, budget, num_experts, 0.0, resident.get(min(caches)) if pol.name == "static-popular"
+                   else None)
     bar = tqdm(total=len(caches) * len(policies), desc="simulate", unit="run", disable=not progress, dynamic_ncols=True)
     for c in caches:
         base = None
@@ -177,8 +178,9 @@ def simulate(policies: list[Policy], caches: list[int], stream: Any, cost: CostM
             stats, _ = run_policy(pol, c, stream, cost, lookahead, budget, num_experts, predictor_ms.get(pol.name, 0.0),
                                   resident.get(c) if pol.name == "static-popular" else None)
             cpu_s = time.process_time() - t0
-            row = {"policy": pol.name, "label": labels.get(pol.name, pol.name), "cache_experts": c, **summarize(stats, L, K, cost.expert_bytes, warmup),
-                   "predictor_ms": predictor_ms.get(pol.name, 0.0), "sim_steps_per_cpu_s": stream.tokens * L / max(cpu_s, 1e-9)}
+            row = {"policy": pol.name, "label": labels.get(pol.name, pol.name), "cache_experts": c,
+                   **summarize(stats, L, K, cost.expert_bytes, warmup), "predictor_ms": predictor_ms.get(pol.name, 0.0),
+                   "sim_steps_per_cpu_s": stream.tokens * L / max(cpu_s, 1e-9)}
             if pol.name == "on-demand":
                 base = row["tokens_per_s"]
             rows.append(row)
@@ -196,25 +198,20 @@ def main(argv: list[str] | None = None) -> None:
     m = ts.manifest
     L, E, K = m.num_layers, m.num_experts, m.top_k
 
-    # --- costs: the flags' (defaults from docs/anchors), or measured on this GPU
-    if args.measure:
-        from validation.offload import measure_costs
-
-        measured = measure_costs(args.model_config, [args.expert_format], E, K, L,
-                                 {n: p for n, p in r["predictors"].items()})
-        cost = measured["costs"][args.expert_format]
-        pred_ms = measured["predictor_ms"]
-    else:
-        cost = cost_from_args(args, r["expert_bytes"])
-        pred_ms = {n: p.predictor_ms for n, p in r["predictors"].items()}
-    if args.predictor_ms is not None:
-        pred_ms = {n: args.predictor_ms for n in r["predictors"]}
-
     # --- the stream, each predictor's top-m, and the static cache contents (training split counts)
     stream = build_stream(ts, r["split"]["test"], r["predictors"], args.lookahead, args.fetch_budget, args.locality,
                           args.seed, args.max_tokens)
     resident = ({c: static_experts(ts, r["split"]["train"], c) for c in caches}
                 if any(p.name == "static-popular" for p in policies) else {})
+
+    # --- costs: the flags' (defaults from docs/anchors), or measured on this GPU with the replay's own code
+    if args.measure:
+        cost, pred_ms = measure_on_gpu(args, stream, r["predictors"], L, E, K)
+    else:
+        cost = cost_from_args(args, r["expert_bytes"])
+        pred_ms = {n: p.predictor_ms for n, p in r["predictors"].items()}
+    if args.predictor_ms is not None:
+        pred_ms = {n: args.predictor_ms for n in r["predictors"]}
     print(f"stream: {stream.tokens:,} tokens of {len(r['split']['test'])} test sequences ({m.model['name_or_path']}, "
           f"{L} layers x {E} experts, top-{K}); locality p = {args.locality}; lookahead d = {args.lookahead}, "
           f"fetch budget m = {args.fetch_budget}")

@@ -10,7 +10,7 @@ Token t runs layers 0..L-1; each layer keeps a cache of C expert slots. For each
    slot, evicting by the policy's rule, never an expert of the current access; when no slot can be
    freed (C < K, or a static cache) it goes to a staging buffer and is dropped after use.
 2. A prefetch policy runs its predictor (`predictor_ms`), then queues the top-m predicted experts of
-   layer l+d (l+d < L) that are not cached; they take slots by LRU, never evicting one another.
+   layer l+d (l+d < L) that are not cached; they take slots by LRU (m <= C, so never one another).
 3. The shared expert (`shared_ms`) runs while copies are in flight; the routed experts start when it is
    done and every needed expert has arrived. The wait is the stall: a late prefetch stalls only for the
    time it still needs.
@@ -37,7 +37,7 @@ from collection.errors import UserError
 from collection.format import TraceSet
 from models.checkpoint import load_checkpoint
 from models.predictors import needs_history
-from training.data import SplitBlocks, TokenBlock, row_batches
+from training.data import SplitBlocks, TokenBlock, row_batches, split_sequences
 from validation.cost_model import DEFAULT_PREDICTOR_MS, CostModel
 from validation.evaluate import BASELINES, Scorer, baseline_scorer, expert_popularity, predictor_scorer
 
@@ -113,6 +113,14 @@ def check_needs(policy: Policy, ts: TraceSet, lookahead: int) -> None:
         ts.router_weights()  # raises a one-line TraceFormatError naming the missing file
 
 
+def check_caches(caches: list[int], num_experts: int) -> None:
+    if not caches:
+        raise UserError("no cache size given")
+    for c in caches:
+        if not 0 <= c <= num_experts:
+            raise UserError(f"cache {c}: each layer has {num_experts} experts, so the cache holds 0..{num_experts} of them")
+
+
 @dataclass
 class Predictor:
     """A prefetch policy's scorer, how long it runs per layer, and what it needs."""
@@ -150,6 +158,43 @@ def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.
     scorer = predictor_scorer(model, lookahead, m.num_experts, needs_history(cfg.kind))
     label = f"prefetch:{cfg.kind}-d{cfg.lookahead} ({Path(policy.source).parent.name})"
     return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json())
+
+
+@dataclass
+class Setup:
+    ts: TraceSet
+    policies: list[Policy]
+    split: dict[str, np.ndarray]
+    predictors: dict[str, Predictor]  # prefetch policies' scorers, by policy name
+
+
+def prepare(traces: str | Path, policy_names: str, lookahead: int, budget: int, seed: int = 0, locality: float = 0.0,
+            max_tokens: int | None = None, verify: bool = True) -> Setup:
+    """Every check of a replay's input, before anything is computed or written: policies known, traces holding
+    what each needs, 1 <= d < L, 1 <= m <= E, checkpoints of these traces. Bad input: one UserError line."""
+    names = list(dict.fromkeys(n.strip() for n in policy_names.split(",") if n.strip()))
+    if not names:
+        raise UserError("--policies is empty")
+    policies = [parse_policy(n) for n in names]
+    ts = TraceSet(Path(traces), verify=verify)
+    L, E = ts.manifest.num_layers, ts.manifest.num_experts
+    if not 1 <= lookahead < L:
+        raise UserError(f"--lookahead {lookahead}: the traces have {L} MoE layers, so 1 <= d <= {L - 1} "
+                        "(d = 0 would fetch a layer's experts when they are already needed)")
+    if not 1 <= budget <= E:
+        raise UserError(f"--fetch-budget {budget}: must be within 1..{E} (experts per layer)")
+    if not 0.0 <= locality <= 1.0:
+        raise UserError(f"--locality {locality}: a probability, within 0..1")
+    if max_tokens is not None and max_tokens <= 0:
+        raise UserError("--max-tokens must be positive")
+    for pol in policies:
+        check_needs(pol, ts, lookahead)
+    split = split_sequences(ts.sequence_table(), seed)
+    if len(split["test"]) == 0 or len(split["train"]) == 0:
+        raise UserError(f"{traces}: too few sequences for a training and a test split")
+    predictors = {pol.name: build_predictor(pol, ts, lookahead, split["train"], split["test"], seed)
+                  for pol in policies if pol.prefetch == PREDICTED}
+    return Setup(ts, policies, split, predictors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +449,7 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                     clock += 1
                 if record:
                     log_need[t, l, k] = s
-            # 2. the predictor, then speculative fetches for layer l+d (LRU slots, never one another)
+            # 2. the predictor, then speculative fetches for layer l+d (LRU slots)
             if runs_predictor and C > 0:
                 tl = l + d
                 issue = r + p
@@ -418,10 +463,8 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                         if n_used[tl] < C:
                             s = n_used[tl]
                             n_used[tl] += 1
-                        else:
-                            s = _victim(tl, C, slot_key, slot_pin, -stamp)
-                            if s < 0:
-                                break
+                        else:  # LRU: this batch's experts are the most recent, so never taken (n_pred <= C)
+                            s = _victim(tl, C, slot_key, slot_pin, 0)
                             old = slot_expert[tl, s]
                             slot_of[tl, old] = -1
                             if pending[tl, old]:
@@ -438,8 +481,7 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                             log_prefetch[t, l, n_pre, 0] = e
                             log_prefetch[t, l, n_pre, 1] = s
                         n_pre += 1
-                    # cached or just queued: most recent, and safe from this step's other prefetches
-                    slot_pin[tl, s] = -stamp
+                    # cached or just queued: the most recent
                     slot_key[tl, s] = _key(eviction, clock, freq[tl, e], nxt[tl, e], T)
                     clock += 1
             # 3. the routed experts, once the shared expert is done and every needed expert is here
