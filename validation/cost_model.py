@@ -18,7 +18,8 @@ One routed expert of a Qwen2-MoE is three matrices, gate and up (I x H) and down
 
 A layer of a batch-1 decode step is split where a fetch can start or end:
 
-    pre_ms      norms, attention with its KV cache, router: the layer's experts are known after it
+    pre_ms      norms, attention with its KV cache, router, and the host reading the router's choice:
+                the layer's experts are known after it
     predictor   the prefetch predictor's own inference, on the same stream (per policy)
     shared_ms   shared expert and its sigmoid gate: runs while a demand fetch is in flight
     expert_ms   one routed expert for one token (top_k of them per layer)

@@ -8,15 +8,18 @@ What runs (scripts/replay_offload.py; docs/PREFETCH.md):
     as with one set per layer, and host memory stays at one layer's worth (1.0 GB in fp16).
   * `DecoderLayer`: the non-expert work of one layer at full size with its own random weights: RMSNorm,
     fused q/k/v with bias, attention over a KV cache of the current length (SDPA), o-projection,
-    RMSNorm, the router (H -> E, softmax, top-k: computed, though the experts used are the trace's),
-    the shared expert (H -> 2 x S -> H) with its sigmoid gate. Rotary embeddings are left out
-    (elementwise, a few microseconds).
+    RMSNorm, the router (H -> E, softmax, top-k), whose choice the host reads, as an engine must before
+    it can fetch the experts (the experts replayed are the trace's); the shared expert (H -> 2 x S -> H)
+    with its sigmoid gate. Rotary embeddings are left out (elementwise, a few microseconds). The host
+    read makes every layer wait for its attention, so the host never runs layers ahead of the GPU and
+    a stall costs what the simulator says it costs.
   * `ReplayEngine`: per layer a GPU cache of slots; the schedule's copies run on their own CUDA stream,
     each waiting for an event recorded after the router (demand fetches) or after the predictor
     (prefetches) of the step that queued it, so the copy engine's FIFO order is the simulator's; the
     compute stream waits for the event recorded after the copy of each expert it needs, then really
     computes that expert from its slot (NF4: dequantized into a scratch buffer first). Each token ends
-    with a host synchronization, as a decode step that samples its next token does.
+    with the host waiting for the compute stream, as a decode step that samples its next token does
+    (copies still in flight go on, as in the simulator).
 
 On a CPU the same code runs synchronously (no streams, no pinned memory): the tests use that to check
 that a schedule delivers the right expert to every access.
@@ -155,8 +158,9 @@ class DecoderLayer:
                                              self.v_cache[:, :pos + 1].unsqueeze(0))
         h = x + F.linear(att.reshape(1, d.hidden), self.o_w)
         moe_in = F.rms_norm(h, (d.hidden,), self.ln2, 1e-6)
-        # the router's real work; which experts run comes from the trace, so its answer stays on the GPU
-        torch.topk(torch.softmax(F.linear(moe_in, self.router_w).float(), -1), d.top_k)
+        # the router, and its choice read on the host: an engine must know the experts to fetch them (the host
+        # waits here for the layer's attention). The experts replayed are the trace's, not these.
+        torch.topk(torch.softmax(F.linear(moe_in, self.router_w).float(), -1), d.top_k).indices.cpu()
         return h, moe_in
 
     def shared(self, moe_in: torch.Tensor) -> torch.Tensor:
@@ -253,6 +257,7 @@ class ReplayEngine:
         """Decode the schedule's tokens; returns (seconds, each token's last hidden state if kept)."""
         L, d = self.L, lookahead
         outputs = []
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self.sync()
         t0 = time.perf_counter()
         for t, pos in enumerate(sched.position):
@@ -271,7 +276,8 @@ class ReplayEngine:
                 x = h + y
             if keep_outputs:
                 outputs.append(x.float().cpu())
-            self.sync()  # the decode step hands its token to the host
+            if main is not None:  # the decode step hands its token to the host; copies in flight go on
+                main.synchronize()
         return time.perf_counter() - t0, outputs
 
 
