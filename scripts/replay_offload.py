@@ -34,7 +34,7 @@ from models.moe_configs import PRESETS
 from training.trainer import DEFAULT_TRACES
 from validation.cache_sim import (POLICIES, POLICY_HELP, PREDICTED, build_stream, check_caches, prepare, run_policy,
                                   static_experts, summarize)
-from validation.cost_model import FORMATS, CostModel
+from validation.cost_model import CostModel
 from validation.offload import (ModelDims, ReplayEngine, check_engine, host_schedule, measure_costs,
                                 predictor_work)
 
@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"trace directory (default {DEFAULT_TRACES})")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list of {POLICY_HELP} (default {DEFAULT_POLICIES})")
     p.add_argument("--cache-experts", default="15,30", help="expert slots per layer, comma list (15,30)")
-    p.add_argument("--formats", default="fp16,nf4", help=f"expert storage formats, comma list of {', '.join(FORMATS)} "
-                   "(fp16,nf4)")
+    p.add_argument("--formats", default="fp16,nf4", help="expert storage formats, comma list of fp16, nf4 (fp16,nf4)")
     p.add_argument("--lookahead", type=int, default=1, help="prefetch layer l+d while layer l runs (1)")
     p.add_argument("--fetch-budget", type=int, default=4, help="experts fetched ahead per layer (4)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens decoded per policy (512: one full replay "
@@ -72,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("needs a CUDA GPU (this machine has none): it measures real copies and kernels; "
                         "scripts/simulate_prefetch.py predicts the same numbers on a CPU")
     formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
-    if not formats or any(f not in FORMATS for f in formats):
-        raise UserError(f"--formats {args.formats!r}: a comma list of {', '.join(FORMATS)}")
+    if not formats or any(f not in ("fp16", "nf4") for f in formats):
+        raise UserError(f"--formats {args.formats!r}: a comma list of fp16, nf4")
     if args.calls <= 0:
         raise UserError("--calls must be positive")
     setup = prepare(args.traces, args.policies, args.lookahead, args.fetch_budget, args.seed, args.locality,
