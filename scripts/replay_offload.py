@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> None:
                                    if k != "predictor_ms") + f"; predictor ms {measured['predictor_ms']}")
 
     # --- 3. every policy: the simulator's prediction with the measured costs, then the real replay
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"device": gpu, "torch": torch.__version__, "traces": str(args.traces), "model": m.model.get("name_or_path"),
+              "split": "test", "tokens": T, "num_layers": L, "num_experts": E, "top_k": K, "lookahead": d,
+              "fetch_budget": args.fetch_budget, "locality": args.locality, "layer_mapping": mapping,
+              "check": check, "measured": raw, "predictor_ms": measured["predictor_ms"],
+              "cost_models": {f: c.to_json() for f, c in measured["costs"].items()}, "args": vars(args), "rows": rows}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     runs = [(f, c, p) for f in formats for c in caches for p in policies if not (p.all_resident and c != caches[0])]
     for fmt, c, pol in tqdm(runs, desc="replay", unit="run", dynamic_ncols=True):
         cost = measured["costs"][fmt]
@@ -144,18 +150,15 @@ def main(argv: list[str] | None = None) -> None:
                      "predicted_tokens_per_s": sim["tokens_per_s"], "measured_tokens_per_s": measured_tps,
                      "measured_over_predicted": measured_tps / sim["tokens_per_s"],
                      **{f"sim/{k}": v for k, v in sim.items()}})
+        tqdm.write(f"{fmt} C={c} {rows[-1]['label']}: predicted {sim['tokens_per_s']:.2f}, measured {measured_tps:.2f} "
+                   f"tokens/s ({measured_tps / sim['tokens_per_s']:.3f})")
+        atomic_write_json(json_path, result)  # after every run: a cut-off run keeps what it measured
     for r in rows:  # measured speedup over on-demand at the same format and cache size
         base = [b for b in rows if (b["format"], b["cache_experts"], b["policy"]) == (r["format"], r["cache_experts"],
                                                                                    "on-demand")]
         r["measured_speedup_vs_on_demand"] = (r["measured_tokens_per_s"] / base[0]["measured_tokens_per_s"]
                                               if base else None)
     print_table(rows)
-    result = {"device": gpu, "torch": torch.__version__, "traces": str(args.traces), "model": m.model.get("name_or_path"),
-              "split": "test", "tokens": T, "num_layers": L, "num_experts": E, "top_k": K, "lookahead": d,
-              "fetch_budget": args.fetch_budget, "locality": args.locality, "layer_mapping": mapping,
-              "check": check, "measured": raw, "predictor_ms": measured["predictor_ms"],
-              "cost_models": {f: c.to_json() for f, c in measured["costs"].items()}, "args": vars(args), "rows": rows}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, result)
     worst = max(abs(r["measured_over_predicted"] - 1) for r in rows)
     print(f"largest |measured / predicted - 1| = {worst:.1%} (target: within 15%); wrote {json_path}")

@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"({DEFAULT_SHARED_MS} ms)")
     g.add_argument("--expert-ms", type=float, default=DEFAULT_EXPERT_MS, help=f"one routed expert, one token "
                    f"({DEFAULT_EXPERT_MS} ms; with the defaults a layer takes 1.2 ms)")
+    g.add_argument("--layer-ms", type=float, default=None, help="per-layer compute in total: scales the three phases "
+                   "above to this sum (their defaults sum to 1.2 ms: HF eager, docs/anchors)")
     g.add_argument("--token-ms", type=float, default=0.0, help="per token outside the layers (0 ms)")
     g.add_argument("--predictor-ms", type=float, default=None, help="every predictor's time per layer (default: "
                    "0.05 ms learned, 0.01 router-reuse, 0 table look-ups)")
@@ -91,6 +93,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.layer_ms is not None and not args.layer_ms > 0:
+        raise UserError("--layer-ms must be positive")
     if args.predictor_ms is not None and args.predictor_ms < 0:
         raise UserError("--predictor-ms must be >= 0")
     if args.link_gbps is not None and args.link_gbps <= 0:
@@ -119,9 +123,16 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             "predictors": setup.predictors, "expert_bytes": nbytes}
 
 
-def cost_from_args(args: argparse.Namespace, nbytes: int) -> CostModel:
+def cost_from_args(args: argparse.Namespace, nbytes: int, top_k: int) -> CostModel:
     link = args.link_gbps * 1e9 if args.link_gbps is not None else LINKS[args.link]
-    return CostModel(nbytes, link, args.pre_ms, args.shared_ms, args.expert_ms, args.token_ms,
+    phases = (args.pre_ms, args.shared_ms, args.expert_ms)
+    if args.layer_ms is not None:  # keep the phases' proportions, change their sum
+        total = args.pre_ms + args.shared_ms + top_k * args.expert_ms
+        if total <= 0:
+            raise UserError("--layer-ms scales --pre-ms/--shared-ms/--expert-ms, which are all 0")
+        scale = args.layer_ms / total
+        phases = tuple(x * scale for x in phases)
+    return CostModel(nbytes, link, *phases, args.token_ms,
                      source=f"flags ({'--link-gbps' if args.link_gbps else args.link})")
 
 
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         cost, pred_ms = measure_on_gpu(args, stream, r["predictors"], L, E, K)
     else:
-        cost = cost_from_args(args, r["expert_bytes"])
+        cost = cost_from_args(args, r["expert_bytes"], K)
         pred_ms = {n: p.predictor_ms for n, p in r["predictors"].items()}
     if args.predictor_ms is not None:
         pred_ms = {n: args.predictor_ms for n in r["predictors"]}

@@ -307,6 +307,20 @@ def test_simulate_prefetch_writes_table_json_and_plot(tiny_traces, tmp_path):
     assert (out / "prefetch.png").stat().st_size > 10_000
 
 
+def test_layer_ms_scales_the_phases_and_all_resident_follows(tiny_traces, tmp_path):
+    from scripts.simulate_prefetch import main
+
+    js = tmp_path / "s.json"
+    main(["--traces", str(tiny_traces), "--policies", "on-demand,all-resident", "--cache-experts", "8",
+          "--layer-ms", "0.6", "--json", str(js), "--plot", str(tmp_path / "s.png")])
+    res = json.loads(js.read_text())
+    c = res["cost_model"]
+    assert c["pre_ms"] + c["shared_ms"] + 4 * c["expert_ms"] == pytest.approx(0.6)
+    assert c["pre_ms"] / c["shared_ms"] == pytest.approx(0.43 / 0.53)
+    row = next(r for r in res["rows"] if r["policy"] == "all-resident")
+    assert row["tokens_per_s"] == pytest.approx(1e3 / (res["num_layers"] * 0.6))
+
+
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory, tiny_traces):
     """A predictor checkpoint of a model with 3 layers: not the traces' 8."""
