@@ -85,3 +85,25 @@ def comparison_figure(curves: dict[str, dict[int, list[float | None]]], metric: 
     fig.subplots_adjust(bottom=0.2)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def prefetch_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Two panels over cache size (experts per layer): decode tokens/s and hit rate, one line per policy."""
+    plt = _figure_module()
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    labels = {r["policy"]: r.get("label", r["policy"]) for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, name in enumerate(names):
+        pts = sorted((r["cache_experts"], r["tokens_per_s"], r["hit_rate"]) for r in rows if r["policy"] == name)
+        c, tps, hit = (np.array(v) for v in zip(*pts))
+        style = dict(color=plt.cm.tab10(i % 10), marker="o", label=labels[name], ls="--" if name == "all-resident" else "-")
+        axes[0].plot(c, tps, **style)
+        axes[1].plot(c, hit, **style)
+    axes[0].set(xlabel="cache: experts per layer", ylabel="decode tokens/s (batch 1)", title="predicted decode speed")
+    axes[1].set(xlabel="cache: experts per layer", ylabel="hit rate", title="expert cache hit rate", ylim=(0, 1.02))
+    for a in axes:
+        a.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
