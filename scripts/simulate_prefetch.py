@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from collection.errors import UserError, one_line_errors
-from collection.format import atomic_write_json
+from collection.atomic import atomic_write_json
+from collection.format import DEFAULT_TRACES
 from models.moe_configs import PRESETS
-from training.trainer import DEFAULT_TRACES
 from validation.cache_sim import (POLICIES, POLICY_HELP, Policy, Stream, build_stream, check_caches, prepare, run_policy, static_experts,
                                   summarize)
 from validation.cost_model import (DEFAULT_EXPERT_MS, DEFAULT_PRE_MS, DEFAULT_SHARED_MS, FORMATS, LINKS, CostModel,

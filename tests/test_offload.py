@@ -102,8 +102,8 @@ def test_static_cache_preload_matches_the_kernels_slots(cpu_engine):
 
 def test_static_experts_are_the_training_splits_most_used(tiny_traces):
     from collection.format import TraceSet
-    from training.data import split_sequences
-    from validation.evaluate import expert_popularity
+    from collection.rows import split_sequences
+    from validation.scorers import expert_popularity
 
     ts = TraceSet(tiny_traces)
     train = split_sequences(ts.sequence_table(), 0)["train"]

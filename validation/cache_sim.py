@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from collection.errors import UserError
 from collection.format import TraceSet
+from collection.rows import SplitBlocks, TokenBlock, row_batches, split_sequences
 from models.checkpoint import load_checkpoint
-from models.predictors import needs_history
-from training.data import SplitBlocks, TokenBlock, row_batches, split_sequences
 from validation.cost_model import DEFAULT_PREDICTOR_MS, CostModel
-from validation.evaluate import BASELINES, Scorer, baseline_scorer, expert_popularity, predictor_scorer
+from validation.scorers import (BASELINES, SCORERS, Scorer, baseline_scorer, expert_popularity,
+                                predictor_scorer)
 
 # eviction rules and prefetch sources of the kernel
 LRU, LFU, BELADY, STATIC = 0, 1, 2, 3
@@ -77,10 +77,18 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("belady", BELADY, NO_PREFETCH, summary="evict the expert used furthest in the future; fetch on a miss"),
     Policy("all-resident", STATIC, NO_PREFETCH, summary="every expert on the GPU: the ceiling, no transfers"),
 )}
-# what each prefetch baseline reads from the traces (validation/evaluate.py defines them)
-PREFETCH_BASELINES: dict[str, tuple[str, ...]] = {
-    "router-reuse": ("hidden", "router_weights"), "previous-token": ("train_split",),
-    "popularity": ("train_split",), "random": ()}
+
+
+def _baseline_needs(name: str) -> tuple[str, ...]:
+    """What a baseline reads from the traces, from the one scorer registry (validation/scorers.py)."""
+    info = SCORERS[name]
+    return ((("hidden",) if info.needs_hidden else ()) + (("router_weights",) if info.needs_router else ())
+            + (("train_split",) if info.needs_training_split else ()))
+
+
+# the baselines that can prefetch: all but the same-layer control, which answers layer l only when it runs
+PREFETCH_BASELINES: dict[str, tuple[str, ...]] = {b: _baseline_needs(b) for b in BASELINES
+                                                  if not SCORERS[b].same_layer_only}
 POLICY_HELP = (", ".join(POLICIES) + ", prefetch:<checkpoint.pth | " + " | ".join(PREFETCH_BASELINES) + ">")
 
 
@@ -155,7 +163,7 @@ def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.
     if "test" in split and not np.array_equal(np.sort(split["test"].numpy()), np.sort(test_ids)):
         raise UserError(f"policy {policy.name}: the checkpoint's held-out test split differs from the replayed one "
                         f"(other traces or --seed); replaying its training sequences would flatter it")
-    scorer = predictor_scorer(model, lookahead, m.num_experts, needs_history(cfg.kind))
+    scorer = predictor_scorer(model, lookahead, m.num_experts)
     label = f"prefetch:{cfg.kind}-d{cfg.lookahead} ({Path(policy.source).parent.name})"
     return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json())
 

@@ -295,7 +295,8 @@ def predictor_work(kind: str, engine: ReplayEngine, lookahead: int, config: dict
         return lambda moe_in, l: F.linear(moe_in, engine.layers[l + lookahead].router_w)
     if kind != "learned":
         return None
-    from models.predictors import Features, PredictorConfig, build_predictor
+    from models.features import Features
+    from models.predictors import PredictorConfig, build_predictor
 
     cfg = PredictorConfig(**{**(config or {}), "input_dim": dims.hidden, "num_experts": dims.num_experts,
                              "top_k": dims.top_k, "num_layers": engine.L, "lookahead": lookahead})

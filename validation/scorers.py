@@ -39,6 +39,7 @@ class ScorerInfo:
     needs_history: bool    # reads routing already observed (this token's earlier layers, earlier tokens)
     same_layer_only: bool  # defined at lookahead 0 only
     summary: str
+    needs_training_split: bool = False  # counts expert use on the training split (popularity)
 
 
 SCORERS: dict[str, ScorerInfo] = {
@@ -47,8 +48,10 @@ SCORERS: dict[str, ScorerInfo] = {
        for name, cls in PREDICTORS.items()},
     "router": ScorerInfo(False, True, True, False, True, "layer l's own router on h_l: the control"),
     "router-reuse": ScorerInfo(False, True, True, False, False, "layer l+d's router applied to h_l"),
-    "previous-token": ScorerInfo(False, False, False, True, False, "the previous token's experts at l+d"),
-    "popularity": ScorerInfo(False, False, False, False, False, "most frequent experts of l+d (training split)"),
+    "previous-token": ScorerInfo(False, False, False, True, False, "the previous token's experts at l+d",
+                                 needs_training_split=True),  # popularity orders the rest
+    "popularity": ScorerInfo(False, False, False, False, False, "most frequent experts of l+d (training split)",
+                             needs_training_split=True),
     "random": ScorerInfo(False, False, False, False, False, "uniform random scores"),
 }
 BASELINES = tuple(name for name, info in SCORERS.items() if not info.learned)
