@@ -6,7 +6,7 @@
 set -uo pipefail
 O=${1:?outdir}
 mkdir -p "$O"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T=routing_data/traces/qwen2moe-mini
 CK=models/prefetch/hybrid-d1/best_checkpoint.pth
 P=on-demand,lfu,static-popular,prefetch:router-reuse,prefetch:$CK,oracle,belady,all-resident
