@@ -134,18 +134,21 @@ def test_cuda_replay_with_copies_on_their_own_stream():
     assert check["fp16/slot_vs_host_max_abs"] == 0
 
 
-@pytest.mark.gpu
-@gpu
-def test_cuda_cost_measurement_is_positive():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
+def test_cost_measurement_is_positive(device):
+    """--measure's path, calibration on an all-resident schedule included (on the CPU the copy is not timed)."""
     from validation.offload import measure_costs
 
-    engine = ReplayEngine(DIMS, 3, torch.device("cuda", 0), ["fp16"], seed=0)
+    engine = ReplayEngine(DIMS, 3, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), ["fp16"],
+                          seed=0)
     s = small_stream()
     _, full = run_policy(POLICIES["all-resident"], 8, s, CostModel(1, 1.0), 1, 2, 8, record=True)
     m = measure_costs(engine, ["fp16"], {"p": ("router-reuse", {})}, 1, calls=20,
                       calibration=host_schedule(full, s.weights, s.position, 12))
     c = m["costs"]["fp16"]
-    assert c.copy_ms > 0 and c.pre_ms > 0 and c.shared_ms > 0 and c.expert_ms > 0 and m["predictor_ms"]["p"] > 0
+    assert c.pre_ms > 0 and c.shared_ms > 0 and c.expert_ms > 0 and m["predictor_ms"]["p"] > 0
+    assert m["raw"]["fp16/all_resident_ms_per_token"] > 0
+    assert c.copy_ms > 0 if device == "cuda" else c.copy_ms != c.copy_ms  # not measured on a CPU: NaN
 
 
 @pytest.mark.gpu

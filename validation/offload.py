@@ -344,7 +344,7 @@ def measure_copy_ms(engine: ReplayEngine, fmt: str, n: int = 40) -> float:
 @torch.no_grad()
 def measure_costs(engine: ReplayEngine, formats: list[str], predictors: dict[str, tuple[str, dict[str, Any]]],
                   lookahead: int, position: int = 64, calls: int = 200,
-                  calibration: tuple[Any, HostSchedule] | None = None) -> dict[str, Any]:
+                  calibration: HostSchedule | None = None) -> dict[str, Any]:
     """The cost model measured on this GPU: copy ms per expert per format, and per-layer compute phases,
     each timed as a loop of the replay's own code. With `calibration` (an all-resident schedule), the
     all-resident replay's time per token minus the phases' sum is spread over the layers' pre phase: the
@@ -377,7 +377,7 @@ def measure_costs(engine: ReplayEngine, formats: list[str], predictors: dict[str
         cost = CostModel(store.nbytes, store.nbytes / (copy_ms / 1e3), raw["pre_ms"], raw["shared_ms"], expert_ms,
                          0.0, source=f"measured on {raw['device']}")
         if calibration is not None:
-            sched_fmt, hs = calibration
+            hs = calibration
             engine.preload(fmt, {l: [(e, e) for e in range(engine.dims.num_experts)] for l in range(engine.L)})
             engine.run(fmt, replace(hs, position=hs.position[:8]), lookahead, False)  # warm-up
             seconds, _ = engine.run(fmt, hs, lookahead, False)
