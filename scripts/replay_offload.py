@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(as simulate_prefetch.py)")
     p.add_argument("--seed", type=int, default=0, help="split seed (0); also seeds weights and --locality")
     p.add_argument("--calls", type=int, default=200, help="calls per timed loop when measuring the cost model (200)")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the same path synchronously, for "
+                   "tests only: its copies are not timed and its numbers mean nothing")
     p.add_argument("--dry-check", action="store_true", help="only check correctness (expert from a slot equals the "
                    "host weights; replayed schedules compute what all-resident computes), then stop")
     p.add_argument("--json", default="results/replay/replay.json", help="results (results/replay/replay.json)")
@@ -67,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device not in ("cuda", "cpu"):
+        raise UserError(f"--device {args.device!r}: cuda or cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("needs a CUDA GPU (this machine has none): it measures real copies and kernels; "
                         "scripts/simulate_prefetch.py predicts the same numbers on a CPU")
     formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
@@ -93,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                           args.max_tokens)
     T = stream.tokens
     dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
-    dev = torch.device("cuda", torch.cuda.current_device())
-    gpu = torch.cuda.get_device_name(dev)
+    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (synchronous: timings mean nothing)"
     mapping = (f"trace layer l -> replayed layer l: {L} full-size layers of {args.model_config} (hidden {dims.hidden}, "
                f"{dims.heads} heads, experts 3 x {dims.hidden} x {dims.intermediate}, shared expert "
                f"{dims.shared_intermediate}); all layers copy their experts from one set of {E} pinned host blobs")

@@ -151,13 +151,15 @@ def test_cost_measurement_is_positive(device):
     assert c.copy_ms > 0 if device == "cuda" else c.copy_ms != c.copy_ms  # not measured on a CPU: NaN
 
 
-@pytest.mark.gpu
-@gpu
-def test_replay_offload_dry_check_and_a_short_replay(tiny_traces, tmp_path):
-    run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", "--dry-check")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
+def test_replay_offload_dry_check_and_a_short_replay(tiny_traces, tmp_path, device):
+    """The whole script: on the CPU its path runs synchronously (numbers meaningless), on a GPU for real."""
+    run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", "--dry-check", "--device", device)
     js = tmp_path / "r.json"
-    run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", "--max-tokens", "24",
-               "--cache-experts", "4,8", "--calls", "20", "--json", js)
+    few = ["--max-tokens", "8", "--cache-experts", "4", "--calls", "3"] if device == "cpu" else \
+        ["--max-tokens", "24", "--cache-experts", "4,8", "--calls", "20"]
+    run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", *few,
+               "--policies", "on-demand,prefetch:router-reuse,oracle,all-resident", "--json", js, "--device", device)
     res = json.loads(js.read_text())
     assert {r["policy"] for r in res["rows"]} >= {"on-demand", "oracle", "all-resident"}
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in res["rows"])
