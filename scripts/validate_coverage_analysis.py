@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seed must be >= 0")
     if args.lookahead is not None and args.lookahead < 0:
         p.error("--lookahead must be >= 0")
+    for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
+        if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
+            p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
     return args
 
 

@@ -182,6 +182,33 @@ def test_output_that_is_a_file_is_refused(tiny_model, tmp_path, capsys):
     assert f.read_bytes() == b"x"
 
 
+@pytest.mark.parametrize("then", ["--resume", "--overwrite"])
+def test_an_overwrite_cut_short_keeps_the_old_set_until_the_next_run_finishes(small3, small, tiny_model, tmp_path,
+                                                                               monkeypatch, then):
+    out = tmp_path / "o"
+    shutil.copytree(small3, out)
+    plant_user_files(out)
+    before = snapshot(out)
+    real = os.pwrite
+    calls = [0]
+
+    def pwrite(*a):
+        calls[0] += 1
+        if calls[0] == 40:  # the second shard of the new set is being written (the first took 29 writes)
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tiny_model, out, "--overwrite")
+    monkeypatch.setattr(os, "pwrite", real)
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".incoming")} == before
+    assert len(TraceSet(out)) == 3  # the old set is whole and readable while its replacement waits
+    assert (out / ".incoming" / "shard_00000.safetensors").is_file()  # the new set's first shard, kept for --resume
+    collect(tiny_model, out, then)
+    assert {k: v for k, v in snapshot(out).items() if k not in USER_FILES} == snapshot(small)
+    assert_user_files(out)
+
+
 def copy_swap_layout(old: Path, new: Path, out: Path) -> None:
     """`out` holds the old set and the user's files, `out/.incoming` the complete new set: a swap about to start."""
     shutil.copytree(old, out)
