@@ -92,6 +92,7 @@ def test_bad_checkpoints(tmp_path, kind):
                       "--output-dir", tmp_path / "v", check=False)
     assert_one_line_error(proc, "--checkpoint")
     assert "pwned" not in proc.stdout
+    assert "weights_only" not in proc.stderr  # torch's advice to load it unsafely is never passed on
 
 
 def test_collection_refuses_when_the_disk_cannot_hold_it(tiny_model, tmp_path, monkeypatch):

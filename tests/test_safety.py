@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 
 from collection.errors import UserError, one_line_errors
 from collection.format import ROUTER_WEIGHTS, TraceFormatError, TraceSet
-from tests.conftest import run_script
+from tests.conftest import REPO, run_script
 from tests.test_errors import assert_one_line_error
 
 # a seconds-long collection on the tiny model: 2 shards of 6 sequences of at most 32 tokens
@@ -56,9 +57,9 @@ def collect(model: Path, out: Path, *extra: str) -> None:
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` (hidden ones too) with its SHA-256."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+    """Every file under `directory` (hidden ones too) with its SHA-256, and every subdirectory."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(directory).rglob("*"))}
 
 
 def plant_user_files(directory: Path) -> None:
@@ -299,8 +300,12 @@ def test_router_weights_are_listed_verified_and_world_readable(small, tmp_path, 
     assert m.router_weights.sha256 == hashlib.sha256(rw.read_bytes()).hexdigest()
     mode = rw.stat().st_mode & 0o777
     assert mode == (small / "shard_00000.safetensors").stat().st_mode & 0o777 == FILE_MODE
-    if os.umask(0o022) == 0o022:  # (reading the umask means setting it)
-        assert mode == 0o644
+    # under the usual umask 022 that is 0644 (safetensors' own writer made it 0600: unreadable to a shared group)
+    code = ("import os, sys; from pathlib import Path; from collection.atomic import atomic_write_bytes; "
+            "p = Path(sys.argv[1]); atomic_write_bytes(p, b'x'); print(oct(p.stat().st_mode & 0o777))")
+    proc = subprocess.run(["sh", "-c", f'umask 022 && "{sys.executable}" -c "{code}" "{tmp_path / "m"}"'],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.strip() == "0o644", proc.stderr
 
     bad = tmp_path / "bad"
     shutil.copytree(small, bad)
