@@ -676,3 +676,15 @@ def test_any_field_of_a_manifest_replaced_is_an_error_or_readable(small, tmp_pat
         ts.router_weights()
     except TraceFormatError as e:
         assert "\n" not in str(e)
+
+
+def test_validation_outputs_of_the_wrong_kind_are_refused_first(small, tmp_path, capsys):
+    from scripts.validate_coverage_analysis import main
+
+    (tmp_path / "f").write_bytes(b"mine")
+    for flag, path in (("--output-dir", tmp_path / "f"), ("--json", tmp_path), ("--plot", tmp_path)):
+        proc = run_main(capsys, "validate_coverage_analysis", main, "--traces", small, "--model-type", "random",
+                        flag, path)
+        assert_one_line_error(proc, flag)
+        assert proc.returncode == 2
+    assert (tmp_path / "f").read_bytes() == b"mine"
