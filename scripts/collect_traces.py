@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -23,20 +22,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collection.atomic import PARTIAL_SUFFIX
+from collection.atomic import atomic_write_bytes, sha256_file
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
-from collection.device import pick_device, pick_dtype
+from collection.device import host_memory_available, pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
 from collection.families import router_extras
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
-                               atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
-                               write_manifest)
+                               bytes_per_token, encode_tensors, shard_name, shard_specs, write_manifest)
+from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
+                               human_size, inspect_output, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
+
+
+def is_out_of_memory(e: RuntimeError) -> bool:
+    """A forward that does not fit: CUDA's error, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,16 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("target_traces", "shard_size", "batch_size", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    if args.seed < 0 or args.min_chars < 0:
+        p.error("--seed and --min-chars must be >= 0")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     if args.output is None:
         args.output = f"routing_data/traces/{Path(args.model.rstrip('/')).name}"
+    parse_layers(args.hidden_layers, None)  # its spelling, before anything is loaded
     return args
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """MoE layer indices of --hidden-layers; `num_layers` None checks only the spelling."""
     if spec == "all":
-        return list(range(num_layers))
+        return list(range(num_layers or 0))
     if spec == "none":
         return []
     layers: set[int] = set()
@@ -94,8 +103,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             layers.update(range(int(a), int(b or a) + 1))
     except ValueError:
         raise UserError(f"--hidden-layers {spec!r}: use all, none, or indices like 0,4,8 or 0-11") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
-        raise UserError(f"--hidden-layers {spec!r}: the model has MoE layers 0..{num_layers - 1}")
+    if not layers or min(layers) < 0 or (num_layers is not None and max(layers) >= num_layers):
+        raise UserError(f"--hidden-layers {spec!r}: the model has MoE layers 0..{(num_layers or 1) - 1}")
     return sorted(layers)
 
 
@@ -103,29 +112,47 @@ def plan_dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
-    """Existing manifest when resuming; refuses to touch an existing trace set without a flag."""
-    if resume and (out / MANIFEST).is_file():
-        for partial in out.glob(f"*{PARTIAL_SUFFIX}"):
-            partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
-        return read_manifest(out)
-    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]  # noqa: E731
-    if out.exists() and any(out.iterdir()):
-        if not any(f.exists() for f in ours()):
-            raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
-        if not (overwrite or resume):  # resume without a manifest: killed before the first shard, start over
-            raise UserError(f"--output {out} already holds traces; --resume continues them, --overwrite replaces them")
-        for f in ours():
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+def largest_batch_tokens(lengths: np.ndarray, shard_size: int, batch_size: int) -> int:
+    """Real tokens of the largest forward batch: batches of `batch_size` sequences that never cross a shard.
+    The capture buffers hold exactly this many rows (not batch_size x max_length)."""
+    i = np.arange(len(lengths))
+    per_shard = -(-shard_size // batch_size)
+    batch_of = (i // shard_size) * per_shard + (i % shard_size) // batch_size
+    return int(np.bincount(batch_of, weights=lengths).max())
+
+
+def choose_destination(state: OutputState, args: argparse.Namespace) -> tuple[Path, Manifest | None]:
+    """Where this run writes and which manifest it continues, decided from the (read-only) output state:
+    a fresh directory in place, an interrupted collection where it was, an existing set's replacement in
+    the staging directory."""
+    out = state.out
+    if args.resume and state.interrupted_swap:
+        return out, state.staged                # its swap is finished first: the set then lies in `out`
+    if args.resume and state.staged is not None:
+        return state.staging_dir, state.staged  # a replacement cut short while it was collected
+    if args.resume and state.manifest is not None and (not state.staging or state.swap_leftover):
+        return out, state.manifest
+    if state.manifest is not None or state.interrupted_swap:
+        return state.staging_dir, None          # --overwrite (or --resume of a replacement never begun)
+    return out, None                            # nothing here yet
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = Path(args.output)
-    previous = prepare_output(out, args.resume, args.overwrite)
+    lock = OutputLock(Path(args.output))
+    try:
+        collect(args, lock)
+    finally:
+        lock.release()
 
+
+def collect(args: argparse.Namespace, lock: OutputLock) -> None:
+    out = Path(args.output)
+
+    # --- the output is only read until every input has been checked and the model has loaded
+    state = inspect_output(out, args.resume, args.overwrite)
+    if out.is_dir():
+        lock.acquire()  # a second collector stops here, before loading anything
     resolve_model_path(args.model)  # a hub id fails here, in seconds, before any text is read
 
     # --- the plan: which texts, in which order, as which tokens (all deterministic from --seed)
@@ -178,43 +205,79 @@ def main(argv: list[str] | None = None) -> None:
     capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "store_logits": store_logits,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), real tokens only",
                    "bytes_per_token": per_token}
+    routers = {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
+               **router_extras(model)}
 
+    # --- memory: the capture buffers hold the largest real batch, twice on a GPU (one fills while one drains)
+    max_rows = largest_batch_tokens(lengths, args.shard_size, args.batch_size)
+    buffers = (2 if device.type == "cuda" else 1) * max_rows * per_token
+    if buffers > 0.5 * host_memory_available():
+        raise UserError(f"--batch_size {args.batch_size}: its largest batch ({max_rows:,} tokens) needs "
+                        f"{human_size(buffers)} of host buffers, and only {human_size(host_memory_available())} "
+                        "of memory are available; lower --batch_size")
+
+    # --- where to write, and what is already there (still read-only)
+    dest, previous = choose_destination(state, args)
+    names = [shard_name(i) for i in range(n_shards)] + [ROUTER_WEIGHTS, MANIFEST]
     if previous is not None:
         mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
         mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits") if previous.capture.get(k) != capture_cfg[k]]
         if mismatch:
             raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
-                            f"repeat its flags exactly (they are in {out / MANIFEST})")
+                            f"repeat its flags exactly (they are in {dest / MANIFEST})")
+        for info in previous.shards:  # a finished shard is kept only if it is intact
+            where = state.staging_dir if (state.staging_dir / info.file).is_file() else dest  # mid-swap: either place
+            try:
+                TraceShard(where / info.file, info, previous, verify=True, hint="")
+            except UserError as e:
+                raise UserError(f"--resume: {e}; --overwrite collects the set again") from None
+    # files of this run's names that no manifest lists are the user's: never written over
+    manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
+    owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+    check_no_collision(out, names, owned)
+    if dest == out and previous is None and not (args.resume or args.overwrite):
+        for partial in expected_partials(names):
+            if (out / partial).exists():
+                raise UserError(f"{out / partial} is left from an interrupted collection; --resume starts it over")
+    start = len(previous.shards) if previous is not None else 0
+    done_tokens = int(lengths[: start * args.shard_size].sum())
+
+    # --- disk: refuse a collection that cannot fit rather than fail hours in (before anything is written)
+    need = (int(lengths.sum()) - done_tokens) * per_token
+    sizes = check_free_space(out, need, "store fewer --hidden-layers, a 2-byte --hidden-dtype, --no-logits, "
+                                        "or choose another --output")
+    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+          f"{', logits' if store_logits else ''}): {sizes}")
+
+    # --- from here on the output is written: under the lock, the old set untouched until the new one is complete
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if inspect_output(out, args.resume, args.overwrite) != state:
+        raise UserError(f"{out} changed while this run was loading; run it again")
+    prepare_destination(state, dest, previous, names)
+    if previous is not None and previous.complete:
+        print(f"{out}: collection already complete ({len(previous.shards)} shards)")
+        return
+    if previous is not None:
         manifest = previous
-        for info in manifest.shards:  # a finished shard is kept only if it is intact
-            TraceShard(out / info.file, info, manifest, verify=True)
-        if manifest.complete:
-            print(f"{out}: collection already complete ({len(manifest.shards)} shards)")
-            return
         print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
     else:
         manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
                                    "quantization": args.quantization, "dtype": plan["dtype"]},
                             routing=shape.to_json(), capture=capture_cfg,
                             sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
-        atomic_save_tensors(out / ROUTER_WEIGHTS,
-                            {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
-                             **router_extras(model)})
-        write_manifest(out, manifest)
-
-    # --- disk: refuse a collection that cannot fit rather than fail hours in
-    start = len(manifest.shards)
-    done_tokens = int(lengths[: start * args.shard_size].sum())
-    need = (int(lengths.sum()) - done_tokens) * per_token
-    free = shutil.disk_usage(out).free
-    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
-          f"{', logits' if store_logits else ''}): {need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free")
-    if need > 0.98 * free:
-        raise UserError(f"{out}: needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; store fewer "
-                        f"--hidden-layers, a 2-byte --hidden-dtype, --no-logits, or choose another --output")
+    # the router weights: listed in the manifest before they are written, so an interruption leaves no unlisted file
+    router_bytes, info = encode_tensors(ROUTER_WEIGHTS, routers)
+    if manifest.router_weights is not None and manifest.router_weights.sha256 != info.sha256:
+        raise UserError(f"--resume: the router weights of --model {args.model} differ from the interrupted run's "
+                        f"({dest / MANIFEST}); --overwrite collects the set again")
+    manifest.router_weights = info
+    write_manifest(dest, manifest)
+    rw_path = dest / ROUTER_WEIGHTS
+    if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
+        atomic_write_bytes(rw_path, router_bytes)
 
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
-    max_rows = args.batch_size * args.max_length
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
                              E, H)
     filler = ShardFiller(capture)
@@ -222,14 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
     t0 = time.perf_counter()
-    writer: ShardWriter | None = None
+    writers: list[ShardWriter] = []  # every one opened: an error aborts all that are not committed
     try:
         for shard_idx in range(start, n_shards):
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
             specs = shard_specs(N, hi - lo, **dims)
-            writer = ShardWriter(out / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writer = ShardWriter(dest / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writers.append(writer)
             writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
             writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
             writer.write("seq_ids", np.arange(lo, hi, dtype=np.int64))
@@ -237,7 +301,13 @@ def main(argv: list[str] | None = None) -> None:
             row = 0
             for b in range(lo, hi, args.batch_size):
                 input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id)
-                host = capture.forward(model, input_ids, mask)
+                try:
+                    host = capture.forward(model, input_ids, mask)
+                except RuntimeError as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    raise UserError(f"out of {device.type.upper()} memory in a batch of {input_ids.shape[0]} "
+                                    f"sequences x {input_ids.shape[1]} tokens; lower --batch_size") from None
                 filler.write_batch(writer, host, row)
                 row += host.rows
                 bar.update(host.rows)
@@ -247,22 +317,24 @@ def main(argv: list[str] | None = None) -> None:
                 manifest.shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes,
                                                  sha256=digest))
                 manifest.complete = len(manifest.shards) == n_shards
-                write_manifest(out, manifest)
+                write_manifest(dest, manifest)
             filler.submit(commit)
         filler.join()
     except BaseException:
-        filler.close()
-        if writer is not None:
-            writer.abort()  # the shard in progress never looks finished; --resume redoes it
+        filler.close()  # waits for the writing threads: no write lands after the aborts below
+        for w in writers:
+            w.abort()  # a shard in progress never looks finished; --resume redoes it
         raise
     filler.close()
     capture.close()
     bar.close()
+    if dest != out:
+        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
     elapsed = time.perf_counter() - t0
     collected = int(lengths.sum()) - done_tokens
     total_bytes = sum(s.bytes for s in manifest.shards)
     print(f"done: {n_seq} sequences, {int(lengths.sum())} tokens in {len(manifest.shards)} shards "
-          f"({total_bytes / 2**20:.1f} MiB) at {out}; {collected / max(elapsed, 1e-9):,.0f} tokens/s this run")
+          f"({human_size(total_bytes)}) at {out}; {collected / max(elapsed, 1e-9):,.0f} tokens/s this run")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ from models.checkpoint import save_checkpoint
 from models.features import make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 
+# every file a run writes in --output: what --overwrite may replace, and all it may replace
+OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth", "latest_checkpoint.json",
+                "results.json")
+
 # validate(model, trace set, sequence ids, lookahead, device, blocks, loss_fn, dtype) -> flat metric dict with
 # "loss": the train scripts pass `validation.evaluate.epoch_validation`, the project's one evaluation loop
 Validate = Callable[[nn.Module, TraceSet, np.ndarray, int, torch.device, SplitBlocks,
@@ -48,6 +52,8 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--val-fraction", type=float, default=0.1, help="sequences held out for validation (0.1)")
     g.add_argument("--test-fraction", type=float, default=0.1, help="sequences held out for the test split (0.1)")
     g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification (faster start)")
+    g.add_argument("--allow-incomplete", action="store_true",
+                   help="train on the finished shards of a collection that has not completed")
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--batch-size", "--batch_size", type=int, default=batch_size,
                    help=f"sequences per step, as the seed counted them (default {batch_size}): a step takes "
@@ -68,10 +74,12 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
     g.add_argument("--amp", choices=["auto", "off"], default="auto", help="bf16 autocast on GPU (auto) or never")
-    g.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --output")
+    g.add_argument("--overwrite", action="store_true",
+                   help=f"replace the files of an earlier run in --output ({', '.join(OUTPUT_FILES)}); nothing else")
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is read or written: one line for the first bad one."""
     for name in ("shards_per_group", "batch_size", "epochs", "hidden_dim"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -79,8 +87,25 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--batch-rows must be positive")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError("--lr must be a positive number")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UserError("--weight-decay must be a number >= 0")
+    if not (args.grad_clip > 0 and math.isfinite(args.grad_clip)):
+        raise UserError("--grad-clip must be a positive number")
+    if not 0 <= args.dropout < 1:  # also false for nan
+        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if args.lookahead < 0:
+        raise UserError(f"--lookahead {args.lookahead}: must be >= 0")
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory")
+    present = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if present and not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(present)} of an earlier run; --overwrite replaces them, "
+                        "or choose another --output")
 
 
 def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -97,15 +122,13 @@ def soft_cross_entropy(logits: torch.Tensor, true_ids: torch.Tensor) -> torch.Te
 def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
-    if (out / "best_checkpoint.pth").exists() and not args.overwrite:
-        raise UserError(f"{out} already holds checkpoints; --overwrite replaces them, or choose another --output")
     torch.manual_seed(args.seed)
     device = pick_device(args.device, args.gpu)
     amp = device.type == "cuda" and args.amp == "auto"
     dtype = torch.bfloat16 if amp else torch.float32
 
     # --- data: the trace set, its split, and what one step holds
-    ts = TraceSet(Path(args.traces), verify=not args.no_verify)
+    ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
     m = ts.manifest
     table = ts.sequence_table()
     split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
@@ -171,15 +194,19 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                 train_rows += tok.shape[0]
                 bar.update(1)
         sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bar.close()
+        # once per epoch (a host sync here costs nothing): a diverged run stops before NaNs reach the metrics
+        train_loss = (loss_sum / max(steps, 1)).item()
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all().item()
+        if not (math.isfinite(train_loss) and weights_finite):
+            raise UserError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}"
+                            f"{'' if weights_finite else ', weights not finite'}); lower --lr")
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
-        bar.close()
 
         model.eval()
         val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
-        row = {"epoch": epoch, "train_loss": (loss_sum / max(steps, 1)).item(), "lr": sched.get_last_lr()[0],
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
                "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
                **{f"val/{k}": v for k, v in val.items()}}
@@ -192,6 +219,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         if select not in val:
             raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
+        if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them
+            (out / "results.json").unlink(missing_ok=True)
         save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
         if val[select] > best:
             best = val[select]
