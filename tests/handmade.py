@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from collection.format import (ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceSet, atomic_save_tensors,
-                               shard_name, shard_specs, write_manifest)
+from collection.atomic import atomic_write_bytes
+from collection.format import (ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceSet, encode_tensors, shard_name,
+                               shard_specs, write_manifest)
 from collection.rows import TokenBlock, split_sequences
 
 
@@ -58,16 +59,18 @@ def write_trace_set(directory: Path, topk_ids: np.ndarray, topk_weights: np.ndar
         nbytes, digest = w.commit()
         shards.append(ShardInfo(file=shard_name(i), sequences=count, tokens=b - a, bytes=nbytes, sha256=digest))
         first += count
-    if router is not None:
-        atomic_save_tensors(directory / ROUTER_WEIGHTS,
-                            {f"router.{l}": torch.from_numpy(np.asarray(router[l], dtype=np.float32)) for l in range(L)})
+    router_info = None
+    if router is not None:  # as collect_traces writes them: bytes, size and checksum listed in the manifest
+        data, router_info = encode_tensors(ROUTER_WEIGHTS, {f"router.{l}": torch.from_numpy(
+            np.asarray(router[l], dtype=np.float32)) for l in range(L)})
+        atomic_write_bytes(directory / ROUTER_WEIGHTS, data)
     write_manifest(directory, Manifest(
         model={"name_or_path": "handmade", "architecture": "none", "dtype": "float32"},
         routing={"num_layers": L, "num_experts": num_experts, "top_k": K, "hidden_size": H},
         capture={"hidden_layers": list(range(L)) if hidden is not None else [], "hidden_dtype": "float32",
                  "store_logits": False},
         sources=[{"name": n} for n in source_names], plan={"tokens_sha256": "handmade"}, shards=shards,
-        complete=True))
+        complete=True, router_weights=router_info))
     return TraceSet(directory)
 
 
