@@ -1,4 +1,4 @@
-"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
+r"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
 
 a) collection: tokens/s of the bare forward pass vs forward + capture + shard writing (same model,
    same batches), with the measured disk write speed beside it;

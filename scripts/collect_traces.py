@@ -1,4 +1,4 @@
-"""Stage 1: collect routing traces from an MoE language model into shards on disk.
+r"""Stage 1: collect routing traces from an MoE language model into shards on disk.
 
 One trace = one text (sequence): for every real token and every MoE layer, the experts the router
 chose (ids, weights, optionally all logits) and the MoE-block input hidden state (the predictors'

@@ -1,4 +1,4 @@
-"""Write a random-weight MoE checkpoint of any Qwen2-MoE config to a directory, with a tokenizer.
+r"""Write a random-weight MoE checkpoint of any Qwen2-MoE config to a directory, with a tokenizer.
 
 The real Qwen1.5-MoE-A2.7B weights cannot be downloaded here; its exact architecture can be built
 with random weights and driven through exactly the user's code path (from_pretrained, 4-bit, ...).

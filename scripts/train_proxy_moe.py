@@ -1,4 +1,4 @@
-"""Train the embedded default: a small Qwen2-MoE with Qwen1.5-MoE's routing shape, on the bundled corpus.
+r"""Train the embedded default: a small Qwen2-MoE with Qwen1.5-MoE's routing shape, on the bundled corpus.
 
 A random-weight MoE routes mostly by token identity, the same at every layer: every predictor looks
 good on it and nothing learned there transfers. The real Qwen1.5-MoE weights cannot be downloaded

@@ -1,4 +1,4 @@
-"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
+r"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
 
 The seed's command:
     python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/best_checkpoint.pth \
