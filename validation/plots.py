@@ -86,18 +86,19 @@ def comparison_figure(curves: dict[str, dict[int, list[float | None]]], metric: 
     plt = _figure_module()
     ds = sorted({d for c in curves.values() for d in c})
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(curves)}
-    fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4.2), squeeze=False, sharey=True)
+    # constrained layout: the figure title clears the panel titles, the legend gets its own row below
+    fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4.6), squeeze=False, sharey=True, layout="constrained")
     for a, d in zip(axes[0], ds):
         for name, by_d in curves.items():
             if d in by_d:
                 ys = [np.nan if v is None else v for v in by_d[d]]
                 a.plot(range(len(ys)), ys, marker=".", color=colours[name], label=name)
         a.set(title=f"lookahead d = {d}", xlabel="target layer", ylim=(0, 1.02))
+        a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # layers are whole numbers
         a.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric)
     handles = [plt.Line2D([], [], color=colours[n], marker=".", label=n) for n in curves]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.subplots_adjust(bottom=0.2)
     save_figure(fig, path)
     plt.close(fig)
