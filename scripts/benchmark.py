@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         atomic_write_json(Path(args.json), res)
         print(f"\nwrote {args.json}")
+    else:
+        print("\nno --json FILE: the numbers above are not saved"
+              + (f"; scratch files kept in {args.workdir}" if args.workdir else ""))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,15 @@ from collection.atomic import PARTIAL_SUFFIX
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
                                atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
                                write_manifest)
+from collection.plan import announce, tokens_per_second
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
+QUICK_COMMAND = ("python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 "
+                 "--output routing_data/traces/quick --overwrite")  # the docstring's seconds-long command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,12 +214,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{out}: needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; store fewer "
                         f"--hidden-layers, a 2-byte --hidden-dtype, --no-logits, or choose another --output")
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    speed = tokens_per_second(model, encoded[:args.batch_size], pad_id, device)
+    announce(n_seq - start * args.shard_size, int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
+
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
     max_rows = args.batch_size * args.max_length
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
                              E, H)
     filler = ShardFiller(capture)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
     t0 = time.perf_counter()

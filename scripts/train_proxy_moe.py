@@ -197,6 +197,7 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
               f"{routing['load_entropy_bits'][l]:>12.3f} | {routing['token_entropy_bits'][l]:>20.3f} | "
               f"{routing['dead_experts'][l]:>4} | "
               f"{'-' if rr is None else f'{rr:.4f}'}")
+    print(f"wrote {out / REPORT}")
     return rep
 
 
