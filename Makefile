@@ -30,6 +30,9 @@ setup: $(STAMP)
 # 600 texts cut to 64 tokens (100 per domain); a layer-aware predictor of layer l+1's experts, trained 2 epochs;
 # the two sanity controls, router reuse (the training-free prefetcher to beat) and the predictor on the test split.
 # The seed's full-size commands are in README.md.
+# One thread per process: the demo's matrices are small, and on a busy machine two OpenMP threads spin-wait on
+# each other (the whole demo on 2 cores at load average 11: 2:20 with one thread, 8:24 with two).
+demo: export OMP_NUM_THREADS ?= 1
 demo: setup
 	$(BIN)/python scripts/collect_traces.py --datasets bundled --target_traces 600 --shard_size 100 \
 		--batch_size 16 --max_length 64 --no-logits --output $(DEMO)/traces --overwrite
