@@ -13,7 +13,9 @@ from torch import nn
 
 from collection.capture import pad_batch
 
-LONG_ON_CPU_S = 300  # a CPU collection longer than this gets a warning (and a pause to stop it on a terminal)
+# a CPU collection longer or larger than this gets a warning (and, on a terminal, a pause to stop it)
+LONG_ON_CPU_S = 120
+LARGE_BYTES = 2**30
 PAUSE_S = 5
 
 
@@ -45,9 +47,9 @@ def announce(sequences: int, tokens: int, nbytes: int, speed: float, device: tor
     seconds = tokens / max(speed, 1e-9)
     print(f"plan: {sequences:,} sequences, {tokens:,} tokens, {nbytes / 2**30:.2f} GiB to write; about "
           f"{duration(seconds)} on {device.type} (the forward pass alone runs at {speed:,.0f} tokens/s here)")
-    if device.type == "cpu" and seconds > LONG_ON_CPU_S:
-        print(f"warning: this is a long collection for a CPU (about {duration(seconds)}). For a quick look:\n"
-              f"    {quick_command}")
+    if device.type == "cpu" and (seconds > LONG_ON_CPU_S or nbytes > LARGE_BYTES):
+        print(f"warning: this is a large collection for a CPU (about {duration(seconds)} and {nbytes / 2**30:.2f} GiB; "
+              f"writing and a busy machine add to the time). For a quick look:\n    {quick_command}")
         if sys.stdin.isatty() if interactive is None else interactive:
             print(f"starting in {PAUSE_S} s; Ctrl-C stops it", flush=True)
             time.sleep(PAUSE_S)

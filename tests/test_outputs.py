@@ -25,7 +25,12 @@ def test_a_long_cpu_collection_is_announced_with_a_warning(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert seconds == 960
     assert "plan: 2,400 sequences, 480,000 tokens, 2.40 GiB to write; about 16 min on cpu" in out
-    assert "warning: this is a long collection for a CPU" in out and "    QUICK" in out and "Ctrl-C" in out
+    assert "warning: this is a large collection for a CPU" in out and "    QUICK" in out and "Ctrl-C" in out
+
+
+def test_a_large_cpu_collection_is_warned_even_when_quick(capsys):
+    plan.announce(2400, 480_000, int(2.4 * 2**30), 1e6, torch.device("cpu"), "QUICK", interactive=False)  # 0.5 s
+    assert "warning: this is a large collection for a CPU" in capsys.readouterr().out
 
 
 def test_non_interactive_runs_are_warned_but_never_paused(capsys):
@@ -37,7 +42,7 @@ def test_non_interactive_runs_are_warned_but_never_paused(capsys):
 
 
 def test_short_or_gpu_collections_get_the_plan_only(capsys):
-    plan.announce(120, 15_000, 2**26, 1000.0, torch.device("cpu"), "QUICK", interactive=True)  # 15 s
+    plan.announce(120, 15_000, 2**26, 1000.0, torch.device("cpu"), "QUICK", interactive=True)  # 15 s, 64 MiB
     plan.announce(2400, 480_000, 2**31, 500.0, torch.device("cuda", 0), "QUICK", interactive=True)
     out = capsys.readouterr().out
     assert out.count("plan:") == 2 and "warning" not in out
