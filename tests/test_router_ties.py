@@ -95,3 +95,14 @@ def test_bf16_gpu_traces_router_control(tmp_path):
             assert res["recall@4"] == 1.0 and res["exact_match"] == 1.0
         elif res["recall@4"] < 1.0:
             assert "why it differs:" in proc.stdout
+
+
+def test_why_the_control_differs_line():
+    from scripts.validate_coverage_analysis import why_control_differs
+
+    scorer = RouterScorer(torch.zeros(1, 60, 8, dtype=torch.bfloat16), lookahead=0, top_k=4)
+    scorer.rows, scorer.tied_rows, scorer.tied_missed_rows = 1000, 20, 5
+    line = why_control_differs({"top_k": 4, "coverage@4": 0.993}, scorer)  # 7 rows missed: 5 tied, 2 not
+    assert line.startswith("why it differs: 7 of 1,000 rows miss the stored top-4. 20 rows had a chosen expert "
+                           "tied in bfloat16 with an unchosen one; torch.topk on this device broke 5 of those ties")
+    assert line.endswith("; 2 rows have no tie: their recomputed router logits differ from the model's")
