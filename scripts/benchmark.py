@@ -1,4 +1,4 @@
-"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
+r"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
 
 a) collection: tokens/s of the bare forward pass vs forward + capture + shard writing (same model,
    same batches), with the measured disk write speed beside it;
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         atomic_write_json(Path(args.json), res)
         print(f"\nwrote {args.json}")
+    else:
+        print("\nno --json FILE: the numbers above are not saved"
+              + (f"; scratch files kept in {args.workdir}" if args.workdir else ""))
 
 
 if __name__ == "__main__":

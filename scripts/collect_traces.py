@@ -1,4 +1,4 @@
-"""Stage 1: collect routing traces from an MoE language model into shards on disk.
+r"""Stage 1: collect routing traces from an MoE language model into shards on disk.
 
 One trace = one text (sequence): for every real token and every MoE layer, the experts the router
 chose (ids, weights, optionally all logits) and the MoE-block input hidden state (the predictors'
@@ -33,10 +33,13 @@ from collection.output import (OutputLock, OutputState, check_free_space, check_
                                human_size, inspect_output, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
+from collection.plan import announce, tokens_per_second
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
+QUICK_COMMAND = ("python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 "
+                 "--output routing_data/traces/quick --overwrite")  # the docstring's seconds-long command
 
 
 def is_out_of_memory(e: RuntimeError) -> bool:
@@ -277,11 +280,14 @@ def collect(args: argparse.Namespace, lock: OutputLock) -> None:
     if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
         atomic_write_bytes(rw_path, router_bytes)
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    speed = tokens_per_second(model, encoded[:args.batch_size], pad_id, device)
+    announce(n_seq - start * args.shard_size, int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
+
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
                              E, H)
     filler = ShardFiller(capture)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
     t0 = time.perf_counter()

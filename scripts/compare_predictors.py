@@ -1,4 +1,4 @@
-"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
+r"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
 
 For each d: the seed's simple MLP (layer-agnostic), the layer-aware MLP and the hybrid (hidden state
 plus observed routing, causal) are trained, then scored with the same evaluation as every baseline

@@ -1,4 +1,4 @@
-"""Import the original SpecMoE project's pickle shards as a trace set that every stage here reads.
+r"""Import the original SpecMoE project's pickle shards as a trace set that every stage here reads.
 
 Each legacy shard is a pickled list of the collector's dataclass, one object per (MoE layer, forward
 batch). They are read through a restricted unpickler (no code in the files runs, the collector's

@@ -1,4 +1,4 @@
-"""Write a random-weight MoE checkpoint of any supported family's config to a directory, with a tokenizer.
+r"""Write a random-weight MoE checkpoint of any supported family's config to a directory, with a tokenizer.
 
 Real weights cannot be downloaded here; a model's exact architecture can be built with random weights
 and driven through exactly the user's code path (from_pretrained, 4-bit, ...). Presets

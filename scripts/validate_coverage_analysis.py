@@ -1,4 +1,4 @@
-"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
+r"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
 
 The seed's command:
     python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/best_checkpoint.pth \
@@ -32,7 +32,7 @@ from models.checkpoint import load_checkpoint
 from models.predictors import PREDICTORS
 from validation.evaluate import evaluate
 from validation.metrics import SEED_KS, random_expectation
-from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
+from validation.scorers import BASELINES, SCORERS, RouterScorer, baseline_scorer, predictor_scorer
 from validation.plots import coverage_figure
 
 
@@ -100,6 +100,20 @@ def print_table(res: dict[str, Any], ks: list[int], E: int, K: int) -> None:
     for target in (90, 95):
         k = res[f"k_for_coverage_{target}"]
         print(f"smallest k with coverage >= {target}%: {k if k is not None else f'none up to {ks[-1]}'}")
+
+
+def why_control_differs(res: dict[str, Any], scorer: RouterScorer) -> str:
+    """One line: how many rows the router control misses, and how many of them a tie explains."""
+    K, dtype = res["top_k"], str(scorer.weights.dtype).removeprefix("torch.")
+    missed = round((1 - res[f"coverage@{K}"]) * scorer.rows)  # rows whose top-K set is not the stored one
+    untied = missed - scorer.tied_missed_rows
+    line = (f"why it differs: {missed:,} of {scorer.rows:,} rows miss the stored top-{K}. {scorer.tied_rows:,} rows "
+            f"had a chosen expert tied in {dtype} with an unchosen one; torch.topk on this device broke "
+            f"{scorer.tied_missed_rows:,} of those ties otherwise than the model did (its order among ties is not "
+            f"documented and differs between devices)")
+    if untied:
+        line += f"; {untied:,} rows have no tie: their recomputed router logits differ from the model's"
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
           f"model {m.model['name_or_path']}; {args.split} split: {res['sequences']} sequences, {res['tokens']:,} "
           f"(token, layer) rows; {res['rows_per_s']:,.0f} rows/s on {res['device']}")
     print_table(res, ks, E, K)
+    if isinstance(scorer, RouterScorer) and lookahead == 0:
+        res["control_ties"] = {"rows": scorer.rows, "tied_rows": scorer.tied_rows,
+                               "tied_missed_rows": scorer.tied_missed_rows}
+        if res[f"recall@{K}"] < 1:
+            print(why_control_differs(res, scorer))
     if not args.quiet:
         print(f"\nper target layer: recall@{K}")
         print("  " + " ".join(f"L{l}:{'-' if v is None else f'{v:.3f}'}" for l, v in enumerate(per_layer)))

@@ -119,6 +119,15 @@ def soft_cross_entropy(logits: torch.Tensor, true_ids: torch.Tensor) -> torch.Te
     return -(multi_hot_target(true_ids, logits.shape[1]) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+def rate(per_s: float) -> str:
+    """A speed as people read it: 13200 -> '13.2k', 2.5e6 -> '2.50M', 950 -> '950'."""
+    if per_s >= 1e6:
+        return f"{per_s / 1e6:.2f}M"
+    if per_s >= 1e3:
+        return f"{per_s / 1e3:.1f}k"
+    return f"{per_s:.0f}"
+
+
 def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
@@ -215,7 +224,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
               f"recall@{K} {val[f'recall@{K}']:.4f} coverage@{2 * K} {val.get(f'coverage@{2 * K}', float('nan')):.4f} "
               f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
-              f"{row['epoch_rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
+              f"{rate(row['epoch_rows_per_s'])} rows/s | {epoch_time:.1f} s")
         if select not in val:
             raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
@@ -230,5 +239,6 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
     atomic_write_json(out / "results.json", summary)
-    print(f"best val {select} {best:.4f}; checkpoints in {out}")
+    print(f"best val {select} {best:.4f}; wrote best_checkpoint.pth, latest_checkpoint.pth (+ .json) and "
+          f"results.json to {out}/")
     return summary
