@@ -10,6 +10,10 @@ The seed's command (real model, CUDA GPU, Hugging Face hub access):
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite
+Several GPUs (README "Several GPUs"): one process per GPU, each collecting every N-th shard of the same plan,
+or one model spread over the GPUs:
+    torchrun --nproc_per_node 2 scripts/collect_traces.py --model DIR --output DIR2 ...
+    python scripts/collect_traces.py --model DIR --device-map auto --max-memory 40GiB ...
 """
 from __future__ import annotations
 
@@ -23,16 +27,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collection.atomic import PARTIAL_SUFFIX
+from collection.atomic import PARTIAL_SUFFIX, atomic_write_json
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
-from collection.device import pick_device, pick_dtype
+from collection.device import device_name, pick_device, pick_dtype
+from collection.distributed import (PARTIAL_MANIFEST_GLOB, ShardLedger, fold_partial_manifests, init_ranks,
+                                    rank_device)
 from collection.errors import UserError, one_line_errors
-from collection.families import router_extras
+from collection.families import moe_layers, router_extras
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
                                atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
                                write_manifest)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
+from collection.placement import describe_placement, placement_from_args
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
@@ -71,7 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output", default=None, help="trace directory (default routing_data/traces/<model name>)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted collection in --output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing trace set in --output")
+    g = p.add_argument_group("several GPUs (torchrun starts one process per GPU for data parallelism: README)")
+    g.add_argument("--device-map", default=None,
+                   help="spread the model's layers over the visible GPUs with accelerate: auto, balanced, "
+                        "balanced_low_0, sequential, or a JSON {module: device} map (inline or a file)")
+    g.add_argument("--max-memory", default=None,
+                   help="with a --device-map policy: weight memory per GPU, e.g. 20GiB, or JSON {\"0\": \"20GiB\", "
+                        "\"cpu\": \"100GiB\"} (default: 90%% of each GPU's free memory, none of the host's)")
+    g.add_argument("--stats-json", default=None, help="write this run's throughput (tokens, seconds, per rank) here")
     args = p.parse_args(argv)
+    if args.device_map is not None and (args.gpu is not None or args.device != "auto"):
+        p.error("--device-map places the model itself; drop --device / --gpu")
+    if args.max_memory is not None and args.device_map is None:
+        p.error("--max-memory needs --device-map")
     for name in ("target_traces", "shard_size", "batch_size", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
@@ -108,8 +127,9 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
     if resume and (out / MANIFEST).is_file():
         for partial in out.glob(f"*{PARTIAL_SUFFIX}"):
             partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
-        return read_manifest(out)
-    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]  # noqa: E731
+        return fold_partial_manifests(out, read_manifest(out))  # shards finished by the ranks of a killed torchrun run
+    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}"),  # noqa: E731
+                    *out.glob(PARTIAL_MANIFEST_GLOB)]
     if out.exists() and any(out.iterdir()):
         if not any(f.exists() for f in ours()):
             raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
@@ -123,8 +143,9 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    ranks = init_ranks()  # torchrun's processes share the plan below; rank 0 of 1 without torchrun
     out = Path(args.output)
-    previous = prepare_output(out, args.resume, args.overwrite)
+    previous = ranks.on_main(lambda: prepare_output(out, args.resume, args.overwrite))
 
     resolve_model_path(args.model)  # a hub id fails here, in seconds, before any text is read
 
@@ -142,11 +163,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars}: "
               + ", ".join(f"{name} {n}" for name, n in skipped.items() if n))
 
-    device = pick_device(args.device, args.gpu)
+    placement = None
+    if args.device_map is not None:  # accelerate spreads the layers; each torchrun rank over its own GPUs
+        placement, device = placement_from_args(args.device_map, args.max_memory, ranks.local_rank,
+                                                ranks.local_world, ranks.distributed)
+    else:
+        device = pick_device(*rank_device(ranks, args.device, args.gpu))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # pinned buffers and events of this process belong to its own GPU
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, device, dtype, args.quantization)
+    model, tokenizer = load_model(args.model, device, dtype, args.quantization, placement)
     load_s = time.perf_counter() - t0
+    if placement is not None:
+        print(f"device map ({args.device_map}): {describe_placement(model, [m.router for m in moe_layers(model)])}")
     shape = routing_shape(model)
     compute_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else dtype
     hidden_dtype = compute_dtype if args.hidden_dtype == "auto" else pick_dtype(args.hidden_dtype, device)
@@ -186,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
                             f"repeat its flags exactly (they are in {out / MANIFEST})")
         manifest = previous
-        for info in manifest.shards:  # a finished shard is kept only if it is intact
+        for info in manifest.shards[ranks.rank::ranks.world]:  # a finished shard is kept only if it is intact
             TraceShard(out / info.file, info, manifest, verify=True)
         if manifest.complete:
             print(f"{out}: collection already complete ({len(manifest.shards)} shards)")
@@ -197,14 +227,18 @@ def main(argv: list[str] | None = None) -> None:
                                    "quantization": args.quantization, "dtype": plan["dtype"]},
                             routing=shape.to_json(), capture=capture_cfg,
                             sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
-        atomic_save_tensors(out / ROUTER_WEIGHTS,
-                            {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
-                             **router_extras(model)})
-        write_manifest(out, manifest)
+        if ranks.is_main:
+            atomic_save_tensors(out / ROUTER_WEIGHTS,
+                                {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
+                                 **router_extras(model)})
+            write_manifest(out, manifest)
 
     # --- disk: refuse a collection that cannot fit rather than fail hours in
-    start = len(manifest.shards)
-    done_tokens = int(lengths[: start * args.shard_size].sum())
+    ledger = ShardLedger(out, manifest, n_shards, ranks)  # which shards are done, which are this process's
+
+    def shard_tokens(i: int) -> int:
+        return int(lengths[i * args.shard_size:(i + 1) * args.shard_size].sum())
+    done_tokens = int(lengths.sum()) - sum(shard_tokens(i) for i in ledger.remaining())
     need = (int(lengths.sum()) - done_tokens) * per_token
     free = shutil.disk_usage(out).free
     print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
@@ -220,11 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     filler = ShardFiller(capture)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    if ranks.distributed:  # rank 0's bar counts its own shards; the others draw none
+        print(f"{ranks.world} processes: shard i is collected by rank i % {ranks.world}; "
+              f"rank 0 has {len(ledger.todo)} of the {len(ledger.remaining())} shards to do")
+        bar = tqdm(total=sum(map(shard_tokens, ledger.todo)), unit="tok", desc=f"collect, rank 0 of {ranks.world}",
+                   dynamic_ncols=True, disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    ranks.barrier()  # rank 0's manifest exists before any shard is recorded; the ranks' clocks start together
     t0 = time.perf_counter()
     writer: ShardWriter | None = None
     try:
-        for shard_idx in range(start, n_shards):
+        for shard_idx in ledger.todo:
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
@@ -244,10 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def commit(writer: ShardWriter = writer, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
                 nbytes, digest = writer.commit()
-                manifest.shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes,
-                                                 sha256=digest))
-                manifest.complete = len(manifest.shards) == n_shards
-                write_manifest(out, manifest)
+                ledger.record(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
             filler.submit(commit)
         filler.join()
     except BaseException:
@@ -259,10 +297,20 @@ def main(argv: list[str] | None = None) -> None:
     capture.close()
     bar.close()
     elapsed = time.perf_counter() - t0
-    collected = int(lengths.sum()) - done_tokens
+    mine = {"rank": ranks.rank, "device": f"{device} ({device_name(device)})", "tokens": sum(map(shard_tokens, ledger.todo)), "seconds": elapsed,
+            "load_seconds": load_s}
+    manifest = ledger.finish()  # under torchrun: waits for every rank, rank 0 writes the one manifest
+    per_rank = ranks.all_gather(mine)
+    collected, seconds = sum(r["tokens"] for r in per_rank), max(r["seconds"] for r in per_rank)
     total_bytes = sum(s.bytes for s in manifest.shards)
     print(f"done: {n_seq} sequences, {int(lengths.sum())} tokens in {len(manifest.shards)} shards "
-          f"({total_bytes / 2**20:.1f} MiB) at {out}; {collected / max(elapsed, 1e-9):,.0f} tokens/s this run")
+          f"({total_bytes / 2**20:.1f} MiB) at {out}; {collected / max(seconds, 1e-9):,.0f} tokens/s this run"
+          + (f" over {ranks.world} processes" if ranks.distributed else ""))
+    if args.stats_json and ranks.is_main:
+        atomic_write_json(Path(args.stats_json), {
+            "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory,
+            "tokens": collected, "seconds": seconds, "tokens_per_s": collected / max(seconds, 1e-9),
+            "bytes_per_token": per_token, "complete": manifest.complete, "per_rank": per_rank})
 
 
 if __name__ == "__main__":
