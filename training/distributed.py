@@ -98,7 +98,7 @@ class DataParallel:
         counts = np.array(self.ranks.all_gather(block.tokens * len(layers)), dtype=np.int64)  # rows per rank
         steps = max(1, min(math.ceil(counts.sum() / rows_per_step), int(counts.min())))
         sizes = step_sizes(counts, steps)  # (world, steps)
-        weights = self.world * sizes[self.ranks.rank] / sizes.sum(0)
+        weights = loss_weights(sizes)[self.ranks.rank]
         N = block.tokens
         layer_t = torch.tensor(layers, device=block.topk_ids.device)
         order = torch.randperm(int(counts[self.ranks.rank]), generator=generator, device="cpu").to(layer_t.device)
@@ -144,6 +144,13 @@ def step_sizes(counts: np.ndarray, steps: int) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.int64)[:, None]
     i = np.arange(steps)[None, :]
     return counts // steps + (i < counts % steps)
+
+
+def loss_weights(sizes: np.ndarray) -> np.ndarray:
+    """(ranks, steps) factors of each rank's mean loss: world * n[r, i] / sum_r n[r, i]. DDP averages the ranks'
+    gradients, so sum_r (1/world) * factor * grad(mean_r) = sum_r n[r, i] / n[i] * grad(mean_r) = grad(mean over
+    all n[i] rows of step i)."""
+    return sizes.shape[0] * sizes / sizes.sum(0)
 
 
 def data_parallel(device: str, gpu: int | None) -> DataParallel:
