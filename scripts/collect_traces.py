@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device, dtype, args.quantization, placement)
     load_s = time.perf_counter() - t0
-    if placement is not None:
-        print(f"device map ({args.device_map}): {describe_placement(model, [m.router for m in moe_layers(model)])}")
+    placed = describe_placement(model, [m.router for m in moe_layers(model)]) if placement is not None else None
+    if placed:
+        print(f"device map ({args.device_map}): {placed}")
     shape = routing_shape(model)
     compute_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else dtype
     hidden_dtype = compute_dtype if args.hidden_dtype == "auto" else pick_dtype(args.hidden_dtype, device)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f" over {ranks.world} processes" if ranks.distributed else ""))
     if args.stats_json and ranks.is_main:
         atomic_write_json(Path(args.stats_json), {
-            "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory,
+            "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory, "placement": placed,
             "tokens": collected, "seconds": seconds, "tokens_per_s": collected / max(seconds, 1e-9),
             "bytes_per_token": per_token, "complete": manifest.complete, "per_rank": per_rank})
 
