@@ -147,6 +147,8 @@ class RoutingCapture:
             for dst, src in parts:
                 dst.copy_(src)
             return
+        if device not in self.copy_streams:  # a layer whose weights live elsewhere (host offload) computing here
+            self.copy_streams[device] = torch.cuda.Stream(device)
         stream = self.copy_streams[device]
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
