@@ -73,7 +73,8 @@ def compare_trace_sets(dir_a: Path, dir_b: Path, tol: Tolerance = Tolerance(), v
     """The agreement of trace set `dir_b` with the reference `dir_a` (see the module docstring)."""
     a, b = TraceSet(dir_a, verify=verify), TraceSet(dir_b, verify=verify)
     ma, mb = a.manifest, b.manifest
-    if ma.plan.get("tokens_sha256") != mb.plan.get("tokens_sha256") or [s.file for s in ma.shards] != [s.file for s in mb.shards]:
+    same_shards = [s.file for s in ma.shards] == [s.file for s in mb.shards]
+    if ma.plan.get("tokens_sha256") != mb.plan.get("tokens_sha256") or not same_shards:
         raise UserError(f"{dir_a} and {dir_b} are not collections of the same plan (texts, tokens or shards differ)")
     for key in ("num_layers", "num_experts", "top_k"):
         if ma.routing[key] != mb.routing[key]:
@@ -127,5 +128,6 @@ def compare_trace_sets(dir_a: Path, dir_b: Path, tol: Tolerance = Tolerance(), v
     return {"reference": str(dir_a), "compared": str(dir_b), "shards": len(a), "identical_shards": identical,
             "sequences": sum(s.sequences for s in ma.shards), **sums,
             "clean_fraction": sums["clean_rows"] / max(sums["rows"], 1), **worst,
-            "mismatch_rows_per_layer": per_layer_mismatch.tolist(), "ties_detectable": bool(ma.capture.get("store_logits", True) and mb.capture.get("store_logits", True)),
+            "mismatch_rows_per_layer": per_layer_mismatch.tolist(),
+            "ties_detectable": bool(ma.capture.get("store_logits", True) and mb.capture.get("store_logits", True)),
             "tolerance": asdict(tol), "within_tolerance": bool(within)}

@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     capture.close()
     bar.close()
     elapsed = time.perf_counter() - t0
-    mine = {"rank": ranks.rank, "device": f"{device} ({device_name(device)})", "tokens": sum(map(shard_tokens, ledger.todo)), "seconds": elapsed,
-            "load_seconds": load_s}
+    mine = {"rank": ranks.rank, "device": f"{device} ({device_name(device)})", "tokens": sum(map(shard_tokens, ledger.todo)),
+            "seconds": elapsed, "load_seconds": load_s}
     manifest = ledger.finish()  # under torchrun: waits for every rank, rank 0 writes the one manifest
     per_rank = ranks.all_gather(mine)
     collected, seconds = sum(r["tokens"] for r in per_rank), max(r["seconds"] for r in per_rank)
