@@ -159,3 +159,49 @@ def test_row_agreement_counts_ties_mismatches_and_clean_rows():
     assert r["clean"].tolist() == [[True, True, True], [False, False, True]]
     none = row_agreement(ids_a, ids_b, np.array([0, 2, 3]), None)  # no logits stored: no row can be a tie
     assert int(none["mismatch"].sum()) == 2
+
+
+def test_compare_finds_one_changed_choice_in_a_real_trace_set(tiny_traces, tmp_path):
+    """A copy of a trace set with one (layer, token) row's experts replaced: compare_traces counts exactly that
+    row as a mismatch (its logits are clear of ties), leaves the sequence's later layers out of the clean rows,
+    and exits 1; the untouched copy compares equal, byte for byte."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from collection.atomic import sha256_file
+    from collection.families import selection_scores
+    from collection.format import TraceSet
+    from scripts.compare_traces import main as compare_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_traces, copy)
+    assert compare_main([str(tiny_traces), str(copy)]) == 0
+
+    ts = TraceSet(copy)
+    m, sh = ts.manifest, ts.shard(0)
+    layer, off = 2, sh.numpy("seq_offsets")
+    logits = sh.tensor("router_logits")[layer].float()
+    clear = ~near_ties(selection_scores(m.routing["router"], logits, None), m.top_k, 2.0)
+    token = int(clear.nonzero()[0, 0])  # the first row of layer 2 whose choice is no near tie
+    path = copy / m.shards[0].file
+    tensors = load_file(path)
+    chosen = set(tensors["topk_ids"][layer, token].tolist())
+    other = [e for e in range(m.num_experts) if e not in chosen][:m.top_k]
+    tensors["topk_ids"][layer, token] = torch.tensor(other, dtype=torch.int16)
+    save_file(tensors, path, metadata=sh.metadata)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    from collection.compare import compare_trace_sets
+
+    res = compare_trace_sets(tiny_traces, copy)
+    assert (res["differing_rows"], res["tie_rows"], res["mismatch_rows"]) == (1, 0, 1)
+    assert res["mismatch_rows_per_layer"][layer] == 1 and not res["within_tolerance"]
+    seq = int(np.searchsorted(off, token, side="right") - 1)
+    seq_len = int(off[seq + 1] - off[seq])
+    later_layers = m.num_layers - layer - 1
+    assert res["rows"] - res["clean_rows"] == seq_len * later_layers  # that sequence's rows above layer 2
+    assert res["identical_shards"] == len(ts) - 1
+    assert compare_main([str(tiny_traces), str(copy)]) == 1
