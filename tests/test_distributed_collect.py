@@ -123,3 +123,14 @@ def test_device_map_is_only_a_placement(tiny_model, reference, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert files(out) == files(reference)
+
+
+def test_capture_only_benchmark_runs_under_torchrun(tiny_model, tmp_path):
+    """scripts/bench_capture_parallel.py: one round per group of processes, one JSON from rank 0."""
+    js = tmp_path / "capture.json"
+    proc = run(torchrun("bench_capture_parallel", "--model", str(tiny_model), "--device", "cpu", "--batches", "2",
+                        "--warmup", "1", "--seq-len", "16", "--json", str(js)))
+    assert proc.stdout.count("capturing at once") == 2  # 1 process, then both; printed by rank 0 only
+    res = json.loads(js.read_text())
+    assert [r["gpus"] for r in res["rounds"]] == [1, 2]
+    assert res["rounds"][1]["tokens"] == 2 * res["rounds"][0]["tokens"] == 2 * 2 * 8 * 16
