@@ -39,7 +39,7 @@ from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, Sh
                                write_manifest)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
-from collection.placement import describe_placement, placement_from_args
+from collection.placement import describe_placement, parse_device_map, parse_max_memory, placement_from_args
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
@@ -143,6 +143,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.device_map is not None:  # a malformed map fails now, not after the texts are read
+        parse_device_map(args.device_map), parse_max_memory(args.max_memory)
     ranks = init_ranks()  # torchrun's processes share the plan below; rank 0 of 1 without torchrun
     out = Path(args.output)
     previous = ranks.on_main(lambda: prepare_output(out, args.resume, args.overwrite))
