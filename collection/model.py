@@ -95,14 +95,22 @@ def quantization_config(quantization: str, device: torch.device, compute_dtype: 
 
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
-               quantization: str = "none") -> tuple[nn.Module, Any]:
-    """Model (eval mode, on `device`) and tokenizer, exactly as a user of transformers loads them."""
+               quantization: str = "none", placement: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """Model (eval mode, on `device`) and tokenizer, exactly as a user of transformers loads them.
+
+    `placement` (collection/placement.py: `device_map` and `max_memory`) spreads the layers over several GPUs
+    through accelerate instead; `device` then only picks the quantization and dtype checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, local = resolve_model_path(name_or_path)
     qconfig = quantization_config(quantization, device, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type == "cuda":
+    if placement is not None:
+        if quantization == "4bit":
+            raise UserError("--device-map with --quantization 4bit: the 4-bit path quantizes the experts onto one GPU "
+                            "(a full-size Qwen1.5-MoE takes 8 GB); use one GPU, or --quantization 8bit or none")
+        kwargs.update(placement)
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, not through host RAM
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -117,7 +125,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {name_or_path}: cannot load ({first})") from None
-    if qconfig is None and device.type != "cuda":
+    if qconfig is None and device.type != "cuda" and placement is None:
         model.to(device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:

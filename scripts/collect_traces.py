@@ -10,6 +10,10 @@ The seed's command (real model, CUDA GPU, Hugging Face hub access):
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite
+Several GPUs (README "Several GPUs"): one process per GPU, each collecting every N-th shard of the same plan,
+or one model spread over the GPUs:
+    torchrun --nproc_per_node 2 scripts/collect_traces.py --model DIR --output DIR2 ...
+    python scripts/collect_traces.py --model DIR --device-map auto --max-memory 40GiB ...
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from collection.atomic import atomic_write_bytes, sha256_file
+from collection.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
-from collection.device import host_memory_available, pick_device, pick_dtype
+from collection.device import device_name, host_memory_available, pick_device, pick_dtype
+from collection.distributed import (PARTIAL_MANIFEST_GLOB, Ranks, ShardLedger, fold_partial_manifests, init_ranks,
+                                    rank_device, shard_index)
 from collection.errors import UserError, one_line_errors
-from collection.families import router_extras
+from collection.families import moe_layers, router_extras
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
                                bytes_per_token, encode_tensors, shard_name, shard_specs, write_manifest)
 from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
@@ -34,6 +40,7 @@ from collection.output import (OutputLock, OutputState, check_free_space, check_
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.plan import announce, tokens_per_second
+from collection.placement import describe_placement, parse_device_map, parse_max_memory, placement_from_args
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
@@ -79,7 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output", default=None, help="trace directory (default routing_data/traces/<model name>)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted collection in --output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing trace set in --output")
+    g = p.add_argument_group("several GPUs (torchrun starts one process per GPU for data parallelism: README)")
+    g.add_argument("--device-map", default=None,
+                   help="spread the model's layers over the visible GPUs with accelerate: auto, balanced, "
+                        "balanced_low_0, sequential, or a JSON {module: device} map (inline or a file)")
+    g.add_argument("--max-memory", default=None,
+                   help="with a --device-map policy: weight memory per GPU, e.g. 20GiB, or JSON {\"0\": \"20GiB\", "
+                        "\"cpu\": \"100GiB\"} (default: 90%% of each GPU's free memory, none of the host's)")
+    g.add_argument("--stats-json", default=None, help="write this run's throughput (tokens, seconds, per rank) here")
     args = p.parse_args(argv)
+    if args.device_map is not None and (args.gpu is not None or args.device != "auto"):
+        p.error("--device-map places the model itself; drop --device / --gpu")
+    if args.max_memory is not None and args.device_map is None:
+        p.error("--max-memory needs --device-map")
     for name in ("target_traces", "shard_size", "batch_size", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
@@ -142,20 +161,27 @@ def choose_destination(state: OutputState, args: argparse.Namespace) -> tuple[Pa
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    lock = OutputLock(Path(args.output))
+    if args.device_map is not None:  # a malformed map fails now, not after the texts are read
+        parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    ranks = init_ranks()  # torchrun's processes share the plan below; rank 0 of 1 without torchrun
+    lock = OutputLock(Path(args.output))  # taken by rank 0 alone: the other ranks write only their own shards
     try:
-        collect(args, lock)
+        collect(args, lock, ranks)
     finally:
         lock.release()
 
 
-def collect(args: argparse.Namespace, lock: OutputLock) -> None:
+def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     out = Path(args.output)
 
-    # --- the output is only read until every input has been checked and the model has loaded
-    state = inspect_output(out, args.resume, args.overwrite)
-    if out.is_dir():
-        lock.acquire()  # a second collector stops here, before loading anything
+    # --- the output is only read until every input has been checked and the model has loaded; rank 0 decides
+    # about it for every process (under torchrun), and holds the lock
+    def inspect() -> OutputState:
+        state = inspect_output(out, args.resume, args.overwrite)
+        if out.is_dir():
+            lock.acquire()  # a second collector stops here, before loading anything
+        return state
+    state = ranks.on_main(inspect)
     resolve_model_path(args.model)  # a hub id fails here, in seconds, before any text is read
 
     # --- the plan: which texts, in which order, as which tokens (all deterministic from --seed)
@@ -172,11 +198,21 @@ def collect(args: argparse.Namespace, lock: OutputLock) -> None:
         print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars}: "
               + ", ".join(f"{name} {n}" for name, n in skipped.items() if n))
 
-    device = pick_device(args.device, args.gpu)
+    placement = None
+    if args.device_map is not None:  # accelerate spreads the layers; each torchrun rank over its own GPUs
+        placement, device = placement_from_args(args.device_map, args.max_memory, ranks.local_rank,
+                                                ranks.local_world, ranks.distributed)
+    else:
+        device = pick_device(*rank_device(ranks, args.device, args.gpu))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # pinned buffers and events of this process belong to its own GPU
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, device, dtype, args.quantization)
+    model, tokenizer = load_model(args.model, device, dtype, args.quantization, placement)
     load_s = time.perf_counter() - t0
+    placed = describe_placement(model, [m.router for m in moe_layers(model)]) if placement is not None else None
+    if placed:
+        print(f"device map ({args.device_map}): {placed}")
     shape = routing_shape(model)
     compute_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else dtype
     hidden_dtype = compute_dtype if args.hidden_dtype == "auto" else pick_dtype(args.hidden_dtype, device)
@@ -219,81 +255,108 @@ def collect(args: argparse.Namespace, lock: OutputLock) -> None:
                         f"{human_size(buffers)} of host buffers, and only {human_size(host_memory_available())} "
                         "of memory are available; lower --batch_size")
 
-    # --- where to write, and what is already there (still read-only)
-    dest, previous = choose_destination(state, args)
+    # --- where to write and what is already there, then (from "written" on) the writing of the manifest and
+    # router weights: rank 0 alone, under the lock, for every process; the old set stays untouched until the new
+    # one is complete
     names = [shard_name(i) for i in range(n_shards)] + [ROUTER_WEIGHTS, MANIFEST]
-    if previous is not None:
-        mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
-        mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits") if previous.capture.get(k) != capture_cfg[k]]
-        if mismatch:
-            raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
-                            f"repeat its flags exactly (they are in {dest / MANIFEST})")
-        for info in previous.shards:  # a finished shard is kept only if it is intact
-            where = state.staging_dir if (state.staging_dir / info.file).is_file() else dest  # mid-swap: either place
-            try:
-                TraceShard(where / info.file, info, previous, verify=True, hint="")
-            except UserError as e:
-                raise UserError(f"--resume: {e}; --overwrite collects the set again") from None
-    # files of this run's names that no manifest lists are the user's: never written over
-    manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
-    owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
-    check_no_collision(out, names, owned)
-    if dest == out and previous is None and not (args.resume or args.overwrite):
-        for partial in expected_partials(names):
-            if (out / partial).exists():
-                raise UserError(f"{out / partial} is left from an interrupted collection; --resume starts it over")
-    start = len(previous.shards) if previous is not None else 0
-    done_tokens = int(lengths[: start * args.shard_size].sum())
 
-    # --- disk: refuse a collection that cannot fit rather than fail hours in (before anything is written)
-    need = (int(lengths.sum()) - done_tokens) * per_token
-    sizes = check_free_space(out, need, "store fewer --hidden-layers, a 2-byte --hidden-dtype, --no-logits, "
-                                        "or choose another --output")
-    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
-          f"{', logits' if store_logits else ''}): {sizes}")
+    def shard_tokens(i: int) -> int:
+        return int(lengths[i * args.shard_size:(i + 1) * args.shard_size].sum())
 
-    # --- from here on the output is written: under the lock, the old set untouched until the new one is complete
-    out.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    if inspect_output(out, args.resume, args.overwrite) != state:
-        raise UserError(f"{out} changed while this run was loading; run it again")
-    prepare_destination(state, dest, previous, names)
-    if previous is not None and previous.complete:
-        print(f"{out}: collection already complete ({len(previous.shards)} shards)")
+    def prepare() -> tuple[Path, Manifest | None]:
+        dest, previous = choose_destination(state, args)
+        if previous is not None:
+            mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
+            mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits")
+                         if previous.capture.get(k) != capture_cfg[k]]
+            if mismatch:
+                raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
+                                f"repeat its flags exactly (they are in {dest / MANIFEST})")
+            for info in previous.shards:  # a finished shard is kept only if it is intact
+                where = state.staging_dir if (state.staging_dir / info.file).is_file() else dest  # mid-swap: either
+                try:
+                    TraceShard(where / info.file, info, previous, verify=True, hint="")
+                except UserError as e:
+                    raise UserError(f"--resume: {e}; --overwrite collects the set again") from None
+            # shards the ranks of a killed torchrun run finished (checked; written into the manifest below)
+            previous = fold_partial_manifests(dest, previous, write=False)
+        # files of this run's names that no manifest lists are the user's: never written over
+        manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
+        owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+        check_no_collision(out, names, owned)
+        if dest == out and previous is None and not (args.resume or args.overwrite):
+            for partial in expected_partials(names):
+                if (out / partial).exists():
+                    raise UserError(f"{out / partial} is left from an interrupted collection; --resume starts it over")
+        done = {shard_index(s) for s in previous.shards} if previous is not None else set()
+
+        # --- disk: refuse a collection that cannot fit rather than fail hours in (before anything is written)
+        need = sum(shard_tokens(i) for i in range(n_shards) if i not in done) * per_token
+        sizes = check_free_space(out, need, "store fewer --hidden-layers, a 2-byte --hidden-dtype, --no-logits, "
+                                            "or choose another --output")
+        print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+              f"{', logits' if store_logits else ''}): {sizes}")
+
+        # --- written from here on
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if inspect_output(out, args.resume, args.overwrite) != state:
+            raise UserError(f"{out} changed while this run was loading; run it again")
+        prepare_destination(state, dest, previous, names)
+        if previous is not None and previous.complete:
+            print(f"{out}: collection already complete ({len(previous.shards)} shards)")
+            return dest, None
+        if previous is not None:
+            manifest = previous
+            print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
+        else:
+            manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
+                                       "quantization": args.quantization, "dtype": plan["dtype"]},
+                                routing=shape.to_json(), capture=capture_cfg,
+                                sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
+        # the router weights: listed in the manifest before they are written, so an interruption leaves no
+        # unlisted file
+        router_bytes, info = encode_tensors(ROUTER_WEIGHTS, routers)
+        if manifest.router_weights is not None and manifest.router_weights.sha256 != info.sha256:
+            raise UserError(f"--resume: the router weights of --model {args.model} differ from the interrupted run's "
+                            f"({dest / MANIFEST}); --overwrite collects the set again")
+        manifest.router_weights = info
+        write_manifest(dest, manifest)
+        for partial_manifest in dest.glob(PARTIAL_MANIFEST_GLOB):  # folded into the manifest just written
+            partial_manifest.unlink()
+        rw_path = dest / ROUTER_WEIGHTS
+        if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
+            atomic_write_bytes(rw_path, router_bytes)
+        return dest, manifest
+    dest, manifest = ranks.on_main(prepare)
+    if manifest is None:
         return
-    if previous is not None:
-        manifest = previous
-        print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
-    else:
-        manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
-                                   "quantization": args.quantization, "dtype": plan["dtype"]},
-                            routing=shape.to_json(), capture=capture_cfg,
-                            sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
-    # the router weights: listed in the manifest before they are written, so an interruption leaves no unlisted file
-    router_bytes, info = encode_tensors(ROUTER_WEIGHTS, routers)
-    if manifest.router_weights is not None and manifest.router_weights.sha256 != info.sha256:
-        raise UserError(f"--resume: the router weights of --model {args.model} differ from the interrupted run's "
-                        f"({dest / MANIFEST}); --overwrite collects the set again")
-    manifest.router_weights = info
-    write_manifest(dest, manifest)
-    rw_path = dest / ROUTER_WEIGHTS
-    if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
-        atomic_write_bytes(rw_path, router_bytes)
+    ledger = ShardLedger(dest, manifest, n_shards, ranks)  # which shards are done, which are this process's
+    done_tokens = int(lengths.sum()) - sum(shard_tokens(i) for i in ledger.remaining())
+    need = (int(lengths.sum()) - done_tokens) * per_token
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     speed = tokens_per_second(model, encoded[:args.batch_size], pad_id, device)
-    announce(n_seq - start * args.shard_size, int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
+    announce(len([i for i in range(n_seq) if i // args.shard_size in ledger.remaining()]),
+             int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
 
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
                              E, H)
     filler = ShardFiller(capture)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    if ranks.distributed:  # rank 0's bar counts its own shards; the others draw none
+        print(f"{ranks.world} processes: shard i is collected by rank i % {ranks.world}; "
+              f"rank 0 has {len(ledger.todo)} of the {len(ledger.remaining())} shards to do")
+        bar = tqdm(total=sum(map(shard_tokens, ledger.todo)), unit="tok", desc=f"collect, rank 0 of {ranks.world}",
+                   dynamic_ncols=True, disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    ranks.barrier()  # rank 0's manifest exists before any shard is recorded; the ranks' clocks start together
     t0 = time.perf_counter()
     writers: list[ShardWriter] = []  # every one opened: an error aborts all that are not committed
     try:
-        for shard_idx in range(start, n_shards):
+        for shard_idx in ledger.todo:
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
@@ -320,10 +383,7 @@ def collect(args: argparse.Namespace, lock: OutputLock) -> None:
 
             def commit(writer: ShardWriter = writer, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
                 nbytes, digest = writer.commit()
-                manifest.shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes,
-                                                 sha256=digest))
-                manifest.complete = len(manifest.shards) == n_shards
-                write_manifest(dest, manifest)
+                ledger.record(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
             filler.submit(commit)
         filler.join()
     except BaseException:
@@ -334,13 +394,23 @@ def collect(args: argparse.Namespace, lock: OutputLock) -> None:
     filler.close()
     capture.close()
     bar.close()
-    if dest != out:
-        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
     elapsed = time.perf_counter() - t0
-    collected = int(lengths.sum()) - done_tokens
+    mine = {"rank": ranks.rank, "device": f"{device} ({device_name(device)})", "tokens": sum(map(shard_tokens, ledger.todo)),
+            "seconds": elapsed, "load_seconds": load_s}
+    manifest = ledger.finish()  # under torchrun: waits for every rank, rank 0 writes the one manifest
+    if dest != out and ranks.is_main:
+        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
+    per_rank = ranks.all_gather(mine)
+    collected, seconds = sum(r["tokens"] for r in per_rank), max(r["seconds"] for r in per_rank)
     total_bytes = sum(s.bytes for s in manifest.shards)
     print(f"done: {n_seq} sequences, {int(lengths.sum())} tokens in {len(manifest.shards)} shards "
-          f"({human_size(total_bytes)}) at {out}; {collected / max(elapsed, 1e-9):,.0f} tokens/s this run")
+          f"({human_size(total_bytes)}) at {out}; {collected / max(seconds, 1e-9):,.0f} tokens/s this run"
+          + (f" over {ranks.world} processes" if ranks.distributed else ""))
+    if args.stats_json and ranks.is_main:
+        atomic_write_json(Path(args.stats_json), {
+            "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory, "placement": placed,
+            "tokens": collected, "seconds": seconds, "tokens_per_s": collected / max(seconds, 1e-9),
+            "bytes_per_token": per_token, "complete": manifest.complete, "per_rank": per_rank})
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from collection.atomic import atomic_write_json
-from collection.device import pick_device
 from collection.errors import UserError
 from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import (SplitBlocks, input_layers, mean_tokens_per_sequence, row_batches, split_sequences,
-                             targets)
+from collection.rows import SplitBlocks, input_layers, mean_tokens_per_sequence, split_sequences, targets
 from models.checkpoint import save_checkpoint
 from models.features import make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
+from training.distributed import data_parallel, describe
 
 # every file a run writes in --output: what --overwrite may replace, and all it may replace
 OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth", "latest_checkpoint.json",
@@ -57,7 +56,8 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--batch-size", "--batch_size", type=int, default=batch_size,
                    help=f"sequences per step, as the seed counted them (default {batch_size}): a step takes "
-                        "batch-size x mean tokens per sequence x layers (token, layer) rows, shuffled across the group")
+                        "batch-size x mean tokens per sequence x layers (token, layer) rows, shuffled across the group "
+                        "(under torchrun: the rows of one step summed over the processes)")
     g.add_argument("--batch-rows", type=int, default=None, help="token rows per step (overrides --batch-size)")
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
@@ -132,7 +132,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     validate_args(args)
     out = Path(args.output)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device, args.gpu)
+    dp = data_parallel(args.device, args.gpu)  # under torchrun: DDP, this rank's GPU and its part of the rows
+    device = dp.device
     amp = device.type == "cuda" and args.amp == "auto"
     dtype = torch.bfloat16 if amp else torch.float32
 
@@ -152,14 +153,15 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
           f"top-{m.top_k}); split by sequence: {len(split['train'])} train / {len(split['val'])} val / "
           f"{len(split['test'])} test")
     print(f"rows: (token, layer l) -> experts of layer l+{args.lookahead}; layers {layers[0]}..{layers[-1]}; "
-          f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}), "
-          f"~{steps_per_epoch} steps per epoch")
+          f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}"
+          f"{describe(dp, rows_per_step)}), ~{steps_per_epoch} steps per epoch")
 
     # --- model and optimiser (the seed's recipe: AdamW, cosine stepped per epoch, clip 1.0)
     cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
                           dropout=args.dropout)
     model = build_predictor(cfg).to(device)
+    step_model = dp.wrap(model)  # the training step's forward (DDP averages gradients); `model` is what is saved
     history_feats = model.uses_history
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
@@ -172,7 +174,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                    "tokens_sha256": m.plan.get("tokens_sha256"), "sources": m.source_names}
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    train_blocks = SplitBlocks(ts, split["train"], device, args.shards_per_group)
+    train_blocks = SplitBlocks(ts, dp.rank_sequences(table, split["train"]), device, args.shards_per_group)
+    train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
           f"({len(ts)} shards, {args.shards_per_group} per group)")
@@ -186,14 +189,14 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         steps = 0
         rows_before = train_rows
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not dp.is_main)
         for block in train_blocks.epoch(rng):
-            for tok, layer in row_batches(block, layers, rows_per_step, gen):
+            for tok, layer, weight in dp.row_batches(block, layers, rows_per_step, gen):  # weight 1 in one process
                 # features go straight into Linear layers, which autocast would cast to `dtype` anyway
                 f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats, dtype)
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                    logits = model(f)
-                loss = soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
+                    logits = step_model(f)
+                loss = soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead)) * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -204,6 +207,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                 bar.update(1)
         sched.step()
         bar.close()
+        loss_sum, train_rows = dp.mean(loss_sum), rows_before + dp.total(train_rows - rows_before)  # over the ranks
         # once per epoch (a host sync here costs nothing): a diverged run stops before NaNs reach the metrics
         train_loss = (loss_sum / max(steps, 1)).item()
         weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all().item()
@@ -214,7 +218,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         train_time += epoch_time
 
         model.eval()
-        val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
+        val = dp.from_main(lambda: validate(model, ts, split["val"], args.lookahead, device, val_blocks,
+                                            soft_cross_entropy, dtype))
         row = {"epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
                "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
@@ -228,17 +233,20 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         if select not in val:
             raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
-        if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them
-            (out / "results.json").unlink(missing_ok=True)
-        save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
+        if dp.is_main:  # one set of checkpoints, written by rank 0
+            if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them
+                (out / "results.json").unlink(missing_ok=True)
+            save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
         if val[select] > best:
             best = val[select]
-            save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
-                            {**metrics, "best": {select: best, "epoch": epoch}})
+            if dp.is_main:
+                save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                                {**metrics, "best": {select: best, "epoch": epoch}})
     summary = {"best": {select: best}, "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
-    atomic_write_json(out / "results.json", summary)
+    if dp.is_main:
+        atomic_write_json(out / "results.json", {**summary, "processes": dp.world})
     print(f"best val {select} {best:.4f}; wrote best_checkpoint.pth, latest_checkpoint.pth (+ .json) and "
           f"results.json to {out}/")
     return summary
