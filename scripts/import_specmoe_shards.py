@@ -151,6 +151,7 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
     check_no_collision(out, names, owned)
     sizes = check_free_space(out, sum(f.stat().st_size for f in inputs), "choose another --output")
+    created = not out.exists()  # removed again if the import fails: a refused input leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     if inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False) != state:
@@ -272,6 +273,11 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
             (dest / s.file).unlink(missing_ok=True)
         if dest != out:
             discard_staging(state)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:  # something else appeared in it meanwhile: not ours to delete
+                pass
         raise
     if dest != out:
         swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
