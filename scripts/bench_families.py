@@ -1,4 +1,4 @@
-"""Full-size MoE families on one GPU: memory after load (bf16 and 4-bit) and the paired capture overhead.
+r"""Full-size MoE families on one GPU: memory after load (bf16 and 4-bit) and the paired capture overhead.
 
 For each full-size preset (models/moe_configs.py), with random weights and the exact architecture:
   * bf16: the model is built directly on the GPU (no checkpoint on disk: Qwen3-30B-A3B's 61 GB would not
@@ -19,7 +19,7 @@ On one H100 (estimated 6-8 minutes, not yet run; needs bitsandbytes):
 One preset, fewer rounds:
     python scripts/bench_families.py results/families --presets olmoe-1b-7b --paired-rounds 8
 Seconds on a CPU (the tiny presets; checks the script, measures nothing worth keeping):
-    python scripts/bench_families.py /tmp/fam-bench --presets tiny-mixtral,tiny-deepseek_v3 \\
+    python scripts/bench_families.py /tmp/fam-bench --presets tiny-mixtral,tiny-deepseek_v3 \
         --quantizations none --batch-size 2 --seq-len 32 --paired-rounds 2 --device cpu
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ or one model spread over the GPUs:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ from collection.distributed import (PARTIAL_MANIFEST_GLOB, Ranks, ShardLedger, f
                                     rank_device, shard_index)
 from collection.errors import UserError, one_line_errors
 from collection.families import moe_layers, router_extras
-from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
-                               bytes_per_token, encode_tensors, shard_name, shard_specs, write_manifest)
+from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, SafetensorsFile, ShardInfo, ShardWriter,
+                               TraceFormatError, TraceShard, bytes_per_token, encode_tensors, shard_name, shard_specs,
+                               write_manifest)
 from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
                                human_size, inspect_output, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
@@ -141,6 +143,20 @@ def largest_batch_tokens(lengths: np.ndarray, shard_size: int, batch_size: int) 
     per_shard = -(-shard_size // batch_size)
     batch_of = (i // shard_size) * per_shard + (i % shard_size) // batch_size
     return int(np.bincount(batch_of, weights=lengths).max())
+
+
+def shard_left_by_plan(path: Path, index: int, tokens: int, sequences: int) -> bool:
+    """Whether `path`, listed by no manifest, is shard `index` of this very plan, written whole by this
+    collector: a run killed between a shard's rename and its manifest record leaves one. Such a file is the
+    collector's own and is collected again; any other file of a shard's name is the user's and is refused."""
+    if not path.is_file():
+        return False
+    try:
+        f = SafetensorsFile(path)
+    except TraceFormatError:
+        return False
+    return (f.metadata.get("shard") == str(index) and f.entries.get("token_ids", ("", ()))[1] == (tokens,)
+            and f.entries.get("seq_ids", ("", ()))[1] == (sequences,))
 
 
 def choose_destination(state: OutputState, args: argparse.Namespace) -> tuple[Path, Manifest | None]:
@@ -263,6 +279,9 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     def shard_tokens(i: int) -> int:
         return int(lengths[i * args.shard_size:(i + 1) * args.shard_size].sum())
 
+    def shard_sequences(i: int) -> int:
+        return min((i + 1) * args.shard_size, n_seq) - i * args.shard_size
+
     def prepare() -> tuple[Path, Manifest | None]:
         dest, previous = choose_destination(state, args)
         if previous is not None:
@@ -279,10 +298,14 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
                 except UserError as e:
                     raise UserError(f"--resume: {e}; --overwrite collects the set again") from None
             # shards the ranks of a killed torchrun run finished (checked; written into the manifest below)
-            previous = fold_partial_manifests(dest, previous, write=False)
+            previous = fold_partial_manifests(dest, copy.deepcopy(previous), write=False)  # `state` stays as read
         # files of this run's names that no manifest lists are the user's: never written over
-        manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
+        # (`previous` also lists the shards of a killed torchrun run's partial manifests, folded in above)
+        manifests = [m for m in (state.manifest, state.staged, state.replaced, previous) if m is not None]
         owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+        if previous is not None:  # a shard this plan's writer renamed into place just before it was killed
+            owned |= {shard_name(i) for i in range(n_shards)
+                      if shard_left_by_plan(dest / shard_name(i), i, shard_tokens(i), shard_sequences(i))}
         check_no_collision(out, names, owned)
         if dest == out and previous is None and not (args.resume or args.overwrite):
             for partial in expected_partials(names):

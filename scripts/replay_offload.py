@@ -1,4 +1,4 @@
-"""Measured offloaded decode on a CUDA GPU: the simulator's schedule executed for real, next to its prediction.
+r"""Measured offloaded decode on a CUDA GPU: the simulator's schedule executed for real, next to its prediction.
 
 Full-size Qwen1.5-MoE-A2.7B experts (3 x 2048 x 1408, random weights) sit in pinned host memory in fp16 and
 NF4; each replayed layer keeps C of them in GPU slots. For every policy, the simulator

@@ -1,4 +1,4 @@
-"""What prediction buys: replay a trace set's test split through a GPU expert cache and a cost model.
+r"""What prediction buys: replay a trace set's test split through a GPU expert cache and a cost model.
 
 The test split's sequences, one after another, are decoded at batch 1 (token t, layers 0..L-1); each layer
 keeps C expert slots on the GPU, the rest of the experts sit in pinned host memory behind one copy engine.

@@ -37,7 +37,8 @@ def test_help_shows_every_docstring_line_verbatim(script, capsys):
 
 def test_every_script_gives_a_copyable_command():
     for script in SCRIPTS:
-        commands = [l for l in docstring_source_lines(script) if l.lstrip().startswith("python scripts/")]
+        commands = [l for l in docstring_source_lines(script)
+                    if l.lstrip().startswith(("python scripts/", "torchrun "))]  # torchrun: the multi-GPU scripts
         assert commands, f"scripts/{script}.py: its docstring gives no `python scripts/...` command"
 
 
