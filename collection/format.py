@@ -16,6 +16,8 @@ Shard tensors (N real tokens, S sequences, L MoE layers, Lh stored hidden layers
     topk_weights   float16 (L, N, k)   their routing weights as the model applied them
     router_logits  float16 (L, N, E)   optional (capture.store_logits)
     hidden         (Lh, N, H)          optional: MoE-block input of the layers in capture.hidden_layers
+                   (a compact capture.hidden_format stores uint8 codes (Lh, N, P) and hidden_scale
+                   float16 (Lh, N, G) instead: collection/hidden_format.py encodes and decodes them)
 
 Shards are plain safetensors files (no pickle). Layer-major layout makes "layer l, token rows a:b" one
 contiguous slice, so training memory-maps a shard and reads row ranges without loading it whole.
@@ -35,9 +37,13 @@ import numpy as np
 import torch
 
 from collection.atomic import PARTIAL_SUFFIX, atomic_path, atomic_write_json, commit_file, sha256_file
+from collection.durable import start_writeback
 from collection.errors import UserError
+from collection.hidden_format import FORMATS, LOSSLESS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
+COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
+READABLE_VERSIONS = (FORMAT_VERSION, COMPACT_FORMAT_VERSION)
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
 MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router_weights.safetensors"
@@ -85,8 +91,10 @@ class ShardWriter:
     until `commit()` fsyncs and renames it: a crash leaves only a `.partial`, which no reader takes.
     """
 
-    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None,
+                 writeback: bool = False):
         self.path = Path(path)
+        self.writeback = writeback  # start writing each range to disk at once (collection.durable)
         self.tmp = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         header: dict[str, Any] = {}
         if metadata:
@@ -122,7 +130,10 @@ class ShardWriter:
         strides = np.cumprod((shape[1:] + (1,))[::-1])[::-1]  # elements per step of each axis
         elem = sum(i * s for i, s in zip(index, strides)) + row * strides[lead]
         if array.size:
-            os.pwrite(self.fd, memoryview(array).cast("B"), self.data_start + self.offsets[name] + int(elem) * itemsize)
+            at = self.data_start + self.offsets[name] + int(elem) * itemsize
+            os.pwrite(self.fd, memoryview(array).cast("B"), at)
+            if self.writeback:
+                start_writeback(self.fd, at, array.nbytes)
 
     def commit(self) -> tuple[int, str]:
         """Flush, fsync, rename into place; returns (bytes, sha256)."""
@@ -132,6 +143,11 @@ class ShardWriter:
         digest = sha256_file(self.tmp)
         commit_file(self.tmp, self.path)
         return self.total_bytes, digest
+
+    def hand_off(self) -> tuple[Path, Path, int, int]:
+        """(partial path, final path, open fd, total bytes) for a `ShardCommitter`, which owns the fd from now on."""
+        fd, self.fd = self.fd, -1
+        return self.tmp, self.path, fd, self.total_bytes
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -286,6 +302,11 @@ class Manifest:
         return [int(x) for x in self.capture.get("hidden_layers", [])]
 
     @property
+    def hidden_format(self) -> str:
+        """How hidden states are stored (collection/hidden_format.py); absent in older manifests: lossless."""
+        return str(self.capture.get("hidden_format", LOSSLESS))
+
+    @property
     def source_names(self) -> list[str]:
         return [s["name"] for s in self.sources]
 
@@ -302,8 +323,9 @@ class Manifest:
 
         if not isinstance(d, dict):
             raise bad("not a JSON object")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise bad(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        if d.get("format_version") not in READABLE_VERSIONS:
+            raise bad(f"format_version {d.get('format_version')!r}, this code reads "
+                      f"{', '.join(map(str, READABLE_VERSIONS))}")
         for key in ("model", "routing", "capture", "plan"):
             if not isinstance(d.get(key), dict):
                 raise bad(f"missing section {key!r}")
@@ -315,6 +337,14 @@ class Manifest:
         hl = d["capture"].get("hidden_layers", [])
         if not isinstance(hl, list) or not all(type(x) is int and 0 <= x < d["routing"]["num_layers"] for x in hl):
             raise bad("capture.hidden_layers must list layer indices")
+        hf = d["capture"].get("hidden_format", LOSSLESS)
+        if not isinstance(hf, str) or hf not in FORMATS:
+            raise bad(f"capture.hidden_format {hf!r} is not one of {', '.join(FORMATS)}")
+        if (hf != LOSSLESS) != (d["format_version"] == COMPACT_FORMAT_VERSION):
+            raise bad(f"capture.hidden_format {hf!r} needs format_version "
+                      f"{FORMAT_VERSION if hf == LOSSLESS else COMPACT_FORMAT_VERSION}")
+        if hf != LOSSLESS and (why := FORMATS[hf].check(d["routing"]["hidden_size"])):
+            raise bad(f"capture.hidden_format {hf!r}: {why}")
         shards = []
         for s in d.get("shards", []):
             try:
@@ -325,7 +355,8 @@ class Manifest:
             if "/" in shards[-1].file or "\\" in shards[-1].file or shards[-1].file.startswith("."):
                 raise bad(f"shard file name {shards[-1].file!r} must be a plain file name")
         return cls(model=d["model"], routing=d["routing"], capture=d["capture"], sources=d["sources"],
-                   plan=d["plan"], shards=shards, complete=bool(d.get("complete", False)))
+                   plan=d["plan"], shards=shards, complete=bool(d.get("complete", False)),
+                   format_version=d["format_version"])
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -351,7 +382,8 @@ def shard_name(index: int) -> str:
 
 
 def shard_specs(tokens: int, sequences: int, *, num_layers: int, top_k: int, num_experts: int, hidden_size: int,
-                hidden_layers: int, hidden_dtype: str, store_logits: bool) -> dict[str, TensorSpec]:
+                hidden_layers: int, hidden_dtype: str, store_logits: bool,
+                hidden_format: str = LOSSLESS) -> dict[str, TensorSpec]:
     """Every tensor of one shard, its storage dtype and shape: the schema of this module's docstring, in code.
     Collection, legacy import, benchmarks and the reader all take the layout from here."""
     L, N, S, K = num_layers, tokens, sequences, top_k
@@ -360,8 +392,12 @@ def shard_specs(tokens: int, sequences: int, *, num_layers: int, top_k: int, num
              "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
     if store_logits:
         specs["router_logits"] = TensorSpec("float16", (L, N, num_experts))
-    if hidden_layers:
+    if hidden_layers and hidden_format == LOSSLESS:
         specs["hidden"] = TensorSpec(hidden_dtype, (hidden_layers, N, hidden_size))
+    elif hidden_layers:
+        fmt = FORMATS[hidden_format]
+        specs["hidden"] = TensorSpec("uint8", (hidden_layers, N, fmt.payload_bytes(hidden_size)))
+        specs["hidden_scale"] = TensorSpec("float16", (hidden_layers, N, fmt.groups(hidden_size)))
     return specs
 
 
@@ -380,7 +416,8 @@ def manifest_dims(manifest: Manifest, store_logits: bool | None = None) -> dict[
     return {"num_layers": manifest.num_layers, "top_k": manifest.top_k, "num_experts": manifest.num_experts,
             "hidden_size": manifest.hidden_size, "hidden_layers": len(manifest.hidden_layers),
             "hidden_dtype": str(manifest.capture.get("hidden_dtype", "float16")),
-            "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits}
+            "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits,
+            "hidden_format": manifest.hidden_format}
 
 
 class TraceShard(SafetensorsFile):
