@@ -84,11 +84,11 @@ def _router(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.d
     E = ts.manifest.num_experts
 
     def score(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        h = block.hidden[block.hidden_slot[layer], tok]
+        h = block.hidden_at(layer, tok, weights.dtype)
         scores = torch.empty(tok.shape[0], E, device=device)
         for l in layer.unique().tolist():  # one matmul per target layer present in the batch
             m = layer == l
-            scores[m] = torch.nn.functional.linear(h[m].to(weights.dtype), weights[l + lookahead]).float()
+            scores[m] = torch.nn.functional.linear(h[m], weights[l + lookahead]).float()
         return scores
     return score
 
