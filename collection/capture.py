@@ -6,12 +6,15 @@ outputs (router logits, routing weights, expert ids). Nothing is recomputed. For
 layer the hook keeps only real-token rows of the hidden state (padding dropped with one
 index_select), casts them to the storage dtype on the GPU, and queues a non-blocking copy into
 pinned host memory on a side stream, so the copies overlap the next layers' compute; the router's
-small outputs of all layers are stacked and copied once, after the forward. A background thread waits for each
-batch's copies and writes them into the shard file; two sets of pinned buffers alternate so the
-GPU never waits for the disk unless the disk is the bottleneck.
+small outputs of all layers are stacked and copied once, after the forward. A compact hidden format
+(collection/hidden_format.py) is encoded on the GPU after the forward, on the side stream, so only the
+compact bytes cross PCIe. A background thread waits for each batch's copies and writes them into the shard
+file; two sets of pinned buffers alternate so the GPU never waits for the disk unless the disk is the
+bottleneck.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +24,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from collection.durable import ShardCommitter
 from collection.format import ShardWriter
+from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat
 from collection.model import moe_blocks
+
+ENCODE_LAYERS = 8  # hidden layers encoded per call: fewer launches than one by one, bounded scratch memory
 
 
 def router_outputs(output: Any, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,13 +63,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 @dataclass
 class HostBatch:
     """One batch's captured rows in host memory (pinned on CUDA), valid once `ready` has completed."""
-    hidden: torch.Tensor | None   # (Lh, max_rows, H)
+    hidden: torch.Tensor | None   # (Lh, max_rows, H), or (Lh, max_rows, P) uint8 codes of a compact format
     topk_ids: torch.Tensor        # (L, max_rows, k) int16
     topk_weights: torch.Tensor    # (L, max_rows, k) float16
     router_logits: torch.Tensor | None  # (L, max_rows, E) float16
     rows: int = 0
     ready: torch.cuda.Event | None = None
     sources: list[torch.Tensor] | None = None  # GPU tensors being copied: kept alive until `ready`
+    hidden_scale: torch.Tensor | None = None   # (Lh, max_rows, G) float16 scales of a compact format
 
 
 class RoutingCapture:
@@ -70,7 +78,7 @@ class RoutingCapture:
 
     def __init__(self, model: nn.Module, hidden_layers: list[int], hidden_dtype: torch.dtype,
                  store_logits: bool, max_rows: int, top_k: int, norm_topk_prob: bool, num_experts: int,
-                 hidden_size: int, num_buffers: int = 2):
+                 hidden_size: int, num_buffers: int = 2, hidden_format: HiddenFormat = FORMATS[LOSSLESS]):
         self.blocks = moe_blocks(model)
         self.L = len(self.blocks)
         self.slot = {layer: j for j, layer in enumerate(hidden_layers)}  # MoE layer -> hidden slot
@@ -84,13 +92,19 @@ class RoutingCapture:
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype, pin_memory=pin)
 
+        self.format = hidden_format
         self.free: queue.Queue[HostBatch] = queue.Queue()
+        Lh, fmt = len(hidden_layers), hidden_format
         for _ in range(num_buffers if self.cuda else 1):
             self.free.put(HostBatch(
-                hidden=host(len(hidden_layers), max_rows, hidden_size, dtype=hidden_dtype) if hidden_layers else None,
+                hidden=(None if not hidden_layers else host(Lh, max_rows, hidden_size, dtype=hidden_dtype) if fmt.lossless
+                        else host(Lh, max_rows, fmt.payload_bytes(hidden_size), dtype=torch.uint8)),
                 topk_ids=host(self.L, max_rows, top_k, dtype=torch.int16),
                 topk_weights=host(self.L, max_rows, top_k, dtype=torch.float16),
-                router_logits=host(self.L, max_rows, num_experts, dtype=torch.float16) if store_logits else None))
+                router_logits=host(self.L, max_rows, num_experts, dtype=torch.float16) if store_logits else None,
+                hidden_scale=(host(Lh, max_rows, fmt.groups(hidden_size), dtype=torch.float16)
+                              if hidden_layers and not fmt.lossless else None)))
+        self._hidden: dict[int, torch.Tensor] = {}  # compact formats: slot -> this forward's rows, encoded after it
         self._current: HostBatch | None = None
         self.last_output: Any = None
         self._rows_index: torch.Tensor | None = None
@@ -121,8 +135,29 @@ class RoutingCapture:
                 h = x.reshape(-1, x.shape[-1])
                 if self._rows_index is not None:  # drop padding on the GPU: fewer bytes cross PCIe
                     h = h.index_select(0, self._rows_index)
-                self._copy(batch, [(batch.hidden[self.slot[layer], :batch.rows], h.to(self.hidden_dtype))])
+                if self.format.lossless:
+                    self._copy(batch, [(batch.hidden[self.slot[layer], :batch.rows], h.to(self.hidden_dtype))])
+                else:  # a reference only: `_encode_hidden` encodes all layers at once after the forward
+                    self._hidden[self.slot[layer]] = h
         return hook
+
+    def _encode_hidden(self, batch: HostBatch) -> None:
+        """Compact formats: the stored layers' rows encoded a few layers per call, on the side stream (the
+        next forward runs meanwhile), then their codes and scales copied to pinned memory."""
+        if len(self._hidden) != len(self.slot):
+            raise RuntimeError(f"captured the hidden state of {len(self._hidden)} of {len(self.slot)} layers")
+        n = batch.rows
+        if self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
+            for j0 in range(0, len(self.slot), ENCODE_LAYERS):
+                hs = [self._hidden[j] for j in range(j0, min(j0 + ENCODE_LAYERS, len(self.slot)))]
+                payload, scale = self.format.encode(torch.stack(hs))
+                for i in range(len(hs)):  # one contiguous copy per layer (rows < max_rows leave a strided slice)
+                    batch.hidden[j0 + i, :n].copy_(payload[i], non_blocking=self.cuda)
+                    batch.hidden_scale[j0 + i, :n].copy_(scale[i], non_blocking=self.cuda)
+                if self.cuda:
+                    batch.sources.extend([*hs, payload, scale])
 
     def _copy(self, batch: HostBatch, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Queue device-to-host copies behind the work queued so far, on the side stream."""
@@ -175,9 +210,12 @@ class RoutingCapture:
                                      attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False,
                                      **model_kwargs)
             self._copy_router_outputs(batch)
+            if batch.hidden is not None and not self.format.lossless:
+                self._encode_hidden(batch)
         finally:
             self._current = None
             self._router = {}
+            self._hidden = {}
         if self.cuda:
             batch.ready = torch.cuda.Event()
             batch.ready.record(self.copy_stream)
@@ -185,15 +223,18 @@ class RoutingCapture:
 
 
 class ShardFiller:
-    """Background thread writing captured batches into shard files, in order.
+    """Background thread writing captured batches into shard files, in order, and handing each finished
+    shard to a `ShardCommitter` (fsync, SHA-256, rename, manifest on other threads), so the next shard's
+    batches are written while the previous one is committed.
 
     Work items are closures run on the thread; the queue is bounded by the number of host buffers,
     which is the back-pressure that keeps a slow disk from piling up memory. An exception on the
     thread is re-raised in the caller at the next submit or at `join`.
     """
 
-    def __init__(self, capture: RoutingCapture, write_threads: int = 4):
+    def __init__(self, capture: RoutingCapture, write_threads: int = 4, committer: ShardCommitter | None = None):
         self.capture = capture
+        self.committer = committer or ShardCommitter()
         # pwrite releases the GIL: a batch's per-layer slices go to the page cache in parallel,
         # since one thread's memcpy (a few GB/s) is slower than a full-size model's output
         self.pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="pwrite")
@@ -229,7 +270,8 @@ class ShardFiller:
                     batch.ready.synchronize()
                 n = batch.rows
                 parts = [(name, t) for name, t in (("topk_ids", batch.topk_ids), ("topk_weights", batch.topk_weights),
-                                                   ("router_logits", batch.router_logits), ("hidden", batch.hidden))
+                                                   ("router_logits", batch.router_logits), ("hidden", batch.hidden),
+                                                   ("hidden_scale", batch.hidden_scale))
                          if t is not None]
                 jobs = [self.pool.submit(writer.write, name, t[j, :n], (j,), row)
                         for name, t in parts for j in range(t.shape[0])]
@@ -239,12 +281,19 @@ class ShardFiller:
                 self.capture.release(batch)
         self.submit(task)
 
+    def commit(self, writer: ShardWriter, on_commit: Callable[[int, str], None]) -> None:
+        """After the shard's last batch is written, commit it in the background; `on_commit(bytes, sha256)`
+        runs once it is durable and renamed, in shard order (the manifest update)."""
+        self.submit(lambda: self.committer.submit(*writer.hand_off(), on_commit))
+
     def join(self) -> None:
-        """Wait until everything submitted has been written."""
+        """Wait until everything submitted has been written and committed."""
         self.q.join()
         self._check()
+        self.committer.join()
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         self.pool.shutdown()
+        self.committer.close()

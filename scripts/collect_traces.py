@@ -7,6 +7,9 @@ input), plus token ids and the source dataset. Format: docs/trace-format.md.
 The seed's command (real model, CUDA GPU, Hugging Face hub access):
     python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --quantization 4bit --datasets seed \
         --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256
+The same with hidden states stored compactly (4.1x fewer bytes per token; docs/trace-format.md):
+    python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --quantization 4bit --datasets seed \
+        --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256 --hidden-format hadamard-3.5bit
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite
@@ -27,12 +30,14 @@ from collection.capture import RoutingCapture, ShardFiller, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
 from collection.atomic import PARTIAL_SUFFIX
-from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
-                               atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
-                               write_manifest)
+from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
+                               ShardWriter, TraceShard, atomic_save_tensors, bytes_per_token, read_manifest,
+                               shard_name, shard_specs, write_manifest)
+from collection.hidden_format import FORMATS, LOSSLESS
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
+from models.moe_configs import QWEN15_MOE_A27B
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
@@ -65,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MoE layers whose input hidden state is stored: all, none, or e.g. 0,4,8 or 0-11")
     g.add_argument("--hidden-dtype", default="auto",
                    help="auto (the model's compute dtype: lossless), float16, bfloat16, float32")
+    g.add_argument("--hidden-format", default=LOSSLESS, choices=list(FORMATS),
+                   help="how hidden states are stored: lossless (default, in --hidden-dtype) or a compact format "
+                        "encoded on the device (docs/trace-format.md; the table printed before collecting compares them)")
     g.add_argument("--no-logits", action="store_true", help="do not store the full router logits")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="trace directory (default routing_data/traces/<model name>)")
@@ -100,6 +108,37 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 
 def plan_dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+SEED_RECIPE_TOKENS = 5000 * 256  # the seed's recipe: 5,000 sequences of up to 256 tokens
+
+
+def seed_recipe_table() -> list[dict[str, float | str]]:
+    """Stored bytes of the seed's full recipe (5,000 x 256 tokens, every layer's hidden state and the router
+    logits, Qwen1.5-MoE-A2.7B's dimensions, captured in bf16) in every hidden format."""
+    c = QWEN15_MOE_A27B
+    dims = {"num_layers": c["num_hidden_layers"], "top_k": c["num_experts_per_tok"], "num_experts": c["num_experts"],
+            "hidden_size": c["hidden_size"], "hidden_layers": c["num_hidden_layers"], "hidden_dtype": "bfloat16",
+            "store_logits": True}
+    rest = bytes_per_token(**{**dims, "hidden_layers": 0})
+    ref = bytes_per_token(**dims)
+    rows = []
+    for name in FORMATS:
+        record = bytes_per_token(**dims, hidden_format=name)
+        rows.append({"format": name, "hidden_bytes_per_token": record - rest, "record_bytes_per_token": record,
+                     "hidden_vs_bf16": (ref - rest) / (record - rest), "record_vs_bf16": ref / record,
+                     "seed_recipe_gb": record * SEED_RECIPE_TOKENS / 1e9})
+    return rows
+
+
+def print_seed_recipe_table() -> None:
+    print("disk for the seed's full recipe (5,000 x 256 tokens, all 24 layers, Qwen1.5-MoE-A2.7B dims, bf16 capture, "
+          "with logits):")
+    print(f"  {'--hidden-format':<16} {'hidden B/token':>14} {'record B/token':>14} {'x smaller (hidden / record)':>28} "
+          f"{'GB':>7}")
+    for r in seed_recipe_table():
+        print(f"  {r['format']:<16} {r['hidden_bytes_per_token']:>14,} {r['record_bytes_per_token']:>14,} "
+              f"{r['hidden_vs_bf16']:>14.2f} / {r['record_vs_bf16']:<11.2f} {r['seed_recipe_gb']:>7.1f}")
 
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
@@ -166,21 +205,26 @@ def main(argv: list[str] | None = None) -> None:
 
     H, L, E, K = shape.hidden_size, shape.num_layers, shape.num_experts, shape.top_k
     hidden_name = plan_dtype(hidden_dtype)
+    fmt = FORMATS[args.hidden_format if hidden_layers else LOSSLESS]  # no hidden states: nothing to encode
+    if (why := fmt.check(H)):
+        raise UserError(f"--hidden-format {fmt.name}: {why}")
     dims = {"num_layers": L, "top_k": K, "num_experts": E, "hidden_size": H, "hidden_layers": len(hidden_layers),
-            "hidden_dtype": hidden_name, "store_logits": store_logits}
+            "hidden_dtype": hidden_name, "store_logits": store_logits, "hidden_format": fmt.name}
     per_token = bytes_per_token(**dims)
     plan = {"model": args.model, "quantization": args.quantization, "dtype": plan_dtype(compute_dtype),
             "datasets": [s.describe() for s in sources], "target_traces": args.target_traces,
             "per_source": per_source, "shard_size": args.shard_size, "batch_size": args.batch_size,
             "max_length": args.max_length, "min_chars": args.min_chars, "seed": args.seed,
             "sequences": n_seq, "tokens": int(lengths.sum()), "tokens_sha256": fingerprint}
-    capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "store_logits": store_logits,
+    capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "hidden_format": fmt.name,
+                   "store_logits": store_logits,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), real tokens only",
                    "bytes_per_token": per_token}
 
     if previous is not None:
         mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
         mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits") if previous.capture.get(k) != capture_cfg[k]]
+        mismatch += ["hidden_format"] if previous.hidden_format != fmt.name else []
         if mismatch:
             raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
                             f"repeat its flags exactly (they are in {out / MANIFEST})")
@@ -195,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
                                    "quantization": args.quantization, "dtype": plan["dtype"]},
                             routing=shape.to_json(), capture=capture_cfg,
-                            sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
+                            sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan,
+                            format_version=FORMAT_VERSION if fmt.lossless else COMPACT_FORMAT_VERSION)
         atomic_save_tensors(out / ROUTER_WEIGHTS,
                             {f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))})
         write_manifest(out, manifest)
@@ -205,16 +250,18 @@ def main(argv: list[str] | None = None) -> None:
     done_tokens = int(lengths[: start * args.shard_size].sum())
     need = (int(lengths.sum()) - done_tokens) * per_token
     free = shutil.disk_usage(out).free
-    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+    print_seed_recipe_table()
+    stored_as = hidden_name if fmt.lossless else f"{fmt.name}, captured in {hidden_name}"
+    print(f"this run stores {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {stored_as}"
           f"{', logits' if store_logits else ''}): {need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free")
     if need > 0.98 * free:
         raise UserError(f"{out}: needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; store fewer "
-                        f"--hidden-layers, a 2-byte --hidden-dtype, --no-logits, or choose another --output")
+                        f"--hidden-layers, a compact --hidden-format, --no-logits, or choose another --output")
 
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
     max_rows = args.batch_size * args.max_length
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
-                             E, H)
+                             E, H, hidden_format=fmt)
     filler = ShardFiller(capture)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -227,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
             specs = shard_specs(N, hi - lo, **dims)
-            writer = ShardWriter(out / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writer = ShardWriter(out / shard_name(shard_idx), specs,
+                                 {"format_version": str(manifest.format_version), "shard": str(shard_idx)}, writeback=True)
             writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
             writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
             writer.write("seq_ids", np.arange(lo, hi, dtype=np.int64))
@@ -240,13 +288,15 @@ def main(argv: list[str] | None = None) -> None:
                 row += host.rows
                 bar.update(host.rows)
 
-            def commit(writer: ShardWriter = writer, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
-                nbytes, digest = writer.commit()
+            # committed (fsync, SHA-256, rename, manifest) on background threads, in shard order, while the next
+            # shard is collected; a crash before its manifest update leaves a .partial that --resume redoes
+            def committed(nbytes: int, digest: str, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
                 manifest.shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes,
                                                  sha256=digest))
                 manifest.complete = len(manifest.shards) == n_shards
                 write_manifest(out, manifest)
-            filler.submit(commit)
+            filler.commit(writer, committed)
+            writer = None  # the committer owns it now
         filler.join()
     except BaseException:
         filler.close()
