@@ -55,3 +55,14 @@ def tiny_traces(tmp_path_factory) -> Path:
     main(["--datasets", "bundled", "--target_traces", "72", "--shard_size", "24", "--batch_size", "8",
           "--max_length", "64", "--device", "cpu", "--dtype", "float32", "--output", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_compact_traces(tiny_traces, tmp_path_factory) -> Path:
+    """`tiny_traces` with its hidden states re-encoded in the compact format collection would write
+    (hadamard-3.5bit), by the same encoder."""
+    out = tmp_path_factory.mktemp("traces") / "tiny-compact"
+    from scripts.transcode_traces import main
+
+    main(["--traces", str(tiny_traces), "--hidden-format", "hadamard-3.5bit", "--output", str(out)])
+    return out

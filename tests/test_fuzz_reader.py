@@ -3,12 +3,18 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collection.format import SafetensorsFile, ShardInfo, TraceFormatError, TraceSet, TraceShard
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(params=["tiny_traces", "tiny_compact_traces"])  # lossless and compact hidden states
+def traces(request):
+    return request.getfixturevalue(request.param)
 
 
 def open_everything(path, manifest):
@@ -19,6 +25,10 @@ def open_everything(path, manifest):
         shard = TraceShard(path, info, manifest, verify=False)
         for name in shard.keys():
             np.asarray(shard.numpy(name)).sum()
+        if "hidden_scale" in shard.keys():  # compact: decoding any codes and scales gives rows, never a crash
+            from collection.hidden_format import FORMATS
+
+            FORMATS[manifest.hidden_format].decode(shard.tensor("hidden", 0), shard.tensor("hidden_scale", 0))
     except TraceFormatError as e:
         assert path.name in str(e)
 
@@ -27,9 +37,9 @@ def open_everything(path, manifest):
 
 @FUZZ
 @given(data=st.data())
-def test_byte_flips_and_truncation(tiny_traces, tmp_path_factory, data):
-    ts = TraceSet(tiny_traces)
-    raw = bytearray((tiny_traces / ts.manifest.shards[0].file).read_bytes())
+def test_byte_flips_and_truncation(traces, tmp_path_factory, data):
+    ts = TraceSet(traces)
+    raw = bytearray((traces / ts.manifest.shards[0].file).read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     # most damage in the header, where parsing decisions are made; some anywhere
     for _ in range(data.draw(st.integers(1, 8))):
@@ -43,9 +53,9 @@ def test_byte_flips_and_truncation(tiny_traces, tmp_path_factory, data):
 
 @FUZZ
 @given(data=st.data())
-def test_structured_header_mutations(tiny_traces, tmp_path_factory, data):
-    ts = TraceSet(tiny_traces)
-    raw = (tiny_traces / ts.manifest.shards[0].file).read_bytes()
+def test_structured_header_mutations(traces, tmp_path_factory, data):
+    ts = TraceSet(traces)
+    raw = (traces / ts.manifest.shards[0].file).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
