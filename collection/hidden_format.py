@@ -30,8 +30,8 @@ import torch
 
 LOSSLESS = "lossless"
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-# Range of a uniform quantizer with 2^b levels that minimizes the mean squared error on a unit Gaussian
-# (Max 1960, uniform case): half-range in standard deviations for b = 2, 3, 4 bits.
+# Half-range, in standard deviations, of the uniform quantizer with 2^b levels that minimizes the mean squared
+# error on a Gaussian (Max 1960, uniform case: steps 0.9957, 0.5860, 0.3352; errors 0.1188, 0.03744, 0.01154).
 GAUSSIAN_CLIP = {2: 1.9914, 3: 2.3441, 4: 2.6806}
 
 
@@ -176,32 +176,33 @@ _CACHE: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = 
 
 
 def _hadamard_factors(hidden_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the +-1 Hadamard matrix of one block, the H signs), in `dtype`: both exact in any float dtype, so a bf16
+    matmul rotates without a systematic error; the 1 / sqrt(n) normalization is applied in float32 afterwards."""
     key = (hidden_size, str(device), dtype)
     if key not in _CACHE:
         n = hadamard_block(hidden_size)
-        m = torch.ones(1, 1, dtype=torch.float64)
+        m = torch.ones(1, 1)
         while m.shape[0] < n:  # Sylvester construction
             m = torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
-        m = m / math.sqrt(n)
         # signs from a fixed linear congruential sequence: closed form, identical on every machine and version
         i = torch.arange(hidden_size, dtype=torch.int64)
-        signs = 1.0 - 2.0 * (((i * 1103515245 + 12345) >> 16) & 1).double()
+        signs = 1.0 - 2.0 * (((i * 1103515245 + 12345) >> 16) & 1).float()
         _CACHE[key] = (m.to(device, dtype), signs.to(device, dtype))
     return _CACHE[key]
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """Rows x (..., H) -> (x * s) M: fixed random signs s, then the normalized block Hadamard matrix M
-    (symmetric, orthogonal), so norms and inner products are preserved and `unrotate` inverts it. An outlier
+    """Rows x (..., H) -> (x * s) M / sqrt(n): fixed random signs s, then the block Hadamard matrix M (+-1,
+    symmetric, M M = n I), so norms and inner products are preserved and `unrotate` inverts it. An outlier
     channel is spread over its whole block, so one scale per row then fits every element."""
     m, signs = _hadamard_factors(x.shape[-1], x.device, x.dtype)
-    return ((x * signs).unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2)
+    return ((x * signs).unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2) * (1 / math.sqrt(m.shape[0]))
 
 
 def unrotate(y: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rotate`: (y M) * s, since M M = I and s * s = 1."""
+    """Inverse of `rotate`: (y M / sqrt(n)) * s, since M M = n I and s * s = 1."""
     m, signs = _hadamard_factors(y.shape[-1], y.device, y.dtype)
-    return (y.unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2) * signs
+    return (y.unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2) * (1 / math.sqrt(m.shape[0])) * signs
 
 
 FORMATS: dict[str, HiddenFormat] = {f.name: f for f in (

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from collection.device import pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
                                ShardWriter, TraceSet, bytes_per_token, manifest_dims, shard_specs, write_manifest)
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="new trace directory")
     p.add_argument("--overwrite", action="store_true", help="replace a trace set already in --output")
     p.add_argument("--no-verify", action="store_true", help="skip the source shards' checksums")
+    p.add_argument("--device", default="auto", help="where to encode: auto (a GPU if there is one), cpu, cuda:N")
     return p.parse_args(argv)
 
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
+    device = pick_device(args.device)
     src_fmt = FORMATS[m.hidden_format]
     hidden_dtype = args.hidden_dtype or str(m.capture.get("hidden_dtype", "float16"))
     dims = {**manifest_dims(m), "hidden_dtype": hidden_dtype, "hidden_format": fmt.name}
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                 if name not in ("hidden", "hidden_scale"):
                     w.write(name, sh.numpy(name))
             for j in range(len(m.hidden_layers)):
-                h = (sh.tensor("hidden", j) if src_fmt.lossless else
-                     src_fmt.decode(sh.tensor("hidden", j), sh.tensor("hidden_scale", j)))
+                h = (sh.tensor("hidden", j).to(device) if src_fmt.lossless else
+                     src_fmt.decode(sh.tensor("hidden", j).to(device), sh.tensor("hidden_scale", j).to(device)))
                 if fmt.lossless:
                     w.write("hidden", h.to(getattr(torch, hidden_dtype)), (j,))
                 else:

@@ -64,5 +64,6 @@ def tiny_compact_traces(tiny_traces, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("traces") / "tiny-compact"
     from scripts.transcode_traces import main
 
-    main(["--traces", str(tiny_traces), "--hidden-format", "hadamard-3.5bit", "--output", str(out)])
+    main(["--traces", str(tiny_traces), "--hidden-format", "hadamard-3.5bit", "--output", str(out),
+          "--device", "cpu"])
     return out
