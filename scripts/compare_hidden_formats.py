@@ -26,7 +26,7 @@ from typing import Any
 from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import pick_device
 from collection.errors import UserError, one_line_errors
-from collection.format import MANIFEST, TraceSet
+from collection.format import MANIFEST, TraceSet, read_manifest
 from collection.hidden_format import FORMATS, LOSSLESS
 from scripts.collect_traces import seed_recipe_table
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- one lossless collection, rewritten in every format by the collection encoder
     source = out / "traces" / "fp32"
-    if not (source / MANIFEST).exists() or not TraceSet(source, verify=False).manifest.complete:
+    if not (source / MANIFEST).exists() or not read_manifest(source).complete:
         collect(["--dtype", "float32", "--device", str(dev), "--max_length", str(args.max_length), "--output",
                  str(source), "--overwrite", *(["--target_traces", str(args.target_traces)] if args.target_traces else [])])
     names = [REFERENCE, *args.formats]
