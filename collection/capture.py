@@ -26,7 +26,7 @@ from torch import nn
 
 from collection.durable import ShardCommitter
 from collection.format import ShardWriter
-from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat
+from collection.hidden_format import FORMATS, LOSSLESS, HiddenCodec, HiddenFormat
 from collection.model import moe_blocks
 
 ENCODE_LAYERS = 8  # hidden layers encoded per call: fewer launches than one by one, bounded scratch memory
@@ -78,7 +78,8 @@ class RoutingCapture:
 
     def __init__(self, model: nn.Module, hidden_layers: list[int], hidden_dtype: torch.dtype,
                  store_logits: bool, max_rows: int, top_k: int, norm_topk_prob: bool, num_experts: int,
-                 hidden_size: int, num_buffers: int = 2, hidden_format: HiddenFormat = FORMATS[LOSSLESS]):
+                 hidden_size: int, num_buffers: int = 2, hidden_format: HiddenFormat = FORMATS[LOSSLESS],
+                 hidden_codec: HiddenCodec | None = None):
         self.blocks = moe_blocks(model)
         self.L = len(self.blocks)
         self.slot = {layer: j for j, layer in enumerate(hidden_layers)}  # MoE layer -> hidden slot
@@ -93,6 +94,9 @@ class RoutingCapture:
             return torch.empty(*shape, dtype=dtype, pin_memory=pin)
 
         self.format = hidden_format
+        self.codec = hidden_codec.to(self.device) if hidden_codec is not None else None  # a fitted format's
+        if hidden_format.fitted and hidden_layers and self.codec is None:
+            raise ValueError(f"hidden format {hidden_format.name} needs its fitted codec")
         self.free: queue.Queue[HostBatch] = queue.Queue()
         Lh, fmt = len(hidden_layers), hidden_format
         for _ in range(num_buffers if self.cuda else 1):
@@ -151,8 +155,9 @@ class RoutingCapture:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
             for j0 in range(0, len(self.slot), ENCODE_LAYERS):
-                hs = [self._hidden[j] for j in range(j0, min(j0 + ENCODE_LAYERS, len(self.slot)))]
-                payload, scale = self.format.encode(torch.stack(hs))
+                slots = list(range(j0, min(j0 + ENCODE_LAYERS, len(self.slot))))
+                hs = [self._hidden[j] for j in slots]
+                payload, scale = self.format.encode(torch.stack(hs), self.codec, slots)
                 for i in range(len(hs)):  # one contiguous copy per layer (rows < max_rows leave a strided slice)
                     batch.hidden[j0 + i, :n].copy_(payload[i], non_blocking=self.cuda)
                     batch.hidden_scale[j0 + i, :n].copy_(scale[i], non_blocking=self.cuda)
@@ -220,6 +225,36 @@ class RoutingCapture:
             batch.ready = torch.cuda.Event()
             batch.ready.record(self.copy_stream)
         return batch
+
+
+@torch.no_grad()
+def hidden_moments(model: nn.Module, hidden_layers: list[int], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """(E[h h^T] of each stored layer's MoE input over the real tokens of `batches` (Lh, H, H) float64, tokens):
+    what a fitted hidden format is fitted on. Each product is accumulated on the device, in float32 per batch."""
+    blocks = moe_blocks(model)
+    slot = {layer: j for j, layer in enumerate(hidden_layers)}
+    acc: dict[int, torch.Tensor] = {}
+    rows: list[torch.Tensor] = []
+
+    def hook(layer: int) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if layer in slot:
+                h = args[0].reshape(-1, args[0].shape[-1]).index_select(0, rows[0]).float()
+                m = h.T @ h
+                acc[slot[layer]] = acc[slot[layer]] + m.double() if slot[layer] in acc else m.double()
+        return fn
+    handles = [mlp.gate.register_forward_hook(hook(j)) for j, (_, mlp) in enumerate(blocks)]
+    tokens = 0
+    try:
+        for input_ids, mask in batches:
+            rows[:] = [mask.reshape(-1).bool().nonzero().squeeze(1).to(device)]
+            tokens += int(mask.sum())
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([acc[j] for j in range(len(hidden_layers))]) / max(tokens, 1), tokens
 
 
 class ShardFiller:

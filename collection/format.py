@@ -39,7 +39,7 @@ import torch
 from collection.atomic import PARTIAL_SUFFIX, atomic_path, atomic_write_json, commit_file, sha256_file
 from collection.durable import start_writeback
 from collection.errors import UserError
-from collection.hidden_format import FORMATS, LOSSLESS
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenCodec
 
 FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
 COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
@@ -345,6 +345,12 @@ class Manifest:
                       f"{FORMAT_VERSION if hf == LOSSLESS else COMPACT_FORMAT_VERSION}")
         if hf != LOSSLESS and (why := FORMATS[hf].check(d["routing"]["hidden_size"])):
             raise bad(f"capture.hidden_format {hf!r}: {why}")
+        codec = d["capture"].get("hidden_codec")
+        if FORMATS[hf].fitted and hl and not (isinstance(codec, dict) and codec.get("file") == CODEC_FILE
+                                              and isinstance(codec.get("sha256"), str)
+                                              and type(codec.get("bytes")) is int):
+            raise bad(f"capture.hidden_format {hf!r} needs capture.hidden_codec "
+                      f"{{file: {CODEC_FILE}, sha256, bytes}}, the fitted parameters")
         shards = []
         for s in d.get("shards", []):
             try:
@@ -357,6 +363,42 @@ class Manifest:
         return cls(model=d["model"], routing=d["routing"], capture=d["capture"], sources=d["sources"],
                    plan=d["plan"], shards=shards, complete=bool(d.get("complete", False)),
                    format_version=d["format_version"])
+
+
+def save_codec(directory: Path, codec: HiddenCodec, fit_tokens: int) -> dict[str, Any]:
+    """Write a fitted format's parameters beside the manifest; returns the manifest's capture.hidden_codec entry."""
+    path = Path(directory) / CODEC_FILE
+    atomic_save_tensors(path, {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits})
+    return {"file": CODEC_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, "fit_tokens": fit_tokens}
+
+
+def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> HiddenCodec | None:
+    """The fitted format's parameters, checked against the manifest (size, SHA-256) and the format's shape;
+    None for a format that needs none."""
+    fmt = FORMATS[manifest.hidden_format]
+    if not fmt.fitted or not manifest.hidden_layers:
+        return None
+    entry = manifest.capture["hidden_codec"]
+    path = Path(directory) / CODEC_FILE
+    if not path.is_file():
+        raise TraceFormatError(f"{path}: missing (the parameters of capture.hidden_format {fmt.name!r})")
+    if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
+        raise TraceFormatError(f"{path}: size or checksum differs from the manifest (corrupt or replaced)")
+    f = SafetensorsFile(path)
+    Lh, H = len(manifest.hidden_layers), manifest.hidden_size
+    want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8")}
+    for name, (shape, dt) in want.items():
+        if name not in f.entries or f.entries[name][1] != shape or f.entries[name][0] != dt:
+            raise TraceFormatError(f"{path}: {name} missing or not {dt} of shape {shape}")
+    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"))
+    bits = codec.bits.long()
+    blocks = bits.view(-1, 8)
+    if (bits.max() > 8 or (blocks != blocks[:, :1]).any() or (bits[1:] > bits[:-1]).any()
+            or bits.sum() != fmt.payload_bytes(H) * 8):
+        raise TraceFormatError(f"{path}: bits are not non-increasing blocks of 8 summing to {fmt.payload_bytes(H) * 8}")
+    if not (torch.isfinite(codec.basis).all() and torch.isfinite(codec.rel_std).all()):
+        raise TraceFormatError(f"{path}: non-finite parameters")
+    return codec
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -467,6 +509,7 @@ class TraceSet:
         self.verify = verify
         self._open: dict[int, TraceShard] = {}
         self._table: dict[str, np.ndarray] | None = None
+        self._codec: dict[str, HiddenCodec | None] = {}
 
     def __len__(self) -> int:
         return len(self.manifest.shards)
@@ -499,6 +542,16 @@ class TraceSet:
             raise TraceFormatError(f"{self.dir}: the same sequence id appears in two shards")
         self._table = table
         return table
+
+    def hidden_codec(self, device: torch.device | None = None) -> HiddenCodec | None:
+        """A fitted hidden format's parameters (read and checked once, kept per device), else None."""
+        key = str(device)
+        if key not in self._codec:
+            if "None" not in self._codec:
+                self._codec["None"] = read_codec(self.dir, self.manifest, self.verify)
+            base = self._codec["None"]
+            self._codec[key] = base.to(device) if base is not None and device is not None else base
+        return self._codec[key]
 
     def router_weights(self) -> torch.Tensor:
         """(L, E, H) router matrices as stored (the model's own dtype)."""

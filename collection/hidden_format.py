@@ -5,17 +5,23 @@ so a compact format may be chosen at collection (`collect_traces.py --hidden-for
 stored layer's hidden rows (N, H) into fixed-width byte rows; every reader decodes them back to (R, H) here,
 on the device that uses them (after the host-to-device copy of the compact bytes).
 
-A format is a transform followed by a quantizer, both fixed by its name:
+A format is a transform followed by a quantizer, both fixed by its name (hidden bytes vs bf16 at H = 2048):
 
-    lossless        the rows as computed (the manifest's hidden_dtype): the default, and every old trace set
-    fp8             float8 e4m3 per element, one float16 scale per row (absmax / 448)            2x vs bf16
-    int4            4-bit per element, one float16 scale per group of 32 (absmax)                 3.6x
-    hadamard-int4   rotate by a randomized Hadamard transform, then 4 bits, one scale per row     ~4x
-    hadamard-int3   the same at 3 bits (8 values in 3 bytes)                                      ~5.3x
+    lossless         the rows as computed (the manifest's hidden_dtype): the default, and every old trace set
+    fp8              float8 e4m3 per element, one float16 scale per row (absmax / 448)               2.0x
+    int4             4 bits per element, one float16 scale per group of 32 (absmax)                  3.6x
+    hadamard-4bit    a randomized Hadamard rotation, then 4 bits per element, one scale per row       4.0x
+    hadamard-3.5bit  the same, half of each rotated row at 4 bits and half at 3                       4.6x
+    hadamard-3bit    the same at 3 bits                                                               5.3x
+    pca-3.5bit       each layer's principal axes (fitted on the first collected tokens), 3.5 bits     4.6x
+                     per element on average, allocated by variance: 8 for the strongest axes, 0 for the
+                     weakest (a projection where they carry nothing)
 
-The rotation spreads outlier channels over the whole row, so one scale per row fits every element
-(the clipping is the mean-squared-error optimum of a Gaussian's uniform quantizer). Its signs come from a
-closed-form sequence, so decoding needs nothing but the format's name.
+The Hadamard rotation spreads outlier channels over the whole row, so one scale per row fits every element,
+and needs nothing to decode but the format's name (its signs are a closed-form sequence). The principal axes
+concentrate the variance instead, so bits go where it is (transform coding); they are fitted per layer and
+stored beside the manifest (`hidden_codec.safetensors`, `HiddenCodec`). Quantizers are uniform, clipped at the
+mean-squared-error optimum of a Gaussian of the row's (or axis's) scale.
 
 Shard tensors of a compact format (replacing `hidden`):
     hidden        uint8    (Lh, N, payload_bytes)   the packed codes of each row
@@ -23,16 +29,42 @@ Shard tensors of a compact format (replacing `hidden`):
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 LOSSLESS = "lossless"
+CODEC_FILE = "hidden_codec.safetensors"  # a fitted format's parameters, beside the manifest
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-# Half-range, in standard deviations, of the uniform quantizer with 2^b levels that minimizes the mean squared
-# error on a Gaussian (Max 1960, uniform case: steps 0.9957, 0.5860, 0.3352; errors 0.1188, 0.03744, 0.01154).
-GAUSSIAN_CLIP = {2: 1.9914, 3: 2.3441, 4: 2.6806}
+# The uniform quantizer with 2^b levels that minimizes the mean squared error on a unit Gaussian (Max 1960,
+# uniform case): its half-range in standard deviations, and that error (b = 0: nothing stored, error 1).
+GAUSSIAN_CLIP = {1: 1.5958, 2: 1.9914, 3: 2.3441, 4: 2.6806, 5: 3.0100, 6: 3.3316, 7: 3.6416, 8: 3.9424}
+GAUSSIAN_MSE = {0: 1.0, 1: 0.3634, 2: 0.1188, 3: 0.03744, 4: 0.01154, 5: 0.003490, 6: 0.001035, 7: 0.0003011,
+                8: 0.0000861}
+
+
+@dataclass
+class HiddenCodec:
+    """A fitted format's parameters: each stored layer's principal axes and their standard deviations relative
+    to the row RMS, and the bits of each axis rank, shared by the layers (their spectra are alike, and one
+    allocation lets every layer be coded in the same vectorized pass)."""
+    basis: torch.Tensor    # (Lh, H, H) float32, column i = axis i, in order of decreasing variance
+    rel_std: torch.Tensor  # (Lh, H) float32
+    bits: torch.Tensor     # (H,) uint8, non-increasing, constant over blocks of 8 axes
+
+    def to(self, device: torch.device) -> "HiddenCodec":
+        return HiddenCodec(self.basis.to(device), self.rel_std.to(device), self.bits.to(device))
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(first axis, end axis, bits) of each run of axes with equal bits, 0-bit runs left out."""
+        if "_segments" not in self.__dict__:
+            b = self.bits.cpu().numpy()
+            cuts = [0, *(np.flatnonzero(np.diff(b)) + 1).tolist(), len(b)]
+            self.__dict__["_segments"] = [(a, e, int(b[a])) for a, e in zip(cuts, cuts[1:]) if b[a]]
+        return self.__dict__["_segments"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +77,19 @@ class HiddenFormat:
     """
     name: str
     rotate: bool = False
-    kind: str = "raw"
+    kind: str = "raw"     # raw | fp8 | int | pca
     bits: tuple[int, ...] = ()
     group: int = 0        # unrotated int: elements per scale (0: one scale per row)
+    avg_bits: float = 0.0  # pca: bits per element on average
 
     @property
     def lossless(self) -> bool:
         return self.kind == "raw"
+
+    @property
+    def fitted(self) -> bool:
+        """Needs a `HiddenCodec` fitted on the data to encode and decode."""
+        return self.kind == "pca"
 
     def groups(self, hidden_size: int) -> int:
         return hidden_size // self.group if self.kind == "int" and self.group else 1
@@ -59,6 +97,8 @@ class HiddenFormat:
     def payload_bytes(self, hidden_size: int) -> int:
         if self.kind == "fp8":
             return hidden_size
+        if self.kind == "pca":
+            return int(round(self.avg_bits * hidden_size)) // 8
         return sum(hidden_size // len(self.bits) * b // 8 for b in self.bits)
 
     def row_bytes(self, hidden_size: int, raw_itemsize: int) -> int:
@@ -71,17 +111,27 @@ class HiddenFormat:
         """Why this format cannot store rows of `hidden_size`, or None."""
         if self.kind == "int" and hidden_size % (8 * len(self.bits)):
             return f"hidden size {hidden_size} is not a multiple of {8 * len(self.bits)}"
+        if self.kind == "pca" and (hidden_size % 8 or (self.avg_bits * hidden_size / 8) % 1):
+            return f"hidden size {hidden_size} does not split into blocks of 8 at {self.avg_bits} bits"
         if self.group and hidden_size % self.group:
             return f"hidden size {hidden_size} is not a multiple of the group size {self.group}"
         return None
 
     # -- encode / decode ------------------------------------------------------------------------
 
-    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., H) rows -> (payload uint8 (..., P), scales float16 (..., G)), on h's device.
+    def encode(self, h: torch.Tensor, codec: HiddenCodec | None = None,
+               layers: list[int] | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., H) rows -> (payload uint8 (..., P), scales float16 (..., G)), on h's device. A fitted format
+        also takes its codec and the stored layer of the rows: `layers[j]` for h[j] when h is (Lh', N, H),
+        or one int for rows (N, H) of one layer.
 
         The rotation runs in h's own dtype (a bf16 matmul on the GPU: its rounding, ~2^-9 of each element, is
         far below the quantizer's step); the quantizer's arithmetic runs in float32."""
+        if self.kind == "pca":
+            if isinstance(layers, int):
+                payload, scale = self._encode_pca(h[None], codec, [layers])
+                return payload[0], scale[0]
+            return self._encode_pca(h, codec, list(layers))
         x = (rotate(h) if self.rotate else h).float()
         if self.kind == "fp8":
             scale = _scale16(x.abs().amax(-1, keepdim=True) / FP8_MAX)
@@ -96,9 +146,13 @@ class HiddenFormat:
         scale = _scale16(xg.abs().amax(-1) / 2 ** (b - 1))                     # (..., G) step of each group
         return pack_bits(_codes(xg, scale.unsqueeze(-1).float(), b).flatten(-2), b), scale
 
-    def decode(self, payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode(self, payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+               codec: HiddenCodec | None = None, layers: torch.Tensor | int | None = None) -> torch.Tensor:
         """(payload, scales) as `encode` returns them -> (..., H) rows in `dtype` (the inverse rotation runs in
-        `dtype`: bf16 on the GPU keeps decoding cheap next to training)."""
+        `dtype`: bf16 on the GPU keeps decoding cheap next to training). A fitted format also takes its codec
+        and the stored layer of each row: one int, or a tensor (R,) for rows (R, P) of mixed layers."""
+        if self.kind == "pca":
+            return self._decode_pca(payload, scale, codec, layers, dtype)
         if self.kind == "fp8":
             x = payload.view(torch.float8_e4m3fn).float() * scale.float()
         elif self.rotate:
@@ -111,6 +165,34 @@ class HiddenFormat:
             x = (_levels(unpack_bits(payload, b), b).unflatten(-1, (G, -1)) * scale.float().unsqueeze(-1)).flatten(-2)
         x = x.to(dtype)
         return unrotate(x) if self.rotate else x
+
+    def _encode_pca(self, h: torch.Tensor, codec: HiddenCodec, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (Lh', N, H) of stored layers `slots` -> their coordinates on the layer's axes (a matmul in h's
+        dtype, like the rotation), each axis quantized at its bits with a step of its own scale."""
+        x = (h @ codec.basis[slots].to(h.dtype)).float()                      # (Lh', N, H) coordinates
+        scale = _scale16(x.square().mean(-1, keepdim=True).sqrt())             # (Lh', N, 1) row RMS
+        rel = codec.rel_std[slots].unsqueeze(1)                                # (Lh', 1, H)
+        parts = [pack_bits(_codes(x[..., a:e], _step(scale, b) * rel[..., a:e], b), b) for a, e, b in codec.segments()]
+        return torch.cat(parts, -1), scale
+
+    def _decode_pca(self, payload: torch.Tensor, scale: torch.Tensor, codec: HiddenCodec,
+                    layers: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        rel = codec.rel_std[layers]                                            # (H,) or (R, H)
+        x = torch.zeros(*payload.shape[:-1], rel.shape[-1], device=payload.device)  # 0-bit axes decode to 0
+        at = 0
+        for a, e, b in codec.segments():
+            n = (e - a) * b // 8
+            x[..., a:e] = _levels(unpack_bits(payload[..., at:at + n], b), b) * _step(scale, b) * rel[..., a:e]
+            at += n
+        x = x.to(dtype)
+        if isinstance(layers, int):
+            return x @ codec.basis[layers].T.to(dtype)
+        # rows of mixed layers: sorted by layer, one matmul per layer present, then back in their order
+        order = layers.argsort()
+        counts = torch.bincount(layers, minlength=codec.basis.shape[0]).tolist()
+        out = torch.cat([chunk @ codec.basis[slot].T.to(dtype)
+                         for slot, chunk in enumerate(x[order].split(counts)) if counts[slot]])
+        return out[order.argsort()]
 
 
 def _step(rms: torch.Tensor, bits: int) -> torch.Tensor:
@@ -142,25 +224,31 @@ def _scale16(s: torch.Tensor) -> torch.Tensor:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., H) integer codes in [0, 2^bits) -> (..., H * bits / 8) uint8: every 8 codes, little-endian, fill
     `bits` bytes (at 4 bits: code 2i in the low nibble of byte i, code 2i + 1 in its high nibble)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
     if bits == 4:
         c = codes.to(torch.uint8).unflatten(-1, (-1, 2))
         return c[..., 0] | (c[..., 1] << 4)
-    words = codes.unflatten(-1, (-1, 8)).to(torch.int32)                    # 8 codes -> one word of 8*bits < 32 bits
-    word = (words << _shifts(8, bits, codes.device)).sum(-1, keepdim=True, dtype=torch.int32)
-    return ((word >> _shifts(bits, 8, codes.device)) & 0xFF).to(torch.uint8).flatten(-2)
+    word_t = torch.int32 if bits <= 3 else torch.int64                      # 8 codes -> one word of 8 * bits
+    words = codes.unflatten(-1, (-1, 8)).to(word_t)
+    word = (words << _shifts(8, bits, codes.device, word_t)).sum(-1, keepdim=True, dtype=word_t)
+    return ((word >> _shifts(bits, 8, codes.device, word_t)) & 0xFF).to(torch.uint8).flatten(-2)
 
 
 def unpack_bits(payload: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_bits`: (..., P) uint8 -> (..., P * 8 / bits) uint8 codes."""
+    if bits == 8:
+        return payload
     if bits == 4:
         return torch.stack([payload & 0xF, payload >> 4], -1).flatten(-2)
-    b = payload.unflatten(-1, (-1, bits)).to(torch.int32)
-    word = (b << _shifts(bits, 8, payload.device)).sum(-1, keepdim=True, dtype=torch.int32)
-    return ((word >> _shifts(8, bits, payload.device)) & (2 ** bits - 1)).to(torch.uint8).flatten(-2)
+    word_t = torch.int32 if bits <= 3 else torch.int64
+    b = payload.unflatten(-1, (-1, bits)).to(word_t)
+    word = (b << _shifts(bits, 8, payload.device, word_t)).sum(-1, keepdim=True, dtype=word_t)
+    return ((word >> _shifts(8, bits, payload.device, word_t)) & (2 ** bits - 1)).to(torch.uint8).flatten(-2)
 
 
-def _shifts(n: int, step: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device, dtype=torch.int32) * step
+def _shifts(n: int, step: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=dtype) * step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +293,46 @@ def unrotate(y: torch.Tensor) -> torch.Tensor:
     return (y.unflatten(-1, (-1, m.shape[0])) @ m).flatten(-2) * (1 / math.sqrt(m.shape[0])) * signs
 
 
+# ----------------------------------------------------------------------------------------------
+# fitting a codec: principal axes of each layer's second moment, bits by reverse water-filling
+
+
+def allocate_bits(variances: np.ndarray, avg_bits: float) -> np.ndarray:
+    """Bits per axis (H,) for axes of the given variances (decreasing), avg_bits on average, in blocks of 8
+    axes of equal bits (so every block packs into whole bytes): each block-bit goes where it removes the most
+    squared error, the Gaussian uniform quantizer's error table (GAUSSIAN_MSE) times the block's variance.
+    Greedy is optimal here because each block's error falls by less with every added bit."""
+    energy = np.asarray(variances, dtype=np.float64).reshape(-1, 8).sum(1)
+    bits = np.zeros(len(energy), dtype=np.int64)
+    gain = lambda k: energy[k] * (GAUSSIAN_MSE[bits[k]] - GAUSSIAN_MSE[bits[k] + 1]) if bits[k] < 8 else -1.0  # noqa: E731
+    heap = [(-gain(k), k) for k in range(len(energy))]  # ties go to the lower index: the stronger axes
+    heapq.heapify(heap)
+    for _ in range(int(round(avg_bits * len(energy)))):
+        _, k = heapq.heappop(heap)
+        bits[k] += 1
+        heapq.heappush(heap, (-gain(k), k))
+    return np.repeat(bits, 8).astype(np.uint8)
+
+
+def fit_codec(fmt: HiddenFormat, second_moment: torch.Tensor) -> HiddenCodec:
+    """The codec of a fitted format from each stored layer's second moment E[h h^T] (Lh, H, H): its eigenvectors
+    in order of decreasing eigenvalue (each with its largest entry positive, so the fit is reproducible) and
+    their standard deviations relative to the row RMS; the bits `allocate_bits` gives the layers' mean
+    relative spectrum (measured on the embedded default: per-layer bits would cut the error by 1%, 0.0140
+    against 0.0142 relative)."""
+    bases, rel = [], []
+    for m in second_moment.double():
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        pick = vectors.abs().argmax(0)
+        vectors = vectors * torch.where(vectors[pick, torch.arange(vectors.shape[1])] < 0, -1.0, 1.0)
+        bases.append(vectors.float().cpu())
+        rel.append((values / values.mean().clamp(min=1e-30)).sqrt().float().cpu())
+    rel_std = torch.stack(rel)
+    bits = torch.from_numpy(allocate_bits(rel_std.double().square().mean(0).numpy(), fmt.avg_bits))
+    return HiddenCodec(torch.stack(bases), rel_std, bits)
+
+
 FORMATS: dict[str, HiddenFormat] = {f.name: f for f in (
     HiddenFormat(LOSSLESS),
     HiddenFormat("fp8", kind="fp8"),
@@ -212,4 +340,5 @@ FORMATS: dict[str, HiddenFormat] = {f.name: f for f in (
     HiddenFormat("hadamard-4bit", rotate=True, kind="int", bits=(4,)),
     HiddenFormat("hadamard-3.5bit", rotate=True, kind="int", bits=(4, 3)),
     HiddenFormat("hadamard-3bit", rotate=True, kind="int", bits=(3,)),
+    HiddenFormat("pca-3.5bit", kind="pca", avg_bits=3.5),
 )}

@@ -16,7 +16,7 @@ import torch
 
 from collection.errors import UserError
 from collection.format import TraceSet, TraceShard
-from collection.hidden_format import LOSSLESS, FORMATS, HiddenFormat
+from collection.hidden_format import LOSSLESS, FORMATS, HiddenCodec, HiddenFormat
 from collection.staging import prefetch, reader_for
 
 SPLITS = ("train", "val", "test")
@@ -54,6 +54,7 @@ class TokenBlock:
     hidden_slot: torch.Tensor     # (L,) slot of layer l in `hidden`, -1 if not stored
     hidden_scale: torch.Tensor | None = None  # (Lh, N, G) float16 scales of a compact format
     hidden_format: HiddenFormat = FORMATS[LOSSLESS]
+    hidden_codec: HiddenCodec | None = None   # a fitted format's parameters, on the block's device
 
     @property
     def tokens(self) -> int:
@@ -64,7 +65,8 @@ class TokenBlock:
         slot = self.hidden_slot[layer]
         if self.hidden_format.lossless:
             return self.hidden[slot, tok].to(dtype)
-        return self.hidden_format.decode(self.hidden[slot, tok], self.hidden_scale[slot, tok], dtype)
+        return self.hidden_format.decode(self.hidden[slot, tok], self.hidden_scale[slot, tok], dtype,
+                                         self.hidden_codec, slot)
 
 
 def shard_groups(num_shards: int, per_group: int, rng: np.random.Generator | None = None) -> list[list[int]]:
@@ -147,7 +149,8 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
     cat = lambda parts: (parts[0] if len(parts) == 1 else torch.cat(parts, 1)) if parts else None  # noqa: E731
     return TokenBlock(hidden=cat(hidden), topk_ids=cat(ids), topk_weights=cat(weights),
                       prev=torch.cat(prev).to(device), source=torch.cat(source).to(device),
-                      hidden_slot=slot.to(device), hidden_scale=cat(scale), hidden_format=fmt)
+                      hidden_slot=slot.to(device), hidden_scale=cat(scale), hidden_format=fmt,
+                      hidden_codec=ts.hidden_codec(device) if hidden else None)
 
 
 def hidden_format_of(ts: TraceSet) -> HiddenFormat:

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from collection.capture import RoutingCapture, ShardFiller
+from collection.capture import RoutingCapture, ShardFiller, hidden_moments
 from collection.device import device_name, pick_device, pick_dtype
 from collection.durable import sha256_of
 from collection.errors import UserError, one_line_errors
 from collection.atomic import atomic_write_json
 from collection.format import ShardWriter, TraceSet, shard_specs
-from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat
+from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat, fit_codec
 from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
 from scripts.collect_traces import seed_recipe_table
 from scripts.make_random_checkpoint import corpus_texts
@@ -89,8 +89,13 @@ def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch
     shape = routing_shape(model)
     L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
     per_batch = args.batch_size * args.seq_len
+    codec = None
+    if fmt.fitted:  # fitted on the warm-up batches only: enough for speed, which does not depend on the fit
+        dev = next(model.parameters()).device
+        moments, _ = hidden_moments(model, list(range(L)), [(b, mask) for b in batches[:max(args.warmup, 1)]], dev)
+        codec = fit_codec(fmt, moments)
     capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, per_batch, K, shape.norm_topk_prob, E, H,
-                             hidden_format=fmt)
+                             hidden_format=fmt, hidden_codec=codec)
     filler = ShardFiller(capture)
     for b in batches[:args.warmup]:  # the format's kernels and buffers warmed
         hb = capture.forward(model, b, mask)

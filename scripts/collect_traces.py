@@ -21,19 +21,20 @@ import hashlib
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from collection.capture import RoutingCapture, ShardFiller, pad_batch
+from collection.capture import RoutingCapture, ShardFiller, hidden_moments, pad_batch
 from collection.device import pick_device, pick_dtype
 from collection.errors import UserError, one_line_errors
 from collection.atomic import PARTIAL_SUFFIX
 from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
-                               ShardWriter, TraceShard, atomic_save_tensors, bytes_per_token, read_manifest,
-                               shard_name, shard_specs, write_manifest)
-from collection.hidden_format import FORMATS, LOSSLESS
+                               ShardWriter, TraceShard, atomic_save_tensors, bytes_per_token, read_codec,
+                               read_manifest, save_codec, shard_name, shard_specs, write_manifest)
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, fit_codec
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
@@ -111,6 +112,11 @@ def plan_dtype(dtype: torch.dtype) -> str:
 
 
 SEED_RECIPE_TOKENS = 5000 * 256  # the seed's recipe: 5,000 sequences of up to 256 tokens
+FIT_TOKENS = 65536  # a fitted --hidden-format is fitted on this many tokens (at most the first shard's)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def seed_recipe_table() -> list[dict[str, float | str]]:
@@ -147,7 +153,8 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
         for partial in out.glob(f"*{PARTIAL_SUFFIX}"):
             partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
         return read_manifest(out)
-    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]  # noqa: E731
+    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, out / CODEC_FILE, *out.glob("shard_*"),  # noqa: E731
+                    *out.glob(f"*{PARTIAL_SUFFIX}")]
     if out.exists() and any(out.iterdir()):
         if not any(f.exists() for f in ours()):
             raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
@@ -235,7 +242,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{out}: collection already complete ({len(manifest.shards)} shards)")
             return
         print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
+        codec = read_codec(out, manifest)  # a fitted format: the interrupted run's fit, so the codes are the same
     else:
+        codec = None
+        if fmt.fitted and hidden_layers:  # fitted on the first tokens of the first shard, before any is written
+            t1 = time.perf_counter()
+            fit_seqs = min(int(np.searchsorted(np.cumsum(lengths), FIT_TOKENS)) + 1, args.shard_size, n_seq)
+            moments, fit_tokens = hidden_moments(
+                model, hidden_layers, [pad_batch(encoded[b:min(b + args.batch_size, fit_seqs)], pad_id(tokenizer))
+                                       for b in range(0, fit_seqs, args.batch_size)], device)
+            codec = fit_codec(fmt, moments)
+            capture_cfg["hidden_codec"] = save_codec(out, codec, fit_tokens)
+            print(f"fitted {fmt.name} on the first {fit_tokens:,} tokens in {time.perf_counter() - t1:.1f} s: "
+                  f"bits per axis rank {codec.bits[::8].tolist()} (every 8th)")
         manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
                                    "quantization": args.quantization, "dtype": plan["dtype"]},
                             routing=shape.to_json(), capture=capture_cfg,
@@ -261,9 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
     max_rows = args.batch_size * args.max_length
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
-                             E, H, hidden_format=fmt)
+                             E, H, hidden_format=fmt, hidden_codec=codec)
     filler = ShardFiller(capture)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -282,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.write("seq_sources", np.array([texts[i][0] for i in range(lo, hi)], dtype=np.int16))
             row = 0
             for b in range(lo, hi, args.batch_size):
-                input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id)
+                input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id(tokenizer))
                 host = capture.forward(model, input_ids, mask)
                 filler.write_batch(writer, host, row)
                 row += host.rows

@@ -23,8 +23,10 @@ from tqdm import tqdm
 from collection.device import pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
-                               ShardWriter, TraceSet, bytes_per_token, manifest_dims, shard_specs, write_manifest)
-from collection.hidden_format import FORMATS, LOSSLESS
+                               ShardWriter, TraceSet, bytes_per_token, manifest_dims, save_codec, shard_specs,
+                               write_manifest)
+from collection.hidden_format import FORMATS, LOSSLESS, fit_codec
+from scripts.collect_traces import FIT_TOKENS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +67,14 @@ def main(argv: list[str] | None = None) -> None:
 
     device = pick_device(args.device)
     src_fmt = FORMATS[m.hidden_format]
+    src_codec = src.hidden_codec(device)
+
+    def source_rows(sh, j: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Stored layer j's hidden rows of shard `sh` on the device, decoded if the source is compact."""
+        if src_fmt.lossless:
+            return sh.tensor("hidden", (j, rows)).to(device)
+        return src_fmt.decode(sh.tensor("hidden", (j, rows)).to(device), sh.tensor("hidden_scale", (j, rows)).to(device),
+                              torch.float32, src_codec, j)
     hidden_dtype = args.hidden_dtype or str(m.capture.get("hidden_dtype", "float16"))
     dims = {**manifest_dims(m), "hidden_dtype": hidden_dtype, "hidden_format": fmt.name}
     capture = {**m.capture, "hidden_dtype": hidden_dtype, "hidden_format": fmt.name,
@@ -75,6 +85,13 @@ def main(argv: list[str] | None = None) -> None:
                    format_version=FORMAT_VERSION if fmt.lossless else COMPACT_FORMAT_VERSION)
     if (src.dir / ROUTER_WEIGHTS).is_file():
         shutil.copyfile(src.dir / ROUTER_WEIGHTS, out / ROUTER_WEIGHTS)
+    codec = None
+    if fmt.fitted:  # fitted as collection fits it: on the first tokens of the first shard
+        rows = slice(0, min(FIT_TOKENS, src.shard(0).info.tokens))
+        xs = [source_rows(src.shard(0), j, rows).double() for j in range(len(m.hidden_layers))]
+        codec = fit_codec(fmt, torch.stack([x.T @ x / x.shape[0] for x in xs]))
+        new.capture["hidden_codec"] = save_codec(out, codec, rows.stop)
+        codec = codec.to(device)
     write_manifest(out, new)
 
     for i in tqdm(range(len(src)), desc="transcode", unit="shard", dynamic_ncols=True):
@@ -87,12 +104,11 @@ def main(argv: list[str] | None = None) -> None:
                 if name not in ("hidden", "hidden_scale"):
                     w.write(name, sh.numpy(name))
             for j in range(len(m.hidden_layers)):
-                h = (sh.tensor("hidden", j).to(device) if src_fmt.lossless else
-                     src_fmt.decode(sh.tensor("hidden", j).to(device), sh.tensor("hidden_scale", j).to(device)))
+                h = source_rows(sh, j)
                 if fmt.lossless:
                     w.write("hidden", h.to(getattr(torch, hidden_dtype)), (j,))
                 else:
-                    payload, scale = fmt.encode(h)
+                    payload, scale = fmt.encode(h, codec, j)
                     w.write("hidden", payload, (j,))
                     w.write("hidden_scale", scale, (j,))
             nbytes, digest = w.commit()

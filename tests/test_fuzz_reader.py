@@ -12,12 +12,12 @@ from collection.format import SafetensorsFile, ShardInfo, TraceFormatError, Trac
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(params=["tiny_traces", "tiny_compact_traces"])  # lossless and compact hidden states
+@pytest.fixture(params=["tiny_traces", "tiny_compact_traces", "tiny_pca_traces"])  # lossless, compact, fitted
 def traces(request):
     return request.getfixturevalue(request.param)
 
 
-def open_everything(path, manifest):
+def open_everything(path, manifest, codec_dir=None):
     """What a reader does with a shard: structure, manifest checks, and reading every tensor."""
     try:
         info = ShardInfo(file=path.name, sequences=manifest.shards[0].sequences, tokens=manifest.shards[0].tokens,
@@ -26,9 +26,12 @@ def open_everything(path, manifest):
         for name in shard.keys():
             np.asarray(shard.numpy(name)).sum()
         if "hidden_scale" in shard.keys():  # compact: decoding any codes and scales gives rows, never a crash
+            from collection.format import read_codec
             from collection.hidden_format import FORMATS
 
-            FORMATS[manifest.hidden_format].decode(shard.tensor("hidden", 0), shard.tensor("hidden_scale", 0))
+            codec = read_codec(codec_dir, manifest)
+            FORMATS[manifest.hidden_format].decode(shard.tensor("hidden", 0), shard.tensor("hidden_scale", 0),
+                                                   codec=codec, layers=0)
     except TraceFormatError as e:
         assert path.name in str(e)
 
@@ -48,7 +51,7 @@ def test_byte_flips_and_truncation(traces, tmp_path_factory, data):
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
     path = tmp_path_factory.mktemp("fuzz") / "shard_00000.safetensors"
     path.write_bytes(bytes(raw[:cut] if cut is not None else raw))
-    open_everything(path, ts.manifest)
+    open_everything(path, ts.manifest, traces)
 
 
 @FUZZ
@@ -71,7 +74,7 @@ def test_structured_header_mutations(traces, tmp_path_factory, data):
     body = json.dumps(header).encode()
     path = tmp_path_factory.mktemp("fuzz") / "shard_00000.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
-    open_everything(path, ts.manifest)
+    open_everything(path, ts.manifest, traces)
 
 
 @FUZZ

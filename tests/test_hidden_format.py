@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collection.format import TraceFormatError, TraceSet, bytes_per_token, read_manifest
-from collection.hidden_format import FORMATS, pack_bits, rotate, unpack_bits, unrotate
+from collection.hidden_format import FORMATS, allocate_bits, fit_codec, pack_bits, rotate, unpack_bits, unrotate
 from collection.rows import load_block
 from collection.staging import StagedReader
 
@@ -63,8 +63,10 @@ def test_rotated_formats_store_the_row_rms():
 # optimum: 0.01154 with 16 levels, 0.03744 with 8 (Max 1960, uniform case), so 0.0245 at 3.5 bits (half of the
 # row at each). fp8 e4m3 rounds to 3 mantissa bits: E[(err / x)^2] = 2^-6 / 12 / 2 = 0.00065. int4 with an absmax
 # step per 32 elements: measured 0.0079 (no closed form: the step follows each group's maximum).
+# pca-3.5bit on isotropic rows: every axis has the same variance, so half the axes get 4 bits and half 3, as
+# hadamard-3.5bit (its fit on these rows is what collection would fit).
 EXPECTED_MSE = {"fp8": (0.0005, 0.0008), "int4": (0.006, 0.010), "hadamard-4bit": (0.0105, 0.0125),
-                "hadamard-3.5bit": (0.0230, 0.0260), "hadamard-3bit": (0.0355, 0.0395)}
+                "hadamard-3.5bit": (0.0230, 0.0260), "hadamard-3bit": (0.0355, 0.0395), "pca-3.5bit": (0.0230, 0.0260)}
 
 
 @pytest.mark.parametrize("name", COMPACT)
@@ -72,15 +74,53 @@ def test_round_trip_error_is_the_quantizers_known_error(name):
     fmt = FORMATS[name]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 256, generator=g) * torch.rand(4096, 1, generator=g) * 5  # rows of varied scale
-    payload, scale = fmt.encode(x)
+    codec = fit_codec(fmt, (x.T @ x / len(x))[None]) if fmt.fitted else None
+    payload, scale = fmt.encode(x, codec, 0)
     assert payload.dtype == torch.uint8 and payload.shape == (4096, fmt.payload_bytes(256))
     assert scale.dtype == torch.float16 and scale.shape == (4096, fmt.groups(256))
-    y = fmt.decode(payload, scale)
+    y = fmt.decode(payload, scale, torch.float32, codec, 0)
     rel = ((y - x).square().sum(1) / x.square().sum(1)).mean().item()
     lo, hi = EXPECTED_MSE[name]
     assert lo < rel < hi, rel
-    assert torch.equal(fmt.decode(payload, scale, torch.bfloat16), y.bfloat16()) or name.startswith("hadamard")
-    assert torch.allclose(fmt.decode(payload, scale, torch.bfloat16).float(), y, atol=0.02 * x.abs().max().item())
+    y16 = fmt.decode(payload, scale, torch.bfloat16, codec, 0).float()
+    assert torch.allclose(y16, y, atol=0.02 * x.abs().max().item())
+
+
+def test_bit_allocation_by_hand():
+    # 4 blocks of 8 axes with variances 16, 4, 1, 1/4 (block energies 128, 32, 8, 2) and 2 bits per axis on
+    # average: 8 block-bits, each to the block whose error it cuts most, energy x (MSE[b] - MSE[b + 1]):
+    # A1 81.5, A2 31.3, B1 20.4, A3 10.4, B2 7.8, C1 5.1, A4 3.3, B3 2.6 (then C2 2.0 would come next)
+    v = np.repeat([16.0, 4.0, 1.0, 0.25], 8)
+    assert allocate_bits(v, 2.0).tolist() == [4] * 8 + [3] * 8 + [1] * 8 + [0] * 8
+
+
+def test_fitted_axes_of_a_known_second_moment():
+    # E[h h^T] = diag(1, 9, 4, 0.25, ...), all distinct: the axes are the coordinate axes, strongest first,
+    # each pointing +
+    lam = torch.tensor([1.0, 9.0, 4.0, 0.25, 2.0, 0.5, 3.0, 6.0, 1.5, 0.75, 7.0, 2.5, 0.1, 5.0, 8.0, 0.3])
+    codec = fit_codec(FORMATS["pca-3.5bit"], torch.diag(lam)[None])
+    order = lam.argsort(descending=True, stable=True)
+    assert torch.equal(codec.basis[0], torch.eye(16)[:, order])
+    assert torch.allclose(codec.rel_std[0], (lam[order] / lam.mean()).sqrt())
+    assert codec.bits.sum() == 3.5 * 16 and codec.bits.tolist() == sorted(codec.bits.tolist(), reverse=True)
+
+
+def test_pca_decodes_rows_of_mixed_layers_in_their_order():
+    fmt = FORMATS["pca-3.5bit"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 200, 64, generator=g) * torch.linspace(3, 0.1, 64)  # anisotropic: bits follow variance
+    codec = fit_codec(fmt, torch.einsum("lnh,lng->lhg", x, x) / 200)
+    payload, scale = fmt.encode(x, codec, [0, 1, 2])
+    slots, rows = torch.tensor([2, 0, 1, 0, 2, 2]), torch.tensor([5, 6, 7, 8, 9, 0])
+    mixed = fmt.decode(payload[slots, rows], scale[slots, rows], torch.float32, codec, slots)
+    each = torch.stack([fmt.decode(payload[s], scale[s], torch.float32, codec, s)[r] for s, r in zip(slots.tolist(),
+                                                                                                     rows.tolist())])
+    assert torch.allclose(mixed, each, atol=1e-6)
+    y = torch.stack([fmt.decode(payload[j], scale[j], torch.float32, codec, j) for j in range(3)])
+    pca_err = ((y - x).square().sum() / x.square().sum()).item()
+    had = FORMATS["hadamard-3.5bit"]
+    had_err = ((had.decode(*had.encode(x)) - x).square().sum() / x.square().sum()).item()
+    assert pca_err < 0.5 * had_err  # the point of fitting: bits where the variance is
 
 
 def test_bytes_per_token_and_the_seed_recipe():
@@ -152,6 +192,46 @@ def test_damaged_compact_shards_are_named(tiny_compact_traces, tmp_path):
     ts.manifest.shards[0].bytes = path.stat().st_size
     with pytest.raises(TraceFormatError, match=r"shard_00000.*hidden has shape"):
         ts.shard(0)
+
+
+def test_fitted_codec_is_checked_against_the_manifest(tiny_pca_traces, tmp_path):
+    copy = tmp_path / "t"
+    shutil.copytree(tiny_pca_traces, copy)
+    ts = TraceSet(copy)
+    codec = ts.hidden_codec()
+    assert codec.basis.shape == (8, 128, 128) and codec.bits.sum() == 3.5 * 128
+    assert ts.manifest.capture["hidden_codec"]["fit_tokens"] == ts.manifest.shards[0].tokens  # < 65,536
+    raw = bytearray((copy / "hidden_codec.safetensors").read_bytes())
+    raw[-1] ^= 0x01
+    (copy / "hidden_codec.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(TraceFormatError, match="hidden_codec.safetensors: size or checksum"):
+        TraceSet(copy).hidden_codec()
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["capture"]["hidden_codec"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(TraceFormatError, match="needs capture.hidden_codec"):
+        read_manifest(copy)
+
+
+def test_a_resumed_fitted_collection_reuses_its_fit(tiny_model, tmp_path):
+    """Interrupted after its first shard, a pca-3.5bit collection resumes with the codec it fitted, so every
+    shard is byte-identical to an uninterrupted run's."""
+    from scripts.collect_traces import main
+
+    common = ["--model", str(tiny_model), "--datasets", "bundled", "--target_traces", "24", "--shard_size", "8",
+              "--batch_size", "4", "--max_length", "32", "--device", "cpu", "--dtype", "float32",
+              "--hidden-format", "pca-3.5bit"]
+    main([*common, "--output", str(tmp_path / "ref")])
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut")
+    m = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    for info in m["shards"][1:]:  # as if killed after the first shard's commit
+        (tmp_path / "cut" / info["file"]).unlink()
+    m["shards"], m["complete"] = m["shards"][:1], False
+    (tmp_path / "cut" / "manifest.json").write_text(json.dumps(m))
+    main([*common, "--output", str(tmp_path / "cut"), "--resume"])
+    a, b = TraceSet(tmp_path / "ref"), TraceSet(tmp_path / "cut")
+    assert [s.sha256 for s in a.manifest.shards] == [s.sha256 for s in b.manifest.shards] and len(b) == 3
+    assert a.manifest.capture["hidden_codec"] == b.manifest.capture["hidden_codec"]
 
 
 def test_transcoded_set_is_the_encoder_applied_to_the_lossless_rows(tiny_traces, tiny_compact_traces):
