@@ -39,7 +39,7 @@ import torch
 from collection.atomic import PARTIAL_SUFFIX, atomic_path, atomic_write_json, commit_file, sha256_file
 from collection.durable import start_writeback
 from collection.errors import UserError
-from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenCodec
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, MAX_BITS, HiddenCodec
 
 FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
 COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
@@ -368,7 +368,8 @@ class Manifest:
 def save_codec(directory: Path, codec: HiddenCodec, fit_tokens: int) -> dict[str, Any]:
     """Write a fitted format's parameters beside the manifest; returns the manifest's capture.hidden_codec entry."""
     path = Path(directory) / CODEC_FILE
-    atomic_save_tensors(path, {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits})
+    atomic_save_tensors(path, {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits,
+                               "levels": codec.levels})
     return {"file": CODEC_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size, "fit_tokens": fit_tokens}
 
 
@@ -386,17 +387,18 @@ def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> Hidd
         raise TraceFormatError(f"{path}: size or checksum differs from the manifest (corrupt or replaced)")
     f = SafetensorsFile(path)
     Lh, H = len(manifest.hidden_layers), manifest.hidden_size
-    want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8")}
+    want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8"),
+            "levels": ((MAX_BITS, 2 ** MAX_BITS), "F32")}
     for name, (shape, dt) in want.items():
         if name not in f.entries or f.entries[name][1] != shape or f.entries[name][0] != dt:
             raise TraceFormatError(f"{path}: {name} missing or not {dt} of shape {shape}")
-    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"))
+    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"), f.tensor("levels"))
     bits = codec.bits.long()
     blocks = bits.view(-1, 8)
     if (bits.max() > 8 or (blocks != blocks[:, :1]).any() or (bits[1:] > bits[:-1]).any()
             or bits.sum() != fmt.payload_bytes(H) * 8):
         raise TraceFormatError(f"{path}: bits are not non-increasing blocks of 8 summing to {fmt.payload_bytes(H) * 8}")
-    if not (torch.isfinite(codec.basis).all() and torch.isfinite(codec.rel_std).all()):
+    if not all(torch.isfinite(t).all() for t in (codec.basis, codec.rel_std, codec.levels)):
         raise TraceFormatError(f"{path}: non-finite parameters")
     return codec
 

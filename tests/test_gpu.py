@@ -53,25 +53,31 @@ def test_cuda_capture_matches_the_models_routing_across_reused_buffers(tiny_mode
         h.remove()
 
 
-def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model):
+@pytest.mark.parametrize("name", ["hadamard-3.5bit", "pca-3.5bit"])
+def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
     """A compact format encodes on the side stream after the forward; the pinned codes decode to the MoE inputs."""
     from transformers import AutoModelForCausalLM
 
-    from collection.capture import RoutingCapture, pad_batch
-    from collection.hidden_format import FORMATS
+    from collection.capture import RoutingCapture, hidden_moments, pad_batch
+    from collection.hidden_format import FORMATS, fit_codec
     from collection.model import moe_blocks, routing_shape
 
     dev = torch.device("cuda", 0)
-    fmt = FORMATS["hadamard-3.5bit"]
+    fmt = FORMATS[name]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to(dev).eval()
     s = routing_shape(model)
     L, K, H = s.num_layers, s.top_k, s.hidden_size
+    g = torch.Generator().manual_seed(0)
+    codec = None
+    if fmt.fitted:
+        fit = [pad_batch([torch.randint(1, 500, (30,), generator=g).tolist() for _ in range(4)], 0) for _ in range(3)]
+        codec = fit_codec(fmt, hidden_moments(model, list(range(L)), fit, dev)[0])
     moe_inputs = {}
     hooks = [mlp.register_forward_pre_hook(lambda m, a, l=l: moe_inputs.__setitem__(l, a[0].detach().clone()))
              for l, (_, mlp) in enumerate(moe_blocks(model))]
     cap = RoutingCapture(model, list(range(L)), torch.bfloat16, True, 64, K, s.norm_topk_prob, s.num_experts, H,
-                         hidden_format=fmt)
-    g = torch.Generator().manual_seed(0)
+                         hidden_format=fmt, hidden_codec=codec)
+    ref_codec = cap.codec
     for lengths in [(9, 4, 13), (16, 16), (5, 12, 3)]:  # padded and not, on 2 alternating pinned buffers
         ids, mask = pad_batch([torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths], 0)
         hb = cap.forward(model, ids, mask)
@@ -80,10 +86,11 @@ def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model):
         for l in range(L):
             h = moe_inputs[l].reshape(-1, H)[real].float().cpu()
             payload, scale = hb.hidden[l, :hb.rows], hb.hidden_scale[l, :hb.rows]
-            ref_payload, ref_scale = fmt.encode(moe_inputs[l].reshape(-1, H)[real])
+            ref_payload, ref_scale = fmt.encode(moe_inputs[l].reshape(-1, H)[real], ref_codec, l)
             assert (payload != ref_payload.cpu()).float().mean() < 0.01  # same rows, another batch shape
             assert torch.allclose(scale.float(), ref_scale.float().cpu(), rtol=1e-2)
-            rel = ((fmt.decode(payload, scale) - h).square().sum() / h.square().sum()).item()
+            dec = fmt.decode(payload.to(dev), scale.to(dev), torch.float32, ref_codec, l).cpu()
+            rel = ((dec - h).square().sum() / h.square().sum()).item()
             assert rel < 0.04
         cap.release(hb)
     cap.close()
