@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from collection.format import TraceFormatError, TraceSet, bytes_per_token, read_manifest
-from collection.hidden_format import FORMATS, allocate_bits, fit_codec, pack_bits, rotate, unpack_bits, unrotate
+from collection.hidden_format import (FORMATS, allocate_bits, fit_codec, lloyd_max_levels, pack_bits, rotate,
+                                     unpack_bits, unrotate)
 from collection.rows import load_block
 from collection.staging import StagedReader
 
@@ -84,6 +85,13 @@ def test_round_trip_error_is_the_quantizers_known_error(name):
     assert lo < rel < hi, rel
     y16 = fmt.decode(payload, scale, torch.bfloat16, codec, 0).float()
     assert torch.allclose(y16, y, atol=0.02 * x.abs().max().item())
+
+
+def test_lloyd_max_levels_are_maxs_table():
+    # Max (1960), Table I: the Gaussian's optimal 4- and 8-level quantizers and the errors for 1 to 4 bits
+    assert np.allclose(lloyd_max_levels(2)[0], [-1.510, -0.4528, 0.4528, 1.510], atol=1e-3)
+    assert np.allclose(lloyd_max_levels(3)[0][4:], [0.2451, 0.7560, 1.344, 2.152], atol=1e-3)
+    assert np.allclose([lloyd_max_levels(b)[1] for b in range(5)], [1, 0.3634, 0.1175, 0.03454, 0.009497], atol=2e-5)
 
 
 def test_bit_allocation_by_hand():
