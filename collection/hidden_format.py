@@ -22,7 +22,7 @@ and needs nothing to decode but the format's name (its signs are a closed-form s
 concentrate the variance instead, so bits go where it is (transform coding); they are fitted per layer and
 stored beside the manifest (`hidden_codec.safetensors`, `HiddenCodec`). The Hadamard formats' quantizers are
 uniform, clipped at the mean-squared-error optimum of a Gaussian of the row's scale; pca's are the Gaussian's
-Lloyd-Max quantizers (12% less error at 3.5 bits on the embedded default), whose levels the codec stores.
+Lloyd-Max quantizers (15% less error at 3.5 bits on the embedded default), whose levels the codec stores.
 
 Shard tensors of a compact format (replacing `hidden`):
     hidden        uint8    (Lh, N, payload_bytes)   the packed codes of each row

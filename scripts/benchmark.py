@@ -473,12 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-sequences", type=int, default=400, help="sequences collected for train/validate (400)")
     p.add_argument("--epochs", type=int, default=3, help="timed training epochs (3)")
     p.add_argument("--validate-batch-rows", type=int, default=262144, help="rows per validation batch (262144)")
-    p.add_argument("--formats", default=f"{LOSSLESS},hadamard-3.5bit",
-                   help="--hidden-format(s) whose durable collection is timed (lossless,hadamard-3.5bit; 'all')")
+    p.add_argument("--formats", default=f"{LOSSLESS},pca-3.5bit",
+                   help="--hidden-format(s) whose durable collection is timed (lossless,pca-3.5bit; 'all')")
     p.add_argument("--durable-batches", type=int, default=24, help="batches of the durable collection per format (24)")
     p.add_argument("--shard-batches", type=int, default=4, help="batches per shard in the durable collection (4)")
-    p.add_argument("--read-formats", default=f"{LOSSLESS},hadamard-3.5bit",
-                   help="formats of the trace set training and validation read (lossless,hadamard-3.5bit; 'all')")
+    p.add_argument("--read-formats", default=f"{LOSSLESS},pca-3.5bit",
+                   help="formats of the trace set training and validation read (lossless,pca-3.5bit; 'all')")
     p.add_argument("--quality", default=None,
                    help="formats.json of compare_hidden_formats.py: adds recall@4 per format to the format table")
     p.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")

@@ -9,7 +9,7 @@ The seed's command (real model, CUDA GPU, Hugging Face hub access):
         --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256
 The same with hidden states stored compactly (4.1x fewer bytes per token; docs/trace-format.md):
     python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --quantization 4bit --datasets seed \
-        --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256 --hidden-format hadamard-3.5bit
+        --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256 --hidden-format pca-3.5bit
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite

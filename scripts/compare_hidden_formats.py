@@ -11,10 +11,11 @@ GPU (the whole bundled trace split, the comparison recipe; a few minutes on one 
     python scripts/compare_hidden_formats.py --output results/formats --jobs 4
 CPU (what docs/BENCHMARKS.md reports from a 2-core machine; hours):
     python scripts/compare_hidden_formats.py --target_traces 600 --max_length 128 --predictors layer-aware \
-        --epochs 4 --hidden-dim 256 --formats hadamard-3.5bit,hadamard-4bit,hadamard-3bit --output results/formats-cpu
+        --epochs 4 --hidden-dim 256 --formats pca-3.5bit,hadamard-3.5bit,hadamard-4bit,hadamard-3bit \
+        --output results/formats-cpu
 Seconds (tiny, noisy; checks the plumbing):
     python scripts/compare_hidden_formats.py --target_traces 60 --max_length 32 --lookaheads 0,1 --epochs 1 \
-        --predictors simple --formats hadamard-3.5bit --output /tmp/formats-quick
+        --predictors simple --formats pca-3.5bit --output /tmp/formats-quick
 """
 from __future__ import annotations
 

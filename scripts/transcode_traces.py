@@ -5,8 +5,8 @@ encodes them at collection), and the other tensors are copied unchanged; the new
 (with `capture.transcoded_from`) and checksums. A compact source is decoded first, so its loss carries over.
 
 Compact copy of the embedded default's traces, as collection with --hidden-format would have written them:
-    python scripts/transcode_traces.py --traces routing_data/traces/qwen2moe-mini --hidden-format hadamard-3.5bit \
-        --output routing_data/traces/qwen2moe-mini-h35
+    python scripts/transcode_traces.py --traces routing_data/traces/qwen2moe-mini --hidden-format pca-3.5bit \
+        --output routing_data/traces/qwen2moe-mini-pca35
 Seconds on a CPU (a bf16 copy of a quick trace set):
     python scripts/collect_traces.py --target_traces 60 --shard_size 30 --max_length 64 --output /tmp/q --overwrite
     python scripts/transcode_traces.py --traces /tmp/q --hidden-format lossless --hidden-dtype bfloat16 --output /tmp/q16
