@@ -94,10 +94,7 @@ class RoutingCapture:
             return torch.empty(*shape, dtype=dtype, pin_memory=pin)
 
         self.format = hidden_format
-        self.codec = None  # a fitted format's parameters, its axes in the capture dtype (one matmul per chunk)
-        if hidden_codec is not None:
-            self.codec = hidden_codec.to(self.device)
-            self.codec.basis = self.codec.basis.to(hidden_dtype)
+        self.codec = hidden_codec.to(self.device) if hidden_codec is not None else None  # a fitted format's
         if hidden_format.fitted and hidden_layers and self.codec is None:
             raise ValueError(f"hidden format {hidden_format.name} needs its fitted codec")
         self.free: queue.Queue[HostBatch] = queue.Queue()

@@ -81,6 +81,13 @@ class HiddenCodec:
         return HiddenCodec(self.basis.to(device), self.rel_std.to(device), self.bits.to(device),
                            self.levels.to(device))
 
+    def basis_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The axes in `dtype` (converted once: decoding multiplies by them every batch)."""
+        cache = self.__dict__.setdefault("_basis", {})
+        if dtype not in cache:
+            cache[dtype] = self.basis if self.basis.dtype == dtype else self.basis.to(dtype)
+        return cache[dtype]
+
     def quantizer(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(levels (2^bits,), thresholds between them (2^bits - 1,)) of a unit-variance axis coded at `bits`."""
         lv = self.levels[bits - 1, :2 ** bits]
@@ -198,7 +205,7 @@ class HiddenFormat:
         """Rows (Lh', N, H) of stored layers `slots` -> their coordinates on the layer's axes (a matmul in h's
         dtype, like the rotation), each divided by its expected scale (row RMS x the axis's relative standard
         deviation: unit variance) and quantized to the nearest Lloyd-Max level of its bits."""
-        x = (h @ codec.basis[slots].to(h.dtype)).float()                      # (Lh', N, H) coordinates
+        x = (h @ codec.basis_as(h.dtype)[slots]).float()                      # (Lh', N, H) coordinates
         scale = _scale16(x.square().mean(-1, keepdim=True).sqrt())             # (Lh', N, 1) row RMS
         z = x / (scale.float() * codec.rel_std[slots].unsqueeze(1))            # unit variance per axis
         parts = [pack_bits(torch.bucketize(z[..., a:e].contiguous(), codec.quantizer(b)[1]).to(torch.uint8), b)
@@ -216,13 +223,13 @@ class HiddenFormat:
             at += n
         x = x * scale.float()
         x = x.to(dtype)
+        basis = codec.basis_as(dtype)
         if isinstance(layers, int):
-            return x @ codec.basis[layers].T.to(dtype)
+            return x @ basis[layers].T
         # rows of mixed layers: sorted by layer, one matmul per layer present, then back in their order
         order = layers.argsort()
-        counts = torch.bincount(layers, minlength=codec.basis.shape[0]).tolist()
-        out = torch.cat([chunk @ codec.basis[slot].T.to(dtype)
-                         for slot, chunk in enumerate(x[order].split(counts)) if counts[slot]])
+        counts = torch.bincount(layers, minlength=basis.shape[0]).tolist()
+        out = torch.cat([chunk @ basis[slot].T for slot, chunk in enumerate(x[order].split(counts)) if counts[slot]])
         return out[order.argsort()]
 
 

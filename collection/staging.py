@@ -171,10 +171,13 @@ def prefetch(loaders: Iterable[Callable[[], T]], device: torch.device) -> Iterat
             yield out
 
 
-def _record(obj: object, stream: torch.cuda.Stream) -> None:
-    """record_stream on every CUDA tensor attribute of `obj` (a dataclass or tensor)."""
-    tensors = [obj] if isinstance(obj, torch.Tensor) else list(vars(obj).values()) if hasattr(obj, "__dict__") else []
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            t.record_stream(stream)
+def _record(obj: object, stream: torch.cuda.Stream, depth: int = 2) -> None:
+    """record_stream on every CUDA tensor of `obj`: a tensor, or the attributes of an object (and of the
+    objects among them, such as a block's codec)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            obj.record_stream(stream)
+    elif depth and hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            _record(value, stream, depth - 1)
 
