@@ -64,7 +64,7 @@ class ShardCommitter:
     committed: the manifest keeps listing the shards committed before it.
     """
 
-    def __init__(self, max_pending: int = 2, hash_threads: int = 2):
+    def __init__(self, max_pending: int = 3, hash_threads: int = 3):
         self.pool = ThreadPoolExecutor(max_workers=hash_threads + max_pending, thread_name_prefix="commit")
         self.slots = threading.Semaphore(max_pending)
         self.order = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-order")
