@@ -13,9 +13,9 @@ A format is a transform followed by a quantizer, both fixed by its name (hidden 
     hadamard-4bit    a randomized Hadamard rotation, then 4 bits per element, one scale per row       4.0x
     hadamard-3.5bit  the same, half of each rotated row at 4 bits and half at 3                       4.6x
     hadamard-3bit    the same at 3 bits                                                               5.3x
-    pca-3.5bit       each layer's principal axes (fitted on the first collected tokens), 3.5 bits     4.6x
-                     per element on average, allocated by variance: 8 for the strongest axes, 0 for the
-                     weakest (a projection where they carry nothing)
+    pca-3.5bit       coordinates on each layer's principal axes (fitted on the first collected         4.6x
+                     tokens), 3.5 bits per element on average, allocated by variance: up to 8 bits for the
+                     strongest axes, down to 0 (dropped) for axes that carry nothing
 
 The Hadamard rotation spreads outlier channels over the whole row, so one scale per row fits every element,
 and needs nothing to decode but the format's name (its signs are a closed-form sequence). The principal axes
@@ -104,11 +104,13 @@ class HiddenCodec:
 
 @dataclass(frozen=True)
 class HiddenFormat:
-    """One named format: an optional rotation, then `kind` (raw | fp8 | int) at `bits` per element.
+    """One named format: an optional rotation, then `kind` (raw | fp8 | int | pca) at `bits` per element.
 
     int formats split each row into len(bits) equal parts, part j coded at bits[j] bits per element (so
     (4, 3) is 3.5 bits per element). Rotated rows store one scale per row, their RMS, and every part clips
     at its bit width's Gaussian optimum; unrotated rows store the absmax of each group of `group` elements.
+    pca formats code each row's coordinates on the layer's fitted axes, `avg_bits` per element on average,
+    with one scale per row, its RMS (`HiddenCodec` holds the rest).
     """
     name: str
     rotate: bool = False
