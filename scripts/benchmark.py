@@ -417,7 +417,7 @@ def print_format_table(res: dict[str, Any]) -> None:
         e2e = reading.get(name, {}).get("validate_rows_per_s_end_to_end")
         durable = f"{d['durable_tokens_per_s']:,.0f}" if d else "-"
         val = f"{e2e:,.0f}" if e2e else "-"
-        worst = f"{loss:+.4f}" if loss is not None else "-"
+        worst = "(reference)" if q and name == LOSSLESS else f"{loss:+.4f}" if loss is not None else "-"
         print(f"  {name:<16} {r['record_bytes_per_token']:>12,} {r['record_vs_bf16']:>10.2f} {r['seed_recipe_gb']:>8.1f} "
               f"{durable:>14} {val:>15} {worst:>18}")
     if quality:
