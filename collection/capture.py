@@ -158,9 +158,14 @@ class RoutingCapture:
                 slots = list(range(j0, min(j0 + ENCODE_LAYERS, len(self.slot))))
                 hs = [self._hidden[j] for j in slots]
                 payload, scale = self.format.encode(torch.stack(hs), self.codec, slots)
-                for i in range(len(hs)):  # one contiguous copy per layer (rows < max_rows leave a strided slice)
-                    batch.hidden[j0 + i, :n].copy_(payload[i], non_blocking=self.cuda)
-                    batch.hidden_scale[j0 + i, :n].copy_(scale[i], non_blocking=self.cuda)
+                j1 = j0 + len(slots)
+                if n == batch.hidden.shape[1]:  # no padding dropped: the chunk's rows are one contiguous block
+                    batch.hidden[j0:j1].copy_(payload, non_blocking=self.cuda)
+                    batch.hidden_scale[j0:j1].copy_(scale, non_blocking=self.cuda)
+                else:  # one contiguous copy per layer (fewer rows than the buffer leave a strided slice)
+                    for i in range(len(slots)):
+                        batch.hidden[j0 + i, :n].copy_(payload[i], non_blocking=self.cuda)
+                        batch.hidden_scale[j0 + i, :n].copy_(scale[i], non_blocking=self.cuda)
                 if self.cuda:
                     batch.sources.extend([*hs, payload, scale])
 
