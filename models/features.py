@@ -27,7 +27,7 @@ class Features:
 def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int, num_experts: int,
                   with_history: bool, dtype: torch.dtype = torch.float32) -> Features:
     """What is known when layer `layer` runs for token `tok` (see the module docstring)."""
-    f = Features(hidden=block.hidden[block.hidden_slot[layer], tok].to(dtype), layer=layer)
+    f = Features(hidden=block.hidden_at(layer, tok, dtype), layer=layer)
     if with_history:
         seen = layer if lookahead >= 1 else layer - 1  # layer l's own routing is the answer when d = 0
         f.own_routing = routing_vector(block, seen, tok, num_experts).to(dtype)

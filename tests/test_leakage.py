@@ -27,7 +27,7 @@ def scramble_future(block: TokenBlock, t: int, l: int, d: int, seed: int) -> Tok
     not finished (>= l when d = 0, > l when d >= 1), token t's hidden state at layers > l, and every later
     token of its sequence at every layer."""
     g = torch.Generator().manual_seed(seed)
-    b = TokenBlock(**{k: v.clone() for k, v in vars(block).items()})
+    b = TokenBlock(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(block).items()})
     seq_end = 15 if t < 15 else N
     first_unknown = l if d == 0 else l + 1
     b.topk_ids[first_unknown:, t] = torch.rand(L - first_unknown, E, generator=g).argsort(-1)[..., :K]
@@ -78,7 +78,7 @@ def test_hybrid_uses_the_history_it_is_allowed():
     block = make_block(0)
     t, l, d = 20, 2, 1
     f = make_features(block, torch.tensor([t]), torch.tensor([l]), d, E, True)
-    changed = TokenBlock(**{k: v.clone() for k, v in vars(block).items()})
+    changed = TokenBlock(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(block).items()})
     changed.topk_ids[l + d, t - 1] = (changed.topk_ids[l + d, t - 1] + 1) % E
     g = make_features(changed, torch.tensor([t]), torch.tensor([l]), d, E, True)
     assert not torch.equal(f.prev_token, g.prev_token)
