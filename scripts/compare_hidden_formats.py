@@ -1,4 +1,4 @@
-"""What each hidden format costs in prediction quality: the same predictors trained and tested on each.
+r"""What each hidden format costs in prediction quality: the same predictors trained and tested on each.
 
 Story: collect the embedded default's traces once, losslessly (fp32); rewrite them in every format with the
 collection encoder (transcode_traces.py), the reference being bf16, what a GPU collection stores by default;

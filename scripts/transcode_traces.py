@@ -1,4 +1,4 @@
-"""Rewrite a trace set's hidden states in another format (e.g. a lossless set into a compact one).
+r"""Rewrite a trace set's hidden states in another format (e.g. a lossless set into a compact one).
 
 Every shard is read, its hidden states are re-encoded by collection/hidden_format.py (the same code that
 encodes them at collection), and the other tensors are copied unchanged; the new set gets its own manifest

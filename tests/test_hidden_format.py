@@ -212,7 +212,7 @@ def test_fitted_codec_is_checked_against_the_manifest(tiny_pca_traces, tmp_path)
     raw = bytearray((copy / "hidden_codec.safetensors").read_bytes())
     raw[-1] ^= 0x01
     (copy / "hidden_codec.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(TraceFormatError, match="hidden_codec.safetensors: size or checksum"):
+    with pytest.raises(TraceFormatError, match="hidden_codec.safetensors: checksum mismatch"):
         TraceSet(copy).hidden_codec()
     m = json.loads((copy / "manifest.json").read_text())
     del m["capture"]["hidden_codec"]
