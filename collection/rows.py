@@ -47,6 +47,8 @@ class TokenBlock:
     prev: torch.Tensor            # (N,) row of the previous token of the same sequence, -1 at its start
     source: torch.Tensor          # (N,) source index
     hidden_slot: torch.Tensor     # (L,) slot of layer l in `hidden`, -1 if not stored
+    token_ids: torch.Tensor | None = None      # (N,) int64 token id of each row
+    router_logits: torch.Tensor | None = None  # (L, N, E) float16, when loaded with_logits (distillation targets)
 
     @property
     def tokens(self) -> int:
@@ -75,9 +77,13 @@ def _read(sh, name: str, rows: np.ndarray | None, device: torch.device) -> torch
 
 
 def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: torch.device,
-               with_hidden: bool = True) -> TokenBlock | None:
-    """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none)."""
-    hidden, ids, weights, prev, source = [], [], [], [], []
+               with_hidden: bool = True, with_logits: bool = False) -> TokenBlock | None:
+    """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none).
+    `with_logits` also loads the full router logits (training targets for distillation)."""
+    if with_logits and not ts.manifest.capture.get("store_logits", False):
+        raise UserError(f"{ts.dir}: router logits were not stored (collected with --no-logits); "
+                        "distillation needs them")
+    hidden, ids, weights, prev, source, token_ids, logits = [], [], [], [], [], [], []
     base = 0
     for sh in ts.shards(shards):
         off = sh.numpy("seq_offsets").astype(np.int64)
@@ -91,6 +97,10 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
             hidden.append(_read(sh, "hidden", rows, device))
         ids.append(_read(sh, "topk_ids", rows, device).long())
         weights.append(_read(sh, "topk_weights", rows, device).float())
+        if with_logits:
+            logits.append(_read(sh, "router_logits", rows, device))
+        tid = sh.numpy("token_ids")
+        token_ids.append(torch.from_numpy((tid if rows is None else tid[rows]).astype(np.int64)))
         pos = np.arange(lens.sum()) - first
         prev.append(torch.from_numpy(np.where(pos > 0, base + np.arange(lens.sum()) - 1, -1)))
         source.append(torch.from_numpy(np.repeat(sh.numpy("seq_sources")[keep].astype(np.int64), lens)))
@@ -103,20 +113,23 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
         slot[layer] = j
     return TokenBlock(hidden=torch.cat(hidden, 1) if hidden else None, topk_ids=torch.cat(ids, 1),
                       topk_weights=torch.cat(weights, 1), prev=torch.cat(prev).to(device),
-                      source=torch.cat(source).to(device), hidden_slot=slot.to(device))
+                      source=torch.cat(source).to(device), hidden_slot=slot.to(device),
+                      token_ids=torch.cat(token_ids).to(device),
+                      router_logits=torch.cat(logits, 1) if logits else None)
 
 
-def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True) -> int:
+def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True, with_logits: bool = False) -> int:
     """Device bytes the blocks of a split take (estimate from the manifest): per token, a TokenBlock holds
-    int64 ids + float32 weights for each (layer, k) slot, int64 `prev` and `source`, and the hidden states
-    in their storage dtype."""
+    int64 ids + float32 weights for each (layer, k) slot, int64 `prev`, `source` and token id, the hidden
+    states in their storage dtype, and (with_logits) float16 router logits for each (layer, expert)."""
     m = ts.manifest
     tokens = sum(s.tokens for s in m.shards) * seq_fraction
     routing = m.num_layers * m.top_k * (8 + 4)   # topk_ids int64 + topk_weights float32
-    per_token_index = 8 + 8                      # prev int64 + source int64
+    per_token_index = 8 + 8 + 8                  # prev, source, token id: int64
     hidden_item = torch.empty((), dtype=getattr(torch, m.capture.get("hidden_dtype", "float16"))).element_size()
     hidden = len(m.hidden_layers) * m.hidden_size * hidden_item if with_hidden else 0
-    return int(tokens * (routing + per_token_index + hidden))
+    logits = m.num_layers * m.num_experts * 2 if with_logits else 0
+    return int(tokens * (routing + per_token_index + hidden + logits))
 
 
 def cache_budget(device: torch.device) -> int:
@@ -138,11 +151,12 @@ class SplitBlocks:
     the groups are kept and only their order and rows are reshuffled)."""
 
     def __init__(self, ts: TraceSet, seq_ids: np.ndarray, device: torch.device, shards_per_group: int,
-                 with_hidden: bool = True, keep: bool | None = None):
+                 with_hidden: bool = True, keep: bool | None = None, with_logits: bool = False):
         self.ts, self.seq_ids, self.device = ts, seq_ids, device
-        self.per_group, self.with_hidden = shards_per_group, with_hidden
+        self.per_group, self.with_hidden, self.with_logits = shards_per_group, with_hidden, with_logits
         fraction = len(seq_ids) / max(len(ts.sequence_table()["seq_id"]), 1)
-        self.keep = block_bytes(ts, fraction, with_hidden) <= cache_budget(device) if keep is None else keep
+        self.keep = (block_bytes(ts, fraction, with_hidden, with_logits) <= cache_budget(device)
+                     if keep is None else keep)
         self.groups: list[list[int]] | None = None
         self.cache: dict[int, TokenBlock | None] = {}
 
@@ -157,7 +171,8 @@ class SplitBlocks:
             if i in self.cache:
                 block = self.cache[i]
             else:
-                block = load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden)
+                block = load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden,
+                                   self.with_logits)
                 if self.keep:
                     self.cache[i] = block
             if block is not None:
@@ -198,6 +213,24 @@ def routing_vector(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, E:
     out = torch.zeros(tok.shape[0], E, device=tok.device)
     out.scatter_(1, block.topk_ids[l, t], block.topk_weights[l, t])
     return out * valid.unsqueeze(1)
+
+
+def earlier_token(block: TokenBlock, tok: torch.Tensor, back: int) -> torch.Tensor:
+    """(R,) row of the token `back` positions before `tok` in the same sequence, -1 past its start
+    (back = 0 is the token itself)."""
+    rows = tok
+    for _ in range(back):  # `back` is a small window size: a few vectorized gathers, no loop over tokens
+        rows = torch.where(rows >= 0, block.prev[rows.clamp(min=0)], rows)
+    return rows
+
+
+def hidden_at(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """(R, H) MoE input of token rows `tok` at layers `layer`; zeros where tok < 0, layer < 0 or the layer's
+    hidden state is not stored."""
+    slot = torch.where(layer >= 0, block.hidden_slot[layer.clamp(min=0)], -1)
+    valid = (tok >= 0) & (slot >= 0)
+    h = block.hidden[slot.clamp(min=0), tok.clamp(min=0)]
+    return torch.where(valid.unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
 def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int) -> torch.Tensor:

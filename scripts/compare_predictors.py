@@ -30,7 +30,7 @@ from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import TraceSet
 from collection.rows import split_sequences
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS, count_parameters, flops_per_row
 from validation.evaluate import evaluate
 from validation.plots import comparison_figure
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             if dd != d:
                 continue
             model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
+            check_fits_traces(cfg, ts, str(ck))
             if not np.array_equal(ckpt["split"]["test"].numpy(), split["test"]):
                 raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
             label = f"{kind} (seed recipe)" if seed_recipe else kind

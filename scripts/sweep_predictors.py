@@ -1,0 +1,345 @@
+"""Sweep the predictor ideas one at a time: the "What mattered" table of docs/RESULTS.md.
+
+Each config (CONFIGS below, or --extra) is a set of training flags. Every (config, lookahead) is trained as
+its own job (a subprocess of scripts/train_anchored_predictor.py; --jobs of them side by side on one GPU),
+then scored on the held-out test split next to router reuse. A job that fails is recorded with the tail of
+its log and the others go on; the tables are printed and written at the end. With --lodo, one config is
+also trained leaving each source out in turn (train and validate on five domains, test on the sixth).
+
+Writes to --output: sweep.md (what mattered, per layer, leave-one-domain-out), sweep.json (every number),
+and checkpoints/ and logs/ per job (kept out of the way with --work-dir).
+
+The table in docs/RESULTS.md (GPU, the embedded default's full traces; see RESULTS.md for the timing):
+    python scripts/sweep_predictors.py --traces routing_data/traces/qwen2moe-mini --jobs 8 --lodo \\
+        --output results/sweep
+Seconds on a CPU (tiny and noisy):
+    python scripts/sweep_predictors.py --traces routing_data/traces/quick --configs anchor,+kl --lookaheads 0,1 \\
+        --epochs 1 --hidden-dim 32 --output results/sweep-quick
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from collection.atomic import atomic_write_bytes, atomic_write_json
+from collection.device import device_name, pick_device
+from collection.errors import UserError, one_line_errors
+from collection.format import TraceSet
+from collection.rows import split_sequences
+from models.checkpoint import check_fits_traces, load_checkpoint
+from models.predictors import count_parameters, flops_per_row
+from validation.evaluate import evaluate
+from validation.scorers import baseline_scorer, predictor_scorer
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "scripts" / "train_anchored_predictor.py"
+
+# Every flag written out, so a change of the kind's defaults never changes what a row means.
+NOTHING = ["--past-layers", "0", "--own-layers", "0", "--window", "0", "--no-token-emb", "--loss-kl", "0"]
+FULL = ["--loss-kl", "1", "--past-layers", "2", "--own-layers", "2", "--window", "2", "--token-emb"]
+# name -> (the idea it adds or removes, reference row, flags). The ladder adds one idea per row; the rows
+# after "+token" each change one thing of the full recipe.
+CONFIGS: dict[str, tuple[str, str | None, list[str]]] = {
+    "layer-aware": ("layer-aware MLP (the comparison's kind), h_l only", None, ["--model-type", "layer-aware"]),
+    "anchor": ("router-anchored head on h_l (CE loss)", "layer-aware", [*NOTHING]),
+    "+kl": ("+ KL to the target router's softmax", "anchor", [*NOTHING[:-2], "--loss-kl", "1"]),
+    "+past": ("+ this token's MoE inputs at l-1, l-2", "+kl",
+              ["--past-layers", "2", "--own-layers", "0", "--window", "0", "--no-token-emb", "--loss-kl", "1"]),
+    "+own": ("+ this token's routing at its last 2 finished layers", "+past",
+             ["--past-layers", "2", "--own-layers", "2", "--window", "0", "--no-token-emb", "--loss-kl", "1"]),
+    "+window": ("+ previous 2 tokens' MoE input and routing at l+d", "+own",
+                ["--past-layers", "2", "--own-layers", "2", "--window", "2", "--no-token-emb", "--loss-kl", "1"]),
+    "+token": ("+ token-id embedding (= full)", "+window", [*FULL]),
+    "full -anchor": ("full without the router anchor (plain per-layer head)", "+token", [*FULL, "--no-anchor"]),
+    "full -ce": ("full, KL only (no cross-entropy on the top-k)", "+token", [*FULL, "--loss-ce", "0"]),
+    "full +mse": ("full + MSE of the predicted h_{l+d}", "+token", [*FULL, "--loss-mse", "1"]),
+    "full +router-ft": ("full, router fine-tuned at lr x 0.1", "+token", [*FULL, "--router-lr", "0.1"]),
+    "full separate": ("full, one trunk per target layer", "+token", [*FULL, "--separate-layers"]),
+    "full depth 4": ("full, 4 residual blocks instead of 2", "+token", [*FULL, "--depth", "4"]),
+    "full window 4": ("full, window of 4 previous tokens", "+token", [*FULL, "--window", "4"]),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to sweep")
+    g.add_argument("--traces", default="routing_data/traces/qwen2moe-mini", help="trace directory")
+    g.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of configs ({', '.join(CONFIGS)})")
+    g.add_argument("--extra", action="append", default=[], metavar="NAME=FLAGS",
+                   help="another config: a name and its train flags, e.g. 'wide=--hidden-dim 1024 --loss-kl 1'")
+    g.add_argument("--lookaheads", default="0,1,2,3", help="comma list of d (0,1,2,3)")
+    g = p.add_argument_group("recipe of every config (a config's own flags override these)")
+    g.add_argument("--hidden-dim", type=int, default=512, help="predictor width (512)")
+    g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (2e-3)")
+    g.add_argument("--epochs", type=int, default=20, help="epochs (20)")
+    g.add_argument("--batch-rows", type=int, default=32768, help="rows per step (32768)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout (0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
+    g.add_argument("--schedule", choices=["epoch", "step"], default="step",
+                   help="step: warm-up then cosine per step (default); epoch: the seed's per-epoch cosine")
+    g.add_argument("--seed", type=int, default=0, help="split and training seed (0)")
+    g = p.add_argument_group("leave one domain out")
+    g.add_argument("--lodo", action="store_true", help="also train --lodo-config leaving each source out in turn")
+    g.add_argument("--lodo-config", default=None, help="config for --lodo (default: the best at the first "
+                   "--lodo-lookaheads by validation recall)")
+    g.add_argument("--lodo-lookaheads", default="1", help="lookaheads of the leave-one-domain-out runs (1)")
+    g = p.add_argument_group("run")
+    g.add_argument("--jobs", type=int, default=1, help="trainings side by side (8 suits one H100 at the default size)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
+    g.add_argument("--output", default="results/sweep", help="sweep.md and sweep.json go here")
+    g.add_argument("--work-dir", default=None, help="checkpoints and logs (default: --output)")
+    g.add_argument("--retrain", action="store_true", help="retrain even where a finished checkpoint exists")
+    args = p.parse_args(argv)
+    for name in ("hidden_dim", "epochs", "batch_rows", "jobs"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def config_table(args: argparse.Namespace) -> dict[str, tuple[str, str | None, list[str]]]:
+    """The selected configs, in ladder order, plus --extra ones."""
+    chosen = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        raise UserError(f"--configs: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(CONFIGS)})")
+    table = {c: CONFIGS[c] for c in CONFIGS if c in chosen}
+    for spec in args.extra:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--extra {spec!r}: expected NAME=FLAGS")
+        table[name.strip()] = (f"extra: {flags.strip()}", None, shlex.split(flags))
+    if not table:
+        raise UserError("--configs: nothing to sweep")
+    return table
+
+
+def train_cmd(args: argparse.Namespace, flags: list[str], d: int, out: Path, exclude: str = "") -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), "--traces", args.traces, "--lookahead", str(d),
+            "--seed", str(args.seed), "--hidden-dim", str(args.hidden_dim), "--lr", str(args.lr),
+            "--epochs", str(args.epochs), "--batch-rows", str(args.batch_rows), "--dropout", str(args.dropout),
+            "--weight-decay", str(args.weight_decay), "--schedule", str(args.schedule), "--device", args.device,
+            "--no-verify", "--output", str(out), "--overwrite",
+            *(["--exclude-sources", exclude] if exclude else []), *flags]
+
+
+def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work: Path, ts: TraceSet,
+            test_ids: np.ndarray, dev: torch.device, exclude: str = "") -> dict[str, Any]:
+    """Train one config at one lookahead in a subprocess, then score its best checkpoint on `test_ids`.
+    Never raises: a failure is returned as {"error": ...} with the tail of the log."""
+    tag = f"{name}{'-without-' + exclude if exclude else ''}-d{d}".replace(" ", "_").replace("+", "plus-")
+    out = work / "checkpoints" / tag
+    log = work / "logs" / f"{tag}.log"
+    row: dict[str, Any] = {"config": name, "lookahead": d, "exclude": exclude, "log": str(log)}
+    t0 = time.perf_counter()
+    try:
+        if args.retrain or not (out / "results.json").is_file():
+            log.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ}
+            if dev.type == "cpu" and args.jobs > 1:
+                env.setdefault("OMP_NUM_THREADS", "1")  # side-by-side CPU jobs: one thread each
+            with open(log, "w") as fh:
+                proc = subprocess.run(train_cmd(args, flags, d, out, exclude), stdout=fh, stderr=subprocess.STDOUT,
+                                      cwd=REPO, env=env)
+            if proc.returncode != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                return {**row, "error": f"training exited {proc.returncode}: {' | '.join(tail)[-400:]}"}
+        model, cfg, ckpt = load_checkpoint(out / "best_checkpoint.pth", dev)
+        check_fits_traces(cfg, ts, str(out))
+        acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev, progress=False)
+        recall = f"recall@{ts.manifest.top_k}"
+        import json
+
+        res = json.loads((out / "results.json").read_text())
+        row.update({recall: acc.summary()[recall], "per_layer": acc.per_layer(recall),
+                    "per_source": acc.per_source(recall), "val_best": ckpt["metrics"]["best"],
+                    "parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
+                    "train_seconds": res["train/seconds"], "train_rows_per_s": res["train/rows_per_s"]})
+    except Exception as e:  # noqa: BLE001 - one config's failure is recorded, never fatal to the sweep
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    row["wall_seconds"] = time.perf_counter() - t0
+    status = f"{row[f'recall@{ts.manifest.top_k}']:.4f}" if "error" not in row else "FAILED " + row["error"][:120]
+    print(f"[{time.strftime('%H:%M:%S')}] {tag}: {status} ({row['wall_seconds']:.0f} s)", flush=True)
+    return row
+
+
+def error_cut(recall: float, reuse: float) -> float:
+    """Share of router reuse's misses (1 - recall) that the predictor removes."""
+    return 1 - (1 - recall) / max(1 - reuse, 1e-12)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configs = config_table(args)
+    ds = sorted({int(x) for x in args.lookaheads.split(",") if x})
+    lodo_ds = sorted({int(x) for x in args.lodo_lookaheads.split(",") if x}) if args.lodo else []
+    out = Path(args.output)
+    work = Path(args.work_dir or args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(args.device)
+    ts = TraceSet(Path(args.traces))
+    m = ts.manifest
+    recall = f"recall@{m.top_k}"
+    table = ts.sequence_table()
+    split = split_sequences(table, args.seed)
+    for d in ds + lodo_ds:
+        if not 0 <= d < m.num_layers:
+            raise UserError(f"--lookaheads {d}: the model has {m.num_layers} MoE layers")
+    print(f"sweep: {len(configs)} configs x d = {ds} on {args.traces} ({m.model['name_or_path']}), "
+          f"{args.jobs} jobs side by side on {device_name(dev)}", flush=True)
+
+    # --- router reuse (the router itself at d = 0) on the same test rows: the reference of every row
+    reuse: dict[int, dict[str, Any]] = {}
+    for d in sorted(set(ds + lodo_ds)):
+        acc = evaluate(baseline_scorer("router" if d == 0 else "router-reuse", ts, d, split["train"], dev), ts,
+                       split["test"], d, dev, progress=False)
+        reuse[d] = {recall: acc.summary()[recall], "per_layer": acc.per_layer(recall),
+                    "per_source": acc.per_source(recall)}
+        print(f"router{' (control)' if d == 0 else ' reuse'} d={d}: {recall} {reuse[d][recall]:.4f}", flush=True)
+
+    # --- every config at every lookahead, side by side
+    t0 = time.perf_counter()
+    jobs = [(name, d) for name in configs for d in ds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda j: run_job(args, j[0], configs[j[0]][2], j[1], work, ts, split["test"], dev),
+                             jobs))
+    sweep_seconds = time.perf_counter() - t0
+
+    # --- leave one domain out: one config, each source held out of train and val, tested on its test sequences
+    lodo_rows: list[dict[str, Any]] = []
+    lodo_config = None
+    if args.lodo:
+        lodo_config = args.lodo_config or best_config(rows, lodo_ds[0], recall)
+        if lodo_config is None or lodo_config not in configs:
+            raise UserError(f"--lodo-config {lodo_config!r}: not a config of this sweep")
+        sources = m.source_names
+        by_id = dict(zip(table["seq_id"].tolist(), table["source"].tolist()))
+        test_src = np.array([by_id[s] for s in split["test"]])
+        ljobs = [(src, d) for d in lodo_ds for src in sources]
+        have = {(r["config"], r["lookahead"]) for r in rows if "error" not in r}
+        extra_in_domain = [(lodo_config, d) for d in lodo_ds if (lodo_config, d) not in have]
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            ins = [pool.submit(run_job, args, c, configs[c][2], d, work, ts, split["test"], dev)
+                   for c, d in extra_in_domain]
+            outs = [pool.submit(run_job, args, lodo_config, configs[lodo_config][2], d, work, ts,
+                                split["test"][test_src == sources.index(src)], dev, src) for src, d in ljobs]
+            rows += [f.result() for f in ins]
+            lodo_rows = [f.result() for f in outs]
+        print(f"leave-one-domain-out done in {time.perf_counter() - t1:.0f} s", flush=True)
+
+    report = write_report(args, configs, ds, rows, reuse, lodo_rows, lodo_config, recall, m, dev, sweep_seconds, out)
+    print("\n" + report)
+    failed = [r for r in rows + lodo_rows if "error" in r]
+    print(f"wrote {out / 'sweep.md'} and sweep.json; {len(rows) + len(lodo_rows) - len(failed)} jobs scored, "
+          f"{len(failed)} failed" + ("".join(f"\n  FAILED {r['config']} d={r['lookahead']}"
+                                             f"{' without ' + r['exclude'] if r['exclude'] else ''}: {r['error']}"
+                                             for r in failed)))
+
+
+def best_config(rows: list[dict[str, Any]], d: int, recall: str) -> str | None:
+    """The config with the best validation recall at lookahead d (the test split never picks)."""
+    ok = [r for r in rows if r["lookahead"] == d and "error" not in r and not r["exclude"]]
+    return max(ok, key=lambda r: r["val_best"].get(recall, -1))["config"] if ok else None
+
+
+def write_report(args: argparse.Namespace, configs: dict[str, tuple[str, str | None, list[str]]], ds: list[int],
+                 rows: list[dict[str, Any]], reuse: dict[int, dict[str, Any]], lodo_rows: list[dict[str, Any]],
+                 lodo_config: str | None, recall: str, m: Any, dev: torch.device, sweep_seconds: float,
+                 out: Path) -> str:
+    """sweep.md (three tables) and sweep.json; returns the markdown."""
+    get = {(r["config"], r["lookahead"]): r for r in rows if not r["exclude"]}
+
+    def cell(name: str | None, d: int) -> float | None:
+        r = get.get((name, d)) if name else None
+        return r[recall] if r and "error" not in r else None
+
+    def fmt(x: float | None, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    cond = (f"`{m.model['name_or_path']}`, traces `{args.traces}`, held-out test split (split seed {args.seed}), "
+            f"{recall}; width {args.hidden_dim}, lr {args.lr:g}, {args.epochs} epochs, {args.batch_rows} rows per "
+            f"step, schedule {args.schedule}; device {device_name(dev)}; sweep {sweep_seconds:.0f} s with "
+            f"{args.jobs} jobs.")
+    lines = ["## What mattered", "", cond, "",
+             "Each row adds or removes one idea; Δ = change of recall against the reference row (d = 1..3 mean); "
+             "error cut = share of router reuse's misses removed.", "",
+             "| config | idea | vs | " + " | ".join(f"d={d}" for d in ds) + " | " +
+             " | ".join(f"cut d={d}" for d in ds if d > 0) + " | Δ mean d≥1 |",
+             "|---|---|---|" + "---|" * (len(ds) + sum(d > 0 for d in ds) + 1)]
+    lines.append("| router reuse | training-free (the router itself at d = 0) | | " +
+                 " | ".join(fmt(reuse[d][recall]) for d in ds) + " | " +
+                 " | ".join("0%" for d in ds if d > 0) + " | |")
+    for name, (idea, ref, _) in configs.items():
+        vals = [cell(name, d) for d in ds]
+        cuts = [fmt(None if v is None else 100 * error_cut(v, reuse[d][recall]), ".1f") + "%"
+                if v is not None else "-" for v, d in zip(vals, ds) if d > 0]
+        pos = [d for d in ds if d > 0]
+        deltas = [cell(name, d) - cell(ref, d) for d in pos if cell(name, d) is not None and cell(ref, d) is not None]
+        delta = f"{np.mean(deltas):+.4f}" if deltas else "-"
+        lines.append(f"| {name} | {idea} | {ref or ''} | " + " | ".join(fmt(v) for v in vals) + " | " +
+                     " | ".join(cuts) + f" | {delta} |")
+
+    # per layer: the best config of each d (by validation recall) against router reuse
+    lines += ["", "## Per layer: the best config (by validation recall) against router reuse", "",
+              f"{recall} of target layer l+d on the test split.", "",
+              "| d | config | " + " | ".join(f"L{l}" for l in range(m.num_layers)) + " | layers below reuse |",
+              "|---|---|" + "---|" * (m.num_layers + 1)]
+    per_layer: dict[int, Any] = {}
+    for d in ds:
+        best = best_config(rows, d, recall)
+        if best is None:
+            continue
+        mine = get[(best, d)]["per_layer"]
+        theirs = reuse[d]["per_layer"]
+        below = [l for l in range(m.num_layers) if mine[l] is not None and theirs[l] is not None
+                 and mine[l] < theirs[l]]
+        per_layer[d] = {"config": best, "learned": mine, "router_reuse": theirs, "below": below}
+        lines.append(f"| {d} | {best} | " + " | ".join(fmt(x) for x in mine) + f" | {below or 'none'} |")
+        lines.append(f"| {d} | router {'(control)' if d == 0 else 'reuse'} | " +
+                     " | ".join(fmt(x) for x in theirs) + " | |")
+
+    if lodo_rows:
+        lines += ["", f"## Leave one domain out: `{lodo_config}` trained on five domains, tested on the sixth", "",
+                  f"{recall} on the held-out domain's test sequences; in-domain = the same config trained on every "
+                  "domain, scored on the same sequences.", "",
+                  "| d | held-out domain | in-domain | left out | drop | router reuse | error cut left out |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in lodo_rows:
+            d, src = r["lookahead"], r["exclude"]
+            idx = m.source_names.index(src)
+            ind = get.get((lodo_config, d))
+            ind_v = ind["per_source"][idx] if ind and "error" not in ind else None
+            rr = reuse[d]["per_source"][idx]
+            v = r.get(recall)
+            lines.append(f"| {d} | {src} | {fmt(ind_v)} | {fmt(v)} | "
+                         f"{fmt(None if v is None or ind_v is None else ind_v - v, '+.4f')} | {fmt(rr)} | "
+                         f"{'-' if v is None or d == 0 else format(100 * error_cut(v, rr), '.1f') + '%'} |")
+    failed = [r for r in rows + lodo_rows if "error" in r]
+    if failed:
+        lines += ["", "Failed jobs:", ""] + [f"- {r['config']} d={r['lookahead']}"
+                                             f"{' without ' + r['exclude'] if r['exclude'] else ''}: {r['error']}"
+                                             for r in failed]
+    md = "\n".join(lines) + "\n"
+    atomic_write_bytes(out / "sweep.md", md.encode())
+    atomic_write_json(out / "sweep.json", {"args": vars(args), "configs": {k: list(v) for k, v in configs.items()},
+                                           "router_reuse": reuse, "rows": rows, "per_layer": per_layer,
+                                           "lodo": lodo_rows, "lodo_config": lodo_config, "device": device_name(dev),
+                                           "sweep_seconds": sweep_seconds})
+    return md
+
+
+if __name__ == "__main__":
+    with one_line_errors("sweep_predictors"):
+        main()
