@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from collection.errors import UserError
 from collection.format import TraceSet
@@ -231,6 +232,45 @@ def hidden_at(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor) -> torc
     valid = (tok >= 0) & (slot >= 0)
     h = block.hidden[slot.clamp(min=0), tok.clamp(min=0)]
     return torch.where(valid.unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+# per-block prefix sums, keyed by the block's hidden tensor (a block whose tensors are replaced gets new sums)
+# (by identity: tensors compare elementwise, so an ordinary weak dictionary cannot hold them)
+_PREFIX = WeakIdKeyDictionary()
+
+
+def _prefix_sums(block: TokenBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position of each row in its sequence (N,), exclusive within-sequence prefix sums of the hidden states
+    (Lh, N, H) float32): prefix[:, t] = sum of hidden[:, s] over the earlier tokens s of t's sequence.
+    Computed once per block (float64 running sums, so long blocks lose no precision)."""
+    hit = _PREFIX.get(block.hidden)
+    if hit is not None:
+        return hit
+    N = block.tokens
+    dev = block.prev.device
+    starts = block.prev < 0
+    seq = torch.cumsum(starts.long(), 0) - 1                       # sequence index of each row
+    first = torch.nonzero(starts).squeeze(1)                       # first row of each sequence
+    position = torch.arange(N, device=dev) - first[seq]
+    prefix = torch.empty(block.hidden.shape, dtype=torch.float32, device=block.hidden.device)
+    for j in range(block.hidden.shape[0]):  # one stored layer at a time: the float64 sums of a layer, not of all
+        h = block.hidden[j].double()
+        total = torch.cumsum(h, 0) - h                             # sum of every earlier row of the block
+        prefix[j] = (total - total[first[seq]]).float()
+    _PREFIX[block.hidden] = (position, prefix)
+    return position, prefix
+
+
+def context_mean(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(R, H) mean MoE input at layers `layer` over the `tokens` tokens before each row `tok` in its sequence
+    (fewer at the start of a sequence, zeros for its first token; zeros where the layer is not stored)."""
+    position, prefix = _prefix_sums(block)
+    slot = block.hidden_slot[layer]
+    n = position[tok].clamp(max=tokens)                            # earlier tokens inside the window
+    s = slot.clamp(min=0)
+    total = prefix[s, tok] - prefix[s, tok - n]                    # rows tok-n .. tok-1: one sequence, contiguous
+    mean = total / n.clamp(min=1).unsqueeze(1).to(total.dtype)
+    return torch.where((slot >= 0).unsqueeze(1), mean, torch.zeros((), dtype=mean.dtype, device=mean.device))
 
 
 def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int) -> torch.Tensor:

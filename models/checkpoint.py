@@ -81,7 +81,7 @@ def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
     if mine != theirs:
         raise UserError(f"{where}: the predictor is for (layers, experts, top-k, hidden) = {mine}, the traces "
                         f"{ts.dir} have {theirs}")
-    if (cfg.past_layers or cfg.window) and sorted(m.hidden_layers) != list(range(m.num_layers)):
+    if (cfg.past_layers or cfg.window or cfg.context) and sorted(m.hidden_layers) != list(range(m.num_layers)):
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")
     if cfg.token_vocab:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from collection.rows import TokenBlock, earlier_token, hidden_at, routing_vector
+from collection.rows import TokenBlock, context_mean, earlier_token, hidden_at, routing_vector
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class FeatureSpec:
     own_layers: int = 0     # this token's routing at its last Q finished layers (l .. l-Q+1; l-1 .. l-Q at d = 0)
     window: int = 0         # the previous W tokens' MoE inputs and routing at the target layer l + d
     token_id: bool = False  # this token's id
+    context: int = 0        # the mean MoE input at the target layer l + d over the previous C tokens
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Features:
     window_hidden: torch.Tensor | None = None   # (R, W, H) tokens t-1 .. t-W: MoE input at layer l + d
     window_routing: torch.Tensor | None = None  # (R, W, E) tokens t-1 .. t-W: routing weights at layer l + d
     token_id: torch.Tensor | None = None     # (R,) int64 this token's id
+    context: torch.Tensor | None = None      # (R, H) mean MoE input at layer l + d of tokens t-C .. t-1
 
     def select(self, rows: torch.Tensor) -> "Features":
         """The same features for a subset of rows (index tensor)."""
@@ -74,4 +76,6 @@ def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, loo
         f.window_routing = torch.stack([routing_vector(block, target, b, num_experts) for b in back], 1).to(dtype)
     if spec.token_id:
         f.token_id = block.token_ids[tok]
+    if spec.context:
+        f.context = context_mean(block, target, tok, spec.context).to(dtype)
     return f

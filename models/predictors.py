@@ -37,6 +37,7 @@ class PredictorConfig:
     window: int = 0               # previous W tokens' MoE input and routing at the target layer
     token_vocab: int = 0          # token-id embedding table size (the model's vocabulary); 0 = none
     token_dim: int = 64           # width of that table (projected to hidden_dim)
+    context: int = 0              # mean MoE input at the target layer over the previous C tokens; 0 = none
     depth: int = 2                # residual MLP blocks in the trunk
     separate_layers: bool = False  # one trunk per target layer instead of one shared trunk
     anchor: bool = True           # score the predicted h_{l+d} with the target router (else a plain head)
@@ -143,6 +144,7 @@ class _Trunk(nn.Module):
         self.win_routing = nn.Linear(cfg.window * E, d, bias=False) if cfg.window else None
         self.token = nn.Embedding(cfg.token_vocab, cfg.token_dim) if cfg.token_vocab else None
         self.token_proj = nn.Linear(cfg.token_dim, d, bias=False) if cfg.token_vocab else None
+        self.context = nn.Linear(H, d, bias=False) if cfg.context else None
         self.layer_emb = nn.Embedding(cfg.num_layers, d)
         self.blocks = nn.ModuleList(_ResidualBlock(d, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
@@ -162,6 +164,8 @@ class _Trunk(nn.Module):
             z = z + self.win_hidden(f.window_hidden.flatten(1)) + self.win_routing(f.window_routing.flatten(1))
         if self.token is not None:
             z = z + self.token_proj(self.token(f.token_id))
+        if self.context is not None:
+            z = z + self.context(f.context)
         for block in self.blocks:
             z = block(z)
         return self.norm(z)
@@ -183,7 +187,7 @@ class RouterAnchoredPredictor(nn.Module):
         self.cfg = cfg
         d, H, E, L = cfg.hidden_dim, cfg.input_dim, cfg.num_experts, cfg.num_layers
         self.features = FeatureSpec(past_layers=cfg.past_layers, own_layers=cfg.own_layers, window=cfg.window,
-                                    token_id=cfg.token_vocab > 0)
+                                    token_id=cfg.token_vocab > 0, context=cfg.context)
         self.trunks = nn.ModuleList(_Trunk(cfg) for _ in range(L if cfg.separate_layers else 1))
         if cfg.anchor:
             self.router = nn.Parameter(torch.zeros(L, E, H))  # filled by set_router or load_state_dict

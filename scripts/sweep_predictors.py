@@ -39,6 +39,7 @@ from collection.format import TraceSet
 from collection.rows import split_sequences
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import count_parameters, flops_per_row
+from scripts.compare_predictors import columns
 from validation.evaluate import evaluate
 from validation.scorers import baseline_scorer, predictor_scorer
 
@@ -48,6 +49,7 @@ TRAIN_SCRIPT = REPO / "scripts" / "train_anchored_predictor.py"
 # Every flag written out, so a change of the kind's defaults never changes what a row means.
 NOTHING = ["--past-layers", "0", "--own-layers", "0", "--window", "0", "--no-token-emb", "--loss-kl", "0"]
 FULL = ["--loss-kl", "1", "--past-layers", "2", "--own-layers", "2", "--window", "2", "--token-emb"]
+FULL_CONFIG = "+token"  # every idea of the ladder: the anchored kind's default recipe (training.trainer.KIND_DEFAULTS)
 # name -> (the idea it adds or removes, reference row, flags). The ladder adds one idea per row; the rows
 # after "+token" each change one thing of the full recipe.
 CONFIGS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -92,8 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="split and training seed (0)")
     g = p.add_argument_group("leave one domain out")
     g.add_argument("--lodo", action="store_true", help="also train --lodo-config leaving each source out in turn")
-    g.add_argument("--lodo-config", default=None, help="config for --lodo (default: the best at the first "
-                   "--lodo-lookaheads by validation recall)")
+    g.add_argument("--lodo-config", default=None, help="config for --lodo (default: the full recipe, +token)")
     g.add_argument("--lodo-lookaheads", default="1", help="lookaheads of the leave-one-domain-out runs (1)")
     g = p.add_argument_group("run")
     g.add_argument("--jobs", type=int, default=1, help="trainings side by side (8 suits one H100 at the default size)")
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--output", default="results/sweep", help="sweep.md and sweep.json go here")
     g.add_argument("--work-dir", default=None, help="checkpoints and logs (default: --output)")
     g.add_argument("--retrain", action="store_true", help="retrain even where a finished checkpoint exists")
+    g.add_argument("--deadline", type=float, default=None, help="seconds: jobs not started by then are skipped, "
+                   "jobs still training are stopped and scored from their best epoch so far (default: none)")
     args = p.parse_args(argv)
     for name in ("hidden_dim", "epochs", "batch_rows", "jobs"):
         if getattr(args, name) <= 0:
@@ -135,9 +138,12 @@ def train_cmd(args: argparse.Namespace, flags: list[str], d: int, out: Path, exc
 
 
 def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work: Path, ts: TraceSet,
-            test_ids: np.ndarray, dev: torch.device, exclude: str = "") -> dict[str, Any]:
+            test_ids: np.ndarray, dev: torch.device, deadline: float, exclude: str = "") -> dict[str, Any]:
     """Train one config at one lookahead in a subprocess, then score its best checkpoint on `test_ids`.
-    Never raises: a failure is returned as {"error": ...} with the tail of the log."""
+
+    Never raises: a failure is returned as {"error": ...} with the tail of the log. A job not started before
+    `deadline` (time.monotonic()) is skipped; one still training at the deadline is stopped and scored from
+    the best checkpoint of the epochs it finished ("truncated")."""
     tag = f"{name}{'-without-' + exclude if exclude else ''}-d{d}".replace(" ", "_").replace("+", "plus-")
     out = work / "checkpoints" / tag
     log = work / "logs" / f"{tag}.log"
@@ -145,31 +151,43 @@ def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work:
     t0 = time.perf_counter()
     try:
         if args.retrain or not (out / "results.json").is_file():
+            if time.monotonic() >= deadline:
+                return {**row, "error": "skipped: --deadline reached before it started"}
             log.parent.mkdir(parents=True, exist_ok=True)
             env = {**os.environ}
             if dev.type == "cpu" and args.jobs > 1:
                 env.setdefault("OMP_NUM_THREADS", "1")  # side-by-side CPU jobs: one thread each
             with open(log, "w") as fh:
-                proc = subprocess.run(train_cmd(args, flags, d, out, exclude), stdout=fh, stderr=subprocess.STDOUT,
-                                      cwd=REPO, env=env)
-            if proc.returncode != 0:
+                try:
+                    proc = subprocess.run(train_cmd(args, flags, d, out, exclude), stdout=fh,
+                                          stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                          timeout=max(1.0, deadline - time.monotonic()))
+                    returncode = proc.returncode
+                except subprocess.TimeoutExpired:
+                    returncode = None  # stopped at the deadline: its best epoch so far is scored
+                    row["truncated"] = True
+            if returncode not in (0, None):
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                return {**row, "error": f"training exited {proc.returncode}: {' | '.join(tail)[-400:]}"}
+                return {**row, "error": f"training exited {returncode}: {' | '.join(tail)[-400:]}"}
+            if not (out / "best_checkpoint.pth").is_file():
+                return {**row, "error": "stopped at --deadline before its first epoch ended"}
         model, cfg, ckpt = load_checkpoint(out / "best_checkpoint.pth", dev)
         check_fits_traces(cfg, ts, str(out))
         acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev, progress=False)
+        summary = acc.summary()
         recall = f"recall@{ts.manifest.top_k}"
-        import json
-
-        res = json.loads((out / "results.json").read_text())
-        row.update({recall: acc.summary()[recall], "per_layer": acc.per_layer(recall),
+        history = ckpt["metrics"]["history"]
+        row.update({**{c: summary[c] for c in columns(ts.manifest.top_k)}, "per_layer": acc.per_layer(recall),
                     "per_source": acc.per_source(recall), "val_best": ckpt["metrics"]["best"],
-                    "parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
-                    "train_seconds": res["train/seconds"], "train_rows_per_s": res["train/rows_per_s"]})
+                    "epochs_done": len(history), "parameters": count_parameters(model),
+                    "flops_per_row": flops_per_row(model), "train_seconds": sum(h["epoch_s"] for h in history),
+                    "train_rows_per_s": history[-1]["rows_per_s"]})
     except Exception as e:  # noqa: BLE001 - one config's failure is recorded, never fatal to the sweep
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     row["wall_seconds"] = time.perf_counter() - t0
-    status = f"{row[f'recall@{ts.manifest.top_k}']:.4f}" if "error" not in row else "FAILED " + row["error"][:120]
+    recall = f"recall@{ts.manifest.top_k}"
+    status = (f"{row[recall]:.4f}{' (truncated)' if row.get('truncated') else ''}" if "error" not in row
+              else "FAILED " + row["error"][:120])
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {status} ({row['wall_seconds']:.0f} s)", flush=True)
     return row
 
@@ -208,44 +226,48 @@ def main(argv: list[str] | None = None) -> None:
                     "per_source": acc.per_source(recall)}
         print(f"router{' (control)' if d == 0 else ' reuse'} d={d}: {recall} {reuse[d][recall]:.4f}", flush=True)
 
-    # --- every config at every lookahead, side by side
+    # --- every config at every lookahead, and with --lodo one config leaving each source out, side by side.
+    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, then the other lookaheads;
+    # so what the --deadline cuts is the least needed. The report is rewritten after every job.
+    lodo_config = (args.lodo_config or FULL_CONFIG) if args.lodo else None
+    if lodo_config is not None and lodo_config not in configs:
+        raise UserError(f"--lodo-config {lodo_config!r}: not a config of this sweep ({', '.join(configs)})")
+    by_id = dict(zip(table["seq_id"].tolist(), table["source"].tolist()))
+    test_src = np.array([by_id[s] for s in split["test"]])
+    first_d = 1 if 1 in ds else ds[0]
+    jobs = [(FULL_CONFIG, d, "") for d in ds if FULL_CONFIG in configs]
+    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG]
+    jobs += [(lodo_config, d, src) for d in lodo_ds for src in m.source_names] if lodo_config else []
+    jobs += [(lodo_config, d, "") for d in lodo_ds if lodo_config and d not in ds]  # its in-domain reference
+    jobs += [(c, d, "") for d in ds if d != first_d for c in configs if c != FULL_CONFIG]
     t0 = time.perf_counter()
-    jobs = [(name, d) for name in configs for d in ds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda j: run_job(args, j[0], configs[j[0]][2], j[1], work, ts, split["test"], dev),
-                             jobs))
-    sweep_seconds = time.perf_counter() - t0
-
-    # --- leave one domain out: one config, each source held out of train and val, tested on its test sequences
+    deadline = time.monotonic() + (args.deadline if args.deadline else float("inf"))
+    rows: list[dict[str, Any]] = []
     lodo_rows: list[dict[str, Any]] = []
-    lodo_config = None
-    if args.lodo:
-        lodo_config = args.lodo_config or best_config(rows, lodo_ds[0], recall)
-        if lodo_config is None or lodo_config not in configs:
-            raise UserError(f"--lodo-config {lodo_config!r}: not a config of this sweep")
-        sources = m.source_names
-        by_id = dict(zip(table["seq_id"].tolist(), table["source"].tolist()))
-        test_src = np.array([by_id[s] for s in split["test"]])
-        ljobs = [(src, d) for d in lodo_ds for src in sources]
-        have = {(r["config"], r["lookahead"]) for r in rows if "error" not in r}
-        extra_in_domain = [(lodo_config, d) for d in lodo_ds if (lodo_config, d) not in have]
-        t1 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            ins = [pool.submit(run_job, args, c, configs[c][2], d, work, ts, split["test"], dev)
-                   for c, d in extra_in_domain]
-            outs = [pool.submit(run_job, args, lodo_config, configs[lodo_config][2], d, work, ts,
-                                split["test"][test_src == sources.index(src)], dev, src) for src, d in ljobs]
-            rows += [f.result() for f in ins]
-            lodo_rows = [f.result() for f in outs]
-        print(f"leave-one-domain-out done in {time.perf_counter() - t1:.0f} s", flush=True)
+    lock = threading.Lock()
+
+    def finished(row: dict[str, Any]) -> None:
+        with lock:
+            (lodo_rows if row["exclude"] else rows).append(row)
+            write_report(args, configs, ds, rows, reuse, lodo_rows, lodo_config, recall, m, dev,
+                         time.perf_counter() - t0, out)
+
+    def job(name: str, d: int, src: str) -> None:
+        ids = split["test"][test_src == m.source_names.index(src)] if src else split["test"]
+        finished(run_job(args, name, configs[name][2], d, work, ts, ids, dev, deadline, src))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(job, *j) for j in jobs]:
+            f.result()  # job() never raises for a config's failure; anything else is a bug worth stopping on
+    sweep_seconds = time.perf_counter() - t0
 
     report = write_report(args, configs, ds, rows, reuse, lodo_rows, lodo_config, recall, m, dev, sweep_seconds, out)
     print("\n" + report)
     failed = [r for r in rows + lodo_rows if "error" in r]
-    print(f"wrote {out / 'sweep.md'} and sweep.json; {len(rows) + len(lodo_rows) - len(failed)} jobs scored, "
-          f"{len(failed)} failed" + ("".join(f"\n  FAILED {r['config']} d={r['lookahead']}"
-                                             f"{' without ' + r['exclude'] if r['exclude'] else ''}: {r['error']}"
-                                             for r in failed)))
+    print(f"wrote {out / 'sweep.md'} and sweep.json in {sweep_seconds:.0f} s; "
+          f"{len(rows) + len(lodo_rows) - len(failed)} jobs scored, {len(failed)} failed or skipped" +
+          "".join(f"\n  FAILED {r['config']} d={r['lookahead']}{' without ' + r['exclude'] if r['exclude'] else ''}: "
+                  f"{r['error']}" for r in failed))
 
 
 def best_config(rows: list[dict[str, Any]], d: int, recall: str) -> str | None:
@@ -316,7 +338,7 @@ def write_report(args: argparse.Namespace, configs: dict[str, tuple[str, str | N
                   "domain, scored on the same sequences.", "",
                   "| d | held-out domain | in-domain | left out | drop | router reuse | error cut left out |",
                   "|---|---|---|---|---|---|---|"]
-        for r in lodo_rows:
+        for r in sorted(lodo_rows, key=lambda r: (r["lookahead"], m.source_names.index(r["exclude"]))):
             d, src = r["lookahead"], r["exclude"]
             idx = m.source_names.index(src)
             ind = get.get((lodo_config, d))

@@ -13,7 +13,7 @@ import torch
 
 from collection.errors import UserError
 from collection.format import TraceSet
-from collection.rows import SplitBlocks, TokenBlock, earlier_token, hidden_at, split_sequences
+from collection.rows import TokenBlock, context_mean, earlier_token, hidden_at, split_sequences
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.features import FeatureSpec, make_features
 from models.predictors import PredictorConfig, build_predictor, flops_per_row
@@ -78,6 +78,15 @@ def test_earlier_tokens_and_hidden_states_by_hand():
     assert earlier_token(b, torch.tensor([2]), 0).tolist() == [2]
     h = hidden_at(b, torch.tensor([2, -1, 1]), torch.tensor([1, 1, -1]))
     assert h.tolist() == [[21.0, -1.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_context_mean_by_hand():
+    """Sequences [0..3] and [4..6], one layer, hidden = row index: the mean of at most 2 earlier tokens."""
+    b = TokenBlock(hidden=torch.arange(7.0).view(1, 7, 1), topk_ids=torch.zeros(1, 7, 1, dtype=torch.long),
+                   topk_weights=torch.ones(1, 7, 1), prev=torch.tensor([-1, 0, 1, 2, -1, 4, 5]),
+                   source=torch.zeros(7, dtype=torch.long), hidden_slot=torch.tensor([0]))
+    mean = context_mean(b, torch.zeros(7, dtype=torch.long), torch.arange(7), 2)
+    assert mean.squeeze(1).tolist() == [0.0, 0.0, 0.5, 1.5, 0.0, 4.0, 4.5]
 
 
 def test_features_by_hand():

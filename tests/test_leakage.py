@@ -7,7 +7,9 @@ Deliberate leaks (`make mutation` candidates, each must make a test here fail): 
     1. `range(1, spec.window + 1)` -> `range(0, spec.window)`: the window includes token t itself at l+d
     2. `last_seen = layer if lookahead >= 1 else layer - 1` -> `last_seen = layer`: own routing of layer l at d = 0
     3. `hidden_at(block, layer - j, tok)` -> `hidden_at(block, layer + j, tok)`: "past" layers read later ones
-    4. `f.token_id = block.token_ids[tok]` -> `block.token_ids[(tok + 1).clamp(max=len(block.token_ids) - 1)]`
+    4. `f.token_id = block.token_ids[tok]` -> `block.token_ids[(tok + 1).clamp(max=block.tokens - 1)]`
+    5. in collection/rows.py context_mean, `prefix[s, tok] - prefix[s, tok - n]` ->
+       `prefix[s, (tok + 1).clamp(max=block.tokens - 1)] - prefix[s, tok - n]`: the context includes token t
 test_a_planted_leak_is_caught plants leaks like these at run time and checks the test catches each.
 """
 import numpy as np
@@ -22,7 +24,7 @@ from models.features import FeatureSpec, feature_spec, make_features
 
 L, E, K, H, N, V = 6, 60, 4, 16, 40, 50
 # the anchored predictor with every feature it has (each test builds it through anchored_model)
-ALL_FEATURES = dict(past_layers=2, own_layers=2, window=3, token_vocab=V)
+ALL_FEATURES = dict(past_layers=2, own_layers=2, window=3, token_vocab=V, context=4)
 
 
 def make_block(seed: int) -> TokenBlock:
@@ -107,7 +109,8 @@ def test_every_predictor_kind_is_checked_for_leaks():
     assert set(PREDICTORS) == {"simple", "layer-aware", "hybrid", "anchored"}
 
 
-@pytest.mark.parametrize("feature", ["past_hidden", "own_window", "window_hidden", "window_routing", "token_id"])
+@pytest.mark.parametrize("feature", ["past_hidden", "own_window", "window_hidden", "window_routing", "token_id",
+                                     "context"])
 @pytest.mark.parametrize("d", [0, 2])
 def test_every_anchored_feature_is_live(feature, d):
     """The leakage test only means something if each feature reaches the output: changing one feature
@@ -132,7 +135,7 @@ def next_token_id(*args, **kwargs) -> features.Features:
 
 
 @pytest.mark.parametrize("leak", ["window includes this token", "own routing of layer l at d = 0",
-                                  "past layers read later layers", "next token's id"])
+                                  "past layers read later layers", "next token's id", "context includes this token"])
 def test_a_planted_leak_is_caught(leak, monkeypatch):
     """Mutation check of the test itself: plant one leak in the feature builder and the check must fail."""
     d = 0 if leak == "own routing of layer l at d = 0" else 1
@@ -147,6 +150,10 @@ def test_a_planted_leak_is_caught(leak, monkeypatch):
     elif leak == "past layers read later layers":  # h_{l-j} read as h_{l-j+2}
         real_hidden = features.hidden_at
         monkeypatch.setattr(features, "hidden_at", lambda block, layer, tok: real_hidden(block, layer + 2, tok))
+    elif leak == "context includes this token":  # the mean over t-C+1 .. t instead of t-C .. t-1
+        real_context = features.context_mean
+        monkeypatch.setattr(features, "context_mean", lambda block, layer, tok, tokens:
+                            real_context(block, layer, (tok + 1).clamp(max=block.tokens - 1), tokens))
     else:
         make = next_token_id
     with pytest.raises(AssertionError, match="future leaked"):

@@ -81,6 +81,7 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--past-layers", type=int, default=None, help="this token's MoE inputs at layers l-1..l-P")
     g.add_argument("--own-layers", type=int, default=None, help="this token's routing at its last Q finished layers")
     g.add_argument("--window", type=int, default=None, help="previous W tokens' MoE input and routing at layer l+d")
+    g.add_argument("--context", type=int, default=None, help="mean MoE input at layer l+d over the previous C tokens")
     g.add_argument("--token-emb", action=argparse.BooleanOptionalAction, default=None,
                    help="learned embedding of the token id (a table of the model's vocabulary)")
     g.add_argument("--depth", type=int, default=None, help="residual blocks in the trunk")
@@ -103,8 +104,9 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
 
 # What an unset recipe flag means. BASE is the seed's recipe, and every kind's unless listed below.
 BASE_DEFAULTS: dict[str, Any] = {"loss_ce": 1.0, "loss_kl": 0.0, "loss_mse": 0.0, "schedule": "epoch", "warmup": 0.0,
-                                 "past_layers": 0, "own_layers": 0, "window": 0, "token_emb": False, "depth": 2,
-                                 "separate_layers": False, "anchor": True, "residual_logits": True, "router_lr": 0.0}
+                                 "past_layers": 0, "own_layers": 0, "window": 0, "context": 0, "token_emb": False,
+                                 "depth": 2, "separate_layers": False, "anchor": True, "residual_logits": True,
+                                 "router_lr": 0.0}
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # the best measured recipe of the anchored kind (docs/RESULTS.md, "What mattered")
     "anchored": {"loss_ce": 1.0, "loss_kl": 1.0, "loss_mse": 0.0, "schedule": "step", "warmup": 0.05,
@@ -121,7 +123,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     resolve_defaults(args)
-    for name in ("past_layers", "own_layers", "window"):
+    for name in ("past_layers", "own_layers", "window", "context"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("loss_ce", "loss_kl", "loss_mse", "router_lr"):
@@ -238,8 +240,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
                           dropout=args.dropout)
     if args.model_type == "anchored":
-        cfg.past_layers, cfg.own_layers, cfg.window, cfg.depth = (args.past_layers, args.own_layers, args.window,
-                                                                  args.depth)
+        cfg.past_layers, cfg.own_layers, cfg.window, cfg.context, cfg.depth = (
+            args.past_layers, args.own_layers, args.window, args.context, args.depth)
         cfg.token_vocab = model_vocab_size(ts) if args.token_emb else 0
         cfg.separate_layers, cfg.anchor, cfg.residual_logits = args.separate_layers, args.anchor, args.residual_logits
     model = build_predictor(cfg)
