@@ -211,6 +211,14 @@ class RouterAnchoredPredictor(nn.Module):
         with torch.no_grad():
             self.router.copy_(weights.to(self.router.dtype))
 
+    def reset_layer(self, target: int) -> None:
+        """Zero target layer `target`'s heads: that layer is router reuse again, exactly (the per-layer fallback
+        the trainer takes where router reuse validates better than what was learned)."""
+        with torch.no_grad():
+            for name in ("delta_w", "delta_b", "res_w", "res_b"):
+                if hasattr(self, name) and self.cfg.anchor:
+                    getattr(self, name)[target].zero_()
+
     def head(self, z: torch.Tensor, h: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits (R, E), predicted h_{l+d} (R, H) or None) for rows that all target layer `target`."""
         logits, h_hat = None, None
@@ -219,7 +227,7 @@ class RouterAnchoredPredictor(nn.Module):
             # the router product in the router's own dtype, outside autocast: at d = 0 and init it then
             # reproduces the model's routing bit for bit (bf16 would flip near-tied experts)
             with torch.autocast(device_type=h.device.type, enabled=False):
-                logits = h_hat.to(self.router.dtype) @ self.router[target].T
+                logits = nn.functional.linear(h_hat.to(self.router.dtype), self.router[target])  # as the gate does
         if self.cfg.residual_logits or not self.cfg.anchor:
             r = z @ self.res_w[target].to(z.dtype) + self.res_b[target].to(z.dtype)
             logits = r if logits is None else logits + r.to(logits.dtype)

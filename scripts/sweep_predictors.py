@@ -46,30 +46,45 @@ from validation.scorers import baseline_scorer, predictor_scorer
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train_anchored_predictor.py"
 
-# Every flag written out, so a change of the kind's defaults never changes what a row means.
-NOTHING = ["--past-layers", "0", "--own-layers", "0", "--window", "0", "--no-token-emb", "--loss-kl", "0"]
-FULL = ["--loss-kl", "1", "--past-layers", "2", "--own-layers", "2", "--window", "2", "--token-emb"]
-FULL_CONFIG = "+token"  # every idea of the ladder: the anchored kind's default recipe (training.trainer.KIND_DEFAULTS)
-# name -> (the idea it adds or removes, reference row, flags). The ladder adds one idea per row; the rows
-# after "+token" each change one thing of the full recipe.
+
+
+def recipe(*, ce: float = 1, kl: float = 1, past: int = 2, own: int = 2, window: int = 2, token: bool = True,
+           fallback: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+    """Train flags of one config with every idea's flag written out, so a change of the anchored kind's
+    defaults (training.trainer.KIND_DEFAULTS) never changes what a row means. No arguments: the full recipe."""
+    return ["--loss-ce", str(ce), "--loss-kl", str(kl), "--past-layers", str(past), "--own-layers", str(own),
+            "--window", str(window), "--token-emb" if token else "--no-token-emb",
+            "--layer-fallback" if fallback else "--no-layer-fallback", *extra]
+
+
+FULL_CONFIG = "+fallback"  # the last rung of the ladder: every idea, = the anchored kind's default recipe
+# name -> (the idea it adds or removes, reference row, flags). The ladder adds one idea per row, up to
+# FULL_CONFIG; each row after it changes one thing of the full recipe.
 CONFIGS: dict[str, tuple[str, str | None, list[str]]] = {
     "layer-aware": ("layer-aware MLP (the comparison's kind), h_l only", None, ["--model-type", "layer-aware"]),
-    "anchor": ("router-anchored head on h_l (CE loss)", "layer-aware", [*NOTHING]),
-    "+kl": ("+ KL to the target router's softmax", "anchor", [*NOTHING[:-2], "--loss-kl", "1"]),
-    "+past": ("+ this token's MoE inputs at l-1, l-2", "+kl",
-              ["--past-layers", "2", "--own-layers", "0", "--window", "0", "--no-token-emb", "--loss-kl", "1"]),
+    "anchor": ("router-anchored head on h_l (CE loss)", "layer-aware",
+               recipe(kl=0, past=0, own=0, window=0, token=False, fallback=False)),
+    "+kl": ("+ KL to the target router's softmax", "anchor",
+            recipe(past=0, own=0, window=0, token=False, fallback=False)),
+    "+past": ("+ this token's MoE inputs at l-1, l-2", "+kl", recipe(own=0, window=0, token=False, fallback=False)),
     "+own": ("+ this token's routing at its last 2 finished layers", "+past",
-             ["--past-layers", "2", "--own-layers", "2", "--window", "0", "--no-token-emb", "--loss-kl", "1"]),
-    "+window": ("+ previous 2 tokens' MoE input and routing at l+d", "+own",
-                ["--past-layers", "2", "--own-layers", "2", "--window", "2", "--no-token-emb", "--loss-kl", "1"]),
-    "+token": ("+ token-id embedding (= full)", "+window", [*FULL]),
-    "full -anchor": ("full without the router anchor (plain per-layer head)", "+token", [*FULL, "--no-anchor"]),
-    "full -ce": ("full, KL only (no cross-entropy on the top-k)", "+token", [*FULL, "--loss-ce", "0"]),
-    "full +mse": ("full + MSE of the predicted h_{l+d}", "+token", [*FULL, "--loss-mse", "1"]),
-    "full +router-ft": ("full, router fine-tuned at lr x 0.1", "+token", [*FULL, "--router-lr", "0.1"]),
-    "full separate": ("full, one trunk per target layer", "+token", [*FULL, "--separate-layers"]),
-    "full depth 4": ("full, 4 residual blocks instead of 2", "+token", [*FULL, "--depth", "4"]),
-    "full window 4": ("full, window of 4 previous tokens", "+token", [*FULL, "--window", "4"]),
+             recipe(window=0, token=False, fallback=False)),
+    "+window": ("+ previous 2 tokens' MoE input and routing at l+d", "+own", recipe(token=False, fallback=False)),
+    "+token": ("+ token-id embedding", "+window", recipe(fallback=False)),
+    "+fallback": ("+ per-layer fallback to router reuse where it validates better (= full)", "+token", recipe()),
+    "full -anchor": ("full without the router anchor (plain per-layer head)", FULL_CONFIG,
+                     recipe(extra=("--no-anchor",))),
+    "full -ce": ("full, KL only (no cross-entropy on the top-k)", FULL_CONFIG, recipe(ce=0)),
+    "full +mse": ("full + MSE of the predicted h_{l+d}", FULL_CONFIG, recipe(extra=("--loss-mse", "1"))),
+    "full +router-ft": ("full, router fine-tuned at lr x 0.1", FULL_CONFIG, recipe(extra=("--router-lr", "0.1"))),
+    "full separate": ("full, one trunk per target layer", FULL_CONFIG, recipe(extra=("--separate-layers",))),
+    "full depth 4": ("full, 4 residual blocks instead of 2", FULL_CONFIG, recipe(extra=("--depth", "4"))),
+    "full width x2": ("full, twice the width (--hidden-dim x 2)", FULL_CONFIG, recipe(extra=("--width-x2",))),
+    "full window 4": ("full, window of 4 previous tokens", FULL_CONFIG, recipe(window=4)),
+    "full +context": ("full + mean MoE input at l+d over the previous 16 tokens", FULL_CONFIG,
+                      recipe(extra=("--context", "16"))),
+    "full -regularisation": ("full without dropout and weight decay", FULL_CONFIG,
+                             recipe(extra=("--dropout", "0", "--weight-decay", "0"))),
 }
 
 
@@ -82,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--extra", action="append", default=[], metavar="NAME=FLAGS",
                    help="another config: a name and its train flags, e.g. 'wide=--hidden-dim 1024 --loss-kl 1'")
     g.add_argument("--lookaheads", default="0,1,2,3", help="comma list of d (0,1,2,3)")
+    g.add_argument("--variant-lookaheads", default=None, help="comma list of d for the configs after the ladder "
+                   f"(after {FULL_CONFIG!r}) and --extra ones (default: --lookaheads)")
     g = p.add_argument_group("recipe of every config (a config's own flags override these)")
     g.add_argument("--hidden-dim", type=int, default=512, help="predictor width (512)")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (2e-3)")
@@ -129,6 +146,8 @@ def config_table(args: argparse.Namespace) -> dict[str, tuple[str, str | None, l
 
 
 def train_cmd(args: argparse.Namespace, flags: list[str], d: int, out: Path, exclude: str = "") -> list[str]:
+    """The training command; a config's own flags come last, so they override the sweep's recipe."""
+    flags = [x for f in flags for x in (["--hidden-dim", str(2 * args.hidden_dim)] if f == "--width-x2" else [f])]
     return [sys.executable, str(TRAIN_SCRIPT), "--traces", args.traces, "--lookahead", str(d),
             "--seed", str(args.seed), "--hidden-dim", str(args.hidden_dim), "--lr", str(args.lr),
             "--epochs", str(args.epochs), "--batch-rows", str(args.batch_rows), "--dropout", str(args.dropout),
@@ -179,7 +198,8 @@ def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work:
         history = ckpt["metrics"]["history"]
         row.update({**{c: summary[c] for c in columns(ts.manifest.top_k)}, "per_layer": acc.per_layer(recall),
                     "per_source": acc.per_source(recall), "val_best": ckpt["metrics"]["best"],
-                    "epochs_done": len(history), "parameters": count_parameters(model),
+                    "epochs_done": len(history), "fallback_layers": ckpt["metrics"].get("fallback_layers", []),
+                    "parameters": count_parameters(model),
                     "flops_per_row": flops_per_row(model), "train_seconds": sum(h["epoch_s"] for h in history),
                     "train_rows_per_s": history[-1]["rows_per_s"]})
     except Exception as e:  # noqa: BLE001 - one config's failure is recorded, never fatal to the sweep
@@ -211,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     recall = f"recall@{m.top_k}"
     table = ts.sequence_table()
     split = split_sequences(table, args.seed)
+    vds_all = [int(x) for x in (args.variant_lookaheads or "").split(",") if x]
+    if any(d not in ds for d in vds_all):
+        raise UserError(f"--variant-lookaheads {args.variant_lookaheads}: every d must be in --lookaheads")
     for d in ds + lodo_ds:
         if not 0 <= d < m.num_layers:
             raise UserError(f"--lookaheads {d}: the model has {m.num_layers} MoE layers")
@@ -227,19 +250,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"router{' (control)' if d == 0 else ' reuse'} d={d}: {recall} {reuse[d][recall]:.4f}", flush=True)
 
     # --- every config at every lookahead, and with --lodo one config leaving each source out, side by side.
-    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, then the other lookaheads;
-    # so what the --deadline cuts is the least needed. The report is rewritten after every job.
+    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, then the other lookaheads
+    # (farthest first, d = 0 last): what a --deadline cuts is the least needed. The report is rewritten after
+    # every job, so even a sweep killed from outside leaves its tables.
     lodo_config = (args.lodo_config or FULL_CONFIG) if args.lodo else None
     if lodo_config is not None and lodo_config not in configs:
         raise UserError(f"--lodo-config {lodo_config!r}: not a config of this sweep ({', '.join(configs)})")
     by_id = dict(zip(table["seq_id"].tolist(), table["source"].tolist()))
     test_src = np.array([by_id[s] for s in split["test"]])
     first_d = 1 if 1 in ds else ds[0]
+    ladder = list(CONFIGS)[:list(CONFIGS).index(FULL_CONFIG) + 1]
+    vds = sorted({int(x) for x in args.variant_lookaheads.split(",") if x}) if args.variant_lookaheads else ds
+
+    def runs_at(c: str, d: int) -> bool:  # the ladder at every d; variants (and --extra) at --variant-lookaheads
+        return d in (ds if c in ladder else vds)
     jobs = [(FULL_CONFIG, d, "") for d in ds if FULL_CONFIG in configs]
-    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG]
+    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG and runs_at(c, first_d)]
     jobs += [(lodo_config, d, src) for d in lodo_ds for src in m.source_names] if lodo_config else []
     jobs += [(lodo_config, d, "") for d in lodo_ds if lodo_config and d not in ds]  # its in-domain reference
-    jobs += [(c, d, "") for d in ds if d != first_d for c in configs if c != FULL_CONFIG]
+    later = sorted((d for d in ds if d != first_d), key=lambda d: (d == 0, -d))  # d = 0 (the control) last
+    jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and runs_at(c, d)]
     t0 = time.perf_counter()
     deadline = time.monotonic() + (args.deadline if args.deadline else float("inf"))
     rows: list[dict[str, Any]] = []
@@ -316,8 +346,9 @@ def write_report(args: argparse.Namespace, configs: dict[str, tuple[str, str | N
     # per layer: the best config of each d (by validation recall) against router reuse
     lines += ["", "## Per layer: the best config (by validation recall) against router reuse", "",
               f"{recall} of target layer l+d on the test split.", "",
-              "| d | config | " + " | ".join(f"L{l}" for l in range(m.num_layers)) + " | layers below reuse |",
-              "|---|---|" + "---|" * (m.num_layers + 1)]
+              "| d | config | " + " | ".join(f"L{l}" for l in range(m.num_layers)) +
+              " | layers below reuse | reset to reuse (validation) |",
+              "|---|---|" + "---|" * (m.num_layers + 2)]
     per_layer: dict[int, Any] = {}
     for d in ds:
         best = best_config(rows, d, recall)
@@ -327,10 +358,12 @@ def write_report(args: argparse.Namespace, configs: dict[str, tuple[str, str | N
         theirs = reuse[d]["per_layer"]
         below = [l for l in range(m.num_layers) if mine[l] is not None and theirs[l] is not None
                  and mine[l] < theirs[l]]
-        per_layer[d] = {"config": best, "learned": mine, "router_reuse": theirs, "below": below}
-        lines.append(f"| {d} | {best} | " + " | ".join(fmt(x) for x in mine) + f" | {below or 'none'} |")
+        reset = get[(best, d)].get("fallback_layers", [])
+        per_layer[d] = {"config": best, "learned": mine, "router_reuse": theirs, "below": below, "reset": reset}
+        lines.append(f"| {d} | {best} | " + " | ".join(fmt(x) for x in mine) +
+                     f" | {below or 'none'} | {reset or 'none'} |")
         lines.append(f"| {d} | router {'(control)' if d == 0 else 'reuse'} | " +
-                     " | ".join(fmt(x) for x in theirs) + " | |")
+                     " | ".join(fmt(x) for x in theirs) + " | | |")
 
     if lodo_rows:
         lines += ["", f"## Leave one domain out: `{lodo_config}` trained on five domains, tested on the sixth", "",

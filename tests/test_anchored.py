@@ -125,8 +125,38 @@ def trained(tiny_traces, tmp_path_factory):
     out = tmp_path_factory.mktemp("anchored")
     run_script("train_anchored_predictor", "--traces", tiny_traces, "--lookahead", "0", "--epochs", "1",
                "--hidden-dim", "16", "--batch-rows", "2048", "--loss-ce", "0", "--loss-kl", "1",
-               "--exclude-sources", "questions", "--output", out)
+               "--exclude-sources", "questions", "--no-layer-fallback", "--output", out)
     return out
+
+
+@pytest.fixture(scope="module")
+def fell_back(tiny_traces, tmp_path_factory):
+    """d = 1, one short epoch of cross-entropy at a high learning rate: some layers end below router reuse."""
+    out = tmp_path_factory.mktemp("fallback")
+    run_script("train_anchored_predictor", "--traces", tiny_traces, "--lookahead", "1", "--epochs", "1",
+               "--hidden-dim", "16", "--batch-rows", "1024", "--lr", "3e-2", "--loss-kl", "0", "--output", out)
+    return out
+
+
+def test_fallback_layers_are_router_reuse_exactly(fell_back, tiny_traces):
+    """Every target layer where router reuse validated better is reset to it: zero heads, the same per-layer
+    test recall as the router-reuse baseline; validation recall does not drop."""
+    model, cfg, ckpt = load_checkpoint(fell_back / "best_checkpoint.pth")
+    metrics = ckpt["metrics"]
+    reset = metrics["fallback_layers"]
+    assert reset, "the setup should leave at least one layer below router reuse"
+    assert metrics["val"]["recall@4"] >= metrics["val_before_fallback"]["recall@4"]
+    for t in reset:
+        assert not model.delta_w[t].any() and not model.res_w[t].any() and not model.delta_b[t].any()
+    kept = [t for t in range(1, 8) if t not in reset]
+    assert kept and all(model.delta_w[t].any() for t in kept)
+    ts = TraceSet(tiny_traces)
+    test = ckpt["split"]["test"].numpy()
+    mine = evaluate(predictor_scorer(model, 1, 60), ts, test, 1, torch.device("cpu"), progress=False)
+    theirs = evaluate(baseline_scorer("router-reuse", ts, 1, ckpt["split"]["train"].numpy(), torch.device("cpu")),
+                      ts, test, 1, torch.device("cpu"), progress=False)
+    for t in reset:
+        assert mine.per_layer("recall@4")[t] == theirs.per_layer("recall@4")[t]
 
 
 def test_checkpoint_rebuilds_alone_with_its_router(trained, tiny_traces, tmp_path):

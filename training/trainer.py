@@ -13,6 +13,7 @@ per-epoch cosine, so the seed-recipe row never changes; the anchored kind gets i
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from pathlib import Path
@@ -91,6 +92,9 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
                    help="score the predicted h_{l+d} with the target router (--no-anchor: a plain per-layer head)")
     g.add_argument("--residual-logits", action=argparse.BooleanOptionalAction, default=None,
                    help="add a zero-initialised per-layer logit head to the router's scores")
+    g.add_argument("--layer-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, reset to router reuse every target layer where router reuse scores a "
+                        "higher validation recall than the trained heads")
     g.add_argument("--router-lr", type=float, default=None,
                    help="learning rate of the router matrices as a multiple of --lr (0 = frozen)")
     g = p.add_argument_group("run")
@@ -106,11 +110,12 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
 BASE_DEFAULTS: dict[str, Any] = {"loss_ce": 1.0, "loss_kl": 0.0, "loss_mse": 0.0, "schedule": "epoch", "warmup": 0.0,
                                  "past_layers": 0, "own_layers": 0, "window": 0, "context": 0, "token_emb": False,
                                  "depth": 2, "separate_layers": False, "anchor": True, "residual_logits": True,
-                                 "router_lr": 0.0}
+                                 "router_lr": 0.0, "layer_fallback": False}
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # the best measured recipe of the anchored kind (docs/RESULTS.md, "What mattered")
     "anchored": {"loss_ce": 1.0, "loss_kl": 1.0, "loss_mse": 0.0, "schedule": "step", "warmup": 0.05,
-                 "past_layers": 2, "own_layers": 2, "window": 2, "token_emb": True, "depth": 2, "router_lr": 0.0},
+                 "past_layers": 2, "own_layers": 2, "window": 2, "token_emb": True, "depth": 2, "router_lr": 0.0,
+                 "layer_fallback": True},
 }
 
 
@@ -334,9 +339,34 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
         if val[select] > best:
             best = val[select]
+            best_epoch = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": val,
+                          "metrics": {**metrics, "best": {select: best, "epoch": epoch}}}
             save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
-                            {**metrics, "best": {select: best, "epoch": epoch}})
-    summary = {"best": {select: best}, "train/rows_per_s": train_rows / max(train_time, 1e-9),
+                            best_epoch["metrics"])
+    fallback: list[int] = []
+    if args.layer_fallback and getattr(model, "router", None) is not None and history:
+        # per target layer, keep what validates better: the trained heads, or router reuse (the heads at init)
+        model.load_state_dict(best_epoch["state"])
+        model.eval()
+        key = f"per_layer_recall@{m.top_k}"
+        reuse_model = copy.deepcopy(model)
+        for t in range(m.num_layers):
+            reuse_model.reset_layer(t)
+        reuse = validate(reuse_model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
+        learned = best_epoch["val"][key]
+        fallback = [t for t in range(m.num_layers)
+                    if learned[t] is not None and reuse[key][t] is not None and reuse[key][t] > learned[t]]
+        if fallback:
+            for t in fallback:
+                model.reset_layer(t)
+            val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
+            best = val[select]
+            save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                            {**best_epoch["metrics"], "val": val, "val_before_fallback": best_epoch["val"],
+                             "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
+        print(f"per-layer fallback to router reuse: target layers {fallback or 'none'} "
+              f"(val {select} {best_epoch['val'][select]:.4f} -> {best:.4f})")
+    summary = {"best": {select: best}, "fallback_layers": fallback, "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
     atomic_write_json(out / "results.json", summary)
