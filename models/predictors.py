@@ -13,6 +13,7 @@ decided by `models.features.make_features`, which is where the no-future-leakage
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -125,47 +126,43 @@ class _ResidualBlock(nn.Module):
 
     def __init__(self, d: int, dropout: float):
         super().__init__()
-        self.norm, self.fc1, self.fc2, self.drop = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d), nn.Dropout(dropout)
+        self.norm, self.drop = nn.LayerNorm(d), nn.Dropout(dropout)
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.drop(self.fc2(torch.relu(self.fc1(self.norm(z)))))
 
 
 class _Trunk(nn.Module):
-    """Every input projected to width d and summed with the target layer's embedding, then residual blocks."""
+    """Every input in one Linear to width d (one kernel at decode time, not one per input), plus the target
+    layer's embedding, then residual blocks. Initialised as if each input had its own Xavier-uniform projection."""
 
     def __init__(self, cfg: PredictorConfig):
         super().__init__()
         d, H, E = cfg.hidden_dim, cfg.input_dim, cfg.num_experts
-        self.proj = nn.Linear(H, d)
-        self.past = nn.Linear(cfg.past_layers * H, d, bias=False) if cfg.past_layers else None
-        self.own = nn.Linear(cfg.own_layers * E, d, bias=False) if cfg.own_layers else None
-        self.win_hidden = nn.Linear(cfg.window * H, d, bias=False) if cfg.window else None
-        self.win_routing = nn.Linear(cfg.window * E, d, bias=False) if cfg.window else None
-        self.token = nn.Embedding(cfg.token_vocab, cfg.token_dim) if cfg.token_vocab else None
-        self.token_proj = nn.Linear(cfg.token_dim, d, bias=False) if cfg.token_vocab else None
-        self.context = nn.Linear(H, d, bias=False) if cfg.context else None
+        # (Features field, width) in the order they are concatenated
+        self.parts = [("hidden", H), ("past_hidden", cfg.past_layers * H), ("own_window", cfg.own_layers * E),
+                      ("window_hidden", cfg.window * H), ("window_routing", cfg.window * E),
+                      ("context", H if cfg.context else 0), ("token_id", cfg.token_dim if cfg.token_vocab else 0)]
+        self.parts = [(name, width) for name, width in self.parts if width]
+        self.inputs = nn.Linear(sum(width for _, width in self.parts), d)
         self.layer_emb = nn.Embedding(cfg.num_layers, d)
         self.blocks = nn.ModuleList(_ResidualBlock(d, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         _xavier(self)
+        with torch.no_grad():
+            start = 0
+            for _, width in self.parts:  # each input's block with its own fan-in, as separate projections had
+                bound = math.sqrt(6.0 / (width + d))
+                self.inputs.weight[:, start:start + width].uniform_(-bound, bound)
+                start += width
         nn.init.normal_(self.layer_emb.weight, std=0.02)
-        if self.token is not None:
-            nn.init.normal_(self.token.weight, std=0.02)
 
-    def forward(self, f: Features, target: torch.Tensor | int) -> torch.Tensor:
-        z = self.proj(f.hidden)
+    def forward(self, f: Features, target: torch.Tensor | int, token: torch.Tensor | None) -> torch.Tensor:
+        """`token`: (R, token_dim) the rows' token embeddings (the table is shared by every trunk)."""
+        x = [token if name == "token_id" else getattr(f, name).flatten(1) for name, _ in self.parts]
+        z = self.inputs(x[0] if len(x) == 1 else torch.cat(x, 1))
         z = z + (self.layer_emb(target) if isinstance(target, torch.Tensor) else self.layer_emb.weight[target])
-        if self.past is not None:
-            z = z + self.past(f.past_hidden.flatten(1))
-        if self.own is not None:
-            z = z + self.own(f.own_window.flatten(1))
-        if self.win_hidden is not None:
-            z = z + self.win_hidden(f.window_hidden.flatten(1)) + self.win_routing(f.window_routing.flatten(1))
-        if self.token is not None:
-            z = z + self.token_proj(self.token(f.token_id))
-        if self.context is not None:
-            z = z + self.context(f.context)
         for block in self.blocks:
             z = block(z)
         return self.norm(z)
@@ -189,6 +186,9 @@ class RouterAnchoredPredictor(nn.Module):
         self.features = FeatureSpec(past_layers=cfg.past_layers, own_layers=cfg.own_layers, window=cfg.window,
                                     token_id=cfg.token_vocab > 0, context=cfg.context)
         self.trunks = nn.ModuleList(_Trunk(cfg) for _ in range(L if cfg.separate_layers else 1))
+        self.token = nn.Embedding(cfg.token_vocab, cfg.token_dim) if cfg.token_vocab else None  # one table for all
+        if self.token is not None:
+            nn.init.normal_(self.token.weight, std=0.02)
         if cfg.anchor:
             self.router = nn.Parameter(torch.zeros(L, E, H))  # filled by set_router or load_state_dict
             self.delta_w = nn.Parameter(torch.zeros(L, d, H))
@@ -235,14 +235,17 @@ class RouterAnchoredPredictor(nn.Module):
 
     def predict_layer(self, f: Features, target: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every row targets layer `target` (decode time: one layer at a time; no host sync, graph-capturable)."""
-        z = self.trunks[target if self.cfg.separate_layers else 0](f, target)
+        token = self.token(f.token_id) if self.token is not None else None
+        z = self.trunks[target if self.cfg.separate_layers else 0](f, target, token)
         return self.head(z, f.hidden, target)
 
     def forward(self, f: Features, return_hidden: bool = False):
         target = f.layer + self.cfg.lookahead
         order = torch.argsort(target)
         counts = torch.bincount(target, minlength=self.cfg.num_layers).tolist()  # one host sync per batch
-        shared = None if self.cfg.separate_layers else self.trunks[0](f, target)
+        shared = None
+        if not self.cfg.separate_layers:  # one trunk: all rows at once, then each layer's heads on its rows
+            shared = self.trunks[0](f, target, self.token(f.token_id) if self.token is not None else None)
         logits, hats = [], []
         for t, rows in enumerate(torch.split(order, counts)):
             if rows.numel() == 0:

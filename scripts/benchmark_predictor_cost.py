@@ -37,14 +37,17 @@ BUDGET_US = 0.05 * EXPERT_MS * 1000
 DIMS = {"embedded": (128, 8, 60, 4, 8192), "qwen1.5-moe": (2048, 24, 60, 4, 151936)}
 
 
-def predictor_config(kind: str, dims: str, hidden_dim: int) -> PredictorConfig:
-    """The predictor as trained: the anchored kind with its default recipe's features (KIND_DEFAULTS)."""
+def predictor_config(kind: str, dims: str, hidden_dim: int, depth: int | None = None) -> PredictorConfig:
+    """The predictor as trained: the anchored kind with its default recipe's features (KIND_DEFAULTS), at
+    `depth` residual blocks when given."""
     H, L, E, K, V = DIMS[dims]
     cfg = PredictorConfig(kind=kind, input_dim=H, num_experts=E, top_k=K, num_layers=L, lookahead=1,
                           hidden_dim=hidden_dim, dropout=0.0)
     if kind == "anchored":
         r = {**BASE_DEFAULTS, **KIND_DEFAULTS["anchored"]}
-        cfg.past_layers, cfg.own_layers, cfg.window, cfg.depth = r["past_layers"], r["own_layers"], r["window"], r["depth"]
+        cfg.past_layers, cfg.own_layers, cfg.window = r["past_layers"], r["own_layers"], r["window"]
+        cfg.context = r["context"]
+        cfg.depth = r["depth"] if depth is None else depth
         cfg.token_vocab = V if r["token_emb"] else 0
         cfg.separate_layers, cfg.anchor, cfg.residual_logits = r["separate_layers"], r["anchor"], r["residual_logits"]
     return cfg
@@ -109,16 +112,18 @@ def as_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
     return graph.replay
 
 
-def measure(kind: str, dims: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    cfg = predictor_config(kind, dims, args.hidden_dim)
+def measure(kind: str, dims: str, args: argparse.Namespace, device: torch.device,
+            depth: int | None = None) -> list[dict[str, Any]]:
+    cfg = predictor_config(kind, dims, args.hidden_dim, depth)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_predictor(cfg).eval()
-    with torch.no_grad():  # random weights everywhere (zero-initialised heads would let kernels skip nothing,
-        for p in model.parameters():  # but keep the timing honest about real values anyway)
+    with torch.no_grad():  # random values in every weight, the zero-initialised heads included, as after training
+        for p in model.parameters():
             p.normal_(0, 0.02)
     model = model.to(device, dtype)
     target = cfg.num_layers // 2
-    info = {"kind": kind, "dims": dims, "hidden_size": cfg.input_dim, "num_layers": cfg.num_layers,
+    info = {"kind": kind if depth is None else f"{kind} depth {depth}", "dims": dims,
+            "hidden_size": cfg.input_dim, "num_layers": cfg.num_layers,
             "num_experts": cfg.num_experts, "width": cfg.hidden_dim, "parameters": count_parameters(model),
             "flops_per_row": flops_per_row(model), "dtype": str(dtype).replace("torch.", "")}
     if kind == "anchored":
@@ -127,8 +132,7 @@ def measure(kind: str, dims: str, args: argparse.Namespace, device: torch.device
         # what one call reads: one trunk plus one target layer's heads (the other layers' heads stay idle)
         per_layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("delta", "res", "router")))
         info["parameters_read_per_call"] = (sum(p.numel() for p in model.trunks[0].parameters())
-                                            - info["token_table_parameters"] + per_layer // cfg.num_layers
-                                            + (cfg.token_dim if cfg.token_vocab else 0))
+                                            + per_layer // cfg.num_layers + (cfg.token_dim if cfg.token_vocab else 0))
     out = []
     for batch in args.batches:
         f = random_features(model, cfg, batch, target, device, dtype)
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dims", default="embedded,qwen1.5-moe", help=f"comma list of {', '.join(DIMS)}")
     p.add_argument("--kinds", default="anchored,hybrid", help=f"comma list of predictors ({', '.join(PREDICTORS)})")
     p.add_argument("--hidden-dim", type=int, default=512, help="predictor width (512, as trained)")
+    p.add_argument("--anchored-depths", default="2,1", help="residual blocks of the anchored predictor to time "
+                   "(2 = its default recipe; 2,1)")
     p.add_argument("--batches", default="1,64", help="rows per call (1,64)")
     p.add_argument("--warmup", type=int, default=50, help="calls before timing (50)")
     p.add_argument("--iters", type=int, default=200, help="calls per timed block (200)")
@@ -207,7 +213,12 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--batches, --iters and --repeats must be positive, --warmup 0 or more")
     device = pick_device(args.device)
     torch.manual_seed(0)
-    rows = [r for d in dims for k in kinds for r in measure(k, d, args, device)]
+    try:
+        depths = [int(x) for x in args.anchored_depths.split(",") if x]
+    except ValueError:
+        raise UserError(f"--anchored-depths {args.anchored_depths!r}: expected a comma list of integers") from None
+    rows = [r for d in dims for k in kinds for depth in (depths if k == "anchored" else [None])
+            for r in measure(k, d, args, device, depth)]
     md = markdown(rows, device_name(device))
     print("\n" + md)
     if args.json:

@@ -49,11 +49,12 @@ TRAIN_SCRIPT = REPO / "scripts" / "train_anchored_predictor.py"
 
 
 def recipe(*, ce: float = 1, kl: float = 1, past: int = 2, own: int = 2, window: int = 2, token: bool = True,
-           fallback: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+           separate: bool = True, fallback: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
     """Train flags of one config with every idea's flag written out, so a change of the anchored kind's
     defaults (training.trainer.KIND_DEFAULTS) never changes what a row means. No arguments: the full recipe."""
     return ["--loss-ce", str(ce), "--loss-kl", str(kl), "--past-layers", str(past), "--own-layers", str(own),
             "--window", str(window), "--token-emb" if token else "--no-token-emb",
+            "--separate-layers" if separate else "--no-separate-layers",
             "--layer-fallback" if fallback else "--no-layer-fallback", *extra]
 
 
@@ -63,21 +64,26 @@ FULL_CONFIG = "+fallback"  # the last rung of the ladder: every idea, = the anch
 CONFIGS: dict[str, tuple[str, str | None, list[str]]] = {
     "layer-aware": ("layer-aware MLP (the comparison's kind), h_l only", None, ["--model-type", "layer-aware"]),
     "anchor": ("router-anchored head on h_l (CE loss)", "layer-aware",
-               recipe(kl=0, past=0, own=0, window=0, token=False, fallback=False)),
+               recipe(kl=0, past=0, own=0, window=0, token=False, separate=False, fallback=False)),
     "+kl": ("+ KL to the target router's softmax", "anchor",
-            recipe(past=0, own=0, window=0, token=False, fallback=False)),
-    "+past": ("+ this token's MoE inputs at l-1, l-2", "+kl", recipe(own=0, window=0, token=False, fallback=False)),
+            recipe(past=0, own=0, window=0, token=False, separate=False, fallback=False)),
+    "+past": ("+ this token's MoE inputs at l-1, l-2", "+kl",
+              recipe(own=0, window=0, token=False, separate=False, fallback=False)),
     "+own": ("+ this token's routing at its last 2 finished layers", "+past",
-             recipe(window=0, token=False, fallback=False)),
-    "+window": ("+ previous 2 tokens' MoE input and routing at l+d", "+own", recipe(token=False, fallback=False)),
-    "+token": ("+ token-id embedding", "+window", recipe(fallback=False)),
-    "+fallback": ("+ per-layer fallback to router reuse where it validates better (= full)", "+token", recipe()),
+             recipe(window=0, token=False, separate=False, fallback=False)),
+    "+window": ("+ previous 2 tokens' MoE input and routing at l+d", "+own",
+                recipe(token=False, separate=False, fallback=False)),
+    "+token": ("+ token-id embedding", "+window", recipe(separate=False, fallback=False)),
+    "+separate": ("+ one trunk per target layer (was one shared trunk, per-layer heads)", "+token",
+                  recipe(fallback=False)),
+    "+fallback": ("+ per-layer fallback to router reuse where it validates better (= full)", "+separate", recipe()),
     "full -anchor": ("full without the router anchor (plain per-layer head)", FULL_CONFIG,
                      recipe(extra=("--no-anchor",))),
     "full -ce": ("full, KL only (no cross-entropy on the top-k)", FULL_CONFIG, recipe(ce=0)),
     "full +mse": ("full + MSE of the predicted h_{l+d}", FULL_CONFIG, recipe(extra=("--loss-mse", "1"))),
     "full +router-ft": ("full, router fine-tuned at lr x 0.1", FULL_CONFIG, recipe(extra=("--router-lr", "0.1"))),
-    "full separate": ("full, one trunk per target layer", FULL_CONFIG, recipe(extra=("--separate-layers",))),
+    "full depth 1": ("full, 1 residual block instead of 2 (cheaper at batch 1)", FULL_CONFIG,
+                     recipe(extra=("--depth", "1"))),
     "full depth 4": ("full, 4 residual blocks instead of 2", FULL_CONFIG, recipe(extra=("--depth", "4"))),
     "full width x2": ("full, twice the width (--hidden-dim x 2)", FULL_CONFIG, recipe(extra=("--width-x2",))),
     "full window 4": ("full, window of 4 previous tokens", FULL_CONFIG, recipe(window=4)),
@@ -250,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"router{' (control)' if d == 0 else ' reuse'} d={d}: {recall} {reuse[d][recall]:.4f}", flush=True)
 
     # --- every config at every lookahead, and with --lodo one config leaving each source out, side by side.
-    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, then the other lookaheads
-    # (farthest first, d = 0 last): what a --deadline cuts is the least needed. The report is rewritten after
+    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, the ladder at the other
+    # lookaheads (farthest first, d = 0 last), then the variants there: what a --deadline cuts is the least needed. The report is rewritten after
     # every job, so even a sweep killed from outside leaves its tables.
     lodo_config = (args.lodo_config or FULL_CONFIG) if args.lodo else None
     if lodo_config is not None and lodo_config not in configs:
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs += [(lodo_config, d, src) for d in lodo_ds for src in m.source_names] if lodo_config else []
     jobs += [(lodo_config, d, "") for d in lodo_ds if lodo_config and d not in ds]  # its in-domain reference
     later = sorted((d for d in ds if d != first_d), key=lambda d: (d == 0, -d))  # d = 0 (the control) last
-    jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and runs_at(c, d)]
+    jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and c in ladder]
+    jobs += [(c, d, "") for d in later for c in configs if c not in ladder and runs_at(c, d)]
     t0 = time.perf_counter()
     deadline = time.monotonic() + (args.deadline if args.deadline else float("inf"))
     rows: list[dict[str, Any]] = []

@@ -221,9 +221,10 @@ def test_cost_benchmark_reports_flops_and_times(tmp_path):
 
     js = tmp_path / "cost.json"
     main(["--dims", "embedded", "--kinds", "anchored,hybrid", "--batches", "1,4", "--iters", "1", "--repeats", "1",
-          "--warmup", "0", "--hidden-dim", "32", "--device", "cpu", "--json", str(js)])
+          "--warmup", "0", "--hidden-dim", "32", "--anchored-depths", "2", "--device", "cpu", "--json", str(js)])
     rows = json.loads(js.read_text())["rows"]
-    assert [(r["kind"], r["batch"]) for r in rows] == [("anchored", 1), ("anchored", 4), ("hybrid", 1), ("hybrid", 4)]
+    assert [(r["kind"], r["batch"]) for r in rows] == [("anchored depth 2", 1), ("anchored depth 2", 4),
+                                                       ("hybrid", 1), ("hybrid", 4)]
     anchored = rows[0]
     assert anchored["eager_us_per_call"] > 0 and anchored["eager_us_per_token"] == anchored["eager_us_per_call"]
     assert rows[1]["eager_us_per_token"] == pytest.approx(rows[1]["eager_us_per_call"] / 4)

@@ -74,8 +74,8 @@ def anchored_model(d: int, **overrides) -> nn.Module:
 
 
 def build(kind: str, d: int) -> nn.Module:
-    if kind == "anchored":
-        return anchored_model(d)
+    if kind.startswith("anchored"):
+        return anchored_model(d, separate_layers=kind == "anchored-separate")
     torch.manual_seed(0)
     return build_predictor(PredictorConfig(kind, H, E, K, L, lookahead=d, hidden_dim=32)).eval()
 
@@ -97,7 +97,7 @@ def check_no_leak(model: nn.Module, d: int, make=make_features) -> None:
 
 
 @pytest.mark.parametrize("d", [0, 1, 2, 3])
-@pytest.mark.parametrize("kind", ["simple", "layer-aware", "hybrid", "anchored"])
+@pytest.mark.parametrize("kind", ["simple", "layer-aware", "hybrid", "anchored", "anchored-separate"])
 def test_no_future_information_reaches_the_prediction(kind, d):
     check_no_leak(build(kind, d), d)
 

@@ -115,7 +115,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # the best measured recipe of the anchored kind (docs/RESULTS.md, "What mattered")
     "anchored": {"loss_ce": 1.0, "loss_kl": 1.0, "loss_mse": 0.0, "schedule": "step", "warmup": 0.05,
                  "past_layers": 2, "own_layers": 2, "window": 2, "token_emb": True, "depth": 2, "router_lr": 0.0,
-                 "layer_fallback": True},
+                 "separate_layers": True, "layer_fallback": True},
 }
 
 
@@ -366,7 +366,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                              "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
         print(f"per-layer fallback to router reuse: target layers {fallback or 'none'} "
               f"(val {select} {best_epoch['val'][select]:.4f} -> {best:.4f})")
-    summary = {"best": {select: best}, "fallback_layers": fallback, "train/rows_per_s": train_rows / max(train_time, 1e-9),
+    summary = {"best": {select: best}, "fallback_layers": fallback,
+               "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
     atomic_write_json(out / "results.json", summary)
