@@ -31,7 +31,8 @@ from models.features import Features, feature_spec
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 from training.trainer import BASE_DEFAULTS, KIND_DEFAULTS
 
-EXPERT_MS = 0.31  # one fp16 Qwen1.5-MoE expert (3 x 2048 x 1408 x 2 bytes = 17.3 MB) at 55 GB/s pinned
+EXPERT_MB = 3 * 2048 * 1408 * 2 / 1e6  # one fp16 Qwen1.5-MoE routed expert: 17.3 MB
+EXPERT_MS = 0.31  # the time it takes to cross PCIe Gen5 at 55 GB/s pinned
 BUDGET_US = 0.05 * EXPERT_MS * 1000
 # (hidden H, MoE layers L, experts E, top-k, vocabulary): the embedded default and Qwen1.5-MoE-A2.7B
 DIMS = {"embedded": (128, 8, 60, 4, 8192), "qwen1.5-moe": (2048, 24, 60, 4, 151936)}
@@ -126,7 +127,11 @@ def measure(kind: str, dims: str, args: argparse.Namespace, device: torch.device
             "hidden_size": cfg.input_dim, "num_layers": cfg.num_layers,
             "num_experts": cfg.num_experts, "width": cfg.hidden_dim, "parameters": count_parameters(model),
             "flops_per_row": flops_per_row(model), "dtype": str(dtype).replace("torch.", "")}
+    info["memory_mb_bf16"] = info["parameters"] * 2 / 1e6
+    info["memory_in_fp16_experts"] = info["memory_mb_bf16"] / EXPERT_MB  # GPU memory the expert cache loses
     if kind == "anchored":
+        shared = build_predictor(PredictorConfig(**{**cfg.to_json(), "separate_layers": False}))
+        info["parameters_one_shared_trunk"] = count_parameters(shared)  # the same per-row cost, less memory
         info["router_parameters"] = model.router.numel() if cfg.anchor else 0  # the model's own gates, copied
         info["token_table_parameters"] = cfg.token_vocab * cfg.token_dim
         # what one call reads: one trunk plus one target layer's heads (the other layers' heads stay idle)
@@ -168,12 +173,13 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
     modes = [m for m in ("eager", "cuda_graph", "compile") if any(f"{m}_us_per_call" in r for r in rows)]
     lines = [f"Predictor cost per (token, layer): one target layer per call, inputs on the device; {device}; "
              f"budget {BUDGET_US:.1f} us per token per layer (5% of {EXPERT_MS} ms).", "",
-             "| dims | predictor | width | params | FLOPs/row | batch | " +
+             "| dims | predictor | width | params | MB (bf16) = fp16 experts | FLOPs/row | batch | " +
              " | ".join(f"{m} us/call" for m in modes) + " | best us/token | within budget |",
-             "|---|---|---|---|---|---|" + "---|" * (len(modes) + 2)]
+             "|---|---|---|---|---|---|---|" + "---|" * (len(modes) + 2)]
     for r in rows:
         lines.append(f"| {r['dims']} (H={r['hidden_size']}, L={r['num_layers']}) | {r['kind']} | {r['width']} | "
-                     f"{r['parameters']:,} | {r['flops_per_row']:,} | {r['batch']} | " +
+                     f"{r['parameters']:,} | {r['memory_mb_bf16']:.1f} = {r['memory_in_fp16_experts']:.2f} | "
+                     f"{r['flops_per_row']:,} | {r['batch']} | " +
                      " | ".join(f"{r[f'{m}_us_per_call']:.1f}" if f"{m}_us_per_call" in r else "-" for m in modes) +
                      f" | {r['best_us_per_token']:.2f} | {'yes' if r['within_budget'] else 'no'} |")
     return "\n".join(lines) + "\n"

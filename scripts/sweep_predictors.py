@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"router{' (control)' if d == 0 else ' reuse'} d={d}: {recall} {reuse[d][recall]:.4f}", flush=True)
 
     # --- every config at every lookahead, and with --lodo one config leaving each source out, side by side.
-    # Order: the full recipe at every d, every config at d = 1, leave-one-domain-out, the ladder at the other
-    # lookaheads (farthest first, d = 0 last), then the variants there: what a --deadline cuts is the least needed. The report is rewritten after
+    # Order: the full recipe at every d, the ladder at d = 1, leave-one-domain-out, the ladder at the other
+    # lookaheads (farthest first, d = 0 last), then the variants: what a --deadline cuts is the least needed. The report is rewritten after
     # every job, so even a sweep killed from outside leaves its tables.
     lodo_config = (args.lodo_config or FULL_CONFIG) if args.lodo else None
     if lodo_config is not None and lodo_config not in configs:
@@ -270,13 +270,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def runs_at(c: str, d: int) -> bool:  # the ladder at every d; variants (and --extra) at --variant-lookaheads
         return d in (ds if c in ladder else vds)
+    later = sorted((d for d in ds if d != first_d), key=lambda d: (d == 0, -d))  # d = 0 (the control) last
     jobs = [(FULL_CONFIG, d, "") for d in ds if FULL_CONFIG in configs]
-    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG and runs_at(c, first_d)]
+    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG and c in ladder]
     jobs += [(lodo_config, d, src) for d in lodo_ds for src in m.source_names] if lodo_config else []
     jobs += [(lodo_config, d, "") for d in lodo_ds if lodo_config and d not in ds]  # its in-domain reference
-    later = sorted((d for d in ds if d != first_d), key=lambda d: (d == 0, -d))  # d = 0 (the control) last
     jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and c in ladder]
-    jobs += [(c, d, "") for d in later for c in configs if c not in ladder and runs_at(c, d)]
+    jobs += [(c, d, "") for d in [first_d, *later] for c in configs if c not in ladder and runs_at(c, d)]
     t0 = time.perf_counter()
     deadline = time.monotonic() + (args.deadline if args.deadline else float("inf"))
     rows: list[dict[str, Any]] = []
