@@ -4,40 +4,63 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
-# pip would otherwise fetch a multi-GB CUDA torch on a machine without the pinned CPU wheel nearby
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Without a GPU, take torch's CPU-only build (about 0.2 GB) instead of PyPI's CUDA build (several GB):
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIN := $(shell grep '^torch==' requirements.txt)
 
-.PHONY: setup demo test clean-demo help
+.PHONY: setup demo test mutation families clean-demo help
 
 help:
-	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default"
+	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default (runs/demo/)"
 	@echo "make test   create .venv, install requirements, run the CPU test suite"
+	@echo "make mutation   plant each named bug of scripts/mutation.py in a copy of the code; every one must be caught"
+	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "make: error: Python 3.10+ needed, $(PYTHON) is " + sys.version.split()[0] + "; make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VENV) || { echo "make: error: $(PYTHON) -m venv failed; on Debian/Ubuntu: apt install python3-venv"; exit 2; }
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q "$(TORCH_PIN)" --index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The seed's three stages on the embedded model and bundled corpus, sized for 2 CPU cores.
-# (The seed's full recipe is in README.md; the demo shortens collection and training.)
+# The three stages on the embedded model and bundled corpus, sized for 2 CPU cores (README.md gives the time):
+# 600 texts cut to 64 tokens (100 per domain); a layer-aware predictor of layer l+1's experts, trained 2 epochs;
+# the two sanity controls, router reuse (the training-free prefetcher to beat) and the predictor on the test split.
+# The seed's full-size commands are in README.md.
+# One thread per process: the demo's matrices are small, and on a busy machine two OpenMP threads spin-wait on
+# each other (the whole demo on 2 cores at load average 11: 2:20 with one thread, 8:24 with two).
+demo: export OMP_NUM_THREADS ?= 1
 demo: setup
 	$(BIN)/python scripts/collect_traces.py --datasets bundled --target_traces 600 --shard_size 100 \
-		--batch_size 8 --max_length 128 --output $(DEMO)/traces --overwrite
-	$(BIN)/python scripts/train_simple_predictor.py --traces $(DEMO)/traces --shards-per-group 4 \
-		--batch-size 8 --lr 1e-3 --epochs 5 --output $(DEMO)/simple --overwrite
-	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type router \
-		--lookahead 0 --quiet --output-dir $(DEMO)/router
+		--batch_size 16 --max_length 64 --no-logits --output $(DEMO)/traces --overwrite
+	$(BIN)/python scripts/train_simple_predictor.py --traces $(DEMO)/traces --model-type layer-aware --lookahead 1 \
+		--lr 3e-3 --dropout 0 --epochs 2 --batch-rows 2048 --output $(DEMO)/layer-aware-d1 --overwrite
+	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type router --lookahead 0 \
+		--quiet --output-dir $(DEMO)/router-d0
 	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type random \
-		--quiet --output-dir $(DEMO)/random
-	$(BIN)/python scripts/validate_coverage_analysis.py --checkpoint $(DEMO)/simple/best_checkpoint.pth \
-		--model-type simple --batch-size 16
-	@echo "demo outputs: $(DEMO)/ (traces, checkpoints, coverage_metrics.json, coverage_analysis.png)"
+		--quiet --output-dir $(DEMO)/random-d0
+	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type router-reuse --lookahead 1 \
+		--quiet --output-dir $(DEMO)/router-reuse-d1
+	$(BIN)/python scripts/validate_coverage_analysis.py --checkpoint $(DEMO)/layer-aware-d1/best_checkpoint.pth \
+		--model-type layer-aware --quiet
+	$(BIN)/python scripts/demo_summary.py $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Each named bug (scripts/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
+# must fail. The working tree is never changed. Exit 1 if any bug survives.
+mutation: setup
+	$(BIN)/python scripts/mutation.py
+
+# One line per supported MoE family (docs/FAMILIES.md); random weights, so only "it ran" means anything.
+families: setup
+	$(BIN)/python scripts/family_smoke.py --families all
 
 clean-demo:
 	rm -rf $(DEMO)

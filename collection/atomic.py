@@ -3,7 +3,8 @@
 Every file this project writes (shards, manifests, router weights, checkpoints, JSON reports, figures) goes
 through `atomic_path`: the content is written under `<name>.partial` beside the target, fsynced, given the
 normal file mode, renamed over the target, and the directory entry is fsynced. If writing fails (a full disk,
-an interrupt), the `.partial` file is removed and the target is untouched.
+an interrupt), the `.partial` file is removed and the target is untouched; a full disk is then one line
+naming the target (`errors.disk_full`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+from collection.errors import DISK_FULL, disk_full
 
 PARTIAL_SUFFIX = ".partial"  # files being written; never listed in a manifest, never read
 
@@ -58,8 +61,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         commit_file(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise disk_full(path, e) from None
         raise
 
 

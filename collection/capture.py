@@ -1,14 +1,19 @@
 """Capturing routing from a running MoE model without slowing it down.
 
-A forward hook on each MoE router (`mlp.gate`) sees exactly what the model computes: its input
-(the MoE-block input, i.e. the post-attention RMSNorm output, flattened to (B*T, H)) and its
-outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
+A forward hook on each MoE router (found through collection/families.py) sees exactly what the model
+computes: its input (the MoE-block input, i.e. the post-attention norm output, (B*T, H) or (B, T, H))
+and its outputs (router logits, routing weights, expert ids). Nothing is recomputed. For every hooked
 layer the hook keeps only real-token rows of the hidden state (padding dropped with one
 index_select), casts them to the storage dtype on the GPU, and queues a non-blocking copy into
 pinned host memory on a side stream, so the copies overlap the next layers' compute; the router's
 small outputs of all layers are stacked and copied once, after the forward. A background thread waits for each
 batch's copies and writes them into the shard file; two sets of pinned buffers alternate so the
 GPU never waits for the disk unless the disk is the bottleneck.
+
+A model spread over several GPUs by a device map (collection/placement.py) is captured the same way, device
+by device: each GPU has its own copy stream, each layer's tensors are copied from the GPU that computed them,
+the router outputs are stacked per run of consecutive layers on one device, and a batch is ready when the
+copies of every GPU involved are done.
 """
 from __future__ import annotations
 
@@ -22,23 +27,8 @@ import torch
 from torch import nn
 
 from collection.format import ShardWriter
-from collection.model import moe_blocks
-
-
-def router_outputs(output: Any, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (N, E), weights (N, k), ids (N, k)) from whatever the router module returned.
-
-    transformers >= 5: the router returns the tuple itself. transformers 4.x: the gate is an
-    nn.Linear returning logits, so weights and ids are derived the way the 4.x MoE block did.
-    """
-    if isinstance(output, tuple) and len(output) == 3:
-        return output
-    logits = output
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return logits, weights.to(logits.dtype), ids
+from collection.families import family_of, moe_layers, router_outputs
+from collection.placement import device_runs
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +43,17 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+class CopiesDone:
+    """The events marking one batch's device-to-host copies finished: one per GPU that copied."""
+
+    def __init__(self, events: list[torch.cuda.Event]):
+        self.events = events
+
+    def synchronize(self) -> None:
+        for event in self.events:
+            event.synchronize()
+
+
 @dataclass
 class HostBatch:
     """One batch's captured rows in host memory (pinned on CUDA), valid once `ready` has completed."""
@@ -61,24 +62,30 @@ class HostBatch:
     topk_weights: torch.Tensor    # (L, max_rows, k) float16
     router_logits: torch.Tensor | None  # (L, max_rows, E) float16
     rows: int = 0
-    ready: torch.cuda.Event | None = None
+    ready: CopiesDone | None = None
     sources: list[torch.Tensor] | None = None  # GPU tensors being copied: kept alive until `ready`
 
 
 class RoutingCapture:
-    """Hooks every MoE router of `model`; `capture(batch_fn)` runs one forward and returns HostBatch."""
+    """Hooks every MoE router of `model`; `forward(...)` runs one forward and returns a HostBatch.
+
+    `top_k` and `num_experts` size the host buffers. `norm_topk_prob` is not used: every supported
+    router returns the weights it applied, and those are stored (kept in the signature for callers).
+    """
 
     def __init__(self, model: nn.Module, hidden_layers: list[int], hidden_dtype: torch.dtype,
                  store_logits: bool, max_rows: int, top_k: int, norm_topk_prob: bool, num_experts: int,
                  hidden_size: int, num_buffers: int = 2):
-        self.blocks = moe_blocks(model)
-        self.L = len(self.blocks)
+        self.family = family_of(model)
+        self.layers = moe_layers(model)
+        self.L = len(self.layers)
         self.slot = {layer: j for j, layer in enumerate(hidden_layers)}  # MoE layer -> hidden slot
         self.hidden_dtype, self.store_logits = hidden_dtype, store_logits
-        self.top_k, self.norm = top_k, norm_topk_prob
-        self.device = next(model.parameters()).device
-        self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.top_k = top_k
+        self.device = model.get_input_embeddings().weight.device  # where the input ids go
+        # one copy stream per GPU holding a layer: a copy is queued on the GPU that computed its source
+        self.copy_streams = {d: torch.cuda.Stream(d) for d in {p.device for p in model.parameters()} if d.type == "cuda"}
+        self.cuda = bool(self.copy_streams)
         pin = self.cuda
 
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,9 +100,11 @@ class RoutingCapture:
                 router_logits=host(self.L, max_rows, num_experts, dtype=torch.float16) if store_logits else None))
         self._current: HostBatch | None = None
         self.last_output: Any = None
-        self._rows_index: torch.Tensor | None = None
+        self._rows_index: torch.Tensor | None = None  # real-token rows (host), None when no padding
+        self._rows_on: dict[torch.device, torch.Tensor] = {}  # ... copied to each device that needed it
+        self._copied_on: set[torch.device] = set()  # GPUs that queued copies for the current batch
         self._router: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.handles = [mlp.gate.register_forward_hook(self._hook(j)) for j, (_, mlp) in enumerate(self.blocks)]
+        self.handles = [m.router.register_forward_hook(self._hook(j)) for j, m in enumerate(self.layers)]
 
     def close(self) -> None:
         for h in self.handles:
@@ -115,44 +124,60 @@ class RoutingCapture:
             batch = self._current
             if batch is None:
                 return
-            self._router[layer] = router_outputs(output, self.top_k, self.norm)
+            self._router[layer] = router_outputs(self.family, output)
             if layer in self.slot and batch.hidden is not None:
                 x = args[0]
                 h = x.reshape(-1, x.shape[-1])
                 if self._rows_index is not None:  # drop padding on the GPU: fewer bytes cross PCIe
-                    h = h.index_select(0, self._rows_index)
+                    h = h.index_select(0, self._rows(x.device))
                 self._copy(batch, [(batch.hidden[self.slot[layer], :batch.rows], h.to(self.hidden_dtype))])
         return hook
 
+    def _rows(self, device: torch.device) -> torch.Tensor:
+        """The real-token row index on `device` (copied there once per batch)."""
+        if device not in self._rows_on:
+            self._rows_on[device] = self._rows_index.to(device, non_blocking=True)
+        return self._rows_on[device]
+
     def _copy(self, batch: HostBatch, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Queue device-to-host copies behind the work queued so far, on the side stream."""
-        if not self.cuda:
+        """Queue device-to-host copies behind the work queued so far, on the side stream of the sources' GPU
+        (all sources of one call live on one device)."""
+        device = parts[0][1].device
+        if device.type != "cuda":
             for dst, src in parts:
                 dst.copy_(src)
             return
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
+        if device not in self.copy_streams:  # a layer whose weights live elsewhere (host offload) computing here
+            self.copy_streams[device] = torch.cuda.Stream(device)
+        stream = self.copy_streams[device]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             for dst, src in parts:
                 dst.copy_(src, non_blocking=True)
+        self._copied_on.add(device)
         # a reference (not record_stream) keeps each source alive until the batch's copies are done:
         # the allocator then never has to track cross-stream uses of short-lived blocks
         batch.sources.extend(src for _, src in parts)
 
     def _copy_router_outputs(self, batch: HostBatch) -> None:
         """All layers' (ids, weights, logits) in one stack, gather, cast and copy each: a handful of
-        launches per forward instead of a dozen per layer."""
+        launches per forward instead of a dozen per layer (per device: one stack per run of consecutive
+        layers on one device, so a model on one GPU has a single run)."""
         if len(self._router) != self.L:
             raise RuntimeError(f"captured the router of {len(self._router)} of {self.L} MoE layers in one forward")
-        n, idx = batch.rows, self._rows_index
+        n = batch.rows
+        for device, a, b in device_runs([self._router[layer][2].device for layer in range(self.L)]):
+            idx = None if self._rows_index is None else self._rows(device)
 
-        def stacked(i: int, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.stack([self._router[layer][i] for layer in range(self.L)])  # (L, B*T, .)
-            return (t if idx is None else t.index_select(1, idx)).to(dtype)
+            def stacked(i: int, dtype: torch.dtype) -> torch.Tensor:
+                t = torch.stack([self._router[layer][i] for layer in range(a, b)])  # (b - a, B*T, .)
+                return (t if idx is None else t.index_select(1, idx)).to(dtype)
 
-        parts = [(batch.topk_ids[:, :n], stacked(2, torch.int16)), (batch.topk_weights[:, :n], stacked(1, torch.float16))]
-        if batch.router_logits is not None:
-            parts.append((batch.router_logits[:, :n], stacked(0, torch.float16)))
-        self._copy(batch, parts)
+            parts = [(batch.topk_ids[a:b, :n], stacked(2, torch.int16)),
+                     (batch.topk_weights[a:b, :n], stacked(1, torch.float16))]
+            if batch.router_logits is not None:
+                parts.append((batch.router_logits[a:b, :n], stacked(0, torch.float16)))
+            self._copy(batch, parts)
 
     @torch.no_grad()
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -168,19 +193,28 @@ class RoutingCapture:
         batch.rows = int(rows_index.numel())
         batch.sources = []
         # no padding: every row is kept and no gather is launched
-        self._rows_index = None if batch.rows == flat_mask.numel() else rows_index.to(self.device, non_blocking=True)
+        self._rows_index = None if batch.rows == flat_mask.numel() else rows_index
+        batch.ready = None
         self._current = batch
         try:
+            if self._rows_index is not None:  # to every GPU before the forward, not as a launch between layers
+                for device in self.copy_streams:
+                    self._rows(device)
             self.last_output = model(input_ids=input_ids.to(self.device, non_blocking=True),
                                      attention_mask=attention_mask.to(self.device, non_blocking=True), use_cache=False,
                                      **model_kwargs)
             self._copy_router_outputs(batch)
+            if self._copied_on:
+                events = []
+                for device in sorted(self._copied_on, key=str):
+                    events.append(torch.cuda.Event())
+                    events[-1].record(self.copy_streams[device])
+                batch.ready = CopiesDone(events)
         finally:
             self._current = None
             self._router = {}
-        if self.cuda:
-            batch.ready = torch.cuda.Event()
-            batch.ready.record(self.copy_stream)
+            self._rows_on = {}
+            self._copied_on = set()
         return batch
 
 

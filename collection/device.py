@@ -85,3 +85,19 @@ def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype {name!r} unknown (choose auto, float32, float16, bfloat16)")
     return DTYPES[name]
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory a new allocation can get without swapping (MemAvailable), else the free pages."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse

@@ -2,24 +2,42 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
+from pathlib import Path
 from typing import Iterator
+
+# a full disk or an exhausted quota: the user's environment, not a bug, so one line like any bad input
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class UserError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def disk_full(path: Path | str, e: OSError) -> UserError:
+    """The one-line error for a write that ran out of space; the writer has already removed its `.partial`."""
+    return UserError(f"{path}: {os.strerror(e.errno).lower()} while writing it (nothing partial was kept); "
+                     "free some space or write elsewhere")
+
+
 @contextlib.contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
     """Turn UserError (and its kin) into `prog: error: ...` on stderr and exit status 2.
 
-    Anything else is a bug in this project and keeps its traceback.
+    A full disk is the user's environment too, wherever it strikes. Anything else is a bug in this
+    project and keeps its traceback.
     """
     try:
         yield
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"{prog}: error: {disk_full(e.filename or 'a file', e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

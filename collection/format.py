@@ -19,23 +19,28 @@ Shard tensors (N real tokens, S sequences, L MoE layers, Lh stored hidden layers
 
 Shards are plain safetensors files (no pickle). Layer-major layout makes "layer l, token rows a:b" one
 contiguous slice, so training memory-maps a shard and reads row ranges without loading it whole.
-Every finished shard is listed in the manifest with its byte size and SHA-256; the reader checks
-both, so a truncated, corrupt or swapped shard is an error naming the file, never silent data.
+Every finished shard, and the router weights, are listed in the manifest with their byte size and SHA-256;
+the reader checks both, so a truncated, corrupt or swapped file is an error naming it, never silent data.
+A set whose collection has not finished (`complete: false`) is refused unless the caller allows it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from collection.atomic import PARTIAL_SUFFIX, atomic_path, atomic_write_json, commit_file, sha256_file
-from collection.errors import UserError
+from collection.atomic import PARTIAL_SUFFIX, atomic_write_json, commit_file, sha256_file
+from collection.errors import DISK_FULL, UserError, disk_full
 
 FORMAT_VERSION = 1
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
@@ -53,18 +58,29 @@ _ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                 "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+HIDDEN_DTYPES = ("float16", "bfloat16", "float32")  # what capture.hidden_dtype may be
+SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")  # `shard_name`'s pattern: the only shard names a manifest may list
 
 
 class TraceFormatError(UserError):
     """A trace set, shard or manifest that cannot be used; the message names the file."""
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A small safetensors file (e.g. router weights), written atomically."""
-    from safetensors.torch import save_file
+@dataclass
+class FileInfo:
+    """A file of the set that is not a shard (the router weights): its name, size and checksum."""
+    file: str
+    bytes: int
+    sha256: str
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+def encode_tensors(name: str, tensors: dict[str, torch.Tensor]) -> tuple[bytes, FileInfo]:
+    """A small safetensors file (the router weights) in memory, and its manifest entry: the checksum is of
+    exactly the bytes that will be written, and equal tensors always give equal bytes."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return data, FileInfo(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,9 +120,22 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
         self.data_start = 8 + len(raw)
         self.total_bytes = self.data_start + offset
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self.fd, self.total_bytes)  # holes read as zeros until written
+        self.fd = -1
+        with self._cleanup_on_error():
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(self.fd, self.total_bytes)  # holes read as zeros until written
+
+    @contextlib.contextmanager
+    def _cleanup_on_error(self) -> Iterator[None]:
+        """Any failure removes the `.partial`; a full disk becomes one line naming the shard."""
+        try:
+            yield
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise disk_full(self.path, e) from None
+            raise
 
     def write(self, name: str, array: np.ndarray | torch.Tensor, index: tuple[int, ...] = (), row: int = 0) -> None:
         """Write `array` into tensor `name` at [*index, row:row+len(array)] (C order, contiguous)."""
@@ -122,21 +151,30 @@ class ShardWriter:
         strides = np.cumprod((shape[1:] + (1,))[::-1])[::-1]  # elements per step of each axis
         elem = sum(i * s for i, s in zip(index, strides)) + row * strides[lead]
         if array.size:
-            os.pwrite(self.fd, memoryview(array).cast("B"), self.data_start + self.offsets[name] + int(elem) * itemsize)
+            # called from several threads at once: the caller aborts once they have all stopped
+            # (closing the fd here could let a sibling's pwrite land in whatever file reuses its number)
+            try:
+                os.pwrite(self.fd, memoryview(array).cast("B"), self.data_start + self.offsets[name] + int(elem) * itemsize)
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise disk_full(self.path, e) from None
+                raise
 
     def commit(self) -> tuple[int, str]:
         """Flush, fsync, rename into place; returns (bytes, sha256)."""
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        digest = sha256_file(self.tmp)
-        commit_file(self.tmp, self.path)
+        with self._cleanup_on_error():
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            digest = sha256_file(self.tmp)
+            commit_file(self.tmp, self.path)
         return self.total_bytes, digest
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close and remove the `.partial` (safe to call twice, from any thread, and after commit)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
         self.tmp.unlink(missing_ok=True)
 
 
@@ -257,13 +295,15 @@ class ShardInfo:
 @dataclass
 class Manifest:
     model: dict[str, Any]      # name_or_path, architecture, dtype, quantization
-    routing: dict[str, Any]    # num_layers, num_experts, top_k, hidden_size, norm_topk_prob, moe_layer_indices
+    routing: dict[str, Any]    # num_layers, num_experts, top_k, hidden_size, norm_topk_prob, moe_layer_indices,
+    #                            family, router (trace sets before the families: no family/router keys)
     capture: dict[str, Any]    # hidden_layers, hidden_dtype, store_logits, max_length, batch_size, shard_size
     sources: list[dict[str, Any]]  # [{"name", "kind", "spec", "sequences"}]
     plan: dict[str, Any]       # target_traces, seed, ... : what a resumed run must match
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
     format_version: int = FORMAT_VERSION
+    router_weights: FileInfo | None = None  # None: no router weights (legacy import), or a set written before checksums
 
     @property
     def num_layers(self) -> int:
@@ -282,6 +322,21 @@ class Manifest:
         return int(self.routing["hidden_size"])
 
     @property
+    def moe_layer_indices(self) -> list[int]:
+        """Decoder-layer index of each MoE layer (0..L-1 when an old manifest does not say)."""
+        return [int(i) for i in self.routing.get("moe_layer_indices", range(self.num_layers))]
+
+    @property
+    def family(self) -> str:
+        """The model's family (config.model_type); trace sets written before families existed all came
+        from Qwen2-MoE models, the only family the collector then built."""
+        return str(self.routing.get("family") or "qwen2_moe")
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        return bool(self.routing.get("norm_topk_prob", False))
+
+    @property
     def hidden_layers(self) -> list[int]:
         return [int(x) for x in self.capture.get("hidden_layers", [])]
 
@@ -289,43 +344,98 @@ class Manifest:
     def source_names(self) -> list[str]:
         return [s["name"] for s in self.sources]
 
+    def files(self) -> list[str]:
+        """Every data file this manifest lists (shards, router weights): the files that belong to the set."""
+        return [s.file for s in self.shards] + ([self.router_weights.file] if self.router_weights else [])
+
     def to_json(self) -> dict[str, Any]:
         d = {"format_version": self.format_version, "complete": self.complete, "model": self.model,
              "routing": self.routing, "capture": self.capture, "sources": self.sources, "plan": self.plan,
              "shards": [vars(s) for s in self.shards]}
+        if self.router_weights is not None:
+            d["router_weights"] = vars(self.router_weights)
         return d
 
     @classmethod
     def from_json(cls, d: Any, where: Path) -> "Manifest":
+        """A manifest checked field by field: a hand-edited or damaged one is one line naming the field,
+        never a crash later in a reader."""
         def bad(why: str) -> TraceFormatError:
             return TraceFormatError(f"{where}: not a valid trace manifest: {why}")
 
+        def is_int(x: Any, low: int = 0) -> bool:  # bool is an int in Python; a manifest's true is no count
+            return type(x) is int and x >= low
+
+        def is_sha(x: Any) -> bool:
+            return isinstance(x, str) and re.fullmatch(r"[0-9a-f]{64}", x) is not None
+
+        def optional(section: dict[str, Any], key: str, ok: Any, what: str, name: str) -> None:
+            if key in section and not ok(section[key]):
+                raise bad(f"{name}.{key} must be {what}")
+
         if not isinstance(d, dict):
             raise bad("not a JSON object")
-        if d.get("format_version") != FORMAT_VERSION:
+        if type(d.get("format_version")) is not int or d["format_version"] != FORMAT_VERSION:
             raise bad(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        if not isinstance(d.get("complete", False), bool):
+            raise bad("complete must be true or false")
         for key in ("model", "routing", "capture", "plan"):
             if not isinstance(d.get(key), dict):
                 raise bad(f"missing section {key!r}")
+        model, routing, capture, plan = d["model"], d["routing"], d["capture"], d["plan"]
+        if not isinstance(model.get("name_or_path"), str):
+            raise bad("model.name_or_path must be a string")
+        for key in ("architecture", "dtype", "quantization"):
+            optional(model, key, lambda x: isinstance(x, str), "a string", "model")
         for key in ("num_layers", "num_experts", "top_k", "hidden_size"):
-            if type(d["routing"].get(key)) is not int or d["routing"][key] <= 0:
+            if not is_int(routing.get(key), 1):
                 raise bad(f"routing.{key} must be a positive integer")
-        if not isinstance(d.get("sources"), list) or not all(isinstance(s, dict) and "name" in s for s in d["sources"]):
-            raise bad("sources must be a list of objects with a name")
-        hl = d["capture"].get("hidden_layers", [])
-        if not isinstance(hl, list) or not all(type(x) is int and 0 <= x < d["routing"]["num_layers"] for x in hl):
-            raise bad("capture.hidden_layers must list layer indices")
+        if routing["top_k"] > routing["num_experts"]:
+            raise bad(f"routing.top_k {routing['top_k']} exceeds routing.num_experts {routing['num_experts']}")
+        optional(routing, "norm_topk_prob", lambda x: isinstance(x, bool), "true or false", "routing")
+        optional(routing, "architecture", lambda x: isinstance(x, str), "a string", "routing")
+        mli = routing.get("moe_layer_indices")
+        if mli is not None and (not isinstance(mli, list) or len(mli) != routing["num_layers"]
+                                or not all(is_int(x) for x in mli) or mli != sorted(set(mli))):
+            raise bad("routing.moe_layer_indices must list num_layers increasing decoder-layer indices")
+        hl = capture.get("hidden_layers", [])
+        if (not isinstance(hl, list) or not all(is_int(x) and x < routing["num_layers"] for x in hl)
+                or any(a >= b for a, b in zip(hl, hl[1:]))):
+            raise bad("capture.hidden_layers must list increasing MoE layer indices")
+        optional(capture, "hidden_dtype", lambda x: x in HIDDEN_DTYPES, " or ".join(HIDDEN_DTYPES), "capture")
+        optional(capture, "store_logits", lambda x: isinstance(x, bool), "true or false", "capture")
+        optional(capture, "bytes_per_token", lambda x: is_int(x, 1), "a positive integer", "capture")
+        optional(plan, "tokens_sha256", lambda x: isinstance(x, str), "a string", "plan")
+        sources = d.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise bad("sources must be a non-empty list")
+        for src in sources:
+            if not isinstance(src, dict) or not isinstance(src.get("name"), str):
+                raise bad(f"source {src!r} must be an object with a string name")
+            optional(src, "sequences", is_int, "a count", "sources[]")
+        if not isinstance(d.get("shards", []), list):
+            raise bad("shards must be a list")
         shards = []
         for s in d.get("shards", []):
-            try:
-                shards.append(ShardInfo(file=str(s["file"]), sequences=int(s["sequences"]), tokens=int(s["tokens"]),
-                                        bytes=int(s["bytes"]), sha256=str(s["sha256"])))
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"malformed shard entry {s!r}") from None
-            if "/" in shards[-1].file or "\\" in shards[-1].file or shards[-1].file.startswith("."):
-                raise bad(f"shard file name {shards[-1].file!r} must be a plain file name")
-        return cls(model=d["model"], routing=d["routing"], capture=d["capture"], sources=d["sources"],
-                   plan=d["plan"], shards=shards, complete=bool(d.get("complete", False)))
+            if not (isinstance(s, dict) and isinstance(s.get("file"), str) and is_int(s.get("sequences"), 1)
+                    and is_int(s.get("tokens"), 1) and is_int(s.get("bytes"), 1) and is_sha(s.get("sha256"))):
+                raise bad(f"malformed shard entry {s!r} (needs file, sequences, tokens, bytes, sha256)")
+            if not SHARD_NAME.fullmatch(s["file"]):  # a plain name: no path may lead a reader, or a deleter, elsewhere
+                raise bad(f"shard file name {s['file']!r} must be a plain file name like {shard_name(0)}")
+            if s["tokens"] < s["sequences"]:
+                raise bad(f"shard {s['file']}: fewer tokens than sequences")
+            shards.append(ShardInfo(file=s["file"], sequences=s["sequences"], tokens=s["tokens"], bytes=s["bytes"],
+                                    sha256=s["sha256"]))
+        if len({s.file for s in shards}) != len(shards):
+            raise bad("a shard file is listed twice")
+        rw = d.get("router_weights")
+        if rw is not None:
+            if not (isinstance(rw, dict) and rw.get("file") == ROUTER_WEIGHTS and is_int(rw.get("bytes"), 1)
+                    and is_sha(rw.get("sha256"))):
+                raise bad(f"router_weights must be {{\"file\": \"{ROUTER_WEIGHTS}\", \"bytes\": ..., \"sha256\": ...}}")
+            rw = FileInfo(file=rw["file"], bytes=rw["bytes"], sha256=rw["sha256"])
+        return cls(model=model, routing=routing, capture=capture, sources=sources, plan=plan, shards=shards,
+                   complete=d.get("complete", False), router_weights=rw)
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -383,17 +493,29 @@ def manifest_dims(manifest: Manifest, store_logits: bool | None = None) -> dict[
             "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits}
 
 
+NO_VERIFY_HINT = "--no-verify skips this check"  # every script that reads traces has the flag
+
+
+def check_listed_file(path: Path, size: int, sha256: str, verify: bool, what: str, hint: str = NO_VERIFY_HINT) -> None:
+    """A file the manifest lists is there, of its listed size and (when `verify`) checksum; else one line naming it."""
+    if not path.is_file():
+        raise TraceFormatError(f"{path}: {what} listed in the manifest is missing")
+    if path.stat().st_size != size:
+        raise TraceFormatError(f"{path}: size {path.stat().st_size} bytes, manifest says {size} (truncated or replaced)")
+    if verify and sha256_file(path) != sha256:
+        raise TraceFormatError(f"{path}: checksum mismatch (corrupt or replaced {what})" + (f"; {hint}" if hint else ""))
+
+
+_warned_unverified: set[Path] = set()  # router weights said once per process to be unverified
+
+
 class TraceShard(SafetensorsFile):
     """One finished shard, checked against its manifest entry and the schema of `shard_specs`."""
 
-    def __init__(self, path: Path, info: ShardInfo, manifest: Manifest, verify: bool = True):
+    def __init__(self, path: Path, info: ShardInfo, manifest: Manifest, verify: bool = True,
+                 hint: str = NO_VERIFY_HINT):
         path = Path(path)
-        if not path.is_file():
-            raise TraceFormatError(f"{path}: shard listed in the manifest is missing")
-        if path.stat().st_size != info.bytes:
-            raise TraceFormatError(f"{path}: size {path.stat().st_size} bytes, manifest says {info.bytes} (truncated or replaced)")
-        if verify and sha256_file(path) != info.sha256:
-            raise TraceFormatError(f"{path}: checksum mismatch (corrupt or replaced shard); --no-verify skips this check")
+        check_listed_file(path, info.bytes, info.sha256, verify, "shard", hint)
         super().__init__(path)
         self.info = info
         N, E = info.tokens, manifest.num_experts
@@ -422,14 +544,19 @@ class TraceShard(SafetensorsFile):
 class TraceSet:
     """A directory of shards with its manifest; opens and checks shards lazily, once each."""
 
-    def __init__(self, directory: Path, verify: bool = True):
+    def __init__(self, directory: Path, verify: bool = True, allow_incomplete: bool = False):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir)
+        if not self.manifest.complete and not allow_incomplete:
+            raise TraceFormatError(f"{self.dir}: incomplete trace set ({len(self.manifest.shards)} shards finished; its "
+                                   "collection was interrupted or is still running); collect_traces.py --resume "
+                                   "finishes it, --allow-incomplete reads the finished shards")
         if not self.manifest.shards:
             raise TraceFormatError(f"{self.dir / MANIFEST}: lists no finished shard")
         self.verify = verify
         self._open: dict[int, TraceShard] = {}
         self._table: dict[str, np.ndarray] | None = None
+        self._router: SafetensorsFile | None = None
 
     def __len__(self) -> int:
         return len(self.manifest.shards)
@@ -463,12 +590,26 @@ class TraceSet:
         self._table = table
         return table
 
-    def router_weights(self) -> torch.Tensor:
-        """(L, E, H) router matrices as stored (the model's own dtype)."""
+    def _router_file(self) -> SafetensorsFile:
+        """router_weights.safetensors, checked against its manifest entry (size and SHA-256) once per set."""
         path = self.dir / ROUTER_WEIGHTS
         if not path.is_file():
             raise TraceFormatError(f"{path}: missing (needed by router baselines)")
-        f = SafetensorsFile(path)
+        if self._router is None:
+            info = self.manifest.router_weights
+            if info is not None:
+                check_listed_file(path, info.bytes, info.sha256, self.verify, "router weights")
+            elif path.resolve() not in _warned_unverified:  # a set written before the manifest listed them
+                _warned_unverified.add(path.resolve())
+                print(f"warning: {path}: the manifest predates router-weight checksums; the router weights are "
+                      "unverified", file=sys.stderr)
+            self._router = SafetensorsFile(path)
+        return self._router
+
+    def router_weights(self) -> torch.Tensor:
+        """(L, E, H) router matrices as stored (the model's own dtype)."""
+        f = self._router_file()
+        path = f.path
         L, E, H = self.manifest.num_layers, self.manifest.num_experts, self.manifest.hidden_size
         mats = []
         for layer in range(L):
@@ -477,3 +618,22 @@ class TraceSet:
                 raise TraceFormatError(f"{path}: {name} missing or not of shape ({E}, {H})")
             mats.append(f.tensor(name))
         return torch.stack(mats)
+
+    def router_extras(self) -> dict[str, torch.Tensor]:
+        """(L, E) float32 router tensors some families add (collection/families.py): "router_bias"
+        (GPT-OSS: part of the logits) and "score_correction_bias" (DeepSeek-V3: added to the sigmoid
+        scores for the choice only). Empty for the other families and for older trace sets."""
+        if not (self.dir / ROUTER_WEIGHTS).is_file():
+            return {}
+        f = self._router_file()
+        path = f.path
+        L, E = self.manifest.num_layers, self.manifest.num_experts
+        out = {}
+        for kind in ("router_bias", "score_correction_bias"):
+            names = [f"{kind}.{layer}" for layer in range(L)]
+            if not any(n in f.entries for n in names):
+                continue
+            if not all(n in f.entries and f.entries[n][1] == (E,) for n in names):
+                raise TraceFormatError(f"{path}: {kind}.l missing for some layer or not of shape ({E},)")
+            out[kind] = torch.stack([f.tensor(n).float() for n in names])
+        return out

@@ -1,12 +1,11 @@
 """Loading an MoE causal LM the way its users do, and reading its routing shape.
 
-`from_pretrained` by hub id or local directory, optional bitsandbytes 4-/8-bit. The MoE blocks are
-found by what they hold (a `gate` router and `experts`), so Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE
-all work without per-model code.
+`from_pretrained` by hub id or local directory, optional bitsandbytes 4-/8-bit. Where each family keeps
+its MoE blocks, routers and experts is said once, in collection/families.py.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from collection.errors import UserError
+from collection.families import family_of, moe_layers, num_experts, router_spec
 from collection.sources import REPO_ROOT, require_hub
 
 EMBEDDED_MODEL_NAME = "models/embedded/qwen2moe-mini"  # relative to the repository root
@@ -28,8 +28,10 @@ class RoutingShape:
     num_experts: int
     top_k: int
     hidden_size: int
-    norm_topk_prob: bool
+    norm_topk_prob: bool       # do the stored top-k weights sum to 1 (before routed_scaling_factor)?
     moe_layer_indices: list[int]  # decoder-layer index of each MoE layer
+    family: str = ""           # config.model_type, a key of collection.families.FAMILIES
+    router: dict[str, Any] = field(default_factory=dict)  # families.router_spec: how ids/weights were chosen
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,32 +39,22 @@ class RoutingShape:
 
 def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(decoder layer index, MoE block) for every decoder layer whose MLP is a routed MoE."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise UserError(f"{type(model).__name__}: no decoder layers found; not a supported causal LM")
-    blocks = [(i, layer.mlp) for i, layer in enumerate(layers)
-              if hasattr(getattr(layer, "mlp", None), "gate") and hasattr(layer.mlp, "experts")]
-    if not blocks:
-        raise UserError(f"{type(model).__name__}: no MoE layers (an mlp with gate and experts) found")
-    return blocks
+    return [(m.decoder_index, m.block) for m in moe_layers(model)]
 
 
 def routing_shape(model: nn.Module) -> RoutingShape:
-    cfg = model.config
-    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-    top_k = getattr(cfg, "num_experts_per_tok", None)
-    if not num_experts or not top_k:
-        raise UserError(f"{type(model).__name__}: config has no num_experts / num_experts_per_tok")
-    return RoutingShape(architecture=type(model).__name__, num_layers=len(moe_blocks(model)),
-                        num_experts=int(num_experts), top_k=int(top_k), hidden_size=int(cfg.hidden_size),
-                        norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", False)),
-                        moe_layer_indices=[i for i, _ in moe_blocks(model)])
+    cfg, fam = model.config, family_of(model)
+    layers = moe_layers(model)
+    return RoutingShape(architecture=type(model).__name__, num_layers=len(layers), num_experts=num_experts(cfg),
+                        top_k=int(cfg.num_experts_per_tok), hidden_size=int(cfg.hidden_size),
+                        norm_topk_prob=fam.normalized(cfg), moe_layer_indices=[m.decoder_index for m in layers],
+                        family=fam.model_type, router=router_spec(model))
 
 
 def router_weights(model: nn.Module) -> torch.Tensor:
-    """(L, E, H) router matrices: what router-reuse baselines apply to stored hidden states."""
-    return torch.stack([mlp.gate.weight.detach().float().cpu() for _, mlp in moe_blocks(model)])
+    """(L, E, H) router matrices: what router-reuse baselines apply to stored hidden states
+    (families.router_extras holds the biases some families add)."""
+    return torch.stack([m.router.weight.detach().float().cpu() for m in moe_layers(model)])
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
@@ -103,14 +95,22 @@ def quantization_config(quantization: str, device: torch.device, compute_dtype: 
 
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
-               quantization: str = "none") -> tuple[nn.Module, Any]:
-    """Model (eval mode, on `device`) and tokenizer, exactly as a user of transformers loads them."""
+               quantization: str = "none", placement: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """Model (eval mode, on `device`) and tokenizer, exactly as a user of transformers loads them.
+
+    `placement` (collection/placement.py: `device_map` and `max_memory`) spreads the layers over several GPUs
+    through accelerate instead; `device` then only picks the quantization and dtype checks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, local = resolve_model_path(name_or_path)
     qconfig = quantization_config(quantization, device, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type == "cuda":
+    if placement is not None:
+        if quantization == "4bit":
+            raise UserError("--device-map with --quantization 4bit: the 4-bit path quantizes the experts onto one GPU "
+                            "(a full-size Qwen1.5-MoE takes 8 GB); use one GPU, or --quantization 8bit or none")
+        kwargs.update(placement)
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU, not through host RAM
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -125,7 +125,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype,
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {name_or_path}: cannot load ({first})") from None
-    if qconfig is None and device.type != "cuda":
+    if qconfig is None and device.type != "cuda" and placement is None:
         model.to(device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:

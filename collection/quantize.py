@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from collection.model import moe_blocks
+from collection.errors import UserError
+from collection.families import family_of, moe_layers
 
 
 def _quantize(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
@@ -37,9 +38,8 @@ def _quantize(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tupl
 class QuantizedExperts:
     """Holds one experts module's fused weights in NF4 and lends them out, dequantized, per forward."""
 
-    NAMES = ("gate_up_proj", "down_proj")
-
-    def __init__(self, experts: nn.Module, device: torch.device, dtype: torch.dtype):
+    def __init__(self, experts: nn.Module, names: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+        self.NAMES = names
         self.states = {}
         for name in self.NAMES:
             weight = getattr(experts, name)
@@ -82,18 +82,35 @@ def _to_linear4bit(linear: nn.Linear, device: torch.device, dtype: torch.dtype) 
     return q.to(device)  # Params4bit quantizes when it moves to the GPU
 
 
+def fused_expert_names(model: nn.Module) -> tuple[str, ...]:
+    """The family's fused expert tensors, checked to be 3-D (E, ., .) parameters in every MoE layer;
+    anything else cannot be quantized whole here, and says so in one line."""
+    fam = family_of(model)
+    for m in moe_layers(model):
+        for name in fam.fused:
+            t = m.experts._parameters.get(name)
+            if t is None or t.dim() != 3:
+                found = "missing" if t is None else f"of shape {tuple(t.shape)}"
+                raise UserError(f"--quantization 4bit: {fam.model_type} layer {m.decoder_index}: routed experts are not "
+                                f"fused 3-D tensors ({type(m.experts).__name__}.{name} {found}); this NF4 path "
+                                f"quantizes fused experts only (docs/FAMILIES.md)")
+    return fam.fused
+
+
 def quantize_model_4bit(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move a CPU model to `device` in 4 bits, one module at a time (see the module docstring)."""
-    routers = {id(mlp.gate) for _, mlp in moe_blocks(model)}
-    experts = {id(mlp.experts): mlp.experts for _, mlp in moe_blocks(model)}
+    names = fused_expert_names(model)
+    dense_names = set(family_of(model).dense_modules)
+    routers = {id(m.router) for m in moe_layers(model)}  # some are nn.Linear (PhiMoE): they stay 16-bit
+    experts = {id(m.experts): m.experts for m in moe_layers(model)}
     keep_dense = routers | {id(model.get_output_embeddings())}
 
     def convert(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if id(child) in experts:
-                QuantizedExperts(child, device, dtype)
+                QuantizedExperts(child, names, device, dtype)
                 child.to(device)
-            elif isinstance(child, nn.Linear) and id(child) not in keep_dense:
+            elif isinstance(child, nn.Linear) and id(child) not in keep_dense and name not in dense_names:
                 setattr(parent, name, _to_linear4bit(child, device, dtype))
             else:
                 convert(child)

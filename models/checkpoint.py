@@ -6,7 +6,10 @@ and re-find its test split: config, weights, split, the args of the run and its 
 """
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from collection.errors import UserError
-from collection.atomic import atomic_path, atomic_write_json
+from collection.atomic import atomic_write_bytes, atomic_write_json
 from models.predictors import PredictorConfig, build_predictor
 
 CHECKPOINT_FORMAT = "expert-predictor/1"
@@ -42,11 +45,21 @@ def save_checkpoint(path: Path, model: nn.Module, cfg: PredictorConfig, split: d
     ckpt = {"format": CHECKPOINT_FORMAT, "config": cfg.to_json(), "state_dict": state,
             "split": {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in split.items()},
             "traces": plain(traces), "args": plain(args), "metrics": plain(metrics)}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    buf = io.BytesIO()  # serialised in memory: a full disk then fails in our write (one line), not inside torch
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
     side = {k: ckpt[k] for k in ("format", "config", "traces", "args", "metrics")}
     side["split_sizes"] = {k: int(len(v)) for k, v in split.items()}
     atomic_write_json(path.with_suffix(".json"), side)
+
+
+def load_failure(e: Exception) -> str:
+    """Why torch.load refused a file, in our words. torch's own message for a pickle holding objects advises
+    loading it with weights_only=False, which would run whatever code the file carries: never pass that on."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return "it holds Python objects besides tensors and plain values; such files are refused, since loading them can run code"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first[:200]
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, PredictorConfig, dict[str, Any]]:
@@ -55,10 +68,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     if not path.is_file():
         raise UserError(f"--checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "not a checkpoint"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"--checkpoint {path}: not a loadable checkpoint ({first})") from None
+        raise UserError(f"--checkpoint {path}: not a loadable checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--checkpoint {path}: not a predictor checkpoint of this project (format "
                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
@@ -76,11 +90,11 @@ def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
     read: the same routing shape (layers L, experts E, top-k, hidden H), every hidden layer its features
     reach, and token ids inside its embedding table."""
     m = ts.manifest
+    shape = lambda l, e, k, h: f"{l} layers x {e} experts, top-{k}, hidden {h}"  # noqa: E731
     mine = (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.input_dim)
     theirs = (m.num_layers, m.num_experts, m.top_k, m.hidden_size)
     if mine != theirs:
-        raise UserError(f"{where}: the predictor is for (layers, experts, top-k, hidden) = {mine}, the traces "
-                        f"{ts.dir} have {theirs}")
+        raise UserError(f"{where}: routing shape {shape(*theirs)} differs from the checkpoint's {shape(*mine)}")
     if (cfg.past_layers or cfg.window or cfg.context) and sorted(m.hidden_layers) != list(range(m.num_layers)):
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")

@@ -1,7 +1,16 @@
-"""Qwen2-MoE configurations the project builds models from (no hub needed)."""
+"""MoE model configurations the project builds models from (no hub needed), any supported family.
+
+A preset is a config.json as a dict (its "model_type" picks transformers' config class). Full-size presets
+copy a public model's config.json field for field (source in the comment above each; tests/test_families.py
+checks each one's parameter count against the published total); `tiny-<model_type>` presets are seconds-fast
+random test models of every family in collection/families.py.
+"""
 from __future__ import annotations
 
 from typing import Any
+
+from collection.errors import UserError
+from collection.families import FAMILIES, TINY_BASE
 
 # Qwen/Qwen1.5-MoE-A2.7B's config.json, field for field (14,315,784,192 parameters)
 QWEN15_MOE_A27B: dict[str, Any] = {
@@ -34,13 +43,88 @@ QWEN2MOE_TINY: dict[str, Any] = {
     "max_window_layers": 3,
 }
 
-PRESETS = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "qwen2moe-mini": QWEN2MOE_MINI, "qwen2moe-tiny": QWEN2MOE_TINY}
+# Qwen/Qwen3-30B-A3B's config.json, field for field (30.5B parameters, 3.3B active). Source: the full
+# config.json as vendored in github.com/citsjtu2020/LLM-Prof, sglang/Model_Config.md ("Qwen3-30B-A3B").
+QWEN3_30B_A3B: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# mistralai/Mixtral-8x7B-v0.1's config.json, field for field (46.7B parameters, 12.9B active). Source:
+# github.com/NVIDIA/TensorRT-LLM, tests/unittest/_torch/modeling/test_modeling_mixtral.py (MIXTRAL_8X7B_CONFIG).
+MIXTRAL_8X7B: dict[str, Any] = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+    "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "num_local_experts": 8, "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
+    "vocab_size": 32000,
+}
+
+# allenai/OLMoE-1B-7B-0924's config.json, field for field (6.9B parameters, 1.3B active). Source: the
+# same fields in an OLMoE parameter-counting script found in public code (its `base_config`, converted
+# checkpoint "step23842-hf"); not located in a named repository, see docs/FAMILIES.md.
+OLMOE_1B_7B: dict[str, Any] = {
+    "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
+    "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None, "eos_token_id": 50279,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 1024,
+    "max_position_embeddings": 4096, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts": 64,
+    "num_experts_per_tok": 8, "num_hidden_layers": 16, "num_key_value_heads": 16, "output_router_logits": False,
+    "pad_token_id": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+    "router_aux_loss_coef": 0.01, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 50304,
+}
+
+# deepseek-ai/DeepSeek-V2-Lite's config.json (15.7B parameters, 2.4B active). The architecture fields
+# match DEEPSEEK_V2_LITE ("deepseek-ai/DeepSeek-V2-Lite-Chat (config.json, fields the planner reads)") found
+# in public code; the routing fields (greedy top-6 of 64, no groups, routed_scaling_factor 1.0,
+# norm_topk_prob false) and rope_scaling are from the model card's config.json as the project knows it,
+# not re-checked against a vendored copy (docs/FAMILIES.md).
+DEEPSEEK_V2_LITE: dict[str, Any] = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 100000,
+    "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+    "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 102400,
+}
+
+FULL_SIZE: dict[str, dict[str, Any]] = {
+    "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "qwen3-30b-a3b": QWEN3_30B_A3B, "mixtral-8x7b": MIXTRAL_8X7B,
+    "olmoe-1b-7b": OLMOE_1B_7B, "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+}
+# published total parameters (model cards / papers), checked within 1% by tests/test_families.py
+PUBLISHED_PARAMETERS: dict[str, float] = {
+    "qwen1.5-moe-a2.7b": 14.3e9, "qwen3-30b-a3b": 30.5e9, "mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9,
+    "deepseek-v2-lite": 15.7e9,
+}
+
+TINY: dict[str, dict[str, Any]] = {f"tiny-{ft}": {"model_type": ft, **TINY_BASE, **fam.tiny} for ft, fam in FAMILIES.items()}
+
+PRESETS = {**FULL_SIZE, "qwen2moe-mini": QWEN2MOE_MINI, "qwen2moe-tiny": QWEN2MOE_TINY, **TINY}
 
 
 def make_config(preset: str, **overrides: Any) -> Any:
-    from transformers import Qwen2MoeConfig
+    """The transformers config object of a preset (its family's own config class), fields overridden."""
+    from transformers import AutoConfig
 
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
     cfg = {**PRESETS[preset], **overrides}
     cfg.pop("architectures", None)
-    cfg.pop("model_type", None)
-    return Qwen2MoeConfig(**cfg)
+    model_type = cfg.pop("model_type", "qwen2_moe")
+    return AutoConfig.for_model(model_type, **cfg)

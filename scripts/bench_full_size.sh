@@ -2,8 +2,14 @@
 # Full-size Qwen1.5-MoE-A2.7B (random weights, exact architecture) on one GPU: build the checkpoint,
 # 4-bit memory + collection speed, the real 4-bit collect command, then bf16 collection/training/validation.
 # Usage: scripts/bench_full_size.sh WORKDIR OUTDIR      (needs ~45 GB of local disk and a >= 40 GB GPU)
+#   WORKDIR  scratch space: the random-weight checkpoint (28.6 GB), trace sets, checkpoints
+#   OUTDIR   what is kept: gpu.txt, bench_4bit.json, bench_bf16.json and the logs
+#   TRAIN_SEQ=200 EPOCHS=3 (environment) size the bf16 training benchmark
 set -uo pipefail
-W=${1:?workdir}; O=${2:?outdir}
+usage() { sed -n '2,8s/^# \{0,1\}//p' "$0"; }
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+if [ $# -ne 2 ]; then usage >&2; echo "bench_full_size.sh: error: expected WORKDIR OUTDIR" >&2; exit 2; fi
+W=$1; O=$2
 mkdir -p "$W" "$O"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log() { grep -v -E "Loading weights|Writing model|collect:|step/s|evaluate:" ; }
@@ -15,3 +21,4 @@ python3 scripts/collect_traces.py --model "$W/qwen15" --quantization 4bit --targ
     --batch_size 8 --max_length 256 --hidden-layers 0,12,23 --output "$W/traces4bit" --overwrite 2>&1 | log | tee "$O/collect_4bit.log"
 python3 scripts/benchmark.py --model "$W/qwen15" --quantization none --workdir "$W/b16" --train-sequences "${TRAIN_SEQ:-200}" \
     --epochs "${EPOCHS:-3}" --json "$O/bench_bf16.json" 2>&1 | log | tee "$O/bench_bf16.log"
+echo "wrote $O/ (gpu.txt, bench_4bit.json, bench_bf16.json, *.log); scratch files in $W/"

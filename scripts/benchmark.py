@@ -1,4 +1,4 @@
-"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
+r"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
 
 a) collection: tokens/s of the bare forward pass vs forward + capture + shard writing (same model,
    same batches), with the measured disk write speed beside it;
@@ -69,6 +69,41 @@ def disk_write_speed(directory: Path, nbytes: int) -> float:
     return written / dt
 
 
+def paired_overhead(bare: Any, captured: Any, batches: list[torch.Tensor], rounds: int, tokens: int,
+                    dev: torch.device) -> dict[str, Any]:
+    """Capture overhead measured batch by batch: bare and captured forwards interleaved in ABBA order.
+
+    Block timings compare two runs minutes apart, and the 4-bit forward drifts by +-20% over that span.
+    Pairing each captured batch with a bare batch measured next to it cancels the drift, and the spread
+    of the paired ratios is the noise. `bare(b)` / `captured(b)` each run one batch `b`.
+    """
+    def timed(step: Any, b: torch.Tensor) -> float:
+        sync(dev)
+        t = time.perf_counter()
+        step(b)
+        sync(dev)
+        return time.perf_counter() - t
+
+    bare_t, cap_t = [], []
+    for r in range(rounds):
+        b = batches[r % len(batches)]
+        if r % 2 == 0:
+            bare_t.append(timed(bare, b))
+            cap_t.append(timed(captured, b))
+        else:
+            cap_t.append(timed(captured, b))
+            bare_t.append(timed(bare, b))
+    if not bare_t:
+        return {}
+    ratio = np.array(cap_t) / np.array(bare_t) - 1
+    return {"rounds": len(bare_t), "bare_tokens_per_s_median": tokens / float(np.median(bare_t)),
+            "capture_only_tokens_per_s_median": tokens / float(np.median(cap_t)),
+            "capture_only_overhead_median": float(np.median(ratio)),
+            "capture_only_overhead_p25": float(np.percentile(ratio, 25)),
+            "capture_only_overhead_p75": float(np.percentile(ratio, 75)),
+            "bare_seconds": bare_t, "capture_only_seconds": cap_t}
+
+
 def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: torch.device, work: Path) -> dict[str, Any]:
     shape = routing_shape(model)
     L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
@@ -117,35 +152,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     sync(dev)
     capture_only_s = time.perf_counter() - t0
 
-    # The block timings above compare two runs minutes apart, and the 4-bit forward drifts by +-20% over
-    # that span. Interleaving the variants batch by batch (ABBA order) pairs each capture batch with a bare
-    # batch measured next to it, so drift cancels and the spread of the paired ratios is the noise.
-    def timed(step: Any, b: torch.Tensor) -> float:
-        sync(dev)
-        t = time.perf_counter()
-        step(b)
-        sync(dev)
-        return time.perf_counter() - t
-
-    bare_t, cap_t = [], []
-    for r in range(args.paired_rounds):
-        b = batches[args.warmup + r % args.batches]
-        if r % 2 == 0:
-            bare_t.append(timed(bare, b))
-            cap_t.append(timed(captured, b))
-        else:
-            cap_t.append(timed(captured, b))
-            bare_t.append(timed(bare, b))
-    paired = {}
-    if bare_t:
-        ratio = np.array(cap_t) / np.array(bare_t) - 1
-        tokens = args.batch_size * args.seq_len
-        paired = {"rounds": len(bare_t), "bare_tokens_per_s_median": tokens / float(np.median(bare_t)),
-                  "capture_only_tokens_per_s_median": tokens / float(np.median(cap_t)),
-                  "capture_only_overhead_median": float(np.median(ratio)),
-                  "capture_only_overhead_p25": float(np.percentile(ratio, 25)),
-                  "capture_only_overhead_p75": float(np.percentile(ratio, 75)),
-                  "bare_seconds": bare_t, "capture_only_seconds": cap_t}
+    paired = paired_overhead(bare, captured, batches[args.warmup:], args.paired_rounds, args.batch_size * args.seq_len, dev)
     writer = ShardWriter(work / "bench_shard.safetensors", specs)
     sync(dev)
     t0 = time.perf_counter()
@@ -387,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         atomic_write_json(Path(args.json), res)
         print(f"\nwrote {args.json}")
+    else:
+        print("\nno --json FILE: the numbers above are not saved"
+              + (f"; scratch files kept in {args.workdir}" if args.workdir else ""))
 
 
 if __name__ == "__main__":

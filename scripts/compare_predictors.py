@@ -1,4 +1,4 @@
-"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
+r"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
 
 For each d: the seed's simple MLP (layer-agnostic), the layer-aware MLP, the hybrid (hidden state
 plus observed routing, causal) and the router-anchored predictor (its default recipe) are trained, then
@@ -16,6 +16,7 @@ Seconds on a CPU (tiny and noisy):
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -57,12 +58,15 @@ def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) ->
                *(["--batch-rows", str(args.batch_rows)] if args.batch_rows else [])])
     cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), "--traces", args.traces,
            "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed), "--output", str(out), "--overwrite",
-           "--device", args.device, *recipe]
+           "--device", args.device, *recipe,
+           *(["--no-verify"] if args.no_verify else []), *(["--allow-incomplete"] if args.allow_incomplete else [])]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
-        raise UserError(f"training {name} failed; see {out / 'train.log'}")
+        lines = (out / "train.log").read_text(errors="replace").strip().splitlines()
+        why = f" ({lines[-1].strip()[:300]})" if lines and ": error: " in lines[-1] else ""
+        raise UserError(f"training {name} failed{why}; see {out / 'train.log'}")
     print(f"trained {name}", flush=True)
     return out
 
@@ -88,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", action="store_true", help="retrain even where a checkpoint exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
     p.add_argument("--output", default="results/compare", help="checkpoints, table, JSON and PNG go here")
+    p.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="compare on the finished shards of a collection that has not completed")
     p.add_argument("--from-json", default=None, help="only redraw the table and figure of a comparison.json")
     args = p.parse_args(argv)
     if args.from_json:
@@ -98,23 +105,36 @@ def main(argv: list[str] | None = None) -> None:
         write_report(saved["rows"], saved["traces"], saved["model"], top_k, saved["device"], saved["args"],
                      Path(args.output))
         return
-    ds = [int(x) for x in args.lookaheads.split(",")]
+    try:
+        ds = sorted({int(x) for x in args.lookaheads.split(",")})
+    except ValueError:
+        raise UserError(f"--lookaheads {args.lookaheads!r}: use a comma list of integers, e.g. 0,1,2,3") from None
     kinds = [k for k in args.predictors.split(",") if k]
     bases = [b for b in args.baselines.split(",") if b]
     for k in kinds:
         if k not in PREDICTORS:
             raise UserError(f"--predictors: unknown {k!r} (choose from {', '.join(PREDICTORS)})")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(args.device)
-    ts = TraceSet(Path(args.traces))
-    m = ts.manifest
-    split = split_sequences(ts.sequence_table(), args.seed)
-    cols = columns(m.top_k)
-    recall = cols[0]
     for b in bases:
         if b not in BASELINES:
             raise UserError(f"--baselines: unknown {b!r} (choose from {', '.join(BASELINES)})")
+    for name in ("epochs", "hidden_dim", "batch_size", "shards_per_group", "jobs"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if not (args.lr > 0 and math.isfinite(args.lr)) or args.seed < 0:
+        raise UserError("--lr must be a positive number and --seed >= 0")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory")
+    ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
+    m = ts.manifest
+    if ds[0] < 0 or ds[-1] >= m.num_layers:
+        raise UserError(f"--lookaheads {args.lookaheads}: the model has {m.num_layers} MoE layers, "
+                        f"so each d must be in 0..{m.num_layers - 1}")
+    dev = pick_device(args.device)
+    split = split_sequences(ts.sequence_table(), args.seed)
+    cols = columns(m.top_k)
+    recall = cols[0]
+    out.mkdir(parents=True, exist_ok=True)
 
     # --- train every (predictor, d), side by side
     jobs = [(k, d, False) for d in ds for k in kinds] + ([("simple", 0, True)] if args.seed_recipe and 0 in ds else [])

@@ -1,4 +1,4 @@
-"""Import the original SpecMoE project's pickle shards as a trace set that every stage here reads.
+r"""Import the original SpecMoE project's pickle shards as a trace set that every stage here reads.
 
 Each legacy shard is a pickled list of the collector's dataclass, one object per (MoE layer, forward
 batch). They are read through a restricted unpickler (no code in the files runs, the collector's
@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from collection.atomic import sha256_file
 from collection.errors import UserError, one_line_errors
-from collection.atomic import PARTIAL_SUFFIX, sha256_file
 from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, bytes_per_token,
                                shard_name, shard_specs, write_manifest)
-from collection.legacy import (DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass, LegacyFormatError,
-                               group_passes, layer_id_meaning, load_legacy_shard, looks_like_probabilities,
-                               num_layers_from_config, number_traces, pass_arrays, read_traces, shape_run_hint,
-                               token_ids_of)
+from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass,
+                               LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
+                               looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
+                               read_traces, shape_run_hint, token_ids_of)
+from collection.output import (OutputLock, check_free_space, check_no_collision, discard_staging, inspect_output,
+                               prepare_destination, swap_in)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,22 +84,6 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     return files
 
 
-def prepare_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse to touch an existing trace set without --overwrite, or anything that is not one."""
-    if any(f.resolve().parent == out.resolve() for f in inputs):
-        raise UserError(f"--output {out} holds the input shards; choose another directory")
-    ours = lambda: [out / MANIFEST, out / ROUTER_WEIGHTS, *out.glob("shard_*.safetensors"),  # noqa: E731
-                    *out.glob(f"*{PARTIAL_SUFFIX}")]
-    if out.exists() and any(out.iterdir()):
-        if not any(f.exists() for f in ours()):
-            raise UserError(f"--output {out} exists, is not empty and is not a trace directory; choose another")
-        if not overwrite:
-            raise UserError(f"--output {out} already holds traces; --overwrite replaces them")
-        for f in ours():
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def open_shard(path: Path, idx: int, passes: list[ForwardPass], L: int, dims: dict[str, int],
                probabilities: bool) -> ShardWriter:
     """The collector's shard layout: sequences = the batch rows of each pass, tokens = all their positions."""
@@ -131,17 +117,48 @@ def fill_shard(writer: ShardWriter, passes: list[ForwardPass], first_seq: int, s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    lock = OutputLock(Path(args.output))
+    try:
+        import_shards(args, lock)
+    finally:
+        lock.release()
+
+
+def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     inputs = expand_inputs(args.input)
     out = Path(args.output)
-    prepare_output(out, inputs, args.overwrite)
+
+    # --- the output is only read until the inputs have been checked (rules: collection/output.py)
+    if any(f.resolve().parent == out.resolve() for f in inputs):
+        raise UserError(f"--output {out} holds the input shards; choose another directory")
+    state = inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False)
+    if out.is_dir():
+        lock.acquire()
 
     # --- L: the one fact the layer recovery rests on, from the user or the collector's own config
-    config_L, config_file = num_layers_from_config(inputs)
+    config_L, config_file, config_unusable = num_layers_from_config(inputs)
+    if config_unusable:  # said, never skipped silently
+        print(f"{len(config_unusable)} {CONFIG_FILE} ignored: {'; '.join(config_unusable)}")
     if args.num_layers is not None and config_L is not None and args.num_layers != config_L:
         raise UserError(f"--num-layers {args.num_layers}, but {config_file} says {config_L}")
     L = args.num_layers or config_L
     L_from = "--num-layers" if args.num_layers else config_file
-    print(f"importing {len(inputs)} legacy shards into {out}" + (f"; {L} MoE layers ({L_from})" if L else ""))
+
+    # --- an existing set is replaced only once the new one is complete: it is written beside it first
+    dest = state.staging_dir if (state.manifest is not None or state.interrupted_swap) else out
+    names = [shard_name(i) for i in range(len(inputs))] + [MANIFEST]  # at most one output shard per input
+    manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
+    owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+    check_no_collision(out, names, owned)
+    sizes = check_free_space(out, sum(f.stat().st_size for f in inputs), "choose another --output")
+    created = not out.exists()  # removed again if the import fails: a refused input leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False) != state:
+        raise UserError(f"{out} changed while this run was starting; run it again")
+    prepare_destination(state, dest, None, names)
+    print(f"importing {len(inputs)} legacy shards into {out} (about {sizes})"
+          + (f"; {L} MoE layers ({L_from})" if L else ""))
 
     # --- one output shard per input shard: the forward passes that complete in it
     dims: dict[str, int] = {}           # H, E, K, fixed by the first pass
@@ -161,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             how = number_traces(traces, next_index, args.order == "auto", path)
             next_index = traces[-1].index + 1
             if L is None:
-                raise UserError(f"--num-layers is needed: no {inputs[0].parent / 'training_config.json'} and "
-                                f"{shape_run_hint(traces)}")
+                no_config = "; ".join(config_unusable) or f"no {inputs[0].parent / CONFIG_FILE}"
+                raise UserError(f"--num-layers is needed: {no_config}; and {shape_run_hint(traces)}")
             grouping = group_passes(traces, L, carry)
             carry, dropped = grouping.carry, dropped + grouping.dropped
             info = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                 seqs_per_source[name] = seqs_per_source.get(name, 0) + fp.shape[0]
 
             idx = len(shards)
-            writer = open_shard(out / shard_name(idx), idx, grouping.passes, L, dims, probabilities)
+            writer = open_shard(dest / shard_name(idx), idx, grouping.passes, L, dims, probabilities)
             agree += fill_shard(writer, grouping.passes, num_seq, pass_sources, probabilities, args.norm_topk_prob)
             nbytes, digest = writer.commit()
             writer = None
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             "dropped_traces": dropped,
             "dropped_note": "traces of forward passes with a layer missing (collection stopped mid-pass, or a "
                             "shard absent from the inputs)",
+            "configs_ignored": config_unusable,
         }
         capture = {"hidden_layers": list(range(L)), "hidden_dtype": "float16", "store_logits": not probabilities,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), every padded position",
@@ -247,13 +265,22 @@ def main(argv: list[str] | None = None) -> None:
                                      "top_k": K, "hidden_size": H, "norm_topk_prob": args.norm_topk_prob,
                                      "moe_layer_indices": list(range(L))},
                             capture=capture, sources=source_list, plan=plan, shards=shards, complete=True)
-        write_manifest(out, manifest)
+        write_manifest(dest, manifest)
     except BaseException:
         if writer is not None:
             writer.abort()
         for s in shards:  # without a manifest they are no trace set: leave the directory as it was found
-            (out / s.file).unlink(missing_ok=True)
+            (dest / s.file).unlink(missing_ok=True)
+        if dest != out:
+            discard_staging(state)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:  # something else appeared in it meanwhile: not ours to delete
+                pass
         raise
+    if dest != out:
+        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
     print(f"done: {num_seq} sequences ({rows} token positions, padding included) in {len(shards)} shards at {out}; "
           f"{dropped} traces of unfinished passes dropped; target_routing held "
           f"{'probabilities' if probabilities else 'logits'}; no router weights, token ids "

@@ -1,13 +1,17 @@
-"""Write a random-weight MoE checkpoint of any Qwen2-MoE config to a directory, with a tokenizer.
+r"""Write a random-weight MoE checkpoint of any supported family's config to a directory, with a tokenizer.
 
-The real Qwen1.5-MoE-A2.7B weights cannot be downloaded here; its exact architecture can be built
-with random weights and driven through exactly the user's code path (from_pretrained, 4-bit, ...).
+Real weights cannot be downloaded here; a model's exact architecture can be built with random weights
+and driven through exactly the user's code path (from_pretrained, 4-bit, ...). Presets
+(models/moe_configs.py): full size qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b,
+deepseek-v2-lite (public config.json field for field), and tiny-<model_type> for every family in
+collection/families.py (docs/FAMILIES.md).
 
 Full size (14.3B parameters, 28.6 GB in bf16; build on a GPU):
     python scripts/make_random_checkpoint.py --preset qwen1.5-moe-a2.7b --device cuda --output /tmp/qwen15-random
-Seconds on a CPU (the test model):
+Seconds on a CPU (a test model; any family: --preset tiny-mixtral, tiny-deepseek_v3, ...):
     python scripts/make_random_checkpoint.py --preset qwen2moe-tiny --dtype float32 --output /tmp/tiny-moe
 Any config:  --config path/to/config.json  and/or  --set num_hidden_layers=4 --set hidden_size=256
+(a --config's "model_type" picks the family's config class, as in transformers)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train the hybrid expert predictor: hidden state plus the routing already observed, causal.
+r"""Train the hybrid expert predictor: hidden state plus the routing already observed, causal.
 
 The seed's command (its hyperparameters are the defaults):
     python scripts/train_hybrid_predictor.py --shards-per-group 2 --batch-size 12 --lr 3e-5 --epochs 30

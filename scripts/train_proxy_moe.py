@@ -1,4 +1,4 @@
-"""Train the embedded default: a small Qwen2-MoE with Qwen1.5-MoE's routing shape, on the bundled corpus.
+r"""Train the embedded default: a small Qwen2-MoE with Qwen1.5-MoE's routing shape, on the bundled corpus.
 
 A random-weight MoE routes mostly by token identity, the same at every layer: every predictor looks
 good on it and nothing learned there transfers. The real Qwen1.5-MoE weights cannot be downloaded
@@ -197,6 +197,7 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
               f"{routing['load_entropy_bits'][l]:>12.3f} | {routing['token_entropy_bits'][l]:>20.3f} | "
               f"{routing['dead_experts'][l]:>4} | "
               f"{'-' if rr is None else f'{rr:.4f}'}")
+    print(f"wrote {out / REPORT}")
     return rep
 
 

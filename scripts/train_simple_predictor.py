@@ -1,4 +1,4 @@
-"""Stage 2: train the seed's simple expert predictor (3-layer LayerNorm MLP, AdamW) on a trace set.
+r"""Stage 2: train the seed's simple expert predictor (3-layer LayerNorm MLP, AdamW) on a trace set.
 
 The seed's command (its hyperparameters are the defaults):
     python scripts/train_simple_predictor.py --shards-per-group 4 --batch-size 8 --lr 5e-5 --epochs 20

@@ -1,4 +1,4 @@
-"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
+r"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
 
 The seed's command:
     python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/best_checkpoint.pth \
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from collection.atomic import atomic_write_json
@@ -31,7 +32,7 @@ from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.evaluate import evaluate
 from validation.metrics import SEED_KS, random_expectation
-from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
+from validation.scorers import BASELINES, SCORERS, RouterScorer, baseline_scorer, predictor_scorer
 from validation.plots import coverage_figure
 
 
@@ -48,22 +49,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="baselines: split seed, as in training (default 0)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=16,
                    help="sequences per evaluation batch (seed: 16); only speed depends on it")
-    p.add_argument("--ks", default=",".join(map(str, SEED_KS)), help="comma list of k (the seed's by default)")
+    p.add_argument("--ks", default=None, help=f"comma list of k, each at most the model's expert count "
+                   f"(default: the seed's {','.join(map(str, SEED_KS))}, those up to the expert count)")
     p.add_argument("--json", default=None, help="write metrics here (default <output-dir>/coverage_metrics.json)")
     p.add_argument("--plot", default=None, help="write the figure here (default <output-dir>/coverage_analysis.png)")
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory, else results/<type>-d<d>")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
     p.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="evaluate on the finished shards of a collection that has not completed")
     p.add_argument("--quiet", action="store_true", help="only the main table")
     args = p.parse_args(argv)
-    try:
-        args.ks = tuple(sorted({int(k) for k in args.ks.split(",")}))
-    except ValueError:
-        p.error(f"--ks {args.ks!r}: use a comma list of integers")
-    if args.batch_size <= 0 or min(args.ks) <= 0:
-        p.error("--batch-size and every k must be positive")
+    if args.ks is not None:
+        try:
+            args.ks = tuple(sorted({int(k) for k in args.ks.split(",")}))
+        except ValueError:
+            p.error(f"--ks {args.ks!r}: use a comma list of integers")
+        if min(args.ks) <= 0:
+            p.error("every k of --ks must be positive")
+    if args.batch_size <= 0:
+        p.error("--batch-size must be positive")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
+    if args.lookahead is not None and args.lookahead < 0:
+        p.error("--lookahead must be >= 0")
+    for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
+        if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
+            p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
     return args
+
+
+def check_ks(ks: tuple[int, ...] | None, num_experts: int) -> tuple[int, ...]:
+    """The ks to report: the user's, each of which must exist for this model, or the seed's that do."""
+    if ks is None:
+        return tuple(k for k in SEED_KS if k <= num_experts)
+    if max(ks) > num_experts:
+        raise UserError(f"--ks {','.join(map(str, ks))}: k must be at most the model's {num_experts} experts")
+    return ks
 
 
 def print_table(res: dict[str, Any], ks: list[int], E: int, K: int) -> None:
@@ -77,6 +100,20 @@ def print_table(res: dict[str, Any], ks: list[int], E: int, K: int) -> None:
     for target in (90, 95):
         k = res[f"k_for_coverage_{target}"]
         print(f"smallest k with coverage >= {target}%: {k if k is not None else f'none up to {ks[-1]}'}")
+
+
+def why_control_differs(res: dict[str, Any], scorer: RouterScorer) -> str:
+    """One line: how many rows the router control misses, and how many of them a tie explains."""
+    K, dtype = res["top_k"], str(scorer.weights.dtype).removeprefix("torch.")
+    missed = round((1 - res[f"coverage@{K}"]) * scorer.rows)  # rows whose top-K set is not the stored one
+    untied = missed - scorer.tied_missed_rows
+    line = (f"why it differs: {missed:,} of {scorer.rows:,} rows miss the stored top-{K}. {scorer.tied_rows:,} rows "
+            f"had a chosen expert tied in {dtype} with an unchosen one; torch.topk on this device broke "
+            f"{scorer.tied_missed_rows:,} of those ties otherwise than the model did (its order among ties is not "
+            f"documented and differs between devices)")
+    if untied:
+        line += f"; {untied:,} rows have no tie: their recomputed router logits differ from the model's"
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,12 +131,17 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--lookahead {args.lookahead}: the checkpoint predicts {cfg.lookahead} layer(s) ahead")
         lookahead = cfg.lookahead
         traces = args.traces or ckpt["traces"]["dir"]
-        ts = TraceSet(Path(traces), verify=not args.no_verify)
+        ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
-        check_fits_traces(cfg, ts, f"--checkpoint {args.checkpoint}")
+        ks_asked = check_ks(args.ks, m.num_experts)
+        check_fits_traces(cfg, ts, f"--traces {traces}")
         if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
             print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
         seq_ids = ckpt["split"][args.split].numpy()
+        missing = np.setdiff1d(seq_ids, ts.sequence_table()["seq_id"])
+        if len(missing):
+            raise UserError(f"--traces {traces} lacks {len(missing)} of the {len(seq_ids)} sequences of the checkpoint's "
+                            f"{args.split} split (it was trained on {ckpt['traces'].get('dir')}); evaluate on that trace set")
         scorer = predictor_scorer(model, lookahead, m.num_experts)
         need_hidden = True
         out_dir = Path(args.output_dir or Path(args.checkpoint).parent)
@@ -109,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--model-type {args.model_type} is a baseline and takes no --checkpoint")
         lookahead = args.lookahead or 0
         traces = args.traces or DEFAULT_TRACES
-        ts = TraceSet(Path(traces), verify=not args.no_verify)
+        ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
+        ks_asked = check_ks(args.ks, m.num_experts)
         split = split_sequences(ts.sequence_table(), args.seed)
         seq_ids = split[args.split]
         scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed)
@@ -125,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = input_layers(ts, lookahead, need_hidden)
     batch_rows = max(1024, round(args.batch_size * mean_tokens_per_sequence(table, seq_ids) * len(layers)))
     t0 = time.perf_counter()
-    acc = evaluate(scorer, ts, seq_ids, lookahead, device, batch_rows=batch_rows, need_hidden=need_hidden, ks=args.ks)
+    acc = evaluate(scorer, ts, seq_ids, lookahead, device, batch_rows=batch_rows, need_hidden=need_hidden, ks=ks_asked)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
@@ -153,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
           f"model {m.model['name_or_path']}; {args.split} split: {res['sequences']} sequences, {res['tokens']:,} "
           f"(token, layer) rows; {res['rows_per_s']:,.0f} rows/s on {res['device']}")
     print_table(res, ks, E, K)
+    if isinstance(scorer, RouterScorer) and lookahead == 0:
+        res["control_ties"] = {"rows": scorer.rows, "tied_rows": scorer.tied_rows,
+                               "tied_missed_rows": scorer.tied_missed_rows}
+        if res[f"recall@{K}"] < 1:
+            print(why_control_differs(res, scorer))
     if not args.quiet:
         print(f"\nper target layer: recall@{K}")
         print("  " + " ".join(f"L{l}:{'-' if v is None else f'{v:.3f}'}" for l, v in enumerate(per_layer)))

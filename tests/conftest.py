@@ -7,11 +7,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
+
+# scripts/mutation.py runs the suite with --hypothesis-profile=mutation: a planted bug must be found the same way
+# every run (derandomized), and a failure needs only to be seen, not shrunk to its smallest example (minutes)
+settings.register_profile("mutation", derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -44,14 +50,23 @@ def embedded_model() -> Path:
     return EMBEDDED_MODEL
 
 
-@pytest.fixture(scope="session")
-def tiny_traces(tmp_path_factory) -> Path:
+def build_tiny_traces(out: Path) -> Path:
     """The embedded default (the trained model, the default --model) on the bundled corpus: 72 sequences
     (12 per domain) in 3 shards, every layer's hidden state stored. On the CPU in fp32 on every machine:
     tests compare them with fresh fp32 forwards, and bf16 on a GPU would flip near-tied experts."""
-    out = tmp_path_factory.mktemp("traces") / "tiny"
     from scripts.collect_traces import main
 
     main(["--datasets", "bundled", "--target_traces", "72", "--shard_size", "24", "--batch_size", "8",
           "--max_length", "64", "--device", "cpu", "--dtype", "float32", "--output", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_traces(tmp_path_factory) -> Path:
+    """`build_tiny_traces`, or a copy of $MOE_TEST_TINY_TRACES when set: a set built by it once, for tools that
+    run the suite many times (scripts/mutation.py). A copy, so that no test can change the shared one."""
+    out = tmp_path_factory.mktemp("traces") / "tiny"
+    if os.environ.get("MOE_TEST_TINY_TRACES"):
+        shutil.copytree(os.environ["MOE_TEST_TINY_TRACES"], out)
+        return out
+    return build_tiny_traces(out)

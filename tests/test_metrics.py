@@ -63,3 +63,23 @@ def test_accumulator_matches_direct_metrics_and_splits_by_layer_and_source():
     assert acc.summary(layers=[2])["any_hit@1"] == pytest.approx(any_hit_at_k(r[m], 1))
     m = source == 1
     assert acc.summary(sources=[1])["avg_found@5"] == pytest.approx(avg_found_at_k(r[m], 5))
+
+
+def test_accumulator_hand_computed_at_every_k():
+    """The accumulator's sums against numbers worked out by hand, at k below, at and above K (not only k = K)."""
+    # E = 6, K = 2. Row 0 (target layer 0): true {0, 3} at ranks 0 and 3. Row 1 (layer 1): true {5, 4} at ranks 0, 1.
+    scores = torch.tensor([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]], dtype=torch.float)
+    true = torch.tensor([[0, 3], [5, 4]])
+    acc = CoverageAccumulator(2, 1, 6, 2, ks=(1, 3))
+    acc.update(true_expert_ranks(scores, true), torch.tensor([0, 1]), torch.tensor([0, 0]), true, scores.topk(2).indices)
+    s = acc.summary()
+    assert acc.ks == (1, 2, 3, 4)                      # K and 2K join the ks asked for
+    assert s["recall@1"] == pytest.approx(2 / 4)       # one true expert found in each row, of K = 2
+    assert s["recall@2"] == pytest.approx(3 / 4)
+    assert s["recall@3"] == pytest.approx(3 / 4)
+    assert s["recall@4"] == pytest.approx(4 / 4)
+    assert s["coverage@2"] == s["coverage@3"] == pytest.approx(1 / 2) and s["coverage@4"] == pytest.approx(1.0)
+    assert s["any_hit@1"] == pytest.approx(1.0)
+    assert s["avg_found@3"] == pytest.approx(3 / 2)
+    assert s["exact_match"] == pytest.approx(1 / 2)
+    assert acc.per_layer("recall@2") == pytest.approx([1 / 2, 1.0])

@@ -1,7 +1,10 @@
 """The remaining scripts run end to end on tiny inputs (their full-size runs are in docs/)."""
 import json
 
+import pytest
+
 from tests.conftest import run_script
+from tests.handmade import baselines_by_hand
 
 
 def test_benchmark_runs_and_writes_json(tiny_model, tmp_path):
@@ -24,6 +27,13 @@ def test_compare_predictors_writes_table_json_and_figure(tiny_traces, tmp_path):
     names = {(r["lookahead"], r["predictor"]) for r in res["rows"]}
     assert {(0, "simple"), (0, "router"), (1, "simple"), (1, "router-reuse"), (1, "random")} <= names
     assert (0, "router-reuse") not in names  # at d = 0 it is the router itself
+    # known answers on the test split: the control is exact, reuse matches the hand computation, random is at chance
+    hand = baselines_by_hand(tiny_traces, 1)
+    row = {(r["lookahead"], r["predictor"]): r for r in res["rows"]}
+    assert row[(0, "router")]["recall@4"] == 1.0
+    assert row[(1, "router-reuse")]["recall@4"] == pytest.approx(hand["router-reuse"], abs=1e-3)
+    assert row[(1, "router-reuse")]["rows"] == row[(1, "random")]["rows"] == hand["rows"]
+    assert row[(1, "random")]["recall@4"] == pytest.approx(4 / 60, abs=0.015)  # 2,688 rows: one sd is 0.0024
     assert (out / "comparison_per_layer.png").stat().st_size > 10_000
     redrawn = tmp_path / "again"
     run_script("compare_predictors", "--from-json", out / "comparison.json", "--output", redrawn)

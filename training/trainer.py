@@ -26,14 +26,17 @@ from torch import nn
 from tqdm import tqdm
 
 from collection.atomic import atomic_write_json
-from collection.device import pick_device
 from collection.errors import UserError
 from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import (SplitBlocks, hidden_at, input_layers, mean_tokens_per_sequence, row_batches,
-                             split_sequences, targets)
+from collection.rows import SplitBlocks, hidden_at, input_layers, mean_tokens_per_sequence, split_sequences, targets
 from models.checkpoint import save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
+from training.distributed import data_parallel, describe
+
+# every file a run writes in --output: what --overwrite may replace, and all it may replace
+OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth", "latest_checkpoint.json",
+                "results.json")
 
 # validate(model, trace set, sequence ids, lookahead, device, blocks, loss_fn, dtype) -> flat metric dict with
 # "loss": the train scripts pass `validation.evaluate.epoch_validation`, the project's one evaluation loop
@@ -53,10 +56,13 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--val-fraction", type=float, default=0.1, help="sequences held out for validation (0.1)")
     g.add_argument("--test-fraction", type=float, default=0.1, help="sequences held out for the test split (0.1)")
     g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification (faster start)")
+    g.add_argument("--allow-incomplete", action="store_true",
+                   help="train on the finished shards of a collection that has not completed")
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--batch-size", "--batch_size", type=int, default=batch_size,
                    help=f"sequences per step, as the seed counted them (default {batch_size}): a step takes "
-                        "batch-size x mean tokens per sequence x layers (token, layer) rows, shuffled across the group")
+                        "batch-size x mean tokens per sequence x layers (token, layer) rows, shuffled across the group "
+                        "(under torchrun: the rows of one step summed over the processes)")
     g.add_argument("--batch-rows", type=int, default=None, help="token rows per step (overrides --batch-size)")
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
@@ -103,7 +109,8 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
     g.add_argument("--amp", choices=["auto", "off"], default="auto", help="bf16 autocast on GPU (auto) or never")
-    g.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --output")
+    g.add_argument("--overwrite", action="store_true",
+                   help=f"replace the files of an earlier run in --output ({', '.join(OUTPUT_FILES)}); nothing else")
 
 
 # What an unset recipe flag means. BASE is the seed's recipe, and every kind's unless listed below.
@@ -127,6 +134,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is read or written: one line for the first bad one."""
     resolve_defaults(args)
     for name in ("past_layers", "own_layers", "window", "context"):
         if getattr(args, name) < 0:
@@ -149,8 +157,25 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--batch-rows must be positive")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError("--lr must be a positive number")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UserError("--weight-decay must be a number >= 0")
+    if not (args.grad_clip > 0 and math.isfinite(args.grad_clip)):
+        raise UserError("--grad-clip must be a positive number")
+    if not 0 <= args.dropout < 1:  # also false for nan
+        raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if args.lookahead < 0:
+        raise UserError(f"--lookahead {args.lookahead}: must be >= 0")
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory")
+    present = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if present and not args.overwrite:
+        raise UserError(f"{out} already holds {', '.join(present)} of an earlier run; --overwrite replaces them, "
+                        "or choose another --output")
 
 
 def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -202,18 +227,26 @@ def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], flo
     return f
 
 
+def rate(per_s: float) -> str:
+    """A speed as people read it: 13200 -> '13.2k', 2.5e6 -> '2.50M', 950 -> '950'."""
+    if per_s >= 1e6:
+        return f"{per_s / 1e6:.2f}M"
+    if per_s >= 1e3:
+        return f"{per_s / 1e3:.1f}k"
+    return f"{per_s:.0f}"
+
+
 def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
-    if (out / "best_checkpoint.pth").exists() and not args.overwrite:
-        raise UserError(f"{out} already holds checkpoints; --overwrite replaces them, or choose another --output")
     torch.manual_seed(args.seed)
-    device = pick_device(args.device, args.gpu)
+    dp = data_parallel(args.device, args.gpu)  # under torchrun: DDP, this rank's GPU and its part of the rows
+    device = dp.device
     amp = device.type == "cuda" and args.amp == "auto"
     dtype = torch.bfloat16 if amp else torch.float32
 
     # --- data: the trace set, its split, and what one step holds
-    ts = TraceSet(Path(args.traces), verify=not args.no_verify)
+    ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
     m = ts.manifest
     table = ts.sequence_table()
     split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
@@ -237,8 +270,8 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
           f"top-{m.top_k}); split by sequence: {len(split['train'])} train / {len(split['val'])} val / "
           f"{len(split['test'])} test")
     print(f"rows: (token, layer l) -> experts of layer l+{args.lookahead}; layers {layers[0]}..{layers[-1]}; "
-          f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}), "
-          f"~{steps_per_epoch} steps per epoch")
+          f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}"
+          f"{describe(dp, rows_per_step)}), ~{steps_per_epoch} steps per epoch")
 
     # --- model and optimiser (the seed's recipe: AdamW, cosine stepped per epoch, clip 1.0)
     cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
@@ -255,6 +288,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         model.set_router(ts.router_weights().float())
         router.requires_grad_(args.router_lr > 0)
     model = model.to(device)
+    step_model = dp.wrap(model)  # the training step's forward (DDP averages gradients); `model` is what is saved
     spec = feature_spec(model)
     groups = [{"params": [p for p in model.parameters() if p is not router], "weight_decay": args.weight_decay}]
     if router is not None and args.router_lr > 0:  # fine-tuned near the model's router: no decay toward zero
@@ -275,7 +309,9 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                    "tokens_sha256": m.plan.get("tokens_sha256"), "sources": m.source_names}
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    train_blocks = SplitBlocks(ts, split["train"], device, args.shards_per_group, with_logits=with_logits)
+    train_blocks = SplitBlocks(ts, dp.rank_sequences(table, split["train"]), device, args.shards_per_group,
+                               with_logits=with_logits)
+    train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
           f"({len(ts)} shards, {args.shards_per_group} per group)")
@@ -289,13 +325,14 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         steps = 0
         rows_before = train_rows
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not dp.is_main)
         for block in train_blocks.epoch(rng):
-            for tok, layer in row_batches(block, layers, rows_per_step, gen):
+            for tok, layer, weight in dp.row_batches(block, layers, rows_per_step, gen):  # weight 1 in one process
                 # features go straight into Linear layers, which autocast would cast to `dtype` anyway
                 f = make_features(block, tok, layer, args.lookahead, m.num_experts, spec, dtype)
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                    logits, h_hat = model(f, return_hidden=True) if args.loss_mse > 0 else (model(f), None)
+                    logits, h_hat = (step_model(f, return_hidden=True) if args.loss_mse > 0 else
+                                     (step_model(f), None))
                 loss = torch.zeros((), device=device)
                 if args.loss_ce > 0:
                     loss = loss + args.loss_ce * soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
@@ -303,6 +340,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                     loss = loss + args.loss_kl * distill_kl(logits, block.router_logits[layer + args.lookahead, tok])
                 if args.loss_mse > 0:
                     loss = loss + args.loss_mse * hidden_mse(h_hat, hidden_at(block, layer + args.lookahead, tok))
+                loss = loss * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -315,15 +353,21 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                 bar.update(1)
         if args.schedule == "epoch":
             sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bar.close()
+        loss_sum, train_rows = dp.mean(loss_sum), rows_before + dp.total(train_rows - rows_before)  # over the ranks
+        # once per epoch (a host sync here costs nothing): a diverged run stops before NaNs reach the metrics
+        train_loss = (loss_sum / max(steps, 1)).item()
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all().item()
+        if not (math.isfinite(train_loss) and weights_finite):
+            raise UserError(f"training diverged at epoch {epoch} (loss {train_loss:.4g}"
+                            f"{'' if weights_finite else ', weights not finite'}); lower --lr")
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
-        bar.close()
 
         model.eval()
-        val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
-        row = {"epoch": epoch, "train_loss": (loss_sum / max(steps, 1)).item(), "lr": sched.get_last_lr()[0],
+        val = dp.from_main(lambda: validate(model, ts, split["val"], args.lookahead, device, val_blocks,
+                                            soft_cross_entropy, dtype))
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
                "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
                **{f"val/{k}": v for k, v in val.items()}}
@@ -332,17 +376,21 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
               f"recall@{K} {val[f'recall@{K}']:.4f} coverage@{2 * K} {val.get(f'coverage@{2 * K}', float('nan')):.4f} "
               f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
-              f"{row['epoch_rows_per_s'] / 1e6:.2f}M rows/s | {epoch_time:.1f} s")
+              f"{rate(row['epoch_rows_per_s'])} rows/s | {epoch_time:.1f} s")
         if select not in val:
             raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
-        save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
+        if dp.is_main:  # one set of checkpoints, written by rank 0
+            if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them
+                (out / "results.json").unlink(missing_ok=True)
+            save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
         if val[select] > best:
             best = val[select]
             best_epoch = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": val,
                           "metrics": {**metrics, "best": {select: best, "epoch": epoch}}}
-            save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
-                            best_epoch["metrics"])
+            if dp.is_main:
+                save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                                best_epoch["metrics"])
     fallback: list[int] = []
     if args.layer_fallback and getattr(model, "router", None) is not None and history:
         # per target layer, keep what validates better: the trained heads, or router reuse (the heads at init)
@@ -352,24 +400,29 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         reuse_model = copy.deepcopy(model)
         for t in range(m.num_layers):
             reuse_model.reset_layer(t)
-        reuse = validate(reuse_model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
+        reuse = dp.from_main(lambda: validate(reuse_model, ts, split["val"], args.lookahead, device, val_blocks,
+                                              soft_cross_entropy, dtype))
         learned = best_epoch["val"][key]
         fallback = [t for t in range(m.num_layers)
                     if learned[t] is not None and reuse[key][t] is not None and reuse[key][t] > learned[t]]
         if fallback:
             for t in fallback:
                 model.reset_layer(t)
-            val = validate(model, ts, split["val"], args.lookahead, device, val_blocks, soft_cross_entropy, dtype)
+            val = dp.from_main(lambda: validate(model, ts, split["val"], args.lookahead, device, val_blocks,
+                                                soft_cross_entropy, dtype))
             best = val[select]
-            save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
-                            {**best_epoch["metrics"], "val": val, "val_before_fallback": best_epoch["val"],
-                             "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
+            if dp.is_main:
+                save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                                {**best_epoch["metrics"], "val": val, "val_before_fallback": best_epoch["val"],
+                                 "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
         print(f"per-layer fallback to router reuse: target layers {fallback or 'none'} "
               f"(val {select} {best_epoch['val'][select]:.4f} -> {best:.4f})")
     summary = {"best": {select: best}, "fallback_layers": fallback,
                "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
-    atomic_write_json(out / "results.json", summary)
-    print(f"best val {select} {best:.4f}; checkpoints in {out}")
+    if dp.is_main:
+        atomic_write_json(out / "results.json", {**summary, "processes": dp.world})
+    print(f"best val {select} {best:.4f}; wrote best_checkpoint.pth, latest_checkpoint.pth (+ .json) and "
+          f"results.json to {out}/")
     return summary

@@ -32,10 +32,12 @@ def true_expert_ranks(scores: torch.Tensor, true_ids: torch.Tensor) -> torch.Ten
 
     scores: (R, E) any real scores, higher = more likely; true_ids: (R, K) int. Returns (R, K) int64.
     Ties count against the prediction (an expert tied with others is ranked after all of them), so a
-    predictor can never gain from ties: constant scores get recall 0, not luck. Counting costs
-    R*K*E comparisons, cheaper than sorting every row.
+    predictor can never gain from ties: constant scores get recall 0, not luck. A NaN score ranks last
+    (compared with NaN every expert would count as beaten, giving rank -1). Counting costs R*K*E
+    comparisons, cheaper than sorting every row.
     """
     scores = scores.float()
+    scores = torch.where(scores.isnan(), -torch.inf, scores)
     s_true = scores.gather(1, true_ids.long()).unsqueeze(2)                # (R, K, 1)
     return (scores.unsqueeze(1) >= s_true).sum(2, dtype=torch.int16).long() - 1
 

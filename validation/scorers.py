@@ -6,6 +6,7 @@ analysis, the comparison table, the prefetch simulator) measures them with the s
 
 Baselines:
     router          layer l's own router on h_l (d = 0 only): the control, reads exactly 1.0
+                    (ties in the model's dtype broken as its top-k broke them)
     router-reuse    layer l+d's router on h_l: the training-free prefetcher to beat
     previous-token  the previous token's experts at the target layer (its routing weights)
     popularity      each target layer's most frequent experts in the training split
@@ -14,17 +15,19 @@ Baselines:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from collection.errors import UserError
+from collection.families import selection_scores
 from collection.format import ROUTER_WEIGHTS, TraceSet
 from collection.rows import SplitBlocks, TokenBlock, routing_vector
 from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS
+from validation.metrics import true_expert_ranks
 
 Scorer = Callable[[TokenBlock, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,6 +41,7 @@ class ScorerInfo:
     needs_history: bool    # reads routing already observed (this token's earlier layers, earlier tokens)
     same_layer_only: bool  # defined at lookahead 0 only
     summary: str
+    needs_training_split: bool = False  # counts expert use on the training split (popularity)
 
 
 SCORERS: dict[str, ScorerInfo] = {
@@ -46,8 +50,10 @@ SCORERS: dict[str, ScorerInfo] = {
        for name, cls in PREDICTORS.items()},
     "router": ScorerInfo(False, True, True, False, True, "layer l's own router on h_l: the control"),
     "router-reuse": ScorerInfo(False, True, True, False, False, "layer l+d's router applied to h_l"),
-    "previous-token": ScorerInfo(False, False, False, True, False, "the previous token's experts at l+d"),
-    "popularity": ScorerInfo(False, False, False, False, False, "most frequent experts of l+d (training split)"),
+    "previous-token": ScorerInfo(False, False, False, True, False, "the previous token's experts at l+d",
+                                 needs_training_split=True),  # popularity orders the rest
+    "popularity": ScorerInfo(False, False, False, False, False, "most frequent experts of l+d (training split)",
+                             needs_training_split=True),
     "random": ScorerInfo(False, False, False, False, False, "uniform random scores"),
 }
 BASELINES = tuple(name for name, info in SCORERS.items() if not info.learned)
@@ -78,19 +84,81 @@ def expert_popularity(ts: TraceSet, seq_ids: np.ndarray, shards_per_group: int =
     return (counts / counts.sum(1, keepdim=True).clamp(min=1)).float()
 
 
-def _router(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device, seed: int) -> Scorer:
-    # the router in the model's own dtype, as the model applied it: the control then matches bit for bit
-    weights = ts.router_weights().to(device)
-    E = ts.manifest.num_experts
+# bits of precision of the 16-bit dtypes a router may run in; a float32 router leaves no room for a tie-break
+_PRECISION_BITS = {torch.bfloat16: 8, torch.float16: 11}
 
-    def score(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        h = block.hidden[block.hidden_slot[layer], tok]
-        scores = torch.empty(tok.shape[0], E, device=device)
-        for l in layer.unique().tolist():  # one matmul per target layer present in the batch
-            m = layer == l
-            scores[m] = torch.nn.functional.linear(h[m].to(weights.dtype), weights[l + lookahead]).float()
+
+def break_ties_like_topk(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """float32 scores of `logits` (R, E), a 16-bit dtype, that rank the `top_k` experts torch.topk picks
+    from softmax(logits) (what Hugging Face MoE routers run) above every expert tied with them.
+
+    Ties among bf16 logits are common (8 bits of precision), and the metrics count a tie against the
+    prediction, so without this the router control reads below 1.0 where only the tie order differs.
+    The picked experts are raised by a quarter of the dtype's spacing at their value: exact ties across
+    the top-k boundary then rank as the model's top-k broke them, distinct values keep their order, and
+    rounding the scores back to the dtype gives the logits again. float32 logits are returned unchanged.
+    """
+    scores = logits.float()
+    bits = _PRECISION_BITS.get(logits.dtype)
+    if bits is None:
         return scores
-    return score
+    picked = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), top_k, dim=-1).indices  # (R, K)
+    value = scores.gather(1, picked)
+    _, exponent = torch.frexp(value)                               # value = m * 2^exponent, 0.5 <= |m| < 1
+    smallest_normal = torch.finfo(logits.dtype).smallest_normal
+    step = torch.where(value.abs() < smallest_normal, torch.full_like(value, smallest_normal * 2.0 ** -(bits + 1)),
+                       torch.ldexp(torch.ones_like(value), exponent - bits - 2))
+    return scores.scatter_add(1, picked, step)
+
+
+class RouterScorer:
+    """Layer l+d's router on h_l, in the model's own dtype, as the model applied it (d = 0: the control,
+    which then matches the stored routing exactly; d >= 1: router reuse). Ties are broken as the model's
+    top-k breaks them (`break_ties_like_topk`).
+
+    For the control it also counts why a row could still differ: `tied_rows` rows had a chosen expert tied
+    in the model's dtype with an unchosen one, and the tie-break missed `tied_missed_rows` of them
+    (torch.topk documents no order among ties, and CUDA's may differ from the evaluating device's)."""
+
+    def __init__(self, weights: torch.Tensor, lookahead: int, top_k: int, rule: dict[str, Any] | None = None,
+                 extras: dict[str, torch.Tensor] | None = None):
+        self.weights, self.lookahead, self.top_k = weights, lookahead, top_k   # weights: (L, E, H)
+        # `rule` (manifest routing.router) says how the family chose from its logits; `extras` its router bias
+        # (GPT-OSS) or score-correction bias (DeepSeek-V3), (L, E) each. Top-k of softmax(logits) otherwise.
+        self.rule, self.extras = rule, extras or {}
+        self.plain_topk = rule is None or (rule.get("scoring") != "sigmoid" and not rule.get("groups"))
+        self.rows = self.tied_rows = self.tied_missed_rows = 0
+
+    def __call__(self, block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        h = block.hidden[block.hidden_slot[layer], tok]
+        scores = torch.empty(tok.shape[0], self.weights.shape[1], device=h.device)
+        for l in layer.unique().tolist():  # one matmul per target layer present in the batch
+            m, t = layer == l, l + self.lookahead
+            logits = torch.nn.functional.linear(h[m].to(self.weights.dtype), self.weights[t])
+            if "router_bias" in self.extras:  # GPT-OSS: the bias is part of the logits
+                logits = logits + self.extras["router_bias"][t].to(logits.dtype)
+            if self.plain_topk:
+                scores[m] = break_ties_like_topk(logits, self.top_k)
+            else:  # the family's own rule: sigmoid + correction bias, expert groups
+                bias = self.extras.get("score_correction_bias")
+                scores[m] = selection_scores(self.rule, logits, None if bias is None else bias[t])
+            if self.lookahead == 0:
+                self._count_ties(logits.float(), scores[m], block.topk_ids[l, tok[m]])
+        return scores
+
+    def _count_ties(self, logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor) -> None:
+        is_chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
+        ties = (logits.gather(1, chosen).unsqueeze(2) == logits.unsqueeze(1)) & ~is_chosen.unsqueeze(1)  # (R, K, E)
+        tied = ties.any(dim=(1, 2))
+        missed = (true_expert_ranks(scores, chosen) >= self.top_k).any(dim=1)
+        self.rows += int(tied.numel())
+        self.tied_rows += int(tied.sum())
+        self.tied_missed_rows += int((tied & missed).sum())
+
+
+def _router(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device, seed: int) -> Scorer:
+    return RouterScorer(ts.router_weights().to(device), lookahead, ts.manifest.top_k, ts.manifest.routing.get("router"),
+                        {k: v.to(device) for k, v in ts.router_extras().items()})
 
 
 def _popularity(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device, seed: int) -> Scorer:

@@ -1,0 +1,258 @@
+"""Several processes collecting one trace set: torchrun's ranks share one seeded plan, shard by shard.
+
+    torchrun --nproc_per_node 2 scripts/collect_traces.py ...        # one process per GPU of this machine
+
+torchrun (torch.distributed.run) starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT; without it a script runs as rank 0 of 1, unchanged. Every rank computes the
+same plan from --seed (texts, tokens, shards of --shard_size sequences); shard i is collected by rank
+i % WORLD_SIZE, on GPU LOCAL_RANK, and keeps the file name of its global index, so the shards are exactly those
+of a one-process run. The ranks talk through a gloo process group (CPU, TCP: across nodes as well), only to
+agree at the start and to gather shard lists at the end; shards go to the shared --output directory.
+
+Bookkeeping, so that one trace set comes out and a kill of any rank loses only the shards in progress:
+- rank 0 alone prepares the directory, writes router_weights.safetensors and manifest.json (no shard yet);
+- each rank records every shard it finishes in its own partial manifest `manifest.rankNNNNN.json`;
+- at the end rank 0 gathers every rank's list over the process group, writes manifest.json with all shards in
+  plan order (the manifest a one-process run writes) and deletes the partial manifests;
+- `--resume` (any number of ranks, also one process): rank 0 first folds the partial manifests a killed run
+  left into manifest.json, checking every shard they list, then the unfinished shards are given out again,
+  shard i to rank i % WORLD_SIZE.
+"""
+from __future__ import annotations
+
+import atexit
+import builtins
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from collection.atomic import atomic_write_json
+from collection.errors import UserError
+from collection.format import Manifest, ShardInfo, TraceFormatError, TraceShard, write_manifest
+
+PARTIAL_MANIFEST_GLOB = "manifest.rank*.json"
+TIMEOUT = timedelta(minutes=30)  # a rank waits this long for the others (loading a large model takes minutes)
+T = TypeVar("T")
+
+
+def partial_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank:05d}.json"
+
+
+@dataclass
+class Ranks:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on rank 0 and hand its result to every rank; a UserError there is raised on every rank
+        (the others would otherwise wait for rank 0 until the timeout)."""
+        result: tuple[bool, Any] = (True, None)
+        if self.is_main:
+            try:
+                result = (True, fn())
+            except UserError as e:
+                result = (False, str(e))
+        ok, value = self.broadcast(result)
+        if not ok:
+            raise UserError(value)
+        return value
+
+
+def torchrun_ranks() -> Ranks:
+    """The rank variables torchrun sets; rank 0 of 1 when they are absent."""
+    def env(name: str, default: int) -> int:
+        value = os.environ.get(name)
+        try:
+            return default if value is None else int(value)
+        except ValueError:
+            raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+    ranks = Ranks(env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", 1))
+    if not (0 <= ranks.rank < ranks.world and 0 <= ranks.local_rank < ranks.local_world):
+        raise UserError(f"RANK {ranks.rank} / WORLD_SIZE {ranks.world} / LOCAL_RANK {ranks.local_rank} / "
+                        f"LOCAL_WORLD_SIZE {ranks.local_world} are inconsistent")
+    return ranks
+
+
+def init_ranks(backend: str = "gloo", device_id: Any = None) -> Ranks:
+    """Join torchrun's process group (when there is more than one process) and keep the console to rank 0.
+
+    gloo needs nothing but TCP between the hosts; collection uses it only for a few small messages, so it
+    never competes with the GPUs. Training passes "nccl" for its gradients on GPUs.
+    """
+    ranks = torchrun_ranks()
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            kwargs = {"device_id": device_id} if device_id is not None else {}
+            dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        if not ranks.is_main:
+            quiet_print()
+    return ranks
+
+
+def quiet_print() -> None:
+    """`print` says nothing on this rank (errors still reach stderr): the plan, the progress and the summary are
+    printed once, by rank 0. Pass `force=True` to print from every rank."""
+    plain = builtins.print
+
+    def print_if_forced(*args: Any, force: bool = False, **kwargs: Any) -> None:
+        if force:
+            plain(*args, **kwargs)
+    builtins.print = print_if_forced
+
+
+def rank_device(ranks: Ranks, device: str, gpu: int | None) -> tuple[str, int | None]:
+    """(--device, --gpu) for this rank: under torchrun with several processes each takes GPU LOCAL_RANK."""
+    if not ranks.distributed:
+        return device, gpu
+    import torch
+
+    if gpu is not None or (device.startswith("cuda:")):
+        raise UserError("under torchrun every rank takes GPU LOCAL_RANK; drop --gpu / --device cuda:N "
+                        "(CUDA_VISIBLE_DEVICES chooses which GPUs a node offers)")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {ranks.local_world} processes on this node but only "
+                            f"{torch.cuda.device_count()} GPU(s) are visible")
+        return f"cuda:{ranks.local_rank}", None
+    return device, gpu
+
+
+# ----------------------------------------------------------------------------------------------
+# which shards are done, which are this rank's, and who writes that down
+
+
+def shard_index(info: ShardInfo) -> int:
+    return int(info.file.removeprefix("shard_").split(".")[0])
+
+
+def rank_shards(n_shards: int, done: set[int], ranks: Ranks) -> list[int]:
+    """This rank's unfinished shards: shard i belongs to rank i % world."""
+    return [i for i in range(n_shards) if i not in done and i % ranks.world == ranks.rank]
+
+
+def fold_partial_manifests(out: Path, manifest: Manifest, write: bool = True) -> Manifest:
+    """Add the shards listed by partial manifests (a killed multi-rank run) to `manifest`, each checked
+    against its size and checksum (one that fails is dropped and collected again), and (`write`) write
+    manifest.json and delete the partial manifests; without `write` the caller does both once it may write.
+    Rank 0 only, before any rank starts collecting."""
+    partials = sorted(out.glob(PARTIAL_MANIFEST_GLOB))
+    if not partials:
+        return manifest
+    listed = {s.file for s in manifest.shards}
+    dropped = 0
+    for path in partials:
+        try:
+            partial = json.loads(path.read_text())
+            infos = [ShardInfo(**e) for e in partial["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise TraceFormatError(f"{path}: unreadable partial manifest; delete it to collect its shards again") from None
+        if partial.get("tokens_sha256") != manifest.plan.get("tokens_sha256"):
+            raise TraceFormatError(f"{path}: belongs to another collection plan than {out / 'manifest.json'}")
+        for info in infos:
+            if info.file in listed:
+                continue
+            try:
+                TraceShard(out / info.file, info, manifest, verify=True)
+            except TraceFormatError:
+                dropped += 1
+                continue
+            manifest.shards.append(info)
+            listed.add(info.file)
+    manifest.shards.sort(key=shard_index)
+    if write:
+        write_manifest(out, manifest)
+        for path in partials:
+            path.unlink()
+    print(f"resume: folded {len(partials)} partial manifest(s) into {out / 'manifest.json'}"
+          + (f"; {dropped} listed shard(s) failed their check and will be collected again" if dropped else ""))
+    return manifest
+
+
+class ShardLedger:
+    """The shards of one collection: which are done, which this rank collects, and where each finished one
+    is recorded (manifest.json in one process; this rank's partial manifest under torchrun)."""
+
+    def __init__(self, out: Path, manifest: Manifest, n_shards: int, ranks: Ranks):
+        self.out, self.manifest, self.n_shards, self.ranks = out, manifest, n_shards, ranks
+        self.done = {shard_index(s) for s in manifest.shards}
+        self.todo = rank_shards(n_shards, self.done, ranks)
+        self.mine: list[ShardInfo] = []
+
+    def remaining(self) -> list[int]:
+        """Every rank's unfinished shards (the disk-space check counts them all)."""
+        return [i for i in range(self.n_shards) if i not in self.done]
+
+    def record(self, info: ShardInfo) -> None:
+        """A shard of this rank is committed (called on the writer thread, in shard order)."""
+        if not self.ranks.distributed:
+            self.manifest.shards.append(info)
+            self.manifest.shards.sort(key=shard_index)
+            self.manifest.complete = len(self.manifest.shards) == self.n_shards
+            write_manifest(self.out, self.manifest)
+            return
+        self.mine.append(info)
+        atomic_write_json(self.out / partial_manifest_name(self.ranks.rank),
+                          {"rank": self.ranks.rank, "world": self.ranks.world,
+                           "tokens_sha256": self.manifest.plan.get("tokens_sha256"),
+                           "shards": [vars(s) for s in self.mine]})
+
+    def finish(self) -> Manifest:
+        """Once every rank is done: rank 0 writes the one manifest listing every shard, in plan order."""
+        if not self.ranks.distributed:
+            return self.manifest
+        everyone = self.ranks.all_gather(self.mine)  # returns only when every rank has finished its shards
+        listed = {s.file for s in self.manifest.shards}
+        self.manifest.shards += [s for part in everyone for s in part if s.file not in listed]
+        self.manifest.shards.sort(key=shard_index)
+        self.manifest.complete = len(self.manifest.shards) == self.n_shards
+        if self.ranks.is_main:
+            write_manifest(self.out, self.manifest)
+            for r in range(self.ranks.world):
+                (self.out / partial_manifest_name(r)).unlink(missing_ok=True)
+        self.ranks.barrier()  # no rank reports success before the manifest is written
+        return self.manifest

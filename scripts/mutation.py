@@ -1,0 +1,353 @@
+"""Mutation testing: put named bugs into a copy of the code, one at a time, and require the tests to catch each.
+
+Every mutation (MUTATIONS in this file; see --list) is an exact text replacement (old -> new) in one library file, with the tests that must
+fail because of it. For each mutation the repository's files (git's tracked and untracked-but-not-ignored
+files, as they are in the working tree) are copied to a temporary directory, the bug is put in, and only its
+tests run there (PYTHONPATH pointing at the copy); the working tree is never touched. The listed tests first
+run once unmutated and must pass, or no kill would mean anything. A mutation whose old text is no longer in
+its file is an error, so a refactor cannot quietly switch a mutation off: update the mutation instead.
+
+The whole list (what `make mutation` runs; exit 1 if any mutation survives):
+    python scripts/mutation.py
+Seconds: one mutation, its tests only:
+    python scripts/mutation.py --only recall-divided-by-k
+List the mutations and their tests:
+    python scripts/mutation.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from collection.errors import UserError, one_line_errors
+
+REPO = Path(__file__).resolve().parent.parent  # the tree that is copied and mutated, wherever this runs from
+
+B = "tests/test_behaviour.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]   # pytest node ids that must fail (at least one) with the mutation in place
+    why: str                 # the real bug it stands for
+    traces: bool = False     # its tests read the tiny traces (built once per run, shared read-only)
+
+
+MUTATIONS = [
+    # --- the five of issue 10 (all passed the suite together before these tests existed)
+    Mutation("optimizer-never-steps", "training/trainer.py", "opt.step()", "pass",
+             (B + "test_training_lowers_the_loss_and_beats_popularity",),
+             "training computes gradients but never applies them", traces=True),
+    Mutation("router-reuse-own-layer", "validation/scorers.py", "m, t = layer == l, l + self.lookahead",
+             "m, t = layer == l, l",
+             (B + "test_router_reuse_is_the_target_layers_router",
+              "tests/test_pipeline.py::test_baselines_at_lookahead_1_equal_a_hand_computation"),
+             "router reuse applies layer l's router instead of layer l+d's", traces=True),
+    Mutation("layer-aware-ignores-lookahead", "models/predictors.py", "target = f.layer + self.cfg.lookahead",
+             "target = f.layer", (B + "test_layer_aware_head_follows_the_lookahead",),
+             "the layer-aware predictor uses the input layer's head, whatever the lookahead"),
+    Mutation("previous-token-ignores-previous", "validation/scorers.py", "block.prev[tok], E)",
+             "torch.full_like(tok, -1), E)", (B + "test_previous_token_is_the_previous_tokens_experts",),
+             "the previous-token baseline never looks at the previous token (popularity only)"),
+    Mutation("hybrid-own-routing-zeroed", "models/features.py",
+             "f.own_routing = routing_vector(block, seen, tok, num_experts).to(dtype)",
+             "f.own_routing = torch.zeros_like(routing_vector(block, seen, tok, num_experts)).to(dtype)",
+             (B + "test_every_input_of_the_hybrid_changes_its_output",
+              B + "test_features_are_the_routing_already_observed"),
+             "the hybrid's own-routing feature is all zeros"),
+    # --- features and predictors
+    Mutation("hybrid-ignores-previous-token", "models/predictors.py",
+             "z = z + self.own_proj(f.own_routing) + self.prev_proj(f.prev_token)",
+             "z = z + self.own_proj(f.own_routing)", (B + "test_every_input_of_the_hybrid_changes_its_output",),
+             "the hybrid drops the previous token's routing"),
+    Mutation("hybrid-previous-token-wrong-layer", "models/features.py",
+             "routing_vector(block, layer + lookahead, block.prev[tok], num_experts)",
+             "routing_vector(block, layer, block.prev[tok], num_experts)",
+             (B + "test_features_are_the_routing_already_observed",),
+             "the previous token's routing is read at the input layer, not the target layer"),
+    Mutation("future-leak-own-routing-at-d0", "models/features.py", "seen = layer if lookahead >= 1 else layer - 1",
+             "seen = layer", ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",
+                              B + "test_features_are_the_routing_already_observed"),
+             "at d = 0 the hybrid sees layer l's own routing, i.e. the answer"),
+    # --- metrics and the evaluation loop
+    Mutation("ranks-ties-favour-predictor", "validation/metrics.py",
+             ">= s_true).sum(2, dtype=torch.int16).long() - 1", "> s_true).sum(2, dtype=torch.int16).long()",
+             ("tests/test_metrics.py::test_ranks_follow_scores_and_ties_count_against_the_prediction",),
+             "tied scores are ranked in the predictor's favour (constant scores would look perfect)"),
+    Mutation("recall-divided-by-k", "validation/metrics.py", 'out[f"recall@{k}"] = found / (rows * self.K)',
+             'out[f"recall@{k}"] = found / (rows * k)', ("tests/test_metrics.py::test_accumulator_hand_computed_at_every_k",),
+             "recall@k divides by k instead of K (agrees only at k = K)"),
+    Mutation("coverage-from-best-rank", "validation/metrics.py", "torch.bincount(cell + ranks.max(1).values",
+             "torch.bincount(cell + ranks.min(1).values",
+             ("tests/test_metrics.py::test_accumulator_hand_computed_at_every_k",
+              "tests/test_metrics.py::test_accumulator_matches_direct_metrics_and_splits_by_layer_and_source"),
+             "coverage@k counts a row covered when its best true expert is in the top-k (that is any_hit)"),
+    Mutation("targets-ignore-lookahead", "collection/rows.py", "return block.topk_ids[layer + lookahead, tok]",
+             "return block.topk_ids[layer, tok]", (B + "test_router_reuse_is_the_target_layers_router",
+                                                   B + "test_previous_token_is_the_previous_tokens_experts"),
+             "every lookahead is scored against layer l's experts"),
+    Mutation("rows-counted-at-input-layer", "validation/evaluate.py", "acc.update(ranks, layer + lookahead,",
+             "acc.update(ranks, layer,", (B + "test_router_reuse_is_the_target_layers_router",),
+             "per-layer metrics are filed under the input layer instead of the target layer"),
+    # --- the row loader and the split
+    Mutation("prev-crosses-sequences", "collection/rows.py", "np.where(pos > 0,", "np.where(pos >= 0,",
+             (B + "test_rows_know_each_tokens_previous_token", B + "test_previous_token_is_the_previous_tokens_experts"),
+             "a sequence's first token gets the previous sequence's last token as its previous token"),
+    Mutation("sequence-start-not-masked", "collection/rows.py", "return out * valid.unsqueeze(1)", "return out",
+             (B + "test_previous_token_is_the_previous_tokens_experts", B + "test_features_are_the_routing_already_observed"),
+             "a missing row (-1: sequence start, layer before 0) reads row 0's routing instead of nothing"),
+    Mutation("split-sequence-in-two-splits", "collection/rows.py", 'out["val"].append(ids[n_test:n_test + n_val])',
+             'out["val"].append(ids[max(n_test - 1, 0):n_test + n_val])',
+             (B + "test_split_is_a_seeded_stratified_partition",),
+             "one sequence per source is in both the test and the validation split"),
+    # --- baselines
+    Mutation("popularity-wrong-layer", "validation/scorers.py",
+             "lambda block, tok, layer: popularity[layer + lookahead]", "lambda block, tok, layer: popularity[layer]",
+             (B + "test_popularity_counts_the_training_split_at_the_target_layer",),
+             "popularity ranks the input layer's experts, not the target layer's"),
+    Mutation("popularity-counts-every-split", "validation/scorers.py",
+             "popularity = expert_popularity(ts, train_ids).to(device)\n    return lambda",
+             'popularity = expert_popularity(ts, ts.sequence_table()["seq_id"]).to(device)\n    return lambda',
+             (B + "test_popularity_counts_the_training_split_at_the_target_layer",),
+             "popularity is counted on every split, the evaluated one included"),
+    # --- the trace format and atomic writes
+    Mutation("reader-skips-checksum", "collection/format.py", "if verify and sha256_file(path) != sha256:",
+             "if False and sha256_file(path) != sha256:",
+             (B + "test_a_changed_byte_in_a_shard_is_refused",
+              "tests/test_format.py::test_trace_set_verifies_checksums_and_sizes"),
+             "a shard whose bytes changed is read without complaint", traces=True),
+    Mutation("reader-refuses-adjacent-tensors", "collection/format.py", "if b1 < e0:", "if b1 <= e0:",
+             ("tests/test_fuzz_reader.py::test_any_valid_file_reads_back_exactly",
+              "tests/test_fuzz_reader.py::test_any_valid_trace_set_opens_and_reads_back_exactly"),
+             "the reader refuses valid files (tensors that touch look overlapping); the damage fuzzers still pass"),
+    Mutation("writer-ignores-row-offset", "collection/format.py", "+ row * strides[lead]", "+ row",
+             ("tests/test_fuzz_reader.py::test_any_valid_file_reads_back_exactly",
+              "tests/test_format.py::test_shard_round_trip_and_safetensors_compatibility"),
+             "a batch written at row r of a multi-column tensor lands at element r"),
+    Mutation("atomic-write-in-place", "collection/atomic.py", "tmp = path.with_name(path.name + PARTIAL_SUFFIX)",
+             "tmp = path", (B + "test_a_failed_write_keeps_the_old_file_and_leaves_nothing",),
+             "files are written in place: a failed write destroys the old file"),
+    Mutation("atomic-failure-leaves-partial", "collection/atomic.py", "tmp.unlink(missing_ok=True)", "pass",
+             (B + "test_a_failed_write_keeps_the_old_file_and_leaves_nothing",),
+             "a failed write leaves its .partial file behind"),
+    Mutation("atomic-keeps-private-mode", "collection/atomic.py", "os.chmod(tmp, FILE_MODE)", "pass",
+             (B + "test_written_files_get_the_normal_mode",),
+             "files created private (0600) by a writer stay unreadable to the other users of a trace directory"),
+    # --- capture
+    Mutation("capture-keeps-padding-rows", "collection/capture.py", "rows_index = flat_mask.nonzero().squeeze(1)",
+             "rows_index = torch.arange(int(flat_mask.sum()))",
+             ("tests/test_capture.py::test_captured_rows_are_the_models_own_routing",),
+             "capture keeps the first N rows of the padded batch (padding in, real tokens out) instead of the real ones"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def repo_files(root: Path) -> list[str]:
+    """Tracked files plus untracked files git does not ignore (new tests not yet added), as in the working tree."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserError(f"{root}: cannot list the repository's files with git ({e})") from None
+    return [f for f in sorted(set(out.decode().split("\0"))) if f and (root / f).is_file()]
+
+
+def copy_files(src: Path, dst: Path, files: list[str]) -> None:
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / f, dst / f)
+
+
+def check_mutation(root: Path, m: Mutation) -> None:
+    """One line if the mutation can no longer be applied or names a test that does not exist."""
+    path = root / m.file
+    if not path.is_file():
+        raise UserError(f"mutation {m.name}: {m.file} does not exist (moved? update the mutation)")
+    n = path.read_text().count(m.old)
+    if n != 1:
+        raise UserError(f"mutation {m.name}: its old text {m.old!r} occurs {n} times in {m.file}, not once "
+                        "(the code changed: update the mutation so that it still plants its bug)")
+    for t in m.tests:
+        file, _, func = t.partition("::")
+        if not (root / file).is_file() or f"def {func}(" not in (root / file).read_text():
+            raise UserError(f"mutation {m.name}: test {t} does not exist")
+
+
+def apply_mutation(root: Path, m: Mutation) -> None:
+    path = root / m.file
+    path.write_text(path.read_text().replace(m.old, m.new, 1))
+
+
+def pytest_env(copy: Path, traces: Path | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MPLBACKEND": "Agg",
+           # jobs run side by side and the tests' matrices are tiny: more threads per job only contend
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if traces is not None:
+        env["MOE_TEST_TINY_TRACES"] = str(traces)
+    return env
+
+
+@dataclass
+class Outcome:
+    name: str
+    file: str
+    status: str            # killed | survived | timeout (killed) | error
+    failed: list[str]
+    seconds: float
+    tail: str = ""
+
+
+def run_tests(snapshot: Path, work: Path, m: Mutation | None, tests: tuple[str, ...], traces: Path | None,
+              timeout: float, files: list[str]) -> Outcome:
+    """A fresh copy of the snapshot, the mutation applied (None: unmutated), its tests run there."""
+    name = m.name if m else "(no mutation)"
+    copy = Path(tempfile.mkdtemp(prefix=f"{name.strip('()').replace(' ', '-')}-", dir=work))
+    t0 = time.perf_counter()
+    try:
+        copy_files(snapshot, copy, files)
+        if m is not None:
+            apply_mutation(copy, m)
+        xml = copy / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=line", "--hypothesis-profile=mutation",
+               "--basetemp", str(copy / ".pytest-tmp"), "--junitxml", str(xml), *tests]
+        try:
+            proc = subprocess.run(cmd, cwd=copy, env=pytest_env(copy, traces), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(name, m.file if m else "-", "timeout", [], time.perf_counter() - t0)
+        failed = []
+        if xml.is_file():
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed.append(f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}")
+        status = {0: "survived", 1: "killed"}.get(proc.returncode, "error")
+        return Outcome(name, m.file if m else "-", status, failed, time.perf_counter() - t0,
+                       (proc.stdout + proc.stderr)[-2000:])
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def build_traces(snapshot: Path, out: Path) -> None:
+    """The tiny traces, built once by the unmutated code (tests/conftest.py: build_tiny_traces)."""
+    code = "import sys; from pathlib import Path; from tests.conftest import build_tiny_traces; build_tiny_traces(Path(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=snapshot, env=pytest_env(snapshot, None),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"building the tiny traces failed:\n{proc.stderr[-2000:]}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print the mutations and the tests meant to kill each, and exit")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this mutation (repeatable; default: all)")
+    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="mutations tested at once, one pytest process each (default: CPU cores, at most 4)")
+    p.add_argument("--traces", default=None, help="a tiny trace set already built by tests/conftest.py's "
+                   "build_tiny_traces, reused read-only (default: build one for this run, ~20 s of CPU)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one mutation's tests may take (600); "
+                   "a mutation that makes its tests hang counts as killed")
+    args = p.parse_args(argv)
+    if args.jobs <= 0:
+        p.error("--jobs must be positive")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.only if n not in known]
+    if unknown:
+        raise UserError(f"--only {unknown[0]}: no such mutation (see --list)")
+    selected = [known[n] for n in dict.fromkeys(args.only)] if args.only else MUTATIONS
+    if args.list:
+        for m in selected:
+            print(f"{m.name:36s} {m.file:24s} {m.why}")
+            for t in m.tests:
+                print(f"{'':36s}   killed by {t}")
+        return 0
+    for m in selected:  # before any work: a mutation that no longer applies is an error, never a silent pass
+        check_mutation(REPO, m)
+    if args.traces is not None and not (Path(args.traces) / "manifest.json").is_file():
+        raise UserError(f"--traces {args.traces}: not a trace set (no manifest.json)")
+
+    t_start = time.perf_counter()
+    files = repo_files(REPO)
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        work = Path(tmp)
+        snapshot = work / "snapshot"  # the working tree as it is now; every copy is made from this
+        copy_files(REPO, snapshot, files)
+        traces = Path(args.traces).resolve() if args.traces else None
+        if traces is None and any(m.traces for m in selected):
+            print("building the tiny traces once with the unmutated code ...", flush=True)
+            traces = work / "tiny-traces"
+            build_traces(snapshot, traces)
+        baseline_tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+        print(f"{len(selected)} mutations, {len(baseline_tests)} distinct tests, {args.jobs} at a time; "
+              f"copies under {work}", flush=True)
+        outcomes: list[Outcome] = []
+        baseline: Outcome | None = None
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            # the unmutated run goes first; its result is judged at the end (a failing baseline voids every kill)
+            futures = {pool.submit(run_tests, snapshot, work, None, baseline_tests, traces, args.timeout * 2,
+                                   files): None}
+            futures.update({pool.submit(run_tests, snapshot, work, m, m.tests, traces, args.timeout, files): m
+                            for m in selected})
+            bar = tqdm(total=len(futures), desc="mutations", unit="run", dynamic_ncols=True)
+            for fut in as_completed(futures):
+                o = fut.result()
+                if futures[fut] is None:
+                    baseline = o
+                else:
+                    outcomes.append(o)
+                status = ("passed" if o.status == "survived" else "FAILED") if futures[fut] is None else o.status
+                bar.write(f"{o.name:36s} {status:9s} {o.seconds:6.1f} s")
+                bar.update(1)
+            bar.close()
+
+    order = {m.name: i for i, m in enumerate(selected)}
+    outcomes.sort(key=lambda o: order[o.name])
+    print(f"\n{'mutation':36s} {'file':24s} {'killed':7s} {'seconds':>7s}  tests that failed")
+    print("-" * 120)
+    for o in outcomes:
+        killed = {"killed": "yes", "timeout": "yes (timeout)", "survived": "NO"}.get(o.status, "ERROR")
+        print(f"{o.name:36s} {o.file:24s} {killed:7s} {o.seconds:7.1f}  {', '.join(o.failed) or '-'}")
+    total = time.perf_counter() - t_start
+    survived = [o for o in outcomes if o.status == "survived"]
+    errors = [o for o in outcomes if o.status == "error"]
+    for o in errors:
+        print(f"\n{o.name}: pytest stopped with an error, not a test failure:\n{o.tail}")
+    if baseline is None or baseline.status != "survived":
+        print(f"\nthe listed tests do not pass WITHOUT any mutation ({baseline.status if baseline else 'not run'}); "
+              f"no kill above means anything:\n{baseline.tail if baseline else ''}")
+        return 1
+    kills = len(outcomes) - len(survived) - len(errors)
+    print(f"\n{kills} of {len(outcomes)} mutations killed, {len(survived)} survived, {len(errors)} errors; "
+          f"unmutated run passed in {baseline.seconds:.0f} s; {total:.0f} s in all, {args.jobs} jobs, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    return 0 if not survived and not errors else 1
+
+
+if __name__ == "__main__":
+    with one_line_errors("mutation"):
+        sys.exit(main())

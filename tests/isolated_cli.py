@@ -1,0 +1,47 @@
+"""Run a script's CLI body in a child process forked from a server that imported it once: a crash (a
+segfault, a memory bomb) ends that child, not pytest, and each run costs milliseconds, not a torch import.
+
+Lives outside the test modules so the fork server can import it by one name however pytest names those.
+The server does no torch work before forking: a process forked after torch ran parallel code can hang.
+"""
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+from pathlib import Path
+
+MEMORY_LIMIT = 3 << 30  # address space a child may add: a memory bomb fails fast instead of taking the machine
+
+
+def _child(module: str, argv: list[str], err_path: str) -> None:
+    import resource
+
+    from collection.errors import one_line_errors
+
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (used + MEMORY_LIMIT, used + MEMORY_LIMIT))
+    os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    with one_line_errors(module.rpartition(".")[2]):
+        importlib.import_module(module).main(argv)
+
+
+class IsolatedCLI:
+    def __init__(self, module: str):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it at import, in the server: stderr holds only errors
+        self.module = module
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__, module])
+
+    def __call__(self, argv: list[str], err_path: Path, timeout: float = 120) -> tuple[int | None, str]:
+        """(exit code, stderr) of `module.main(argv)` under `one_line_errors`; -11 is a segfault, None a hang."""
+        proc = self.ctx.Process(target=_child, args=(self.module, argv, str(err_path)))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return None, err_path.read_text() if err_path.exists() else ""
+        return proc.exitcode, err_path.read_text() if err_path.exists() else ""

@@ -1,0 +1,89 @@
+"""`make demo` ends with a controls line and a predictor line and fails when a control is off;
+`make test` keeps pytest's "N passed" line.
+
+    pytest -q tests/test_demo.py
+"""
+import json
+import re
+import tomllib
+
+from scripts import demo_summary
+from tests.conftest import REPO
+
+
+def metrics(model_type: str, recall: float, *, K: int = 4, E: int = 60, lookahead: int = 0, tokens: int = 30_720):
+    return {"model_type": model_type, "top_k": K, "num_experts": E, "lookahead": lookahead, "split": "test",
+            "sequences": 60, "tokens": tokens, f"recall@{K}": recall}
+
+
+def write_demo(tmp_path, router=1.0, random=0.0666, pred=0.708, reuse=0.674, K=4, E=60):
+    rows = 26_880
+    files = {"router-d0": metrics("router", router, K=K, E=E),
+             "random-d0": metrics("random", random, K=K, E=E),
+             "router-reuse-d1": metrics("router-reuse", reuse, K=K, E=E, lookahead=1, tokens=rows),
+             "layer-aware-d1": metrics("layer-aware", pred, K=K, E=E, lookahead=1, tokens=rows)}
+    for folder, res in files.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "coverage_metrics.json").write_text(json.dumps(res))
+    return tmp_path
+
+
+def summary(tmp_path, capsys) -> tuple[int, list[str]]:
+    try:
+        demo_summary.main([str(tmp_path)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().out.strip().splitlines()
+
+
+def test_good_demo_ends_with_the_two_lines(tmp_path, capsys):
+    code, lines = summary(write_demo(tmp_path), capsys)
+    assert code == 0
+    assert lines[-2] == "controls: router recall@4 1.000 (expect 1.0), random 0.067 (expect 0.067 +- 0.003) OK"
+    assert lines[-1].startswith("predictor: layer-aware at lookahead 1") and "test split" in lines[-1]
+    assert "recall@4 0.708; beats router reuse 0.674 by +0.034" in lines[-1]
+
+
+def test_the_router_control_must_be_exact(tmp_path, capsys):
+    code, lines = summary(write_demo(tmp_path, router=0.993), capsys)  # the bf16 reading of issue 10
+    assert code == 1 and lines[-2].endswith("FAILED")
+
+
+def test_random_must_sit_at_chance(tmp_path, capsys):
+    # 5 standard errors over 30,720 rows: 5 x sqrt(1/15 x 14/15 x 56/59 / 4 / 30720) = 5 x 0.000693 = 0.0035
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    assert summary(write_demo(inside, random=0.0700), capsys)[0] == 0
+    code, lines = summary(write_demo(outside, random=0.0710), capsys)
+    assert code == 1 and "FAILED" in lines[-2]
+
+
+def test_k_and_e_come_from_the_json(tmp_path, capsys):
+    code, lines = summary(write_demo(tmp_path, random=0.25, K=2, E=8), capsys)
+    assert code == 0 and lines[-2].startswith("controls: router recall@2 1.000") and "expect 0.250" in lines[-2]
+    assert "recall@2" in lines[-1] and "recall@4" not in "\n".join(lines)
+
+
+def test_a_predictor_below_router_reuse_is_said_so(tmp_path, capsys):
+    code, lines = summary(write_demo(tmp_path, pred=0.60), capsys)
+    assert code == 0 and "does NOT beat router reuse 0.674" in lines[-1]
+
+
+def test_makefile_demo_ends_with_the_summary_and_test_keeps_the_passed_line():
+    make = (REPO / "Makefile").read_text()
+    demo = make.split("\ndemo: setup\n")[1].split("\n\n")[0]
+    assert demo.strip().splitlines()[-1].strip() == "$(BIN)/python scripts/demo_summary.py $(DEMO)"
+    # pytest prints its "N passed" line at -q and drops it at -qq: -q may be given once, in one place
+    addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    test_line = next(l for l in make.splitlines() if "pytest" in l and not l.startswith("#"))
+    quiet = len(re.findall(r"(?<!\S)-q+\b", addopts + " " + test_line)) + addopts.count("-qq") + test_line.count("-qq")
+    assert quiet <= 1, (addopts, test_line)
+
+
+def test_missing_metrics_is_one_line(tmp_path):
+    from tests.conftest import run_script
+
+    proc = run_script("demo_summary", tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("demo_summary: error:") and "make demo" in proc.stderr

@@ -1,0 +1,42 @@
+"""scripts/mutation.py: every planted bug still applies to the code as it is now (so a refactor that changes the
+text fails here, at once, rather than silently switching the mutation off), and the tool's own checks work.
+The kills themselves take minutes and are `make mutation`'s job."""
+import pytest
+
+from collection.errors import UserError
+from scripts.mutation import MUTATIONS, Mutation, apply_mutation, check_mutation, copy_files
+from tests.conftest import REPO, run_script
+
+
+def test_every_mutation_still_applies_and_names_real_tests():
+    assert len(MUTATIONS) >= 12 and len({m.name for m in MUTATIONS}) == len(MUTATIONS)
+    for m in MUTATIONS:
+        check_mutation(REPO, m)
+        assert m.old != m.new and m.tests
+    issue_10 = {"optimizer-never-steps", "router-reuse-own-layer", "layer-aware-ignores-lookahead",
+                "previous-token-ignores-previous", "hybrid-own-routing-zeroed"}
+    assert issue_10 <= {m.name for m in MUTATIONS}
+
+
+def test_stale_mutations_and_missing_tests_are_errors():
+    stale = Mutation("stale", "collection/rows.py", "text that is not there", "x", ("tests/test_metrics.py::test_x",), "")
+    with pytest.raises(UserError, match="occurs 0 times in collection/rows.py"):
+        check_mutation(REPO, stale)
+    wrong_test = Mutation("t", "collection/rows.py", "np.where(pos > 0,", "x", ("tests/test_metrics.py::test_nope",), "")
+    with pytest.raises(UserError, match="test_nope does not exist"):
+        check_mutation(REPO, wrong_test)
+
+
+def test_a_mutation_changes_only_its_copy(tmp_path):
+    m = next(m for m in MUTATIONS if m.name == "recall-divided-by-k")
+    copy_files(REPO, tmp_path, [m.file])
+    apply_mutation(tmp_path, m)
+    assert m.new in (tmp_path / m.file).read_text() and m.old not in (tmp_path / m.file).read_text()
+    assert m.old in (REPO / m.file).read_text()
+
+
+def test_list_and_unknown_names():
+    proc = run_script("mutation", "--list")
+    assert "optimizer-never-steps" in proc.stdout and "killed by tests/test_behaviour.py::" in proc.stdout
+    proc = run_script("mutation", "--only", "no-such-bug", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mutation: error: --only no-such-bug")
