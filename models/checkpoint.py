@@ -94,7 +94,8 @@ def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
     mine = (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.input_dim)
     theirs = (m.num_layers, m.num_experts, m.top_k, m.hidden_size)
     if mine != theirs:
-        raise UserError(f"{where}: routing shape {shape(*theirs)} differs from the checkpoint's {shape(*mine)}")
+        raise UserError(f"{where}: routing shape {shape(*theirs)} differs from the checkpoint's {shape(*mine)} "
+                        "(it was trained on other traces)")
     if (cfg.past_layers or cfg.window or cfg.context) and sorted(m.hidden_layers) != list(range(m.num_layers)):
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")

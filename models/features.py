@@ -79,3 +79,28 @@ def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, loo
     if spec.context:
         f.context = context_mean(block, target, tok, spec.context).to(dtype)
     return f
+
+
+def example_features(spec: FeatureSpec, hidden_size: int, num_experts: int, token_vocab: int, rows: int, layer: int,
+                     device: torch.device, dtype: torch.dtype, seed: int = 0) -> Features:
+    """Random inputs of `rows` rows that all sit at input layer `layer`, in the shapes make_features gives for
+    `spec`: what a cost measurement or a replay feeds a predictor whose answers it does not use."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    H, E = hidden_size, num_experts
+    f = Features(hidden=rand(rows, H), layer=torch.full((rows,), layer, device=device))
+    if spec.history:
+        f.own_routing, f.prev_token = rand(rows, E), rand(rows, E)
+    if spec.past_layers:
+        f.past_hidden = rand(rows, spec.past_layers, H)
+    if spec.own_layers:
+        f.own_window = rand(rows, spec.own_layers, E)
+    if spec.window:
+        f.window_hidden, f.window_routing = rand(rows, spec.window, H), rand(rows, spec.window, E)
+    if spec.token_id:
+        f.token_id = torch.randint(0, max(token_vocab, 1), (rows,), generator=g).to(device)
+    if spec.context:
+        f.context = rand(rows, H)
+    return f

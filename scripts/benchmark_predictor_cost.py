@@ -27,7 +27,7 @@ import torch
 from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
-from models.features import Features, feature_spec
+from models.features import Features, example_features, feature_spec
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 from training.trainer import BASE_DEFAULTS, KIND_DEFAULTS
 
@@ -57,24 +57,8 @@ def predictor_config(kind: str, dims: str, hidden_dim: int, depth: int | None = 
 def random_features(model: torch.nn.Module, cfg: PredictorConfig, rows: int, target: int, device: torch.device,
                     dtype: torch.dtype) -> Features:
     """Inputs of `rows` rows that all target layer `target`, in the shapes make_features gives."""
-    spec = feature_spec(model)
-    H, E = cfg.input_dim, cfg.num_experts
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device, dtype)
-    f = Features(hidden=rand(rows, H), layer=torch.full((rows,), target - cfg.lookahead, device=device))
-    if spec.history:
-        f.own_routing, f.prev_token = rand(rows, E), rand(rows, E)
-    if spec.past_layers:
-        f.past_hidden = rand(rows, spec.past_layers, H)
-    if spec.own_layers:
-        f.own_window = rand(rows, spec.own_layers, E)
-    if spec.window:
-        f.window_hidden, f.window_routing = rand(rows, spec.window, H), rand(rows, spec.window, E)
-    if spec.token_id:
-        f.token_id = torch.randint(0, cfg.token_vocab, (rows,), generator=g).to(device)
-    return f
+    return example_features(feature_spec(model), cfg.input_dim, cfg.num_experts, cfg.token_vocab, rows,
+                            target - cfg.lookahead, device, dtype)
 
 
 def median_us(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, repeats: int) -> float:

@@ -13,8 +13,9 @@ import torch
 
 from collection.errors import UserError
 from collection.format import TraceSet
-from collection.rows import TokenBlock, context_mean, earlier_token, hidden_at, split_sequences
-from models.checkpoint import check_fits_traces, load_checkpoint
+from collection.rows import (SplitBlocks, TokenBlock, context_mean, earlier_token, hidden_at, row_batches,
+                             split_sequences)
+from models.checkpoint import check_fits_traces, load_checkpoint, save_checkpoint
 from models.features import FeatureSpec, make_features
 from models.predictors import PredictorConfig, build_predictor, flops_per_row
 from tests.conftest import run_script
@@ -46,6 +47,25 @@ def test_before_training_it_is_the_router_and_router_reuse(tiny_traces, d):
         assert mine.summary()["recall@4"] == 1.0
     else:
         assert mine.summary()["recall@4"] < 0.95  # router reuse is not the answer one layer ahead
+
+
+@pytest.mark.parametrize("d", [0, 1])
+def test_before_training_every_row_picks_the_routers_experts(tiny_traces, d):
+    """Row for row, not only on average: at init the anchored predictor's top-4 of every test row is the stored
+    top-4 at d = 0 (the model's own choice) and router reuse's top-4 at d = 1."""
+    ts = TraceSet(tiny_traces)
+    split = split_sequences(ts.sequence_table(), 0)
+    model = anchored_at_init(ts, d, past_layers=1, window=1, token_vocab=8192)
+    mine, reuse = predictor_scorer(model, d, 60), baseline_scorer("router-reuse", ts, d, split["train"],
+                                                                  torch.device("cpu"))
+    rows = 0
+    for block in SplitBlocks(ts, split["test"], torch.device("cpu"), 4):
+        for tok, layer in row_batches(block, list(range(8 - d)), 4096):
+            got = mine(block, tok, layer).topk(4, dim=1).indices.sort(1).values
+            want = (block.topk_ids[layer, tok] if d == 0 else reuse(block, tok, layer).topk(4, dim=1).indices)
+            assert torch.equal(got, want.sort(1).values)
+            rows += tok.shape[0]
+    assert rows == 6 * 64 * (8 - d)  # every (token, layer) row of the 6 test sequences of 64 tokens
 
 
 def test_set_router_refuses_another_shape():
@@ -169,10 +189,73 @@ def test_checkpoint_rebuilds_alone_with_its_router(trained, tiny_traces, tmp_pat
     check_fits_traces(cfg, ts, "here")
     for field, value in (("num_experts", 59), ("num_layers", 7), ("input_dim", 64)):
         bad = PredictorConfig(**{**cfg.to_json(), field: value})
-        with pytest.raises(UserError, match="layers, experts, top-k, hidden"):
+        with pytest.raises(UserError, match="routing shape .* differs from the checkpoint's"):
             check_fits_traces(bad, ts, "here")
     with pytest.raises(UserError, match="outside the predictor's table"):
         check_fits_traces(PredictorConfig(**{**cfg.to_json(), "token_vocab": 5}), ts, "here")
+
+
+def test_hidden_layers_the_features_read_must_be_stored(trained, tiny_traces, tmp_path):
+    """A trace set without the hidden states of other layers cannot feed past layers / the window: one line."""
+    import shutil
+
+    partial = tmp_path / "traces"
+    shutil.copytree(tiny_traces, partial)
+    man = json.loads((partial / "manifest.json").read_text())
+    man["capture"]["hidden_layers"] = list(range(7))  # the last layer's MoE input not stored
+    (partial / "manifest.json").write_text(json.dumps(man))
+    _, cfg, _ = load_checkpoint(trained / "best_checkpoint.pth")
+    with pytest.raises(UserError, match="stores only layers"):
+        check_fits_traces(cfg, TraceSet(partial), "here")
+
+
+@pytest.fixture(scope="module")
+def other_shape(tmp_path_factory):
+    """An anchored checkpoint of a 3-layer model with hidden size 32: not the tiny traces' 8 layers x 128."""
+    cfg = PredictorConfig("anchored", 32, 60, 4, 3, lookahead=1, hidden_dim=8, window=1)
+    path = tmp_path_factory.mktemp("other") / "best_checkpoint.pth"
+    torch.manual_seed(0)
+    save_checkpoint(path, build_predictor(cfg), cfg, {"test": np.arange(3)}, {"dir": "elsewhere"}, {}, {})
+    return path
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("validate_coverage_analysis", ["--checkpoint", "CKPT", "--model-type", "anchored"]),
+    ("simulate_prefetch", ["--policies", "on-demand,prefetch:CKPT", "--cache-experts", "8"]),
+])
+def test_checkpoint_of_other_traces_is_refused_in_one_line(script, argv, other_shape, tiny_traces, tmp_path):
+    """Every consumer of a checkpoint refuses traces of another routing shape: exit 2, one line, nothing written."""
+    out = tmp_path / "out"
+    argv = [a.replace("CKPT", str(other_shape)) for a in argv]
+    proc = run_script(script, *argv, "--traces", tiny_traces, "--output-dir", out, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"{script}: error:")
+    assert proc.stderr.strip().count("\n") == 0
+    assert "routing shape 8 layers x 60 experts, top-4, hidden 128 differs from the checkpoint's 3 layers" in proc.stderr
+    assert not out.exists()
+
+
+def test_prefetch_simulator_replays_anchored_checkpoints(fell_back, tiny_traces, tmp_path):
+    """`simulate_prefetch --policies prefetch:<checkpoint>` with anchored checkpoints: one at init replays exactly
+    as router reuse (same predictions, hence the same hits, misses and bytes), a trained one replays too."""
+    from scripts.simulate_prefetch import main
+
+    ts = TraceSet(tiny_traces)
+    m = ts.manifest
+    model = anchored_at_init(ts, 1, past_layers=1, own_layers=1, window=2, token_vocab=8192, context=3)
+    init = tmp_path / "init" / "best_checkpoint.pth"
+    save_checkpoint(init, model, model.cfg, split_sequences(ts.sequence_table(), 0), {"dir": str(tiny_traces)}, {}, {})
+    trained = fell_back / "best_checkpoint.pth"
+    js = tmp_path / "sim.json"
+    main(["--traces", str(tiny_traces), "--policies", f"on-demand,prefetch:router-reuse,prefetch:{init},"
+          f"prefetch:{trained}", "--cache-experts", "8", "--predictor-ms", "0", "--json", str(js),
+          "--plot", str(tmp_path / "sim.png")])
+    rows = {r["policy"]: r for r in json.loads(js.read_text())["rows"]}
+    reuse, at_init, learned = rows["prefetch:router-reuse"], rows[f"prefetch:{init}"], rows[f"prefetch:{trained}"]
+    assert at_init["label"].startswith("prefetch:anchored-d1")
+    same = {k: v for k, v in reuse.items() if k not in ("policy", "label", "sim_steps_per_cpu_s")}
+    assert {k: at_init[k] for k in same} == same
+    assert reuse["hit_rate"] > rows["on-demand"]["hit_rate"]
+    assert 0 < learned["hit_rate"] <= 1 and learned["tokens"] == reuse["tokens"] == 6 * 64 and m.num_layers == 8
 
 
 def test_distillation_keeps_d0_at_the_router(trained, tiny_traces):
