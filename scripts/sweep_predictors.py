@@ -1,4 +1,4 @@
-"""Sweep the predictor ideas one at a time: the "What mattered" table of docs/RESULTS.md.
+r"""Sweep the predictor ideas one at a time: the "What mattered" table of docs/RESULTS.md.
 
 Each config (CONFIGS below, or --extra) is a set of training flags. Every (config, lookahead) is trained as
 its own job (a subprocess of scripts/train_anchored_predictor.py; --jobs of them side by side on one GPU),
@@ -10,10 +10,10 @@ Writes to --output: sweep.md (what mattered, per layer, leave-one-domain-out), s
 and checkpoints/ and logs/ per job (kept out of the way with --work-dir).
 
 The table in docs/RESULTS.md (GPU, the embedded default's full traces; see RESULTS.md for the timing):
-    python scripts/sweep_predictors.py --traces routing_data/traces/qwen2moe-mini --jobs 8 --lodo \\
+    python scripts/sweep_predictors.py --traces routing_data/traces/qwen2moe-mini --jobs 8 --lodo \
         --output results/sweep
 Seconds on a CPU (tiny and noisy):
-    python scripts/sweep_predictors.py --traces routing_data/traces/quick --configs anchor,+kl --lookaheads 0,1 \\
+    python scripts/sweep_predictors.py --traces routing_data/traces/quick --configs anchor,+kl --lookaheads 0,1 \
         --epochs 1 --hidden-dim 32 --output results/sweep-quick
 """
 from __future__ import annotations

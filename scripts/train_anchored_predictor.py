@@ -1,4 +1,4 @@
-"""Train the router-anchored expert predictor: predict layer l+d's MoE input, score it with layer l+d's router.
+r"""Train the router-anchored expert predictor: predict layer l+d's MoE input, score it with layer l+d's router.
 
 The predictor starts as router reuse (at d = 0 it is the router itself: recall 1.0 before any step) and
 learns a correction delta(features) to h_l, plus a residual logit head, from causal features: this
@@ -6,10 +6,10 @@ token's earlier MoE inputs and routing, the previous tokens' state at the target
 Its defaults are the best recipe of docs/RESULTS.md ("What mattered"); every idea has a flag to switch it.
 
 The recipe of docs/RESULTS.md (GPU; one lookahead; scripts/sweep_predictors.py runs them all):
-    python scripts/train_anchored_predictor.py --lookahead 1 --lr 2e-3 --epochs 20 --hidden-dim 512 \\
+    python scripts/train_anchored_predictor.py --lookahead 1 --lr 2e-3 --epochs 20 --hidden-dim 512 \
         --batch-rows 32768 --output models/anchored_checkpoints/d1 --overwrite
 Seconds on a CPU (traces from the collect script's quick command):
-    python scripts/train_anchored_predictor.py --traces routing_data/traces/quick --epochs 1 --hidden-dim 64 \\
+    python scripts/train_anchored_predictor.py --traces routing_data/traces/quick --epochs 1 --hidden-dim 64 \
         --output models/anchored_checkpoints/quick --overwrite
 """
 from __future__ import annotations
