@@ -19,6 +19,7 @@ Seconds on a CPU (tiny and noisy):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -58,6 +59,7 @@ def recipe(*, ce: float = 1, kl: float = 1, past: int = 2, own: int = 2, window:
             "--layer-fallback" if fallback else "--no-layer-fallback", *extra]
 
 
+TARGETS = {0: 0.99, 1: 0.88, 2: 0.85, 3: 0.83}  # issue 12's recall@4 bars on the embedded default's test split
 FULL_CONFIG = "+fallback"  # the last rung of the ladder: every idea, = the anchored kind's default recipe
 # name -> (the idea it adds or removes, reference row, flags). The ladder adds one idea per row, up to
 # FULL_CONFIG; each row after it changes one thing of the full recipe.
@@ -105,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lookaheads", default="0,1,2,3", help="comma list of d (0,1,2,3)")
     g.add_argument("--variant-lookaheads", default=None, help="comma list of d for the configs after the ladder "
                    f"(after {FULL_CONFIG!r}) and --extra ones (default: --lookaheads)")
+    g.add_argument("--ladder-lookaheads", default=None, help="comma list of d for the ladder's rungs before "
+                   f"{FULL_CONFIG!r}, which itself runs at every --lookaheads (default: --lookaheads)")
     g = p.add_argument_group("recipe of every config (a config's own flags override these)")
     g.add_argument("--hidden-dim", type=int, default=512, help="predictor width (512)")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (2e-3)")
@@ -125,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--output", default="results/sweep", help="sweep.md and sweep.json go here")
     g.add_argument("--work-dir", default=None, help="checkpoints and logs (default: --output)")
     g.add_argument("--retrain", action="store_true", help="retrain even where a finished checkpoint exists")
+    g.add_argument("--best-dir", default=None, help="copy each lookahead's best checkpoint (by validation recall) to "
+                   "BEST_DIR/best_d<d>/ (best_checkpoint.pth and its .json), for the prefetch simulator")
     g.add_argument("--deadline", type=float, default=None, help="seconds: jobs not started by then are skipped, "
                    "jobs still training are stopped and scored from their best epoch so far (default: none)")
     args = p.parse_args(argv)
@@ -198,6 +204,7 @@ def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work:
                 return {**row, "error": "stopped at --deadline before its first epoch ended"}
         model, cfg, ckpt = load_checkpoint(out / "best_checkpoint.pth", dev)
         check_fits_traces(cfg, ts, str(out))
+        row["checkpoint"] = str(out / "best_checkpoint.pth")
         acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev, progress=False)
         summary = acc.summary()
         recall = f"recall@{ts.manifest.top_k}"
@@ -237,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     recall = f"recall@{m.top_k}"
     table = ts.sequence_table()
     split = split_sequences(table, args.seed)
-    vds_all = [int(x) for x in (args.variant_lookaheads or "").split(",") if x]
-    if any(d not in ds for d in vds_all):
-        raise UserError(f"--variant-lookaheads {args.variant_lookaheads}: every d must be in --lookaheads")
+    for flag in ("variant_lookaheads", "ladder_lookaheads"):
+        if any(int(x) not in ds for x in (getattr(args, flag) or "").split(",") if x):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: every d must be in --lookaheads")
     for d in ds + lodo_ds:
         if not 0 <= d < m.num_layers:
             raise UserError(f"--lookaheads {d}: the model has {m.num_layers} MoE layers")
@@ -267,15 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     first_d = 1 if 1 in ds else ds[0]
     ladder = list(CONFIGS)[:list(CONFIGS).index(FULL_CONFIG) + 1]
     vds = sorted({int(x) for x in args.variant_lookaheads.split(",") if x}) if args.variant_lookaheads else ds
+    lds = sorted({int(x) for x in args.ladder_lookaheads.split(",") if x}) if args.ladder_lookaheads else ds
 
-    def runs_at(c: str, d: int) -> bool:  # the ladder at every d; variants (and --extra) at --variant-lookaheads
-        return d in (ds if c in ladder else vds)
+    def runs_at(c: str, d: int) -> bool:  # the ladder at --ladder-lookaheads; variants at --variant-lookaheads
+        return d in (lds if c in ladder else vds)
     later = sorted((d for d in ds if d != first_d), key=lambda d: (d == 0, -d))  # d = 0 (the control) last
     jobs = [(FULL_CONFIG, d, "") for d in ds if FULL_CONFIG in configs]
-    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG and c in ladder]
+    jobs += [(c, first_d, "") for c in configs if c != FULL_CONFIG and c in ladder and runs_at(c, first_d)]
     jobs += [(lodo_config, d, src) for d in lodo_ds for src in m.source_names] if lodo_config else []
     jobs += [(lodo_config, d, "") for d in lodo_ds if lodo_config and d not in ds]  # its in-domain reference
-    jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and c in ladder]
+    jobs += [(c, d, "") for d in later for c in configs if c != FULL_CONFIG and c in ladder and runs_at(c, d)]
     jobs += [(c, d, "") for d in [first_d, *later] for c in configs if c not in ladder and runs_at(c, d)]
     t0 = time.perf_counter()
     deadline = time.monotonic() + (args.deadline if args.deadline else float("inf"))
@@ -288,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
             (lodo_rows if row["exclude"] else rows).append(row)
             write_report(args, configs, ds, rows, reuse, lodo_rows, lodo_config, recall, m, dev,
                          time.perf_counter() - t0, out)
+            if args.best_dir:
+                copy_best(rows, ds, recall, Path(args.best_dir))
 
     def job(name: str, d: int, src: str) -> None:
         ids = split["test"][test_src == m.source_names.index(src)] if src else split["test"]
@@ -305,6 +315,29 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(rows) + len(lodo_rows) - len(failed)} jobs scored, {len(failed)} failed or skipped" +
           "".join(f"\n  FAILED {r['config']} d={r['lookahead']}{' without ' + r['exclude'] if r['exclude'] else ''}: "
                   f"{r['error']}" for r in failed))
+
+
+def copy_best(rows: list[dict[str, Any]], ds: list[int], recall: str, best_dir: Path) -> None:
+    """Each lookahead's best checkpoint so far (by validation recall) into best_dir/best_d<d>/, with its JSON
+    sidecar (config, args, metrics) and best.json naming the config; rewritten when a better one finishes."""
+    for d in ds:
+        name = best_config(rows, d, recall)
+        row = next((r for r in rows if r["config"] == name and r["lookahead"] == d and not r["exclude"]), None)
+        if row is None or "checkpoint" not in row:
+            continue
+        dst = best_dir / f"best_d{d}"
+        marker = dst / "best.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("checkpoint") == row["checkpoint"]:
+            continue  # already there
+        src = Path(row["checkpoint"])
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (src, src.with_suffix(".json")):
+                atomic_write_bytes(dst / f.name, f.read_bytes())
+            atomic_write_json(marker, {"lookahead": d, "config": name, "checkpoint": row["checkpoint"],
+                                       "test": {recall: row[recall]}, "val_best": row["val_best"]})
+        except OSError as e:  # a full disk loses the copy, never the sweep: the checkpoint stays in --work-dir
+            print(f"warning: could not copy {src} to {dst}: {e}", flush=True)
 
 
 def best_config(rows: list[dict[str, Any]], d: int, recall: str) -> str | None:
@@ -349,6 +382,19 @@ def write_report(args: argparse.Namespace, configs: dict[str, tuple[str, str | N
         delta = f"{np.mean(deltas):+.4f}" if deltas else "-"
         lines.append(f"| {name} | {idea} | {ref or ''} | " + " | ".join(fmt(v) for v in vals) + " | " +
                      " | ".join(cuts) + f" | {delta} |")
+
+    # the best config of each d (picked on validation), its test recall next to router reuse and the targets
+    lines += ["", "## Best per lookahead (picked by validation recall) against router reuse", "",
+              f"Test {recall}; target = issue 12's bar.", "",
+              "| d | best config | its test recall | router reuse | error cut vs reuse | target | met |",
+              "|---|---|---|---|---|---|---|"]
+    for d in ds:
+        best = best_config(rows, d, recall)
+        v, rr = cell(best, d), reuse[d][recall]
+        target = TARGETS.get(d)
+        lines.append(f"| {d} | {best or '-'} | {fmt(v)} | {fmt(rr)}{' (router control)' if d == 0 else ''} | "
+                     f"{'-' if v is None or d == 0 else format(100 * error_cut(v, rr), '.1f') + '%'} | "
+                     f"{fmt(target, '.2f')} | {'-' if v is None or target is None else ('yes' if v >= target else 'no')} |")
 
     # per layer: the best config of each d (by validation recall) against router reuse
     lines += ["", "## Per layer: the best config (by validation recall) against router reuse", "",

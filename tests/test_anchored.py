@@ -287,8 +287,11 @@ def test_sweep_scores_configs_and_survives_a_failing_one(tiny_traces, tmp_path):
     out = tmp_path / "sweep"
     proc = run_script("sweep_predictors", "--traces", tiny_traces, "--configs", "anchor", "--extra",
                       "broken=--window -1", "--lookaheads", "1", "--epochs", "1", "--hidden-dim", "16",
-                      "--batch-rows", "2048", "--jobs", "2", "--output", out)
+                      "--batch-rows", "2048", "--jobs", "2", "--output", out, "--best-dir", out / "best")
     assert "What mattered" in proc.stdout and "1 failed" in proc.stdout
+    # the best (here the only working) config's checkpoint is copied for the prefetch simulator
+    best = json.loads((out / "best" / "best_d1" / "best.json").read_text())
+    assert best["config"] == "anchor" and load_checkpoint(out / "best" / "best_d1" / "best_checkpoint.pth")[1].window == 0
     res = json.loads((out / "sweep.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
     assert "error" in rows["broken"] and "--window must be 0 or more" in rows["broken"]["error"]
@@ -297,6 +300,7 @@ def test_sweep_scores_configs_and_survives_a_failing_one(tiny_traces, tmp_path):
     reuse = res["router_reuse"]["1"]["recall@4"]
     md = (out / "sweep.md").read_text()
     assert f"| router reuse | training-free (the router itself at d = 0) | | {reuse:.4f} |" in md
+    assert f"| 1 | anchor | {rows['anchor']['recall@4']:.4f} | {reuse:.4f} |" in md  # best per lookahead
 
 
 def test_cost_benchmark_reports_flops_and_times(tmp_path):
