@@ -30,6 +30,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_
 PY=${PYTHON:-python3}
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
+within() { local t=$(( $(left) - $1 )); (( t < $2 )) && t=$2; (( t > $3 )) && t=$3; echo $t; }  # budget left - $1, in [$2, $3]
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$O/run.log"; }
 
 if [ "${QUALITY_SMOKE:-0}" = 1 ]; then  # CPU dry run: every step, tiny
@@ -58,7 +59,7 @@ log "budget ${BUDGET_S}s; traces $TRACES; epochs $EPOCHS, $JOBS jobs, width $HID
   git rev-parse HEAD 2>/dev/null || true; } > "$O/env.log"
 
 # --- 1. the traces: the embedded default's, with router logits (KL loss) and every layer's MoE input
-usable() { timeout 120 $PY - "$1" <<'EOF'
+usable() { timeout 60 $PY - "$1" <<'EOF'
 import sys
 from pathlib import Path
 from collection.format import TraceSet
@@ -71,13 +72,13 @@ EOF
 if ! usable "$TRACES" >> "$O/collect.log" 2>&1; then
   [ -e "$TRACES/manifest.json" ] && TRACES=$O/traces  # never overwrite someone's trace set
   log "collecting traces into $TRACES"
-  timeout 300 $PY scripts/collect_traces.py --dtype float32 "${COLLECT[@]}" --output "$TRACES" --overwrite \
+  timeout "$(within 200 60 300)" $PY scripts/collect_traces.py --dtype float32 "${COLLECT[@]}" --output "$TRACES" --overwrite \
       >> "$O/collect.log" 2>&1 || log "collection FAILED (see collect.log)"
 fi
 log "traces ready: $TRACES"
 
 # --- 2. cost per prediction at batch 1 and 64, on an idle GPU
-timeout 150 $PY scripts/benchmark_predictor_cost.py "${COST[@]}" --batches 1,64 --hidden-dim "$HIDDEN" \
+timeout "$(within 180 30 150)" $PY scripts/benchmark_predictor_cost.py "${COST[@]}" --batches 1,64 --hidden-dim "$HIDDEN" \
     --json "$O/cost.json" --markdown "$O/cost.md" > "$O/cost.log" 2>&1 || log "cost benchmark FAILED (see cost.log)"
 log "cost benchmark done"
 
@@ -86,7 +87,7 @@ DEADLINE=$(( $(left) - RESERVE ))
 [ "$DEADLINE" -lt 30 ] && DEADLINE=30
 LADDER=layer-aware,anchor,+kl,+past,+own,+window,+token,+separate,+fallback
 log "sweep: deadline ${DEADLINE}s"
-timeout $(( DEADLINE + RESERVE )) $PY scripts/sweep_predictors.py --traces "$TRACES" --configs "$LADDER" \
+timeout $(( DEADLINE + RESERVE - 15 )) $PY scripts/sweep_predictors.py --traces "$TRACES" --configs "$LADDER" \
     --lookaheads 0,1,2,3 --ladder-lookaheads 1,3 --lodo --lodo-lookaheads 1 --epochs "$EPOCHS" \
     --hidden-dim "$HIDDEN" --batch-rows "$BATCH_ROWS" --lr "$LR" --jobs "$JOBS" --device "$DEVICE" \
     --deadline "$DEADLINE" --retrain --output "$O/sweep" --work-dir "$WORK" --best-dir "$O" \
