@@ -16,6 +16,8 @@ Shard tensors (N real tokens, S sequences, L MoE layers, Lh stored hidden layers
     topk_weights   float16 (L, N, k)   their routing weights as the model applied them
     router_logits  float16 (L, N, E)   optional (capture.store_logits)
     hidden         (Lh, N, H)          optional: MoE-block input of the layers in capture.hidden_layers
+                   (a compact capture.hidden_format stores uint8 codes (Lh, N, P) and hidden_scale
+                   float16 (Lh, N, G) instead: collection/hidden_format.py encodes and decodes them)
 
 Shards are plain safetensors files (no pickle). Layer-major layout makes "layer l, token rows a:b" one
 contiguous slice, so training memory-maps a shard and reads row ranges without loading it whole.
@@ -39,10 +41,14 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from collection.atomic import PARTIAL_SUFFIX, atomic_write_json, commit_file, sha256_file
+from collection.atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_json, commit_file, sha256_file
+from collection.durable import start_writeback
 from collection.errors import DISK_FULL, UserError, disk_full
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, MAX_BITS, HiddenCodec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
+COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
+READABLE_VERSIONS = (FORMAT_VERSION, COMPACT_FORMAT_VERSION)
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
 MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router_weights.safetensors"
@@ -101,8 +107,10 @@ class ShardWriter:
     until `commit()` fsyncs and renames it: a crash leaves only a `.partial`, which no reader takes.
     """
 
-    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None,
+                 writeback: bool = False):
         self.path = Path(path)
+        self.writeback = writeback  # start writing each range to disk at once (collection.durable)
         self.tmp = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         header: dict[str, Any] = {}
         if metadata:
@@ -153,12 +161,15 @@ class ShardWriter:
         if array.size:
             # called from several threads at once: the caller aborts once they have all stopped
             # (closing the fd here could let a sibling's pwrite land in whatever file reuses its number)
+            at = self.data_start + self.offsets[name] + int(elem) * itemsize
             try:
-                os.pwrite(self.fd, memoryview(array).cast("B"), self.data_start + self.offsets[name] + int(elem) * itemsize)
+                os.pwrite(self.fd, memoryview(array).cast("B"), at)
             except OSError as e:
                 if e.errno in DISK_FULL:
                     raise disk_full(self.path, e) from None
                 raise
+            if self.writeback:
+                start_writeback(self.fd, at, array.nbytes)
 
     def commit(self) -> tuple[int, str]:
         """Flush, fsync, rename into place; returns (bytes, sha256)."""
@@ -169,6 +180,11 @@ class ShardWriter:
             digest = sha256_file(self.tmp)
             commit_file(self.tmp, self.path)
         return self.total_bytes, digest
+
+    def hand_off(self) -> tuple[Path, Path, int, int]:
+        """(partial path, final path, open fd, total bytes) for a `ShardCommitter`, which owns the fd from now on."""
+        fd, self.fd = self.fd, -1
+        return self.tmp, self.path, fd, self.total_bytes
 
     def abort(self) -> None:
         """Close and remove the `.partial` (safe to call twice, from any thread, and after commit)."""
@@ -341,12 +357,20 @@ class Manifest:
         return [int(x) for x in self.capture.get("hidden_layers", [])]
 
     @property
+    def hidden_format(self) -> str:
+        """How hidden states are stored (collection/hidden_format.py); absent in older manifests: lossless."""
+        return str(self.capture.get("hidden_format", LOSSLESS))
+
+    @property
     def source_names(self) -> list[str]:
         return [s["name"] for s in self.sources]
 
     def files(self) -> list[str]:
-        """Every data file this manifest lists (shards, router weights): the files that belong to the set."""
-        return [s.file for s in self.shards] + ([self.router_weights.file] if self.router_weights else [])
+        """Every data file this manifest lists (shards, router weights, a fitted format's codec): the files that
+        belong to the set."""
+        codec = self.capture.get("hidden_codec")
+        return ([s.file for s in self.shards] + ([self.router_weights.file] if self.router_weights else [])
+                + ([codec["file"]] if isinstance(codec, dict) else []))
 
     def to_json(self) -> dict[str, Any]:
         d = {"format_version": self.format_version, "complete": self.complete, "model": self.model,
@@ -375,8 +399,9 @@ class Manifest:
 
         if not isinstance(d, dict):
             raise bad("not a JSON object")
-        if type(d.get("format_version")) is not int or d["format_version"] != FORMAT_VERSION:
-            raise bad(f"format_version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        if type(d.get("format_version")) is not int or d["format_version"] not in READABLE_VERSIONS:
+            raise bad(f"format_version {d.get('format_version')!r}, this code reads "
+                      f"{', '.join(map(str, READABLE_VERSIONS))}")
         if not isinstance(d.get("complete", False), bool):
             raise bad("complete must be true or false")
         for key in ("model", "routing", "capture", "plan"):
@@ -405,6 +430,19 @@ class Manifest:
         optional(capture, "hidden_dtype", lambda x: x in HIDDEN_DTYPES, " or ".join(HIDDEN_DTYPES), "capture")
         optional(capture, "store_logits", lambda x: isinstance(x, bool), "true or false", "capture")
         optional(capture, "bytes_per_token", lambda x: is_int(x, 1), "a positive integer", "capture")
+        hf = capture.get("hidden_format", LOSSLESS)
+        if not isinstance(hf, str) or hf not in FORMATS:
+            raise bad(f"capture.hidden_format {hf!r} is not one of {', '.join(FORMATS)}")
+        if (hf != LOSSLESS) != (d["format_version"] == COMPACT_FORMAT_VERSION):
+            raise bad(f"capture.hidden_format {hf!r} needs format_version "
+                      f"{FORMAT_VERSION if hf == LOSSLESS else COMPACT_FORMAT_VERSION}")
+        if hf != LOSSLESS and (why := FORMATS[hf].check(routing["hidden_size"])):
+            raise bad(f"capture.hidden_format {hf!r}: {why}")
+        codec = capture.get("hidden_codec")
+        if FORMATS[hf].fitted and hl and not (isinstance(codec, dict) and codec.get("file") == CODEC_FILE
+                                              and is_sha(codec.get("sha256")) and is_int(codec.get("bytes"), 1)):
+            raise bad(f"capture.hidden_format {hf!r} needs capture.hidden_codec "
+                      f"{{file: {CODEC_FILE}, sha256, bytes}}, the fitted parameters")
         optional(plan, "tokens_sha256", lambda x: isinstance(x, str), "a string", "plan")
         sources = d.get("sources")
         if not isinstance(sources, list) or not sources:
@@ -435,7 +473,49 @@ class Manifest:
                 raise bad(f"router_weights must be {{\"file\": \"{ROUTER_WEIGHTS}\", \"bytes\": ..., \"sha256\": ...}}")
             rw = FileInfo(file=rw["file"], bytes=rw["bytes"], sha256=rw["sha256"])
         return cls(model=model, routing=routing, capture=capture, sources=sources, plan=plan, shards=shards,
-                   complete=d.get("complete", False), router_weights=rw)
+                   complete=d.get("complete", False), format_version=d["format_version"], router_weights=rw)
+
+
+def encode_codec(codec: HiddenCodec, fit_tokens: int) -> tuple[bytes, dict[str, Any]]:
+    """A fitted format's parameters as file bytes, and the manifest's capture.hidden_codec entry for them (listed
+    in the manifest before the file is written, as the router weights are)."""
+    data, info = encode_tensors(CODEC_FILE, {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits,
+                                             "levels": codec.levels})
+    return data, {"file": CODEC_FILE, "sha256": info.sha256, "bytes": info.bytes, "fit_tokens": fit_tokens}
+
+
+def save_codec(directory: Path, codec: HiddenCodec, fit_tokens: int) -> dict[str, Any]:
+    """Write a fitted format's parameters beside the manifest; returns the manifest's capture.hidden_codec entry."""
+    data, entry = encode_codec(codec, fit_tokens)
+    atomic_write_bytes(Path(directory) / CODEC_FILE, data)
+    return entry
+
+
+def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> HiddenCodec | None:
+    """The fitted format's parameters, checked against the manifest (size, SHA-256) and the format's shape;
+    None for a format that needs none."""
+    fmt = FORMATS[manifest.hidden_format]
+    if not fmt.fitted or not manifest.hidden_layers:
+        return None
+    entry = manifest.capture["hidden_codec"]
+    path = Path(directory) / CODEC_FILE
+    check_listed_file(path, entry["bytes"], entry["sha256"], verify, f"parameters of hidden format {fmt.name!r}")
+    f = SafetensorsFile(path)
+    Lh, H = len(manifest.hidden_layers), manifest.hidden_size
+    want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8"),
+            "levels": ((MAX_BITS, 2 ** MAX_BITS), "F32")}
+    for name, (shape, dt) in want.items():
+        if name not in f.entries or f.entries[name][1] != shape or f.entries[name][0] != dt:
+            raise TraceFormatError(f"{path}: {name} missing or not {dt} of shape {shape}")
+    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"), f.tensor("levels"))
+    bits = codec.bits.long()
+    blocks = bits.view(-1, 8)
+    if (bits.max() > 8 or (blocks != blocks[:, :1]).any() or (bits[1:] > bits[:-1]).any()
+            or bits.sum() != fmt.payload_bytes(H) * 8):
+        raise TraceFormatError(f"{path}: bits are not non-increasing blocks of 8 summing to {fmt.payload_bytes(H) * 8}")
+    if not all(torch.isfinite(t).all() for t in (codec.basis, codec.rel_std, codec.levels)):
+        raise TraceFormatError(f"{path}: non-finite parameters")
+    return codec
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -461,7 +541,8 @@ def shard_name(index: int) -> str:
 
 
 def shard_specs(tokens: int, sequences: int, *, num_layers: int, top_k: int, num_experts: int, hidden_size: int,
-                hidden_layers: int, hidden_dtype: str, store_logits: bool) -> dict[str, TensorSpec]:
+                hidden_layers: int, hidden_dtype: str, store_logits: bool,
+                hidden_format: str = LOSSLESS) -> dict[str, TensorSpec]:
     """Every tensor of one shard, its storage dtype and shape: the schema of this module's docstring, in code.
     Collection, legacy import, benchmarks and the reader all take the layout from here."""
     L, N, S, K = num_layers, tokens, sequences, top_k
@@ -470,8 +551,12 @@ def shard_specs(tokens: int, sequences: int, *, num_layers: int, top_k: int, num
              "topk_ids": TensorSpec("int16", (L, N, K)), "topk_weights": TensorSpec("float16", (L, N, K))}
     if store_logits:
         specs["router_logits"] = TensorSpec("float16", (L, N, num_experts))
-    if hidden_layers:
+    if hidden_layers and hidden_format == LOSSLESS:
         specs["hidden"] = TensorSpec(hidden_dtype, (hidden_layers, N, hidden_size))
+    elif hidden_layers:
+        fmt = FORMATS[hidden_format]
+        specs["hidden"] = TensorSpec("uint8", (hidden_layers, N, fmt.payload_bytes(hidden_size)))
+        specs["hidden_scale"] = TensorSpec("float16", (hidden_layers, N, fmt.groups(hidden_size)))
     return specs
 
 
@@ -490,7 +575,8 @@ def manifest_dims(manifest: Manifest, store_logits: bool | None = None) -> dict[
     return {"num_layers": manifest.num_layers, "top_k": manifest.top_k, "num_experts": manifest.num_experts,
             "hidden_size": manifest.hidden_size, "hidden_layers": len(manifest.hidden_layers),
             "hidden_dtype": str(manifest.capture.get("hidden_dtype", "float16")),
-            "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits}
+            "store_logits": bool(manifest.capture.get("store_logits", True)) if store_logits is None else store_logits,
+            "hidden_format": manifest.hidden_format}
 
 
 NO_VERIFY_HINT = "--no-verify skips this check"  # every script that reads traces has the flag
@@ -557,6 +643,7 @@ class TraceSet:
         self._open: dict[int, TraceShard] = {}
         self._table: dict[str, np.ndarray] | None = None
         self._router: SafetensorsFile | None = None
+        self._codec: dict[str, HiddenCodec | None] = {}
 
     def __len__(self) -> int:
         return len(self.manifest.shards)
@@ -589,6 +676,16 @@ class TraceSet:
             raise TraceFormatError(f"{self.dir}: the same sequence id appears in two shards")
         self._table = table
         return table
+
+    def hidden_codec(self, device: torch.device | None = None) -> HiddenCodec | None:
+        """A fitted hidden format's parameters (read and checked once, kept per device), else None."""
+        key = str(device)
+        if key not in self._codec:
+            if "None" not in self._codec:
+                self._codec["None"] = read_codec(self.dir, self.manifest, self.verify)
+            base = self._codec["None"]
+            self._codec[key] = base.to(device) if base is not None and device is not None else base
+        return self._codec[key]
 
     def _router_file(self) -> SafetensorsFile:
         """router_weights.safetensors, checked against its manifest entry (size and SHA-256) once per set."""

@@ -16,7 +16,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from collection.errors import UserError
-from collection.format import TraceSet
+from collection.format import TraceSet, TraceShard
+from collection.hidden_format import LOSSLESS, FORMATS, HiddenCodec, HiddenFormat
+from collection.staging import prefetch, reader_for
 
 SPLITS = ("train", "val", "test")
 
@@ -41,8 +43,11 @@ def split_sequences(table: dict[str, np.ndarray], seed: int, val_fraction: float
 
 @dataclass
 class TokenBlock:
-    """Tokens of whole sequences (N rows), every layer's routing, and the stored hidden states."""
-    hidden: torch.Tensor | None   # (Lh, N, H) storage dtype
+    """Tokens of whole sequences (N rows), every layer's routing, and the stored hidden states.
+
+    Hidden states stay on the device as stored (compact formats: 4x+ fewer bytes resident) and are decoded
+    batch by batch by `hidden_at`, the one way every predictor and baseline reads them."""
+    hidden: torch.Tensor | None   # (Lh, N, H) storage dtype, or (Lh, N, P) uint8 codes of a compact format
     topk_ids: torch.Tensor        # (L, N, K) int64
     topk_weights: torch.Tensor    # (L, N, K) float32
     prev: torch.Tensor            # (N,) row of the previous token of the same sequence, -1 at its start
@@ -50,10 +55,21 @@ class TokenBlock:
     hidden_slot: torch.Tensor     # (L,) slot of layer l in `hidden`, -1 if not stored
     token_ids: torch.Tensor | None = None      # (N,) int64 token id of each row
     router_logits: torch.Tensor | None = None  # (L, N, E) float16, when loaded with_logits (distillation targets)
+    hidden_scale: torch.Tensor | None = None  # (Lh, N, G) float16 scales of a compact format
+    hidden_format: HiddenFormat = FORMATS[LOSSLESS]
+    hidden_codec: HiddenCodec | None = None   # a fitted format's parameters, on the block's device
 
     @property
     def tokens(self) -> int:
         return self.topk_ids.shape[1]
+
+    def hidden_at(self, layer: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(R, H) hidden states of token rows `tok` at layers `layer`, decoded, in `dtype`."""
+        slot = self.hidden_slot[layer]
+        if self.hidden_format.lossless:
+            return self.hidden[slot, tok].to(dtype)
+        return self.hidden_format.decode(self.hidden[slot, tok], self.hidden_scale[slot, tok], dtype,
+                                         self.hidden_codec, slot)
 
 
 def shard_groups(num_shards: int, per_group: int, rng: np.random.Generator | None = None) -> list[list[int]]:
@@ -62,19 +78,44 @@ def shard_groups(num_shards: int, per_group: int, rng: np.random.Generator | Non
     return [sorted(order[i:i + per_group].tolist()) for i in range(0, num_shards, per_group)]
 
 
-def _read(sh, name: str, rows: np.ndarray | None, device: torch.device) -> torch.Tensor:
-    """Tensor `name` (layer axis first) restricted to token `rows`, on `device`.
+def _ranges(sh: TraceShard, name: str, runs: np.ndarray | None) -> list[tuple[int, int]]:
+    """File byte ranges of tensor `name` (layer axis first) restricted to token-row `runs` (start, length),
+    layer after layer; the whole tensor is one range."""
+    _, shape, begin, end = sh.entries[name]
+    if runs is None:
+        return [(sh.data_start + begin, end - begin)]
+    lead, n = shape[0], shape[1]
+    row = (end - begin) // max(lead * n, 1)
+    starts = sh.data_start + begin + ((np.arange(lead)[:, None] * n + runs[None, :, 0]) * row).ravel()
+    lengths = np.tile(runs[:, 1] * row, lead)
+    return list(zip(starts.tolist(), lengths.tolist()))
 
-    When most of a shard is wanted, the whole tensor is read sequentially (page-cache speed), moved,
-    and the rows are selected on the device; a small subset (validation, test) is gathered from the
-    memory map instead, reading only its pages.
+
+def _read(sh: TraceShard, name: str, runs: np.ndarray | None, rows: np.ndarray | None,
+          device: torch.device) -> torch.Tensor:
+    """Tensor `name` (layer axis first) restricted to token `rows` (given also as `runs`), on `device`.
+
+    When most of a shard is wanted, the whole tensor is read sequentially and the rows are selected on the
+    device; a small subset (validation, test) reads only its sequences' byte ranges. Either way the bytes go
+    from the page cache through pinned buffers to the device (`collection.staging`), never through a
+    pageable copy.
     """
-    if rows is None:
-        return sh.tensor(name).to(device, non_blocking=True)
-    if len(rows) > sh.info.tokens // 2:
-        t = sh.tensor(name).to(device, non_blocking=True)
-        return t.index_select(1, torch.from_numpy(rows).to(device))
-    return sh.tensor(name, (slice(None), rows)).to(device, non_blocking=True)
+    dt, shape, _, _ = sh.entries[name]
+    whole = rows is None or len(rows) > sh.info.tokens // 2
+    raw = reader_for(device).read(sh.path, _ranges(sh, name, None if whole else runs))
+    n = shape[1] if whole else len(rows)
+    t = raw.view(sh.dtype(name)).view(shape[0], n, *shape[2:])
+    if whole and rows is not None:
+        t = t.index_select(1, torch.from_numpy(rows).to(device))
+    return t
+
+
+def _merge_runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """(start, length) runs of token rows, adjacent runs merged (consecutive sequences are contiguous)."""
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = starts[1:] != starts[:-1] + lens[:-1]
+    first = np.flatnonzero(new)
+    return np.stack([starts[first], np.add.reduceat(lens, first)], 1)
 
 
 def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: torch.device,
@@ -84,7 +125,8 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
     if with_logits and not ts.manifest.capture.get("store_logits", False):
         raise UserError(f"{ts.dir}: router logits were not stored (collected with --no-logits); "
                         "distillation needs them")
-    hidden, ids, weights, prev, source, token_ids, logits = [], [], [], [], [], [], []
+    hidden, scale, ids, weights, prev, source, token_ids, logits = [], [], [], [], [], [], [], []
+    fmt = hidden_format_of(ts)
     base = 0
     for sh in ts.shards(shards):
         off = sh.numpy("seq_offsets").astype(np.int64)
@@ -94,12 +136,15 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
         starts, lens = off[:-1][keep], np.diff(off)[keep]
         first = np.repeat(np.cumsum(lens) - lens, lens)          # block row of each token's sequence start
         rows = None if keep.all() else np.repeat(starts, lens) + np.arange(lens.sum()) - first  # shard rows
+        runs = None if rows is None else _merge_runs(starts, lens)
         if with_hidden and ts.manifest.hidden_layers:
-            hidden.append(_read(sh, "hidden", rows, device))
-        ids.append(_read(sh, "topk_ids", rows, device).long())
-        weights.append(_read(sh, "topk_weights", rows, device).float())
+            hidden.append(_read(sh, "hidden", runs, rows, device))
+            if not fmt.lossless:
+                scale.append(_read(sh, "hidden_scale", runs, rows, device))
+        ids.append(_read(sh, "topk_ids", runs, rows, device).long())
+        weights.append(_read(sh, "topk_weights", runs, rows, device).float())
         if with_logits:
-            logits.append(_read(sh, "router_logits", rows, device))
+            logits.append(_read(sh, "router_logits", runs, rows, device))
         tid = sh.numpy("token_ids")
         token_ids.append(torch.from_numpy((tid if rows is None else tid[rows]).astype(np.int64)))
         pos = np.arange(lens.sum()) - first
@@ -112,23 +157,31 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
     slot = torch.full((L,), -1, dtype=torch.long)
     for j, layer in enumerate(ts.manifest.hidden_layers):
         slot[layer] = j
-    return TokenBlock(hidden=torch.cat(hidden, 1) if hidden else None, topk_ids=torch.cat(ids, 1),
-                      topk_weights=torch.cat(weights, 1), prev=torch.cat(prev).to(device),
-                      source=torch.cat(source).to(device), hidden_slot=slot.to(device),
-                      token_ids=torch.cat(token_ids).to(device),
-                      router_logits=torch.cat(logits, 1) if logits else None)
+    cat = lambda parts: (parts[0] if len(parts) == 1 else torch.cat(parts, 1)) if parts else None  # noqa: E731
+    return TokenBlock(hidden=cat(hidden), topk_ids=cat(ids), topk_weights=cat(weights),
+                      prev=torch.cat(prev).to(device), source=torch.cat(source).to(device),
+                      hidden_slot=slot.to(device), token_ids=torch.cat(token_ids).to(device),
+                      router_logits=cat(logits), hidden_scale=cat(scale), hidden_format=fmt,
+                      hidden_codec=ts.hidden_codec(device) if hidden else None)
+
+
+def hidden_format_of(ts: TraceSet) -> HiddenFormat:
+    """The trace set's hidden format (`capture.hidden_format`; trace sets written before it existed: lossless)."""
+    return FORMATS[ts.manifest.hidden_format]
 
 
 def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True, with_logits: bool = False) -> int:
     """Device bytes the blocks of a split take (estimate from the manifest): per token, a TokenBlock holds
     int64 ids + float32 weights for each (layer, k) slot, int64 `prev`, `source` and token id, the hidden
-    states in their storage dtype, and (with_logits) float16 router logits for each (layer, expert)."""
+    states as stored (compact formats stay compact on the device), and (with_logits) float16 router logits
+    for each (layer, expert)."""
     m = ts.manifest
     tokens = sum(s.tokens for s in m.shards) * seq_fraction
     routing = m.num_layers * m.top_k * (8 + 4)   # topk_ids int64 + topk_weights float32
     per_token_index = 8 + 8 + 8                  # prev, source, token id: int64
     hidden_item = torch.empty((), dtype=getattr(torch, m.capture.get("hidden_dtype", "float16"))).element_size()
-    hidden = len(m.hidden_layers) * m.hidden_size * hidden_item if with_hidden else 0
+    row = hidden_format_of(ts).row_bytes(m.hidden_size, hidden_item)
+    hidden = len(m.hidden_layers) * row if with_hidden else 0
     logits = m.num_layers * m.num_experts * 2 if with_logits else 0
     return int(tokens * (routing + per_token_index + hidden + logits))
 
@@ -165,17 +218,21 @@ class SplitBlocks:
         return self.epoch(None)
 
     def epoch(self, rng: np.random.Generator | None) -> Iterator[TokenBlock]:
+        """The split's blocks, in a shuffled group order when an rng is given. Groups not cached are read
+        one ahead on a background thread (`staging.prefetch`): group i + 1 is read while group i is used."""
         if self.groups is None or not self.keep:
             self.groups = shard_groups(len(self.ts), self.per_group, rng)
         order = rng.permutation(len(self.groups)) if rng is not None else range(len(self.groups))
-        for i in order:
+
+        def loader(i: int):
             if i in self.cache:
-                block = self.cache[i]
-            else:
-                block = load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden,
-                                   self.with_logits)
-                if self.keep:
-                    self.cache[i] = block
+                return lambda: self.cache[i]
+            return lambda: load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden,
+                                      self.with_logits)
+
+        for i, block in zip(order, prefetch((loader(i) for i in order), self.device)):
+            if self.keep:
+                self.cache[i] = block
             if block is not None:
                 yield block
 
@@ -225,12 +282,15 @@ def earlier_token(block: TokenBlock, tok: torch.Tensor, back: int) -> torch.Tens
     return rows
 
 
-def hidden_at(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """(R, H) MoE input of token rows `tok` at layers `layer`; zeros where tok < 0, layer < 0 or the layer's
-    hidden state is not stored."""
-    slot = torch.where(layer >= 0, block.hidden_slot[layer.clamp(min=0)], -1)
-    valid = (tok >= 0) & (slot >= 0)
-    h = block.hidden[slot.clamp(min=0), tok.clamp(min=0)]
+def hidden_at(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """(R, H) MoE input of token rows `tok` at layers `layer`, decoded (`TokenBlock.hidden_at`), in `dtype`;
+    zeros where tok < 0, layer < 0 or the layer's hidden state is not stored."""
+    stored = torch.where(layer >= 0, block.hidden_slot[layer.clamp(min=0)], -1) >= 0
+    valid = (tok >= 0) & stored
+    # rows without a stored state read some stored layer's row 0 (decoded like any row), then are zeroed
+    some_layer = torch.argmax((block.hidden_slot >= 0).long())
+    h = block.hidden_at(torch.where(stored, layer.clamp(min=0), some_layer), tok.clamp(min=0), dtype)
     return torch.where(valid.unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
@@ -252,9 +312,15 @@ def _prefix_sums(block: TokenBlock) -> tuple[torch.Tensor, torch.Tensor]:
     seq = torch.cumsum(starts.long(), 0) - 1                       # sequence index of each row
     first = torch.nonzero(starts).squeeze(1)                       # first row of each sequence
     position = torch.arange(N, device=dev) - first[seq]
-    prefix = torch.empty(block.hidden.shape, dtype=torch.float32, device=block.hidden.device)
-    for j in range(block.hidden.shape[0]):  # one stored layer at a time: the float64 sums of a layer, not of all
-        h = block.hidden[j].double()
+    rows = torch.arange(N, device=dev)
+    prefix = None
+    for layer in torch.nonzero(block.hidden_slot >= 0).squeeze(1).tolist():  # one stored layer at a time
+        j = int(block.hidden_slot[layer])
+        # decoded as every reader decodes it (a compact format's codes are not the hidden state), in float64
+        # running sums: long blocks lose no precision; only one layer's float64 copy exists at a time
+        h = block.hidden_at(torch.full((N,), layer, device=dev), rows, torch.float32).double()
+        if prefix is None:
+            prefix = torch.empty(block.hidden.shape[0], N, h.shape[1], dtype=torch.float32, device=h.device)
         total = torch.cumsum(h, 0) - h                             # sum of every earlier row of the block
         prefix[j] = (total - total[first[seq]]).float()
     _PREFIX[block.hidden] = (position, prefix)

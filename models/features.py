@@ -58,21 +58,21 @@ def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, loo
     """What is known when layer `layer` runs for token `tok` (see the module docstring). `needs` is a
     FeatureSpec, or a bool meaning FeatureSpec(history=needs) (the hybrid's features)."""
     spec = needs if isinstance(needs, FeatureSpec) else FeatureSpec(history=bool(needs))
-    f = Features(hidden=block.hidden[block.hidden_slot[layer], tok].to(dtype), layer=layer)
+    f = Features(hidden=block.hidden_at(layer, tok, dtype), layer=layer)
     last_seen = layer if lookahead >= 1 else layer - 1  # layer l's own routing is the answer when d = 0
     target = layer + lookahead
     if spec.history:
         f.own_routing = routing_vector(block, last_seen, tok, num_experts).to(dtype)
         f.prev_token = routing_vector(block, target, block.prev[tok], num_experts).to(dtype)
     if spec.past_layers:
-        f.past_hidden = torch.stack([hidden_at(block, layer - j, tok) for j in range(1, spec.past_layers + 1)],
-                                    1).to(dtype)
+        f.past_hidden = torch.stack([hidden_at(block, layer - j, tok, dtype)
+                                     for j in range(1, spec.past_layers + 1)], 1)
     if spec.own_layers:
         f.own_window = torch.stack([routing_vector(block, last_seen - j, tok, num_experts)
                                     for j in range(spec.own_layers)], 1).to(dtype)
     if spec.window:
         back = [earlier_token(block, tok, j) for j in range(1, spec.window + 1)]
-        f.window_hidden = torch.stack([hidden_at(block, target, b) for b in back], 1).to(dtype)
+        f.window_hidden = torch.stack([hidden_at(block, target, b, dtype) for b in back], 1)
         f.window_routing = torch.stack([routing_vector(block, target, b, num_experts) for b in back], 1).to(dtype)
     if spec.token_id:
         f.token_id = block.token_ids[tok]

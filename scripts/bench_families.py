@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from collection.capture import RoutingCapture
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
-from collection.format import atomic_write_json
+from collection.atomic import atomic_write_json
 from collection.model import EMBEDDED_MODEL, routing_shape
 from models.moe_configs import FULL_SIZE, PRESETS, make_config
 from scripts.benchmark import paired_overhead, sync, token_batches

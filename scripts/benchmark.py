@@ -1,22 +1,26 @@
 r"""Benchmark every stage against the model's own speed; prints a table and writes JSON.
 
 a) collection: tokens/s of the bare forward pass vs forward + capture + shard writing (same model,
-   same batches), with the measured disk write speed beside it;
+   same batches), and of the durable path collect_traces.py runs (every shard fsynced, hashed, renamed
+   and listed) in each --hidden-format, beside the disk-bound ceiling measured on the same disk;
 b) training: (token, layer) rows/s of the simple predictor's training loop reading shards from disk,
    and the seed's 20-epoch recipe's wall time on 5,000 sequences at that rate;
 c) validation: rows/s of the coverage analysis, end to end from the shards and with the rows
    already on the device.
+b) and c) run on a lossless trace set and on its copy in each of --read-formats.
 
 Full size on a GPU (see docs/BENCHMARKS.md for the exact calls):
     python scripts/make_random_checkpoint.py --preset qwen1.5-moe-a2.7b --device cuda --output /tmp/qwen15
     python scripts/benchmark.py --model /tmp/qwen15 --quantization none --json bench_bf16.json
     python scripts/benchmark.py --model /tmp/qwen15 --quantization 4bit --stages collect --json bench_4bit.json
+Everything of issue 14 (durable collection, formats, reading) in one GPU command: scripts/bench_io.sh
 The embedded default on a CPU (about a minute):
     python scripts/benchmark.py --batches 4 --train-sequences 120 --epochs 2
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -28,12 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from collection.capture import RoutingCapture, ShardFiller
+from collection.capture import RoutingCapture, ShardFiller, hidden_moments
 from collection.device import device_name, pick_device, pick_dtype
+from collection.durable import sha256_of
 from collection.errors import UserError, one_line_errors
 from collection.atomic import atomic_write_json
 from collection.format import ShardWriter, TraceSet, shard_specs
+from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat, fit_codec
 from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
+from scripts.collect_traces import seed_recipe_table
 from scripts.make_random_checkpoint import corpus_texts
 
 SEED_TRAIN_ROWS_PER_S = 3870     # the seed's training step on an H200 (docs/platform.md)
@@ -53,8 +60,9 @@ def token_batches(tokenizer: Any, n: int, batch: int, seq_len: int) -> list[torc
     return list(torch.tensor(stream, dtype=torch.long).view(n, batch, seq_len))
 
 
-def disk_write_speed(directory: Path, nbytes: int) -> float:
-    """Bytes/s of a sequential write with fsync, as the shard writer does it."""
+def disk_write_speed(directory: Path, nbytes: int) -> tuple[float, float]:
+    """(bytes/s of a sequential write with fsync, as the shard writer does it; bytes/s of SHA-256 reading the
+    same file back from the page cache, as a commit hashes a shard)."""
     buf = np.random.default_rng(0).integers(0, 255, size=64 << 20, dtype=np.uint8)
     path = directory / "disk_speed.bin"
     t0 = time.perf_counter()
@@ -65,8 +73,60 @@ def disk_write_speed(directory: Path, nbytes: int) -> float:
     os.fsync(fd)
     os.close(fd)
     dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sha256_of(path)
+    hash_s = time.perf_counter() - t0
     path.unlink()
-    return written / dt
+    return written / dt, written / hash_s
+
+
+def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch.Tensor], mask: torch.Tensor,
+                       hidden_dtype: torch.dtype, fmt: HiddenFormat, work: Path) -> dict[str, Any]:
+    """Tokens/s of collect_traces.py's durable path in format `fmt`: shards of --shard-batches batches written
+    from pinned memory, each fsynced, hashed, renamed and announced (as the manifest update) on background
+    threads while the next is collected, timed until the last one is committed. Committed shards are deleted
+    in the announcement, so the run needs the disk of a few shards only."""
+    shape = routing_shape(model)
+    L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
+    per_batch = args.batch_size * args.seq_len
+    codec = None
+    if fmt.fitted:  # fitted on the warm-up batches only: enough for speed, which does not depend on the fit
+        dev = next(model.parameters()).device
+        moments, _ = hidden_moments(model, list(range(L)), [(b, mask) for b in batches[:max(args.warmup, 1)]], dev)
+        codec = fit_codec(fmt, moments)
+    capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, per_batch, K, shape.norm_topk_prob, E, H,
+                             hidden_format=fmt, hidden_codec=codec)
+    filler = ShardFiller(capture)
+    for b in batches[:args.warmup]:  # the format's kernels and buffers warmed
+        hb = capture.forward(model, b, mask)
+        if hb.ready is not None:
+            hb.ready.synchronize()
+        capture.release(hb)
+    timed = batches[args.warmup:args.warmup + args.durable_batches]
+    committed: list[int] = []
+    sync(next(model.parameters()).device)
+    t0 = time.perf_counter()
+    for s0 in range(0, len(timed), args.shard_batches):
+        group = timed[s0:s0 + args.shard_batches]
+        specs = shard_specs(len(group) * per_batch, 1, num_layers=L, top_k=K, num_experts=E, hidden_size=H,
+                            hidden_layers=L, hidden_dtype=str(hidden_dtype).removeprefix("torch."), store_logits=True,
+                            hidden_format=fmt.name)
+        writer = ShardWriter(work / f"durable_{s0:05d}.safetensors", specs, writeback=True)
+        row = 0
+        for b in group:
+            hb = capture.forward(model, b, mask)
+            filler.write_batch(writer, hb, row)
+            row += hb.rows
+        filler.commit(writer, lambda nbytes, sha, path=writer.path: (committed.append(nbytes), path.unlink()))
+    collected_s = time.perf_counter() - t0
+    filler.join()
+    total_s = time.perf_counter() - t0
+    filler.close()
+    capture.close()
+    tokens = len(timed) * per_batch
+    return {"format": fmt.name, "tokens": tokens, "shards": len(committed), "bytes_per_token": sum(committed) / tokens,
+            "durable_tokens_per_s": tokens / total_s, "collected_tokens_per_s": tokens / collected_s,
+            "commit_tail_seconds": total_s - collected_s}
 
 
 def paired_overhead(bare: Any, captured: Any, batches: list[torch.Tensor], rounds: int, tokens: int,
@@ -107,7 +167,8 @@ def paired_overhead(bare: Any, captured: Any, batches: list[torch.Tensor], round
 def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: torch.device, work: Path) -> dict[str, Any]:
     shape = routing_shape(model)
     L, E, K, H = shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size
-    batches = token_batches(tokenizer, args.warmup + args.batches, args.batch_size, args.seq_len)
+    batches = token_batches(tokenizer, args.warmup + max(args.batches, args.durable_batches), args.batch_size,
+                            args.seq_len)
     mask = torch.ones_like(batches[0])
     hidden_dtype = model.get_input_embeddings().weight.dtype if args.quantization == "none" else pick_dtype("auto", dev)
     if hidden_dtype == torch.float32 and dev.type == "cuda":
@@ -121,7 +182,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
         bare(b)
     sync(dev)
     t0 = time.perf_counter()
-    for b in batches[args.warmup:]:
+    for b in batches[args.warmup:args.warmup + args.batches]:
         bare(b)
     sync(dev)
     bare_s = time.perf_counter() - t0
@@ -147,7 +208,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     # capture alone: hooks, gathers, casts and asynchronous copies into pinned host memory, no disk
     sync(dev)
     t0 = time.perf_counter()
-    for b in batches[args.warmup:]:
+    for b in batches[args.warmup:args.warmup + args.batches]:
         captured(b)
     sync(dev)
     capture_only_s = time.perf_counter() - t0
@@ -157,43 +218,69 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     sync(dev)
     t0 = time.perf_counter()
     row = 0
-    for b in batches[args.warmup:]:
+    for b in batches[args.warmup:args.warmup + args.batches]:
         hb = capture.forward(model, b, mask)
         filler.write_batch(writer, hb, row)
         row += hb.rows
     filler.join()
     forward_capture_s = time.perf_counter() - t0
-    nbytes, _ = writer.commit()
+    nbytes, _ = writer.commit()  # in line, as collection committed before this issue: one shard's latency
     total_s = time.perf_counter() - t0
     filler.close()
     capture.close()
     (work / "bench_shard.safetensors").unlink()
-    disk = disk_write_speed(work, max(nbytes, 1 << 30))
+    disk, hash_rate = disk_write_speed(work, max(nbytes, 2 << 30))
     per_token = nbytes / rows
+    durable = {}
+    for name in args.formats:
+        d = durable_collection(args, model, batches, mask, hidden_dtype, FORMATS[name], work)
+        d["disk_bound_tokens_per_s"] = disk / d["bytes_per_token"]
+        d["bound_tokens_per_s"] = min(rows / bare_s, d["disk_bound_tokens_per_s"])
+        d["vs_bound"] = d["durable_tokens_per_s"] / d["bound_tokens_per_s"]
+        durable[name] = d
     return {"tokens": rows, "batch": f"{args.batch_size}x{args.seq_len}", "bare_tokens_per_s": rows / bare_s,
             "capture_only_tokens_per_s": rows / capture_only_s, "capture_only_overhead": capture_only_s / bare_s - 1,
             "capture_tokens_per_s": rows / forward_capture_s, "capture_overhead": forward_capture_s / bare_s - 1,
             "with_commit_tokens_per_s": rows / total_s, "bytes_per_token": per_token, "hidden_dtype": hname,
             "hidden_layers": L, "disk_write_bytes_per_s": disk, "disk_bound_tokens_per_s": disk / per_token,
+            "sha256_bytes_per_s": hash_rate, "durable": durable, "shard_batches": args.shard_batches,
             "paired": paired}
 
 
-def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path, stages: set[str]) -> dict[str, Any]:
-    """Collect a trace set with collect_traces.py itself, then time training and validation on it."""
+def bench_train_validate(args: argparse.Namespace, dev: torch.device, work: Path,
+                         stages: set[str]) -> dict[str, dict[str, Any]]:
+    """Collect a trace set with collect_traces.py itself (8 shards), copy it into each of --read-formats with the
+    collection encoder, then time training and validation on each copy, read from the page cache."""
     from scripts.collect_traces import main as collect_main
+    from scripts.transcode_traces import main as transcode_main
+
+    lossless = work / "traces" / LOSSLESS
+    collect_main(["--model", args.model, "--quantization", args.quantization, "--datasets", "bundled",
+                  "--target_traces", str(args.train_sequences), "--shard_size", str(max(1, args.train_sequences // 8)),
+                  "--batch_size", str(args.batch_size), "--max_length", str(args.seq_len), "--output", str(lossless),
+                  "--overwrite", "--hidden-dtype", "float16" if dev.type == "cuda" else "auto",
+                  *(["--device", str(dev)])])
+    out = {}
+    for name in args.read_formats:
+        traces = lossless if name == LOSSLESS else work / "traces" / name
+        if name != LOSSLESS:
+            transcode_main(["--traces", str(lossless), "--hidden-format", name, "--output", str(traces),
+                            "--device", str(dev), "--overwrite"])
+        out[name] = bench_reading(args, dev, traces, work / f"ckpt-{name}", stages)
+        if name != LOSSLESS:
+            shutil.rmtree(traces, ignore_errors=True)
+    return out
+
+
+def bench_reading(args: argparse.Namespace, dev: torch.device, traces: Path, ckpt: Path,
+                  stages: set[str]) -> dict[str, Any]:
+    """Training and validation rows/s on one trace set."""
     from training.trainer import add_training_args, run_training
     from validation.evaluate import epoch_validation
 
-    traces = work / "traces"
-    collect_main(["--model", args.model, "--quantization", args.quantization, "--datasets", "bundled",
-                  "--target_traces", str(args.train_sequences), "--shard_size", str(max(1, args.train_sequences // 4)),
-                  "--batch_size", str(args.batch_size), "--max_length", str(args.seq_len), "--output", str(traces),
-                  "--overwrite", "--hidden-dtype", "float16" if dev.type == "cuda" else "auto",
-                  *(["--device", str(dev)])])
     ts = TraceSet(traces)
-    out: dict[str, Any] = {"trace_sequences": args.train_sequences,
-                           "trace_bytes": sum(s.bytes for s in ts.manifest.shards)}
-    ckpt = work / "ckpt"
+    out: dict[str, Any] = {"trace_sequences": args.train_sequences, "hidden_format": ts.manifest.hidden_format,
+                           "trace_bytes": sum(s.bytes for s in ts.manifest.shards), "shards": len(ts)}
     if "train" in stages:
         p = argparse.ArgumentParser()
         add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=args.epochs,
@@ -285,8 +372,12 @@ def print_table(res: dict[str, Any]) -> None:
               f"{c['capture_only_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
         print(f"{'  forward + capture + shard writes (page cache)':<60} {c['capture_tokens_per_s']:>12,.0f} "
               f"{c['capture_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
-        print(f"{'  ... + fsync + SHA-256 of the shard':<60} {c['with_commit_tokens_per_s']:>12,.0f} "
-              f"{c['with_commit_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
+        print(f"{'  ... + fsync + SHA-256 in line (one shard; the path before #14)':<60} "
+              f"{c['with_commit_tokens_per_s']:>12,.0f} {c['with_commit_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
+        for name, d in c.get("durable", {}).items():
+            label = f"  durable, as collect_traces.py writes ({name})"
+            print(f"{label:<60} {d['durable_tokens_per_s']:>12,.0f} "
+                  f"{d['durable_tokens_per_s'] / c['bare_tokens_per_s']:>9.2f}")
         disk = (f"  disk-bound ceiling ({c['disk_write_bytes_per_s'] / 1e9:.2f} GB/s fsync write, "
                 f"{c['bytes_per_token'] / 1024:.1f} KiB/token)")
         print(f"{disk:<60} {c['disk_bound_tokens_per_s']:>12,.0f} "
@@ -299,9 +390,58 @@ def print_table(res: dict[str, Any]) -> None:
                   f"{q['capture_only_tokens_per_s_median']:,.0f} tokens/s (medians); paired capture overhead "
                   f"{q['capture_only_overhead_median'] * 100:+.1f}% (median; quartiles "
                   f"{q['capture_only_overhead_p25'] * 100:+.1f}% to {q['capture_only_overhead_p75'] * 100:+.1f}%)")
-    t = res.get("train_validate", {})
+    if c and c.get("durable"):
+        print(f"\ndurable collection: shards of {c['shard_batches']} batches, each fsynced + SHA-256 + renamed + announced "
+              f"on background threads\n(disk {c['disk_write_bytes_per_s'] / 1e9:.2f} GB/s fsync write, SHA-256 "
+              f"{c['sha256_bytes_per_s'] / 1e9:.2f} GB/s from the page cache; bare forward "
+              f"{c['bare_tokens_per_s']:,.0f} tokens/s)")
+        print(f"  {'--hidden-format':<16} {'KiB/token':>10} {'durable tok/s':>14} {'disk ceiling':>13} "
+              f"{'min(bare, ceil)':>16} {'durable / min':>14} {'tail s':>7}")
+        for name, d in c["durable"].items():
+            print(f"  {name:<16} {d['bytes_per_token'] / 1024:>10.1f} {d['durable_tokens_per_s']:>14,.0f} "
+                  f"{d['disk_bound_tokens_per_s']:>13,.0f} {d['bound_tokens_per_s']:>16,.0f} {d['vs_bound']:>14.2f} "
+                  f"{d['commit_tail_seconds']:>7.2f}")
+        print("  (target: durable / min >= 0.80; tail: seconds from the last batch's forward to its shard committed)")
+    print_format_table(res)
+    for name, t in res.get("train_validate", {}).items():
+        print_reading(name, t)
+
+
+def print_format_table(res: dict[str, Any]) -> None:
+    """Per hidden format: bytes per token (seed recipe and this run), durable collection tokens/s, and the
+    recall@4 of predictors trained on it (from compare_hidden_formats.py's formats.json, if given)."""
+    c = res.get("collect", {})
+    quality = res.get("quality", {}).get("formats", {})
+    reading = res.get("train_validate", {})
+    print("\nformats (seed recipe: 5,000 x 256 tokens, all layers, Qwen1.5-MoE dims, with logits)")
+    print(f"  {'--hidden-format':<16} {'seed B/token':>12} {'x smaller':>10} {'seed GB':>8} {'durable tok/s':>14} "
+          f"{'val e2e rows/s':>15} {'worst recall loss':>18}")
+    for r in seed_recipe_table():
+        name = r["format"]
+        d = c.get("durable", {}).get(name)
+        q = quality.get("bf16" if name == LOSSLESS else name)
+        loss = max((v for k, v in q["loss_vs_bf16"].items() if not k.startswith("router")), default=0.0) if q else None
+        e2e = reading.get(name, {}).get("validate_rows_per_s_end_to_end")
+        durable = f"{d['durable_tokens_per_s']:,.0f}" if d else "-"
+        val = f"{e2e:,.0f}" if e2e else "-"
+        worst = "(reference)" if q and name == LOSSLESS else f"{loss:+.4f}" if loss is not None else "-"
+        print(f"  {name:<16} {r['record_bytes_per_token']:>12,} {r['record_vs_bf16']:>10.2f} {r['seed_recipe_gb']:>8.1f} "
+              f"{durable:>14} {val:>15} {worst:>18}")
+    if quality:
+        ref = quality["bf16"]
+        k = next(key for key in ref if key.startswith("recall@"))
+        keys = list(ref[k])
+        print(f"\n{k} of predictors trained on each format (embedded default, test split; "
+              f"compare_hidden_formats.py, device {ref['device']})")
+        print("  " + f"{'format':<16}" + "".join(f"{key:>18}" for key in keys))
+        for name, q in quality.items():
+            print("  " + f"{name:<16}" + "".join(f"{q[k][key]:>18.4f}" for key in keys))
+
+
+def print_reading(name: str, t: dict[str, Any]) -> None:
     if "train_rows_per_s" in t:
-        print(f"\n{'training (simple predictor, seed recipe, shards on disk)':<60} {'rows/s':>12} {'vs seed':>9}")
+        head = f"training (simple predictor, seed recipe, shards on disk; hidden {name})"
+        print(f"\n{head:<60} {'rows/s':>12} {'vs seed':>9}")
         print(f"{'  this loop, shard group resident on the device (epochs 2+)':<60} {t['train_rows_per_s']:>12,.0f} "
               f"{t['vs_seed_training_loop']:>9,.0f}x")
         print(f"{'  this loop, first epoch (reads the shards from page cache)':<60} "
@@ -311,7 +451,8 @@ def print_table(res: dict[str, Any]) -> None:
               f"{t['seed_recipe_seconds_resident']:,.0f} s if resident, {t['seed_recipe_seconds_reloading']:,.0f} s "
               f"reloading every epoch (the seed: ~40 min on an RTX 3090)")
     if "validate_rows_per_s_end_to_end" in t:
-        print(f"\n{'validation (coverage analysis, simple predictor)':<60} {'rows/s':>12} {'vs seed':>9}")
+        head = f"validation (coverage analysis, simple predictor; hidden {name})"
+        print(f"\n{head:<60} {'rows/s':>12} {'vs seed':>9}")
         print(f"{'  end to end (shards -> device -> metrics)':<60} {t['validate_rows_per_s_end_to_end']:>12,.0f} "
               f"{t['validate_rows_per_s_end_to_end'] / SEED_VALIDATE_ROWS_PER_S:>9,.0f}x")
         print(f"{'  rows on the device (scoring + ranks + metric sums)':<60} "
@@ -339,6 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-sequences", type=int, default=400, help="sequences collected for train/validate (400)")
     p.add_argument("--epochs", type=int, default=3, help="timed training epochs (3)")
     p.add_argument("--validate-batch-rows", type=int, default=262144, help="rows per validation batch (262144)")
+    p.add_argument("--formats", default=f"{LOSSLESS},pca-3.5bit",
+                   help="--hidden-format(s) whose durable collection is timed (lossless,pca-3.5bit; 'all')")
+    p.add_argument("--durable-batches", type=int, default=24, help="batches of the durable collection per format (24)")
+    p.add_argument("--shard-batches", type=int, default=4, help="batches per shard in the durable collection (4)")
+    p.add_argument("--read-formats", default=f"{LOSSLESS},pca-3.5bit",
+                   help="formats of the trace set training and validation read (lossless,pca-3.5bit; 'all')")
+    p.add_argument("--quality", default=None,
+                   help="formats.json of compare_hidden_formats.py: adds recall@4 per format to the format table")
     p.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -347,6 +496,14 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--stages: unknown stage(s) {', '.join(sorted(stages - {'collect', 'train', 'validate'}))}")
     if args.batches < 1 or args.warmup < 0 or args.paired_rounds < 0:
         raise UserError("--batches must be >= 1, --warmup and --paired-rounds >= 0")
+    if args.durable_batches < 1 or args.shard_batches < 1:
+        raise UserError("--durable-batches and --shard-batches must be >= 1")
+    for flag in ("formats", "read_formats"):
+        names = list(FORMATS) if getattr(args, flag) == "all" else [f for f in getattr(args, flag).split(",") if f]
+        if not set(names) <= set(FORMATS):
+            raise UserError(f"--{flag.replace('_', '-')}: unknown format(s) {', '.join(sorted(set(names) - set(FORMATS)))}"
+                            f" (choose from {', '.join(FORMATS)})")
+        setattr(args, flag, names)
 
     dev = pick_device(args.device, args.gpu)
     dtype = pick_dtype("float16" if args.quantization != "none" and args.dtype == "auto" else args.dtype, dev)
@@ -365,6 +522,11 @@ def main(argv: list[str] | None = None) -> None:
                            "versions": versions, "args": vars(args)}
     if dev.type == "cuda":
         res["gpu_total_bytes"] = torch.cuda.get_device_properties(dev).total_memory
+    if args.quality:
+        try:
+            res["quality"] = json.loads(Path(args.quality).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--quality {args.quality}: cannot read ({e})") from None
     try:
         if "collect" in stages:
             t0 = time.perf_counter()

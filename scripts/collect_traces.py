@@ -7,6 +7,9 @@ input), plus token ids and the source dataset. Format: docs/trace-format.md.
 The seed's command (real model, CUDA GPU, Hugging Face hub access):
     python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --quantization 4bit --datasets seed \
         --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256
+The same with hidden states stored compactly (4.1x fewer bytes per token; docs/trace-format.md):
+    python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --quantization 4bit --datasets seed \
+        --target_traces 5000 --shard_size 500 --batch_size 8 --max_length 256 --hidden-format pca-3.5bit
 Seconds on a CPU, on the embedded default model and bundled corpus:
     python scripts/collect_traces.py --target_traces 120 --shard_size 60 --max_length 128 \
         --output routing_data/traces/quick --overwrite
@@ -22,21 +25,23 @@ import copy
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from collection.atomic import atomic_write_bytes, atomic_write_json, sha256_file
-from collection.capture import RoutingCapture, ShardFiller, pad_batch
+from collection.capture import RoutingCapture, ShardFiller, hidden_moments, pad_batch
 from collection.device import device_name, host_memory_available, pick_device, pick_dtype
 from collection.distributed import (PARTIAL_MANIFEST_GLOB, Ranks, ShardLedger, fold_partial_manifests, init_ranks,
                                     rank_device, shard_index)
 from collection.errors import UserError, one_line_errors
 from collection.families import moe_layers, router_extras
-from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, SafetensorsFile, ShardInfo, ShardWriter,
-                               TraceFormatError, TraceShard, bytes_per_token, encode_tensors, shard_name, shard_specs,
-                               write_manifest)
+from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest,
+                               SafetensorsFile, ShardInfo, ShardWriter, TraceFormatError, TraceShard, bytes_per_token,
+                               encode_codec, encode_tensors, read_codec, shard_name, shard_specs, write_manifest)
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, fit_codec
 from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
                                human_size, inspect_output, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
@@ -44,6 +49,7 @@ from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, re
 from collection.plan import announce, tokens_per_second
 from collection.placement import describe_placement, parse_device_map, parse_max_memory, placement_from_args
 from collection.sources import MIN_CHARS, parse_sources, sample_balanced
+from models.moe_configs import QWEN15_MOE_A27B
 
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
@@ -83,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MoE layers whose input hidden state is stored: all, none, or e.g. 0,4,8 or 0-11")
     g.add_argument("--hidden-dtype", default="auto",
                    help="auto (the model's compute dtype: lossless), float16, bfloat16, float32")
+    g.add_argument("--hidden-format", default=LOSSLESS, choices=list(FORMATS),
+                   help="how hidden states are stored: lossless (default, in --hidden-dtype) or a compact format "
+                        "encoded on the device (docs/trace-format.md; the table printed before collecting compares them)")
     g.add_argument("--no-logits", action="store_true", help="do not store the full router logits")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="trace directory (default routing_data/traces/<model name>)")
@@ -175,6 +184,42 @@ def choose_destination(state: OutputState, args: argparse.Namespace) -> tuple[Pa
     return out, None                            # nothing here yet
 
 
+SEED_RECIPE_TOKENS = 5000 * 256  # the seed's recipe: 5,000 sequences of up to 256 tokens
+FIT_TOKENS = 65536  # a fitted --hidden-format is fitted on this many tokens (at most the first shard's)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def seed_recipe_table() -> list[dict[str, float | str]]:
+    """Stored bytes of the seed's full recipe (5,000 x 256 tokens, every layer's hidden state and the router
+    logits, Qwen1.5-MoE-A2.7B's dimensions, captured in bf16) in every hidden format."""
+    c = QWEN15_MOE_A27B
+    dims = {"num_layers": c["num_hidden_layers"], "top_k": c["num_experts_per_tok"], "num_experts": c["num_experts"],
+            "hidden_size": c["hidden_size"], "hidden_layers": c["num_hidden_layers"], "hidden_dtype": "bfloat16",
+            "store_logits": True}
+    rest = bytes_per_token(**{**dims, "hidden_layers": 0})
+    ref = bytes_per_token(**dims)
+    rows = []
+    for name in FORMATS:
+        record = bytes_per_token(**dims, hidden_format=name)
+        rows.append({"format": name, "hidden_bytes_per_token": record - rest, "record_bytes_per_token": record,
+                     "hidden_vs_bf16": (ref - rest) / (record - rest), "record_vs_bf16": ref / record,
+                     "seed_recipe_gb": record * SEED_RECIPE_TOKENS / 1e9})
+    return rows
+
+
+def print_seed_recipe_table() -> None:
+    print("disk for the seed's full recipe (5,000 x 256 tokens, all 24 layers, Qwen1.5-MoE-A2.7B dims, bf16 capture, "
+          "with logits):")
+    print(f"  {'--hidden-format':<16} {'hidden B/token':>14} {'record B/token':>14} {'x smaller (hidden / record)':>28} "
+          f"{'GB':>7}")
+    for r in seed_recipe_table():
+        print(f"  {r['format']:<16} {r['hidden_bytes_per_token']:>14,} {r['record_bytes_per_token']:>14,} "
+              f"{r['hidden_vs_bf16']:>14.2f} / {r['record_vs_bf16']:<11.2f} {r['seed_recipe_gb']:>7.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.device_map is not None:  # a malformed map fails now, not after the texts are read
@@ -249,15 +294,19 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
 
     H, L, E, K = shape.hidden_size, shape.num_layers, shape.num_experts, shape.top_k
     hidden_name = plan_dtype(hidden_dtype)
+    fmt = FORMATS[args.hidden_format if hidden_layers else LOSSLESS]  # no hidden states: nothing to encode
+    if (why := fmt.check(H)):
+        raise UserError(f"--hidden-format {fmt.name}: {why}")
     dims = {"num_layers": L, "top_k": K, "num_experts": E, "hidden_size": H, "hidden_layers": len(hidden_layers),
-            "hidden_dtype": hidden_name, "store_logits": store_logits}
+            "hidden_dtype": hidden_name, "store_logits": store_logits, "hidden_format": fmt.name}
     per_token = bytes_per_token(**dims)
     plan = {"model": args.model, "quantization": args.quantization, "dtype": plan_dtype(compute_dtype),
             "datasets": [s.describe() for s in sources], "target_traces": args.target_traces,
             "per_source": per_source, "shard_size": args.shard_size, "batch_size": args.batch_size,
             "max_length": args.max_length, "min_chars": args.min_chars, "seed": args.seed,
             "sequences": n_seq, "tokens": int(lengths.sum()), "tokens_sha256": fingerprint}
-    capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "store_logits": store_logits,
+    capture_cfg = {"hidden_layers": hidden_layers, "hidden_dtype": hidden_name, "hidden_format": fmt.name,
+                   "store_logits": store_logits,
                    "hidden_is": "MoE-block input (post-attention RMSNorm output), real tokens only",
                    "bytes_per_token": per_token}
     routers = {**{f"router.{l}": w.to(compute_dtype) for l, w in enumerate(router_weights(model))},
@@ -274,7 +323,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     # --- where to write and what is already there, then (from "written" on) the writing of the manifest and
     # router weights: rank 0 alone, under the lock, for every process; the old set stays untouched until the new
     # one is complete
-    names = [shard_name(i) for i in range(n_shards)] + [ROUTER_WEIGHTS, MANIFEST]
+    names = [shard_name(i) for i in range(n_shards)] + [ROUTER_WEIGHTS, MANIFEST] + ([CODEC_FILE] if fmt.fitted else [])
 
     def shard_tokens(i: int) -> int:
         return int(lengths[i * args.shard_size:(i + 1) * args.shard_size].sum())
@@ -288,6 +337,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             mismatch = [k for k in plan if previous.plan.get(k) != plan[k]]
             mismatch += [k for k in ("hidden_layers", "hidden_dtype", "store_logits")
                          if previous.capture.get(k) != capture_cfg[k]]
+            mismatch += ["hidden_format"] if previous.hidden_format != fmt.name else []
             if mismatch:
                 raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(mismatch)}; "
                                 f"repeat its flags exactly (they are in {dest / MANIFEST})")
@@ -314,11 +364,27 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         done = {shard_index(s) for s in previous.shards} if previous is not None else set()
 
         # --- disk: refuse a collection that cannot fit rather than fail hours in (before anything is written)
+        print_seed_recipe_table()
         need = sum(shard_tokens(i) for i in range(n_shards) if i not in done) * per_token
-        sizes = check_free_space(out, need, "store fewer --hidden-layers, a 2-byte --hidden-dtype, --no-logits, "
-                                            "or choose another --output")
-        print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {hidden_name}"
+        sizes = check_free_space(out, need, "store fewer --hidden-layers, a compact --hidden-format, a 2-byte "
+                                            "--hidden-dtype, --no-logits, or choose another --output")
+        stored_as = hidden_name if fmt.lossless else f"{fmt.name}, captured in {hidden_name}"
+        print(f"storing {per_token / 1024:.1f} KiB per token ({len(hidden_layers)} hidden layers in {stored_as}"
               f"{', logits' if store_logits else ''}): {sizes}")
+
+        # --- a fitted format is fitted on the first tokens of the first shard, before any shard is written
+        # (a resumed run keeps the interrupted run's fit, so its codes are the same)
+        codec_bytes = None
+        if previous is None and fmt.fitted and hidden_layers:
+            t1 = time.perf_counter()
+            fit_seqs = min(int(np.searchsorted(np.cumsum(lengths), FIT_TOKENS)) + 1, args.shard_size, n_seq)
+            moments, fit_tokens = hidden_moments(
+                model, hidden_layers, [pad_batch(encoded[b:min(b + args.batch_size, fit_seqs)], pad_id(tokenizer))
+                                       for b in range(0, fit_seqs, args.batch_size)], device)
+            codec = fit_codec(fmt, moments)
+            codec_bytes, capture_cfg["hidden_codec"] = encode_codec(codec, fit_tokens)
+            print(f"fitted {fmt.name} on the first {fit_tokens:,} tokens in {time.perf_counter() - t1:.1f} s: "
+                  f"bits per axis rank {codec.bits[::8].tolist()} (every 8th)")
 
         # --- written from here on
         out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +402,8 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             manifest = Manifest(model={"name_or_path": args.model, "architecture": shape.architecture,
                                        "quantization": args.quantization, "dtype": plan["dtype"]},
                                 routing=shape.to_json(), capture=capture_cfg,
-                                sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan)
+                                sources=[{**s.describe(), "sequences": per_source} for s in sources], plan=plan,
+                                format_version=FORMAT_VERSION if fmt.lossless else COMPACT_FORMAT_VERSION)
         # the router weights: listed in the manifest before they are written, so an interruption leaves no
         # unlisted file
         router_bytes, info = encode_tensors(ROUTER_WEIGHTS, routers)
@@ -350,6 +417,8 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         rw_path = dest / ROUTER_WEIGHTS
         if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
             atomic_write_bytes(rw_path, router_bytes)
+        if codec_bytes is not None:  # listed in the manifest just written, as the router weights are
+            atomic_write_bytes(dest / CODEC_FILE, codec_bytes)
         return dest, manifest
     dest, manifest = ranks.on_main(prepare)
     if manifest is None:
@@ -358,14 +427,15 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     done_tokens = int(lengths.sum()) - sum(shard_tokens(i) for i in ledger.remaining())
     need = (int(lengths.sum()) - done_tokens) * per_token
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    speed = tokens_per_second(model, encoded[:args.batch_size], pad_id, device)
+    speed = tokens_per_second(model, encoded[:args.batch_size], pad_id(tokenizer), device)
     announce(len([i for i in range(n_seq) if i // args.shard_size in ledger.remaining()]),
              int(lengths.sum()) - done_tokens, need, speed, device, QUICK_COMMAND)
 
     # --- collect, one shard at a time; batches never cross a shard, so a resumed run is identical
+    # a fitted format's parameters: fitted by rank 0 above or by the interrupted run, read back by every rank
+    codec = read_codec(dest, manifest) if fmt.fitted and hidden_layers else None
     capture = RoutingCapture(model, hidden_layers, hidden_dtype, store_logits, max_rows, K, shape.norm_topk_prob,
-                             E, H)
+                             E, H, hidden_format=fmt, hidden_codec=codec)
     filler = ShardFiller(capture)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     if ranks.distributed:  # rank 0's bar counts its own shards; the others draw none
@@ -384,7 +454,9 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             seq_len = lengths[lo:hi]
             N = int(seq_len.sum())
             specs = shard_specs(N, hi - lo, **dims)
-            writer = ShardWriter(dest / shard_name(shard_idx), specs, {"format_version": "1", "shard": str(shard_idx)})
+            writer = ShardWriter(dest / shard_name(shard_idx), specs,
+                                 {"format_version": str(manifest.format_version), "shard": str(shard_idx)},
+                                 writeback=True)
             writers.append(writer)
             writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
             writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
@@ -392,7 +464,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             writer.write("seq_sources", np.array([texts[i][0] for i in range(lo, hi)], dtype=np.int16))
             row = 0
             for b in range(lo, hi, args.batch_size):
-                input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id)
+                input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id(tokenizer))
                 try:
                     host = capture.forward(model, input_ids, mask)
                 except RuntimeError as e:
@@ -404,10 +476,11 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
                 row += host.rows
                 bar.update(host.rows)
 
-            def commit(writer: ShardWriter = writer, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
-                nbytes, digest = writer.commit()
+            # committed (fsync, SHA-256, rename, manifest) on background threads, in shard order, while the next
+            # shard is collected; a crash before its manifest update leaves a .partial that --resume redoes
+            def committed(nbytes: int, digest: str, idx: int = shard_idx, S: int = hi - lo, N: int = N) -> None:
                 ledger.record(ShardInfo(file=shard_name(idx), sequences=S, tokens=N, bytes=nbytes, sha256=digest))
-            filler.submit(commit)
+            filler.commit(writer, committed)
         filler.join()
     except BaseException:
         filler.close()  # waits for the writing threads: no write lands after the aborts below

@@ -92,8 +92,8 @@ MUTATIONS = [
              ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
              "the window of previous tokens at layer l+d starts at token t itself: its MoE input at l+d (d >= 1) "
              "and its routing there, the answer"),
-    Mutation("future-leak-past-layers-read-later", "models/features.py", "hidden_at(block, layer - j, tok)",
-             "hidden_at(block, layer + j, tok)",
+    Mutation("future-leak-past-layers-read-later", "models/features.py", "hidden_at(block, layer - j, tok, dtype)",
+             "hidden_at(block, layer + j, tok, dtype)",
              ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
              "the 'past layers' feature reads this token's MoE inputs at layers l+1.., not yet computed"),
     Mutation("future-leak-next-token-id", "models/features.py", "f.token_id = block.token_ids[tok]",

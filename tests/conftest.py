@@ -70,3 +70,24 @@ def tiny_traces(tmp_path_factory) -> Path:
         shutil.copytree(os.environ["MOE_TEST_TINY_TRACES"], out)
         return out
     return build_tiny_traces(out)
+
+
+def transcoded(tiny_traces: Path, tmp_path_factory, fmt: str) -> Path:
+    out = tmp_path_factory.mktemp("traces") / fmt
+    from scripts.transcode_traces import main
+
+    main(["--traces", str(tiny_traces), "--hidden-format", fmt, "--output", str(out), "--device", "cpu"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_compact_traces(tiny_traces, tmp_path_factory) -> Path:
+    """`tiny_traces` with its hidden states re-encoded in a compact format (hadamard-3.5bit), by the encoder
+    collection uses."""
+    return transcoded(tiny_traces, tmp_path_factory, "hadamard-3.5bit")
+
+
+@pytest.fixture(scope="session")
+def tiny_pca_traces(tiny_traces, tmp_path_factory) -> Path:
+    """`tiny_traces` in the fitted format pca-3.5bit (its codec fitted on the first shard, as collection does)."""
+    return transcoded(tiny_traces, tmp_path_factory, "pca-3.5bit")

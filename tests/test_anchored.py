@@ -125,6 +125,29 @@ def test_features_by_hand():
     assert f0.own_window[0].nonzero().tolist() == [[0, 2]]                 # layer 0 only; layer -1 is zeros
 
 
+def test_features_decode_a_compact_hidden_format(tiny_pca_traces):
+    """On a trace set whose hidden states are stored compact (pca-3.5bit codes), every hidden-state feature
+    (this row's, past layers, the window, the context mean) is the decoded state, as a lossless block of the
+    decoded states gives it."""
+    import dataclasses
+
+    from collection.hidden_format import FORMATS, LOSSLESS
+
+    ts = TraceSet(tiny_pca_traces)
+    block = next(iter(SplitBlocks(ts, split_sequences(ts.sequence_table(), 0)["test"], torch.device("cpu"), 4)))
+    assert block.hidden.dtype == torch.uint8  # codes, not states: reading them raw would be wrong
+    N, L = block.tokens, ts.manifest.num_layers
+    states = torch.stack([block.hidden_at(torch.full((N,), l), torch.arange(N), torch.float32) for l in range(L)])
+    plain = dataclasses.replace(block, hidden=states, hidden_scale=None, hidden_format=FORMATS[LOSSLESS],
+                                hidden_codec=None)
+    spec = FeatureSpec(past_layers=2, own_layers=1, window=2, token_id=True, context=3)
+    tok, layer = next(row_batches(block, list(range(L - 1)), 4096))
+    f, g = make_features(block, tok, layer, 1, 60, spec), make_features(plain, tok, layer, 1, 60, spec)
+    for name in ("hidden", "past_hidden", "window_hidden", "context", "own_window", "window_routing"):
+        assert torch.allclose(getattr(f, name), getattr(g, name), atol=1e-5), name
+    assert f.context.abs().sum() > 0 and f.window_hidden.abs().sum() > 0
+
+
 def test_losses_by_hand():
     teacher = torch.tensor([[math.log(3.0), 0.0]])
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # p = (3/4, 1/4) against q = (1/2, 1/2)

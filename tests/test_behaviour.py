@@ -157,7 +157,7 @@ def random_block(seed: int = 0, L: int = 6, N: int = 40, E: int = 60, K: int = 4
 
 
 def changed(block, **edits):
-    b = dataclasses.replace(block, **{k: v.clone() for k, v in vars(block).items() if v is not None})
+    b = dataclasses.replace(block, **{k: v.clone() for k, v in vars(block).items() if isinstance(v, torch.Tensor)})
     for name, fn in edits.items():
         fn(getattr(b, name))
     return b

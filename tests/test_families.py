@@ -52,7 +52,7 @@ def test_capture_equals_the_models_own_routing_on_a_padded_batch(model_type):
 
     # independent witnesses: transformers' own router class, experts found by class name
     router_cls = model.model._can_record_outputs["router_logits"].target_class
-    routers, experts, blocks_in = {}, {}, {}
+    routers, experts = {}, {}
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, router_cls):

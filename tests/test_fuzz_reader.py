@@ -5,6 +5,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,12 @@ from collection.format import (_NAME_TO_ST, _ST_TO_NP, Manifest, SafetensorsFile
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def open_everything(path, manifest):
+@pytest.fixture(params=["tiny_traces", "tiny_compact_traces", "tiny_pca_traces"])  # lossless, compact, fitted
+def traces(request):
+    return request.getfixturevalue(request.param)
+
+
+def open_everything(path, manifest, codec_dir=None):
     """What a reader does with a shard: structure, manifest checks, and reading every tensor."""
     try:
         info = ShardInfo(file=path.name, sequences=manifest.shards[0].sequences, tokens=manifest.shards[0].tokens,
@@ -23,6 +29,13 @@ def open_everything(path, manifest):
         shard = TraceShard(path, info, manifest, verify=False)
         for name in shard.keys():
             np.asarray(shard.numpy(name)).sum()
+        if "hidden_scale" in shard.keys():  # compact: decoding any codes and scales gives rows, never a crash
+            from collection.format import read_codec
+            from collection.hidden_format import FORMATS
+
+            codec = read_codec(codec_dir, manifest)
+            FORMATS[manifest.hidden_format].decode(shard.tensor("hidden", 0), shard.tensor("hidden_scale", 0),
+                                                   codec=codec, layers=0)
     except TraceFormatError as e:
         assert path.name in str(e)
 
@@ -31,9 +44,9 @@ def open_everything(path, manifest):
 
 @FUZZ
 @given(data=st.data())
-def test_byte_flips_and_truncation(tiny_traces, tmp_path_factory, data):
-    ts = TraceSet(tiny_traces)
-    raw = bytearray((tiny_traces / ts.manifest.shards[0].file).read_bytes())
+def test_byte_flips_and_truncation(traces, tmp_path_factory, data):
+    ts = TraceSet(traces)
+    raw = bytearray((traces / ts.manifest.shards[0].file).read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     # most damage in the header, where parsing decisions are made; some anywhere
     for _ in range(data.draw(st.integers(1, 8))):
@@ -42,14 +55,14 @@ def test_byte_flips_and_truncation(tiny_traces, tmp_path_factory, data):
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
     path = tmp_path_factory.mktemp("fuzz") / "shard_00000.safetensors"
     path.write_bytes(bytes(raw[:cut] if cut is not None else raw))
-    open_everything(path, ts.manifest)
+    open_everything(path, ts.manifest, traces)
 
 
 @FUZZ
 @given(data=st.data())
-def test_structured_header_mutations(tiny_traces, tmp_path_factory, data):
-    ts = TraceSet(tiny_traces)
-    raw = (tiny_traces / ts.manifest.shards[0].file).read_bytes()
+def test_structured_header_mutations(traces, tmp_path_factory, data):
+    ts = TraceSet(traces)
+    raw = (traces / ts.manifest.shards[0].file).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
@@ -65,7 +78,7 @@ def test_structured_header_mutations(tiny_traces, tmp_path_factory, data):
     body = json.dumps(header).encode()
     path = tmp_path_factory.mktemp("fuzz") / "shard_00000.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
-    open_everything(path, ts.manifest)
+    open_everything(path, ts.manifest, traces)
 
 
 @FUZZ

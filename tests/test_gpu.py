@@ -114,3 +114,77 @@ def test_4bit_per_family_quantizes_fused_experts_and_routes_like_bf16(model_type
         agree = same[clear].float().mean().item()
         print(f"{model_type} MoE layer {j}: {int(clear.sum())}/{len(clear)} rows clear of ties, id sets agree on {agree:.3f}")
         assert clear.sum() > 0 and agree >= 0.85, f"{model_type} layer {j}: 4-bit ids agree with bf16 on only {agree:.3f}"
+
+
+@pytest.mark.parametrize("name", ["hadamard-3.5bit", "pca-3.5bit"])
+def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
+    """A compact format encodes on the side stream after the forward; the pinned codes decode to the MoE inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from collection.capture import RoutingCapture, hidden_moments, pad_batch
+    from collection.hidden_format import FORMATS, fit_codec
+    from collection.families import moe_layers
+    from collection.model import routing_shape
+
+    dev = torch.device("cuda", 0)
+    fmt = FORMATS[name]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to(dev).eval()
+    s = routing_shape(model)
+    L, K, H = s.num_layers, s.top_k, s.hidden_size
+    g = torch.Generator().manual_seed(0)
+    codec = None
+    if fmt.fitted:
+        fit = [pad_batch([torch.randint(1, 500, (30,), generator=g).tolist() for _ in range(4)], 0) for _ in range(3)]
+        codec = fit_codec(fmt, hidden_moments(model, list(range(L)), fit, dev)[0])
+    moe_inputs = {}
+    hooks = [m.router.register_forward_pre_hook(lambda mod, a, l=l: moe_inputs.__setitem__(l, a[0].detach().clone()))
+             for l, m in enumerate(moe_layers(model))]
+    cap = RoutingCapture(model, list(range(L)), torch.bfloat16, True, 64, K, s.norm_topk_prob, s.num_experts, H,
+                         hidden_format=fmt, hidden_codec=codec)
+    ref_codec = cap.codec
+    for lengths in [(9, 4, 13), (16, 16), (5, 12, 3)]:  # padded and not, on 2 alternating pinned buffers
+        ids, mask = pad_batch([torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths], 0)
+        hb = cap.forward(model, ids, mask)
+        hb.ready.synchronize()
+        real = mask.reshape(-1).bool().to(dev)
+        for l in range(L):
+            h = moe_inputs[l].reshape(-1, H)[real].float().cpu()
+            payload, scale = hb.hidden[l, :hb.rows], hb.hidden_scale[l, :hb.rows]
+            ref_payload, ref_scale = fmt.encode(moe_inputs[l].reshape(-1, H)[real], ref_codec, l)
+            assert (payload != ref_payload.cpu()).float().mean() < 0.01  # same rows, another batch shape
+            assert torch.allclose(scale.float(), ref_scale.float().cpu(), rtol=1e-2)
+            dec = fmt.decode(payload.to(dev), scale.to(dev), torch.float32, ref_codec, l).cpu()
+            rel = ((dec - h).square().sum() / h.square().sum()).item()
+            assert rel < 0.04
+        cap.release(hb)
+    cap.close()
+    for h in hooks:
+        h.remove()
+
+
+def test_cuda_reading_equals_cpu_reading(tiny_compact_traces, tmp_path):
+    """Pinned staging, side-stream copies and the prefetching thread deliver the bytes a CPU read gives."""
+    import numpy as np
+
+    from collection.format import TraceSet
+    from collection.rows import SplitBlocks, load_block
+    from collection.staging import StagedReader
+
+    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(data.tobytes())
+    reader = StagedReader(torch.device("cuda", 0), threads=3, chunk_bytes=4096)
+    ranges = [(0, 10), (5000, 250_000), (17, 3), (299_990, 10)]
+    got = reader.read(tmp_path / "f.bin", ranges).cpu().numpy()
+    assert np.array_equal(got, np.concatenate([data[o:o + n] for o, n in ranges]))
+    reader.close()
+    ts = TraceSet(tiny_compact_traces)
+    ids = ts.sequence_table()["seq_id"]
+    few = ids[::5]
+    blocks = list(SplitBlocks(ts, few, torch.device("cuda", 0), shards_per_group=1, keep=False))
+    for i, block in enumerate(blocks):
+        ref = load_block(ts, [i], few, torch.device("cpu"))
+        for name in ("hidden", "hidden_scale", "topk_ids", "topk_weights", "prev", "source"):
+            assert torch.equal(getattr(block, name).cpu(), getattr(ref, name)), name
+        tok, layer = torch.arange(ref.tokens), torch.full((ref.tokens,), 1)
+        dec = block.hidden_at(layer.cuda(), tok.cuda(), torch.bfloat16).float().cpu()
+        assert torch.allclose(dec, ref.hidden_at(layer, tok, torch.float32), rtol=0.02, atol=0.02)

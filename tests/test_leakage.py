@@ -44,7 +44,7 @@ def scramble_future(block: TokenBlock, t: int, l: int, d: int, seed: int) -> Tok
     not finished (>= l when d = 0, > l when d >= 1), token t's hidden state at layers > l, and every later
     token of its sequence at every layer."""
     g = torch.Generator().manual_seed(seed)
-    b = TokenBlock(**{k: v.clone() for k, v in vars(block).items()})
+    b = TokenBlock(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(block).items()})
     seq_end = 15 if t < 15 else N
     first_unknown = l if d == 0 else l + 1
     b.topk_ids[first_unknown:, t] = torch.rand(L - first_unknown, E, generator=g).argsort(-1)[..., :K]
@@ -149,7 +149,8 @@ def test_a_planted_leak_is_caught(leak, monkeypatch):
                             lambda block, layer, tok, num_experts: real_routing(block, layer + 1, tok, num_experts))
     elif leak == "past layers read later layers":  # h_{l-j} read as h_{l-j+2}
         real_hidden = features.hidden_at
-        monkeypatch.setattr(features, "hidden_at", lambda block, layer, tok: real_hidden(block, layer + 2, tok))
+        monkeypatch.setattr(features, "hidden_at", lambda block, layer, tok, *dtype:
+                            real_hidden(block, layer + 2, tok, *dtype))
     elif leak == "context includes this token":  # the mean over t-C+1 .. t instead of t-C .. t-1
         real_context = features.context_mean
         monkeypatch.setattr(features, "context_mean", lambda block, layer, tok, tokens:
@@ -158,3 +159,29 @@ def test_a_planted_leak_is_caught(leak, monkeypatch):
         make = next_token_id
     with pytest.raises(AssertionError, match="future leaked"):
         check_no_leak(anchored_model(d), d, make)
+
+
+def test_the_scramble_reaches_what_it_must():
+    """The test above would pass vacuously if the scramble changed nothing that features could read:
+    the target itself and the previous token's own future must change."""
+    block = make_block(0)
+    t, l, d = 20, 1, 1
+    after = scramble_future(block, t, l, d, seed=1)
+    assert not torch.equal(targets(block, torch.tensor([t]), torch.tensor([l]), d),
+                           targets(after, torch.tensor([t]), torch.tensor([l]), d))
+    assert not torch.equal(block.topk_ids[:, t + 1], after.topk_ids[:, t + 1])
+    # what may be used stays: this token's layer l routing (d >= 1), the previous token at every layer
+    assert torch.equal(block.topk_ids[l, t], after.topk_ids[l, t])
+    assert torch.equal(block.topk_ids[:, t - 1], after.topk_ids[:, t - 1])
+
+
+def test_hybrid_uses_the_history_it_is_allowed():
+    """The hybrid's history features are live: changing the previous token's routing changes them."""
+    block = make_block(0)
+    t, l, d = 20, 2, 1
+    f = make_features(block, torch.tensor([t]), torch.tensor([l]), d, E, True)
+    changed = TokenBlock(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(block).items()})
+    changed.topk_ids[l + d, t - 1] = (changed.topk_ids[l + d, t - 1] + 1) % E
+    g = make_features(changed, torch.tensor([t]), torch.tensor([l]), d, E, True)
+    assert not torch.equal(f.prev_token, g.prev_token)
+    assert torch.equal(f.own_routing, g.own_routing)

@@ -12,8 +12,13 @@ def test_benchmark_runs_and_writes_json(tiny_model, tmp_path):
     proc = run_script("benchmark", "--model", tiny_model, "--batches", "2", "--warmup", "1", "--seq-len", "32",
                       "--train-sequences", "18", "--epochs", "2", "--json", js)
     assert "bare forward" in proc.stdout and "metrics only" in proc.stdout
+    assert "durable / min" in proc.stdout and "seed GB" in proc.stdout  # the durable row and the format table
     res = json.loads(js.read_text())
-    assert res["collect"]["bare_tokens_per_s"] > 0 and res["train_validate"]["train_rows_per_s"] > 0
+    assert res["collect"]["bare_tokens_per_s"] > 0
+    for name in ("lossless", "pca-3.5bit"):  # durable collection and reading timed in both default formats
+        assert res["collect"]["durable"][name]["durable_tokens_per_s"] > 0
+        assert res["train_validate"][name]["train_rows_per_s"] > 0
+        assert res["train_validate"][name]["validate_rows_per_s_end_to_end"] > 0
     assert res["versions"]["transformers"]
 
 

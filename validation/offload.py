@@ -445,7 +445,7 @@ def check_engine(engine: ReplayEngine, stream: Any, formats: list[str], lookahea
     from validation.cache_sim import POLICIES, Stream, run_policy
     from validation.cost_model import CostModel
 
-    dims, dev = engine.dims, engine.device
+    dims = engine.dims
     E, K, L = dims.num_experts, dims.top_k, engine.L
     out: dict[str, float] = {}
     x = engine.inputs[1]

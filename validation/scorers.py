@@ -130,7 +130,7 @@ class RouterScorer:
         self.rows = self.tied_rows = self.tied_missed_rows = 0
 
     def __call__(self, block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        h = block.hidden[block.hidden_slot[layer], tok]
+        h = block.hidden_at(layer, tok, self.weights.dtype)  # decoded here when the set is compact
         scores = torch.empty(tok.shape[0], self.weights.shape[1], device=h.device)
         for l in layer.unique().tolist():  # one matmul per target layer present in the batch
             m, t = layer == l, l + self.lookahead

@@ -1,0 +1,120 @@
+"""Making finished shards durable in the background, so collection never waits for the disk it doesn't need.
+
+A shard is *committed* when its bytes are on disk (fsync), its SHA-256 is known, it has been renamed from
+`NAME.partial` to `NAME`, the directory entry is on disk, and the manifest lists it. Done in line, a commit
+stalls the writer queue for the fsync and a full read of the shard, and with it the GPU. `ShardCommitter`
+runs each commit on background threads while the next shard is collected:
+
+    submit(writer)  ->  fsync (one thread)  |  SHA-256 read back from the page cache (another thread)
+                    ->  rename + directory fsync + manifest update, strictly in submission order
+
+so the manifest only ever lists a prefix of the shards, each intact. At most `max_pending` shards wait to be
+committed: `submit` blocks beyond that, which bounds the dirty page cache and the `.partial` files that a
+crash can leave (all removed and redone by `--resume`).
+
+While a shard is written, `start_writeback` asks the kernel to start writing each range to disk at once
+(Linux `sync_file_range`), so the disk stays busy during collection and the fsync at commit has little left.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from collection.atomic import commit_file
+from collection.errors import DISK_FULL, disk_full
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages in the range, do not wait for it
+_libc = None
+try:  # Linux only; elsewhere writeback starts when the kernel decides, and fsync does the rest
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (OSError, AttributeError):
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing `nbytes` at `offset` of `fd` to disk without waiting (a hint: failures are ignored,
+    since the fsync at commit is what guarantees durability)."""
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file, read into one reused buffer (hashlib releases the GIL on large updates, so
+    several hashes run in parallel on worker threads)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class ShardCommitter:
+    """Commits shards on background threads, in order; `on_commit(bytes, sha256)` of each runs there too.
+
+    Errors are raised in the caller at the next `submit` or at `join`. After an error nothing more is
+    committed: the manifest keeps listing the shards committed before it.
+    """
+
+    def __init__(self, max_pending: int = 3, hash_threads: int = 3):
+        self.pool = ThreadPoolExecutor(max_workers=hash_threads + max_pending, thread_name_prefix="commit")
+        self.slots = threading.Semaphore(max_pending)
+        self.order = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-order")
+        self.error: BaseException | None = None
+        self.pending: list[Future] = []
+
+    def submit(self, tmp: Path, path: Path, fd: int, nbytes: int, on_commit: Callable[[int, str], None]) -> None:
+        """Commit the finished file `tmp` (open as `fd`, which this closes) to `path`."""
+        self._check()
+        self.slots.acquire()
+        synced = self.pool.submit(_fsync_close, fd)
+        digest = self.pool.submit(sha256_of, tmp)
+
+        def finish() -> None:
+            try:
+                synced.result()
+                sha = digest.result()
+                if self.error is None:
+                    commit_file(tmp, path)  # fsync again (nothing left), rename, fsync the directory
+                    on_commit(nbytes, sha)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                tmp.unlink(missing_ok=True)  # never left looking like a shard in progress
+                if isinstance(e, OSError) and e.errno in DISK_FULL:
+                    e = disk_full(path, e)
+                if self.error is None:
+                    self.error = e
+            finally:
+                self.slots.release()
+        self.pending = [f for f in self.pending if not f.done()] + [self.order.submit(finish)]
+
+    def _check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def join(self) -> None:
+        """Wait until every submitted shard is committed (or failed)."""
+        for f in self.pending:
+            f.result()
+        self.pending = []
+        self._check()
+
+    def close(self) -> None:
+        self.order.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,183 @@
+r"""Rewrite a trace set's hidden states in another format (e.g. a lossless set into a compact one).
+
+Every shard is read, its hidden states are re-encoded by collection/hidden_format.py (the same code that
+encodes them at collection), and the other tensors are copied unchanged; the new set gets its own manifest
+(with `capture.transcoded_from`) and checksums. A compact source is decoded first, so its loss carries over.
+
+Compact copy of the embedded default's traces, as collection with --hidden-format would have written them:
+    python scripts/transcode_traces.py --traces routing_data/traces/qwen2moe-mini --hidden-format pca-3.5bit \
+        --output routing_data/traces/qwen2moe-mini-pca35
+Seconds on a CPU (a bf16 copy of a quick trace set):
+    python scripts/collect_traces.py --target_traces 60 --shard_size 30 --max_length 64 --output /tmp/q --overwrite
+    python scripts/transcode_traces.py --traces /tmp/q --hidden-format lossless --hidden-dtype bfloat16 --output /tmp/q16
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from collection.device import pick_device
+from collection.errors import UserError, one_line_errors
+from collection.atomic import atomic_write_bytes
+from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
+                               ShardWriter, TraceSet, bytes_per_token, encode_codec, manifest_dims, shard_specs,
+                               write_manifest)
+from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
+from collection.output import (OutputLock, check_free_space, check_no_collision, discard_staging, inspect_output,
+                               prepare_destination, swap_in)
+from scripts.collect_traces import FIT_TOKENS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", required=True, help="trace directory to read")
+    p.add_argument("--hidden-format", required=True, choices=list(FORMATS), help="format of the copy's hidden states")
+    p.add_argument("--hidden-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="lossless target only: storage dtype (default: the source's)")
+    p.add_argument("--output", required=True, help="new trace directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a trace set already in --output")
+    p.add_argument("--no-verify", action="store_true", help="skip the source shards' checksums")
+    p.add_argument("--device", default="auto", help="where to encode: auto (a GPU if there is one), cpu, cuda:N")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    lock = OutputLock(Path(args.output))
+    try:
+        transcode(args, lock)
+    finally:
+        lock.release()
+
+
+def transcode(args: argparse.Namespace, lock: OutputLock) -> None:
+    # --- every input is checked before the output is touched (rules: collection/output.py)
+    src = TraceSet(Path(args.traces), verify=not args.no_verify)
+    out = Path(args.output)
+    if out.resolve() == src.dir.resolve() or src.dir.resolve().is_relative_to(out.resolve()):
+        raise UserError("--output must differ from --traces (and not contain it)")
+    if args.hidden_dtype and args.hidden_format != LOSSLESS:
+        raise UserError("--hidden-dtype applies to --hidden-format lossless only (compact formats decode to any dtype)")
+    m = src.manifest
+    fmt = FORMATS[args.hidden_format]
+    if (why := fmt.check(m.hidden_size)):
+        raise UserError(f"--hidden-format {fmt.name}: {why}")
+    if not m.hidden_layers:
+        raise UserError(f"{src.dir} stores no hidden states: nothing to transcode")
+    state = inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False)
+    if out.is_dir():
+        lock.acquire()
+    # an existing set is replaced only once the new one is complete: it is written beside it first
+    dest = state.staging_dir if (state.manifest is not None or state.interrupted_swap) else out
+    names = [s.file for s in m.shards] + [MANIFEST, ROUTER_WEIGHTS] + ([CODEC_FILE] if fmt.fitted else [])
+    manifests = [x for x in (state.manifest, state.staged, state.replaced) if x is not None]
+    owned = {name for x in manifests for name in x.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+    check_no_collision(out, names, owned)
+    hidden_dtype = args.hidden_dtype or str(m.capture.get("hidden_dtype", "float16"))
+    dims = {**manifest_dims(m), "hidden_dtype": hidden_dtype, "hidden_format": fmt.name}
+    sizes = check_free_space(out, sum(s.tokens for s in m.shards) * bytes_per_token(**dims), "choose another --output")
+    created = not out.exists()  # removed again if the run fails: a refused input leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False) != state:
+        raise UserError(f"{out} changed while this run was starting; run it again")
+    prepare_destination(state, dest, None, names)
+    print(f"transcoding {len(src)} shards of {src.dir} into {fmt.name} at {out} ({sizes})")
+    written: list[str] = []
+    try:
+        _write(args, src, dest, fmt, hidden_dtype, dims, written)
+    except BaseException:
+        for name in written:  # without a complete manifest they are no trace set: leave the directory as found
+            (dest / name).unlink(missing_ok=True)
+        if dest != out:
+            discard_staging(state)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:  # something else appeared in it meanwhile: not ours to delete
+                pass
+        raise
+    if dest != out:
+        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
+
+
+def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat, hidden_dtype: str, dims: dict,
+           written: list[str]) -> None:
+    """The new set into `out`, each file's name appended to `written` before it is created."""
+    m = src.manifest
+    device = pick_device(args.device)
+    src_fmt = FORMATS[m.hidden_format]
+    src_codec = src.hidden_codec(device)
+
+    def source_rows(sh, j: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Stored layer j's hidden rows of shard `sh` on the device, decoded if the source is compact."""
+        if src_fmt.lossless:
+            return sh.tensor("hidden", (j, rows)).to(device)
+        return src_fmt.decode(sh.tensor("hidden", (j, rows)).to(device), sh.tensor("hidden_scale", (j, rows)).to(device),
+                              torch.float32, src_codec, j)
+    capture = {**m.capture, "hidden_dtype": hidden_dtype, "hidden_format": fmt.name,
+               "bytes_per_token": bytes_per_token(**dims),
+               "transcoded_from": {"traces": str(src.dir), "hidden_format": m.hidden_format,
+                                   "hidden_dtype": m.capture.get("hidden_dtype")}}
+    new = Manifest(model=m.model, routing=m.routing, capture=capture, sources=m.sources, plan=m.plan,
+                   format_version=FORMAT_VERSION if fmt.lossless else COMPACT_FORMAT_VERSION,
+                   router_weights=m.router_weights)
+    # files go in after the manifest that lists them, as collection writes them
+    router_bytes = (src.dir / ROUTER_WEIGHTS).read_bytes() if m.router_weights is not None else None
+    if router_bytes is not None and hashlib.sha256(router_bytes).hexdigest() != m.router_weights.sha256:
+        raise UserError(f"{src.dir / ROUTER_WEIGHTS}: checksum mismatch with its manifest (corrupt or replaced)")
+    codec, codec_bytes = None, None
+    if fmt.fitted:  # fitted as collection fits it: on the first tokens of the first shard
+        rows = slice(0, min(FIT_TOKENS, src.shard(0).info.tokens))
+        xs = [source_rows(src.shard(0), j, rows).double() for j in range(len(m.hidden_layers))]
+        codec = fit_codec(fmt, torch.stack([x.T @ x / x.shape[0] for x in xs]))
+        codec_bytes, new.capture["hidden_codec"] = encode_codec(codec, rows.stop)
+        codec = codec.to(device)
+    written.append(MANIFEST)
+    write_manifest(out, new)
+    for name, data in ((ROUTER_WEIGHTS, router_bytes), (CODEC_FILE, codec_bytes)):
+        if data is not None:
+            written.append(name)
+            atomic_write_bytes(out / name, data)
+
+    for i in tqdm(range(len(src)), desc="transcode", unit="shard", dynamic_ncols=True):
+        sh = src.shard(i)
+        info = sh.info
+        specs = shard_specs(info.tokens, info.sequences, **dims)
+        written.append(info.file)
+        w = ShardWriter(out / info.file, specs, {**sh.metadata, "format_version": str(new.format_version)})
+        try:
+            for name in specs:
+                if name not in ("hidden", "hidden_scale"):
+                    w.write(name, sh.numpy(name))
+            for j in range(len(m.hidden_layers)):
+                h = source_rows(sh, j)
+                if fmt.lossless:
+                    w.write("hidden", h.to(getattr(torch, hidden_dtype)), (j,))
+                else:
+                    payload, scale = fmt.encode(h, codec, j)
+                    w.write("hidden", payload, (j,))
+                    w.write("hidden_scale", scale, (j,))
+            nbytes, digest = w.commit()
+        except BaseException:
+            w.abort()
+            raise
+        new.shards.append(ShardInfo(file=info.file, sequences=info.sequences, tokens=info.tokens, bytes=nbytes,
+                                    sha256=digest))
+        new.complete = m.complete and len(new.shards) == len(src)
+        write_manifest(out, new)
+    total = sum(s.bytes for s in new.shards)
+    before = sum(s.bytes for s in m.shards)
+    print(f"wrote {len(new.shards)} shards to {out}: {total / 2**20:.1f} MiB ({before / max(total, 1):.2f}x smaller "
+          f"than the source's {before / 2**20:.1f} MiB), hidden states in {fmt.name}"
+          f"{f' ({hidden_dtype})' if fmt.lossless else ''}")
+
+
+if __name__ == "__main__":
+    with one_line_errors("transcode_traces"):
+        main()

@@ -1,0 +1,61 @@
+"""Background commits: every shard fsynced, hashed and renamed, the callbacks in submission order, errors
+raised to the caller, and nothing committed after a failure."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from collection.atomic import sha256_file
+from collection.durable import ShardCommitter, sha256_of
+from collection.format import SafetensorsFile, ShardWriter, TensorSpec
+
+
+def filled_writer(path, value, n=50_000):
+    w = ShardWriter(path, {"x": TensorSpec("int32", (n,))}, writeback=True)
+    w.write("x", np.full(n, value, dtype=np.int32))
+    return w
+
+
+def test_commits_in_order_with_the_right_hashes(tmp_path):
+    committer = ShardCommitter(max_pending=2, hash_threads=2)
+    done = []
+    for i in range(6):
+        w = filled_writer(tmp_path / f"s{i}.safetensors", i, n=50_000 * (6 - i))  # later shards hash faster
+        committer.submit(*w.hand_off(), lambda nbytes, sha, i=i: done.append((i, nbytes, sha)))
+    committer.join()
+    committer.close()
+    assert [i for i, _, _ in done] == list(range(6))  # the manifest order, whatever finished first
+    for i, nbytes, sha in done:
+        path = tmp_path / f"s{i}.safetensors"
+        assert path.stat().st_size == nbytes and sha256_file(path) == sha == sha256_of(path)
+        assert int(SafetensorsFile(path).numpy("x")[0]) == i
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_submit_waits_when_max_pending_commits_are_unfinished(tmp_path):
+    committer = ShardCommitter(max_pending=1, hash_threads=1)
+    gate = threading.Event()
+    committer.submit(*filled_writer(tmp_path / "a.safetensors", 1).hand_off(), lambda n, s: gate.wait(5))
+    t0 = time.monotonic()
+    threading.Timer(0.3, gate.set).start()
+    committer.submit(*filled_writer(tmp_path / "b.safetensors", 2).hand_off(), lambda n, s: None)
+    assert time.monotonic() - t0 >= 0.25  # blocked until the first commit finished
+    committer.join()
+    committer.close()
+
+
+def test_a_failed_commit_is_raised_and_stops_later_ones(tmp_path):
+    committer = ShardCommitter(max_pending=3)
+    done = []
+
+    def boom(nbytes, sha):
+        raise OSError("disk full")
+    committer.submit(*filled_writer(tmp_path / "a.safetensors", 1).hand_off(), lambda n, s: done.append("a"))
+    committer.submit(*filled_writer(tmp_path / "b.safetensors", 2).hand_off(), boom)
+    committer.submit(*filled_writer(tmp_path / "c.safetensors", 3).hand_off(), lambda n, s: done.append("c"))
+    with pytest.raises(OSError, match="disk full"):
+        committer.join()
+    committer.close()
+    assert done == ["a"]
+    assert (tmp_path / "a.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
