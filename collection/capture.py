@@ -101,8 +101,9 @@ class RoutingCapture:
             return torch.empty(*shape, dtype=dtype, pin_memory=pin)
 
         self.format = hidden_format
-        self.codec = hidden_codec  # a fitted format's, moved to each device that encodes (`_codec_on`)
-        self._codecs: dict[torch.device, HiddenCodec] = {}
+        # a fitted format's parameters, on the input device; moved to each other device that encodes (`_codec_on`)
+        self.codec = hidden_codec.to(self.device) if hidden_codec is not None else None
+        self._codecs: dict[torch.device, HiddenCodec] = {} if self.codec is None else {self.device: self.codec}
         if hidden_format.fitted and hidden_layers and self.codec is None:
             raise ValueError(f"hidden format {hidden_format.name} needs its fitted codec")
         self.free: queue.Queue[HostBatch] = queue.Queue()
