@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from collection.errors import UserError
 from collection.format import TraceSet, TraceShard
@@ -52,6 +53,8 @@ class TokenBlock:
     prev: torch.Tensor            # (N,) row of the previous token of the same sequence, -1 at its start
     source: torch.Tensor          # (N,) source index
     hidden_slot: torch.Tensor     # (L,) slot of layer l in `hidden`, -1 if not stored
+    token_ids: torch.Tensor | None = None      # (N,) int64 token id of each row
+    router_logits: torch.Tensor | None = None  # (L, N, E) float16, when loaded with_logits (distillation targets)
     hidden_scale: torch.Tensor | None = None  # (Lh, N, G) float16 scales of a compact format
     hidden_format: HiddenFormat = FORMATS[LOSSLESS]
     hidden_codec: HiddenCodec | None = None   # a fitted format's parameters, on the block's device
@@ -116,9 +119,13 @@ def _merge_runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 
 def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: torch.device,
-               with_hidden: bool = True) -> TokenBlock | None:
-    """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none)."""
-    hidden, scale, ids, weights, prev, source = [], [], [], [], [], []
+               with_hidden: bool = True, with_logits: bool = False) -> TokenBlock | None:
+    """Rows of the sequences `seq_ids` that live in `shards`, moved to `device` (None if there are none).
+    `with_logits` also loads the full router logits (training targets for distillation)."""
+    if with_logits and not ts.manifest.capture.get("store_logits", False):
+        raise UserError(f"{ts.dir}: router logits were not stored (collected with --no-logits); "
+                        "distillation needs them")
+    hidden, scale, ids, weights, prev, source, token_ids, logits = [], [], [], [], [], [], [], []
     fmt = hidden_format_of(ts)
     base = 0
     for sh in ts.shards(shards):
@@ -136,6 +143,10 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
                 scale.append(_read(sh, "hidden_scale", runs, rows, device))
         ids.append(_read(sh, "topk_ids", runs, rows, device).long())
         weights.append(_read(sh, "topk_weights", runs, rows, device).float())
+        if with_logits:
+            logits.append(_read(sh, "router_logits", runs, rows, device))
+        tid = sh.numpy("token_ids")
+        token_ids.append(torch.from_numpy((tid if rows is None else tid[rows]).astype(np.int64)))
         pos = np.arange(lens.sum()) - first
         prev.append(torch.from_numpy(np.where(pos > 0, base + np.arange(lens.sum()) - 1, -1)))
         source.append(torch.from_numpy(np.repeat(sh.numpy("seq_sources")[keep].astype(np.int64), lens)))
@@ -149,7 +160,8 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
     cat = lambda parts: (parts[0] if len(parts) == 1 else torch.cat(parts, 1)) if parts else None  # noqa: E731
     return TokenBlock(hidden=cat(hidden), topk_ids=cat(ids), topk_weights=cat(weights),
                       prev=torch.cat(prev).to(device), source=torch.cat(source).to(device),
-                      hidden_slot=slot.to(device), hidden_scale=cat(scale), hidden_format=fmt,
+                      hidden_slot=slot.to(device), token_ids=torch.cat(token_ids).to(device),
+                      router_logits=cat(logits), hidden_scale=cat(scale), hidden_format=fmt,
                       hidden_codec=ts.hidden_codec(device) if hidden else None)
 
 
@@ -158,18 +170,20 @@ def hidden_format_of(ts: TraceSet) -> HiddenFormat:
     return FORMATS[ts.manifest.hidden_format]
 
 
-def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True) -> int:
+def block_bytes(ts: TraceSet, seq_fraction: float, with_hidden: bool = True, with_logits: bool = False) -> int:
     """Device bytes the blocks of a split take (estimate from the manifest): per token, a TokenBlock holds
-    int64 ids + float32 weights for each (layer, k) slot, int64 `prev` and `source`, and the hidden states
-    as stored (compact formats stay compact on the device)."""
+    int64 ids + float32 weights for each (layer, k) slot, int64 `prev`, `source` and token id, the hidden
+    states as stored (compact formats stay compact on the device), and (with_logits) float16 router logits
+    for each (layer, expert)."""
     m = ts.manifest
     tokens = sum(s.tokens for s in m.shards) * seq_fraction
     routing = m.num_layers * m.top_k * (8 + 4)   # topk_ids int64 + topk_weights float32
-    per_token_index = 8 + 8                      # prev int64 + source int64
+    per_token_index = 8 + 8 + 8                  # prev, source, token id: int64
     hidden_item = torch.empty((), dtype=getattr(torch, m.capture.get("hidden_dtype", "float16"))).element_size()
     row = hidden_format_of(ts).row_bytes(m.hidden_size, hidden_item)
     hidden = len(m.hidden_layers) * row if with_hidden else 0
-    return int(tokens * (routing + per_token_index + hidden))
+    logits = m.num_layers * m.num_experts * 2 if with_logits else 0
+    return int(tokens * (routing + per_token_index + hidden + logits))
 
 
 def cache_budget(device: torch.device) -> int:
@@ -191,11 +205,12 @@ class SplitBlocks:
     the groups are kept and only their order and rows are reshuffled)."""
 
     def __init__(self, ts: TraceSet, seq_ids: np.ndarray, device: torch.device, shards_per_group: int,
-                 with_hidden: bool = True, keep: bool | None = None):
+                 with_hidden: bool = True, keep: bool | None = None, with_logits: bool = False):
         self.ts, self.seq_ids, self.device = ts, seq_ids, device
-        self.per_group, self.with_hidden = shards_per_group, with_hidden
+        self.per_group, self.with_hidden, self.with_logits = shards_per_group, with_hidden, with_logits
         fraction = len(seq_ids) / max(len(ts.sequence_table()["seq_id"]), 1)
-        self.keep = block_bytes(ts, fraction, with_hidden) <= cache_budget(device) if keep is None else keep
+        self.keep = (block_bytes(ts, fraction, with_hidden, with_logits) <= cache_budget(device)
+                     if keep is None else keep)
         self.groups: list[list[int]] | None = None
         self.cache: dict[int, TokenBlock | None] = {}
 
@@ -212,7 +227,8 @@ class SplitBlocks:
         def loader(i: int):
             if i in self.cache:
                 return lambda: self.cache[i]
-            return lambda: load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden)
+            return lambda: load_block(self.ts, self.groups[i], self.seq_ids, self.device, self.with_hidden,
+                                      self.with_logits)
 
         for i, block in zip(order, prefetch((loader(i) for i in order), self.device)):
             if self.keep:
@@ -255,6 +271,72 @@ def routing_vector(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, E:
     out = torch.zeros(tok.shape[0], E, device=tok.device)
     out.scatter_(1, block.topk_ids[l, t], block.topk_weights[l, t])
     return out * valid.unsqueeze(1)
+
+
+def earlier_token(block: TokenBlock, tok: torch.Tensor, back: int) -> torch.Tensor:
+    """(R,) row of the token `back` positions before `tok` in the same sequence, -1 past its start
+    (back = 0 is the token itself)."""
+    rows = tok
+    for _ in range(back):  # `back` is a small window size: a few vectorized gathers, no loop over tokens
+        rows = torch.where(rows >= 0, block.prev[rows.clamp(min=0)], rows)
+    return rows
+
+
+def hidden_at(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """(R, H) MoE input of token rows `tok` at layers `layer`, decoded (`TokenBlock.hidden_at`), in `dtype`;
+    zeros where tok < 0, layer < 0 or the layer's hidden state is not stored."""
+    stored = torch.where(layer >= 0, block.hidden_slot[layer.clamp(min=0)], -1) >= 0
+    valid = (tok >= 0) & stored
+    # rows without a stored state read some stored layer's row 0 (decoded like any row), then are zeroed
+    some_layer = torch.argmax((block.hidden_slot >= 0).long())
+    h = block.hidden_at(torch.where(stored, layer.clamp(min=0), some_layer), tok.clamp(min=0), dtype)
+    return torch.where(valid.unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+# per-block prefix sums, keyed by the block's hidden tensor (a block whose tensors are replaced gets new sums)
+# (by identity: tensors compare elementwise, so an ordinary weak dictionary cannot hold them)
+_PREFIX = WeakIdKeyDictionary()
+
+
+def _prefix_sums(block: TokenBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position of each row in its sequence (N,), exclusive within-sequence prefix sums of the hidden states
+    (Lh, N, H) float32): prefix[:, t] = sum of hidden[:, s] over the earlier tokens s of t's sequence.
+    Computed once per block (float64 running sums, so long blocks lose no precision)."""
+    hit = _PREFIX.get(block.hidden)
+    if hit is not None:
+        return hit
+    N = block.tokens
+    dev = block.prev.device
+    starts = block.prev < 0
+    seq = torch.cumsum(starts.long(), 0) - 1                       # sequence index of each row
+    first = torch.nonzero(starts).squeeze(1)                       # first row of each sequence
+    position = torch.arange(N, device=dev) - first[seq]
+    rows = torch.arange(N, device=dev)
+    prefix = None
+    for layer in torch.nonzero(block.hidden_slot >= 0).squeeze(1).tolist():  # one stored layer at a time
+        j = int(block.hidden_slot[layer])
+        # decoded as every reader decodes it (a compact format's codes are not the hidden state), in float64
+        # running sums: long blocks lose no precision; only one layer's float64 copy exists at a time
+        h = block.hidden_at(torch.full((N,), layer, device=dev), rows, torch.float32).double()
+        if prefix is None:
+            prefix = torch.empty(block.hidden.shape[0], N, h.shape[1], dtype=torch.float32, device=h.device)
+        total = torch.cumsum(h, 0) - h                             # sum of every earlier row of the block
+        prefix[j] = (total - total[first[seq]]).float()
+    _PREFIX[block.hidden] = (position, prefix)
+    return position, prefix
+
+
+def context_mean(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(R, H) mean MoE input at layers `layer` over the `tokens` tokens before each row `tok` in its sequence
+    (fewer at the start of a sequence, zeros for its first token; zeros where the layer is not stored)."""
+    position, prefix = _prefix_sums(block)
+    slot = block.hidden_slot[layer]
+    n = position[tok].clamp(max=tokens)                            # earlier tokens inside the window
+    s = slot.clamp(min=0)
+    total = prefix[s, tok] - prefix[s, tok - n]                    # rows tok-n .. tok-1: one sequence, contiguous
+    mean = total / n.clamp(min=1).unsqueeze(1).to(total.dtype)
+    return torch.where((slot >= 0).unsqueeze(1), mean, torch.zeros((), dtype=mean.dtype, device=mean.device))
 
 
 def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead: int) -> torch.Tensor:

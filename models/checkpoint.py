@@ -85,6 +85,27 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     return model.to(device).eval(), cfg, ckpt
 
 
+def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
+    """One clear line unless the trace set `ts` (a collection.format.TraceSet) holds rows this predictor can
+    read: the same routing shape (layers L, experts E, top-k, hidden H), every hidden layer its features
+    reach, and token ids inside its embedding table."""
+    m = ts.manifest
+    shape = lambda l, e, k, h: f"{l} layers x {e} experts, top-{k}, hidden {h}"  # noqa: E731
+    mine = (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.input_dim)
+    theirs = (m.num_layers, m.num_experts, m.top_k, m.hidden_size)
+    if mine != theirs:
+        raise UserError(f"{where}: routing shape {shape(*theirs)} differs from the checkpoint's {shape(*mine)} "
+                        "(it was trained on other traces)")
+    if (cfg.past_layers or cfg.window or cfg.context) and sorted(m.hidden_layers) != list(range(m.num_layers)):
+        raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
+                        f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")
+    if cfg.token_vocab:
+        top = max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())
+        if top >= cfg.token_vocab:
+            raise UserError(f"{where}: token id {top} in {ts.dir} is outside the predictor's table of "
+                            f"{cfg.token_vocab} tokens (another tokenizer?)")
+
+
 def checkpoint_summary(path: Path) -> dict[str, Any]:
     side = Path(path).with_suffix(".json")
     return json.loads(side.read_text()) if side.is_file() else {}

@@ -7,15 +7,19 @@ decided by `models.features.make_features`, which is where the no-future-leakage
     layer-aware  the same trunk plus a layer embedding and one output head per target layer
     hybrid       layer-aware, plus the routing already observed: this token's experts at layer l
                  and the previous token's experts at the target layer (causal by construction)
+    anchored     router-anchored: predicts the target layer's MoE input h_{l+d} = h_l + delta and scores it
+                 with the target layer's own router matrix (stored in the checkpoint), plus a residual
+                 logit head; router reuse is its starting point (d = 0 reads exactly the router at init)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from models.features import Features
+from models.features import Features, FeatureSpec
 
 
 @dataclass
@@ -28,6 +32,17 @@ class PredictorConfig:
     lookahead: int = 0     # predict layer l + lookahead from what is known at layer l
     hidden_dim: int = 256  # the seed's width
     dropout: float = 0.1
+    # anchored only (the other kinds ignore them; their defaults keep older checkpoints loadable)
+    past_layers: int = 0          # this token's MoE inputs at layers l-1 .. l-P
+    own_layers: int = 0           # this token's routing at its last Q finished layers
+    window: int = 0               # previous W tokens' MoE input and routing at the target layer
+    token_vocab: int = 0          # token-id embedding table size (the model's vocabulary); 0 = none
+    token_dim: int = 64           # width of that table (projected to hidden_dim)
+    context: int = 0              # mean MoE input at the target layer over the previous C tokens; 0 = none
+    depth: int = 2                # residual MLP blocks in the trunk
+    separate_layers: bool = False  # one trunk per target layer instead of one shared trunk
+    anchor: bool = True           # score the predicted h_{l+d} with the target router (else a plain head)
+    residual_logits: bool = True  # add a zero-initialised per-layer logit head
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -106,8 +121,160 @@ class HybridPredictor(LayerAwarePredictor):
     uses_history = True
 
 
+class _ResidualBlock(nn.Module):
+    """z + Dropout(Linear(ReLU(Linear(LayerNorm(z))))): depth without losing the input."""
+
+    def __init__(self, d: int, dropout: float):
+        super().__init__()
+        self.norm, self.drop = nn.LayerNorm(d), nn.Dropout(dropout)
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.drop(self.fc2(torch.relu(self.fc1(self.norm(z)))))
+
+
+class _Trunk(nn.Module):
+    """Every input in one Linear to width d (one kernel at decode time, not one per input), plus the target
+    layer's embedding, then residual blocks. Initialised as if each input had its own Xavier-uniform projection."""
+
+    def __init__(self, cfg: PredictorConfig):
+        super().__init__()
+        d, H, E = cfg.hidden_dim, cfg.input_dim, cfg.num_experts
+        # (Features field, width) in the order they are concatenated
+        self.parts = [("hidden", H), ("past_hidden", cfg.past_layers * H), ("own_window", cfg.own_layers * E),
+                      ("window_hidden", cfg.window * H), ("window_routing", cfg.window * E),
+                      ("context", H if cfg.context else 0), ("token_id", cfg.token_dim if cfg.token_vocab else 0)]
+        self.parts = [(name, width) for name, width in self.parts if width]
+        self.inputs = nn.Linear(sum(width for _, width in self.parts), d)
+        self.layer_emb = nn.Embedding(cfg.num_layers, d)
+        self.blocks = nn.ModuleList(_ResidualBlock(d, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d)
+        _xavier(self)
+        with torch.no_grad():
+            start = 0
+            for _, width in self.parts:  # each input's block with its own fan-in, as separate projections had
+                bound = math.sqrt(6.0 / (width + d))
+                self.inputs.weight[:, start:start + width].uniform_(-bound, bound)
+                start += width
+        nn.init.normal_(self.layer_emb.weight, std=0.02)
+
+    def forward(self, f: Features, target: torch.Tensor | int, token: torch.Tensor | None) -> torch.Tensor:
+        """`token`: (R, token_dim) the rows' token embeddings (the table is shared by every trunk)."""
+        x = [token if name == "token_id" else getattr(f, name).flatten(1) for name, _ in self.parts]
+        z = self.inputs(x[0] if len(x) == 1 else torch.cat(x, 1))
+        z = z + (self.layer_emb(target) if isinstance(target, torch.Tensor) else self.layer_emb.weight[target])
+        for block in self.blocks:
+            z = block(z)
+        return self.norm(z)
+
+
+class RouterAnchoredPredictor(nn.Module):
+    """Predicts the target layer's MoE input and scores it with the target layer's router.
+
+    logits = W_{l+d} (h_l + delta_{l+d}(z)) + r_{l+d}(z), z = trunk(features). W is the model's router matrix
+    of each layer (`router`, (L, E, H), copied from the traces by `set_router` and saved in the checkpoint);
+    delta and r are per-target-layer heads initialised to zero, so before training this is router reuse
+    exactly. `router` is a parameter: the trainer freezes it or fine-tunes it at a small learning rate.
+    """
+
+    uses_history = True  # may read routing already observed (cfg.own_layers, cfg.window)
+
+    def __init__(self, cfg: PredictorConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, H, E, L = cfg.hidden_dim, cfg.input_dim, cfg.num_experts, cfg.num_layers
+        self.features = FeatureSpec(past_layers=cfg.past_layers, own_layers=cfg.own_layers, window=cfg.window,
+                                    token_id=cfg.token_vocab > 0, context=cfg.context)
+        self.trunks = nn.ModuleList(_Trunk(cfg) for _ in range(L if cfg.separate_layers else 1))
+        self.token = nn.Embedding(cfg.token_vocab, cfg.token_dim) if cfg.token_vocab else None  # one table for all
+        if self.token is not None:
+            nn.init.normal_(self.token.weight, std=0.02)
+        if cfg.anchor:
+            self.router = nn.Parameter(torch.zeros(L, E, H))  # filled by set_router or load_state_dict
+            self.delta_w = nn.Parameter(torch.zeros(L, d, H))
+            self.delta_b = nn.Parameter(torch.zeros(L, H))
+        if cfg.residual_logits or not cfg.anchor:
+            # the only head without an anchor: then it starts random like the other kinds' heads
+            self.res_w = nn.Parameter(torch.zeros(L, d, E))
+            if not cfg.anchor:
+                for w in self.res_w.data:
+                    nn.init.xavier_uniform_(w)
+            self.res_b = nn.Parameter(torch.zeros(L, E))
+
+    def set_router(self, weights: torch.Tensor) -> None:
+        """Copy the model's router matrices (L, E, H) in; a shape mismatch is an error, never a broadcast."""
+        if not self.cfg.anchor:
+            return
+        if tuple(weights.shape) != tuple(self.router.shape):
+            raise ValueError(f"router matrices of shape {tuple(weights.shape)}; this predictor needs "
+                             f"{tuple(self.router.shape)} (layers, experts, hidden)")
+        with torch.no_grad():
+            self.router.copy_(weights.to(self.router.dtype))
+
+    def reset_layer(self, target: int) -> None:
+        """Zero target layer `target`'s heads: that layer is router reuse again, exactly (the per-layer fallback
+        the trainer takes where router reuse validates better than what was learned)."""
+        with torch.no_grad():
+            for name in ("delta_w", "delta_b", "res_w", "res_b"):
+                if hasattr(self, name) and self.cfg.anchor:
+                    getattr(self, name)[target].zero_()
+
+    def head(self, z: torch.Tensor, h: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (R, E), predicted h_{l+d} (R, H) or None) for rows that all target layer `target`."""
+        logits, h_hat = None, None
+        if self.cfg.anchor:
+            h_hat = h.to(z.dtype) + z @ self.delta_w[target].to(z.dtype) + self.delta_b[target].to(z.dtype)
+            # the router product in the router's own dtype, outside autocast: at d = 0 and init it then
+            # reproduces the model's routing bit for bit (bf16 would flip near-tied experts)
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                logits = nn.functional.linear(h_hat.to(self.router.dtype), self.router[target])  # as the gate does
+        if self.cfg.residual_logits or not self.cfg.anchor:
+            r = z @ self.res_w[target].to(z.dtype) + self.res_b[target].to(z.dtype)
+            logits = r if logits is None else logits + r.to(logits.dtype)
+        return logits, h_hat
+
+    def predict_layer(self, f: Features, target: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every row targets layer `target` (decode time: one layer at a time; no host sync, graph-capturable)."""
+        token = self.token(f.token_id) if self.token is not None else None
+        z = self.trunks[target if self.cfg.separate_layers else 0](f, target, token)
+        return self.head(z, f.hidden, target)
+
+    def forward(self, f: Features, return_hidden: bool = False):
+        target = f.layer + self.cfg.lookahead
+        order = torch.argsort(target)
+        counts = torch.bincount(target, minlength=self.cfg.num_layers).tolist()  # one host sync per batch
+        shared = None
+        if not self.cfg.separate_layers:  # one trunk: all rows at once, then each layer's heads on its rows
+            shared = self.trunks[0](f, target, self.token(f.token_id) if self.token is not None else None)
+        logits, hats = [], []
+        for t, rows in enumerate(torch.split(order, counts)):
+            if rows.numel() == 0:
+                continue
+            if shared is None:
+                out, h_hat = self.predict_layer(f.select(rows), t)
+            else:
+                out, h_hat = self.head(shared[rows], f.hidden[rows], t)
+            logits.append(out)
+            hats.append(h_hat)
+        inverse = torch.argsort(order)
+        out = torch.cat(logits)[inverse]
+        if not return_hidden:
+            return out
+        return out, (torch.cat(hats)[inverse] if self.cfg.anchor else None)
+
+    def flops_per_row(self) -> int:
+        """One row's forward: one trunk, one target layer's heads (multiply-adds x 2; norms ignored)."""
+        c = self.cfg
+        total = sum(2 * m.in_features * m.out_features for m in self.trunks[0].modules() if isinstance(m, nn.Linear))
+        if c.anchor:
+            total += 2 * c.hidden_dim * c.input_dim + 2 * c.input_dim * c.num_experts
+        if c.residual_logits or not c.anchor:
+            total += 2 * c.hidden_dim * c.num_experts
+        return total
+
+
 PREDICTORS: dict[str, type[nn.Module]] = {"simple": SimplePredictor, "layer-aware": LayerAwarePredictor,
-                                          "hybrid": HybridPredictor}
+                                          "hybrid": HybridPredictor, "anchored": RouterAnchoredPredictor}
 
 
 def build_predictor(cfg: PredictorConfig) -> nn.Module:
@@ -122,6 +289,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def flops_per_row(model: nn.Module) -> int:
     """Multiply-adds x 2 for one row's forward pass (Linear layers; LayerNorm and activations ignored)."""
+    if hasattr(model, "flops_per_row"):  # per-layer heads: only the target layer's share runs for a row
+        return model.flops_per_row()
     total = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):

@@ -1,10 +1,10 @@
 r"""Compare every predictor and baseline at lookaheads d = 0..3 on the held-out test split.
 
-For each d: the seed's simple MLP (layer-agnostic), the layer-aware MLP and the hybrid (hidden state
-plus observed routing, causal) are trained, then scored with the same evaluation as every baseline
-(router reuse, previous token, popularity, random; the router control at d = 0). Writes a markdown
-table, JSON, and per-layer curves (PNG); prints how far each best learned predictor cuts router
-reuse's error (1 - recall@4).
+For each d: the seed's simple MLP (layer-agnostic), the layer-aware MLP, the hybrid (hidden state
+plus observed routing, causal) and the router-anchored predictor (its default recipe) are trained, then
+scored with the same evaluation as every baseline (router reuse, previous token, popularity, random;
+the router control at d = 0). Writes a markdown table, JSON, and per-layer curves (PNG); prints how far
+each best learned predictor cuts router reuse's error (1 - recall@4).
 
 The table in docs/RESULTS.md (embedded default, traces of the whole bundled trace split):
     python scripts/collect_traces.py --output routing_data/traces/qwen2moe-mini --overwrite
@@ -31,7 +31,7 @@ from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import TraceSet
 from collection.rows import split_sequences
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS, count_parameters, flops_per_row
 from validation.evaluate import evaluate
 from validation.plots import comparison_figure
@@ -54,7 +54,8 @@ def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) ->
         return out
     recipe = (["--lr", "5e-5", "--epochs", "20", "--batch-size", "8", "--shards-per-group", "4"] if seed_recipe else
               ["--lr", str(args.lr), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--shards-per-group", str(args.shards_per_group), "--hidden-dim", str(args.hidden_dim)])
+               "--shards-per-group", str(args.shards_per_group), "--hidden-dim", str(args.hidden_dim),
+               *(["--batch-rows", str(args.batch_rows)] if args.batch_rows else [])])
     cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), "--traces", args.traces,
            "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed), "--output", str(out), "--overwrite",
            "--device", args.device, *recipe,
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=20, help="epochs of the comparison recipe (20)")
     p.add_argument("--hidden-dim", type=int, default=512, help="predictor width of the comparison recipe (512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (8)")
+    p.add_argument("--batch-rows", type=int, default=None, help="rows per step (overrides --batch-size; not the "
+                   "seed recipe's)")
     p.add_argument("--shards-per-group", type=int, default=4, help="shards per group (4)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (0)")
     p.add_argument("--jobs", type=int, default=1, help="trainings run side by side (1; 4 suits one GPU)")
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             if dd != d:
                 continue
             model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
+            check_fits_traces(cfg, ts, str(ck))
             if not np.array_equal(ckpt["split"]["test"].numpy(), split["test"]):
                 raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
             label = f"{kind} (seed recipe)" if seed_recipe else kind

@@ -28,7 +28,7 @@ from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import DEFAULT_TRACES, TraceSet
 from collection.rows import input_layers, mean_tokens_per_sequence, split_sequences
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.evaluate import evaluate
 from validation.metrics import SEED_KS, random_expectation
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
         ks_asked = check_ks(args.ks, m.num_experts)
-        shape = lambda h, e, k, l: f"{l} layers x {e} experts, top-{k}, hidden {h}"  # noqa: E731
-        if (m.hidden_size, m.num_experts, m.top_k, m.num_layers) != (cfg.input_dim, cfg.num_experts, cfg.top_k, cfg.num_layers):
-            raise UserError(f"--traces {traces}: routing shape {shape(m.hidden_size, m.num_experts, m.top_k, m.num_layers)}"
-                            f" differs from the checkpoint's {shape(cfg.input_dim, cfg.num_experts, cfg.top_k, cfg.num_layers)}")
+        check_fits_traces(cfg, ts, f"--traces {traces}")
         if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
             print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
         seq_ids = ckpt["split"][args.split].numpy()

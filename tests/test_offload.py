@@ -143,10 +143,14 @@ def test_cost_measurement_is_positive(device):
                           seed=0)
     s = small_stream()
     _, full = run_policy(POLICIES["all-resident"], 8, s, CostModel(1, 1.0), 1, 2, 8, record=True)
-    m = measure_costs(engine, ["fp16"], {"p": ("router-reuse", {})}, 1, calls=20,
+    # a learned predictor as a checkpoint's config describes it: the anchored kind with every input it can read
+    anchored = {"kind": "anchored", "hidden_dim": 16, "past_layers": 1, "own_layers": 1, "window": 2, "context": 2,
+                "token_vocab": 50, "separate_layers": True}
+    m = measure_costs(engine, ["fp16"], {"p": ("router-reuse", {}), "a": ("learned", anchored)}, 1, calls=20,
                       calibration=host_schedule(full, s.weights, s.position, 12))
     c = m["costs"]["fp16"]
     assert c.pre_ms > 0 and c.shared_ms > 0 and c.expert_ms > 0 and m["predictor_ms"]["p"] > 0
+    assert m["predictor_ms"]["a"] > 0
     assert m["raw"]["fp16/all_resident_ms_per_token"] > 0
     assert c.copy_ms > 0 if device == "cuda" else c.copy_ms != c.copy_ms  # not measured on a CPU: NaN
 

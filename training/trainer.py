@@ -1,14 +1,19 @@
 """Training an expert predictor on a trace set: the loop shared by the train_*_predictor scripts.
 
 Story of a run: read the trace set and split its sequences (train / val / test, stratified by
-source, seeded); build the predictor from the manifest's routing shape; each epoch, walk the
-training shards `--shards-per-group` at a time, shuffle that group's (token, layer) rows and take
-AdamW steps on the seed's soft cross-entropy; validate; keep `latest_checkpoint.pth` and
-`best_checkpoint.pth`.
+source, seeded); build the predictor from the manifest's routing shape (the anchored kind also copies
+the model's router matrices in); each epoch, walk the training shards `--shards-per-group` at a time,
+shuffle that group's (token, layer) rows and take AdamW steps on the loss (the seed's soft
+cross-entropy, plus optional distillation to the target router and an MSE on the predicted hidden
+state); validate; keep `latest_checkpoint.pth` and `best_checkpoint.pth`.
+
+Flags left unset take their kind's defaults (`KIND_DEFAULTS`): the seed's kinds keep the seed's loss and
+per-epoch cosine, so the seed-recipe row never changes; the anchored kind gets its best measured recipe.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from pathlib import Path
@@ -23,9 +28,9 @@ from tqdm import tqdm
 from collection.atomic import atomic_write_json
 from collection.errors import UserError
 from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import SplitBlocks, input_layers, mean_tokens_per_sequence, split_sequences, targets
+from collection.rows import SplitBlocks, hidden_at, input_layers, mean_tokens_per_sequence, split_sequences, targets
 from models.checkpoint import save_checkpoint
-from models.features import make_features
+from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 from training.distributed import data_parallel, describe
 
@@ -68,6 +73,36 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling (0)")
     g.add_argument("--select-metric", default=None, help="validation metric that picks best_checkpoint "
                    "(default recall@K, K = the model's top-k; the seed used any_hit@1)")
+    g.add_argument("--exclude-sources", default="", help="comma list of source names left out of train and val "
+                   "(leave-one-domain-out; the test split keeps them)")
+    g = p.add_argument_group("recipe (unset: the kind's default, KIND_DEFAULTS; the seed's kinds keep the seed's)")
+    g.add_argument("--loss-ce", type=float, default=None, help="weight of the soft cross-entropy on the true top-k (1)")
+    g.add_argument("--loss-kl", type=float, default=None, help="weight of the KL to the target router's softmax "
+                   "(needs stored router logits; 0)")
+    g.add_argument("--loss-mse", type=float, default=None, help="weight of the MSE of the predicted h_{l+d} "
+                   "against the stored one, relative to its mean square (anchored only; 0)")
+    g.add_argument("--schedule", choices=["epoch", "step"], default=None,
+                   help="epoch: cosine stepped per epoch (the seed's); step: linear warm-up then cosine per step")
+    g.add_argument("--warmup", type=float, default=None, help="warm-up share of all steps with --schedule step (0.05)")
+    g = p.add_argument_group("anchored predictor (--model-type anchored; unset: KIND_DEFAULTS)")
+    g.add_argument("--past-layers", type=int, default=None, help="this token's MoE inputs at layers l-1..l-P")
+    g.add_argument("--own-layers", type=int, default=None, help="this token's routing at its last Q finished layers")
+    g.add_argument("--window", type=int, default=None, help="previous W tokens' MoE input and routing at layer l+d")
+    g.add_argument("--context", type=int, default=None, help="mean MoE input at layer l+d over the previous C tokens")
+    g.add_argument("--token-emb", action=argparse.BooleanOptionalAction, default=None,
+                   help="learned embedding of the token id (a table of the model's vocabulary)")
+    g.add_argument("--depth", type=int, default=None, help="residual blocks in the trunk")
+    g.add_argument("--separate-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="one trunk per target layer instead of a shared trunk with per-layer heads")
+    g.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="score the predicted h_{l+d} with the target router (--no-anchor: a plain per-layer head)")
+    g.add_argument("--residual-logits", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a zero-initialised per-layer logit head to the router's scores")
+    g.add_argument("--layer-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, reset to router reuse every target layer where router reuse scores a "
+                        "higher validation recall than the trained heads")
+    g.add_argument("--router-lr", type=float, default=None,
+                   help="learning rate of the router matrices as a multiple of --lr (0 = frozen)")
     g = p.add_argument_group("run")
     g.add_argument("--model-type", default=kind, choices=list(PREDICTORS), help=f"predictor ({kind})")
     g.add_argument("--output", default=output, help=f"checkpoint directory (default {output})")
@@ -78,8 +113,43 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
                    help=f"replace the files of an earlier run in --output ({', '.join(OUTPUT_FILES)}); nothing else")
 
 
+# What an unset recipe flag means. BASE is the seed's recipe, and every kind's unless listed below.
+BASE_DEFAULTS: dict[str, Any] = {"loss_ce": 1.0, "loss_kl": 0.0, "loss_mse": 0.0, "schedule": "epoch", "warmup": 0.0,
+                                 "past_layers": 0, "own_layers": 0, "window": 0, "context": 0, "token_emb": False,
+                                 "depth": 2, "separate_layers": False, "anchor": True, "residual_logits": True,
+                                 "router_lr": 0.0, "layer_fallback": False}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the best measured recipe of the anchored kind (docs/RESULTS.md, "What mattered")
+    "anchored": {"loss_ce": 1.0, "loss_kl": 1.0, "loss_mse": 0.0, "schedule": "step", "warmup": 0.05,
+                 "past_layers": 2, "own_layers": 2, "window": 2, "token_emb": True, "depth": 2, "router_lr": 0.0,
+                 "separate_layers": True, "layer_fallback": True},
+}
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill every unset recipe flag with its kind's default (in place, so the saved args are complete)."""
+    for key, value in BASE_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, KIND_DEFAULTS.get(args.model_type, {}).get(key, value))
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag checked before anything is read or written: one line for the first bad one."""
+    resolve_defaults(args)
+    for name in ("past_layers", "own_layers", "window", "context"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("loss_ce", "loss_kl", "loss_mse", "router_lr"):
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            raise UserError(f"--{name.replace('_', '-')} must be a number >= 0")
+    if args.loss_ce + args.loss_kl + args.loss_mse <= 0:
+        raise UserError("--loss-ce, --loss-kl and --loss-mse are all 0: nothing to train on")
+    if args.loss_mse > 0 and not (args.model_type == "anchored" and args.anchor):
+        raise UserError("--loss-mse needs a predicted hidden state: --model-type anchored with its anchor")
+    if not 0 <= args.warmup < 1:
+        raise UserError("--warmup must be in [0, 1)")
+    if args.depth < 0:
+        raise UserError("--depth must be 0 or more")
     for name in ("shards_per_group", "batch_size", "epochs", "hidden_dim"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -119,6 +189,44 @@ def soft_cross_entropy(logits: torch.Tensor, true_ids: torch.Tensor) -> torch.Te
     return -(multi_hot_target(true_ids, logits.shape[1]) * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+def distill_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(logits)) per row, averaged, in float32: the target router's whole
+    distribution, a denser signal than its top-k alone."""
+    p_log = F.log_softmax(teacher_logits.float(), dim=1)
+    return (p_log.exp() * (p_log - F.log_softmax(logits.float(), dim=1))).sum(1).mean()
+
+
+def hidden_mse(h_hat: torch.Tensor, h_true: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted MoE input, relative to the true one's mean square (scale-free)."""
+    h_true = h_true.float()
+    return ((h_hat.float() - h_true) ** 2).mean() / (h_true ** 2).mean().clamp(min=1e-12)
+
+
+def model_vocab_size(ts: TraceSet) -> int:
+    """The MoE model's vocabulary: its local config.json when the model is a directory, else (hub ids that
+    cannot be read offline) the largest token id in the traces + 1."""
+    import json
+
+    cfg = Path(str(ts.manifest.model.get("name_or_path", ""))) / "config.json"
+    if cfg.is_file():
+        vocab = json.loads(cfg.read_text()).get("vocab_size")
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+    return int(max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())) + 1
+
+
+def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], float]:
+    """--schedule step: linear warm-up over `--warmup` of the steps, then cosine to zero."""
+    warm = max(1, round(args.warmup * total_steps)) if args.warmup > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
 def rate(per_s: float) -> str:
     """A speed as people read it: 13200 -> '13.2k', 2.5e6 -> '2.50M', 950 -> '950'."""
     if per_s >= 1e6:
@@ -142,6 +250,15 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     m = ts.manifest
     table = ts.sequence_table()
     split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
+    excluded = [x for x in args.exclude_sources.split(",") if x]
+    if excluded:  # leave-one-domain-out: those sources train and validate nothing; the test split is unchanged
+        unknown = sorted(set(excluded) - set(m.source_names))
+        if unknown:
+            raise UserError(f"--exclude-sources: {', '.join(unknown)} not in the traces "
+                            f"(sources: {', '.join(m.source_names)})")
+        drop = np.isin(table["source"], [m.source_names.index(x) for x in excluded])
+        for name in ("train", "val"):
+            split[name] = split[name][~np.isin(split[name], table["seq_id"][drop])]
     if len(split["train"]) == 0 or len(split["val"]) == 0:
         raise UserError(f"{args.traces}: too few sequences ({len(table['seq_id'])}) for a train and a validation split")
     layers = input_layers(ts, args.lookahead)
@@ -160,21 +277,40 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
                           dropout=args.dropout)
-    model = build_predictor(cfg).to(device)
+    if args.model_type == "anchored":
+        cfg.past_layers, cfg.own_layers, cfg.window, cfg.context, cfg.depth = (
+            args.past_layers, args.own_layers, args.window, args.context, args.depth)
+        cfg.token_vocab = model_vocab_size(ts) if args.token_emb else 0
+        cfg.separate_layers, cfg.anchor, cfg.residual_logits = args.separate_layers, args.anchor, args.residual_logits
+    model = build_predictor(cfg)
+    router = getattr(model, "router", None)
+    if router is not None:  # the model's own router matrices: router reuse is where training starts
+        model.set_router(ts.router_weights().float())
+        router.requires_grad_(args.router_lr > 0)
+    model = model.to(device)
     step_model = dp.wrap(model)  # the training step's forward (DDP averages gradients); `model` is what is saved
-    history_feats = model.uses_history
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    spec = feature_spec(model)
+    groups = [{"params": [p for p in model.parameters() if p is not router], "weight_decay": args.weight_decay}]
+    if router is not None and args.router_lr > 0:  # fine-tuned near the model's router: no decay toward zero
+        groups.append({"params": [router], "weight_decay": 0.0, "lr": args.lr * args.router_lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    total_steps = steps_per_epoch * args.epochs
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs) if args.schedule == "epoch" else
+             torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total_steps)))
+    with_logits = args.loss_kl > 0
     select = args.select_metric or f"recall@{m.top_k}"
     print(f"predictor: {cfg.kind}, {count_parameters(model):,} parameters, {flops_per_row(model):,} FLOPs per row; "
           f"best checkpoint by val {select}")
+    print(f"loss: {args.loss_ce:g} x soft cross-entropy + {args.loss_kl:g} x KL to the target router + "
+          f"{args.loss_mse:g} x hidden MSE; schedule {args.schedule}"
+          + (f" (warm-up {args.warmup:.0%} of {total_steps} steps)" if args.schedule == "step" else ""))
 
     traces_info = {"dir": str(args.traces), "model": m.model, "routing": m.routing,
                    "tokens_sha256": m.plan.get("tokens_sha256"), "sources": m.source_names}
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    train_blocks = SplitBlocks(ts, dp.rank_sequences(table, split["train"]), device, args.shards_per_group)
+    train_blocks = SplitBlocks(ts, dp.rank_sequences(table, split["train"]), device, args.shards_per_group,
+                               with_logits=with_logits)
     train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
@@ -193,19 +329,30 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         for block in train_blocks.epoch(rng):
             for tok, layer, weight in dp.row_batches(block, layers, rows_per_step, gen):  # weight 1 in one process
                 # features go straight into Linear layers, which autocast would cast to `dtype` anyway
-                f = make_features(block, tok, layer, args.lookahead, m.num_experts, history_feats, dtype)
+                f = make_features(block, tok, layer, args.lookahead, m.num_experts, spec, dtype)
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                    logits = step_model(f)
-                loss = soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead)) * weight
+                    logits, h_hat = (step_model(f, return_hidden=True) if args.loss_mse > 0 else
+                                     (step_model(f), None))
+                loss = torch.zeros((), device=device)
+                if args.loss_ce > 0:
+                    loss = loss + args.loss_ce * soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
+                if args.loss_kl > 0:
+                    loss = loss + args.loss_kl * distill_kl(logits, block.router_logits[layer + args.lookahead, tok])
+                if args.loss_mse > 0:
+                    loss = loss + args.loss_mse * hidden_mse(h_hat, hidden_at(block, layer + args.lookahead, tok))
+                loss = loss * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
+                if args.schedule == "step":
+                    sched.step()
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
                 steps += 1
                 train_rows += tok.shape[0]
                 bar.update(1)
-        sched.step()
+        if args.schedule == "epoch":
+            sched.step()
         bar.close()
         loss_sum, train_rows = dp.mean(loss_sum), rows_before + dp.total(train_rows - rows_before)  # over the ranks
         # once per epoch (a host sync here costs nothing): a diverged run stops before NaNs reach the metrics
@@ -239,10 +386,39 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
             save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
         if val[select] > best:
             best = val[select]
+            best_epoch = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": val,
+                          "metrics": {**metrics, "best": {select: best, "epoch": epoch}}}
             if dp.is_main:
                 save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
-                                {**metrics, "best": {select: best, "epoch": epoch}})
-    summary = {"best": {select: best}, "train/rows_per_s": train_rows / max(train_time, 1e-9),
+                                best_epoch["metrics"])
+    fallback: list[int] = []
+    if args.layer_fallback and getattr(model, "router", None) is not None and history:
+        # per target layer, keep what validates better: the trained heads, or router reuse (the heads at init)
+        model.load_state_dict(best_epoch["state"])
+        model.eval()
+        key = f"per_layer_recall@{m.top_k}"
+        reuse_model = copy.deepcopy(model)
+        for t in range(m.num_layers):
+            reuse_model.reset_layer(t)
+        reuse = dp.from_main(lambda: validate(reuse_model, ts, split["val"], args.lookahead, device, val_blocks,
+                                              soft_cross_entropy, dtype))
+        learned = best_epoch["val"][key]
+        fallback = [t for t in range(m.num_layers)
+                    if learned[t] is not None and reuse[key][t] is not None and reuse[key][t] > learned[t]]
+        if fallback:
+            for t in fallback:
+                model.reset_layer(t)
+            val = dp.from_main(lambda: validate(model, ts, split["val"], args.lookahead, device, val_blocks,
+                                                soft_cross_entropy, dtype))
+            best = val[select]
+            if dp.is_main:
+                save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
+                                {**best_epoch["metrics"], "val": val, "val_before_fallback": best_epoch["val"],
+                                 "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
+        print(f"per-layer fallback to router reuse: target layers {fallback or 'none'} "
+              f"(val {select} {best_epoch['val'][select]:.4f} -> {best:.4f})")
+    summary = {"best": {select: best}, "fallback_layers": fallback,
+               "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
     if dp.is_main:

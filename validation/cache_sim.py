@@ -36,7 +36,7 @@ from tqdm import tqdm
 from collection.errors import UserError
 from collection.format import TraceSet
 from collection.rows import SplitBlocks, TokenBlock, row_batches, split_sequences
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_fits_traces, load_checkpoint
 from validation.cost_model import DEFAULT_PREDICTOR_MS, CostModel
 from validation.scorers import (BASELINES, SCORERS, Scorer, baseline_scorer, expert_popularity,
                                 predictor_scorer)
@@ -151,11 +151,8 @@ def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.
         return Predictor(scorer, DEFAULT_PREDICTOR_MS.get(policy.source, 0.0), policy.source,
                          "hidden" in policy.needs, policy.name)
     model, cfg, ckpt = load_checkpoint(Path(policy.source), cpu)
-    theirs = (cfg.num_experts, cfg.num_layers, cfg.top_k, cfg.input_dim)
-    ours = (m.num_experts, m.num_layers, m.top_k, m.hidden_size)
-    if theirs != ours:
-        raise UserError(f"policy {policy.name}: the checkpoint was trained on other traces (E, L, top-k, hidden = "
-                        f"{theirs}; {ts.dir} has {ours})")
+    # routing shape, the hidden layers its features read (past layers, window, context), its token table
+    check_fits_traces(cfg, ts, f"policy {policy.name}")
     if cfg.lookahead != lookahead:
         raise UserError(f"policy {policy.name}: the checkpoint predicts {cfg.lookahead} layer(s) ahead, "
                         f"--lookahead is {lookahead}")

@@ -50,7 +50,9 @@ def evaluate(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, 
 def epoch_validation(model: nn.Module, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device,
                      blocks: SplitBlocks, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      dtype: torch.dtype) -> dict[str, float]:
-    """The validation metrics of one training epoch (flat dict, plus the mean loss as "loss")."""
+    """The validation metrics of one training epoch (flat dict, plus the mean loss as "loss" and the per-target-layer
+    recall@K as a list, "per_layer_recall@K")."""
     acc = evaluate(predictor_scorer(model, lookahead, ts.manifest.num_experts, dtype), ts, seq_ids, lookahead,
                    device, progress=False, loss_fn=loss_fn, blocks=blocks)
-    return {**acc.summary(), "loss": acc.mean_loss()}
+    recall = f"recall@{ts.manifest.top_k}"
+    return {**acc.summary(), "loss": acc.mean_loss(), f"per_layer_{recall}": acc.per_layer(recall)}

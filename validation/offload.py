@@ -295,25 +295,29 @@ def predictor_work(kind: str, engine: ReplayEngine, lookahead: int, config: dict
         return lambda moe_in, l: F.linear(moe_in, engine.layers[l + lookahead].router_w)
     if kind != "learned":
         return None
-    from models.features import Features
+    from models.features import example_features, feature_spec
     from models.predictors import PredictorConfig, build_predictor
 
     cfg = PredictorConfig(**{**(config or {}), "input_dim": dims.hidden, "num_experts": dims.num_experts,
                              "top_k": dims.top_k, "num_layers": engine.L, "lookahead": lookahead})
     model = build_predictor(cfg).to(dev).half().eval()
-    layer_ids = [torch.tensor([l], device=dev) for l in range(engine.L)]
-    zeros = torch.zeros(1, dims.num_experts, device=dev, dtype=torch.float16)
-    history = cfg.kind == "hybrid"
+    # every input the kind reads (past layers, windows, token id, ...), in its shapes; the MoE input is the replay's
+    inputs = [replace(example_features(feature_spec(model), dims.hidden, dims.num_experts, cfg.token_vocab, 1, l, dev,
+                                       torch.float16), hidden=None) for l in range(engine.L)]
+    # the anchored kind runs one target layer's trunk and heads (no host sync, so it is graph-capturable)
+    one_layer = getattr(model, "predict_layer", None)
 
     @torch.no_grad()
     def run(moe_in: torch.Tensor, l: int) -> torch.Tensor:
-        f = Features(hidden=moe_in, layer=layer_ids[l], own_routing=zeros if history else None,
-                     prev_token=zeros if history else None)
-        return model(f).topk(dims.top_k, dim=1).indices
+        f = replace(inputs[l], hidden=moe_in)
+        logits = one_layer(f, l + lookahead)[0] if one_layer is not None else model(f)
+        return logits.topk(dims.top_k, dim=1).indices
     if dev.type != "cuda":
         return run
     try:
-        return as_cuda_graphs(run, engine.L, (1, dims.hidden), dev)
+        # layers 0..L-d-1 only: the replay predicts from layer l while l + d < L, and a target layer past the
+        # last one is out of range (an embedding index on the GPU, a trunk of the anchored kind)
+        return as_cuda_graphs(run, engine.L - lookahead, (1, dims.hidden), dev)
     except RuntimeError as e:  # a predictor whose forward syncs with the host cannot be captured: run it eagerly
         print(f"predictor {cfg.kind}: not capturable as a CUDA graph ({str(e).splitlines()[0][:120]}); runs eagerly")
         torch.cuda.synchronize(dev)

@@ -25,7 +25,7 @@ from collection.errors import UserError
 from collection.families import selection_scores
 from collection.format import ROUTER_WEIGHTS, TraceSet
 from collection.rows import SplitBlocks, TokenBlock, routing_vector
-from models.features import make_features
+from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS
 from validation.metrics import true_expert_ranks
 
@@ -198,10 +198,10 @@ def baseline_scorer(name: str, ts: TraceSet, lookahead: int, train_ids: np.ndarr
 
 def predictor_scorer(model: nn.Module, lookahead: int, num_experts: int, dtype: torch.dtype = torch.float32) -> Scorer:
     """A trained predictor as a scorer (features built by `models.features.make_features`)."""
-    with_history = bool(getattr(model, "uses_history", False))
+    spec = feature_spec(model)
 
     def score(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        f = make_features(block, tok, layer, lookahead, num_experts, with_history, dtype)
+        f = make_features(block, tok, layer, lookahead, num_experts, spec, dtype)
         with torch.autocast(device_type=tok.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(f).float()
     return score
