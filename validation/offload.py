@@ -27,6 +27,7 @@ that a schedule delivers the right expert to every access.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -312,7 +313,7 @@ def predictor_work(kind: str, engine: ReplayEngine, lookahead: int, config: dict
         f = replace(inputs[l], hidden=moe_in)
         logits = one_layer(f, l + lookahead)[0] if one_layer is not None else model(f)
         return logits.topk(dims.top_k, dim=1).indices
-    if dev.type != "cuda":
+    if dev.type != "cuda" or os.environ.get("MOE_REPLAY_EAGER_PREDICTOR") == "1":  # eager: a debugging switch
         return run
     try:
         # layers 0..L-d-1 only: the replay predicts from layer l while l + d < L, and a target layer past the
