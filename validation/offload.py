@@ -349,6 +349,10 @@ def as_cuda_graphs(run: Callable[[torch.Tensor, int], torch.Tensor], num_layers:
         static_in.copy_(x)
         graphs[l].replay()
         return outs[l]
+    # the graphs read the predictor's weights and inputs at their addresses: `run` (which holds them) must live as
+    # long as the graphs, or the allocator hands that memory to other tensors and the graphs read garbage (on the
+    # H200: a token id out of its table, a device-side assert in the replay)
+    replay.keep_alive = run  # type: ignore[attr-defined]
     return replay
 
 
