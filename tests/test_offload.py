@@ -167,3 +167,26 @@ def test_replay_offload_dry_check_and_a_short_replay(tiny_traces, tmp_path, devi
     res = json.loads(js.read_text())
     assert {r["policy"] for r in res["rows"]} >= {"on-demand", "oracle", "all-resident"}
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in res["rows"])
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graphed_predictor_outlives_its_builder():
+    """The replay's learned predictor runs as CUDA graphs that read its weights and inputs in place: after the
+    builder returns and other tensors take the freed memory, every layer's graph still gives the eager answer
+    (without keeping `run` alive the graphs read garbage: a device-side assert on an H200)."""
+    import gc
+
+    from validation.offload import predictor_work
+
+    engine = ReplayEngine(DIMS, 3, torch.device("cuda", 0), ["fp16"], seed=0)
+    anchored = {"kind": "anchored", "hidden_dim": 16, "past_layers": 1, "own_layers": 1, "window": 2,
+                "token_vocab": 50, "separate_layers": True}
+    work = predictor_work("learned", engine, 1, anchored)
+    gc.collect()
+    filler = [torch.full((1 << 20,), 10**6, dtype=torch.int64, device="cuda") for _ in range(8)]  # noqa: F841
+    x = torch.randn(1, DIMS.hidden, device="cuda", dtype=torch.float16)
+    for l in range(engine.L - 1):
+        got = work(x, l).clone()
+        torch.cuda.synchronize()
+        assert torch.equal(got, work.keep_alive(x, l)), l
