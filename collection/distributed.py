@@ -24,12 +24,13 @@ import atexit
 import builtins
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from collection.atomic import atomic_write_json
+from collection.atomic import PARTIAL_SUFFIX, atomic_write_json
 from collection.errors import UserError
 from collection.format import Manifest, ShardInfo, TraceFormatError, TraceShard, write_manifest
 
@@ -40,6 +41,13 @@ T = TypeVar("T")
 
 def partial_manifest_name(rank: int) -> str:
     return f"manifest.rank{rank:05d}.json"
+
+
+def partial_manifest_files(out: Path) -> list[Path]:
+    """Every rank's partial manifest in `out`, and the temporary file of one whose atomic write a kill cut short:
+    exactly the names this tool writes (a user's file that only resembles them is not listed)."""
+    name = re.compile(r"manifest\.rank\d{5}\.json(" + re.escape(PARTIAL_SUFFIX) + ")?")
+    return sorted(p for p in Path(out).glob(PARTIAL_MANIFEST_GLOB + "*") if name.fullmatch(p.name))
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from collection.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from collection.capture import RoutingCapture, ShardFiller, hidden_moments, pad_batch
 from collection.device import device_name, host_memory_available, pick_device, pick_dtype
-from collection.distributed import (PARTIAL_MANIFEST_GLOB, Ranks, ShardLedger, fold_partial_manifests, init_ranks,
+from collection.distributed import (Ranks, ShardLedger, fold_partial_manifests, init_ranks, partial_manifest_files,
                                     rank_device, shard_index)
 from collection.errors import UserError, one_line_errors
 from collection.families import moe_layers, router_extras
@@ -412,7 +412,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
                             f"({dest / MANIFEST}); --overwrite collects the set again")
         manifest.router_weights = info
         write_manifest(dest, manifest)
-        for partial_manifest in dest.glob(PARTIAL_MANIFEST_GLOB):  # folded into the manifest just written
+        for partial_manifest in partial_manifest_files(dest):  # folded into the manifest just written (or cut short)
             partial_manifest.unlink()
         rw_path = dest / ROUTER_WEIGHTS
         if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):

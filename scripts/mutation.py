@@ -359,6 +359,11 @@ MUTATIONS = [
              '    if False:\n        swap_in(out)',
              ('tests/test_safety.py::test_overwrite_replaces_only_the_files_of_the_old_set',),
              '--overwrite never swaps the new set in', traces=True),
+    Mutation('partial-manifest-temp-left', 'collection/distributed.py',
+             'name = re.compile(r"manifest\\.rank\\d{5}\\.json(" + re.escape(PARTIAL_SUFFIX) + ")?")',
+             'name = re.compile(r"manifest\\.rank\\d{5}\\.json")',
+             ('tests/test_distributed.py::test_partial_manifest_files_are_exactly_the_tools_names',),
+             "a rank's manifest cut short mid-write is left behind by the resume"),
 ]
 
 

@@ -205,3 +205,15 @@ def test_compare_finds_one_changed_choice_in_a_real_trace_set(tiny_traces, tmp_p
     assert res["rows"] - res["clean_rows"] == seq_len * later_layers  # that sequence's rows above layer 2
     assert res["identical_shards"] == len(ts) - 1
     assert compare_main([str(tiny_traces), str(copy)]) == 1
+
+
+def test_partial_manifest_files_are_exactly_the_tools_names(tmp_path):
+    """A kill during a rank's atomic manifest write leaves `manifest.rankNNNNN.json.partial`: the resume removes it
+    with the folded partial manifests, and nothing that merely resembles those names."""
+    from collection.distributed import partial_manifest_files
+
+    for name in ("manifest.rank00000.json", "manifest.rank00001.json.partial", "manifest.rankfoo.json",
+                 "manifest.rank00002.json.bak", "manifest.rank1.json", "manifest.json"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in partial_manifest_files(tmp_path)] == ["manifest.rank00000.json",
+                                                                  "manifest.rank00001.json.partial"]
