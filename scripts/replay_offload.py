@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
             engine.preload(fmt, {l: list(zip(np.flatnonzero(resident[l])[:c].tolist(), range(c))) for l in range(L)})
         work = predictor_work(setup.predictors[pol.name].kind, engine, d, setup.predictors[pol.name].config) \
             if pol.prefetch == PREDICTED else None
-        # untimed warm-up on the run's own schedule (first tokens): the first run of a policy otherwise pays for
-        # allocator growth and kernel selection that the simulator does not model (measured: 0.78 vs 1.35)
+        # untimed warm-up on the run's own schedule (first tokens): one-time costs (allocator growth, kernel
+        # selection) stay out of the timed run. It did not remove the run-to-run spread seen on an H200
+        # (docs/PREFETCH.md): that needs interleaved, repeated runs
         engine.run(fmt, replace(hs, position=hs.position[:32]), d, pol.prefetch != 0, work)
         if resident is not None or pol.all_resident:
             engine.preload(fmt, {l: [(e, e) for e in range(E)] for l in range(L)} if pol.all_resident else
