@@ -364,6 +364,10 @@ MUTATIONS = [
              'name = re.compile(r"manifest\\.rank\\d{5}\\.json")',
              ('tests/test_distributed.py::test_partial_manifest_files_are_exactly_the_tools_names',),
              "a rank's manifest cut short mid-write is left behind by the resume"),
+    Mutation('replay-one-round', 'scripts/replay_offload.py', '    for rnd in range(args.repeats):',
+             '    for rnd in range(1):',
+             ('tests/test_offload.py::test_replay_offload_dry_check_and_a_short_replay',),
+             'the replay times each run once whatever --repeats says (its speed then rides on one round)'),
 ]
 
 

@@ -21,7 +21,7 @@ python3 -c "import torch, numba, bitsandbytes; print('torch', torch.__version__,
     --epochs 20 --hidden-dim 512 --batch-size 8 --output "$(dirname "$CK")" --overwrite
 [ -f "$(dirname "$CK")/results.json" ] && cp "$(dirname "$CK")/results.json" "$O/predictor_training.json"
 python3 scripts/replay_offload.py --traces "$T" --policies "$P" --cache-experts 15,30 --formats fp16,nf4 \
-    --max-tokens 512 --json "$O/replay.json"
+    --max-tokens 256 --repeats 3 --json "$O/replay.json"
 for f in fp16 nf4; do
   python3 scripts/simulate_prefetch.py --traces "$T" --policies "$P" --cache-experts 4,8,15,30,45,60 --measure \
       --expert-format $f --json "$O/measured_sim_$f.json" --plot "$O/measured_sim_$f.png"

@@ -11,10 +11,11 @@ with costs measured on this GPU (docs/PREFETCH.md, validation/offload.py).
 Layer mapping: trace layer l is replayed layer l. The embedded default's 8 layers become 8 full-size layers
 (tokens/s are for an 8-layer model; Qwen1.5-MoE has 24, so divide by 3 for its scale).
 
-The measured tables of docs/PREFETCH.md (one H100/H200, about 3 minutes; a learned predictor trained first):
+The measured tables of docs/PREFETCH.md (one H100/H200; a learned predictor trained first; 3 interleaved rounds
+of 256 tokens per run: about the time one round of 512 took, ~3-4 minutes, not yet timed on a GPU):
     python scripts/replay_offload.py --traces routing_data/traces/qwen2moe-mini \
         --policies on-demand,lfu,static-popular,prefetch:router-reuse,prefetch:models/hybrid-d1/best_checkpoint.pth,oracle,belady,all-resident \
-        --cache-experts 15,30 --formats fp16,nf4 --max-tokens 512 --json results/replay/replay.json
+        --cache-experts 15,30 --formats fp16,nf4 --max-tokens 256 --repeats 3 --json results/replay/replay.json
 Correctness only, seconds (small model dimensions; on a CPU the script stops with one line):
     python scripts/replay_offload.py --traces runs/demo/traces --model-config qwen2moe-tiny --dry-check
 """
@@ -51,13 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default="fp16,nf4", help="expert storage formats, comma list of fp16, nf4 (fp16,nf4)")
     p.add_argument("--lookahead", type=int, default=1, help="prefetch layer l+d while layer l runs (1)")
     p.add_argument("--fetch-budget", type=int, default=4, help="experts fetched ahead per layer (4)")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens decoded per policy (512: one full replay "
-                   "stays within ~3 minutes on an H100)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens decoded per policy and round (512)")
     p.add_argument("--model-config", default="qwen1.5-moe-a2.7b", choices=sorted(PRESETS),
                    help="dimensions of the replayed layers and experts (qwen1.5-moe-a2.7b)")
     p.add_argument("--locality", type=float, default=0.0, help="reuse each previous-token expert with probability p "
                    "(as simulate_prefetch.py)")
     p.add_argument("--seed", type=int, default=0, help="split seed (0); also seeds weights and --locality")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds over all runs, alternating direction; "
+                   "each run's speed is the median of its rounds (3)")
     p.add_argument("--calls", type=int, default=200, help="calls per timed loop when measuring the cost model (200)")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the same path synchronously, for "
                    "tests only: its copies are not timed and its numbers mean nothing")
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: at least 1")
     if args.device not in ("cuda", "cpu"):
         raise UserError(f"--device {args.device!r}: cuda or cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -135,36 +139,51 @@ def main(argv: list[str] | None = None) -> None:
               "cost_models": {f: c.to_json() for f, c in measured["costs"].items()}, "args": vars(args), "rows": rows}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     runs = [(f, c, p) for f in formats for c in caches for p in policies if not (p.all_resident and c != caches[0])]
-    for fmt, c, pol in tqdm(runs, desc="replay", unit="run", dynamic_ncols=True):
+    # every run's simulated schedule first, then the timed replays: --repeats rounds over all runs, each round in
+    # the other direction (A B C, C B A, ...), so a drift of the machine's speed spreads over every policy; a run's
+    # speed is the median of its rounds (one round per run measured 50 and 99 tokens/s for two policies of the same
+    # hit rate back to back on an H200: docs/PREFETCH.md)
+    plans = []
+    works: dict[str, Any] = {}  # a learned predictor's graphs are built once, for every run that uses it
+    for fmt, c, pol in runs:
         cost = measured["costs"][fmt]
         p_ms = measured["predictor_ms"].get(pol.name, 0.0)
         resident = static_experts(ts, setup.split["train"], c) if pol.name == "static-popular" else None
         stats, sched = run_policy(pol, c, stream, cost, d, args.fetch_budget, E, p_ms, resident, record=True)
+        if pol.prefetch == PREDICTED and pol.name not in works:
+            works[pol.name] = predictor_work(setup.predictors[pol.name].kind, engine, d,
+                                             setup.predictors[pol.name].config)
+        preload = ({l: [(e, e) for e in range(E)] for l in range(L)} if pol.all_resident else
+                   # the kernel fills a static cache in expert order, slot by slot
+                   {l: list(zip(np.flatnonzero(resident[l])[:c].tolist(), range(c))) for l in range(L)}
+                   if resident is not None else None)
         sim = summarize(stats, L, K, cost.expert_bytes)
-        hs = host_schedule(sched, stream.weights, stream.position, T)
-        if pol.all_resident:
-            engine.preload(fmt, {l: [(e, e) for e in range(E)] for l in range(L)})
-        elif resident is not None:  # the kernel fills a static cache in expert order, slot by slot
-            engine.preload(fmt, {l: list(zip(np.flatnonzero(resident[l])[:c].tolist(), range(c))) for l in range(L)})
-        work = predictor_work(setup.predictors[pol.name].kind, engine, d, setup.predictors[pol.name].config) \
-            if pol.prefetch == PREDICTED else None
-        # untimed warm-up on the run's own schedule (first tokens): one-time costs (allocator growth, kernel
-        # selection) stay out of the timed run. It did not remove the run-to-run spread seen on an H200
-        # (docs/PREFETCH.md): that needs interleaved, repeated runs
-        engine.run(fmt, replace(hs, position=hs.position[:32]), d, pol.prefetch != 0, work)
-        if resident is not None or pol.all_resident:
-            engine.preload(fmt, {l: [(e, e) for e in range(E)] for l in range(L)} if pol.all_resident else
-                           {l: list(zip(np.flatnonzero(resident[l])[:c].tolist(), range(c))) for l in range(L)})
-        seconds, _ = engine.run(fmt, hs, d, pol.prefetch != 0, work)
-        measured_tps = T / seconds
         rows.append({"format": fmt, "cache_experts": sched.slots if not pol.all_resident else E, "policy": pol.name,
                      "label": setup.predictors[pol.name].label if pol.name in setup.predictors else pol.name,
-                     "predicted_tokens_per_s": sim["tokens_per_s"], "measured_tokens_per_s": measured_tps,
-                     "measured_over_predicted": measured_tps / sim["tokens_per_s"],
+                     "predicted_tokens_per_s": sim["tokens_per_s"], "measured_seconds": [],
                      **{f"sim/{k}": v for k, v in sim.items()}})
-        tqdm.write(f"{fmt} C={c} {rows[-1]['label']}: predicted {sim['tokens_per_s']:.2f}, measured {measured_tps:.2f} "
-                   f"tokens/s ({measured_tps / sim['tokens_per_s']:.3f})")
-        atomic_write_json(json_path, result)  # after every run: a cut-off run keeps what it measured
+        plans.append((fmt, pol, host_schedule(sched, stream.weights, stream.position, T), preload,
+                      works.get(pol.name), rows[-1]))
+    bar = tqdm(total=len(plans) * args.repeats, desc="replay", unit="run", dynamic_ncols=True)
+    for rnd in range(args.repeats):
+        for fmt, pol, hs, preload, work, row in (plans if rnd % 2 == 0 else plans[::-1]):
+            if preload is not None:
+                engine.preload(fmt, preload)
+            if rnd == 0:  # untimed warm-up on the run's own schedule: one-time costs stay out of the timed runs
+                engine.run(fmt, replace(hs, position=hs.position[:32]), d, pol.prefetch != 0, work)
+                if preload is not None:
+                    engine.preload(fmt, preload)
+            seconds, _ = engine.run(fmt, hs, d, pol.prefetch != 0, work)
+            row["measured_seconds"].append(seconds)
+            row["measured_tokens_per_s"] = T / float(np.median(row["measured_seconds"]))
+            row["measured_over_predicted"] = row["measured_tokens_per_s"] / row["predicted_tokens_per_s"]
+            row["measured_spread"] = max(row["measured_seconds"]) / min(row["measured_seconds"])
+            bar.update()
+        tqdm.write(f"round {rnd + 1} of {args.repeats}: " + ", ".join(
+            f"{r['label']} {T / r['measured_seconds'][-1]:.1f}" for r in rows[:len(policies)]) + " tokens/s"
+            + (" (first format and cache size)" if len(rows) > len(policies) else ""))
+        atomic_write_json(json_path, result)  # after every round: a cut-off run keeps what it measured
+    bar.close()
     for r in rows:  # measured speedup over on-demand at the same format and cache size
         base = [b for b in rows if (b["format"], b["cache_experts"], b["policy"]) == (r["format"], r["cache_experts"],
                                                                                    "on-demand")]
@@ -173,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     atomic_write_json(json_path, result)
     worst = max(abs(r["measured_over_predicted"] - 1) for r in rows)
+    spread = max(r["measured_spread"] for r in rows)
+    print(f"largest spread of one run over its {args.repeats} rounds (slowest / fastest): {spread:.2f}")
     print(f"largest |measured / predicted - 1| = {worst:.1%} (target: within 15%); wrote {json_path}")
 
 

@@ -120,6 +120,10 @@ def test_replay_offload_on_cpu_is_one_line(tiny_traces, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("replay_offload: error: needs a CUDA GPU")
     assert not (tmp_path / "r.json").exists()
+    proc = run_script("replay_offload", "--traces", tiny_traces, "--repeats", "0", "--device", "cpu",
+                      "--json", tmp_path / "r.json", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "replay_offload: error: --repeats 0: at least 1"
+    assert not (tmp_path / "r.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,13 +164,17 @@ def test_replay_offload_dry_check_and_a_short_replay(tiny_traces, tmp_path, devi
     """The whole script: on the CPU its path runs synchronously (numbers meaningless), on a GPU for real."""
     run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", "--dry-check", "--device", device)
     js = tmp_path / "r.json"
-    few = ["--max-tokens", "8", "--cache-experts", "4", "--calls", "3"] if device == "cpu" else \
+    few = ["--max-tokens", "8", "--cache-experts", "4", "--calls", "3", "--repeats", "2"] if device == "cpu" else \
         ["--max-tokens", "24", "--cache-experts", "4,8", "--calls", "20"]
     run_script("replay_offload", "--traces", tiny_traces, "--model-config", "qwen2moe-tiny", *few,
                "--policies", "on-demand,prefetch:router-reuse,oracle,all-resident", "--json", js, "--device", device)
     res = json.loads(js.read_text())
     assert {r["policy"] for r in res["rows"]} >= {"on-demand", "oracle", "all-resident"}
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in res["rows"])
+    if device == "cpu":  # every run timed once per round; its speed is the median of its rounds
+        assert all(len(r["measured_seconds"]) == 2 for r in res["rows"])
+        assert all(r["measured_tokens_per_s"] == pytest.approx(8 / float(np.median(r["measured_seconds"])))
+                   for r in res["rows"])
 
 
 @pytest.mark.gpu
