@@ -25,6 +25,7 @@ from pathlib import Path
 from collection.atomic import PARTIAL_SUFFIX, fsync_dir
 from collection.errors import UserError
 from collection.format import MANIFEST, ROUTER_WEIGHTS, SHARD_NAME, Manifest, read_manifest
+from collection.hidden_format import CODEC_FILE
 
 STAGING = ".incoming"                   # the new set while it is written, inside the output directory
 REPLACED = "replaced_manifest.json"     # inside STAGING: the old manifest, moved aside when a swap starts
@@ -186,7 +187,7 @@ def discard_staging(state: OutputState) -> None:
     staging = state.staging_dir
     if not staging.is_dir():
         return
-    ours = re.compile(rf"({SHARD_NAME.pattern}|{re.escape(MANIFEST)}|{re.escape(ROUTER_WEIGHTS)})"
+    ours = re.compile(rf"({SHARD_NAME.pattern}|{re.escape(MANIFEST)}|{re.escape(ROUTER_WEIGHTS)}|{re.escape(CODEC_FILE)})"
                       rf"({re.escape(PARTIAL_SUFFIX)})?|{re.escape(REPLACED)}")
     for f in staging.iterdir():
         if ours.fullmatch(f.name) and f.is_file():

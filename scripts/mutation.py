@@ -368,6 +368,10 @@ MUTATIONS = [
              '    for rnd in range(1):',
              ('tests/test_offload.py::test_replay_offload_dry_check_and_a_short_replay',),
              'the replay times each run once whatever --repeats says (its speed then rides on one round)'),
+    Mutation('staging-codec-not-ours', 'collection/output.py',
+             '|{re.escape(ROUTER_WEIGHTS)}|{re.escape(CODEC_FILE)})"', '|{re.escape(ROUTER_WEIGHTS)})"',
+             ('tests/test_safety.py::test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded',),
+             "a replacement cut short in a fitted format cannot be discarded (its codec file looks like the user's)"),
 ]
 
 

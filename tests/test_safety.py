@@ -688,3 +688,22 @@ def test_validation_outputs_of_the_wrong_kind_are_refused_first(small, tmp_path,
         assert_one_line_error(proc, flag)
         assert proc.returncode == 2
     assert (tmp_path / "f").read_bytes() == b"mine"
+
+
+def test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded(tmp_path):
+    """A replacement cut short in a fitted hidden format leaves hidden_codec.safetensors in the staging directory
+    beside its shards: it is ours and goes with them; a file of any other name stops the discard."""
+    from collection.output import OutputState, discard_staging
+
+    staging = tmp_path / ".incoming"
+    staging.mkdir()
+    for name in ("shard_00000.safetensors", "hidden_codec.safetensors", "manifest.json.partial"):
+        (staging / name).write_bytes(b"x")
+    discard_staging(OutputState(tmp_path, None, None, True, None))
+    assert not staging.exists()
+    staging.mkdir()
+    (staging / "hidden_codec.safetensors").write_bytes(b"x")
+    (staging / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files this program did not write"):
+        discard_staging(OutputState(tmp_path, None, None, True, None))
+    assert (staging / "notes.txt").read_text() == "mine"
