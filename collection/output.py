@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,13 @@ def expected_partials(names: list[str]) -> list[str]:
     return [n + PARTIAL_SUFFIX for n in names]
 
 
+def owned_names(manifests: Iterable[Manifest | None]) -> set[str]:
+    """The file names in the output that belong to trace sets: what any of `manifests` lists, and (where there is
+    a set at all) its manifest and router weights. Any other file of a name this run writes is the user's."""
+    found = [m for m in manifests if m is not None]
+    return {name for m in found for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if found else set())
+
+
 def check_no_collision(directory: Path, names: list[str], owned: set[str]) -> None:
     """Refuse to write over a file that no manifest lists (a user's file that happens to bear a trace name)."""
     for name in names:
@@ -264,3 +272,60 @@ def prepare_destination(state: OutputState, dest: Path, previous: Manifest | Non
     dest.mkdir(parents=True, exist_ok=True)
     for name in expected_partials(names):
         (dest / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# a writer that builds a whole set in one run, never resumed (import_specmoe_shards.py, transcode_traces.py)
+
+
+def open_output(out: Path, lock: OutputLock, overwrite: bool) -> OutputState:
+    """Read what `out` holds (nothing is touched) and, where it exists, lock it: a second writer stops here."""
+    state = inspect_output(out, resume=False, overwrite=overwrite, can_resume=False)
+    if out.is_dir():
+        lock.acquire()
+    return state
+
+
+@dataclass
+class OneShot:
+    """Where a one-run writer puts its new set (`dest`: `out` itself, or the staging directory when a set is there
+    to replace), and how it ends: `finish` swaps the complete set in, `abandon` leaves `out` as it was found."""
+    state: OutputState
+    dest: Path
+    created: bool  # `out` did not exist before: removed again on failure
+    sizes: str     # the disk space line of `check_free_space`
+
+    def finish(self) -> None:
+        if self.dest != self.state.out:
+            swap_in(self.state.out)  # the new set is complete: now, and only now, it replaces the old one
+
+    def abandon(self, written: Iterable[str]) -> None:
+        """After a failure: remove the files this run wrote (`written`, names in `dest`), its staging directory, and
+        `out` if this run created it and it is empty."""
+        for name in written:  # without a complete manifest they are no trace set
+            (self.dest / name).unlink(missing_ok=True)
+        if self.dest != self.state.out:
+            discard_staging(self.state)
+        if self.created:
+            try:
+                self.state.out.rmdir()
+            except OSError:  # something else appeared in it meanwhile: not ours to delete
+                pass
+
+
+def start_one_shot(state: OutputState, lock: OutputLock, overwrite: bool, names: list[str], need: int,
+                   advice: str) -> OneShot:
+    """The first writes of a one-run writer, once every input has been checked: refuse a user's file of a name in
+    `names` and a disk that cannot hold `need` bytes, make and lock `out`, check it did not change since
+    `open_output`, and clear the destination's leftovers."""
+    out = state.out
+    dest = state.staging_dir if (state.manifest is not None or state.interrupted_swap) else out
+    check_no_collision(out, names, owned_names((state.manifest, state.staged, state.replaced)))
+    sizes = check_free_space(out, need, advice)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if inspect_output(out, resume=False, overwrite=overwrite, can_resume=False) != state:
+        raise UserError(f"{out} changed while this run was starting; run it again")
+    prepare_destination(state, dest, None, names)
+    return OneShot(state, dest, created, sizes)

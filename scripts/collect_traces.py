@@ -43,7 +43,7 @@ from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST,
                                encode_codec, encode_tensors, read_codec, shard_name, shard_specs, write_manifest)
 from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, fit_codec
 from collection.output import (OutputLock, OutputState, check_free_space, check_no_collision, expected_partials,
-                               human_size, inspect_output, prepare_destination, swap_in)
+                               human_size, inspect_output, owned_names, prepare_destination, swap_in)
 from collection.model import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, resolve_model_path, router_weights,
                               routing_shape)
 from collection.plan import announce, tokens_per_second
@@ -351,8 +351,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             previous = fold_partial_manifests(dest, copy.deepcopy(previous), write=False)  # `state` stays as read
         # files of this run's names that no manifest lists are the user's: never written over
         # (`previous` also lists the shards of a killed torchrun run's partial manifests, folded in above)
-        manifests = [m for m in (state.manifest, state.staged, state.replaced, previous) if m is not None]
-        owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
+        owned = owned_names((state.manifest, state.staged, state.replaced, previous))
         if previous is not None:  # a shard this plan's writer renamed into place just before it was killed
             owned |= {shard_name(i) for i in range(n_shards)
                       if shard_left_by_plan(dest / shard_name(i), i, shard_tokens(i), shard_sequences(i))}

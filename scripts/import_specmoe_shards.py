@@ -22,14 +22,13 @@ from tqdm import tqdm
 
 from collection.atomic import sha256_file
 from collection.errors import UserError, one_line_errors
-from collection.format import (MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, bytes_per_token,
+from collection.format import (MANIFEST, Manifest, ShardInfo, ShardWriter, bytes_per_token,
                                shard_name, shard_specs, write_manifest)
 from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass,
                                LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
                                looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
                                read_traces, shape_run_hint, token_ids_of)
-from collection.output import (OutputLock, check_free_space, check_no_collision, discard_staging, inspect_output,
-                               prepare_destination, swap_in)
+from collection.output import OutputLock, open_output, start_one_shot
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,9 +130,7 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     # --- the output is only read until the inputs have been checked (rules: collection/output.py)
     if any(f.resolve().parent == out.resolve() for f in inputs):
         raise UserError(f"--output {out} holds the input shards; choose another directory")
-    state = inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False)
-    if out.is_dir():
-        lock.acquire()
+    state = open_output(out, lock, args.overwrite)
 
     # --- L: the one fact the layer recovery rests on, from the user or the collector's own config
     config_L, config_file, config_unusable = num_layers_from_config(inputs)
@@ -145,19 +142,11 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     L_from = "--num-layers" if args.num_layers else config_file
 
     # --- an existing set is replaced only once the new one is complete: it is written beside it first
-    dest = state.staging_dir if (state.manifest is not None or state.interrupted_swap) else out
     names = [shard_name(i) for i in range(len(inputs))] + [MANIFEST]  # at most one output shard per input
-    manifests = [m for m in (state.manifest, state.staged, state.replaced) if m is not None]
-    owned = {name for m in manifests for name in m.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
-    check_no_collision(out, names, owned)
-    sizes = check_free_space(out, sum(f.stat().st_size for f in inputs), "choose another --output")
-    created = not out.exists()  # removed again if the import fails: a refused input leaves nothing behind
-    out.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    if inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False) != state:
-        raise UserError(f"{out} changed while this run was starting; run it again")
-    prepare_destination(state, dest, None, names)
-    print(f"importing {len(inputs)} legacy shards into {out} (about {sizes})"
+    target = start_one_shot(state, lock, args.overwrite, names, sum(f.stat().st_size for f in inputs),
+                            "choose another --output")
+    dest = target.dest
+    print(f"importing {len(inputs)} legacy shards into {out} (about {target.sizes})"
           + (f"; {L} MoE layers ({L_from})" if L else ""))
 
     # --- one output shard per input shard: the forward passes that complete in it
@@ -269,18 +258,9 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     except BaseException:
         if writer is not None:
             writer.abort()
-        for s in shards:  # without a manifest they are no trace set: leave the directory as it was found
-            (dest / s.file).unlink(missing_ok=True)
-        if dest != out:
-            discard_staging(state)
-        if created:
-            try:
-                out.rmdir()
-            except OSError:  # something else appeared in it meanwhile: not ours to delete
-                pass
+        target.abandon(s.file for s in shards)  # a refused input leaves the directory as it was found
         raise
-    if dest != out:
-        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
+    target.finish()
     print(f"done: {num_seq} sequences ({rows} token positions, padding included) in {len(shards)} shards at {out}; "
           f"{dropped} traces of unfinished passes dropped; target_routing held "
           f"{'probabilities' if probabilities else 'logits'}; no router weights, token ids "

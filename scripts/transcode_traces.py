@@ -27,8 +27,7 @@ from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST,
                                ShardWriter, TraceSet, bytes_per_token, encode_codec, manifest_dims, shard_specs,
                                write_manifest)
 from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
-from collection.output import (OutputLock, check_free_space, check_no_collision, discard_staging, inspect_output,
-                               prepare_destination, swap_in)
+from collection.output import OutputLock, open_output, start_one_shot
 from scripts.collect_traces import FIT_TOKENS
 
 
@@ -69,41 +68,21 @@ def transcode(args: argparse.Namespace, lock: OutputLock) -> None:
         raise UserError(f"--hidden-format {fmt.name}: {why}")
     if not m.hidden_layers:
         raise UserError(f"{src.dir} stores no hidden states: nothing to transcode")
-    state = inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False)
-    if out.is_dir():
-        lock.acquire()
+    state = open_output(out, lock, args.overwrite)
     # an existing set is replaced only once the new one is complete: it is written beside it first
-    dest = state.staging_dir if (state.manifest is not None or state.interrupted_swap) else out
     names = [s.file for s in m.shards] + [MANIFEST, ROUTER_WEIGHTS] + ([CODEC_FILE] if fmt.fitted else [])
-    manifests = [x for x in (state.manifest, state.staged, state.replaced) if x is not None]
-    owned = {name for x in manifests for name in x.files()} | ({MANIFEST, ROUTER_WEIGHTS} if manifests else set())
-    check_no_collision(out, names, owned)
     hidden_dtype = args.hidden_dtype or str(m.capture.get("hidden_dtype", "float16"))
     dims = {**manifest_dims(m), "hidden_dtype": hidden_dtype, "hidden_format": fmt.name}
-    sizes = check_free_space(out, sum(s.tokens for s in m.shards) * bytes_per_token(**dims), "choose another --output")
-    created = not out.exists()  # removed again if the run fails: a refused input leaves nothing behind
-    out.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    if inspect_output(out, resume=False, overwrite=args.overwrite, can_resume=False) != state:
-        raise UserError(f"{out} changed while this run was starting; run it again")
-    prepare_destination(state, dest, None, names)
-    print(f"transcoding {len(src)} shards of {src.dir} into {fmt.name} at {out} ({sizes})")
+    target = start_one_shot(state, lock, args.overwrite, names,
+                            sum(s.tokens for s in m.shards) * bytes_per_token(**dims), "choose another --output")
+    print(f"transcoding {len(src)} shards of {src.dir} into {fmt.name} at {out} ({target.sizes})")
     written: list[str] = []
     try:
-        _write(args, src, dest, fmt, hidden_dtype, dims, written)
+        _write(args, src, target.dest, fmt, hidden_dtype, dims, written)
     except BaseException:
-        for name in written:  # without a complete manifest they are no trace set: leave the directory as found
-            (dest / name).unlink(missing_ok=True)
-        if dest != out:
-            discard_staging(state)
-        if created:
-            try:
-                out.rmdir()
-            except OSError:  # something else appeared in it meanwhile: not ours to delete
-                pass
+        target.abandon(written)  # a refused input leaves the directory as it was found
         raise
-    if dest != out:
-        swap_in(out)  # the new set is complete: now, and only now, it replaces the old one
+    target.finish()
 
 
 def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat, hidden_dtype: str, dims: dict,
