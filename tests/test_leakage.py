@@ -20,7 +20,7 @@ from torch import nn
 import models.features as features
 from models.predictors import PredictorConfig, build_predictor
 from collection.rows import TokenBlock, targets
-from models.features import FeatureSpec, feature_spec, make_features
+from models.features import feature_spec, make_features
 
 L, E, K, H, N, V = 6, 60, 4, 16, 40, 50
 # the anchored predictor with every feature it has (each test builds it through anchored_model)
