@@ -45,6 +45,7 @@ from collection.model import EMBEDDED_MODEL
 REPO = Path(__file__).resolve().parent.parent
 FIXED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1",
              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+SKIPPABLE = {"collect-multi", "capture-only", "device-map", "train-seed", "train-large"}
 STEP_TIMEOUT = 240  # seconds; the longest step (a collection with its model load) takes about a minute
 
 
@@ -129,8 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--large-rows", type=int, default=262144, help="rows per step of the large-step training (262144)")
     p.add_argument("--max-gpus", type=int, default=4, help="use at most this many GPUs (4)")
     p.add_argument("--budget", type=float, default=450, help="start no step after this many seconds (450)")
+    p.add_argument("--skip", default="", help="comma-separated steps not to run: collect-multi (the 2- and 4-GPU "
+                   "collections), capture-only, device-map, train-seed, train-large (the 1-GPU collection always runs: "
+                   "training reads its traces)")
     p.add_argument("--cpu-smoke", action="store_true", help="the embedded model on the CPU, tiny sizes: checks the script")
     args = p.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - SKIPPABLE:
+        raise UserError(f"--skip {','.join(sorted(skip - SKIPPABLE))}: not a step (choose from {', '.join(sorted(SKIPPABLE))})")
     work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, args.budget)
@@ -197,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
     collect(1)
-    collect(2)
-    steps.run("capture_only", [*launcher("bench_capture_parallel", max(counts)), "--model", model, *capture_size,
-                               "--json", str(out / "capture_only.json")], gpus(max(counts)), max(counts))
-    res["capture_only"] = read(out / "capture_only.json")
-    if not args.cpu_smoke:
+    if "collect-multi" not in skip:
+        collect(2)
+    if "capture-only" not in skip:
+        steps.run("capture_only", [*launcher("bench_capture_parallel", max(counts)), "--model", model, *capture_size,
+                                   "--json", str(out / "capture_only.json")], gpus(max(counts)), max(counts))
+        res["capture_only"] = read(out / "capture_only.json")
+    if not args.cpu_smoke and "device-map" not in skip:
         mapped = work / "traces_devmap"
         if steps.run("collect_devmap", [*script("collect_traces"), "--model", model, *plan, "--device-map", "auto",
                                         "--max-memory", args.max_memory, "--output", str(mapped), "--overwrite",
@@ -210,12 +219,14 @@ def main(argv: list[str] | None = None) -> None:
                                          "--no-verify", "--json", str(out / "compare_devmap.json")], None)
         res["device_map"] = {"collect": read(out / "collect_devmap.json"), "compare": read(out / "compare_devmap.json")}
         shutil.rmtree(mapped, ignore_errors=True)
-    for step in ("seed", "large"):
+    train_steps = [step for step in ("seed", "large") if f"train-{step}" not in skip]
+    for step in train_steps:
         for g in (1, 2):
             train(g, step)
     if 4 in counts:
-        collect(4)
-        for step in ("seed", "large"):
+        if "collect-multi" not in skip:
+            collect(4)
+        for step in train_steps:
             train(4, step)
 
     res["steps"] = steps.record
