@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.cpu_smoke:
         from scripts.benchmark import disk_write_speed
 
-        res["disk_write_bytes_per_s"] = disk_write_speed(work, 2 << 30)
+        res["disk_write_bytes_per_s"], _ = disk_write_speed(work, 2 << 30)  # (write, hash) speeds
 
     def collect(g: int) -> None:
         traces = work / f"traces_{g}gpu"
