@@ -330,6 +330,7 @@ class ShardFiller:
         self.committer = committer or ShardCommitter()
         # pwrite releases the GIL: a batch's per-layer slices go to the page cache in parallel,
         # since one thread's memcpy (a few GB/s) is slower than a full-size model's output
+        self.threads = write_threads
         self.pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="pwrite")
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -366,10 +367,16 @@ class ShardFiller:
                                                    ("router_logits", batch.router_logits), ("hidden", batch.hidden),
                                                    ("hidden_scale", batch.hidden_scale))
                          if t is not None]
-                jobs = [self.pool.submit(writer.write, name, t[j, :n], (j,), row)
-                        for name, t in parts for j in range(t.shape[0])]
-                for job in jobs:
+                slices = [(name, t[j, :n], (j,)) for name, t in parts for j in range(t.shape[0])]
+                # one job per thread, each writing every k-th slice (a few MiB to a few bytes each) in a loop, and
+                # one writeback call for the file after all: every Python step on these threads takes the GIL
+                # from the main thread, which launches the next forward, so they take it as few times as they can
+                def write_every(k: int) -> None:
+                    for name, t, index in slices[k::self.threads]:
+                        writer.write(name, t, index, row, writeback=False)
+                for job in [self.pool.submit(write_every, k) for k in range(min(self.threads, len(slices)))]:
                     job.result()
+                writer.start_writeback()
             finally:
                 self.capture.release(batch)
         self.submit(task)

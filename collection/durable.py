@@ -14,6 +14,10 @@ crash can leave (all removed and redone by `--resume`).
 
 While a shard is written, `start_writeback` asks the kernel to start writing each range to disk at once
 (Linux `sync_file_range`), so the disk stays busy during collection and the fsync at commit has little left.
+
+`OpenAhead` creates each shard's file one shard early, on a thread: creating and sizing a file are metadata
+operations, which can wait for the filesystem's journal while another shard's fsync holds it, and the loop
+that feeds the GPU must not wait for them.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generic, Iterable, TypeVar
 
 from collection.atomic import commit_file
 from collection.errors import DISK_FULL, disk_full
@@ -118,3 +122,43 @@ def _fsync_close(fd: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+W = TypeVar("W")
+
+
+class OpenAhead(Generic[W]):
+    """`open_one(key)` for each key in order, one key ahead of `take()`, on a background thread.
+
+    `opened` lists everything opened so far, taken or not, so that a caller stopping on an error can abort
+    them all (after `close()`, which waits for an open in progress). An error of `open_one` is raised by the
+    `take()` that would have returned its result.
+    """
+
+    def __init__(self, open_one: Callable[[int], W], keys: Iterable[int]):
+        self.open_one, self.keys = open_one, iter(keys)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-ahead")
+        self.opened: list[W] = []
+        self.lock = threading.Lock()
+        self.next = self._start()
+
+    def _open(self, key: int) -> W:
+        item = self.open_one(key)
+        with self.lock:
+            self.opened.append(item)
+        return item
+
+    def _start(self) -> Future | None:
+        key = next(self.keys, None)
+        return None if key is None else self.pool.submit(self._open, key)
+
+    def take(self) -> W:
+        """The next key's item (waits if it is still being opened), and starts opening the one after."""
+        if self.next is None:
+            raise StopIteration("no key left to open")
+        item = self.next.result()
+        self.next = self._start()
+        return item
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -145,8 +145,11 @@ class ShardWriter:
                 raise disk_full(self.path, e) from None
             raise
 
-    def write(self, name: str, array: np.ndarray | torch.Tensor, index: tuple[int, ...] = (), row: int = 0) -> None:
-        """Write `array` into tensor `name` at [*index, row:row+len(array)] (C order, contiguous)."""
+    def write(self, name: str, array: np.ndarray | torch.Tensor, index: tuple[int, ...] = (), row: int = 0,
+              writeback: bool | None = None) -> None:
+        """Write `array` into tensor `name` at [*index, row:row+len(array)] (C order, contiguous); `writeback`
+        (default: the writer's) starts writing the range to disk at once (`start_writeback` does it for the
+        whole file in one call)."""
         if isinstance(array, torch.Tensor):
             array = tensor_to_numpy(array)
         array = np.ascontiguousarray(array)
@@ -168,8 +171,13 @@ class ShardWriter:
                 if e.errno in DISK_FULL:
                     raise disk_full(self.path, e) from None
                 raise
-            if self.writeback:
+            if self.writeback if writeback is None else writeback:
                 start_writeback(self.fd, at, array.nbytes)
+
+    def start_writeback(self) -> None:
+        """Start writing every dirty page of the file to disk, without waiting (one call after many writes)."""
+        if self.writeback and self.fd >= 0:
+            start_writeback(self.fd, 0, self.total_bytes)
 
     def commit(self) -> tuple[int, str]:
         """Flush, fsync, rename into place; returns (bytes, sha256)."""

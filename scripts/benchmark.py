@@ -34,7 +34,7 @@ import torch
 
 from collection.capture import RoutingCapture, ShardFiller, hidden_moments
 from collection.device import device_name, pick_device, pick_dtype
-from collection.durable import sha256_of
+from collection.durable import OpenAhead, sha256_of
 from collection.errors import UserError, one_line_errors
 from collection.atomic import atomic_write_json
 from collection.format import ShardWriter, TraceSet, shard_specs
@@ -104,14 +104,20 @@ def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch
         capture.release(hb)
     timed = batches[args.warmup:args.warmup + args.durable_batches]
     committed: list[int] = []
+
+    def open_shard(s0: int) -> ShardWriter:  # one shard ahead, on a thread, as collect_traces.py opens them
+        specs = shard_specs(len(timed[s0:s0 + args.shard_batches]) * per_batch, 1, num_layers=L, top_k=K,
+                            num_experts=E, hidden_size=H, hidden_layers=L,
+                            hidden_dtype=str(hidden_dtype).removeprefix("torch."), store_logits=True,
+                            hidden_format=fmt.name)
+        return ShardWriter(work / f"durable_{s0:05d}.safetensors", specs, writeback=True)
+
     sync(next(model.parameters()).device)
     t0 = time.perf_counter()
+    ahead = OpenAhead(open_shard, range(0, len(timed), args.shard_batches))
     for s0 in range(0, len(timed), args.shard_batches):
         group = timed[s0:s0 + args.shard_batches]
-        specs = shard_specs(len(group) * per_batch, 1, num_layers=L, top_k=K, num_experts=E, hidden_size=H,
-                            hidden_layers=L, hidden_dtype=str(hidden_dtype).removeprefix("torch."), store_logits=True,
-                            hidden_format=fmt.name)
-        writer = ShardWriter(work / f"durable_{s0:05d}.safetensors", specs, writeback=True)
+        writer = ahead.take()
         row = 0
         for b in group:
             hb = capture.forward(model, b, mask)
@@ -121,6 +127,7 @@ def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch
     collected_s = time.perf_counter() - t0
     filler.join()
     total_s = time.perf_counter() - t0
+    ahead.close()
     filler.close()
     capture.close()
     tokens = len(timed) * per_batch

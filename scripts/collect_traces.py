@@ -36,6 +36,7 @@ from collection.capture import RoutingCapture, ShardFiller, hidden_moments, pad_
 from collection.device import device_name, host_memory_available, pick_device, pick_dtype
 from collection.distributed import (Ranks, ShardLedger, fold_partial_manifests, init_ranks, partial_manifest_files,
                                     rank_device, shard_index)
+from collection.durable import OpenAhead
 from collection.errors import UserError, one_line_errors
 from collection.families import moe_layers, router_extras
 from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest,
@@ -446,21 +447,24 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         bar = tqdm(total=int(lengths.sum()), initial=done_tokens, unit="tok", desc="collect", dynamic_ncols=True)
     ranks.barrier()  # rank 0's manifest exists before any shard is recorded; the ranks' clocks start together
     t0 = time.perf_counter()
-    writers: list[ShardWriter] = []  # every one opened: an error aborts all that are not committed
+
+    def open_shard(shard_idx: int) -> ShardWriter:
+        """The shard's file, sized, with its token ids and sequence table written (run one shard ahead)."""
+        lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
+        writer = ShardWriter(dest / shard_name(shard_idx), shard_specs(int(lengths[lo:hi].sum()), hi - lo, **dims),
+                             {"format_version": str(manifest.format_version), "shard": str(shard_idx)}, writeback=True)
+        writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
+        writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
+        writer.write("seq_ids", np.arange(lo, hi, dtype=np.int64))
+        writer.write("seq_sources", np.array([texts[i][0] for i in range(lo, hi)], dtype=np.int16))
+        return writer
+
+    ahead = OpenAhead(open_shard, ledger.todo)  # every writer it opened: an error aborts all not committed
     try:
         for shard_idx in ledger.todo:
             lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
-            seq_len = lengths[lo:hi]
-            N = int(seq_len.sum())
-            specs = shard_specs(N, hi - lo, **dims)
-            writer = ShardWriter(dest / shard_name(shard_idx), specs,
-                                 {"format_version": str(manifest.format_version), "shard": str(shard_idx)},
-                                 writeback=True)
-            writers.append(writer)
-            writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
-            writer.write("seq_offsets", offsets[lo:hi + 1] - offsets[lo])
-            writer.write("seq_ids", np.arange(lo, hi, dtype=np.int64))
-            writer.write("seq_sources", np.array([texts[i][0] for i in range(lo, hi)], dtype=np.int16))
+            N = int(lengths[lo:hi].sum())
+            writer = ahead.take()
             row = 0
             for b in range(lo, hi, args.batch_size):
                 input_ids, mask = pad_batch(encoded[b:min(b + args.batch_size, hi)], pad_id(tokenizer))
@@ -483,9 +487,11 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         filler.join()
     except BaseException:
         filler.close()  # waits for the writing threads: no write lands after the aborts below
-        for w in writers:
+        ahead.close()
+        for w in ahead.opened:
             w.abort()  # a shard in progress never looks finished; --resume redoes it
         raise
+    ahead.close()
     filler.close()
     capture.close()
     bar.close()

@@ -372,6 +372,14 @@ MUTATIONS = [
              '|{re.escape(ROUTER_WEIGHTS)}|{re.escape(CODEC_FILE)})"', '|{re.escape(ROUTER_WEIGHTS)})"',
              ('tests/test_safety.py::test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded',),
              "a replacement cut short in a fitted format cannot be discarded (its codec file looks like the user's)"),
+    Mutation('open-ahead-aborts-one', 'scripts/collect_traces.py', '        for w in ahead.opened:',
+             '        for w in ahead.opened[:1]:',
+             ('tests/test_safety.py::test_a_full_disk_during_collection_is_one_line_and_leaves_no_partial',),
+             "an error during collection leaves the shard opened ahead as a .partial"),
+    Mutation('writer-skips-slices', 'collection/capture.py', 'for name, t, index in slices[k::self.threads]:',
+             'for name, t, index in slices[k::self.threads + 1]:',
+             ('tests/test_capture.py::test_stored_shards_match_a_fresh_forward',),
+             "the shard writer's threads leave some (tensor, layer) slices of each batch unwritten (zeros)"),
 ]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from collection.atomic import sha256_file
-from collection.durable import ShardCommitter, sha256_of
+from collection.durable import OpenAhead, ShardCommitter, sha256_of
 from collection.format import SafetensorsFile, ShardWriter, TensorSpec
 
 
@@ -59,3 +59,42 @@ def test_a_failed_commit_is_raised_and_stops_later_ones(tmp_path):
     committer.close()
     assert done == ["a"]
     assert (tmp_path / "a.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def test_open_ahead_opens_one_key_early_in_order_and_lists_everything_it_opened():
+    calls = []
+    gate = threading.Event()
+
+    def open_one(key):
+        if key == 2:
+            gate.wait(5)  # the third open is held back: take() of key 1 must not wait for it
+        calls.append(key)
+        return f"w{key}"
+
+    ahead = OpenAhead(open_one, [0, 1, 2])
+    assert ahead.take() == "w0"
+    t0 = time.monotonic()
+    assert ahead.take() == "w1"  # opened while w0 was in use
+    assert time.monotonic() - t0 < 2
+    time.sleep(0.05)
+    assert calls == [0, 1]  # key 2 is being opened (one ahead), not yet done
+    gate.set()
+    assert ahead.take() == "w2"
+    with pytest.raises(StopIteration):
+        ahead.take()
+    ahead.close()
+    assert calls == [0, 1, 2] and ahead.opened == ["w0", "w1", "w2"]
+
+
+def test_open_ahead_raises_an_open_error_at_the_take_that_needed_it_and_keeps_what_it_opened():
+    def open_one(key):
+        if key == 1:
+            raise OSError(28, "No space left on device")
+        return f"w{key}"
+
+    ahead = OpenAhead(open_one, [0, 1, 2])
+    assert ahead.take() == "w0"
+    with pytest.raises(OSError):
+        ahead.take()
+    ahead.close()
+    assert ahead.opened == ["w0"]  # what an aborting caller must remove
