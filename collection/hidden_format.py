@@ -88,6 +88,13 @@ class HiddenCodec:
             cache[dtype] = self.basis if self.basis.dtype == dtype else self.basis.to(dtype)
         return cache[dtype]
 
+    def decode_matrices(self, dtype: torch.dtype) -> torch.Tensor:
+        """(Lh, H, H) the matrices taking coordinates back to hidden rows (row @ matrix), in `dtype`, contiguous."""
+        cache = self.__dict__.setdefault("_decode", {})
+        if dtype not in cache:
+            cache[dtype] = self.basis_as(dtype).transpose(1, 2).contiguous()
+        return cache[dtype]
+
     def quantizer(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(levels (2^bits,), thresholds between them (2^bits - 1,)) of a unit-variance axis coded at `bits`."""
         lv = self.levels[bits - 1, :2 ** bits]
@@ -228,11 +235,26 @@ class HiddenFormat:
         basis = codec.basis_as(dtype)
         if isinstance(layers, int):
             return x @ basis[layers].T
-        # rows of mixed layers: sorted by layer, one matmul per layer present, then back in their order
-        order = layers.argsort()
-        counts = torch.bincount(layers, minlength=basis.shape[0]).tolist()
-        out = torch.cat([chunk @ basis[slot].T for slot, chunk in enumerate(x[order].split(counts)) if counts[slot]])
-        return out[order.argsort()]
+        return rows_times_layer_matrix(x, layers, codec.decode_matrices(dtype))
+
+
+def rows_times_layer_matrix(x: torch.Tensor, layers: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """Rows (R, H) of mixed layers, each times its layer's matrix: x[r] @ mats[layers[r]] (mats (Lh, H, H')).
+
+    The rows are sorted by layer and multiplied group by group. In bf16 one grouped GEMM does it with the group
+    ends on the device; otherwise one matmul per layer present, whose sizes the host must read (a sync per call,
+    which stalls the training loop that decodes every step)."""
+    if not x.shape[0]:
+        return x.new_zeros(0, mats.shape[2])
+    order = layers.argsort()
+    xs = x[order]
+    counts = torch.bincount(layers, minlength=mats.shape[0])
+    if x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        out = torch._grouped_mm(xs, mats, offs=counts.cumsum(0).to(torch.int32))
+    else:
+        sizes = counts.tolist()
+        out = torch.cat([chunk @ mats[slot] for slot, chunk in enumerate(xs.split(sizes)) if sizes[slot]])
+    return out[order.argsort()]
 
 
 def _step(rms: torch.Tensor, bits: int) -> torch.Tensor:

@@ -380,6 +380,10 @@ MUTATIONS = [
              'for name, t, index in slices[k::self.threads + 1]:',
              ('tests/test_capture.py::test_stored_shards_match_a_fresh_forward',),
              "the shard writer's threads leave some (tensor, layer) slices of each batch unwritten (zeros)"),
+    Mutation('grouped-decode-counts-not-ends', 'collection/hidden_format.py',
+             'offs=counts.cumsum(0).to(torch.int32))', 'offs=counts.to(torch.int32))',
+             ('tests/test_hidden_format.py::test_rows_of_mixed_layers_each_times_their_layers_matrix',),
+             "the grouped GEMM of a mixed-layer decode is given each layer's row count where it needs its group's end"),
 ]
 
 

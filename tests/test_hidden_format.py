@@ -9,7 +9,7 @@ import torch
 
 from collection.format import TraceFormatError, TraceSet, bytes_per_token, read_manifest
 from collection.hidden_format import (FORMATS, allocate_bits, fit_codec, lloyd_max_levels, pack_bits, rotate,
-                                     unpack_bits, unrotate)
+                                     rows_times_layer_matrix, unpack_bits, unrotate)
 from collection.rows import load_block
 from collection.staging import StagedReader
 
@@ -129,6 +129,28 @@ def test_pca_decodes_rows_of_mixed_layers_in_their_order():
     had = FORMATS["hadamard-3.5bit"]
     had_err = ((had.decode(*had.encode(x)) - x).square().sum() / x.square().sum()).item()
     assert pca_err < 0.5 * had_err  # the point of fitting: bits where the variance is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_mixed_layers_each_times_their_layers_matrix(dtype):
+    """bf16 takes the grouped GEMM (group ends on the device, no host sync), float32 the loop; both must give
+    every row its own layer's product, in the rows' order, with a layer that has no row in between."""
+    if dtype == torch.bfloat16:
+        try:
+            torch._grouped_mm(torch.ones(2, 16, dtype=dtype), torch.ones(1, 16, 16, dtype=dtype),
+                              offs=torch.tensor([2], dtype=torch.int32))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pytest.skip("no grouped GEMM for bf16 on this device")
+    g = torch.Generator().manual_seed(3)
+    mats = torch.randn(4, 32, 16, generator=g).to(dtype)
+    x = torch.randn(50, 32, generator=g).to(dtype)
+    layers = torch.randint(0, 4, (50,), generator=g)
+    layers[layers == 2] = 3  # layer 2 has no row
+    want = torch.stack([x[i].float() @ mats[int(layers[i])].float() for i in range(50)])
+    got = rows_times_layer_matrix(x, layers, mats).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * want.abs().max().item()
+    assert got.shape == (50, 16) and (got - want).abs().max().item() < tol
+    assert rows_times_layer_matrix(x[:0], layers[:0], mats).shape == (0, 16)
 
 
 def test_bytes_per_token_and_the_seed_recipe():
