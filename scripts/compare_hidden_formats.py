@@ -24,6 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import pick_device
 from collection.errors import UserError, one_line_errors
@@ -46,11 +48,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predictors", default="layer-aware,hybrid", help="learned predictors (layer-aware,hybrid)")
     p.add_argument("--epochs", type=int, default=20, help="epochs of the comparison recipe (20)")
     p.add_argument("--hidden-dim", type=int, default=512, help="predictor width (512)")
+    p.add_argument("--seeds", default="0",
+                   help="comma list of split-and-training seeds (0); with several, each format's loss is the mean of "
+                        "its paired losses against bf16 trained with the same seed, and the table gives their range")
     p.add_argument("--jobs", type=int, default=1, help="trainings side by side (1; 4 suits one GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda:N")
     p.add_argument("--output", default="results/formats", help="traces, checkpoints and the table go here")
     args = p.parse_args(argv)
     args.formats = [f for f in args.formats.split(",") if f]
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: give a comma list of integers, e.g. 0,1,2") from None
+    if not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
+        raise UserError("--seeds: give distinct integers >= 0, e.g. 0,1,2")
     for f in args.formats:
         if f not in FORMATS or f == LOSSLESS:
             raise UserError(f"--formats: {f!r} is not a compact format ({', '.join(n for n in FORMATS if n != LOSSLESS)})")
@@ -80,35 +91,53 @@ def main(argv: list[str] | None = None) -> None:
                          ["--hidden-format", name])])
 
     # --- the same predictors, split, seed and recipe on each; the same test rows
-    for name in names:
-        compare(["--traces", str(out / "traces" / name), "--lookaheads", args.lookaheads, "--predictors", args.predictors,
-                 "--baselines", "router,router-reuse", "--epochs", str(args.epochs), "--hidden-dim", str(args.hidden_dim),
-                 "--jobs", str(args.jobs), "--device", str(dev), "--output", str(out / name)])
+    for seed in args.seeds:
+        for name in names:
+            compare(["--traces", str(out / "traces" / name), "--lookaheads", args.lookaheads, "--predictors",
+                     args.predictors, "--baselines", "router,router-reuse", "--epochs", str(args.epochs),
+                     "--hidden-dim", str(args.hidden_dim), "--seed", str(seed), "--jobs", str(args.jobs),
+                     "--device", str(dev), "--output", str(result_dir(out, name, seed))])
     report(out, names, args)
+
+
+def result_dir(out: Path, name: str, seed: int) -> Path:
+    """Where compare_predictors.py writes one format's comparison with one seed (seed 0: the format's name)."""
+    return out / (name if seed == 0 else f"{name}-seed{seed}")
 
 
 def report(out: Path, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """formats.json / formats.md: bytes per token and recall@K per (format, d, predictor), loss against bf16."""
     recipe = {r["format"]: r for r in seed_recipe_table()}
     results: dict[str, Any] = {"formats": {}, "reference": REFERENCE, "args": vars(args)}
+    seeds = getattr(args, "seeds", [0])
+    per_seed: dict[str, list[dict[str, float]]] = {}
     for name in names:
-        cmp = json.loads((out / name / "comparison.json").read_text())
+        per_seed[name] = []
+        for seed in seeds:
+            cmp = json.loads((result_dir(out, name, seed) / "comparison.json").read_text())
+            k = cmp["top_k"]
+            per_seed[name].append({f"{r['predictor']}@d{r['lookahead']}": r[f"recall@{k}"] for r in cmp["rows"]})
         ts = TraceSet(out / "traces" / name, verify=False)
-        k = cmp["top_k"]
-        rows = {f"{r['predictor']}@d{r['lookahead']}": r[f"recall@{k}"] for r in cmp["rows"]}
         m = ts.manifest
         tokens = sum(s.tokens for s in m.shards)
         results["formats"][name] = {
             "hidden_format": m.hidden_format, "bytes_per_token": sum(s.bytes for s in m.shards) / tokens,
-            "seed_recipe": recipe[LOSSLESS if name == REFERENCE else name], f"recall@{k}": rows,
+            "seed_recipe": recipe[LOSSLESS if name == REFERENCE else name],
+            f"recall@{k}": {key: float(np.mean([r[key] for r in per_seed[name]])) for key in per_seed[name][0]},
+            f"recall@{k}_per_seed": per_seed[name], "seeds": seeds,
             "test_rows": {f"d{r['lookahead']}": r["rows"] for r in cmp["rows"]}, "device": cmp["device"]}
-    ref = results["formats"][REFERENCE][f"recall@{k}"]
+    ref = per_seed[REFERENCE]
     for name in names:
         r = results["formats"][name]
-        r["loss_vs_bf16"] = {key: ref[key] - v for key, v in r[f"recall@{k}"].items() if key in ref}
-    keys = list(ref)
+        # paired: each seed's format run against the bf16 run with the same split and initialization
+        losses = [{key: ref[i][key] - v for key, v in run.items() if key in ref[i]} for i, run in enumerate(per_seed[name])]
+        r["loss_vs_bf16_per_seed"] = losses
+        r["loss_vs_bf16"] = {key: float(np.mean([x[key] for x in losses])) for key in losses[0]}
+    keys = list(ref[0])
     lines = [f"recall@{k} on the held-out test split of `{ts.manifest.model['name_or_path']}` traces "
-             f"({tokens:,} tokens collected; device {results['formats'][REFERENCE]['device']}); loss = bf16 - format",
+             f"({tokens:,} tokens collected; device {results['formats'][REFERENCE]['device']}); loss = bf16 - format"
+             + (f"; mean over seeds {', '.join(map(str, seeds))} (split and training), loss paired by seed"
+                if len(seeds) > 1 else ""),
              "", "| format | B/token here | seed recipe B/token | seed recipe GB | " + " | ".join(keys) + " | worst loss |",
              "|---|---|---|---|" + "---|" * (len(keys) + 1)]
     for name in names:
@@ -119,6 +148,13 @@ def report(out: Path, names: list[str], args: argparse.Namespace) -> dict[str, A
         lines.append(f"| {name} | {r['bytes_per_token']:,.0f} | {r['seed_recipe']['record_bytes_per_token']:,} | "
                      f"{r['seed_recipe']['seed_recipe_gb']:.1f} | " + " | ".join(cells) +
                      f" | {'-' if name == REFERENCE else f'{worst:+.4f}'} |")
+    if len(seeds) > 1:
+        lines.append("")
+        for name in names[1:]:
+            spread = "; ".join(f"{key} {min(x[key] for x in results['formats'][name]['loss_vs_bf16_per_seed']):+.4f} to "
+                               f"{max(x[key] for x in results['formats'][name]['loss_vs_bf16_per_seed']):+.4f}"
+                               for key in keys if not key.startswith("router"))
+            lines.append(f"- {name}: loss per seed, lowest to highest: {spread}")
     table = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "formats.md", table.encode())
     atomic_write_json(out / "formats.json", results)

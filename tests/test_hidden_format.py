@@ -327,3 +327,27 @@ def test_collected_compact_rows_are_the_encoded_lossless_rows(tiny_model, tmp_pa
         assert torch.equal(c.shard(i).tensor("hidden_scale"), scale)
         # the same rows encoded in a batch of another shape: float rounding may move a value across a level
         assert (c.shard(i).tensor("hidden") != payload).float().mean() < 1e-3
+
+
+def test_format_losses_are_paired_by_seed_and_averaged(tiny_traces, tiny_pca_traces, tmp_path):
+    """compare_hidden_formats.py --seeds: each seed's format run is held against the bf16 run of the same seed."""
+    import argparse
+
+    from scripts.compare_hidden_formats import report, result_dir
+
+    out = tmp_path / "formats"
+    (out / "traces").mkdir(parents=True)
+    (out / "traces" / "bf16").symlink_to(tiny_traces)
+    (out / "traces" / "pca-3.5bit").symlink_to(tiny_pca_traces)
+    recall = {("bf16", 0): 0.80, ("bf16", 1): 0.70, ("pca-3.5bit", 0): 0.79, ("pca-3.5bit", 1): 0.67}
+    for (name, seed), r in recall.items():
+        d = result_dir(out, name, seed)
+        d.mkdir()
+        (d / "comparison.json").write_text(json.dumps({"top_k": 4, "device": "cpu", "rows": [
+            {"predictor": "layer-aware", "lookahead": 0, "recall@4": r, "rows": 100}]}))
+    res = report(out, ["bf16", "pca-3.5bit"], argparse.Namespace(seeds=[0, 1], formats=["pca-3.5bit"]))
+    pca = res["formats"]["pca-3.5bit"]
+    assert pca["recall@4"]["layer-aware@d0"] == pytest.approx(0.73)
+    assert [x["layer-aware@d0"] for x in pca["loss_vs_bf16_per_seed"]] == pytest.approx([0.01, 0.03])
+    assert pca["loss_vs_bf16"]["layer-aware@d0"] == pytest.approx(0.02)
+    assert "+0.0100 to +0.0300" in (out / "formats.md").read_text()
