@@ -487,8 +487,10 @@ class Manifest:
 def encode_codec(codec: HiddenCodec, fit_tokens: int) -> tuple[bytes, dict[str, Any]]:
     """A fitted format's parameters as file bytes, and the manifest's capture.hidden_codec entry for them (listed
     in the manifest before the file is written, as the router weights are)."""
-    data, info = encode_tensors(CODEC_FILE, {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits,
-                                             "levels": codec.levels})
+    tensors = {"basis": codec.basis, "rel_std": codec.rel_std, "bits": codec.bits, "levels": codec.levels}
+    if codec.inverse is not None:
+        tensors["inverse"] = codec.inverse
+    data, info = encode_tensors(CODEC_FILE, tensors)
     return data, {"file": CODEC_FILE, "sha256": info.sha256, "bytes": info.bytes, "fit_tokens": fit_tokens}
 
 
@@ -512,16 +514,20 @@ def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> Hidd
     Lh, H = len(manifest.hidden_layers), manifest.hidden_size
     want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8"),
             "levels": ((MAX_BITS, 2 ** MAX_BITS), "F32")}
+    if fmt.router_weight:  # scaled axes: the decoding matrices are stored too
+        want["inverse"] = ((Lh, H, H), "F32")
     for name, (shape, dt) in want.items():
         if name not in f.entries or f.entries[name][1] != shape or f.entries[name][0] != dt:
             raise TraceFormatError(f"{path}: {name} missing or not {dt} of shape {shape}")
-    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"), f.tensor("levels"))
+    codec = HiddenCodec(f.tensor("basis"), f.tensor("rel_std"), f.tensor("bits"), f.tensor("levels"),
+                        f.tensor("inverse") if "inverse" in want else None)
     bits = codec.bits.long()
     blocks = bits.view(-1, 8)
     if (bits.max() > 8 or (blocks != blocks[:, :1]).any() or (bits[1:] > bits[:-1]).any()
             or bits.sum() != fmt.payload_bytes(H) * 8):
         raise TraceFormatError(f"{path}: bits are not non-increasing blocks of 8 summing to {fmt.payload_bytes(H) * 8}")
-    if not all(torch.isfinite(t).all() for t in (codec.basis, codec.rel_std, codec.levels)):
+    if not all(torch.isfinite(t).all() for t in (codec.basis, codec.rel_std, codec.levels, codec.inverse)
+               if t is not None):
         raise TraceFormatError(f"{path}: non-finite parameters")
     return codec
 

@@ -16,6 +16,9 @@ A format is a transform followed by a quantizer, both fixed by its name (hidden 
     pca-3.5bit       coordinates on each layer's principal axes (fitted on the first collected         4.6x
                      tokens), 3.5 bits per element on average, allocated by variance: up to 8 bits for the
                      strongest axes, down to 0 (dropped) for axes that carry nothing
+    pca-router-3.5bit  the same, fitted to an error that also counts what the routers of this layer and    4.6x
+                     the next three see of it (|W (h - h')|^2), so the directions that choose experts keep
+                     more precision; needs the model's router weights to fit
 
 The Hadamard rotation spreads outlier channels over the whole row, so one scale per row fits every element,
 and needs nothing to decode but the format's name (its signs are a closed-form sequence). The principal axes
@@ -72,14 +75,17 @@ class HiddenCodec:
     to the row RMS; the bits of each axis rank, shared by the layers (their spectra are alike, and one
     allocation lets every layer be coded in the same vectorized pass); and the quantizer's levels, stored so
     decoding never depends on recomputing them."""
-    basis: torch.Tensor    # (Lh, H, H) float32, column i = axis i, in order of decreasing variance
+    basis: torch.Tensor    # (Lh, H, H) float32, column i = axis i, in order of decreasing variance (row @ basis)
     rel_std: torch.Tensor  # (Lh, H) float32
     bits: torch.Tensor     # (H,) uint8, non-increasing, constant over blocks of 8 axes
     levels: torch.Tensor   # (MAX_BITS, 2^MAX_BITS) float32: row b - 1 holds the 2^b Lloyd-Max levels of b bits
+    # (Lh, H, H) float32 taking coordinates back to rows (coords @ inverse) when the axes are not orthonormal
+    # (pca-router's are scaled); None: the transpose of `basis`
+    inverse: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "HiddenCodec":
         return HiddenCodec(self.basis.to(device), self.rel_std.to(device), self.bits.to(device),
-                           self.levels.to(device))
+                           self.levels.to(device), None if self.inverse is None else self.inverse.to(device))
 
     def basis_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The axes in `dtype` (converted once: decoding multiplies by them every batch)."""
@@ -92,7 +98,8 @@ class HiddenCodec:
         """(Lh, H, H) the matrices taking coordinates back to hidden rows (row @ matrix), in `dtype`, contiguous."""
         cache = self.__dict__.setdefault("_decode", {})
         if dtype not in cache:
-            cache[dtype] = self.basis_as(dtype).transpose(1, 2).contiguous()
+            cache[dtype] = (self.basis_as(dtype).transpose(1, 2) if self.inverse is None else
+                            self.inverse.to(dtype)).contiguous()
         return cache[dtype]
 
     def quantizer(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +132,7 @@ class HiddenFormat:
     bits: tuple[int, ...] = ()
     group: int = 0        # unrotated int: elements per scale (0: one scale per row)
     avg_bits: float = 0.0  # pca: bits per element on average
+    router_weight: float = 0.0  # pca: weight of the routers' view in the error the fit minimizes (0: plain error)
 
     @property
     def lossless(self) -> bool:
@@ -232,9 +240,8 @@ class HiddenFormat:
             at += n
         x = x * scale.float()
         x = x.to(dtype)
-        basis = codec.basis_as(dtype)
         if isinstance(layers, int):
-            return x @ basis[layers].T
+            return x @ codec.decode_matrices(dtype)[layers]
         return rows_times_layer_matrix(x, layers, codec.decode_matrices(dtype))
 
 
@@ -377,14 +384,47 @@ def allocate_bits(variances: np.ndarray, avg_bits: float) -> np.ndarray:
     return np.repeat(bits, 8).astype(np.uint8)
 
 
-def fit_codec(fmt: HiddenFormat, second_moment: torch.Tensor) -> HiddenCodec:
+ROUTER_LOOKAHEAD = 4  # pca-router weighs the routers of the stored layer and of the next three (d = 0..3)
+
+
+def router_metric(second_moment: torch.Tensor, router_weights: torch.Tensor, hidden_layers: list[int],
+                  weight: float) -> torch.Tensor:
+    """(Lh, H, H) the quadratic form A = I + weight * mean_d W_d^T W_d / c_d of the error |h - h'|_A^2 that
+    pca-router minimizes, W_d the router of MoE layer l + d (d = 0..3, those that exist) for the layer l stored
+    in each slot, c_d = E|W_d h|^2 / E|h|^2 on this layer's states (so `weight` is the routers' share of the
+    error whatever their scale). router_weights: (L, E, H) of all MoE layers."""
+    L, H = router_weights.shape[0], second_moment.shape[-1]
+    out = []
+    for m, layer in zip(second_moment.double(), hidden_layers):
+        ws = [router_weights[layer + d].double() for d in range(ROUTER_LOOKAHEAD) if layer + d < L]
+        seen = sum(w.T @ w / (torch.trace(w @ m @ w.T) / torch.trace(m).clamp(min=1e-30)).clamp(min=1e-30) for w in ws)
+        out.append(torch.eye(H, dtype=torch.float64) + weight * seen / len(ws))
+    return torch.stack(out)
+
+
+def fit_codec(fmt: HiddenFormat, second_moment: torch.Tensor, router_weights: torch.Tensor | None = None,
+              hidden_layers: list[int] | None = None) -> HiddenCodec:
     """The codec of a fitted format from each stored layer's second moment E[h h^T] (Lh, H, H): its eigenvectors
     in order of decreasing eigenvalue (each with its largest entry positive, so the fit is reproducible) and
     their standard deviations relative to the row RMS; the bits `allocate_bits` gives the layers' mean
     relative spectrum (measured on the embedded default: per-layer bits would cut the error by 1%, 0.0140
-    against 0.0142 relative)."""
+    against 0.0142 relative).
+
+    A format with a router weight (pca-router) minimizes |h - h'|_A^2 instead (`router_metric`, which needs the
+    model's (L, E, H) `router_weights` and the MoE layer of each stored slot): it is plain pca of y = A^(1/2) h,
+    so its axes are A^(1/2) U (U: the eigenvectors of A^(1/2) M A^(1/2)) and decoding applies U^T A^(-1/2)."""
+    second_moment = second_moment.double()
+    roots = None
+    if fmt.router_weight:
+        if router_weights is None or hidden_layers is None:
+            raise ValueError(f"hidden format {fmt.name} is fitted with the model's router weights")
+        roots = []
+        for a in router_metric(second_moment, router_weights, hidden_layers, fmt.router_weight):
+            values, vectors = torch.linalg.eigh(a)
+            roots.append(((vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T))
+        second_moment = torch.stack([r @ m @ r for (r, _), m in zip(roots, second_moment)])
     bases, rel = [], []
-    for m in second_moment.double():
+    for m in second_moment:
         values, vectors = torch.linalg.eigh((m + m.T) / 2)
         values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
         pick = vectors.abs().argmax(0)
@@ -396,7 +436,11 @@ def fit_codec(fmt: HiddenFormat, second_moment: torch.Tensor) -> HiddenCodec:
     levels = torch.zeros(MAX_BITS, 2 ** MAX_BITS)
     for b in range(1, MAX_BITS + 1):
         levels[b - 1, :2 ** b] = torch.from_numpy(lloyd_max_levels(b)[0])
-    return HiddenCodec(torch.stack(bases), rel_std, bits, levels)
+    basis, inverse = torch.stack(bases), None
+    if roots is not None:  # axes in y = A^(1/2) h: coordinates h A^(1/2) U, rows back as coords U^T A^(-1/2)
+        inverse = torch.stack([(u.double().T @ ri).float() for u, (_, ri) in zip(basis, roots)])
+        basis = torch.stack([(r @ u.double()).float() for u, (r, _) in zip(basis, roots)])
+    return HiddenCodec(basis, rel_std, bits, levels, inverse)
 
 
 FORMATS: dict[str, HiddenFormat] = {f.name: f for f in (
@@ -407,4 +451,5 @@ FORMATS: dict[str, HiddenFormat] = {f.name: f for f in (
     HiddenFormat("hadamard-3.5bit", rotate=True, kind="int", bits=(4, 3)),
     HiddenFormat("hadamard-3bit", rotate=True, kind="int", bits=(3,)),
     HiddenFormat("pca-3.5bit", kind="pca", avg_bits=3.5),
+    HiddenFormat("pca-router-3.5bit", kind="pca", avg_bits=3.5, router_weight=4.0),
 )}

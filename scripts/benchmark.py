@@ -39,7 +39,7 @@ from collection.errors import UserError, one_line_errors
 from collection.atomic import atomic_write_json
 from collection.format import ShardWriter, TraceSet, shard_specs
 from collection.hidden_format import FORMATS, LOSSLESS, HiddenFormat, fit_codec
-from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, routing_shape
+from collection.model import EMBEDDED_MODEL_NAME, QUANTIZATIONS, load_model, router_weights, routing_shape
 from scripts.collect_traces import seed_recipe_table
 from scripts.make_random_checkpoint import corpus_texts
 
@@ -93,7 +93,7 @@ def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch
     if fmt.fitted:  # fitted on the warm-up batches only: enough for speed, which does not depend on the fit
         dev = next(model.parameters()).device
         moments, _ = hidden_moments(model, list(range(L)), [(b, mask) for b in batches[:max(args.warmup, 1)]], dev)
-        codec = fit_codec(fmt, moments)
+        codec = fit_codec(fmt, moments, router_weights(model), list(range(L)))
     capture = RoutingCapture(model, list(range(L)), hidden_dtype, True, per_batch, K, shape.norm_topk_prob, E, H,
                              hidden_format=fmt, hidden_codec=codec)
     filler = ShardFiller(capture)

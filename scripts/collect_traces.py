@@ -381,7 +381,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             moments, fit_tokens = hidden_moments(
                 model, hidden_layers, [pad_batch(encoded[b:min(b + args.batch_size, fit_seqs)], pad_id(tokenizer))
                                        for b in range(0, fit_seqs, args.batch_size)], device)
-            codec = fit_codec(fmt, moments)
+            codec = fit_codec(fmt, moments, router_weights(model), hidden_layers)
             codec_bytes, capture_cfg["hidden_codec"] = encode_codec(codec, fit_tokens)
             print(f"fitted {fmt.name} on the first {fit_tokens:,} tokens in {time.perf_counter() - t1:.1f} s: "
                   f"bits per axis rank {codec.bits[::8].tolist()} (every 8th)")

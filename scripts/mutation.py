@@ -384,6 +384,16 @@ MUTATIONS = [
              'offs=counts.cumsum(0).to(torch.int32))', 'offs=counts.to(torch.int32))',
              ('tests/test_hidden_format.py::test_rows_of_mixed_layers_each_times_their_layers_matrix',),
              "the grouped GEMM of a mixed-layer decode is given each layer's row count where it needs its group's end"),
+    Mutation('router-codec-decodes-with-transpose', 'collection/hidden_format.py',
+             'cache[dtype] = (self.basis_as(dtype).transpose(1, 2) if self.inverse is None else',
+             'cache[dtype] = (self.basis_as(dtype).transpose(1, 2) if True else',
+             ('tests/test_hidden_format.py::test_router_weighting_trades_plain_error_for_what_the_routers_see',
+              'tests/test_hidden_format.py::test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse'),
+             "pca-router rows are decoded with the transposed (scaled, not orthonormal) axes instead of their inverse"),
+    Mutation('router-codec-inverse-optional', 'collection/format.py', '    if fmt.router_weight:  # scaled axes',
+             '    if False:  # scaled axes',
+             ('tests/test_hidden_format.py::test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse',),
+             "a pca-router codec file without its decoding matrices is read (and decodes with the transposed axes)"),
 ]
 
 

@@ -68,6 +68,9 @@ def transcode(args: argparse.Namespace, lock: OutputLock) -> None:
         raise UserError(f"--hidden-format {fmt.name}: {why}")
     if not m.hidden_layers:
         raise UserError(f"{src.dir} stores no hidden states: nothing to transcode")
+    if fmt.router_weight and not (src.dir / ROUTER_WEIGHTS).is_file():
+        raise UserError(f"--hidden-format {fmt.name} is fitted with the model's router weights, which {src.dir} does "
+                        f"not hold ({ROUTER_WEIGHTS}); choose pca-3.5bit")
     state = open_output(out, lock, args.overwrite)
     # an existing set is replaced only once the new one is complete: it is written beside it first
     names = [s.file for s in m.shards] + [MANIFEST, ROUTER_WEIGHTS] + ([CODEC_FILE] if fmt.fitted else [])
@@ -114,7 +117,8 @@ def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat
     if fmt.fitted:  # fitted as collection fits it: on the first tokens of the first shard
         rows = slice(0, min(FIT_TOKENS, src.shard(0).info.tokens))
         xs = [source_rows(src.shard(0), j, rows).double() for j in range(len(m.hidden_layers))]
-        codec = fit_codec(fmt, torch.stack([x.T @ x / x.shape[0] for x in xs]))
+        routers = src.router_weights().float() if fmt.router_weight else None  # checked present in `transcode`
+        codec = fit_codec(fmt, torch.stack([x.T @ x / x.shape[0] for x in xs]), routers, m.hidden_layers)
         codec_bytes, new.capture["hidden_codec"] = encode_codec(codec, rows.stop)
         codec = codec.to(device)
     written.append(MANIFEST)

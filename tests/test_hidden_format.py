@@ -1,5 +1,6 @@
 """Compact hidden formats: hand-computed codes, the quantizers' known error, byte counts, manifests old and
 new, damaged compact shards, and collection, transcoding and reading agreeing with the one encoder."""
+import dataclasses
 import json
 import shutil
 
@@ -70,7 +71,7 @@ EXPECTED_MSE = {"fp8": (0.0005, 0.0008), "int4": (0.006, 0.010), "hadamard-4bit"
                 "hadamard-3.5bit": (0.0230, 0.0260), "hadamard-3bit": (0.0355, 0.0395), "pca-3.5bit": (0.0205, 0.0235)}
 
 
-@pytest.mark.parametrize("name", COMPACT)
+@pytest.mark.parametrize("name", [n for n in COMPACT if not FORMATS[n].router_weight])  # pca-router: below
 def test_round_trip_error_is_the_quantizers_known_error(name):
     fmt = FORMATS[name]
     g = torch.Generator().manual_seed(0)
@@ -111,6 +112,45 @@ def test_fitted_axes_of_a_known_second_moment():
     assert torch.equal(codec.basis[0], torch.eye(16)[:, order])
     assert torch.allclose(codec.rel_std[0], (lam[order] / lam.mean()).sqrt())
     assert codec.bits.sum() == 3.5 * 16 and codec.bits.tolist() == sorted(codec.bits.tolist(), reverse=True)
+
+
+def test_router_weighted_axes_by_hand():
+    """Isotropic rows (M = I, H = 16) and one router row e0 at the only layer: the router sees E|W h|^2 / E|h|^2
+    = 1/16 of the rows, so A = I + 4 * 16 e0 e0^T = diag(65, 1, ..., 1). pca-router is plain pca of A^(1/2) h:
+    its first axis is e0 scaled by sqrt(65) (with the 8 bits water-filling gives it), and decoding divides by
+    it again."""
+    fmt = FORMATS["pca-router-3.5bit"]
+    W = torch.zeros(1, 1, 16)
+    W[0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="router weights"):
+        fit_codec(fmt, torch.eye(16)[None])
+    codec = fit_codec(fmt, torch.eye(16)[None], W, [0])
+    assert codec.basis[0, 0, 0].item() == pytest.approx(65 ** 0.5, rel=1e-5)
+    assert codec.inverse[0, 0, 0].item() == pytest.approx(65 ** -0.5, rel=1e-5)
+    assert torch.allclose(codec.basis[0, 0, 1:], torch.zeros(15), atol=1e-6)  # e0 is an axis of its own
+    assert torch.allclose(codec.basis[0] @ codec.inverse[0], torch.eye(16), atol=1e-5)
+    assert codec.rel_std[0, 0].item() == pytest.approx((65 / (80 / 16)) ** 0.5, rel=1e-5)  # eigenvalues 65, 1 x 15
+    assert codec.bits[0].item() > codec.bits[-1].item()
+
+
+def test_router_weighting_trades_plain_error_for_what_the_routers_see():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2000, 64, generator=g) * torch.linspace(3, 0.1, 64)
+    W = torch.randn(5, 12, 64, generator=g)  # MoE layers 0..4; slots 0..2 store layers 1, 2, 3
+    M = torch.einsum("lnh,lng->lhg", x, x) / 2000
+    err = {}
+    for name in ("pca-3.5bit", "pca-router-3.5bit"):
+        fmt = FORMATS[name]
+        codec = fit_codec(fmt, M, W, [1, 2, 3])
+        y = torch.stack([fmt.decode(*fmt.encode(x[j], codec, j), torch.float32, codec, j) for j in range(3)])
+        seen = sum(((y[j] - x[j]) @ W[j + 1 + d].T).square().sum() for j in range(3) for d in range(4) if j + 1 + d < 5)
+        err[name] = ((y - x).square().sum().item(), seen.item())
+        payload, scale = fmt.encode(x, codec, [0, 1, 2])
+        slots, rows = torch.tensor([2, 0, 1, 0]), torch.tensor([5, 6, 7, 8])
+        mixed = fmt.decode(payload[slots, rows], scale[slots, rows], torch.float32, codec, slots)
+        assert torch.allclose(mixed, y[slots, rows], atol=1e-4)  # rows of mixed layers decode as each layer's
+    assert err["pca-router-3.5bit"][1] < 0.9 * err["pca-3.5bit"][1]  # the routers' view: less error
+    assert err["pca-router-3.5bit"][0] > err["pca-3.5bit"][0]        # paid for by the rest
 
 
 def test_pca_decodes_rows_of_mixed_layers_in_their_order():
@@ -276,6 +316,36 @@ def test_transcoded_set_is_the_encoder_applied_to_the_lossless_rows(tiny_traces,
         assert torch.equal(b.tensor("hidden", 1), payload) and torch.equal(b.tensor("hidden_scale", 1), scale)
     ratio = sum(s.bytes for s in src.manifest.shards) / sum(s.bytes for s in dst.manifest.shards)
     assert ratio > 2  # fp32 -> 3.5 bits; the logits, ids and weights are unchanged
+
+
+def test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse(tiny_traces, tmp_path):
+    """transcode_traces.py --hidden-format pca-router-3.5bit: the codec is fitted with the set's own router
+    weights, its decoding matrices travel in the codec file, and a codec file without them is refused."""
+    from scripts.transcode_traces import main
+
+    out = tmp_path / "router"
+    main(["--traces", str(tiny_traces), "--hidden-format", "pca-router-3.5bit", "--output", str(out), "--device", "cpu"])
+    src, dst = TraceSet(tiny_traces), TraceSet(out)
+    fmt, codec = FORMATS["pca-router-3.5bit"], dst.hidden_codec()
+    rows = slice(0, min(65536, src.shard(0).info.tokens))
+    xs = [src.shard(0).tensor("hidden", (j, rows)).double() for j in range(len(src.manifest.hidden_layers))]
+    want = fit_codec(fmt, torch.stack([x.T @ x / x.shape[0] for x in xs]), src.router_weights().float(),
+                     src.manifest.hidden_layers)
+    assert torch.allclose(codec.basis, want.basis, atol=1e-5) and torch.allclose(codec.inverse, want.inverse, atol=1e-5)
+    h = src.shard(1).tensor("hidden", 2).float()
+    decoded = fmt.decode(dst.shard(1).tensor("hidden", 2), dst.shard(1).tensor("hidden_scale", 2), torch.float32, codec, 2)
+    assert ((decoded - h).square().sum() / h.square().sum()).item() < 0.05
+    # the same file without its decoding matrices (and the manifest updated to match) is refused
+    from collection.format import SafetensorsFile, encode_codec
+    bare = dataclasses.replace(codec, inverse=None)
+    data, entry = encode_codec(bare, dst.manifest.capture["hidden_codec"]["fit_tokens"])
+    (out / "hidden_codec.safetensors").write_bytes(data)
+    m = json.loads((out / "manifest.json").read_text())
+    m["capture"]["hidden_codec"] = entry
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert "inverse" not in SafetensorsFile(out / "hidden_codec.safetensors").entries
+    with pytest.raises(TraceFormatError, match="inverse missing"):
+        TraceSet(out).hidden_codec()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_traces", "tiny_compact_traces"])
