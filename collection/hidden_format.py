@@ -413,13 +413,13 @@ def fit_codec(fmt: HiddenFormat, second_moment: torch.Tensor, router_weights: to
     A format with a router weight (pca-router) minimizes |h - h'|_A^2 instead (`router_metric`, which needs the
     model's (L, E, H) `router_weights` and the MoE layer of each stored slot): it is plain pca of y = A^(1/2) h,
     so its axes are A^(1/2) U (U: the eigenvectors of A^(1/2) M A^(1/2)) and decoding applies U^T A^(-1/2)."""
-    second_moment = second_moment.double()
+    second_moment = second_moment.double().cpu()  # fitted on the host, whatever device accumulated the moments
     roots = None
     if fmt.router_weight:
         if router_weights is None or hidden_layers is None:
             raise ValueError(f"hidden format {fmt.name} is fitted with the model's router weights")
         roots = []
-        for a in router_metric(second_moment, router_weights, hidden_layers, fmt.router_weight):
+        for a in router_metric(second_moment, router_weights.double().cpu(), hidden_layers, fmt.router_weight):
             values, vectors = torch.linalg.eigh(a)
             roots.append(((vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T))
         second_moment = torch.stack([r @ m @ r for (r, _), m in zip(roots, second_moment)])

@@ -116,7 +116,7 @@ def test_4bit_per_family_quantizes_fused_experts_and_routes_like_bf16(model_type
         assert clear.sum() > 0 and agree >= 0.85, f"{model_type} layer {j}: 4-bit ids agree with bf16 on only {agree:.3f}"
 
 
-@pytest.mark.parametrize("name", ["hadamard-3.5bit", "pca-3.5bit"])
+@pytest.mark.parametrize("name", ["hadamard-3.5bit", "pca-3.5bit", "pca-router-3.5bit"])
 def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
     """A compact format encodes on the side stream after the forward; the pinned codes decode to the MoE inputs."""
     from transformers import AutoModelForCausalLM
@@ -124,7 +124,7 @@ def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
     from collection.capture import RoutingCapture, hidden_moments, pad_batch
     from collection.hidden_format import FORMATS, fit_codec
     from collection.families import moe_layers
-    from collection.model import routing_shape
+    from collection.model import router_weights, routing_shape
 
     dev = torch.device("cuda", 0)
     fmt = FORMATS[name]
@@ -135,7 +135,8 @@ def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
     codec = None
     if fmt.fitted:
         fit = [pad_batch([torch.randint(1, 500, (30,), generator=g).tolist() for _ in range(4)], 0) for _ in range(3)]
-        codec = fit_codec(fmt, hidden_moments(model, list(range(L)), fit, dev)[0])
+        # moments accumulated on the GPU, router weights on the host: as collect_traces.py fits
+        codec = fit_codec(fmt, hidden_moments(model, list(range(L)), fit, dev)[0], router_weights(model), list(range(L)))
     moe_inputs = {}
     hooks = [m.router.register_forward_pre_hook(lambda mod, a, l=l: moe_inputs.__setitem__(l, a[0].detach().clone()))
              for l, m in enumerate(moe_layers(model))]
