@@ -20,12 +20,12 @@ python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$O/gpu_test
 echo "checkpoint ready at $((SECONDS - t0)) s"
 # quality: layer-aware predictor (comparison recipe, 10 epochs) on bf16 and every compact format, same split and rows
 python3 scripts/compare_hidden_formats.py --output "$W/formats" --predictors layer-aware --epochs 10 --jobs 4 \
-    --formats hadamard-4bit,hadamard-3.5bit,pca-3.5bit \
+    --formats hadamard-3.5bit,pca-3.5bit,pca-router-3.5bit \
     2>&1 | log | tee "$O/formats.log" | tail -12
 cp "$W/formats/formats.json" "$W/formats/formats.md" "$O/" 2>/dev/null
 echo "formats done at $((SECONDS - t0)) s"
 python3 scripts/benchmark.py --model "$W/qwen15" --quantization none --workdir "$W/bench" --formats all \
-    --read-formats lossless,hadamard-3.5bit,pca-3.5bit --paired-rounds 0 --train-sequences 200 --epochs 3 \
+    --read-formats lossless,hadamard-3.5bit,pca-router-3.5bit --paired-rounds 0 --train-sequences 200 --epochs 3 \
     $([ -f "$O/formats.json" ] && echo --quality "$O/formats.json") --json "$O/bench_io.json" 2>&1 | log \
     | tee "$O/bench_io.log"
 echo "all done at $((SECONDS - t0)) s"

@@ -421,10 +421,10 @@ def print_table(res: dict[str, Any]) -> None:
               f"on background threads\n(disk {c['disk_write_bytes_per_s'] / 1e9:.2f} GB/s fsync write, SHA-256 "
               f"{c['sha256_bytes_per_s'] / 1e9:.2f} GB/s from the page cache; bare forward "
               f"{c['bare_tokens_per_s']:,.0f} tokens/s)")
-        print(f"  {'--hidden-format':<16} {'KiB/token':>10} {'durable tok/s':>14} {'bare beside':>12} "
+        print(f"  {'--hidden-format':<18} {'KiB/token':>10} {'durable tok/s':>14} {'bare beside':>12} "
               f"{'disk ceiling':>13} {'min(bare, ceil)':>16} {'durable / min':>14} {'tail s':>7}")
         for name, d in c["durable"].items():
-            print(f"  {name:<16} {d['bytes_per_token'] / 1024:>10.1f} {d['durable_tokens_per_s']:>14,.0f} "
+            print(f"  {name:<18} {d['bytes_per_token'] / 1024:>10.1f} {d['durable_tokens_per_s']:>14,.0f} "
                   f"{d.get('bare_tokens_per_s', c['bare_tokens_per_s']):>12,.0f} "
                   f"{d['disk_bound_tokens_per_s']:>13,.0f} {d['bound_tokens_per_s']:>16,.0f} {d['vs_bound']:>14.2f} "
                   f"{d['commit_tail_seconds']:>7.2f}")
@@ -443,7 +443,7 @@ def print_format_table(res: dict[str, Any]) -> None:
     quality = res.get("quality", {}).get("formats", {})
     reading = res.get("train_validate", {})
     print("\nformats (seed recipe: 5,000 x 256 tokens, all layers, Qwen1.5-MoE dims, with logits)")
-    print(f"  {'--hidden-format':<16} {'seed B/token':>12} {'x smaller':>10} {'seed GB':>8} {'durable tok/s':>14} "
+    print(f"  {'--hidden-format':<18} {'seed B/token':>12} {'x smaller':>10} {'seed GB':>8} {'durable tok/s':>14} "
           f"{'val e2e rows/s':>15} {'worst recall loss':>18}")
     for r in seed_recipe_table():
         name = r["format"]
@@ -454,7 +454,7 @@ def print_format_table(res: dict[str, Any]) -> None:
         durable = f"{d['durable_tokens_per_s']:,.0f}" if d else "-"
         val = f"{e2e:,.0f}" if e2e else "-"
         worst = "(reference)" if q and name == LOSSLESS else f"{loss:+.4f}" if loss is not None else "-"
-        print(f"  {name:<16} {r['record_bytes_per_token']:>12,} {r['record_vs_bf16']:>10.2f} {r['seed_recipe_gb']:>8.1f} "
+        print(f"  {name:<18} {r['record_bytes_per_token']:>12,} {r['record_vs_bf16']:>10.2f} {r['seed_recipe_gb']:>8.1f} "
               f"{durable:>14} {val:>15} {worst:>18}")
     if quality:
         ref = quality["bf16"]
@@ -462,9 +462,9 @@ def print_format_table(res: dict[str, Any]) -> None:
         keys = list(ref[k])
         print(f"\n{k} of predictors trained on each format (embedded default, test split; "
               f"compare_hidden_formats.py, device {ref['device']})")
-        print("  " + f"{'format':<16}" + "".join(f"{key:>18}" for key in keys))
+        print("  " + f"{'format':<18}" + "".join(f"{key:>18}" for key in keys))
         for name, q in quality.items():
-            print("  " + f"{name:<16}" + "".join(f"{q[k][key]:>18.4f}" for key in keys))
+            print("  " + f"{name:<18}" + "".join(f"{q[k][key]:>18.4f}" for key in keys))
 
 
 def print_reading(name: str, t: dict[str, Any]) -> None:

@@ -214,10 +214,10 @@ def seed_recipe_table() -> list[dict[str, float | str]]:
 def print_seed_recipe_table() -> None:
     print("disk for the seed's full recipe (5,000 x 256 tokens, all 24 layers, Qwen1.5-MoE-A2.7B dims, bf16 capture, "
           "with logits):")
-    print(f"  {'--hidden-format':<16} {'hidden B/token':>14} {'record B/token':>14} {'x smaller (hidden / record)':>28} "
+    print(f"  {'--hidden-format':<18} {'hidden B/token':>14} {'record B/token':>14} {'x smaller (hidden / record)':>28} "
           f"{'GB':>7}")
     for r in seed_recipe_table():
-        print(f"  {r['format']:<16} {r['hidden_bytes_per_token']:>14,} {r['record_bytes_per_token']:>14,} "
+        print(f"  {r['format']:<18} {r['hidden_bytes_per_token']:>14,} {r['record_bytes_per_token']:>14,} "
               f"{r['hidden_vs_bf16']:>14.2f} / {r['record_vs_bf16']:<11.2f} {r['seed_recipe_gb']:>7.1f}")
 
 

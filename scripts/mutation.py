@@ -394,6 +394,10 @@ MUTATIONS = [
              '    if False:  # scaled axes',
              ('tests/test_hidden_format.py::test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse',),
              "a pca-router codec file without its decoding matrices is read (and decodes with the transposed axes)"),
+    Mutation('codec-load-in-first-epoch', 'training/trainer.py', '    codec_loaded = ts.hidden_codec(device) is not None',
+             '    codec_loaded = False',
+             ('tests/test_hidden_format.py::test_the_codec_is_read_once_before_the_first_epoch_is_timed',),
+             "a fitted format's one-time codec load is counted in the first epoch's reading rate"),
 ]
 
 

@@ -3,6 +3,7 @@ new, damaged compact shards, and collection, transcoding and reading agreeing wi
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -421,3 +422,23 @@ def test_format_losses_are_paired_by_seed_and_averaged(tiny_traces, tiny_pca_tra
     assert [x["layer-aware@d0"] for x in pca["loss_vs_bf16_per_seed"]] == pytest.approx([0.01, 0.03])
     assert pca["loss_vs_bf16"]["layer-aware@d0"] == pytest.approx(0.02)
     assert "+0.0100 to +0.0300" in (out / "formats.md").read_text()
+
+
+def test_the_codec_is_read_once_before_the_first_epoch_is_timed(tiny_pca_traces, tmp_path, monkeypatch):
+    """A fitted format's codec is a per-run constant: its load (here made to take 1.5 s) is reported on its own,
+    not counted in the first epoch's reading rate."""
+    import collection.format as fmt_mod
+    from scripts.train_simple_predictor import main
+
+    real, calls = fmt_mod.read_codec, []
+
+    def slow_read_codec(*a, **k):
+        calls.append(1)
+        time.sleep(1.5)
+        return real(*a, **k)
+    monkeypatch.setattr(fmt_mod, "read_codec", slow_read_codec)
+    out = tmp_path / "ck"
+    main(["--traces", str(tiny_pca_traces), "--epochs", "1", "--batch-rows", "4096", "--output", str(out), "--device", "cpu"])
+    res = json.loads((out / "results.json").read_text())
+    assert len(calls) == 1 and res["codec_load_seconds"] >= 1.5
+    assert res["history"][0]["epoch_s"] < 1.5
