@@ -325,6 +325,7 @@ def bench_reading(args: argparse.Namespace, dev: torch.device, traces: Path, ckp
                     "train_seconds": res["train/seconds"], "train_epochs": args.epochs, "seed_recipe_rows": seed_rows,
                     "seed_recipe_seconds_resident": seed_rows / resident,
                     "seed_recipe_seconds_reloading": seed_rows / per_epoch[0],
+                    "codec_load_seconds": res.get("codec_load_seconds", 0.0),
                     "vs_seed_training_loop": resident / SEED_TRAIN_ROWS_PER_S})
     if "validate" in stages:
         from models.checkpoint import load_checkpoint
@@ -475,6 +476,9 @@ def print_reading(name: str, t: dict[str, Any]) -> None:
               f"{t['vs_seed_training_loop']:>9,.0f}x")
         print(f"{'  this loop, first epoch (reads the shards from page cache)':<60} "
               f"{t['train_rows_per_s_first_epoch']:>12,.0f} {t['train_rows_per_s_first_epoch'] / SEED_TRAIN_ROWS_PER_S:>9,.0f}x")
+        if t.get("codec_load_seconds"):
+            print(f"  (before it, once per run: the fitted format's codec read, verified and moved to the device in "
+                  f"{t['codec_load_seconds']:.2f} s)")
         print(f"{'  the seed loop (H200, docs/platform.md)':<60} {SEED_TRAIN_ROWS_PER_S:>12,} {1:>9}x")
         print(f"  seed recipe (20 epochs, 5000 sequences = {t['seed_recipe_rows'] / 1e6:,.0f}M rows): "
               f"{t['seed_recipe_seconds_resident']:,.0f} s if resident, {t['seed_recipe_seconds_reloading']:,.0f} s "
