@@ -91,3 +91,10 @@ def tiny_compact_traces(tiny_traces, tmp_path_factory) -> Path:
 def tiny_pca_traces(tiny_traces, tmp_path_factory) -> Path:
     """`tiny_traces` in the fitted format pca-3.5bit (its codec fitted on the first shard, as collection does)."""
     return transcoded(tiny_traces, tmp_path_factory, "pca-3.5bit")
+
+
+@pytest.fixture(scope="session")
+def tiny_pca_router_traces(tiny_traces, tmp_path_factory) -> Path:
+    """`tiny_traces` in pca-router-3.5bit (fitted with the set's router weights; its codec file holds the
+    decoding matrices too)."""
+    return transcoded(tiny_traces, tmp_path_factory, "pca-router-3.5bit")

@@ -16,7 +16,8 @@ from collection.format import (_NAME_TO_ST, _ST_TO_NP, Manifest, SafetensorsFile
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(params=["tiny_traces", "tiny_compact_traces", "tiny_pca_traces"])  # lossless, compact, fitted
+@pytest.fixture(params=["tiny_traces", "tiny_compact_traces", "tiny_pca_traces", "tiny_pca_router_traces"])
+# lossless, compact, fitted, fitted with decoding matrices
 def traces(request):
     return request.getfixturevalue(request.param)
 
