@@ -439,6 +439,13 @@ def apply_mutation(root: Path, m: Mutation) -> None:
     path.write_text(path.read_text().replace(m.old, m.new, 1))
 
 
+def shared_traces(m: Mutation | None, traces: Path | None) -> Path | None:
+    """The shared tiny traces were built by the unmutated code: only the unmutated run and mutations that declare
+    they read them get them; any other mutation's tests build their own, so a bug in how traces are written
+    reaches the traces its tests read."""
+    return traces if m is None or m.traces else None
+
+
 def pytest_env(copy: Path, traces: Path | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MPLBACKEND": "Agg",
@@ -473,8 +480,8 @@ def run_tests(snapshot: Path, work: Path, m: Mutation | None, tests: tuple[str, 
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=line", "--hypothesis-profile=mutation",
                "--basetemp", str(copy / ".pytest-tmp"), "--junitxml", str(xml), *tests]
         try:
-            proc = subprocess.run(cmd, cwd=copy, env=pytest_env(copy, traces), capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=copy, env=pytest_env(copy, shared_traces(m, traces)),
+                                  capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Outcome(name, m.file if m else "-", "timeout", [], time.perf_counter() - t0)
         failed = []

@@ -40,3 +40,14 @@ def test_list_and_unknown_names():
     assert "optimizer-never-steps" in proc.stdout and "killed by tests/test_behaviour.py::" in proc.stdout
     proc = run_script("mutation", "--only", "no-such-bug", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mutation: error: --only no-such-bug")
+
+
+def test_only_mutations_that_read_the_shared_traces_get_them(tmp_path):
+    """The shared tiny traces are built by the unmutated code: a mutation of how traces are written must have its
+    tests build their own (with the bug in), or the bug never reaches what they read."""
+    from scripts.mutation import shared_traces
+
+    reads = Mutation("r", "collection/rows.py", "a", "b", ("tests/test_metrics.py::test_x",), "", traces=True)
+    writes = Mutation("w", "collection/capture.py", "a", "b", ("tests/test_capture.py::test_x",), "")
+    assert shared_traces(None, tmp_path) == tmp_path and shared_traces(reads, tmp_path) == tmp_path
+    assert shared_traces(writes, tmp_path) is None
