@@ -6,7 +6,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # a full disk or an exhausted quota: the user's environment, not a bug, so one line like any bad input
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -14,6 +14,17 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 class UserError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def choices_list(flag: str, text: str, allowed: Iterable[str]) -> list[str]:
+    """The comma list `text` given to --`flag`, every item one of `allowed` (else one line naming the first that
+    is not, and the choices)."""
+    allowed = list(allowed)
+    items = [x for x in text.split(",") if x]
+    for x in items:
+        if x not in allowed:
+            raise UserError(f"--{flag}: unknown {x!r} (choose from {', '.join(allowed)})")
+    return items
 
 
 def disk_full(path: Path | str, e: OSError) -> UserError:

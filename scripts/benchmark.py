@@ -80,6 +80,13 @@ def disk_write_speed(directory: Path, nbytes: int) -> tuple[float, float]:
     return written / dt, written / hash_s
 
 
+def wait_and_release(capture: RoutingCapture, hb: Any) -> None:
+    """Wait for a captured batch's device-to-host copies, then give its host buffers back (nothing written)."""
+    if hb.ready is not None:
+        hb.ready.synchronize()
+    capture.release(hb)
+
+
 def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch.Tensor], mask: torch.Tensor,
                        hidden_dtype: torch.dtype, fmt: HiddenFormat, work: Path) -> dict[str, Any]:
     """Tokens/s of collect_traces.py's durable path in format `fmt`: shards of --shard-batches batches written
@@ -98,10 +105,7 @@ def durable_collection(args: argparse.Namespace, model: Any, batches: list[torch
                              hidden_format=fmt, hidden_codec=codec)
     filler = ShardFiller(capture)
     for b in batches[:args.warmup]:  # the format's kernels and buffers warmed
-        hb = capture.forward(model, b, mask)
-        if hb.ready is not None:
-            hb.ready.synchronize()
-        capture.release(hb)
+        wait_and_release(capture, capture.forward(model, b, mask))
     timed = batches[args.warmup:args.warmup + args.durable_batches]
     committed: list[int] = []
 
@@ -205,15 +209,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
 
     def captured(b: torch.Tensor) -> None:
         """Forward + capture into pinned host memory, waiting for the copies; no disk."""
-        hb = capture.forward(model, b, mask)
-        if hb.ready is not None:
-            hb.ready.synchronize()
-        capture.release(hb)
-
-    def release_when_copied(hb: Any) -> None:
-        if hb.ready is not None:
-            hb.ready.synchronize()
-        capture.release(hb)
+        wait_and_release(capture, capture.forward(model, b, mask))
 
     for b in batches[:args.warmup]:  # warm the hooks and pinned buffers too
         captured(b)
@@ -224,7 +220,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     t0 = time.perf_counter()
     for b in batches[args.warmup:args.warmup + args.batches]:
         hb = capture.forward(model, b, mask)
-        filler.submit(lambda hb=hb: release_when_copied(hb))
+        filler.submit(lambda hb=hb: wait_and_release(capture, hb))
     filler.join()
     sync(dev)
     capture_only_s = time.perf_counter() - t0

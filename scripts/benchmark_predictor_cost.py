@@ -26,7 +26,7 @@ import torch
 
 from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import device_name, pick_device
-from collection.errors import UserError, one_line_errors
+from collection.errors import UserError, choices_list, one_line_errors
 from models.features import Features, example_features, feature_spec
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 from training.trainer import BASE_DEFAULTS, KIND_DEFAULTS
@@ -187,14 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--markdown", default=None, help="write the table here")
     args = p.parse_args(argv)
-    dims = [d for d in args.dims.split(",") if d]
-    kinds = [k for k in args.kinds.split(",") if k]
-    for d in dims:
-        if d not in DIMS:
-            raise UserError(f"--dims: unknown {d!r} (choose from {', '.join(DIMS)})")
-    for k in kinds:
-        if k not in PREDICTORS:
-            raise UserError(f"--kinds: unknown {k!r} (choose from {', '.join(PREDICTORS)})")
+    dims = choices_list("dims", args.dims, DIMS)
+    kinds = choices_list("kinds", args.kinds, PREDICTORS)
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:

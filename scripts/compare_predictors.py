@@ -28,7 +28,7 @@ import numpy as np
 
 from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import device_name, pick_device
-from collection.errors import UserError, one_line_errors
+from collection.errors import UserError, choices_list, one_line_errors
 from collection.format import TraceSet
 from collection.rows import split_sequences
 from models.checkpoint import check_fits_traces, load_checkpoint
@@ -109,14 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         ds = sorted({int(x) for x in args.lookaheads.split(",")})
     except ValueError:
         raise UserError(f"--lookaheads {args.lookaheads!r}: use a comma list of integers, e.g. 0,1,2,3") from None
-    kinds = [k for k in args.predictors.split(",") if k]
-    bases = [b for b in args.baselines.split(",") if b]
-    for k in kinds:
-        if k not in PREDICTORS:
-            raise UserError(f"--predictors: unknown {k!r} (choose from {', '.join(PREDICTORS)})")
-    for b in bases:
-        if b not in BASELINES:
-            raise UserError(f"--baselines: unknown {b!r} (choose from {', '.join(BASELINES)})")
+    kinds = choices_list("predictors", args.predictors, PREDICTORS)
+    bases = choices_list("baselines", args.baselines, BASELINES)
     for name in ("epochs", "hidden_dim", "batch_size", "shards_per_group", "jobs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")

@@ -398,6 +398,9 @@ MUTATIONS = [
              '    codec_loaded = False',
              ('tests/test_hidden_format.py::test_the_codec_is_read_once_before_the_first_epoch_is_timed',),
              "a fitted format's one-time codec load is counted in the first epoch's reading rate"),
+    Mutation('comma-choices-unchecked', 'collection/errors.py', '        if x not in allowed:', '        if False:',
+             ('tests/test_errors.py::test_comma_lists_of_choices_name_the_first_unknown_item',),
+             "an unknown item of a comma list of choices (--predictors, --kinds, ...) is taken without a word"),
 ]
 
 

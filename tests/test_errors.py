@@ -125,3 +125,13 @@ def test_hub_check_does_not_wait_for_a_hanging_dns_lookup(monkeypatch):
     t0 = time.monotonic()
     reason = sources.hub_unreachable_reason(timeout=0.5)
     assert time.monotonic() - t0 < 3 and "cannot resolve" in reason
+
+
+def test_comma_lists_of_choices_name_the_first_unknown_item():
+    from collection.errors import UserError, choices_list
+
+    assert choices_list("kinds", "simple,,anchored", ["simple", "anchored"]) == ["simple", "anchored"]
+    with pytest.raises(UserError, match=r"^--kinds: unknown 'nope' \(choose from simple, anchored\)$"):
+        choices_list("kinds", "simple,nope,bad", ["simple", "anchored"])
+    proc = run_script("compare_predictors", "--predictors", "simple,nope", check=False)
+    assert proc.returncode == 2 and "--predictors: unknown 'nope'" in proc.stderr and "Traceback" not in proc.stderr
