@@ -21,6 +21,7 @@ from collection.hidden_format import LOSSLESS, FORMATS, HiddenCodec, HiddenForma
 from collection.staging import prefetch, reader_for
 
 SPLITS = ("train", "val", "test")
+RANGE_MIN_BYTES = 256 << 10  # byte ranges at least this long read as fast as one sequential read
 
 
 def split_sequences(table: dict[str, np.ndarray], seed: int, val_fraction: float = 0.1,
@@ -95,19 +96,27 @@ def _read(sh: TraceShard, name: str, runs: np.ndarray | None, rows: np.ndarray |
           device: torch.device) -> torch.Tensor:
     """Tensor `name` (layer axis first) restricted to token `rows` (given also as `runs`), on `device`.
 
-    When most of a shard is wanted, the whole tensor is read sequentially and the rows are selected on the
-    device; a small subset (validation, test) reads only its sequences' byte ranges. Either way the bytes go
+    A subset reads only its sequences' byte ranges, unless it is most of the shard and those ranges are short
+    (routing: a few bytes per row): then the whole tensor is read sequentially and the rows are selected on the
+    device. A training split's hidden states (runs of whole sequences, ~1 MiB per layer at full size) are read
+    by ranges, so the other splits' rows cost no read bandwidth. Either way the bytes go
     from the page cache through pinned buffers to the device (`collection.staging`), never through a
     pageable copy.
     """
-    dt, shape, _, _ = sh.entries[name]
-    whole = rows is None or len(rows) > sh.info.tokens // 2
+    dt, shape, begin, end = sh.entries[name]
+    whole = rows is None or (len(rows) > sh.info.tokens // 2 and _short_pieces(runs, end - begin, shape))
     raw = reader_for(device).read(sh.path, _ranges(sh, name, None if whole else runs))
     n = shape[1] if whole else len(rows)
     t = raw.view(sh.dtype(name)).view(shape[0], n, *shape[2:])
     if whole and rows is not None:
         t = t.index_select(1, torch.from_numpy(rows).to(device))
     return t
+
+
+def _short_pieces(runs: np.ndarray, nbytes: int, shape: tuple[int, ...]) -> bool:
+    """Whether the byte ranges of `runs` average under 256 KiB: too short to read one by one at full speed."""
+    row = nbytes // max(shape[0] * shape[1], 1)
+    return float(runs[:, 1].mean()) * row < RANGE_MIN_BYTES
 
 
 def _merge_runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:

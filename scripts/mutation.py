@@ -105,6 +105,10 @@ MUTATIONS = [
              "total = prefix[s, (tok + 1).clamp(max=block.tokens - 1)] - prefix[s, tok - n]",
              ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
              "the context mean at layer l+d runs to token t itself (an off-by-one in the prefix sums)"),
+    Mutation("train-split-reads-whole-tensor", "collection/rows.py",
+             "return float(runs[:, 1].mean()) * row < RANGE_MIN_BYTES", "return True",
+             ("tests/test_hidden_format.py::test_most_of_a_shard_reads_long_ranges_only_and_equals_the_whole_read",),
+             "a training split reads every split's hidden rows, then drops a fifth of them on the device"),
     # --- the anchored predictor's starting point and its per-layer fallback
     Mutation("anchored-init-not-zero", "models/predictors.py", "self.delta_w = nn.Parameter(torch.zeros(L, d, H))",
              "self.delta_w = nn.Parameter(torch.randn(L, d, H) * 0.05)",

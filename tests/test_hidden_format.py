@@ -369,6 +369,39 @@ def test_a_subset_read_by_ranges_equals_the_whole_read_then_selected(fixture, re
     assert h.shape == (sub.tokens, ts.manifest.hidden_size) and torch.isfinite(h).all()
 
 
+@pytest.mark.parametrize("range_min", [0, 1 << 40])
+def test_most_of_a_shard_reads_long_ranges_only_and_equals_the_whole_read(tiny_traces, monkeypatch, range_min):
+    """A training split (most sequences of a shard): when its per-layer byte ranges are long, only they are read
+    (the other splits' rows cost no bandwidth); when short, the whole tensor is. Both give the same rows."""
+    import collection.rows as rows_mod
+
+    ts = TraceSet(tiny_traces)
+    table = ts.sequence_table()
+    every = load_block(ts, [1], table["seq_id"], torch.device("cpu"))
+    in_shard = np.flatnonzero(table["shard"] == 1)
+    pick = np.delete(np.arange(len(in_shard)), [3, 10])  # all but 2 of the shard's sequences
+    read_bytes = []
+    real_read = rows_mod.reader_for(torch.device("cpu")).read
+    monkeypatch.setattr(rows_mod, "reader_for", lambda dev: type("R", (), {
+        "read": staticmethod(lambda path, ranges: read_bytes.append(sum(n for _, n in ranges)) or real_read(path, ranges))}))
+    monkeypatch.setattr(rows_mod, "RANGE_MIN_BYTES", range_min)
+    sub = load_block(ts, [1], table["seq_id"][in_shard[pick]], torch.device("cpu"))
+    rows = np.concatenate([np.arange(table["start"][j], table["start"][j] + table["length"][j]) for j in in_shard[pick]])
+    assert torch.equal(sub.hidden, every.hidden[:, rows]) and torch.equal(sub.topk_ids, every.topk_ids[:, rows])
+    hidden_bytes = every.hidden.element_size() * every.hidden[0, 0].numel() * len(ts.manifest.hidden_layers)
+    expect = hidden_bytes * (len(rows) if range_min == 0 else every.tokens)
+    assert read_bytes[0] == expect  # the hidden tensor is read first
+
+
+def test_reader_threads_are_half_the_usable_cores_from_4_to_12(monkeypatch):
+    import collection.staging as staging
+
+    for cores, threads in [(2, 4), (9, 4), (16, 8), (20, 10), (64, 12)]:
+        monkeypatch.setattr(staging.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert staging.default_read_threads() == threads
+    assert StagedReader(torch.device("cpu"), threads=None).pool._max_workers == staging.READ_THREADS
+
+
 def test_staged_reader_reads_ranges_across_chunks(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8)
     path = tmp_path / "f.bin"
