@@ -322,6 +322,7 @@ def bench_reading(args: argparse.Namespace, dev: torch.device, traces: Path, ckp
                     "seed_recipe_seconds_resident": seed_rows / resident,
                     "seed_recipe_seconds_reloading": seed_rows / per_epoch[0],
                     "codec_load_seconds": res.get("codec_load_seconds", 0.0),
+                    "warmup_seconds": res.get("warmup_seconds", 0.0),
                     "vs_seed_training_loop": resident / SEED_TRAIN_ROWS_PER_S})
     if "validate" in stages:
         from models.checkpoint import load_checkpoint
@@ -475,6 +476,9 @@ def print_reading(name: str, t: dict[str, Any]) -> None:
         if t.get("codec_load_seconds"):
             print(f"  (before it, once per run: the fitted format's codec read, verified and moved to the device in "
                   f"{t['codec_load_seconds']:.2f} s)")
+        if "warmup_seconds" in t:
+            print(f"  (before it, once per run: one training step, undone, loading the step's kernels: "
+                  f"{t['warmup_seconds']:.2f} s)")
         print(f"{'  the seed loop (H200, docs/platform.md)':<60} {SEED_TRAIN_ROWS_PER_S:>12,} {1:>9}x")
         print(f"  seed recipe (20 epochs, 5000 sequences = {t['seed_recipe_rows'] / 1e6:,.0f}M rows): "
               f"{t['seed_recipe_seconds_resident']:,.0f} s if resident, {t['seed_recipe_seconds_reloading']:,.0f} s "

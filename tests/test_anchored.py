@@ -359,3 +359,28 @@ def test_cost_benchmark_graph_replay_matches_eager_on_gpu():
         replay = as_graph(lambda: out.__setitem__("y", model.predict_layer(f, 3)[0]))  # last set: the capture
         replay()
     assert torch.equal(out["y"], eager)
+
+
+def test_an_undone_warm_up_step_leaves_weights_optimiser_and_rng_as_they_were():
+    """The trainer's warm-up step (kernels loaded before the first epoch is timed) changes nothing the run sees."""
+    from training.trainer import undone
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(16, 4)).square().mean().backward()
+        opt.step()
+
+    step()  # the optimiser has state (moments, step count) to disturb
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    undone(step, model, opt, torch.device("cpu"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from collection.atomic import atomic_write_json
 from collection.errors import UserError
 from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import SplitBlocks, hidden_at, input_layers, mean_tokens_per_sequence, split_sequences, targets
+from collection.rows import (SplitBlocks, TokenBlock, hidden_at, input_layers, load_block, mean_tokens_per_sequence,
+                             split_sequences, targets)
 from models.checkpoint import save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
@@ -236,6 +237,18 @@ def rate(per_s: float) -> str:
     return f"{per_s:.0f}"
 
 
+def undone(step: Callable[[], Any], model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Runs `step` (a training step), then puts back the weights, the optimiser's state and the random number
+    generators: the run goes on exactly as if the step had not been taken."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(opt.state_dict())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step()
+    model.load_state_dict(weights)
+    opt.load_state_dict(state)
+    opt.zero_grad(set_to_none=True)
+
+
 def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
@@ -316,8 +329,39 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     codec_s = time.perf_counter() - t_codec
     if codec_loaded:
         print(f"hidden format {m.hidden_format}: codec read, verified and moved to {device} in {codec_s:.2f} s")
-    train_blocks = SplitBlocks(ts, dp.rank_sequences(table, split["train"]), device, args.shards_per_group,
-                               with_logits=with_logits)
+    def step(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, weight: float) -> torch.Tensor:
+        """One AdamW step on rows (tok, layer) of `block`; the loss, weighted (under DDP) by this rank's share."""
+        # features go straight into Linear layers, which autocast would cast to `dtype` anyway
+        f = make_features(block, tok, layer, args.lookahead, m.num_experts, spec, dtype)
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
+            logits, h_hat = step_model(f, return_hidden=True) if args.loss_mse > 0 else (step_model(f), None)
+        loss = torch.zeros((), device=device)
+        if args.loss_ce > 0:
+            loss = loss + args.loss_ce * soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
+        if args.loss_kl > 0:
+            loss = loss + args.loss_kl * distill_kl(logits, block.router_logits[layer + args.lookahead, tok])
+        if args.loss_mse > 0:
+            loss = loss + args.loss_mse * hidden_mse(h_hat, hidden_at(block, layer + args.lookahead, tok))
+        loss = loss * weight
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        return loss
+
+    train_seqs = dp.rank_sequences(table, split["train"])
+    # one step on a step's worth of training sequences, then undone: CUDA loads each kernel and picks GEMM
+    # algorithms on first use, a one-time cost (like the codec's) kept out of the first epoch's rate
+    t_warm = time.perf_counter()
+    warm_seqs = max(1, math.ceil(rows_per_step / max(tokens_per_seq * len(layers), 1)))
+    warm = load_block(ts, sorted(set(table["shard"][np.isin(table["seq_id"], train_seqs[:warm_seqs])].tolist())),
+                      train_seqs[:warm_seqs], device, with_logits=with_logits)
+    undone(lambda: step(warm, *next(iter(dp.row_batches(warm, layers, rows_per_step, torch.Generator())))),
+           model, opt, device)
+    del warm
+    warm_s = time.perf_counter() - t_warm
+    print(f"warm-up: one step on {warm_seqs} training sequence(s), undone, in {warm_s:.2f} s")
+    train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_logits=with_logits)
     train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
@@ -335,23 +379,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                    dynamic_ncols=True, disable=not dp.is_main)
         for block in train_blocks.epoch(rng):
             for tok, layer, weight in dp.row_batches(block, layers, rows_per_step, gen):  # weight 1 in one process
-                # features go straight into Linear layers, which autocast would cast to `dtype` anyway
-                f = make_features(block, tok, layer, args.lookahead, m.num_experts, spec, dtype)
-                with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                    logits, h_hat = (step_model(f, return_hidden=True) if args.loss_mse > 0 else
-                                     (step_model(f), None))
-                loss = torch.zeros((), device=device)
-                if args.loss_ce > 0:
-                    loss = loss + args.loss_ce * soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
-                if args.loss_kl > 0:
-                    loss = loss + args.loss_kl * distill_kl(logits, block.router_logits[layer + args.lookahead, tok])
-                if args.loss_mse > 0:
-                    loss = loss + args.loss_mse * hidden_mse(h_hat, hidden_at(block, layer + args.lookahead, tok))
-                loss = loss * weight
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                opt.step()
+                loss = step(block, tok, layer, weight)
                 if args.schedule == "step":
                     sched.step()
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
@@ -427,6 +455,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     summary = {"best": {select: best}, "fallback_layers": fallback,
                "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "codec_load_seconds": codec_s if codec_loaded else 0.0,
+               "warmup_seconds": warm_s,
                "parameters": count_parameters(model),
                "flops_per_row": flops_per_row(model), "history": history}
     if dp.is_main:
