@@ -58,3 +58,15 @@ def test_stored_shards_match_a_fresh_forward(embedded_model, tiny_traces):
     m = ts.manifest
     assert m.num_experts == 60 and m.top_k == 4 and m.capture["hidden_layers"] == list(range(m.num_layers))
     assert int(sh.numpy("seq_sources").max()) < len(m.sources) == 6
+
+
+def test_write_jobs_one_per_96_mib_of_a_batch_at_most_the_threads():
+    from collection.capture import write_jobs
+
+    MiB = 1 << 20
+    assert write_jobs(50 * MiB, 120, 4) == 1      # a full-size compact batch: one job
+    assert write_jobs(96 * MiB + 1, 120, 4) == 2  # just over one job's share
+    assert write_jobs(203 * MiB, 120, 4) == 3     # a full-size lossless batch
+    assert write_jobs(2000 * MiB, 120, 4) == 4    # never more than the threads
+    assert write_jobs(2000 * MiB, 2, 4) == 2      # nor than the slices
+    assert write_jobs(0, 0, 4) == 1

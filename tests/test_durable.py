@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from collection.atomic import sha256_file
-from collection.durable import OpenAhead, ShardCommitter, sha256_of
+import collection.durable as durable
+from collection.durable import HashProcesses, OpenAhead, ShardCommitter, sha256_of
 from collection.format import SafetensorsFile, ShardWriter, TensorSpec
 
 
@@ -98,3 +99,43 @@ def test_open_ahead_raises_an_open_error_at_the_take_that_needed_it_and_keeps_wh
         ahead.take()
     ahead.close()
     assert ahead.opened == ["w0"]  # what an aborting caller must remove
+
+
+def test_helper_processes_hash_like_hashlib_and_report_errors(tmp_path):
+    """Known answers: the helpers' digests are hashlib's, for an empty file, one of several 8 MiB chunks, and a name
+    with a newline and non-ASCII letters; a missing file is the OSError it would be here."""
+    import hashlib
+
+    files = {"empty": b"", "big": np.random.default_rng(0).bytes((8 << 20) * 2 + 7), "odd\nnamé": b"abc"}
+    hasher = HashProcesses(2)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert hasher.sha256(tmp_path / name) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        hasher.sha256(tmp_path / "missing")
+    assert hasher.sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()  # still answering after an error
+    hasher.close()
+    assert not hasher.procs
+
+
+def test_a_helper_that_died_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    hasher = HashProcesses(1)
+    hasher.procs[0].kill()
+    hasher.procs[0].wait()
+    with pytest.raises(OSError, match="stopped"):
+        hasher.sha256(tmp_path / "f")
+    hasher.close()
+
+
+def test_commits_hash_in_helper_processes_not_in_this_one(tmp_path, monkeypatch):
+    """A hashing thread here takes the GIL from the thread that feeds the GPU: commits must not hash in-process."""
+    monkeypatch.setattr(durable, "sha256_of", lambda *a, **k: pytest.fail("hashed in this process"))
+    committer = ShardCommitter(max_pending=2, hash_threads=2)
+    assert len(committer.hasher.procs) == 2
+    done = []
+    w = filled_writer(tmp_path / "s.safetensors", 7)
+    committer.submit(*w.hand_off(), lambda nbytes, sha: done.append(sha))
+    committer.join()
+    committer.close()
+    assert done == [sha256_file(tmp_path / "s.safetensors")]
