@@ -477,7 +477,7 @@ def print_reading(name: str, t: dict[str, Any]) -> None:
             print(f"  (before it, once per run: the fitted format's codec read, verified and moved to the device in "
                   f"{t['codec_load_seconds']:.2f} s)")
         if "warmup_seconds" in t:
-            print(f"  (before it, once per run: one training step, undone, loading the step's kernels: "
+            print(f"  (before it, once per run: one training step, undone: pinned buffers, CUDA kernels loaded: "
                   f"{t['warmup_seconds']:.2f} s)")
         print(f"{'  the seed loop (H200, docs/platform.md)':<60} {SEED_TRAIN_ROWS_PER_S:>12,} {1:>9}x")
         print(f"  seed recipe (20 epochs, 5000 sequences = {t['seed_recipe_rows'] / 1e6:,.0f}M rows): "
