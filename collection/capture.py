@@ -315,7 +315,7 @@ def hidden_moments(model: nn.Module, hidden_layers: list[int], batches: list[tup
     return torch.stack([acc[j] for j in range(len(hidden_layers))]) / max(tokens, 1), tokens
 
 
-WRITE_BYTES_PER_JOB = 96 << 20  # one thread copies ~3 GB/s into the page cache: ~100 MB in a 30-40 ms forward
+WRITE_BYTES_PER_JOB = 96 << 20  # at a few GB/s per thread into the page cache, about one forward's time (30-40 ms)
 
 
 def write_jobs(nbytes: int, slices: int, threads: int) -> int:

@@ -26,8 +26,9 @@ CHUNK_BYTES = 16 << 20  # per read and per host-to-device copy: long enough to r
 
 
 def default_read_threads() -> int:
-    """Reader threads: one thread copies out of the page cache at only ~2 GB/s, and a lossless first epoch needs
-    8+ GB/s (4 KiB per row at 2M rows/s); half the cores this process may use, 4 to 12."""
+    """Reader threads: one thread copies out of the page cache at ~3 GB/s, and a lossless first epoch needs 8+ GB/s
+    (4 KiB per row at 2M rows/s); half the cores this process may use, 4 to 12 (measured on a 16-core H200 host:
+    4 threads 13.6 GB/s, 8 17.7, 12 21.4, 16 22.1; docs/BENCHMARKS.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
