@@ -112,7 +112,7 @@ class HashProcesses:
             p.stdin.write(json.dumps(os.fspath(path)) + "\n")
             p.stdin.flush()
             answer = p.stdout.readline()
-        except OSError as e:
+        except OSError:  # the helper is gone: its pipe is closed
             answer = ""
         finally:
             self.idle.put(p)

@@ -311,3 +311,27 @@ def test_training_lowers_the_loss_and_beats_popularity(tiny_traces, tmp_path, on
     assert ckpt["metrics"]["best"]["epoch"] == 1 + int(np.argmax(recalls))
     again = evaluate(predictor_scorer(model, 1, cfg.num_experts), ts, val, 1, CPU, progress=False).summary()
     assert again["recall@4"] == pytest.approx(max(recalls), abs=1e-6)
+
+
+def test_the_warm_up_step_changes_nothing_training_learns(tiny_traces, tmp_path, one_thread, monkeypatch):
+    """The step taken and undone before the first epoch (so first-use costs are not timed as reading) leaves the
+    run where it was: with dropout on, the same seed gives the same losses and weights as a run without it."""
+    import training.trainer as trainer
+
+    def train(out, warm_up):
+        if not warm_up:
+            monkeypatch.setattr(trainer, "undone", lambda step, model, opt, device: None)
+        p = argparse.ArgumentParser()
+        trainer.add_training_args(p, kind="layer-aware", shards_per_group=2, batch_size=8, lr=3e-3, epochs=1,
+                                  lookahead=1, output=str(out))
+        args = p.parse_args(["--traces", str(tiny_traces), "--batch-rows", "2048", "--hidden-dim", "32",
+                             "--dropout", "0.3", "--device", "cpu", "--no-verify"])
+        summary = trainer.run_training(args, validate=epoch_validation)
+        monkeypatch.undo()
+        return summary, load_checkpoint(out / "latest_checkpoint.pth")[0].state_dict()
+
+    with_warm, w1 = train(tmp_path / "a", True)
+    without, w2 = train(tmp_path / "b", False)
+    assert with_warm["warmup_seconds"] > 0
+    assert with_warm["history"][0]["train_loss"] == without["history"][0]["train_loss"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
