@@ -71,9 +71,11 @@ def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
 
 
 # the helper's whole program: one JSON path per line in, "ok HEX" or "err ERRNO MESSAGE" per line out; it ends when
-# its stdin closes (also when this process dies), and imports nothing but the standard library (-I -S)
+# its stdin closes (also when this process dies), and imports nothing but the standard library (-I -S). It ignores
+# Ctrl-C, which the terminal sends to the whole process group: the collector handles it and then closes the helpers
 _HASHER = """\
-import hashlib, json, sys
+import hashlib, json, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 buf = bytearray(8 << 20)
 view = memoryview(buf)
 for line in sys.stdin:

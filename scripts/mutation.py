@@ -140,6 +140,9 @@ MUTATIONS = [
              "return max(1, min(threads, slices))",
              ("tests/test_capture.py::test_write_jobs_one_per_96_mib_of_a_batch_at_most_the_threads",),
              "every batch is written by all the writer threads, however few its bytes"),
+    Mutation("hash-helper-dies-on-ctrl-c", "collection/durable.py", "signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
+             "", ("tests/test_durable.py::test_a_helper_ignores_ctrl_c_which_the_collector_handles",),
+             "Ctrl-C in the terminal kills the hashing helpers with a traceback each, mid-commit"),
     # --- the anchored predictor's starting point and its per-layer fallback
     Mutation("anchored-init-not-zero", "models/predictors.py", "self.delta_w = nn.Parameter(torch.zeros(L, d, H))",
              "self.delta_w = nn.Parameter(torch.randn(L, d, H) * 0.05)",

@@ -139,3 +139,20 @@ def test_commits_hash_in_helper_processes_not_in_this_one(tmp_path, monkeypatch)
     committer.join()
     committer.close()
     assert done == [sha256_file(tmp_path / "s.safetensors")]
+
+
+def test_a_helper_ignores_ctrl_c_which_the_collector_handles(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the helpers must neither die nor print a traceback."""
+    import hashlib
+    import os
+    import signal
+    import time
+
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    hasher = HashProcesses(1)
+    assert hasher.sha256(tmp_path / "f") == hashlib.sha256(b"x" * 1000).hexdigest()  # started and listening
+    os.kill(hasher.procs[0].pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert hasher.procs[0].poll() is None
+    assert hasher.sha256(tmp_path / "f") == hashlib.sha256(b"x" * 1000).hexdigest()
+    hasher.close()
