@@ -71,11 +71,9 @@ def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
 
 
 # the helper's whole program: one JSON path per line in, "ok HEX" or "err ERRNO MESSAGE" per line out; it ends when
-# its stdin closes (also when this process dies), and imports nothing but the standard library (-I -S). It ignores
-# Ctrl-C, which the terminal sends to the whole process group: the collector handles it and then closes the helpers
+# its stdin closes (also when this process dies), and imports nothing but the standard library (-I -S)
 _HASHER = """\
-import hashlib, json, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+import hashlib, json, sys
 buf = bytearray(8 << 20)
 view = memoryview(buf)
 for line in sys.stdin:
@@ -85,49 +83,73 @@ for line in sys.stdin:
             while n := f.readinto(buf):
                 h.update(view[:n])
         print("ok", h.hexdigest(), flush=True)
-    except OSError as e:
-        print("err", e.errno or 0, e.strerror or e, flush=True)
+    except Exception as e:
+        print("err", getattr(e, "errno", None) or 0, getattr(e, "strerror", None) or e, flush=True)
 """
 
 
 class HashProcesses:
     """SHA-256 of files computed by `n` helper processes, one file each at a time; `sha256` blocks (without the
-    GIL) until one is free and has answered. Where no helper can be started, files are hashed in this process."""
+    GIL) until one is free and has answered. Where no helper can be started, or once every helper has died (killed
+    by the out-of-memory killer, say), files are hashed in this process: slower for the GPU, never wrong."""
 
     def __init__(self, n: int):
         self.procs: list[subprocess.Popen] = []
         self.idle: queue.Queue[subprocess.Popen] = queue.Queue()
+        self.lock = threading.Lock()
         try:
             for _ in range(n):
+                # a session of its own: Ctrl-C in the terminal, sent to the whole foreground process group, reaches
+                # the collector only (which prints "interrupted" and closes the helpers), never a helper mid-start
                 p = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HASHER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, encoding="utf-8")
+                                     stdout=subprocess.PIPE, text=True, encoding="utf-8", start_new_session=True)
                 self.procs.append(p)
                 self.idle.put(p)
         except (OSError, ValueError):  # no usable interpreter to start (embedded Python): hash in threads
             self.close()
 
     def sha256(self, path: Path) -> str:
-        if not self.procs:
-            return sha256_of(path)
-        p = self.idle.get()
+        while True:  # wait for an idle helper, re-checking that one is still alive (others may die meanwhile)
+            with self.lock:
+                if not self.procs:
+                    return sha256_of(path)
+            try:
+                p = self.idle.get(timeout=1.0)
+                break
+            except queue.Empty:
+                continue
         try:
             p.stdin.write(json.dumps(os.fspath(path)) + "\n")
             p.stdin.flush()
             answer = p.stdout.readline()
         except OSError:  # the helper is gone: its pipe is closed
             answer = ""
-        finally:
-            self.idle.put(p)
+        if not answer:  # it died: drop it (the others carry on), and hash this file here
+            self._drop(p)
+            return sha256_of(path)
+        self.idle.put(p)
         kind, _, rest = answer.rstrip("\n").partition(" ")
         if kind == "ok":
             return rest
-        if kind == "err":
-            code, _, message = rest.partition(" ")
-            raise OSError(int(code), message, os.fspath(path))
-        raise OSError(f"the helper process hashing {path} stopped (exit code {p.poll()})")
+        code, _, message = rest.partition(" ")
+        raise OSError(int(code), message, os.fspath(path))
+
+    def _drop(self, p: subprocess.Popen) -> None:
+        with self.lock:
+            if p in self.procs:
+                self.procs.remove(p)
+        p.kill()
+        p.wait()
+        for pipe in (p.stdin, p.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        for p in self.procs:
+        with self.lock:
+            procs, self.procs = self.procs, []
+        for p in procs:
             try:
                 p.stdin.close()
                 p.wait(timeout=10)
@@ -135,7 +157,6 @@ class HashProcesses:
                 p.kill()
                 p.wait()
             p.stdout.close()
-        self.procs = []
 
 
 class ShardCommitter:

@@ -27,13 +27,18 @@ CHUNK_BYTES = 16 << 20  # per read and per host-to-device copy: long enough to r
 
 def default_read_threads() -> int:
     """Reader threads: one thread copies out of the page cache at ~3 GB/s, and a lossless first epoch needs 8+ GB/s
-    (4 KiB per row at 2M rows/s); half the cores this process may use, 4 to 12 (measured on a 16-core H200 host:
-    4 threads 13.6 GB/s, 8 17.7, 12 21.4, 16 22.1; docs/BENCHMARKS.md)."""
+    (4 KiB per row at 2M rows/s); half this process's share of the cores (under torchrun the node's processes share
+    them), 4 to 12 (measured on a 16-core H200 host: 4 threads 13.6 GB/s, 8 17.7, 12 21.4, 16 22.1;
+    docs/BENCHMARKS.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 4
-    return min(12, max(4, cores // 2))
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    return min(12, max(4, cores // processes // 2))
 
 
 READ_THREADS = default_read_threads()
@@ -55,7 +60,7 @@ class StagedReader:
 
     def __init__(self, device: torch.device, threads: int | None = None, chunk_bytes: int = CHUNK_BYTES):
         self.device, self.chunk = device, chunk_bytes
-        threads = threads or READ_THREADS
+        threads = READ_THREADS if threads is None else threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read")
         self.slots: queue.Queue[_Slot] | None = None
         if device.type == "cuda":

@@ -335,3 +335,27 @@ def test_the_warm_up_step_changes_nothing_training_learns(tiny_traces, tmp_path,
     assert with_warm["warmup_seconds"] > 0
     assert with_warm["history"][0]["train_loss"] == without["history"][0]["train_loss"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_the_warm_up_step_is_no_larger_than_a_real_step(tiny_traces, tmp_path, one_thread, monkeypatch, capsys):
+    """With huge steps and one shard per group, a real step holds one shard's rows: so does the warm-up's block
+    (it once took a step's worth of sequences from every shard, more than training ever holds)."""
+    import training.trainer as trainer
+
+    loads = []
+    real = trainer.load_block
+    monkeypatch.setattr(trainer, "load_block", lambda ts, shards, ids, *a, **k: loads.append((shards, len(ids)))
+                        or real(ts, shards, ids, *a, **k))
+    p = argparse.ArgumentParser()
+    trainer.add_training_args(p, kind="simple", shards_per_group=1, batch_size=8, lr=1e-3, epochs=1, lookahead=0,
+                              output=str(tmp_path / "o"))
+    args = p.parse_args(["--traces", str(tiny_traces), "--batch-rows", "100000000", "--hidden-dim", "16",
+                         "--device", "cpu", "--no-verify"])
+    trainer.run_training(args, validate=epoch_validation)
+    ts = TraceSet(tiny_traces)
+    table = ts.sequence_table()
+    split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
+    first = int(np.unique(table["shard"][np.isin(table["seq_id"], split["train"])])[0])
+    in_first = int(np.isin(split["train"], table["seq_id"][table["shard"] == first]).sum())
+    assert loads[0] == ([first], in_first)  # the warm-up's load: one group's shard, its training sequences
+    assert f"warm-up: one step on {in_first} training sequence(s)" in capsys.readouterr().out

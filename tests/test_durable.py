@@ -118,13 +118,22 @@ def test_helper_processes_hash_like_hashlib_and_report_errors(tmp_path):
     assert not hasher.procs
 
 
-def test_a_helper_that_died_is_an_error_not_a_hang(tmp_path):
-    (tmp_path / "f").write_bytes(b"x")
-    hasher = HashProcesses(1)
-    hasher.procs[0].kill()
-    hasher.procs[0].wait()
-    with pytest.raises(OSError, match="stopped"):
-        hasher.sha256(tmp_path / "f")
+def test_a_helper_that_died_is_dropped_and_its_file_hashed_here(tmp_path):
+    """A helper killed (by the out-of-memory killer, say) neither hangs the commit nor fails the collection: that
+    file is hashed in this process, the helper is dropped, and the others carry on."""
+    import hashlib
+
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    want = hashlib.sha256(b"x" * 100).hexdigest()
+    hasher = HashProcesses(2)
+    first, second = hasher.procs
+    first.kill()
+    first.wait()
+    got = [hasher.sha256(tmp_path / "f") for _ in range(3)]  # the dead one is met within the first two
+    assert got == [want] * 3 and hasher.procs == [second] and second.poll() is None
+    second.kill()
+    second.wait()
+    assert [hasher.sha256(tmp_path / "f") for _ in range(2)] == [want] * 2 and hasher.procs == []
     hasher.close()
 
 
@@ -141,18 +150,12 @@ def test_commits_hash_in_helper_processes_not_in_this_one(tmp_path, monkeypatch)
     assert done == [sha256_file(tmp_path / "s.safetensors")]
 
 
-def test_a_helper_ignores_ctrl_c_which_the_collector_handles(tmp_path):
-    """Ctrl-C reaches every process of the terminal's group: the helpers must neither die nor print a traceback."""
-    import hashlib
+def test_helpers_run_outside_the_terminals_process_group(tmp_path):
+    """Ctrl-C reaches every process of the terminal's foreground group: the helpers, in a session of their own,
+    neither die mid-commit nor print a traceback; the collector handles it and closes them."""
     import os
-    import signal
-    import time
 
-    (tmp_path / "f").write_bytes(b"x" * 1000)
-    hasher = HashProcesses(1)
-    assert hasher.sha256(tmp_path / "f") == hashlib.sha256(b"x" * 1000).hexdigest()  # started and listening
-    os.kill(hasher.procs[0].pid, signal.SIGINT)
-    time.sleep(0.2)
-    assert hasher.procs[0].poll() is None
-    assert hasher.sha256(tmp_path / "f") == hashlib.sha256(b"x" * 1000).hexdigest()
+    hasher = HashProcesses(2)
+    for p in hasher.procs:
+        assert os.getpgid(p.pid) != os.getpgid(0) and os.getsid(p.pid) == p.pid
     hasher.close()

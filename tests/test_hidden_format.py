@@ -399,6 +399,8 @@ def test_reader_threads_are_half_the_usable_cores_from_4_to_12(monkeypatch):
     for cores, threads in [(2, 4), (9, 4), (16, 8), (20, 10), (64, 12)]:
         monkeypatch.setattr(staging.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert staging.default_read_threads() == threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes share this node's 64 cores
+    assert staging.default_read_threads() == 8
     assert StagedReader(torch.device("cpu"), threads=None).pool._max_workers == staging.READ_THREADS
 
 

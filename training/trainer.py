@@ -352,16 +352,21 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     train_seqs = dp.rank_sequences(table, split["train"])
     # one step on a step's worth of training sequences, then undone: what is paid once per process on first use
     # (the reader's pinned staging buffers, CUDA's lazy kernel loading, GEMM algorithm choice: 0.28 s at full
-    # size on an H200) is kept out of the first epoch's rate, like the codec's load
+    # size on an H200) is kept out of the first epoch's rate, like the codec's load. The step is no larger than a
+    # real one: a step's worth of sequences, from one group's worth of shards at most
     t_warm = time.perf_counter()
-    warm_seqs = max(1, math.ceil(rows_per_step / max(tokens_per_seq * len(layers), 1)))
-    warm = load_block(ts, sorted(set(table["shard"][np.isin(table["seq_id"], train_seqs[:warm_seqs])].tolist())),
-                      train_seqs[:warm_seqs], device, with_logits=with_logits)
+    is_train = np.isin(table["seq_id"], train_seqs)
+    first_shards = np.unique(table["shard"][is_train])[:args.shards_per_group]
+    warm_ids = table["seq_id"][is_train & np.isin(table["shard"], first_shards)]
+    warm_ids = np.sort(warm_ids)[:max(1, math.ceil(rows_per_step / max(tokens_per_seq * len(layers), 1)))]
+    warm = load_block(ts, first_shards.tolist(), warm_ids, device, with_logits=with_logits)
     undone(lambda: step(warm, *next(iter(dp.row_batches(warm, layers, rows_per_step, torch.Generator())))),
            model, opt, device)
     del warm
+    if device.type == "cuda":  # what the step reserved is free again: the blocks' cache budget below counts it
+        torch.cuda.empty_cache()
     warm_s = time.perf_counter() - t_warm
-    print(f"warm-up: one step on {warm_seqs} training sequence(s), undone, in {warm_s:.2f} s")
+    print(f"warm-up: one step on {len(warm_ids)} training sequence(s), undone, in {warm_s:.2f} s")
     train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_logits=with_logits)
     train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
