@@ -351,7 +351,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
 
     train_seqs = dp.rank_sequences(table, split["train"])
     # one step on a step's worth of training sequences, then undone: what is paid once per process on first use
-    # (the reader's pinned staging buffers, CUDA's lazy kernel loading, GEMM algorithm choice: 0.28 s at full
+    # (the reader's pinned staging buffers, CUDA's lazy kernel loading, GEMM algorithm choice: 0.28-0.43 s at full
     # size on an H200) is kept out of the first epoch's rate, like the codec's load. The step is no larger than a
     # real one: a step's worth of sequences, from one group's worth of shards at most
     t_warm = time.perf_counter()
