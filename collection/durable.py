@@ -83,8 +83,9 @@ for line in sys.stdin:
             while n := f.readinto(buf):
                 h.update(view[:n])
         print("ok", h.hexdigest(), flush=True)
-    except Exception as e:
-        print("err", getattr(e, "errno", None) or 0, getattr(e, "strerror", None) or e, flush=True)
+    except Exception as e:  # one line whatever the message: a reply is exactly one line
+        print("err", getattr(e, "errno", None) or 0, " ".join(str(getattr(e, "strerror", None) or e).split()),
+              flush=True)
 """
 
 
@@ -124,15 +125,16 @@ class HashProcesses:
             answer = p.stdout.readline()
         except OSError:  # the helper is gone: its pipe is closed
             answer = ""
-        if not answer:  # it died: drop it (the others carry on), and hash this file here
-            self._drop(p)
-            return sha256_of(path)
-        self.idle.put(p)
         kind, _, rest = answer.rstrip("\n").partition(" ")
-        if kind == "ok":
-            return rest
         code, _, message = rest.partition(" ")
-        raise OSError(int(code), message, os.fspath(path))
+        if kind == "ok" and len(rest) == 64:
+            self.idle.put(p)
+            return rest
+        if kind == "err" and code.isdigit():
+            self.idle.put(p)
+            raise OSError(int(code), message, os.fspath(path))
+        self._drop(p)  # it died (or answered nonsense): the others carry on, and this file is hashed here
+        return sha256_of(path)
 
     def _drop(self, p: subprocess.Popen) -> None:
         with self.lock:
