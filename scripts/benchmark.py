@@ -189,14 +189,18 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
         with torch.no_grad():
             model(input_ids=b.to(dev, non_blocking=True), attention_mask=mask.to(dev, non_blocking=True), use_cache=False)
 
+    def bare_seconds() -> float:
+        """Seconds of the bare forward over the timed batches."""
+        sync(dev)
+        t0 = time.perf_counter()
+        for b in batches[args.warmup:args.warmup + args.batches]:
+            bare(b)
+        sync(dev)
+        return time.perf_counter() - t0
+
     for b in batches[:args.warmup]:
         bare(b)
-    sync(dev)
-    t0 = time.perf_counter()
-    for b in batches[args.warmup:args.warmup + args.batches]:
-        bare(b)
-    sync(dev)
-    bare_s = time.perf_counter() - t0
+    bare_s = bare_seconds()
 
     # forward + capture + writing: exactly what collect_traces.py runs, into a shard on local disk
     rows = args.batches * args.batch_size * args.seq_len
@@ -247,12 +251,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
     for name in args.formats:
         # the bare forward again, just before: the forward's speed drifts by more than the targets' margins over
         # the minutes this loop takes, so each format is held against the bare forward measured beside it
-        sync(dev)
-        t0 = time.perf_counter()
-        for b in batches[args.warmup:args.warmup + args.batches]:
-            bare(b)
-        sync(dev)
-        bare_here = rows / (time.perf_counter() - t0)
+        bare_here = rows / bare_seconds()
         d = durable_collection(args, model, batches, mask, hidden_dtype, FORMATS[name], work)
         d["bare_tokens_per_s"] = bare_here
         d["disk_bound_tokens_per_s"] = disk / d["bytes_per_token"]

@@ -448,9 +448,13 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     ranks.barrier()  # rank 0's manifest exists before any shard is recorded; the ranks' clocks start together
     t0 = time.perf_counter()
 
+    def shard_bounds(shard_idx: int) -> tuple[int, int]:
+        """The shard's first sequence and the one after its last."""
+        return shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
+
     def open_shard(shard_idx: int) -> ShardWriter:
         """The shard's file, sized, with its token ids and sequence table written (run one shard ahead)."""
-        lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
+        lo, hi = shard_bounds(shard_idx)
         writer = ShardWriter(dest / shard_name(shard_idx), shard_specs(int(lengths[lo:hi].sum()), hi - lo, **dims),
                              {"format_version": str(manifest.format_version), "shard": str(shard_idx)}, writeback=True)
         writer.write("token_ids", np.concatenate([np.asarray(encoded[i], dtype=np.int32) for i in range(lo, hi)]))
@@ -462,7 +466,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
     ahead = OpenAhead(open_shard, ledger.todo)  # every writer it opened: an error aborts all not committed
     try:
         for shard_idx in ledger.todo:
-            lo, hi = shard_idx * args.shard_size, min((shard_idx + 1) * args.shard_size, n_seq)
+            lo, hi = shard_bounds(shard_idx)
             N = int(lengths[lo:hi].sum())
             writer = ahead.take()
             row = 0

@@ -329,6 +329,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     codec_s = time.perf_counter() - t_codec
     if codec_loaded:
         print(f"hidden format {m.hidden_format}: codec read, verified and moved to {device} in {codec_s:.2f} s")
+
     def step(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, weight: float) -> torch.Tensor:
         """One AdamW step on rows (tok, layer) of `block`; the loss, weighted (under DDP) by this rank's share."""
         # features go straight into Linear layers, which autocast would cast to `dtype` anyway
