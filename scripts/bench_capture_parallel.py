@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json and ranks.is_main:
         atomic_write_json(Path(args.json), res)
         print(f"wrote {args.json}")
-    ranks.barrier()  # every rank leaves together: a rank tearing down gloo while a peer still talks can abort
+    ranks.leave()
 
 
 if __name__ == "__main__":

@@ -516,6 +516,7 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
             "processes": ranks.world, "device_map": args.device_map, "max_memory": args.max_memory, "placement": placed,
             "tokens": collected, "seconds": seconds, "tokens_per_s": collected / max(seconds, 1e-9),
             "bytes_per_token": per_token, "complete": manifest.complete, "per_rank": per_rank})
+    ranks.leave()
 
 
 if __name__ == "__main__":

@@ -447,6 +447,14 @@ MUTATIONS = [
     Mutation('comma-choices-unchecked', 'collection/errors.py', '        if x not in allowed:', '        if False:',
              ('tests/test_errors.py::test_comma_lists_of_choices_name_the_first_unknown_item',),
              "an unknown item of a comma list of choices (--predictors, --kinds, ...) is taken without a word"),
+    Mutation('leave-without-waiting', 'collection/distributed.py', '            dist.barrier()\n            dist.destroy',
+             '            dist.destroy',
+             ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
+             "a rank done early tears the process group down while a peer may still be talking to it"),
+    Mutation('leave-keeps-the-group', 'collection/distributed.py', '            dist.destroy_process_group()\n\n',
+             '            pass\n\n',
+             ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
+             "the process group is left for the interpreter's exit to tear down (once aborted a finished rank)"),
 ]
 
 

@@ -134,3 +134,33 @@ def test_capture_only_benchmark_runs_under_torchrun(tiny_model, tmp_path):
     res = json.loads(js.read_text())
     assert [r["gpus"] for r in res["rounds"]] == [1, 2]
     assert res["rounds"][1]["tokens"] == 2 * res["rounds"][0]["tokens"] == 2 * 2 * 8 * 16
+
+
+LEAVER = """
+import json, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from collection.distributed import init_ranks
+
+ranks = init_ranks()
+if ranks.is_main:
+    time.sleep(1.0)  # rank 0 still busy (writing the manifest, say) when rank 1 is done
+t0 = time.perf_counter()
+ranks.leave()
+Path(sys.argv[1] + f".{ranks.rank}").write_text(
+    json.dumps({"waited": time.perf_counter() - t0, "initialized": dist.is_initialized()}))
+"""
+
+
+def test_ranks_leave_together_and_tear_the_group_down(tmp_path):
+    """`Ranks.leave`, the last step of every torchrun script: a rank done early waits for the others, and the
+    process group is gone before interpreter exit (tearing gloo down there once aborted a finished rank in CI)."""
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "out")], cwd=REPO, env={**ONE_THREAD, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert not got[0]["initialized"] and not got[1]["initialized"]
+    assert got[1]["waited"] >= 0.9 > got[0]["waited"]

@@ -469,4 +469,5 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         atomic_write_json(out / "results.json", {**summary, "processes": dp.world})
     print(f"best val {select} {best:.4f}; wrote best_checkpoint.pth, latest_checkpoint.pth (+ .json) and "
           f"results.json to {out}/")
+    dp.ranks.leave()
     return summary
