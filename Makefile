@@ -15,7 +15,7 @@ TORCH_PIN := $(shell grep '^torch==' requirements.txt)
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default (runs/demo/)"
 	@echo "make test   create .venv, install requirements, run the CPU test suite"
-	@echo "make mutation   plant each named bug of scripts/mutation.py in a copy of the code; every one must be caught"
+	@echo "make mutation   plant each named bug of tools/mutation.py in a copy of the code; every one must be caught"
 	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -48,19 +48,19 @@ demo: setup
 		--quiet --output-dir $(DEMO)/router-reuse-d1
 	$(BIN)/python scripts/validate_coverage_analysis.py --checkpoint $(DEMO)/layer-aware-d1/best_checkpoint.pth \
 		--model-type layer-aware --quiet
-	$(BIN)/python scripts/demo_summary.py $(DEMO)
+	$(BIN)/python tools/demo_summary.py $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Each named bug (scripts/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
+# Each named bug (tools/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
 # must fail. The working tree is never changed. Exit 1 if any bug survives.
 mutation: setup
-	$(BIN)/python scripts/mutation.py
+	$(BIN)/python tools/mutation.py
 
 # One line per supported MoE family (docs/FAMILIES.md); random weights, so only "it ran" means anything.
 families: setup
-	$(BIN)/python scripts/family_smoke.py --families all
+	$(BIN)/python tools/family_smoke.py --families all
 
 clean-demo:
 	rm -rf $(DEMO)

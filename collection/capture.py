@@ -7,7 +7,7 @@ layer the hook keeps only real-token rows of the hidden state (padding dropped w
 index_select), casts them to the storage dtype on the GPU, and queues a non-blocking copy into
 pinned host memory on a side stream, so the copies overlap the next layers' compute; the router's
 small outputs of all layers are stacked and copied once, after the forward. A compact hidden format
-(collection/hidden_format.py) is encoded on the GPU after the forward, on the side stream, so only the
+(collection/traces/hidden_format.py) is encoded on the GPU after the forward, on the side stream, so only the
 compact bytes cross PCIe. A background thread waits for each batch's copies and writes them into the shard
 file; two sets of pinned buffers alternate so the GPU never waits for the disk unless the disk is the
 bottleneck.
@@ -29,11 +29,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from collection.durable import ShardCommitter
-from collection.format import ShardWriter
 from collection.families import family_of, moe_layers, router_outputs
-from collection.hidden_format import FORMATS, LOSSLESS, HiddenCodec, HiddenFormat
 from collection.placement import device_runs
+from collection.traces.durable import ShardCommitter
+from collection.traces.format import ShardWriter
+from collection.traces.hidden_format import FORMATS, LOSSLESS, HiddenCodec, HiddenFormat
 
 ENCODE_LAYERS = 8  # hidden layers encoded per call: fewer launches than one by one, bounded scratch memory
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from collection.errors import UserError
+from common.errors import UserError
 
 
 def _every_layer(cfg: Any, i: int) -> bool:

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from collection.errors import UserError
 from collection.families import family_of, moe_layers, num_experts, router_spec
 from collection.sources import REPO_ROOT, require_hub
+from common.errors import UserError
 
 EMBEDDED_MODEL_NAME = "models/embedded/qwen2moe-mini"  # relative to the repository root
 EMBEDDED_MODEL = REPO_ROOT / EMBEDDED_MODEL_NAME

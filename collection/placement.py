@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from collection.errors import UserError
+from common.errors import UserError
 
 DEVICE_MAP_POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 FREE_MEMORY_SHARE = 0.9  # of each GPU's free memory, offered to the weights: the rest holds activations and copies

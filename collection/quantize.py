@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from collection.errors import UserError
 from collection.families import family_of, moe_layers
+from common.errors import UserError
 
 
 def _quantize(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:

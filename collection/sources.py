@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
-from collection.errors import UserError
+from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = REPO_ROOT / "routing_data" / "corpus"
@@ -207,7 +207,7 @@ def parse_sources(specs: str, corpus_dir: Path = CORPUS_DIR) -> list[Source]:
             names += SEED_DATASETS
         elif part in ("bundled", "default"):
             if not bundled:
-                raise UserError(f"--datasets {part}: no bundled corpus at {corpus_dir} (run scripts/build_corpus.py)")
+                raise UserError(f"--datasets {part}: no bundled corpus at {corpus_dir} (run tools/build_corpus.py)")
             names += sorted(bundled)
         else:
             names.append(part)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from collection.errors import UserError
-from collection.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.errors import UserError
 from models.predictors import PredictorConfig, build_predictor
 
 CHECKPOINT_FORMAT = "expert-predictor/1"
@@ -86,7 +86,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
 
 
 def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
-    """One clear line unless the trace set `ts` (a collection.format.TraceSet) holds rows this predictor can
+    """One clear line unless the trace set `ts` (a collection.traces.format.TraceSet) holds rows this predictor can
     read: the same routing shape (layers L, experts E, top-k, hidden H), every hidden layer its features
     reach, and token ids inside its embedding table."""
     m = ts.manifest

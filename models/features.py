@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from collection.rows import TokenBlock, context_mean, earlier_token, hidden_at, routing_vector
+from collection.traces.rows import TokenBlock, context_mean, earlier_token, hidden_at, routing_vector
 
 
 @dataclass(frozen=True)

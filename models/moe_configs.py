@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from collection.errors import UserError
 from collection.families import FAMILIES, TINY_BASE
+from collection.traces.format import bytes_per_token
+from collection.traces.hidden_format import FORMATS
+from common.errors import UserError
 
 # Qwen/Qwen1.5-MoE-A2.7B's config.json, field for field (14,315,784,192 parameters)
 QWEN15_MOE_A27B: dict[str, Any] = {
@@ -128,3 +130,24 @@ def make_config(preset: str, **overrides: Any) -> Any:
     cfg.pop("architectures", None)
     model_type = cfg.pop("model_type", "qwen2_moe")
     return AutoConfig.for_model(model_type, **cfg)
+
+
+SEED_RECIPE_TOKENS = 5000 * 256  # the seed's recipe: 5,000 sequences of up to 256 tokens
+
+
+def seed_recipe_table() -> list[dict[str, float | str]]:
+    """Stored bytes of the seed's full recipe (5,000 x 256 tokens, every layer's hidden state and the router
+    logits, Qwen1.5-MoE-A2.7B's dimensions, captured in bf16) in every hidden format."""
+    c = QWEN15_MOE_A27B
+    dims = {"num_layers": c["num_hidden_layers"], "top_k": c["num_experts_per_tok"], "num_experts": c["num_experts"],
+            "hidden_size": c["hidden_size"], "hidden_layers": c["num_hidden_layers"], "hidden_dtype": "bfloat16",
+            "store_logits": True}
+    rest = bytes_per_token(**{**dims, "hidden_layers": 0})
+    ref = bytes_per_token(**dims)
+    rows = []
+    for name in FORMATS:
+        record = bytes_per_token(**dims, hidden_format=name)
+        rows.append({"format": name, "hidden_bytes_per_token": record - rest, "record_bytes_per_token": record,
+                     "hidden_vs_bf16": (ref - rest) / (record - rest), "record_vs_bf16": ref / record,
+                     "seed_recipe_gb": record * SEED_RECIPE_TOKENS / 1e9})
+    return rows

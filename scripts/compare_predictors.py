@@ -26,24 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from collection.atomic import atomic_write_bytes, atomic_write_json
-from collection.device import device_name, pick_device
-from collection.errors import UserError, choices_list, one_line_errors
-from collection.format import TraceSet
-from collection.rows import split_sequences
+from collection.traces.format import TraceSet
+from collection.traces.rows import split_sequences
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.device import device_name, pick_device
+from common.errors import UserError, choices_list, one_line_errors
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS, count_parameters, flops_per_row
-from validation.evaluate import evaluate
+from validation.coverage.evaluate import evaluate
+from validation.coverage.metrics import headline_columns
+from validation.coverage.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
 from validation.plots import comparison_figure
-from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def columns(top_k: int) -> tuple[str, ...]:
-    """The table's metrics for a model routing to top_k experts: recall and exact match at K, coverage of a
-    2K-expert prefetch, and the seed's any_hit@1 / any_hit@5 for comparison with its report."""
-    return (f"recall@{top_k}", f"coverage@{2 * top_k}", "exact_match", "any_hit@1", "any_hit@5")
 
 
 def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"so each d must be in 0..{m.num_layers - 1}")
     dev = pick_device(args.device)
     split = split_sequences(ts.sequence_table(), args.seed)
-    cols = columns(m.top_k)
+    cols = headline_columns(m.top_k)
     recall = cols[0]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -171,7 +166,7 @@ def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any],
                  args: dict[str, Any], out: Path) -> None:
     """comparison.md / .json / _per_layer.png, and how much of router reuse's error each best predictor removes."""
     out.mkdir(parents=True, exist_ok=True)
-    cols = columns(top_k)
+    cols = headline_columns(top_k)
     recall = cols[0]
     ds = sorted({r["lookahead"] for r in rows})
     summary = {}

@@ -14,21 +14,39 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from collection.atomic import sha256_file
-from collection.errors import UserError, one_line_errors
-from collection.format import (MANIFEST, Manifest, ShardInfo, ShardWriter, bytes_per_token,
-                               shard_name, shard_specs, write_manifest)
-from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_NAME, ForwardPass,
-                               LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
-                               looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
-                               read_traces, shape_run_hint, token_ids_of)
-from collection.output import OutputLock, open_output, start_one_shot
+from collection.traces.format import (
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    bytes_per_token,
+    shard_name,
+    write_manifest,
+)
+from collection.traces.legacy import (
+    CONFIG_FILE,
+    DEFAULT_CLASS_MODULE,
+    DEFAULT_CLASS_NAME,
+    LegacyFormatError,
+    expand_inputs,
+    fill_shard,
+    group_passes,
+    layer_id_meaning,
+    load_legacy_shard,
+    looks_like_probabilities,
+    num_layers_from_config,
+    number_traces,
+    open_shard,
+    read_traces,
+    shape_run_hint,
+)
+from collection.traces.output import OutputLock, open_output, start_one_shot
+from common.atomic import sha256_file
+from common.errors import UserError, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,60 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def natural_key(path: Path) -> list:
-    """shard_2 before shard_10 (plain sorting puts shard_1000 before shard_100_)."""
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
-
-
-def expand_inputs(specs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted([*p.glob("*.pkl"), *p.glob("*.pickle")], key=natural_key)
-            if not found:
-                raise UserError(f"--input {p}: no *.pkl or *.pickle shards in this directory")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"--input {p}: no such file or directory")
-    if len({f.resolve() for f in files}) != len(files):
-        raise UserError("--input names the same shard twice")
-    return files
-
-
-def open_shard(path: Path, idx: int, passes: list[ForwardPass], L: int, dims: dict[str, int],
-               probabilities: bool) -> ShardWriter:
-    """The collector's shard layout: sequences = the batch rows of each pass, tokens = all their positions."""
-    S, N = sum(fp.shape[0] for fp in passes), sum(fp.tokens for fp in passes)
-    H, E, K = dims["H"], dims["E"], dims["K"]
-    specs = shard_specs(N, S, num_layers=L, top_k=K, num_experts=E, hidden_size=H, hidden_layers=L,
-                        hidden_dtype="float16", store_logits=not probabilities)
-    return ShardWriter(path, specs, {"format_version": "1", "shard": str(idx)})
-
-
-def fill_shard(writer: ShardWriter, passes: list[ForwardPass], first_seq: int, source_of_pass: list[int],
-               probabilities: bool, norm_topk_prob: bool) -> float:
-    """Write every pass's rows; returns how many (token, layer) rows have ids equal to the routing's top-k."""
-    B_of = [fp.shape[0] for fp in passes]
-    lengths = np.concatenate([np.full(fp.shape[0], fp.shape[1], dtype=np.int64) for fp in passes])
-    writer.write("seq_offsets", np.concatenate([[0], np.cumsum(lengths)]))
-    writer.write("seq_ids", np.arange(first_seq, first_seq + sum(B_of), dtype=np.int64))
-    writer.write("seq_sources", np.repeat(np.array(source_of_pass, dtype=np.int16), B_of))
-    row, agree = 0, 0.0
-    for fp in passes:
-        writer.write("token_ids", token_ids_of(fp), row=row)
-        arrays = pass_arrays(fp, probabilities, norm_topk_prob)
-        for layer in range(len(fp.traces)):
-            for key in ("hidden", "topk_ids", "topk_weights", "router_logits"):
-                if arrays[key]:
-                    writer.write(key, arrays[key][layer], index=(layer,), row=row)
-        agree += float(sum(arrays["topk_agree"]))
-        row += fp.tokens
-    return agree
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     lock = OutputLock(Path(args.output))
@@ -127,7 +91,7 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
     inputs = expand_inputs(args.input)
     out = Path(args.output)
 
-    # --- the output is only read until the inputs have been checked (rules: collection/output.py)
+    # --- the output is only read until the inputs have been checked (rules: collection/traces/output.py)
     if any(f.resolve().parent == out.resolve() for f in inputs):
         raise UserError(f"--output {out} holds the input shards; choose another directory")
     state = open_output(out, lock, args.overwrite)

@@ -5,7 +5,7 @@ learns a correction delta(features) to h_l, plus a residual logit head, from cau
 token's earlier MoE inputs and routing, the previous tokens' state at the target layer, its token id.
 Its defaults are the best recipe of docs/RESULTS.md ("What mattered"); every idea has a flag to switch it.
 
-The recipe of docs/RESULTS.md (GPU; one lookahead; scripts/sweep_predictors.py runs them all):
+The recipe of docs/RESULTS.md (GPU; one lookahead; tools/sweep_predictors.py runs them all):
     python scripts/train_anchored_predictor.py --lookahead 1 --lr 2e-3 --epochs 20 --hidden-dim 512 \
         --batch-rows 32768 --output models/anchored_checkpoints/d1 --overwrite
 Seconds on a CPU (traces from the collect script's quick command):
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from collection.errors import one_line_errors
+from common.errors import one_line_errors
 from training.trainer import add_training_args, run_training
-from validation.evaluate import epoch_validation
+from validation.coverage.evaluate import epoch_validation
 
 
 def main(argv: list[str] | None = None) -> None:

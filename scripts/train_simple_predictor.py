@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from collection.errors import one_line_errors
+from common.errors import one_line_errors
 from training.trainer import add_training_args, run_training
-from validation.evaluate import epoch_validation
+from validation.coverage.evaluate import epoch_validation
 
 
 def main(argv: list[str] | None = None) -> None:

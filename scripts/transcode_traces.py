@@ -1,6 +1,6 @@
 r"""Rewrite a trace set's hidden states in another format (e.g. a lossless set into a compact one).
 
-Every shard is read, its hidden states are re-encoded by collection/hidden_format.py (the same code that
+Every shard is read, its hidden states are re-encoded by collection/traces/hidden_format.py (the same code that
 encodes them at collection), and the other tensors are copied unchanged; the new set gets its own manifest
 (with `capture.transcoded_from`) and checksums. A compact source is decoded first, so its loss carries over.
 
@@ -20,15 +20,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from collection.device import pick_device
-from collection.errors import UserError, one_line_errors
-from collection.atomic import atomic_write_bytes
-from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST, ROUTER_WEIGHTS, Manifest, ShardInfo,
-                               ShardWriter, TraceSet, bytes_per_token, encode_codec, manifest_dims, shard_specs,
-                               write_manifest)
-from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
-from collection.output import OutputLock, open_output, start_one_shot
-from scripts.collect_traces import FIT_TOKENS
+from collection.collector import FIT_TOKENS
+from collection.traces.format import (
+    COMPACT_FORMAT_VERSION,
+    FORMAT_VERSION,
+    MANIFEST,
+    ROUTER_WEIGHTS,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    TraceSet,
+    bytes_per_token,
+    encode_codec,
+    manifest_dims,
+    shard_specs,
+    write_manifest,
+)
+from collection.traces.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
+from collection.traces.output import OutputLock, open_output, start_one_shot
+from common.atomic import atomic_write_bytes
+from common.device import pick_device
+from common.errors import UserError, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def transcode(args: argparse.Namespace, lock: OutputLock) -> None:
-    # --- every input is checked before the output is touched (rules: collection/output.py)
+    # --- every input is checked before the output is touched (rules: collection/traces/output.py)
     src = TraceSet(Path(args.traces), verify=not args.no_verify)
     out = Path(args.output)
     if out.resolve() == src.dir.resolve() or src.dir.resolve().is_relative_to(out.resolve()):

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from collection.atomic import atomic_write_json
-from collection.device import device_name, pick_device
-from collection.errors import UserError, one_line_errors
-from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import input_layers, mean_tokens_per_sequence, split_sequences
+from collection.traces.format import DEFAULT_TRACES, TraceSet
+from collection.traces.rows import input_layers, mean_tokens_per_sequence, split_sequences
+from common.atomic import atomic_write_json
+from common.device import device_name, pick_device
+from common.errors import UserError, one_line_errors
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS
-from validation.evaluate import evaluate
-from validation.metrics import SEED_KS, random_expectation
-from validation.scorers import BASELINES, SCORERS, RouterScorer, baseline_scorer, predictor_scorer
+from validation.coverage.evaluate import evaluate
+from validation.coverage.metrics import SEED_KS, random_expectation
+from validation.coverage.scorers import BASELINES, SCORERS, RouterScorer, baseline_scorer, predictor_scorer
 from validation.plots import coverage_figure
 
 

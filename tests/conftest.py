@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import Phase, settings
 
-# scripts/mutation.py runs the suite with --hypothesis-profile=mutation: a planted bug must be found the same way
+# tools/mutation.py runs the suite with --hypothesis-profile=mutation: a planted bug must be found the same way
 # every run (derandomized), and a failure needs only to be seen, not shrunk to its smallest example (minutes)
 settings.register_profile("mutation", derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
@@ -26,8 +26,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def run_script(script: str, *args: str, check: bool = True, env: dict | None = None,
                timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `scripts/<script>.py` as a user would, from the repository root."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / f"{script}.py"), *map(str, args)], cwd=REPO,
+    """Run `scripts/<script>.py` (or the developer tool `tools/<script>.py`) as a user would, from the repository
+    root."""
+    path = REPO / "scripts" / f"{script}.py"
+    if not path.is_file():
+        path = REPO / "tools" / f"{script}.py"
+    proc = subprocess.run([sys.executable, str(path), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -37,7 +41,7 @@ def run_script(script: str, *args: str, check: bool = True, env: dict | None = N
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-moe"
-    from scripts.make_random_checkpoint import main
+    from tools.make_random_checkpoint import main
 
     main(["--preset", "qwen2moe-tiny", "--dtype", "float32", "--output", str(out), "--seed", "0"])
     return out
@@ -64,7 +68,7 @@ def build_tiny_traces(out: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_traces(tmp_path_factory) -> Path:
     """`build_tiny_traces`, or a copy of $MOE_TEST_TINY_TRACES when set: a set built by it once, for tools that
-    run the suite many times (scripts/mutation.py). A copy, so that no test can change the shared one."""
+    run the suite many times (tools/mutation.py). A copy, so that no test can change the shared one."""
     out = tmp_path_factory.mktemp("traces") / "tiny"
     if os.environ.get("MOE_TEST_TINY_TRACES"):
         shutil.copytree(os.environ["MOE_TEST_TINY_TRACES"], out)

@@ -13,10 +13,19 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from collection.atomic import atomic_write_bytes
-from collection.format import (ROUTER_WEIGHTS, Manifest, ShardInfo, ShardWriter, TraceSet, encode_tensors, shard_name,
-                               shard_specs, write_manifest)
-from collection.rows import TokenBlock, split_sequences
+from collection.traces.format import (
+    ROUTER_WEIGHTS,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    TraceSet,
+    encode_tensors,
+    shard_name,
+    shard_specs,
+    write_manifest,
+)
+from collection.traces.rows import TokenBlock, split_sequences
+from common.atomic import atomic_write_bytes
 
 
 def write_trace_set(directory: Path, topk_ids: np.ndarray, topk_weights: np.ndarray, seq_lengths: list[int], *,
@@ -75,7 +84,7 @@ def write_trace_set(directory: Path, topk_ids: np.ndarray, topk_weights: np.ndar
 
 
 def token_block(topk_ids, topk_weights, seq_lengths: list[int], hidden=None) -> TokenBlock:
-    """The in-memory `TokenBlock` of the sequences, as `collection.rows.load_block` would build it."""
+    """The in-memory `TokenBlock` of the sequences, as `collection.traces.rows.load_block` would build it."""
     ids = torch.as_tensor(np.asarray(topk_ids), dtype=torch.long)
     L, N, _ = ids.shape
     starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]])

@@ -17,7 +17,7 @@ MEMORY_LIMIT = 3 << 30  # address space a child may add: a memory bomb fails fas
 def _child(module: str, argv: list[str], err_path: str) -> None:
     import resource
 
-    from collection.errors import one_line_errors
+    from common.errors import one_line_errors
 
     with open("/proc/self/statm") as f:
         used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

@@ -10,17 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from collection.errors import UserError
-from collection.format import TraceSet
-from collection.rows import (SplitBlocks, TokenBlock, context_mean, earlier_token, hidden_at, row_batches,
-                             split_sequences)
+from collection.traces.format import TraceSet
+from collection.traces.rows import (
+    SplitBlocks,
+    TokenBlock,
+    context_mean,
+    earlier_token,
+    hidden_at,
+    row_batches,
+    split_sequences,
+)
+from common.errors import UserError
 from models.checkpoint import check_fits_traces, load_checkpoint, save_checkpoint
 from models.features import FeatureSpec, make_features
 from models.predictors import PredictorConfig, build_predictor, flops_per_row
 from tests.conftest import run_script
 from training.trainer import distill_kl, hidden_mse, lr_lambda
-from validation.evaluate import evaluate
-from validation.scorers import baseline_scorer, predictor_scorer
+from validation.coverage.evaluate import evaluate
+from validation.coverage.scorers import baseline_scorer, predictor_scorer
 
 
 def anchored_at_init(ts: TraceSet, d: int, **kw) -> torch.nn.Module:
@@ -130,7 +137,7 @@ def test_features_decode_a_compact_hidden_format(tiny_pca_traces):
     decoded states gives it."""
     import dataclasses
 
-    from collection.hidden_format import FORMATS, LOSSLESS
+    from collection.traces.hidden_format import FORMATS, LOSSLESS
 
     ts = TraceSet(tiny_pca_traces)
     block = next(iter(SplitBlocks(ts, split_sequences(ts.sequence_table(), 0)["test"], torch.device("cpu"), 4)))
@@ -326,7 +333,7 @@ def test_sweep_scores_configs_and_survives_a_failing_one(tiny_traces, tmp_path):
 
 
 def test_cost_benchmark_reports_flops_and_times(tmp_path):
-    from scripts.benchmark_predictor_cost import main
+    from tools.benchmark_predictor_cost import main
 
     js = tmp_path / "cost.json"
     main(["--dims", "embedded", "--kinds", "anchored,hybrid", "--batches", "1,4", "--iters", "1", "--repeats", "1",
@@ -344,7 +351,7 @@ def test_cost_benchmark_reports_flops_and_times(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cost_benchmark_graph_replay_matches_eager_on_gpu():
     """The CUDA-graph path times the same computation: its replayed output equals the eager one."""
-    from scripts.benchmark_predictor_cost import as_graph, predictor_config, random_features
+    from tools.benchmark_predictor_cost import as_graph, predictor_config, random_features
 
     dev = torch.device("cuda")
     cfg = predictor_config("anchored", "embedded", 64)

@@ -1,4 +1,4 @@
-"""Behaviour with known answers: each test fails if the behaviour it names breaks (scripts/mutation.py checks that).
+"""Behaviour with known answers: each test fails if the behaviour it names breaks (tools/mutation.py checks that).
 
 The data are hand-built (tests/handmade.py) and every expected number is worked out in the comments, except
 for the training run, which uses the real tiny traces and compares against the popularity baseline.
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from collection.atomic import FILE_MODE, atomic_path, atomic_write_bytes
-from collection.format import ROUTER_WEIGHTS, TraceFormatError, TraceSet
-from collection.rows import load_block, split_sequences
+from collection.traces.format import ROUTER_WEIGHTS, TraceFormatError, TraceSet
+from collection.traces.rows import load_block, split_sequences
+from common.atomic import FILE_MODE, atomic_path, atomic_write_bytes
 from models.checkpoint import load_checkpoint
 from models.features import make_features
 from models.predictors import PredictorConfig, build_predictor
 from tests.handmade import token_block, write_trace_set
-from validation.evaluate import epoch_validation, evaluate
-from validation.scorers import baseline_scorer, predictor_scorer
+from validation.coverage.evaluate import epoch_validation, evaluate
+from validation.coverage.scorers import baseline_scorer, predictor_scorer
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from collection.capture import RoutingCapture, pad_batch
-from collection.format import TraceSet
 from collection.model import moe_blocks, routing_shape
+from collection.traces.format import TraceSet
 
 
 @pytest.mark.parametrize("lengths,hidden", [((9, 4, 13), "all"), ((8, 8), "ends")])  # ragged / no padding at all

@@ -5,9 +5,10 @@
 """
 import json
 import re
+
 import tomllib
 
-from scripts import demo_summary
+from tools import demo_summary
 from tests.conftest import REPO
 
 
@@ -73,7 +74,7 @@ def test_a_predictor_below_router_reuse_is_said_so(tmp_path, capsys):
 def test_makefile_demo_ends_with_the_summary_and_test_keeps_the_passed_line():
     make = (REPO / "Makefile").read_text()
     demo = make.split("\ndemo: setup\n")[1].split("\n\n")[0]
-    assert demo.strip().splitlines()[-1].strip() == "$(BIN)/python scripts/demo_summary.py $(DEMO)"
+    assert demo.strip().splitlines()[-1].strip() == "$(BIN)/python tools/demo_summary.py $(DEMO)"
     # pytest prints its "N passed" line at -q and drops it at -qq: -q may be given once, in one place
     addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
     test_line = next(l for l in make.splitlines() if "pytest" in l and not l.startswith("#"))

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from collection.compare import bf16_ulp, near_ties, row_agreement
-from collection.distributed import Ranks, rank_shards
-from collection.errors import UserError
-from collection.placement import (device_runs, from_pretrained_placement, parse_device_map, parse_max_memory,
-                                  rank_gpus)
+from collection.distributed import rank_shards
+from collection.placement import device_runs, from_pretrained_placement, parse_device_map, parse_max_memory, rank_gpus
+from collection.traces.compare import bf16_ulp, near_ties, row_agreement
+from common.errors import UserError
+from common.ranks import Ranks
 from training.distributed import DataParallel, loss_weights, split_by_tokens, step_sizes
 from training.trainer import soft_cross_entropy
 
@@ -169,9 +169,9 @@ def test_compare_finds_one_changed_choice_in_a_real_trace_set(tiny_traces, tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from collection.atomic import sha256_file
     from collection.families import selection_scores
-    from collection.format import TraceSet
+    from collection.traces.format import TraceSet
+    from common.atomic import sha256_file
     from scripts.compare_traces import main as compare_main
 
     copy = tmp_path / "copy"
@@ -194,7 +194,7 @@ def test_compare_finds_one_changed_choice_in_a_real_trace_set(tiny_traces, tmp_p
     manifest["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
-    from collection.compare import compare_trace_sets
+    from collection.traces.compare import compare_trace_sets
 
     res = compare_trace_sets(tiny_traces, copy)
     assert (res["differing_rows"], res["tie_rows"], res["mismatch_rows"]) == (1, 0, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collection.format import TraceSet
+from collection.traces.format import TraceSet
 from tests.conftest import REPO
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,9 +30,12 @@ def collect_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def torchrun(script: str, *args: str, nproc: int = 2) -> list[str]:
-    """torchrun itself (python -m torch.distributed.run), on a free local port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            str(REPO / "scripts" / f"{script}.py"), *args]
+    """torchrun itself (python -m torch.distributed.run), on a free local port; `script` is in scripts/ or tools/."""
+    path = REPO / "scripts" / f"{script}.py"
+    if not path.is_file():
+        path = REPO / "tools" / f"{script}.py"
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(path),
+            *args]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -126,7 +129,7 @@ def test_device_map_is_only_a_placement(tiny_model, reference, tmp_path):
 
 
 def test_capture_only_benchmark_runs_under_torchrun(tiny_model, tmp_path):
-    """scripts/bench_capture_parallel.py: one round per group of processes, one JSON from rank 0."""
+    """tools/bench_capture_parallel.py: one round per group of processes, one JSON from rank 0."""
     js = tmp_path / "capture.json"
     proc = run(torchrun("bench_capture_parallel", "--model", str(tiny_model), "--device", "cpu", "--batches", "2",
                         "--warmup", "1", "--seq-len", "16", "--json", str(js)))
@@ -140,7 +143,7 @@ LEAVER = """
 import json, sys, time
 from pathlib import Path
 import torch.distributed as dist
-from collection.distributed import init_ranks
+from common.ranks import init_ranks
 
 ranks = init_ranks()
 if ranks.is_main:

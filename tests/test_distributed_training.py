@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 
-from collection.format import TraceSet
-from collection.rows import input_layers
+from collection.traces.format import TraceSet
+from collection.traces.rows import input_layers
 from models.checkpoint import load_checkpoint
 from tests.conftest import REPO
 

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from collection.atomic import sha256_file
-import collection.durable as durable
-from collection.durable import HashProcesses, OpenAhead, ShardCommitter, sha256_of
-from collection.format import SafetensorsFile, ShardWriter, TensorSpec
+import collection.traces.durable as durable
+from collection.traces.durable import HashProcesses, OpenAhead, ShardCommitter, sha256_of
+from collection.traces.format import SafetensorsFile, ShardWriter, TensorSpec
+from common.atomic import sha256_file
 
 
 def filled_writer(path, value, n=50_000):

@@ -98,8 +98,8 @@ def test_bad_checkpoints(tmp_path, kind):
 def test_collection_refuses_when_the_disk_cannot_hold_it(tiny_model, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from collection import output
-    from collection.errors import UserError
+    from collection.traces import output
+    from common.errors import UserError
     from scripts import collect_traces
 
     usage = namedtuple("usage", "total used free")
@@ -128,7 +128,7 @@ def test_hub_check_does_not_wait_for_a_hanging_dns_lookup(monkeypatch):
 
 
 def test_comma_lists_of_choices_name_the_first_unknown_item():
-    from collection.errors import UserError, choices_list
+    from common.errors import UserError, choices_list
 
     assert choices_list("kinds", "simple,,anchored", ["simple", "anchored"]) == ["simple", "anchored"]
     with pytest.raises(UserError, match=r"^--kinds: unknown 'nope' \(choose from simple, anchored\)$"):

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from collection.capture import RoutingCapture, pad_batch
-from collection.errors import UserError
 from collection.families import FAMILIES, family_of, moe_layers, router_spec, selection_scores
 from collection.model import router_weights, routing_shape
+from common.errors import UserError
 from models.moe_configs import FULL_SIZE, PUBLISHED_PARAMETERS, make_config
 
 # decoder layers that are MoE in each tiny preset, worked out by hand from its config:
@@ -147,9 +147,9 @@ def test_collected_manifest_records_the_family_and_loads_old_manifests(tmp_path)
     written before families existed still loads, with the defaults it implies."""
     import json
 
-    from collection.format import MANIFEST, TraceSet
+    from collection.traces.format import MANIFEST, TraceSet
     from scripts.collect_traces import main as collect
-    from scripts.make_random_checkpoint import main as make_checkpoint
+    from tools.make_random_checkpoint import main as make_checkpoint
 
     make_checkpoint(["--preset", "tiny-deepseek_v3", "--dtype", "float32", "--output", str(tmp_path / "m")])
     collect(["--model", str(tmp_path / "m"), "--datasets", "news", "--target_traces", "6", "--shard_size", "6",
@@ -162,8 +162,8 @@ def test_collected_manifest_records_the_family_and_loads_old_manifests(tmp_path)
     assert set(extras) == {"score_correction_bias"} and extras["score_correction_bias"].shape == (3, 16)
     assert ts.router_weights().shape == (3, 16, 32)
     # the router control applies DeepSeek-V3's own rule (sigmoid + correction bias + groups): exactly 1.0
-    from validation.evaluate import evaluate
-    from validation.scorers import baseline_scorer
+    from validation.coverage.evaluate import evaluate
+    from validation.coverage.scorers import baseline_scorer
 
     ids = ts.sequence_table()["seq_id"]
     control = baseline_scorer("router", ts, 0, ids, torch.device("cpu"))

@@ -6,8 +6,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from collection.format import (SafetensorsFile, ShardWriter, TensorSpec, TraceFormatError, TraceSet, read_manifest,
-                               sha256_file)
+from collection.traces.format import (
+    SafetensorsFile,
+    ShardWriter,
+    TensorSpec,
+    TraceFormatError,
+    TraceSet,
+    read_manifest,
+    sha256_file,
+)
 
 
 def write_shard(path, n=10):

@@ -9,9 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collection.format import (_NAME_TO_ST, _ST_TO_NP, Manifest, SafetensorsFile, ShardInfo, ShardWriter,
-                               TensorSpec, TraceFormatError, TraceSet, TraceShard, shard_name, shard_specs,
-                               write_manifest)
+from collection.traces.format import (
+    _NAME_TO_ST,
+    _ST_TO_NP,
+    Manifest,
+    SafetensorsFile,
+    ShardInfo,
+    ShardWriter,
+    TensorSpec,
+    TraceFormatError,
+    TraceSet,
+    TraceShard,
+    shard_name,
+    shard_specs,
+    write_manifest,
+)
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,8 +43,8 @@ def open_everything(path, manifest, codec_dir=None):
         for name in shard.keys():
             np.asarray(shard.numpy(name)).sum()
         if "hidden_scale" in shard.keys():  # compact: decoding any codes and scales gives rows, never a crash
-            from collection.format import read_codec
-            from collection.hidden_format import FORMATS
+            from collection.traces.format import read_codec
+            from collection.traces.hidden_format import FORMATS
 
             codec = read_codec(codec_dir, manifest)
             FORMATS[manifest.hidden_format].decode(shard.tensor("hidden", 0), shard.tensor("hidden_scale", 0),

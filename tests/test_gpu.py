@@ -79,7 +79,7 @@ def test_4bit_per_family_quantizes_fused_experts_and_routes_like_bf16(model_type
     from collection.families import moe_layers, router_spec
     from collection.model import load_model, routing_shape
     from collection.quantize import quantized_bytes
-    from scripts.make_random_checkpoint import main as make_checkpoint
+    from tools.make_random_checkpoint import main as make_checkpoint
 
     path = tmp_path / model_type
     make_checkpoint(["--preset", f"tiny-{model_type}", "--dtype", "bfloat16", "--output", str(path), "--seed", "0"])
@@ -122,9 +122,9 @@ def test_cuda_compact_capture_encodes_what_the_model_computed(tiny_model, name):
     from transformers import AutoModelForCausalLM
 
     from collection.capture import RoutingCapture, hidden_moments, pad_batch
-    from collection.hidden_format import FORMATS, fit_codec
     from collection.families import moe_layers
     from collection.model import router_weights, routing_shape
+    from collection.traces.hidden_format import FORMATS, fit_codec
 
     dev = torch.device("cuda", 0)
     fmt = FORMATS[name]
@@ -167,9 +167,9 @@ def test_cuda_reading_equals_cpu_reading(tiny_compact_traces, tmp_path):
     """Pinned staging, side-stream copies and the prefetching thread deliver the bytes a CPU read gives."""
     import numpy as np
 
-    from collection.format import TraceSet
-    from collection.rows import SplitBlocks, load_block
-    from collection.staging import StagedReader
+    from collection.traces.format import TraceSet
+    from collection.traces.rows import SplitBlocks, load_block
+    from collection.traces.staging import StagedReader
 
     data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(data.tobytes())

@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from collection.format import TraceFormatError, TraceSet, bytes_per_token, read_manifest
-from collection.hidden_format import (FORMATS, allocate_bits, fit_codec, lloyd_max_levels, pack_bits, rotate,
-                                     rows_times_layer_matrix, unpack_bits, unrotate)
-from collection.rows import load_block
-from collection.staging import StagedReader
+from collection.traces.format import TraceFormatError, TraceSet, bytes_per_token, read_manifest
+from collection.traces.hidden_format import (
+    FORMATS,
+    allocate_bits,
+    fit_codec,
+    lloyd_max_levels,
+    pack_bits,
+    rotate,
+    rows_times_layer_matrix,
+    unpack_bits,
+    unrotate,
+)
+from collection.traces.rows import load_block
+from collection.traces.staging import StagedReader
 
 COMPACT = [name for name, f in FORMATS.items() if not f.lossless]
 
@@ -201,7 +210,7 @@ def test_bytes_per_token_and_the_seed_recipe():
                 store_logits=True)
     assert bytes_per_token(**dims) == 4 + 384 + 2880 + 24 * 4096 == 101_572
     assert bytes_per_token(**dims, hidden_format="hadamard-3.5bit") == 4 + 384 + 2880 + 24 * 898 == 24_820
-    from scripts.collect_traces import seed_recipe_table
+    from models.moe_configs import seed_recipe_table
 
     row = {r["format"]: r for r in seed_recipe_table()}["hadamard-3.5bit"]
     assert row["hidden_vs_bf16"] >= 4 and row["record_vs_bf16"] >= 4 and row["seed_recipe_gb"] <= 32
@@ -337,7 +346,7 @@ def test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_it
     decoded = fmt.decode(dst.shard(1).tensor("hidden", 2), dst.shard(1).tensor("hidden_scale", 2), torch.float32, codec, 2)
     assert ((decoded - h).square().sum() / h.square().sum()).item() < 0.05
     # the same file without its decoding matrices (and the manifest updated to match) is refused
-    from collection.format import SafetensorsFile, encode_codec
+    from collection.traces.format import SafetensorsFile, encode_codec
     bare = dataclasses.replace(codec, inverse=None)
     data, entry = encode_codec(bare, dst.manifest.capture["hidden_codec"]["fit_tokens"])
     (out / "hidden_codec.safetensors").write_bytes(data)
@@ -373,7 +382,7 @@ def test_a_subset_read_by_ranges_equals_the_whole_read_then_selected(fixture, re
 def test_most_of_a_shard_reads_long_ranges_only_and_equals_the_whole_read(tiny_traces, monkeypatch, range_min):
     """A training split (most sequences of a shard): when its per-layer byte ranges are long, only they are read
     (the other splits' rows cost no bandwidth); when short, the whole tensor is. Both give the same rows."""
-    import collection.rows as rows_mod
+    import collection.traces.rows as rows_mod
 
     ts = TraceSet(tiny_traces)
     table = ts.sequence_table()
@@ -394,7 +403,7 @@ def test_most_of_a_shard_reads_long_ranges_only_and_equals_the_whole_read(tiny_t
 
 
 def test_reader_threads_are_half_the_usable_cores_from_4_to_12(monkeypatch):
-    import collection.staging as staging
+    import collection.traces.staging as staging
 
     for cores, threads in [(2, 4), (9, 4), (16, 8), (20, 10), (64, 12)]:
         monkeypatch.setattr(staging.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
@@ -439,7 +448,7 @@ def test_format_losses_are_paired_by_seed_and_averaged(tiny_traces, tiny_pca_tra
     """compare_hidden_formats.py --seeds: each seed's format run is held against the bf16 run of the same seed."""
     import argparse
 
-    from scripts.compare_hidden_formats import report, result_dir
+    from tools.compare_hidden_formats import report, result_dir
 
     out = tmp_path / "formats"
     (out / "traces").mkdir(parents=True)
@@ -462,7 +471,7 @@ def test_format_losses_are_paired_by_seed_and_averaged(tiny_traces, tiny_pca_tra
 def test_the_codec_is_read_once_before_the_first_epoch_is_timed(tiny_pca_traces, tmp_path, monkeypatch):
     """A fitted format's codec is a per-run constant: its load (here made to take 1.5 s) is reported on its own,
     not counted in the first epoch's reading rate."""
-    import collection.format as fmt_mod
+    import collection.traces.format as fmt_mod
     from scripts.train_simple_predictor import main
 
     real, calls = fmt_mod.read_codec, []

@@ -8,7 +8,7 @@ Deliberate leaks (`make mutation` candidates, each must make a test here fail): 
     2. `last_seen = layer if lookahead >= 1 else layer - 1` -> `last_seen = layer`: own routing of layer l at d = 0
     3. `hidden_at(block, layer - j, tok)` -> `hidden_at(block, layer + j, tok)`: "past" layers read later ones
     4. `f.token_id = block.token_ids[tok]` -> `block.token_ids[(tok + 1).clamp(max=block.tokens - 1)]`
-    5. in collection/rows.py context_mean, `prefix[s, tok] - prefix[s, tok - n]` ->
+    5. in collection/traces/rows.py context_mean, `prefix[s, tok] - prefix[s, tok - n]` ->
        `prefix[s, (tok + 1).clamp(max=block.tokens - 1)] - prefix[s, tok - n]`: the context includes token t
 test_a_planted_leak_is_caught plants leaks like these at run time and checks the test catches each.
 """
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import models.features as features
-from models.predictors import PredictorConfig, build_predictor
-from collection.rows import TokenBlock, targets
+from collection.traces.rows import TokenBlock, targets
 from models.features import feature_spec, make_features
+from models.predictors import PredictorConfig, build_predictor
 
 L, E, K, H, N, V = 6, 60, 4, 16, 40, 50
 # the anchored predictor with every feature it has (each test builds it through anchored_model)

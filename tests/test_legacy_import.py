@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from collection.errors import UserError
-from collection.format import TraceSet
+from collection.traces.format import TraceSet
+from common.errors import UserError
 from scripts.import_specmoe_shards import main as import_main
 from tests.conftest import run_script
 from tests.isolated_cli import IsolatedCLI

@@ -1,11 +1,19 @@
-"""Metric definitions against hand-computed cases (validation/metrics.py)."""
+"""Metric definitions against hand-computed cases (validation/coverage/metrics.py)."""
 import math
 
 import pytest
 import torch
 
-from validation.metrics import (CoverageAccumulator, any_hit_at_k, avg_found_at_k, coverage_at_k, exact_match,
-                                random_expectation, recall_at_k, true_expert_ranks)
+from validation.coverage.metrics import (
+    CoverageAccumulator,
+    any_hit_at_k,
+    avg_found_at_k,
+    coverage_at_k,
+    exact_match,
+    random_expectation,
+    recall_at_k,
+    true_expert_ranks,
+)
 
 
 def test_ranks_follow_scores_and_ties_count_against_the_prediction():

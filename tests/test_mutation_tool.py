@@ -1,11 +1,11 @@
-"""scripts/mutation.py: every planted bug still applies to the code as it is now (so a refactor that changes the
+"""tools/mutation.py: every planted bug still applies to the code as it is now (so a refactor that changes the
 text fails here, at once, rather than silently switching the mutation off), and the tool's own checks work.
 The kills themselves take minutes and are `make mutation`'s job."""
 import pytest
 
-from collection.errors import UserError
-from scripts.mutation import MUTATIONS, Mutation, apply_mutation, check_mutation, copy_files
+from common.errors import UserError
 from tests.conftest import REPO, run_script
+from tools.mutation import MUTATIONS, Mutation, apply_mutation, check_mutation, copy_files
 
 
 def test_every_mutation_still_applies_and_names_real_tests():
@@ -19,10 +19,10 @@ def test_every_mutation_still_applies_and_names_real_tests():
 
 
 def test_stale_mutations_and_missing_tests_are_errors():
-    stale = Mutation("stale", "collection/rows.py", "text that is not there", "x", ("tests/test_metrics.py::test_x",), "")
-    with pytest.raises(UserError, match="occurs 0 times in collection/rows.py"):
+    stale = Mutation("stale", "collection/traces/rows.py", "text that is not there", "x", ("tests/test_metrics.py::test_x",), "")
+    with pytest.raises(UserError, match="occurs 0 times in collection/traces/rows.py"):
         check_mutation(REPO, stale)
-    wrong_test = Mutation("t", "collection/rows.py", "np.where(pos > 0,", "x", ("tests/test_metrics.py::test_nope",), "")
+    wrong_test = Mutation("t", "collection/traces/rows.py", "np.where(pos > 0,", "x", ("tests/test_metrics.py::test_nope",), "")
     with pytest.raises(UserError, match="test_nope does not exist"):
         check_mutation(REPO, wrong_test)
 
@@ -45,9 +45,9 @@ def test_list_and_unknown_names():
 def test_only_mutations_that_read_the_shared_traces_get_them(tmp_path):
     """The shared tiny traces are built by the unmutated code: a mutation of how traces are written must have its
     tests build their own (with the bug in), or the bug never reaches what they read."""
-    from scripts.mutation import shared_traces
+    from tools.mutation import shared_traces
 
-    reads = Mutation("r", "collection/rows.py", "a", "b", ("tests/test_metrics.py::test_x",), "", traces=True)
+    reads = Mutation("r", "collection/traces/rows.py", "a", "b", ("tests/test_metrics.py::test_x",), "", traces=True)
     writes = Mutation("w", "collection/capture.py", "a", "b", ("tests/test_capture.py::test_x",), "")
     assert shared_traces(None, tmp_path) == tmp_path and shared_traces(reads, tmp_path) == tmp_path
     assert shared_traces(writes, tmp_path) is None

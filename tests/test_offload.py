@@ -1,4 +1,4 @@
-"""The measured offloaded replay (validation/offload.py, scripts/replay_offload.py).
+"""The measured offloaded replay (validation/prefetch/replay.py, tools/replay_offload.py).
 
 On a CPU the engine runs synchronously with small dimensions: these tests check that expert blobs read back
 right and that executing a simulator schedule computes exactly what all-resident computes. The GPU tests
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from validation.cache_sim import POLICIES, Stream, add_locality, run_policy, static_experts
-from validation.cost_model import CostModel, expert_bytes
-from validation.offload import ExpertStore, ModelDims, ReplayEngine, check_engine, expert_forward, host_schedule
+from validation.prefetch.cost_model import CostModel, expert_bytes
+from validation.prefetch.replay import ExpertStore, ModelDims, ReplayEngine, check_engine, expert_forward, host_schedule
+from validation.prefetch.simulator import POLICIES, Stream, add_locality, run_policy, static_experts
 
 DIMS = ModelDims(hidden=64, heads=4, intermediate=32, shared_intermediate=64, num_experts=8, top_k=2, max_len=64)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,9 +101,9 @@ def test_static_cache_preload_matches_the_kernels_slots(cpu_engine):
 
 
 def test_static_experts_are_the_training_splits_most_used(tiny_traces):
-    from collection.format import TraceSet
-    from collection.rows import split_sequences
-    from validation.scorers import expert_popularity
+    from collection.traces.format import TraceSet
+    from collection.traces.rows import split_sequences
+    from validation.coverage.scorers import expert_popularity
 
     ts = TraceSet(tiny_traces)
     train = split_sequences(ts.sequence_table(), 0)["train"]
@@ -141,7 +141,7 @@ def test_cuda_replay_with_copies_on_their_own_stream():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
 def test_cost_measurement_is_positive(device):
     """--measure's path, calibration on an all-resident schedule included (on the CPU the copy is not timed)."""
-    from validation.offload import measure_costs
+    from validation.prefetch.replay import measure_costs
 
     engine = ReplayEngine(DIMS, 3, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), ["fp16"],
                           seed=0)
@@ -185,7 +185,7 @@ def test_cuda_graphed_predictor_outlives_its_builder():
     (without keeping `run` alive the graphs read garbage: a device-side assert on an H200)."""
     import gc
 
-    from validation.offload import predictor_work
+    from validation.prefetch.replay import predictor_work
 
     engine = ReplayEngine(DIMS, 3, torch.device("cuda", 0), ["fp16"], seed=0)
     anchored = {"kind": "anchored", "hidden_dim": 16, "past_layers": 1, "own_layers": 1, "window": 2,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from collection.format import TraceSet
+from collection.traces.format import TraceSet
 from tests.conftest import run_script
 from tests.handmade import baselines_by_hand
 

@@ -6,7 +6,7 @@ panel below, and the horizontal coverage targets are named.
 import numpy as np
 import pytest
 
-from validation.metrics import SEED_KS
+from validation.coverage.metrics import SEED_KS
 from validation.plots import coverage_figure, draw_coverage
 
 E, K, L = 60, 4, 8

@@ -8,12 +8,32 @@ import shutil
 import numpy as np
 import pytest
 
-from collection.errors import UserError
+from common.errors import UserError
 from tests.conftest import run_script
-from validation.cache_sim import (BELADY, DEMAND, END_MS, HITS, LATE, LRU, ORACLE, POLICIES, PREDICTED, SPEC,
-                                  SPEC_USED, SPEC_WASTED, STAGED, STALL_MS, Policy, Stream, add_locality, next_uses,
-                                  parse_policy, run_policy, summarize)
-from validation.cost_model import CostModel, expert_bytes, expert_params
+from validation.prefetch.cost_model import CostModel, expert_bytes, expert_params
+from validation.prefetch.simulator import (
+    BELADY,
+    DEMAND,
+    END_MS,
+    HITS,
+    LATE,
+    LRU,
+    ORACLE,
+    POLICIES,
+    PREDICTED,
+    SPEC,
+    SPEC_USED,
+    SPEC_WASTED,
+    STAGED,
+    STALL_MS,
+    Policy,
+    Stream,
+    add_locality,
+    next_uses,
+    parse_policy,
+    run_policy,
+    summarize,
+)
 
 ON_DEMAND, LFU_P, BELADY_P, ORACLE_P = (POLICIES[n] for n in ("on-demand", "lfu", "belady", "oracle"))
 

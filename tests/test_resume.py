@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from collection.format import TraceSet
+from collection.traces.format import TraceSet
 from tests.conftest import REPO
 
 

@@ -10,9 +10,9 @@ import torch
 from transformers import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from collection.rows import TokenBlock
-from validation.metrics import true_expert_ranks
-from validation.scorers import RouterScorer, break_ties_like_topk
+from collection.traces.rows import TokenBlock
+from validation.coverage.metrics import true_expert_ranks
+from validation.coverage.scorers import RouterScorer, break_ties_like_topk
 
 E, K = 6, 2
 # fp32 rows; in bf16 (8 bits) 1.001 rounds to 1.0, so row 4 ties experts 1 and 2 only in bf16

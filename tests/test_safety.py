@@ -25,8 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collection.errors import UserError, one_line_errors
-from collection.format import ROUTER_WEIGHTS, TraceFormatError, TraceSet
+from collection.traces.format import ROUTER_WEIGHTS, TraceFormatError, TraceSet
+from common.errors import UserError, one_line_errors
 from tests.conftest import REPO, run_script
 from tests.test_errors import assert_one_line_error
 
@@ -221,7 +221,7 @@ def copy_swap_layout(old: Path, new: Path, out: Path) -> None:
 def test_a_swap_cut_short_anywhere_is_finished_by_the_next_run(small, small3, tmp_path, monkeypatch, old_new):
     """Kill the swap before each of its file operations in turn; the repeated swap always ends with the new
     set whole, the old set's extra files gone and the user's files untouched."""
-    from collection import output
+    from collection.traces import output
 
     old, new = (small3, small) if old_new == "3to2" else (small, small3)
     want = {**snapshot(new), **{name: hashlib.sha256(data).hexdigest() for name, data in USER_FILES.items()}}
@@ -263,7 +263,7 @@ def test_a_swap_cut_short_anywhere_is_finished_by_the_next_run(small, small3, tm
 
 
 def test_resume_finishes_an_interrupted_swap(small, small3, tiny_model, tmp_path, monkeypatch):
-    from collection import output
+    from collection.traces import output
 
     out = tmp_path / "s"
     copy_swap_layout(small3, small, out)
@@ -291,7 +291,7 @@ def test_resume_finishes_an_interrupted_swap(small, small3, tiny_model, tmp_path
 
 
 def test_router_weights_are_listed_verified_and_world_readable(small, tmp_path, capsys):
-    from collection.atomic import FILE_MODE
+    from common.atomic import FILE_MODE
     from scripts.validate_coverage_analysis import main
 
     m = TraceSet(small).manifest
@@ -301,7 +301,7 @@ def test_router_weights_are_listed_verified_and_world_readable(small, tmp_path, 
     mode = rw.stat().st_mode & 0o777
     assert mode == (small / "shard_00000.safetensors").stat().st_mode & 0o777 == FILE_MODE
     # under the usual umask 022 that is 0644 (safetensors' own writer made it 0600: unreadable to a shared group)
-    code = ("import os, sys; from pathlib import Path; from collection.atomic import atomic_write_bytes; "
+    code = ("import os, sys; from pathlib import Path; from common.atomic import atomic_write_bytes; "
             "p = Path(sys.argv[1]); atomic_write_bytes(p, b'x'); print(oct(p.stat().st_mode & 0o777))")
     proc = subprocess.run(["sh", "-c", f'umask 022 && "{sys.executable}" -c "{code}" "{tmp_path / "m"}"'],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -435,25 +435,26 @@ def test_a_stray_disk_full_error_is_one_line_too(capsys):
 
 
 def test_capture_buffers_are_sized_by_the_largest_real_batch(tiny_model, tmp_path, monkeypatch, capsys):
+    from collection import collector
     from scripts import collect_traces
 
     # hand-computed: shards of 3 sequences, batches of 2 never crossing them: [3,1] [4] [1,5] [9] [2] -> 9 tokens
-    assert collect_traces.largest_batch_tokens(np.array([3, 1, 4, 1, 5, 9, 2]), 3, 2) == 9
-    assert collect_traces.largest_batch_tokens(np.array([3, 1, 4, 1, 5, 9, 2]), 3, 100000) == 15
+    assert collector.largest_batch_tokens(np.array([3, 1, 4, 1, 5, 9, 2]), 3, 2) == 9
+    assert collector.largest_batch_tokens(np.array([3, 1, 4, 1, 5, 9, 2]), 3, 100000) == 15
 
     sizes = []
-    real = collect_traces.RoutingCapture
+    real = collector.RoutingCapture
 
     class Recording(real):
         def __init__(self, model, hidden_layers, hidden_dtype, store_logits, max_rows, *a, **k):
             sizes.append(max_rows)
             super().__init__(model, hidden_layers, hidden_dtype, store_logits, max_rows, *a, **k)
-    monkeypatch.setattr(collect_traces, "RoutingCapture", Recording)
+    monkeypatch.setattr(collector, "RoutingCapture", Recording)
     out = tmp_path / "big"
     collect(tiny_model, out, "--batch_size", "100000")  # the issue's flag: once 26 GB, now one shard's tokens
     assert sizes == [max(s.tokens for s in TraceSet(out).manifest.shards)]
 
-    monkeypatch.setattr(collect_traces, "host_memory_available", lambda: 10_000)
+    monkeypatch.setattr(collector, "host_memory_available", lambda: 10_000)
     proc = run_main(capsys, "collect_traces", collect_traces.main, "--model", tiny_model, *SMALL,
                     "--batch_size", "100000", "--output", tmp_path / "b2")
     assert_one_line_error(proc, "--batch_size 100000", "lower --batch_size")
@@ -587,7 +588,7 @@ def test_training_stops_when_it_diverges(small3, tmp_path, capsys):
 
 
 def test_nan_scores_rank_last_instead_of_crashing_the_metrics():
-    from validation.metrics import true_expert_ranks
+    from validation.coverage.metrics import true_expert_ranks
 
     scores = torch.tensor([[0.5, float("nan"), 0.1, 0.9]])
     assert true_expert_ranks(scores, torch.tensor([[1, 3]])).tolist() == [[3, 0]]
@@ -649,7 +650,7 @@ def manifest_paths(node, prefix=()):
 def test_any_field_of_a_manifest_replaced_is_an_error_or_readable(small, tmp_path_factory, data):
     """Whatever a hand edit puts anywhere in the manifest, a reader fails with one TraceFormatError or works:
     it opens the set, tables its sequences, loads rows and router weights, and prints the model name."""
-    from collection.rows import SplitBlocks, block_bytes, split_sequences
+    from collection.traces.rows import SplitBlocks, block_bytes, split_sequences
 
     m = json.loads((small / "manifest.json").read_text())
     paths = [p for p in manifest_paths(m) if p]
@@ -693,7 +694,7 @@ def test_validation_outputs_of_the_wrong_kind_are_refused_first(small, tmp_path,
 def test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded(tmp_path):
     """A replacement cut short in a fitted hidden format leaves hidden_codec.safetensors in the staging directory
     beside its shards: it is ours and goes with them; a file of any other name stops the discard."""
-    from collection.output import OutputState, discard_staging
+    from collection.traces.output import OutputState, discard_staging
 
     staging = tmp_path / ".incoming"
     staging.mkdir()

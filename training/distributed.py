@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from collection.device import pick_device
-from collection.distributed import Ranks, init_ranks, rank_device, torchrun_ranks
-from collection.errors import UserError
-from collection.rows import TokenBlock, row_batches as one_process_row_batches
+from collection.traces.rows import TokenBlock
+from collection.traces.rows import row_batches as one_process_row_batches
+from common.device import pick_device
+from common.errors import UserError
+from common.ranks import Ranks, init_ranks, rank_device, torchrun_ranks
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ class DataParallel:
                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
         """(token rows, input layers, loss weight) for every step over this rank's rows of a group.
 
-        One process: `collection.rows.row_batches`, weight 1. Under torchrun every rank takes the same number of
+        One process: `collection.traces.rows.row_batches`, weight 1. Under torchrun every rank takes the same number of
         steps (DDP needs a backward on every rank for each step): ceil(group rows / rows_per_step), fewer if a
         rank has fewer rows than that. Rank r's step i holds n[r, i] of its shuffled rows and weighs its mean
         loss by world * n[r, i] / sum_r n[r, i], so the gradient DDP averages is the gradient of the mean over the

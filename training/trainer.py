@@ -25,11 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from collection.atomic import atomic_write_json
-from collection.errors import UserError
-from collection.format import DEFAULT_TRACES, TraceSet
-from collection.rows import (SplitBlocks, TokenBlock, hidden_at, input_layers, load_block, mean_tokens_per_sequence,
-                             split_sequences, targets)
+from collection.traces.format import DEFAULT_TRACES, TraceSet
+from collection.traces.rows import (
+    SplitBlocks,
+    TokenBlock,
+    hidden_at,
+    input_layers,
+    load_block,
+    mean_tokens_per_sequence,
+    split_sequences,
+    targets,
+)
+from common.atomic import atomic_write_json
+from common.errors import UserError
 from models.checkpoint import save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
@@ -40,7 +48,7 @@ OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoin
                 "results.json")
 
 # validate(model, trace set, sequence ids, lookahead, device, blocks, loss_fn, dtype) -> flat metric dict with
-# "loss": the train scripts pass `validation.evaluate.epoch_validation`, the project's one evaluation loop
+# "loss": the train scripts pass `validation.coverage.evaluate.epoch_validation`, the project's one evaluation loop
 Validate = Callable[[nn.Module, TraceSet, np.ndarray, int, torch.device, SplitBlocks,
                      Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.dtype], dict[str, float]]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from collection.atomic import atomic_path
+from common.atomic import atomic_path
 
 
 def _figure_module():

@@ -1,0 +1,662 @@
+"""Mutation testing: put named bugs into a copy of the code, one at a time, and require the tests to catch each.
+
+Every mutation (MUTATIONS in this file; see --list) is an exact text replacement (old -> new) in one library file, with the tests that must
+fail because of it. For each mutation the repository's files (git's tracked and untracked-but-not-ignored
+files, as they are in the working tree) are copied to a temporary directory, the bug is put in, and only its
+tests run there (PYTHONPATH pointing at the copy); the working tree is never touched. The listed tests first
+run once unmutated and must pass, or no kill would mean anything. A mutation whose old text is no longer in
+its file is an error, so a refactor cannot quietly switch a mutation off: update the mutation instead.
+
+The whole list (what `make mutation` runs; exit 1 if any mutation survives):
+    python tools/mutation.py
+Seconds: one mutation, its tests only:
+    python tools/mutation.py --only recall-divided-by-k
+List the mutations and their tests:
+    python tools/mutation.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.errors import UserError, one_line_errors
+
+REPO = Path(__file__).resolve().parent.parent  # the tree that is copied and mutated, wherever this runs from
+
+B = "tests/test_behaviour.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]   # pytest node ids that must fail (at least one) with the mutation in place
+    why: str                 # the real bug it stands for
+    traces: bool = False     # its tests read the tiny traces (built once per run, shared read-only)
+
+
+MUTATIONS = [
+    # --- the five of issue 10 (all passed the suite together before these tests existed)
+    Mutation("optimizer-never-steps", "training/trainer.py", "opt.step()", "pass",
+             (B + "test_training_lowers_the_loss_and_beats_popularity",),
+             "training computes gradients but never applies them", traces=True),
+    Mutation("router-reuse-own-layer", "validation/coverage/scorers.py", "m, t = layer == l, l + self.lookahead",
+             "m, t = layer == l, l",
+             (B + "test_router_reuse_is_the_target_layers_router",
+              "tests/test_pipeline.py::test_baselines_at_lookahead_1_equal_a_hand_computation"),
+             "router reuse applies layer l's router instead of layer l+d's", traces=True),
+    Mutation("layer-aware-ignores-lookahead", "models/predictors.py",
+             "target = f.layer + self.cfg.lookahead\n        z = self.proj(f.hidden)",
+             "target = f.layer\n        z = self.proj(f.hidden)", (B + "test_layer_aware_head_follows_the_lookahead",),
+             "the layer-aware predictor uses the input layer's head, whatever the lookahead"),
+    Mutation("previous-token-ignores-previous", "validation/coverage/scorers.py", "block.prev[tok], E)",
+             "torch.full_like(tok, -1), E)", (B + "test_previous_token_is_the_previous_tokens_experts",),
+             "the previous-token baseline never looks at the previous token (popularity only)"),
+    Mutation("hybrid-own-routing-zeroed", "models/features.py",
+             "f.own_routing = routing_vector(block, last_seen, tok, num_experts).to(dtype)",
+             "f.own_routing = torch.zeros_like(routing_vector(block, last_seen, tok, num_experts)).to(dtype)",
+             (B + "test_every_input_of_the_hybrid_changes_its_output",
+              B + "test_features_are_the_routing_already_observed"),
+             "the hybrid's own-routing feature is all zeros"),
+    # --- features and predictors
+    Mutation("hybrid-ignores-previous-token", "models/predictors.py",
+             "z = z + self.own_proj(f.own_routing) + self.prev_proj(f.prev_token)",
+             "z = z + self.own_proj(f.own_routing)", (B + "test_every_input_of_the_hybrid_changes_its_output",),
+             "the hybrid drops the previous token's routing"),
+    Mutation("hybrid-previous-token-wrong-layer", "models/features.py",
+             "f.prev_token = routing_vector(block, target, block.prev[tok], num_experts)",
+             "f.prev_token = routing_vector(block, layer, block.prev[tok], num_experts)",
+             (B + "test_features_are_the_routing_already_observed",),
+             "the previous token's routing is read at the input layer, not the target layer"),
+    Mutation("future-leak-own-routing-at-d0", "models/features.py",
+             "last_seen = layer if lookahead >= 1 else layer - 1", "last_seen = layer", ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",
+                              B + "test_features_are_the_routing_already_observed"),
+             "at d = 0 the hybrid sees layer l's own routing, i.e. the answer"),
+    # --- the anchored predictor's features (issue 12): each leak must trip the leakage test
+    Mutation("future-leak-window-includes-token", "models/features.py",
+             "back = [earlier_token(block, tok, j) for j in range(1, spec.window + 1)]",
+             "back = [earlier_token(block, tok, j) for j in range(0, spec.window)]",
+             ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
+             "the window of previous tokens at layer l+d starts at token t itself: its MoE input at l+d (d >= 1) "
+             "and its routing there, the answer"),
+    Mutation("future-leak-past-layers-read-later", "models/features.py", "hidden_at(block, layer - j, tok, dtype)",
+             "hidden_at(block, layer + j, tok, dtype)",
+             ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
+             "the 'past layers' feature reads this token's MoE inputs at layers l+1.., not yet computed"),
+    Mutation("future-leak-next-token-id", "models/features.py", "f.token_id = block.token_ids[tok]",
+             "f.token_id = block.token_ids[(tok + 1).clamp(max=block.tokens - 1)]",
+             ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
+             "the token-id feature is the next token's id (a shifted index)"),
+    Mutation("future-leak-context-includes-token", "collection/traces/rows.py",
+             "total = prefix[s, tok] - prefix[s, tok - n]",
+             "total = prefix[s, (tok + 1).clamp(max=block.tokens - 1)] - prefix[s, tok - n]",
+             ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",),
+             "the context mean at layer l+d runs to token t itself (an off-by-one in the prefix sums)"),
+    Mutation("train-split-reads-whole-tensor", "collection/traces/rows.py",
+             "return float(runs[:, 1].mean()) * row < RANGE_MIN_BYTES", "return True",
+             ("tests/test_hidden_format.py::test_most_of_a_shard_reads_long_ranges_only_and_equals_the_whole_read",),
+             "a training split reads every split's hidden rows, then drops a fifth of them on the device"),
+    Mutation("warm-up-step-kept", "training/trainer.py", "    model.load_state_dict(weights)\n", "",
+             ("tests/test_anchored.py::test_an_undone_warm_up_step_leaves_weights_optimiser_and_rng_as_they_were",
+              "tests/test_behaviour.py::test_the_warm_up_step_changes_nothing_training_learns"),
+             "the trainer's warm-up step stays in the weights: every run trains one extra step on its first sequences"),
+    Mutation("warm-up-optimiser-state-kept", "training/trainer.py", "    opt.load_state_dict(state)\n", "",
+             ("tests/test_anchored.py::test_an_undone_warm_up_step_leaves_weights_optimiser_and_rng_as_they_were",
+              "tests/test_behaviour.py::test_the_warm_up_step_changes_nothing_training_learns"),
+             "the warm-up step's Adam moments and step count stay in the optimiser"),
+    Mutation("warm-up-consumes-rng", "training/trainer.py",
+             'with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):',
+             "if True:",
+             ("tests/test_anchored.py::test_an_undone_warm_up_step_leaves_weights_optimiser_and_rng_as_they_were",
+              "tests/test_behaviour.py::test_the_warm_up_step_changes_nothing_training_learns"),
+             "the warm-up step's dropout draws move the random stream every later step sees"),
+    Mutation("commit-hashes-in-process", "collection/traces/durable.py", "digest = self.pool.submit(self.hasher.sha256, tmp)",
+             "digest = self.pool.submit(sha256_of, tmp)",
+             ("tests/test_durable.py::test_commits_hash_in_helper_processes_not_in_this_one",),
+             "shards are hashed on this process's threads, which take the GIL from the thread feeding the GPU"),
+    Mutation("hash-helper-drops-a-byte", "collection/traces/durable.py", "                h.update(view[:n])\n        print",
+             "                h.update(view[:n - 1])\n        print",
+             ("tests/test_durable.py::test_helper_processes_hash_like_hashlib_and_report_errors",),
+             "the helper process hashes all but the last byte of every chunk"),
+    Mutation("dead-hash-helper-answers-empty", "collection/traces/durable.py",
+             "        self._drop(p)  # it died", "        return \"\"  # it died",
+             ("tests/test_durable.py::test_a_helper_that_died_is_dropped_and_its_file_hashed_here",),
+             "a helper that died answers an empty digest, which the manifest would record"),
+    Mutation("write-jobs-ignore-bytes", "collection/capture.py",
+             "return max(1, min(threads, slices, -(-nbytes // WRITE_BYTES_PER_JOB)))",
+             "return max(1, min(threads, slices))",
+             ("tests/test_capture.py::test_write_jobs_one_per_96_mib_of_a_batch_at_most_the_threads",),
+             "every batch is written by all the writer threads, however few its bytes"),
+    Mutation("hash-helper-dies-on-ctrl-c", "collection/traces/durable.py", 'encoding="utf-8", start_new_session=True)',
+             'encoding="utf-8")', ("tests/test_durable.py::test_helpers_run_outside_the_terminals_process_group",),
+             "Ctrl-C in the terminal kills the hashing helpers with a traceback each, mid-commit"),
+    Mutation("reader-threads-ignore-torchrun", "collection/traces/staging.py", "cores // processes // 2", "cores // 2",
+             ("tests/test_hidden_format.py::test_reader_threads_are_half_the_usable_cores_from_4_to_12",),
+             "under torchrun every process starts half the node's cores as reader threads"),
+    Mutation("warm-up-reads-every-shard", "training/trainer.py",
+             'first_shards = np.unique(table["shard"][is_train])[:args.shards_per_group]',
+             'first_shards = np.unique(table["shard"][is_train])',
+             ("tests/test_behaviour.py::test_the_warm_up_step_is_no_larger_than_a_real_step",),
+             "the warm-up takes a step's worth of sequences from every shard: a larger step than training ever takes"),
+    # --- the anchored predictor's starting point and its per-layer fallback
+    Mutation("anchored-init-not-zero", "models/predictors.py", "self.delta_w = nn.Parameter(torch.zeros(L, d, H))",
+             "self.delta_w = nn.Parameter(torch.randn(L, d, H) * 0.05)",
+             ("tests/test_anchored.py::test_before_training_it_is_the_router_and_router_reuse",
+              "tests/test_anchored.py::test_before_training_every_row_picks_the_routers_experts"),
+             "the predicted-state head starts random: the predictor no longer starts as the router (d = 0) or "
+             "router reuse (d >= 1)", traces=True),
+    Mutation("anchored-fallback-never-applied", "training/trainer.py",
+             "reuse[key][t] is not None and reuse[key][t] > learned[t]]",
+             "reuse[key][t] is not None and reuse[key][t] > learned[t] and False]",
+             ("tests/test_anchored.py::test_fallback_layers_are_router_reuse_exactly",),
+             "--layer-fallback never resets a layer: layers the training made worse than router reuse stay worse",
+             traces=True),
+    Mutation("anchored-reset-keeps-heads", "models/predictors.py", "getattr(self, name)[target].zero_()", "pass",
+             ("tests/test_anchored.py::test_fallback_layers_are_router_reuse_exactly",),
+             "the fallback resets nothing: a layer reported as router reuse keeps its trained heads", traces=True),
+    # --- metrics and the evaluation loop
+    Mutation("ranks-ties-favour-predictor", "validation/coverage/metrics.py",
+             ">= s_true).sum(2, dtype=torch.int16).long() - 1", "> s_true).sum(2, dtype=torch.int16).long()",
+             ("tests/test_metrics.py::test_ranks_follow_scores_and_ties_count_against_the_prediction",),
+             "tied scores are ranked in the predictor's favour (constant scores would look perfect)"),
+    Mutation("recall-divided-by-k", "validation/coverage/metrics.py", 'out[f"recall@{k}"] = found / (rows * self.K)',
+             'out[f"recall@{k}"] = found / (rows * k)', ("tests/test_metrics.py::test_accumulator_hand_computed_at_every_k",),
+             "recall@k divides by k instead of K (agrees only at k = K)"),
+    Mutation("coverage-from-best-rank", "validation/coverage/metrics.py", "torch.bincount(cell + ranks.max(1).values",
+             "torch.bincount(cell + ranks.min(1).values",
+             ("tests/test_metrics.py::test_accumulator_hand_computed_at_every_k",
+              "tests/test_metrics.py::test_accumulator_matches_direct_metrics_and_splits_by_layer_and_source"),
+             "coverage@k counts a row covered when its best true expert is in the top-k (that is any_hit)"),
+    Mutation("targets-ignore-lookahead", "collection/traces/rows.py", "return block.topk_ids[layer + lookahead, tok]",
+             "return block.topk_ids[layer, tok]", (B + "test_router_reuse_is_the_target_layers_router",
+                                                   B + "test_previous_token_is_the_previous_tokens_experts"),
+             "every lookahead is scored against layer l's experts"),
+    Mutation("rows-counted-at-input-layer", "validation/coverage/evaluate.py", "acc.update(ranks, layer + lookahead,",
+             "acc.update(ranks, layer,", (B + "test_router_reuse_is_the_target_layers_router",),
+             "per-layer metrics are filed under the input layer instead of the target layer"),
+    # --- the row loader and the split
+    Mutation("prev-crosses-sequences", "collection/traces/rows.py", "np.where(pos > 0,", "np.where(pos >= 0,",
+             (B + "test_rows_know_each_tokens_previous_token", B + "test_previous_token_is_the_previous_tokens_experts"),
+             "a sequence's first token gets the previous sequence's last token as its previous token"),
+    Mutation("sequence-start-not-masked", "collection/traces/rows.py", "return out * valid.unsqueeze(1)", "return out",
+             (B + "test_previous_token_is_the_previous_tokens_experts", B + "test_features_are_the_routing_already_observed"),
+             "a missing row (-1: sequence start, layer before 0) reads row 0's routing instead of nothing"),
+    Mutation("split-sequence-in-two-splits", "collection/traces/rows.py", 'out["val"].append(ids[n_test:n_test + n_val])',
+             'out["val"].append(ids[max(n_test - 1, 0):n_test + n_val])',
+             (B + "test_split_is_a_seeded_stratified_partition",),
+             "one sequence per source is in both the test and the validation split"),
+    # --- baselines
+    Mutation("popularity-wrong-layer", "validation/coverage/scorers.py",
+             "lambda block, tok, layer: popularity[layer + lookahead]", "lambda block, tok, layer: popularity[layer]",
+             (B + "test_popularity_counts_the_training_split_at_the_target_layer",),
+             "popularity ranks the input layer's experts, not the target layer's"),
+    Mutation("popularity-counts-every-split", "validation/coverage/scorers.py",
+             "popularity = expert_popularity(ts, train_ids).to(device)\n    return lambda",
+             'popularity = expert_popularity(ts, ts.sequence_table()["seq_id"]).to(device)\n    return lambda',
+             (B + "test_popularity_counts_the_training_split_at_the_target_layer",),
+             "popularity is counted on every split, the evaluated one included"),
+    # --- the trace format and atomic writes
+    Mutation("reader-skips-checksum", "collection/traces/format.py", "if verify and sha256_file(path) != sha256:",
+             "if False and sha256_file(path) != sha256:",
+             (B + "test_a_changed_byte_in_a_shard_is_refused",
+              "tests/test_format.py::test_trace_set_verifies_checksums_and_sizes"),
+             "a shard whose bytes changed is read without complaint", traces=True),
+    Mutation("reader-refuses-adjacent-tensors", "collection/traces/format.py", "if b1 < e0:", "if b1 <= e0:",
+             ("tests/test_fuzz_reader.py::test_any_valid_file_reads_back_exactly",
+              "tests/test_fuzz_reader.py::test_any_valid_trace_set_opens_and_reads_back_exactly"),
+             "the reader refuses valid files (tensors that touch look overlapping); the damage fuzzers still pass"),
+    Mutation("writer-ignores-row-offset", "collection/traces/format.py", "+ row * strides[lead]", "+ row",
+             ("tests/test_fuzz_reader.py::test_any_valid_file_reads_back_exactly",
+              "tests/test_format.py::test_shard_round_trip_and_safetensors_compatibility"),
+             "a batch written at row r of a multi-column tensor lands at element r"),
+    Mutation("atomic-write-in-place", "common/atomic.py", "tmp = path.with_name(path.name + PARTIAL_SUFFIX)",
+             "tmp = path", (B + "test_a_failed_write_keeps_the_old_file_and_leaves_nothing",),
+             "files are written in place: a failed write destroys the old file"),
+    Mutation("atomic-failure-leaves-partial", "common/atomic.py", "tmp.unlink(missing_ok=True)", "pass",
+             (B + "test_a_failed_write_keeps_the_old_file_and_leaves_nothing",),
+             "a failed write leaves its .partial file behind"),
+    Mutation("atomic-keeps-private-mode", "common/atomic.py", "os.chmod(tmp, FILE_MODE)", "pass",
+             (B + "test_written_files_get_the_normal_mode",),
+             "files created private (0600) by a writer stay unreadable to the other users of a trace directory"),
+    # --- capture
+    Mutation("capture-keeps-padding-rows", "collection/capture.py", "rows_index = flat_mask.nonzero().squeeze(1)",
+             "rows_index = torch.arange(int(flat_mask.sum()))",
+             ("tests/test_capture.py::test_captured_rows_are_the_models_own_routing",),
+             "capture keeps the first N rows of the padded batch (padding in, real tokens out) instead of the real ones"),
+    # --- the expert-cache simulator and the offloaded replay (issue 11)
+    Mutation('lru-evicts-newest', 'validation/prefetch/simulator.py', '    return last\n',
+             '    return -last\n',
+             ('tests/test_prefetch.py::test_eviction_rules_give_the_hand_worked_hits',),
+             'LRU evicts the most recently used expert'),
+    Mutation('pins-ignored', 'validation/prefetch/simulator.py', 'if pins[s] != stamp and keys[s] < best_key:',
+             'if keys[s] < best_key:',
+             ('tests/test_prefetch.py::test_an_access_never_evicts_its_own_experts',),
+             'an access evicts an expert the same layer is about to use'),
+    Mutation('lfu-key-is-lru', 'validation/prefetch/simulator.py', '        return (freq << 40) | last',
+             '        return last',
+             ('tests/test_prefetch.py::test_eviction_rules_give_the_hand_worked_hits',),
+             'LFU evicts by recency'),
+    Mutation('belady-key-is-lru', 'validation/prefetch/simulator.py', '        return ((T - nxt) << 40) | last',
+             '        return last',
+             ('tests/test_prefetch.py::test_eviction_rules_give_the_hand_worked_hits',),
+             "Belady's bound evicts by recency"),
+    Mutation('late-prefetch-no-stall', 'validation/prefetch/simulator.py', '                        wait = max(wait, arrive[l, e])\n',
+             '                        pass\n',
+             ('tests/test_prefetch.py::test_a_late_prefetch_stalls_exactly_its_remaining_time',),
+             'a prefetch still in flight counts as a hit with no stall'),
+    Mutation('demand-not-fifo', 'validation/prefetch/simulator.py', 'q = max(r, link_free) + copy_ms',
+             'q = r + copy_ms',
+             ('tests/test_prefetch.py::test_a_wrong_prefetch_delays_the_demand_fetch_behind_it_and_counts_as_wasted',),
+             'a demand fetch overtakes copies already on the one copy engine'),
+    Mutation('prefetch-not-fifo', 'validation/prefetch/simulator.py', 'q = max(issue, link_free) + copy_ms',
+             'q = issue + copy_ms',
+             ('tests/test_prefetch.py::test_a_late_prefetch_stalls_exactly_its_remaining_time',),
+             'prefetches overlap each other on the one copy engine'),
+    Mutation('shared-does-not-overlap', 'validation/prefetch/simulator.py', 'ready = r + p + shared_ms',
+             'ready = r + p',
+             ('tests/test_prefetch.py::test_a_wrong_prefetch_delays_the_demand_fetch_behind_it_and_counts_as_wasted',),
+             "the shared expert's time is dropped"),
+    Mutation('predictor-free', 'validation/prefetch/simulator.py', 'issue = r + p\n',
+             'issue = r\n',
+             ('tests/test_prefetch.py::test_a_prefetch_leaves_when_the_predictor_is_done',),
+             "the predictor's own time is not counted"),
+    Mutation('stall-not-counted', 'validation/prefetch/simulator.py', 'stats[t, STALL_MS] += wait - ready',
+             'stats[t, STALL_MS] += 0.0',
+             ('tests/test_prefetch.py::test_a_late_prefetch_stalls_exactly_its_remaining_time',),
+             'stalls are not reported'),
+    Mutation('expert-time-dropped', 'validation/prefetch/simulator.py', 'now = wait + K * expert_ms',
+             'now = wait',
+             ('tests/test_prefetch.py::test_a_late_prefetch_stalls_exactly_its_remaining_time',),
+             "routed experts' compute is free"),
+    Mutation('unused-at-end-not-wasted', 'validation/prefetch/simulator.py', '            if pending[l, e]:\n                stats[T - 1, SPEC_WASTED] += 1',
+             '            if pending[l, e]:\n                pass',
+             ('tests/test_prefetch.py::test_byte_accounting_balances',),
+             'prefetched experts never used by the end are not counted as wasted bytes'),
+    Mutation('evicted-speculative-not-wasted', 'validation/prefetch/simulator.py', '                                if pending[l, old]:\n                                    stats[t, SPEC_WASTED] += 1',
+             '                                if pending[l, old]:\n                                    pass',
+             ('tests/test_prefetch.py::test_a_wrong_prefetch_delays_the_demand_fetch_behind_it_and_counts_as_wasted',),
+             'a prefetched expert evicted unused is not counted as wasted'),
+    Mutation('static-inserts', 'validation/prefetch/simulator.py', 'if eviction != STATIC and C > 0:',
+             'if C > 0:',
+             ('tests/test_prefetch.py::test_static_popular_keeps_its_experts_and_stages_the_rest',),
+             'static-popular replaces its pinned experts'),
+    Mutation('hit-not-used', 'validation/prefetch/simulator.py', '                        stats[t, SPEC_USED] += 1\n',
+             '',
+             ('tests/test_prefetch.py::test_a_prefetch_leaves_when_the_predictor_is_done',),
+             'a used prefetch is not counted as used bytes'),
+    Mutation('token-time-dropped', 'validation/prefetch/simulator.py', '        now += token_ms\n',
+             '',
+             ('tests/test_prefetch.py::test_shared_expert_hides_part_of_a_demand_fetch_and_token_time_adds_up',),
+             'the per-token time outside MoE layers is dropped'),
+    Mutation('locality-ignores-coin', 'validation/prefetch/simulator.py', '                if u[t, l, k] < p:',
+             '                if u[t, l, k] < 0.0:',
+             ('tests/test_prefetch.py::test_locality_zero_is_identity_and_one_repeats_the_first_token_of_each_sequence',),
+             '--locality changes nothing'),
+    Mutation('replay-skips-copies', 'validation/prefetch/replay.py', '                self._slot(fmt, l, s)[:n].copy_(store.host[e, :n])\n            return',
+             '                pass\n            return',
+             ('tests/test_offload.py::test_replayed_schedules_compute_what_all_resident_computes',),
+             'the replay computes with experts it never copied'),
+    Mutation('replay-one-staging-buffer', 'validation/prefetch/replay.py', 'self.staging[fmt][-1 - s]',
+             'self.staging[fmt][0]',
+             ('tests/test_offload.py::test_replayed_schedules_compute_what_all_resident_computes',),
+             'copies in flight share one staging buffer'),
+    Mutation('nf4-blob-misordered', 'validation/prefetch/replay.py', 'c = b + 4 * math.ceil(blocks / 256)',
+             'c = b + 4 * math.ceil(blocks / 256) + 4',
+             ('tests/test_offload.py::test_expert_blob_reads_back_as_the_generated_expert',),
+             "an NF4 expert's packed layout is misread"),
+    # --- no user file lost, one writer, verified inputs, one-line errors (issue 10, defects 2-5)
+    Mutation('swap-manifest-first', 'collection/traces/output.py',
+             '    for name in new_names:              # 3. the new files, then the manifest that makes them a set\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n    os.replace(staging / MANIFEST, old_path)\n',
+             '    os.replace(staging / MANIFEST, old_path)\n    for name in new_names:\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n',
+             ('tests/test_safety.py::test_a_swap_cut_short_anywhere_is_finished_by_the_next_run',),
+             'the swap moves the new manifest in before the new files: a cut leaves a set listing files not there yet', traces=True),
+    Mutation('overwrite-in-place', 'collection/collector.py',
+             '        return state.staging_dir, None          # --overwrite',
+             '        return out, None          # --overwrite',
+             ('tests/test_safety.py::test_overwrite_replaces_only_the_files_of_the_old_set',),
+             '--overwrite writes the new set over the old one in place: a failure leaves neither', traces=True),
+    Mutation('partials-by-glob', 'collection/traces/output.py',
+             '    for name in expected_partials(names):\n        (dest / name).unlink(missing_ok=True)\n',
+             "    for p in dest.glob('*.partial'):\n        p.unlink()\n",
+             ('tests/test_safety.py::test_resume_without_a_manifest_removes_only_its_own_partials',),
+             "--resume deletes every *.partial in the directory, the user's included", traces=True),
+    Mutation('no-collision-check', 'collection/traces/output.py',
+             '    for name in names:\n        if name not in owned',
+             '    for name in []:\n        if name not in owned',
+             ('tests/test_safety.py::test_a_users_file_with_a_trace_name_is_never_written_over',),
+             "a user's file named like a shard is written over", traces=True),
+    Mutation('no-lock', 'collection/traces/output.py',
+             '            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)',
+             '            pass',
+             ('tests/test_safety.py::test_a_second_collector_stops_with_one_line', 'tests/test_safety.py::test_the_importer_takes_the_same_lock'),
+             'two collectors write one directory at once', traces=True),
+    Mutation('readers-accept-incomplete', 'collection/traces/format.py',
+             '        if not self.manifest.complete and not allow_incomplete:',
+             '        if False:',
+             ('tests/test_safety.py::test_readers_refuse_an_incomplete_set_unless_allowed',),
+             'readers accept a set whose collection never finished', traces=True),
+    Mutation('router-weights-unverified', 'collection/traces/format.py',
+             '            check_listed_file(path, info.bytes, info.sha256, self.verify, "router weights")',
+             '            pass',
+             ('tests/test_safety.py::test_router_weights_are_listed_verified_and_world_readable',),
+             'corrupted router weights are read without their checksum', traces=True),
+    Mutation('router-weights-not-listed', 'collection/collector.py',
+             '    manifest.router_weights = info\n',
+             '',
+             ('tests/test_safety.py::test_router_weights_are_listed_verified_and_world_readable',),
+             "the router weights are not in the manifest's checksums", traces=True),
+    Mutation('enospc-not-named', 'collection/traces/format.py',
+             '                if e.errno in DISK_FULL:\n                    raise disk_full(self.path, e) from None\n                raise\n',
+             '                raise\n',
+             ('tests/test_safety.py::test_a_full_disk_during_collection_is_one_line_and_leaves_no_partial',),
+             'a full disk during collection is a traceback', traces=True),
+    Mutation('partial-left-on-error', 'collection/collector.py',
+             '        for w in ahead.opened:\n            w.abort()',
+             '        for w in ahead.opened[:0]:\n            w.abort()',
+             ('tests/test_safety.py::test_a_full_disk_during_collection_is_one_line_and_leaves_no_partial',),
+             'a failed collection leaves its .partial shards', traces=True),
+    Mutation('buffers-batch-x-maxlen', 'collection/collector.py',
+             '    max_rows = largest_batch_tokens(lengths, args.shard_size, args.batch_size)',
+             '    max_rows = args.batch_size * args.max_length',
+             ('tests/test_safety.py::test_capture_buffers_are_sized_by_the_largest_real_batch',),
+             'capture buffers sized batch x max_length (26 GB for --batch_size 100000)', traces=True),
+    Mutation('no-divergence-check', 'training/trainer.py',
+             '        if not (math.isfinite(train_loss) and weights_finite):',
+             '        if False:',
+             ('tests/test_safety.py::test_training_stops_when_it_diverges',),
+             'NaN training runs on until bincount crashes', traces=True),
+    Mutation('guard-best-only', 'training/trainer.py',
+             '    present = [name for name in OUTPUT_FILES if (out / name).exists()]',
+             '    present = [name for name in OUTPUT_FILES[:1] if (out / name).exists()]',
+             ('tests/test_safety.py::test_training_guards_every_file_it_writes_and_overwrites_only_those',),
+             'training overwrites every output file but best_checkpoint.pth without --overwrite', traces=True),
+    Mutation('torch-advice-passed-on', 'models/checkpoint.py',
+             '    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):',
+             '    if False:',
+             ('tests/test_safety.py::test_a_pickled_object_checkpoint_never_suggests_weights_only_false',),
+             "a checkpoint error passes on torch's advice to set weights_only=False", traces=True),
+    Mutation('ks-dropped-silently', 'scripts/validate_coverage_analysis.py',
+             '    if max(ks) > num_experts:\n        raise',
+             '    if False:\n        raise',
+             ('tests/test_safety.py::test_ks_larger_than_the_expert_count_is_an_error',),
+             '--ks larger than E are dropped silently', traces=True),
+    Mutation('prepare-before-validation', 'collection/collector.py',
+             '            lock.acquire()  # a second collector stops here, before loading anything\n        return state\n',
+             '            lock.acquire()  # a second collector stops here, before loading anything\n'
+             '            [(out / n).unlink() for n in (state.manifest.files() if state.manifest and args.overwrite else [])]\n'
+             '        return state\n',
+             ('tests/test_safety.py::test_overwrite_or_resume_with_a_bad_input_deletes_nothing',),
+             '--overwrite deletes the old set\'s files before the inputs are checked', traces=True),
+    Mutation('never-swaps-in', 'collection/collector.py',
+             '    if dest != out and ranks.is_main:\n        swap_in(out)',
+             '    if False:\n        swap_in(out)',
+             ('tests/test_safety.py::test_overwrite_replaces_only_the_files_of_the_old_set',),
+             '--overwrite never swaps the new set in', traces=True),
+    Mutation('partial-manifest-temp-left', 'collection/distributed.py',
+             'name = re.compile(r"manifest\\.rank\\d{5}\\.json(" + re.escape(PARTIAL_SUFFIX) + ")?")',
+             'name = re.compile(r"manifest\\.rank\\d{5}\\.json")',
+             ('tests/test_distributed.py::test_partial_manifest_files_are_exactly_the_tools_names',),
+             "a rank's manifest cut short mid-write is left behind by the resume"),
+    Mutation('replay-one-round', 'tools/replay_offload.py', '    for rnd in range(args.repeats):',
+             '    for rnd in range(1):',
+             ('tests/test_offload.py::test_replay_offload_dry_check_and_a_short_replay',),
+             'the replay times each run once whatever --repeats says (its speed then rides on one round)'),
+    Mutation('staging-codec-not-ours', 'collection/traces/output.py',
+             '|{re.escape(ROUTER_WEIGHTS)}|{re.escape(CODEC_FILE)})"', '|{re.escape(ROUTER_WEIGHTS)})"',
+             ('tests/test_safety.py::test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded',),
+             "a replacement cut short in a fitted format cannot be discarded (its codec file looks like the user's)"),
+    Mutation('open-ahead-aborts-one', 'collection/collector.py', '        for w in ahead.opened:',
+             '        for w in ahead.opened[:1]:',
+             ('tests/test_safety.py::test_a_full_disk_during_collection_is_one_line_and_leaves_no_partial',),
+             "an error during collection leaves the shard opened ahead as a .partial"),
+    Mutation('writer-skips-slices', 'collection/capture.py', 'for name, t, index in slices[k::jobs]:',
+             'for name, t, index in slices[k::jobs + 1]:',
+             ('tests/test_capture.py::test_stored_shards_match_a_fresh_forward',),
+             "the shard writer's threads leave some (tensor, layer) slices of each batch unwritten (zeros)"),
+    Mutation('grouped-decode-counts-not-ends', 'collection/traces/hidden_format.py',
+             'offs=counts.cumsum(0).to(torch.int32))', 'offs=counts.to(torch.int32))',
+             ('tests/test_hidden_format.py::test_rows_of_mixed_layers_each_times_their_layers_matrix',),
+             "the grouped GEMM of a mixed-layer decode is given each layer's row count where it needs its group's end"),
+    Mutation('router-codec-decodes-with-transpose', 'collection/traces/hidden_format.py',
+             'cache[dtype] = (self.basis_as(dtype).transpose(1, 2) if self.inverse is None else',
+             'cache[dtype] = (self.basis_as(dtype).transpose(1, 2) if True else',
+             ('tests/test_hidden_format.py::test_router_weighting_trades_plain_error_for_what_the_routers_see',
+              'tests/test_hidden_format.py::test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse'),
+             "pca-router rows are decoded with the transposed (scaled, not orthonormal) axes instead of their inverse"),
+    Mutation('router-codec-inverse-optional', 'collection/traces/format.py', '    if fmt.router_weight:  # scaled axes',
+             '    if False:  # scaled axes',
+             ('tests/test_hidden_format.py::test_a_router_weighted_set_is_fitted_with_its_routers_and_decodes_through_its_inverse',),
+             "a pca-router codec file without its decoding matrices is read (and decodes with the transposed axes)"),
+    Mutation('codec-load-in-first-epoch', 'training/trainer.py', '    codec_loaded = ts.hidden_codec(device) is not None',
+             '    codec_loaded = False',
+             ('tests/test_hidden_format.py::test_the_codec_is_read_once_before_the_first_epoch_is_timed',),
+             "a fitted format's one-time codec load is counted in the first epoch's reading rate"),
+    Mutation('comma-choices-unchecked', 'common/errors.py', '        if x not in allowed:', '        if False:',
+             ('tests/test_errors.py::test_comma_lists_of_choices_name_the_first_unknown_item',),
+             "an unknown item of a comma list of choices (--predictors, --kinds, ...) is taken without a word"),
+    Mutation('leave-without-waiting', 'common/ranks.py', '            dist.barrier()\n            dist.destroy',
+             '            dist.destroy',
+             ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
+             "a rank done early tears the process group down while a peer may still be talking to it"),
+    Mutation('leave-keeps-the-group', 'common/ranks.py', '            dist.destroy_process_group()\n\n',
+             '            pass\n\n',
+             ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
+             "the process group is left for the interpreter's exit to tear down (once aborted a finished rank)"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def repo_files(root: Path) -> list[str]:
+    """Tracked files plus untracked files git does not ignore (new tests not yet added), as in the working tree."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserError(f"{root}: cannot list the repository's files with git ({e})") from None
+    return [f for f in sorted(set(out.decode().split("\0"))) if f and (root / f).is_file()]
+
+
+def copy_files(src: Path, dst: Path, files: list[str]) -> None:
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / f, dst / f)
+
+
+def check_mutation(root: Path, m: Mutation) -> None:
+    """One line if the mutation can no longer be applied or names a test that does not exist."""
+    path = root / m.file
+    if not path.is_file():
+        raise UserError(f"mutation {m.name}: {m.file} does not exist (moved? update the mutation)")
+    n = path.read_text().count(m.old)
+    if n != 1:
+        raise UserError(f"mutation {m.name}: its old text {m.old!r} occurs {n} times in {m.file}, not once "
+                        "(the code changed: update the mutation so that it still plants its bug)")
+    for t in m.tests:
+        file, _, func = t.partition("::")
+        if not (root / file).is_file() or f"def {func}(" not in (root / file).read_text():
+            raise UserError(f"mutation {m.name}: test {t} does not exist")
+
+
+def apply_mutation(root: Path, m: Mutation) -> None:
+    path = root / m.file
+    path.write_text(path.read_text().replace(m.old, m.new, 1))
+
+
+def shared_traces(m: Mutation | None, traces: Path | None) -> Path | None:
+    """The shared tiny traces were built by the unmutated code: only the unmutated run and mutations that declare
+    they read them get them; any other mutation's tests build their own, so a bug in how traces are written
+    reaches the traces its tests read."""
+    return traces if m is None or m.traces else None
+
+
+def pytest_env(copy: Path, traces: Path | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MPLBACKEND": "Agg",
+           # jobs run side by side and the tests' matrices are tiny: more threads per job only contend
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if traces is not None:
+        env["MOE_TEST_TINY_TRACES"] = str(traces)
+    return env
+
+
+@dataclass
+class Outcome:
+    name: str
+    file: str
+    status: str            # killed | survived | timeout (killed) | error
+    failed: list[str]
+    seconds: float
+    tail: str = ""
+
+
+def run_tests(snapshot: Path, work: Path, m: Mutation | None, tests: tuple[str, ...], traces: Path | None,
+              timeout: float, files: list[str]) -> Outcome:
+    """A fresh copy of the snapshot, the mutation applied (None: unmutated), its tests run there."""
+    name = m.name if m else "(no mutation)"
+    copy = Path(tempfile.mkdtemp(prefix=f"{name.strip('()').replace(' ', '-')}-", dir=work))
+    t0 = time.perf_counter()
+    try:
+        copy_files(snapshot, copy, files)
+        if m is not None:
+            apply_mutation(copy, m)
+        xml = copy / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--tb=line", "--hypothesis-profile=mutation",
+               "--basetemp", str(copy / ".pytest-tmp"), "--junitxml", str(xml), *tests]
+        try:
+            proc = subprocess.run(cmd, cwd=copy, env=pytest_env(copy, shared_traces(m, traces)),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(name, m.file if m else "-", "timeout", [], time.perf_counter() - t0)
+        failed = []
+        if xml.is_file():
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed.append(f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}")
+        status = {0: "survived", 1: "killed"}.get(proc.returncode, "error")
+        return Outcome(name, m.file if m else "-", status, failed, time.perf_counter() - t0,
+                       (proc.stdout + proc.stderr)[-2000:])
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def build_traces(snapshot: Path, out: Path) -> None:
+    """The tiny traces, built once by the unmutated code (tests/conftest.py: build_tiny_traces)."""
+    code = "import sys; from pathlib import Path; from tests.conftest import build_tiny_traces; build_tiny_traces(Path(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=snapshot, env=pytest_env(snapshot, None),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"building the tiny traces failed:\n{proc.stderr[-2000:]}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="print the mutations and the tests meant to kill each, and exit")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this mutation (repeatable; default: all)")
+    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="mutations tested at once, one pytest process each (default: CPU cores, at most 4)")
+    p.add_argument("--traces", default=None, help="a tiny trace set already built by tests/conftest.py's "
+                   "build_tiny_traces, reused read-only (default: build one for this run, ~20 s of CPU)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one mutation's tests may take (600); "
+                   "a mutation that makes its tests hang counts as killed")
+    args = p.parse_args(argv)
+    if args.jobs <= 0:
+        p.error("--jobs must be positive")
+    if args.timeout <= 0:
+        p.error("--timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.only if n not in known]
+    if unknown:
+        raise UserError(f"--only {unknown[0]}: no such mutation (see --list)")
+    selected = [known[n] for n in dict.fromkeys(args.only)] if args.only else MUTATIONS
+    if args.list:
+        for m in selected:
+            print(f"{m.name:36s} {m.file:24s} {m.why}")
+            for t in m.tests:
+                print(f"{'':36s}   killed by {t}")
+        return 0
+    for m in selected:  # before any work: a mutation that no longer applies is an error, never a silent pass
+        check_mutation(REPO, m)
+    if args.traces is not None and not (Path(args.traces) / "manifest.json").is_file():
+        raise UserError(f"--traces {args.traces}: not a trace set (no manifest.json)")
+
+    t_start = time.perf_counter()
+    files = repo_files(REPO)
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        work = Path(tmp)
+        snapshot = work / "snapshot"  # the working tree as it is now; every copy is made from this
+        copy_files(REPO, snapshot, files)
+        traces = Path(args.traces).resolve() if args.traces else None
+        if traces is None and any(m.traces for m in selected):
+            print("building the tiny traces once with the unmutated code ...", flush=True)
+            traces = work / "tiny-traces"
+            build_traces(snapshot, traces)
+        baseline_tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+        print(f"{len(selected)} mutations, {len(baseline_tests)} distinct tests, {args.jobs} at a time; "
+              f"copies under {work}", flush=True)
+        outcomes: list[Outcome] = []
+        baseline: Outcome | None = None
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            # the unmutated run goes first; its result is judged at the end (a failing baseline voids every kill)
+            futures = {pool.submit(run_tests, snapshot, work, None, baseline_tests, traces, args.timeout * 2,
+                                   files): None}
+            futures.update({pool.submit(run_tests, snapshot, work, m, m.tests, traces, args.timeout, files): m
+                            for m in selected})
+            bar = tqdm(total=len(futures), desc="mutations", unit="run", dynamic_ncols=True)
+            for fut in as_completed(futures):
+                o = fut.result()
+                if futures[fut] is None:
+                    baseline = o
+                else:
+                    outcomes.append(o)
+                status = ("passed" if o.status == "survived" else "FAILED") if futures[fut] is None else o.status
+                bar.write(f"{o.name:36s} {status:9s} {o.seconds:6.1f} s")
+                bar.update(1)
+            bar.close()
+
+    order = {m.name: i for i, m in enumerate(selected)}
+    outcomes.sort(key=lambda o: order[o.name])
+    print(f"\n{'mutation':36s} {'file':24s} {'killed':7s} {'seconds':>7s}  tests that failed")
+    print("-" * 120)
+    for o in outcomes:
+        killed = {"killed": "yes", "timeout": "yes (timeout)", "survived": "NO"}.get(o.status, "ERROR")
+        print(f"{o.name:36s} {o.file:24s} {killed:7s} {o.seconds:7.1f}  {', '.join(o.failed) or '-'}")
+    total = time.perf_counter() - t_start
+    survived = [o for o in outcomes if o.status == "survived"]
+    errors = [o for o in outcomes if o.status == "error"]
+    for o in errors:
+        print(f"\n{o.name}: pytest stopped with an error, not a test failure:\n{o.tail}")
+    if baseline is None or baseline.status != "survived":
+        print(f"\nthe listed tests do not pass WITHOUT any mutation ({baseline.status if baseline else 'not run'}); "
+              f"no kill above means anything:\n{baseline.tail if baseline else ''}")
+        return 1
+    kills = len(outcomes) - len(survived) - len(errors)
+    print(f"\n{kills} of {len(outcomes)} mutations killed, {len(survived)} survived, {len(errors)} errors; "
+          f"unmutated run passed in {baseline.seconds:.0f} s; {total:.0f} s in all, {args.jobs} jobs, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    return 0 if not survived and not errors else 1
+
+
+if __name__ == "__main__":
+    with one_line_errors("mutation"):
+        sys.exit(main())

@@ -1,0 +1,310 @@
+r"""Train the embedded default: a small Qwen2-MoE with Qwen1.5-MoE's routing shape, on the bundled corpus.
+
+A random-weight MoE routes mostly by token identity, the same at every layer: every predictor looks
+good on it and nothing learned there transfers. The real Qwen1.5-MoE weights cannot be downloaded
+here, so the project trains its own: byte-level BPE tokenizer, 8 MoE layers of 60 experts (top-4,
+shared expert with its sigmoid gate, norm_topk_prob False), trained as a language model with a
+load-balancing loss that acts on the hard top-k assignment (the transformers aux loss alone sits at
+~top_k while experts die; see docs/EMBEDDED_MODEL.md).
+
+Reproduce the shipped model (GPU, ~7 minutes; the report is written next to the model; the default
+--time-limit 480 runs all 2,400 steps on an H200 and gives the same numbers, docs/EMBEDDED_MODEL.md):
+    python tools/train_proxy_moe.py --time-limit 390 --balance-coef 0.1 --output models/embedded/qwen2moe-mini --overwrite
+Recompute the report of a saved model on a CPU (held-out perplexity, balance, router reuse):
+    python tools/train_proxy_moe.py --report-only --output models/embedded/qwen2moe-mini
+Seconds on a CPU (a smoke run, not a useful model):
+    python tools/train_proxy_moe.py --steps 20 --batch-size 4 --seq-len 64 --output /tmp/proxy --overwrite
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from collection.capture import RoutingCapture, pad_batch
+from collection.model import EMBEDDED_MODEL_NAME, moe_blocks
+from common.atomic import atomic_write_json
+from common.device import device_name, pick_device
+from common.errors import UserError, one_line_errors
+from models.moe_configs import make_config
+from models.tokenizer import train_bpe_tokenizer
+from tools.make_random_checkpoint import corpus_texts
+from validation.coverage.metrics import true_expert_ranks
+
+REPORT = "training_report.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default=EMBEDDED_MODEL_NAME, help=f"model directory ({EMBEDDED_MODEL_NAME})")
+    p.add_argument("--preset", default="qwen2moe-mini", help="config preset (models/moe_configs.py)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary (8192)")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps (2400)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (2e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (200)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
+    p.add_argument("--aux-coef", type=float, default=0.01, help="transformers' Switch load-balancing loss (0.01)")
+    p.add_argument("--balance-coef", type=float, default=0.1,
+                   help="balance loss on the hard top-k shares (see balance_loss) (0.1)")
+    p.add_argument("--eval-every", type=int, default=400, help="held-out loss and expert shares every N steps")
+    p.add_argument("--time-limit", type=float, default=480, help="stop training after this many seconds (480)")
+    p.add_argument("--seed", type=int, default=0, help="seed of tokenizer data order, init and batches (0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--report-only", action="store_true", help="only recompute the report of --output")
+    p.add_argument("--report-sequences", type=int, default=300, help="held-out sequences in the report (300)")
+    p.add_argument("--max-texts", type=int, default=None,
+                   help="use only the first N texts of each corpus split (smoke runs; default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output")
+    return p.parse_args(argv)
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All texts as one stream of token ids, each text followed by end-of-text."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = (len(stream) - 1) // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """E * sum_e (f_e - 1/E) * mean_t log p_e, averaged over layers; f_e = hard top-k share (no grad).
+
+    The gradient raises the log-probability of every expert the hard top-k under-uses and lowers
+    the over-used ones, on every token. Unlike the Switch loss (sum_e f_e P_e, which reads ~top_k and
+    barely moves while the softmax is near uniform), it acts on the assignment counts themselves
+    and reaches experts that receive no tokens at all.
+    """
+    total = 0.0
+    for logits in router_logits:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        E = logp.shape[-1]
+        with torch.no_grad():
+            share = torch.bincount(logp.topk(top_k, dim=-1).indices.reshape(-1), minlength=E).float()
+            share = share / share.sum()
+        total = total + E * ((share - 1.0 / E) * logp.mean(0)).sum()
+    return total / len(router_logits)
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, data: torch.Tensor, device: torch.device, batch: int = 32) -> float:
+    """Mean next-token cross-entropy over held-out windows (positions 1.. of each window)."""
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch):
+        x = data[i:i + batch].to(device)
+        logits = model(input_ids=x).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return total / count
+
+
+def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float:
+    """Cross-entropy of an add-one unigram model fitted on the training stream (the baseline)."""
+    counts = torch.bincount(train, minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    return -logp[heldout[:, 1:].reshape(-1)].mean().item()
+
+
+@torch.no_grad()
+def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.device, seq_len: int) -> dict[str, Any]:
+    """Per layer on held-out text: expert shares, routing entropy, router-reuse recall@K (l+1's router on h_l)."""
+    cfg = model.config
+    E, K, H = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    L = len(moe_blocks(model))
+    batch = 16
+    cap = RoutingCapture(model, list(range(L)), torch.float32, True, batch * seq_len, K, cfg.norm_topk_prob, E, H,
+                         num_buffers=1)
+    ids_all, hid_all, ent_all = [], [], []
+    enc = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+    for i in range(0, len(enc), batch):
+        x, mask = pad_batch(enc[i:i + batch], tokenizer.pad_token_id)
+        hb = cap.forward(model, x, mask)
+        if hb.ready is not None:
+            hb.ready.synchronize()
+        ids_all.append(hb.topk_ids[:, :hb.rows].long().clone())
+        hid_all.append(hb.hidden[:, :hb.rows].clone())
+        p = torch.softmax(hb.router_logits[:, :hb.rows].float(), dim=-1)
+        ent_all.append(-(p * p.clamp(min=1e-12).log2()).sum(-1))  # (L, n) per-token router entropy
+        cap.release(hb)
+    cap.close()
+    ids = torch.cat(ids_all, 1)      # (L, N, K)
+    hidden = torch.cat(hid_all, 1)   # (L, N, H)
+    routers = torch.stack([mlp.gate.weight.float().cpu() for _, mlp in moe_blocks(model)])
+    share = torch.stack([torch.bincount(ids[l].reshape(-1), minlength=E).double() for l in range(L)])
+    share = share / share.sum(1, keepdim=True)
+    entropy = -(share * share.clamp(min=1e-12).log2()).sum(1)
+    token_entropy = torch.cat(ent_all, 1).mean(1)
+    reuse = []
+    for l in range(L - 1):
+        ranks = true_expert_ranks(hidden[l] @ routers[l + 1].T, ids[l + 1])
+        reuse.append((ranks < K).float().mean().item())
+    return {"tokens": int(ids.shape[1]), "min_share": share.min(1).values.tolist(),
+            "max_share": share.max(1).values.tolist(), "load_entropy_bits": entropy.tolist(),
+            "token_entropy_bits": token_entropy.tolist(),
+            "max_entropy_bits": math.log2(E), "router_reuse_recall": reuse,
+            "dead_experts": [int((share[l] < 0.002).sum()) for l in range(L)]}
+
+
+def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dict[str, Any] | None = None,
+           max_texts: int | None = None) -> dict[str, Any]:
+    """Load the saved model from disk (as users will) and measure it on held-out text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    heldout_texts = corpus_texts("traces", max_texts)
+    rng = np.random.default_rng(0)
+    pick = [heldout_texts[i] for i in rng.permutation(len(heldout_texts))[:n_seq]]
+    train_stream = token_stream(tokenizer, corpus_texts("lm_train", max_texts))
+    held = windows(token_stream(tokenizer, heldout_texts), seq_len)[:512]
+    lm = heldout_loss(model, held, device)
+    uni = unigram_loss(train_stream, held, len(tokenizer))
+    routing = routing_report(model, tokenizer, pick, device, seq_len)
+    rep = {"model_dir": str(out), "device": device_name(device), "heldout_tokens": int(held[:, 1:].numel()),
+           "heldout_perplexity": math.exp(lm), "unigram_perplexity": math.exp(uni),
+           "heldout_text": "routing_data/corpus/*/traces.jsonl.gz (never used for training)",
+           "routing": routing, **(extra or {})}
+    previous = out / REPORT
+    if extra is None and previous.is_file():  # --report-only: keep how the model was trained, refresh the numbers
+        import json
+
+        rep = {**json.loads(previous.read_text()), **rep, "report_device": rep["device"]}
+        rep["device"] = rep.get("train_device", rep["device"])
+    atomic_write_json(out / REPORT, rep)
+    print(f"held-out perplexity {rep['heldout_perplexity']:.1f} vs unigram {rep['unigram_perplexity']:.1f} "
+          f"({rep['heldout_tokens']:,} tokens)")
+    print(f"layer | min share | max share | load entropy | token entropy (bits) | dead | "
+          f"router reuse recall@{model.config.num_experts_per_tok} (l->l+1)")
+    for l in range(len(routing["min_share"])):
+        rr = routing["router_reuse_recall"][l] if l < len(routing["router_reuse_recall"]) else None
+        print(f"{l:>5} | {routing['min_share'][l]:>9.4f} | {routing['max_share'][l]:>9.4f} | "
+              f"{routing['load_entropy_bits'][l]:>12.3f} | {routing['token_entropy_bits'][l]:>20.3f} | "
+              f"{routing['dead_experts'][l]:>4} | "
+              f"{'-' if rr is None else f'{rr:.4f}'}")
+    print(f"wrote {out / REPORT}")
+    return rep
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.output)
+    device = pick_device(args.device)
+    if args.report_only:
+        if not (out / "config.json").is_file():
+            raise UserError(f"--output {out}: no saved model to report on")
+        report(out, device, args.report_sequences, args.seq_len, max_texts=args.max_texts)
+        return
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--output {out} exists; --overwrite replaces it")
+    torch.manual_seed(args.seed)
+
+    # --- tokenizer and data: the corpus's lm_train split only; the traces split stays held out
+    t0 = time.perf_counter()
+    train_texts = corpus_texts("lm_train", args.max_texts)
+    tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size)
+    stream = token_stream(tokenizer, train_texts)
+    held = windows(token_stream(tokenizer, corpus_texts("traces", args.max_texts)), args.seq_len)[:256]
+    print(f"tokenizer: {len(tokenizer)} BPE tokens; training stream {len(stream):,} tokens; "
+          f"held-out {held.numel():,} tokens ({time.perf_counter() - t0:.1f} s)")
+
+    # --- model: Qwen1.5-MoE's routing shape, random init
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters, {config.num_hidden_layers} layers x {config.num_experts} experts "
+          f"top-{config.num_experts_per_tok}, hidden {config.hidden_size}")
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    lr_at = lambda s: args.lr * min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))  # noqa: E731
+    amp = device.type == "cuda"
+    gen = torch.Generator().manual_seed(args.seed)
+    stream_dev = stream.to(device)
+    K, E = config.num_experts_per_tok, config.num_experts
+    t0 = time.perf_counter()
+    history = []
+    step = 0
+    bar = tqdm(total=args.steps, unit="step", desc="train", dynamic_ncols=True)
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        starts = torch.randint(0, len(stream) - args.seq_len - 1, (args.batch_size,), generator=gen).to(device)
+        idx = starts[:, None] + torch.arange(args.seq_len + 1, device=device)
+        x = stream_dev[idx]
+        model.train()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            outp = model(input_ids=x[:, :-1], output_router_logits=True)
+        lm_loss = F.cross_entropy(outp.logits.float().reshape(-1, outp.logits.shape[-1]), x[:, 1:].reshape(-1))
+        aux = load_balancing_loss_func(outp.router_logits, E, K)
+        bal = balance_loss(outp.router_logits, K)
+        loss = lm_loss + args.aux_coef * aux + args.balance_coef * bal
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        last = step == args.steps - 1 or elapsed > args.time_limit
+        if step % args.eval_every == 0 or last:
+            model.eval()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                hl = heldout_loss(model, held[:64], device)
+            with torch.no_grad():
+                counts = torch.stack([torch.bincount(r.float().topk(K, -1).indices.reshape(-1), minlength=E)
+                                      for r in outp.router_logits]).float()
+            min_share = (counts / counts.sum(1, keepdim=True)).min(1).values
+            row = {"step": step, "lm_loss": lm_loss.item(), "aux": aux.item(), "balance": bal.item(),
+                   "heldout_ppl": math.exp(hl), "min_share_per_layer": min_share.tolist(), "seconds": elapsed}
+            history.append(row)
+            tqdm.write(f"step {step:5d}: lm {row['lm_loss']:.3f} aux {row['aux']:.3f} bal {row['balance']:.4f} | "
+                  f"held-out ppl {row['heldout_ppl']:.1f} | min expert share {min_share.min().item():.4f} | "
+                  f"{(step + 1) / elapsed:.2f} steps/s")
+        if last:
+            if elapsed > args.time_limit and step < args.steps - 1:
+                print(f"time limit {args.time_limit:.0f} s reached after {step + 1} of {args.steps} steps")
+            break
+    bar.close()
+    train_s = time.perf_counter() - t0
+
+    # --- save like any hub model, then report on the saved copy
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    extra = {"command": "python tools/train_proxy_moe.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
+             "steps_done": step + 1, "train_seconds": train_s, "train_device": device_name(device),
+             "parameters": n_params, "train_tokens_seen": (step + 1) * args.batch_size * args.seq_len,
+             "corpus_train_tokens": int(len(stream)), "history": history,
+             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    print(f"trained {step + 1} steps in {train_s:.0f} s on {device_name(device)}; saved to {out}")
+    report(out, device, args.report_sequences, args.seq_len, extra, args.max_texts)
+
+
+if __name__ == "__main__":
+    with one_line_errors("train_proxy_moe"):
+        main()

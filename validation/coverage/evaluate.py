@@ -1,0 +1,58 @@
+"""The evaluation loop: every (token, layer) row of a split, scored, ranked and summed into the metrics.
+
+Every stage that measures a scorer (`validation.coverage.scorers`) goes through `evaluate`: the coverage analysis,
+the comparison table, per-epoch validation during training (`epoch_validation`, handed to the trainer by
+the train scripts, so `training` never imports `validation`) and the benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from collection.traces.format import TraceSet
+from collection.traces.rows import SplitBlocks, input_layers, row_batches, targets
+from validation.coverage.metrics import SEED_KS, CoverageAccumulator, true_expert_ranks
+from validation.coverage.scorers import Scorer, predictor_scorer
+
+
+@torch.no_grad()
+def evaluate(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device,
+             batch_rows: int = 65536, shards_per_group: int = 4, need_hidden: bool = True,
+             ks: tuple[int, ...] = SEED_KS, progress: bool = True,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             blocks: SplitBlocks | None = None) -> CoverageAccumulator:
+    """Every (token, layer) row of `seq_ids`, scored and ranked; returns the metric sums
+    (and the mean of `loss_fn(scores, true_ids)` over rows when given). `blocks` may hold the split's
+    blocks already loaded (training validates every epoch on the same rows)."""
+    m = ts.manifest
+    acc = CoverageAccumulator(m.num_layers, len(m.sources), m.num_experts, m.top_k, ks, device)
+    layers = input_layers(ts, lookahead, need_hidden)
+    if blocks is None:
+        blocks = SplitBlocks(ts, seq_ids, device, shards_per_group, with_hidden=need_hidden, keep=False)
+    n_groups = -(-len(ts) // blocks.per_group)
+    for block in tqdm(blocks, desc="evaluate", unit="group", total=n_groups, disable=not progress or n_groups < 2,
+                      dynamic_ncols=True):
+        for tok, layer in row_batches(block, layers, batch_rows):
+            scores = scorer(block, tok, layer)
+            true = targets(block, tok, layer, lookahead)
+            ranks = true_expert_ranks(scores, true)
+            pred = scores.topk(m.top_k, dim=1).indices
+            acc.update(ranks, layer + lookahead, block.source[tok], true, pred)
+            if loss_fn is not None:
+                acc.add_loss(loss_fn(scores, true) * tok.shape[0], tok.shape[0])
+    return acc
+
+
+def epoch_validation(model: nn.Module, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device,
+                     blocks: SplitBlocks, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     dtype: torch.dtype) -> dict[str, float]:
+    """The validation metrics of one training epoch (flat dict, plus the mean loss as "loss" and the per-target-layer
+    recall@K as a list, "per_layer_recall@K")."""
+    acc = evaluate(predictor_scorer(model, lookahead, ts.manifest.num_experts, dtype), ts, seq_ids, lookahead,
+                   device, progress=False, loss_fn=loss_fn, blocks=blocks)
+    recall = f"recall@{ts.manifest.top_k}"
+    return {**acc.summary(), "loss": acc.mean_loss(), f"per_layer_{recall}": acc.per_layer(recall)}
