@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from collection.atomic import atomic_write_json
 from collection.errors import UserError
-from collection.format import DEFAULT_TRACES, TraceSet
+from collection.format import DEFAULT_TRACES, TraceSet, require_token_ids
 from collection.rows import (SplitBlocks, TokenBlock, hidden_at, input_layers, load_block, mean_tokens_per_sequence,
                              split_sequences, targets)
 from models.checkpoint import save_checkpoint
@@ -207,6 +207,8 @@ def model_vocab_size(ts: TraceSet) -> int:
     """The MoE model's vocabulary: its local config.json when the model is a directory, else (hub ids that
     cannot be read offline) the largest token id in the traces + 1."""
     import json
+
+    require_token_ids(ts.manifest, ts.dir, "--token-emb (a token-id embedding)")
 
     cfg = Path(str(ts.manifest.model.get("name_or_path", ""))) / "config.json"
     if cfg.is_file():
