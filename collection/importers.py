@@ -190,7 +190,9 @@ def load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # whatever the unpickler or the archive reader raises: the file is not loadable
-        raise ImportFormatError(f"{path}: not loadable with torch.load(weights_only=True) ({_why(e)})") from None
+        why = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()  # torch's own advice is to trust it
+        raise ImportFormatError(f"{path}: not loadable with torch.load(weights_only=True) "
+                                f"({' '.join(why[:1])[:200] or type(e).__name__})") from None
 
 
 class _Safetensors(SafetensorsFile):
