@@ -394,7 +394,7 @@ def analyze(r: Routing, cache_sizes: list[int], ts: TraceSet | None = None, prog
         "locality": {"previous_token_recall": prev_recall, "previous_token_recall_per_layer": prev_per_layer,
                      "reuse_bins": ["1", "2", "3-4", "5-8", "9-16", "17-64", "65-256", ">256", "never before"],
                      "reuse_share": reuse.mean(0).tolist(), "reuse_share_per_layer": reuse.tolist(),
-                     "working_set": {str(w): float(np.nanmean(ws[i])) for i, w in enumerate(WINDOWS)},
+                     "working_set": {str(w): float(ws[i].mean()) for i, w in enumerate(WINDOWS)},
                      "working_set_per_layer": {str(w): ws[i].tolist() for i, w in enumerate(WINDOWS)}},
         "predictors": {"lookaheads": list(LOOKAHEADS), **preds, "router reuse d=1": reuse_recall},
         "caches": {"sizes": list(cache_sizes), **caches},
