@@ -338,11 +338,9 @@ def cache_hit_rates(r: Routing, counts_fit: np.ndarray, pop: np.ndarray, sizes: 
     from an empty cache (the static hot set: the fitted half's most used experts, pinned)."""
     T, L, K = r.shape
     E = r.num_experts
-    ids, first = r.ids[r.cut:], r.first[r.cut:].copy()
-    first[0] = True
-    pred = r.ids[r.cut - 1:T - 1].copy() if r.cut > 0 else np.zeros_like(ids)   # token t-1's experts at each layer
-    top = np.argsort(-pop, axis=1, kind="stable")[:, :K]
-    pred[first] = top[None]                                     # a sequence's first token: the popular experts
+    ids, first = r.ids[r.cut:], r.first[r.cut:]
+    pred = r.ids[r.cut - 1:T - 1].copy()                        # token t-1's experts at each layer (cut >= 1)
+    pred[first] = np.argsort(-pop, axis=1, kind="stable")[:, :K][None]  # a request's first token: the popular ones
     stream = Stream(ids=ids, weights=np.zeros((1, 1, 1), np.float32), first=first,
                     position=np.zeros(len(ids), dtype=np.int64), predictions={"prefetch:previous-token": pred})
     cost = CostModel(expert_bytes=1, link_bytes_per_s=1e9)        # hit rates do not depend on time
