@@ -341,6 +341,9 @@ def read_sglang_meta(path: Path, top_k: int | None = None, slots: int | None = N
                 raise ImportFormatError(f"{here}: {len(raw)} bytes are not whole {np.dtype(dtype).name} ids")
             flat = np.frombuffer(raw, dtype=dtype)
             p, c = meta.get("prompt_tokens"), meta.get("completion_tokens")
+            if type(p) is int and type(c) is int and p + c == 1 and flat.size == 0:
+                yield Recorded(flat.reshape(0, 0, top_k), here)  # one token, never followed: nothing routed
+                continue
             if type(p) is int and type(c) is int and p + c >= 2:
                 T = p + c - 1  # the last token was sampled, never fed: SGLang returns rows [0, seqlen - 1)
                 S = flat.size // max(T * top_k, 1)
@@ -639,9 +642,9 @@ class Assembler:
                                     f"sequence had {self.shape[0]} x top-{self.shape[1]}")
         dense = np.ones(S, dtype=bool)
         dense[self.moe_slots] = False
-        if rec.fill is not None and not (ids[:, dense] == rec.fill).all():
+        if rec.fill is not None and dense.any() and not (ids[:, dense] == rec.fill).all():
             raise ImportFormatError(f"{rec.where}: a layer slot that is dense in the first sequence holds routing")
-        moe = ids[:, self.moe_slots]
+        moe = ids if not dense.any() else ids[:, self.moe_slots]
         if rec.fill == -1:  # unused columns (the recorder keeps 8) are -1 in every MoE layer
             used = (moe >= 0).any(axis=(0, 1))
             k = int(used.sum())
@@ -650,33 +653,42 @@ class Assembler:
                                         "others (a top-k that differs per layer is not importable)"
                                         + (f"; the model's top-k is {self.top_k}" if self.top_k else ""))
             moe = moe[:, :, :k]
-        if moe.size and moe.min() < 0:
-            raise ImportFormatError(f"{rec.where}: negative expert ids")
         emap = self.expert_map if self.expert_map is not None else rec.expert_map
         if emap is not None:
             if emap.ndim != 2 or emap.shape[0] != S or emap.dtype.kind not in "iu":
                 raise ImportFormatError(f"{rec.where}: the expert map is {list(emap.shape)} {emap.dtype}, expected "
                                         f"[{S} layers, physical experts] integers")
-            if moe.size and moe.max() >= emap.shape[1]:
-                raise ImportFormatError(f"{rec.where}: physical expert {int(moe.max())} outside the map's "
-                                        f"{emap.shape[1]}")
+            if moe.size and (moe.min() < 0 or moe.max() >= emap.shape[1]):
+                raise ImportFormatError(f"{rec.where}: physical expert ids outside the map's 0..{emap.shape[1] - 1}")
             moe = emap[self.moe_slots[None, :, None], moe]   # (T, L, k) logical ids
             self.mapped = True
-            if moe.size and moe.min() < 0:
-                raise ImportFormatError(f"{rec.where}: the expert map gives negative logical ids")
-        if moe.size:
-            self.max_id = max(self.max_id, int(moe.max()))
+        low, high, twice = _id_stats(np.ascontiguousarray(moe).reshape(-1, moe.shape[2]))
+        if low < 0:
+            raise ImportFormatError(f"{rec.where}: negative expert ids")
+        self.max_id = max(self.max_id, high)
         if self.num_experts is not None and self.max_id >= self.num_experts:
             raise ImportFormatError(f"{rec.where}: expert {self.max_id} >= {self.num_experts} experts"
                                     + ("" if emap is not None else ": physical ids of expert parallelism with "
                                        "redundant experts? give --expert-map"))
         if self.max_id > np.iinfo(np.int16).max:
             raise ImportFormatError(f"{rec.where}: expert ids above 32767")
-        s = np.sort(moe, axis=2)
-        if moe.shape[2] > 1 and (s[:, :, 1:] == s[:, :, :-1]).any():
+        if twice:
             raise ImportFormatError(f"{rec.where}: a token chose the same expert twice in one layer (not top-k "
                                     "routing: a dense layer, or physical ids of one expert's replicas)")
         return moe.astype(np.int16)
+
+
+@njit(cache=True)
+def _id_stats(rows: np.ndarray) -> tuple[int, int, bool]:
+    """(smallest id, largest id, whether a row (one token at one layer, k ids) names an expert twice)."""
+    low, high, twice = 1 << 40, -(1 << 40), False
+    for r in range(rows.shape[0]):
+        for i in range(rows.shape[1]):
+            x = rows[r, i]
+            low, high = min(low, x), max(high, x)
+            for j in range(i):
+                twice = twice or rows[r, j] == x
+    return low, high, twice
 
 
 class RoutingShards:

@@ -133,12 +133,15 @@ def import_routing(args: argparse.Namespace, lock: OutputLock) -> None:
     # --- one sequence per request / run / batch row, buffered into shards
     writer: RoutingShards | None = None
     has_tokens = has_weights = None
-    dropped, digests = 0, []
+    dropped, empty, digests = 0, 0, []
     try:
         for path in tqdm(inputs, desc="import", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
             digests.append(sha256_file(path))
             for rec in READERS[fmt.name](path, top_k=K, slots=facts and facts.decoder_layers,
                                          normalized=bool(facts and facts.normalized)):
+                if len(rec.ids) == 0:  # a request of one token: nothing was routed
+                    empty += 1
+                    continue
                 ids = asm.add(rec)
                 if has_tokens is None:
                     has_tokens, has_weights = rec.token_ids is not None, rec.weights is not None
@@ -152,7 +155,7 @@ def import_routing(args: argparse.Namespace, lock: OutputLock) -> None:
         writer.flush()
         K = writer.K
         E = E or asm.max_id + 1
-        notes["dropped_tokens"] = dropped
+        notes["dropped_tokens"], notes["empty_sequences_skipped"] = dropped, empty
         if fmt.name == "llamacpp-csv":
             notes["dropped_note"] = ("prefill tokens without routing at the last MoE layer (llama.cpp runs it "
                                      "on a ubatch's output tokens only)")
@@ -176,7 +179,8 @@ def import_routing(args: argparse.Namespace, lock: OutputLock) -> None:
     print(f"done: {writer.sequences} sequences, {writer.tokens} tokens x {L} MoE layers x top-{K} "
           f"({writer.tokens * L * K:,} ids, {E} experts) in {len(writer.shards)} shards at {out}; token ids "
           f"{'kept' if has_tokens else 'absent'}, routing weights {'kept' if has_weights else 'absent (1/k)'}"
-          + (f"; {dropped} tokens without routing at every MoE layer dropped" if dropped else ""))
+          + (f"; {dropped} tokens without routing at every MoE layer dropped" if dropped else "")
+          + (f"; {empty} requests with no routed token skipped" if empty else ""))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from collection.errors import UserError
 from collection.format import TraceSet
 from validation.cache_sim import POLICIES, Stream, build_stream, parse_policy, run_policy, summarize
 from validation.cost_model import CostModel, expert_bytes, expert_params
-from validation.metrics import recall_at_k
+from validation.metrics import found_at_k, recall_at_k
 
 TOP_SHARES = (10, 25, 50)            # % of experts whose share of activations is reported
 COVER = (50, 90)                     # % of activations: how many experts cover it
@@ -296,10 +296,12 @@ def predictor_recalls(r: Routing, pop: np.ndarray, conditional: dict[int, np.nda
                 x = ranks.get(name)
                 out[name][f"recall@{m}"].append(recall_at_k(torch.from_numpy(x), m) if x is not None and len(x)
                                                 else float("nan"))
-        if d == 1 and d in conditional:
+        if d == 1 and d in conditional:  # per target layer: found@K (metrics.found_at_k) summed by layer
             j = np.tile(np.arange(1, L), T - r.cut)
-            per_layer = {name: [float("nan")] + [recall_at_k(torch.from_numpy(ranks[name][j == l]), K)
-                                                 for l in range(1, L)] for name in PREDICTORS}
+            rows = np.bincount(j, minlength=L) * K
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_layer = {name: (np.bincount(j, found_at_k(torch.from_numpy(ranks[name]), K).numpy(), minlength=L)
+                                    / rows).tolist() for name in PREDICTORS}
     out["per layer at d=1"] = per_layer
     return out
 
