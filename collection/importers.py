@@ -393,12 +393,12 @@ def read_sglang_recorder(path: Path, **_: Any) -> Iterator[Recorded]:
             raise ImportFormatError(f"{where}: no topk_ids_of_layer (record with expert_distribution_recorder_mode "
                                     "per_token)")
         topk = checked_tensor(rec["topk_ids_of_layer"], f"{where}: topk_ids_of_layer")
-        if topk.dim() != 3 or topk.is_floating_point():
+        if topk.dim() != 3 or topk.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
             raise ImportFormatError(f"{where}: topk_ids_of_layer {list(topk.shape)} {topk.dtype}, expected "
                                     "[layers, tokens, k] integers")
         n = topk.shape[1]
         esl = rec.get("extend_seq_lens")
-        if n and esl is not None and len(esl) > 1:
+        if n and esl is not None and (not isinstance(esl, (list, tuple)) or len(esl) > 1):
             raise ImportFormatError(f"{where}: a pass of {len(esl)} requests; the recorder does not name requests, so "
                                     "their tokens cannot be told apart: record with --max-running-requests 1")
         ids.append(topk.numpy().transpose(1, 0, 2))
@@ -435,6 +435,8 @@ def read_llamacpp_csv(path: Path, top_k: int | None = None, **_: Any) -> Iterato
     if len(rows) == 0:
         raise ImportFormatError(f"{path}: no rows")
     layer, expert = rows[:, 0], rows[:, 1]
+    if layer.min() < 0:
+        raise ImportFormatError(f"{path}: negative layer numbers")
     edge = np.flatnonzero(np.diff(layer)) + 1
     b_start = np.concatenate([[0], edge])                              # blocks: runs of one layer
     b_len = np.diff(np.append(b_start, len(rows)))
@@ -507,7 +509,7 @@ def read_hf_logits(path: Path, top_k: int | None = None, normalized: bool = Fals
     batch = checked_tensor(ids_in, f"{path}: input_ids") if ids_in is not None else None
     B = batch.shape[0] if batch is not None and batch.dim() == 2 else (logits[0].shape[0] if logits[0].dim() == 3 else 1)
     N = x.shape[1]
-    if N % B or (batch is not None and batch.numel() != N):
+    if N == 0 or B == 0 or N % B or (batch is not None and batch.numel() != N):
         raise ImportFormatError(f"{path}: {N} router rows do not fit input_ids {list(batch.shape) if batch is not None else ''}")
     mask = d.get("attention_mask")
     keep = (torch.ones(N, dtype=torch.bool) if mask is None
