@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from collection.traces.format import require_token_ids
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
 from models.predictors import PredictorConfig, build_predictor
@@ -100,6 +101,7 @@ def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")
     if cfg.token_vocab:
+        require_token_ids(m, ts.dir, f"{where} (a token-id embedding)")
         top = max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())
         if top >= cfg.token_vocab:
             raise UserError(f"{where}: token id {top} in {ts.dir} is outside the predictor's table of "

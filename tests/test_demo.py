@@ -8,8 +8,8 @@ import re
 
 import tomllib
 
-from tools import demo_summary
 from tests.conftest import REPO
+from tools import demo_summary
 
 
 def metrics(model_type: str, recall: float, *, K: int = 4, E: int = 60, lookahead: int = 0, tokens: int = 30_720):

@@ -35,6 +35,8 @@ from common.errors import UserError, one_line_errors
 REPO = Path(__file__).resolve().parent.parent  # the tree that is copied and mutated, wherever this runs from
 
 B = "tests/test_behaviour.py::"
+IR = "tests/test_import_routing.py::"
+RR = "tests/test_routing_report.py::"
 
 
 @dataclass(frozen=True)
@@ -455,6 +457,69 @@ MUTATIONS = [
              '            pass\n\n',
              ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
              "the process group is left for the interpreter's exit to tear down (once aborted a finished rank)"),
+    # --- routing imported from serving engines, and the routing report
+    Mutation("import-eplb-map-ignored", "collection/traces/importers.py",
+             "moe = emap[self.moe_slots[None, :, None], moe]", "moe = moe + 0 * emap[0, 0]",
+             (IR + "test_sglang_recorder_maps_physical_ids_to_logical",
+              IR + "test_physical_ids_without_a_map_are_refused_and_a_given_map_applies"),
+             "physical expert ids recorded under expert-parallel load balancing are kept as if they were logical"),
+    Mutation("import-recorder-request-boundary-dropped", "collection/traces/importers.py",
+             "starts = np.flatnonzero(~follows)", "starts = np.array([0])",
+             (IR + "test_sglang_recorder_maps_physical_ids_to_logical",),
+             "every request of a recorder dump becomes one sequence (a position restarting at 0 is not a boundary)"),
+    Mutation("import-vllm-prompt-rows-dropped", "collection/traces/importers.py",
+             "ids = np.concatenate(parts) if len(parts) > 1 else parts[0]", "ids = parts[-1]",
+             (IR + "test_vllm_round_trip_keeps_every_id_and_request_order",),
+             "a vLLM request's prompt rows are dropped, its generation rows kept"),
+    Mutation("import-token-ids-misaligned", "collection/traces/importers.py", "return tokens[:T].astype(np.int32)",
+             "return tokens[-T:].astype(np.int32)",
+             (IR + "test_vllm_round_trip_keeps_every_id_and_request_order", IR + "test_sglang_meta_round_trip"),
+             "token ids drop the first token instead of the sampled last one: every id is the next position's"),
+    Mutation("import-dense-slot-kept", "collection/traces/importers.py",
+             "dense = (rec.ids == rec.fill).all(axis=(0, 2))", "dense = np.zeros(S, dtype=bool)",
+             (IR + "test_vllm_npy_and_dense_first_layer",),
+             "a dense layer's zeros (DeepSeek's first layer in vLLM's layout) are imported as routing"),
+    Mutation("import-llamacpp-prefill-tokens-misread", "collection/traces/importers.py",
+             "np.where(li == last, 0, skip[ub])", "np.where(li == last, 0, 0)",
+             (IR + "test_llamacpp_csv_keeps_tokens_routed_at_every_layer",),
+             "a prefill ubatch's rows at the layers before the last are read from its first tokens, not the tokens "
+             "the last layer routed"),
+    Mutation("manifest-imported-may-claim-hidden-states", "collection/traces/format.py",
+             'if hl or capture.get("store_logits", True) or d.get("router_weights") is not None:', "if False:",
+             (IR + "test_imported_set_loads_without_hidden_states_and_readers_refuse_what_it_lacks",),
+             "a manifest of imported routing may claim hidden states, logits or router matrices it cannot have"),
+    Mutation("token-ids-never-required", "collection/traces/format.py", "    if not manifest.has_token_ids:\n",
+             "    if False:\n",
+             (IR + "test_imported_set_loads_without_hidden_states_and_readers_refuse_what_it_lacks",),
+             "a set without token ids is read as if its -1 placeholders were tokens"),
+    Mutation("report-previous-token-crosses-sequences", "validation/routing_report.py",
+             "        if first[t]:\n            continue\n        for l in range(L):\n            for i in range(K):",
+             "        for l in range(L):\n            for i in range(K):",
+             (RR + "test_previous_token_recall_by_hand",),
+             "previous-token recall compares a request's first token with the previous request's last"),
+    Mutation("report-previous-token-off-by-one", "validation/routing_report.py",
+             "if ids[t, l, i] == ids[t - 1, l, j]:", "if ids[t, l, i] == ids[max(t - 2, 0), l, j]:",
+             (RR + "test_previous_token_recall_by_hand",),
+             "previous-token recall compares token t with token t-2"),
+    Mutation("report-history-previous-is-the-token", "validation/routing_report.py",
+             "p = ids[t - 1, j, i]", "p = ids[t, j, i]",
+             (RR + "test_history_predictors_by_hand", RR + "test_kernel_ranks_are_the_metric_ranks"),
+             "the previous-token predictor is given token t's own experts, the answer"),
+    Mutation("report-reuse-from-first-use", "validation/routing_report.py", "                last[l, e] = t\n",
+             "                last[l, e] = t if last[l, e] < 0 else last[l, e]\n",
+             (RR + "test_reuse_distances_by_hand",),
+             "reuse distances count from an expert's first use, not its last"),
+    Mutation("report-working-set-window-lost", "validation/routing_report.py",
+             "    n = T // w\n    seen", "    n = T // w - 1\n    seen", (RR + "test_working_sets_by_hand",),
+             "the last whole window of the stream is left out of the working set"),
+    Mutation("report-popularity-fitted-on-measured-half", "validation/routing_report.py",
+             "counts_fit = expert_counts(r.ids[:r.cut], E)", "counts_fit = expert_counts(r.ids, E)",
+             (RR + "test_history_predictors_by_hand",),
+             "popularity (and the static hot set) is fitted on the tokens it is measured on"),
+    Mutation("report-prefetch-reads-the-token-itself", "validation/routing_report.py",
+             "pred = r.ids[r.cut - 1:T - 1].copy()", "pred = r.ids[r.cut:T].copy()",
+             (RR + "test_cache_hit_rates_by_hand",),
+             "the previous-token prefetcher is handed token t's own experts (an oracle that claims to be history)"),
 ]
 
 

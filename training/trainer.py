@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from collection.traces.format import DEFAULT_TRACES, TraceSet
+from collection.traces.format import DEFAULT_TRACES, TraceSet, require_token_ids
 from collection.traces.rows import (
     SplitBlocks,
     TokenBlock,
@@ -215,6 +215,8 @@ def model_vocab_size(ts: TraceSet) -> int:
     """The MoE model's vocabulary: its local config.json when the model is a directory, else (hub ids that
     cannot be read offline) the largest token id in the traces + 1."""
     import json
+
+    require_token_ids(ts.manifest, ts.dir, "--token-emb (a token-id embedding)")
 
     cfg = Path(str(ts.manifest.model.get("name_or_path", ""))) / "config.json"
     if cfg.is_file():

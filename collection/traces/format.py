@@ -24,6 +24,8 @@ contiguous slice, so training memory-maps a shard and reads row ranges without l
 Every finished shard, and the router weights, are listed in the manifest with their byte size and SHA-256;
 the reader checks both, so a truncated, corrupt or swapped file is an error naming it, never silent data.
 A set whose collection has not finished (`complete: false`) is refused unless the caller allows it.
+A set imported from a serving engine's routing (collection/traces/importers.py) holds routing only: capture.imported
+names its source, capture.token_ids / capture.topk_weights say whether those tensors hold real values.
 """
 from __future__ import annotations
 
@@ -370,6 +372,23 @@ class Manifest:
         return str(self.capture.get("hidden_format", LOSSLESS))
 
     @property
+    def has_token_ids(self) -> bool:
+        """Whether token_ids hold the tokens (imports without them, and legacy imports, store -1)."""
+        legacy = self.capture.get("legacy")
+        default = legacy.get("token_ids_recovered", True) if isinstance(legacy, dict) else True
+        return bool(self.capture.get("token_ids", default))
+
+    @property
+    def has_topk_weights(self) -> bool:
+        """Whether topk_weights are the model's (imports from engines that record ids only store 1/k)."""
+        return bool(self.capture.get("topk_weights", True))
+
+    @property
+    def imported(self) -> dict[str, Any] | None:
+        """capture.imported of a set imported from a serving engine's routing (collection/traces/importers.py), else None."""
+        return self.capture.get("imported")
+
+    @property
     def source_names(self) -> list[str]:
         return [s["name"] for s in self.sources]
 
@@ -421,8 +440,10 @@ class Manifest:
         for key in ("architecture", "dtype", "quantization"):
             optional(model, key, lambda x: isinstance(x, str), "a string", "model")
         for key in ("num_layers", "num_experts", "top_k", "hidden_size"):
-            if not is_int(routing.get(key), 1):
-                raise bad(f"routing.{key} must be a positive integer")
+            if not is_int(routing.get(key), 1) and not (key == "hidden_size" and routing.get(key) == 0
+                                                        and not capture.get("hidden_layers")):
+                raise bad(f"routing.{key} must be a positive integer (hidden_size 0: unknown, in a set without "
+                          "hidden states)")
         if routing["top_k"] > routing["num_experts"]:
             raise bad(f"routing.top_k {routing['top_k']} exceeds routing.num_experts {routing['num_experts']}")
         optional(routing, "norm_topk_prob", lambda x: isinstance(x, bool), "true or false", "routing")
@@ -438,6 +459,15 @@ class Manifest:
         optional(capture, "hidden_dtype", lambda x: x in HIDDEN_DTYPES, " or ".join(HIDDEN_DTYPES), "capture")
         optional(capture, "store_logits", lambda x: isinstance(x, bool), "true or false", "capture")
         optional(capture, "bytes_per_token", lambda x: is_int(x, 1), "a positive integer", "capture")
+        for key in ("token_ids", "topk_weights"):
+            optional(capture, key, lambda x: isinstance(x, bool), "true or false", "capture")
+        imported = capture.get("imported")
+        if imported is not None:  # routing recorded by a serving engine: routing only, and the manifest says so
+            if not (isinstance(imported, dict) and isinstance(imported.get("format"), str)):
+                raise bad("capture.imported must be an object naming its format")
+            if hl or capture.get("store_logits", True) or d.get("router_weights") is not None:
+                raise bad("capture.imported: an imported set holds routing only (no hidden_layers, store_logits "
+                          "false, no router_weights)")
         hf = capture.get("hidden_format", LOSSLESS)
         if not isinstance(hf, str) or hf not in FORMATS:
             raise bad(f"capture.hidden_format {hf!r} is not one of {', '.join(FORMATS)}")
@@ -530,6 +560,14 @@ def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> Hidd
                if t is not None):
         raise TraceFormatError(f"{path}: non-finite parameters")
     return codec
+
+
+def require_token_ids(manifest: Manifest, directory: Path, who: str) -> None:
+    """One line when a reader that needs token ids meets a set without them."""
+    if not manifest.has_token_ids:
+        how = (f"imported from {manifest.imported['format']} without token ids" if manifest.imported
+               else "a legacy import")
+        raise TraceFormatError(f"{directory}: no token ids ({how}); {who} needs them")
 
 
 def read_manifest(directory: Path) -> Manifest:
