@@ -6,7 +6,7 @@ the train scripts, so `training` never imports `validation`) and the benchmarks.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -14,7 +14,15 @@ from torch import nn
 from tqdm import tqdm
 
 from collection.traces.format import TraceSet
-from collection.traces.rows import SplitBlocks, has_later_token, input_layers, row_batches, targets, window_targets
+from collection.traces.rows import (
+    SplitBlocks,
+    TokenBlock,
+    has_later_token,
+    input_layers,
+    row_batches,
+    targets,
+    window_targets,
+)
 from models.predictors import lookahead_tokens
 from validation.coverage.metrics import SEED_KS, CoverageAccumulator, WindowAccumulator, true_expert_ranks
 from validation.coverage.scorers import Scorer, predictor_scorer
@@ -31,6 +39,23 @@ def evaluate(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, 
     blocks already loaded (training validates every epoch on the same rows)."""
     m = ts.manifest
     acc = CoverageAccumulator(m.num_layers, len(m.sources), m.num_experts, m.top_k, ks, device)
+    for block, tok, layer in split_rows(ts, seq_ids, lookahead, device, batch_rows, shards_per_group, need_hidden,
+                                        progress, blocks):
+        scores = scorer(block, tok, layer)
+        true = targets(block, tok, layer, lookahead)
+        ranks = true_expert_ranks(scores, true)
+        pred = scores.topk(m.top_k, dim=1).indices
+        acc.update(ranks, layer + lookahead, block.source[tok], true, pred)
+        if loss_fn is not None:
+            acc.add_loss(loss_fn(scores, true) * tok.shape[0], tok.shape[0])
+    return acc
+
+
+def split_rows(ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device, batch_rows: int,
+               shards_per_group: int, need_hidden: bool, progress: bool, blocks: SplitBlocks | None
+               ) -> Iterator[tuple[TokenBlock, torch.Tensor, torch.Tensor]]:
+    """(block, token rows, input layers) batches over every (token, layer) row of `seq_ids` whose target layer
+    l + `lookahead` exists, group by group (a progress bar over the groups when asked)."""
     layers = input_layers(ts, lookahead, need_hidden)
     if blocks is None:
         blocks = SplitBlocks(ts, seq_ids, device, shards_per_group, with_hidden=need_hidden, keep=False)
@@ -38,14 +63,7 @@ def evaluate(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, lookahead: int, 
     for block in tqdm(blocks, desc="evaluate", unit="group", total=n_groups, disable=not progress or n_groups < 2,
                       dynamic_ncols=True):
         for tok, layer in row_batches(block, layers, batch_rows):
-            scores = scorer(block, tok, layer)
-            true = targets(block, tok, layer, lookahead)
-            ranks = true_expert_ranks(scores, true)
-            pred = scores.topk(m.top_k, dim=1).indices
-            acc.update(ranks, layer + lookahead, block.source[tok], true, pred)
-            if loss_fn is not None:
-                acc.add_loss(loss_fn(scores, true) * tok.shape[0], tok.shape[0])
-    return acc
+            yield block, tok, layer
 
 
 @torch.no_grad()
@@ -59,22 +77,17 @@ def evaluate_window(scorer: Scorer, ts: TraceSet, seq_ids: np.ndarray, tokens: i
     `loss_fn(scores, 0/1 set)` over rows when given)."""
     m = ts.manifest
     acc = WindowAccumulator(m.num_layers, m.num_experts, m.top_k, ks, device)
-    layers = input_layers(ts, 0, need_hidden)
-    if blocks is None:
-        blocks = SplitBlocks(ts, seq_ids, device, shards_per_group, with_hidden=need_hidden, keep=False)
-    n_groups = -(-len(ts) // blocks.per_group)
-    for block in tqdm(blocks, desc="evaluate", unit="group", total=n_groups, disable=not progress or n_groups < 2,
-                      dynamic_ncols=True):
-        for tok, layer in row_batches(block, layers, batch_rows):
-            keep = has_later_token(block, tok)  # a sequence's last token has no window
-            tok, layer = tok[keep], layer[keep]
-            if tok.numel() == 0:
-                continue
-            scores = scorer(block, tok, layer)
-            used = window_targets(block, tok, layer, tokens, m.num_experts)
-            acc.update(scores, used.bool(), layer)
-            if loss_fn is not None:
-                acc.add_loss(loss_fn(scores, used) * tok.shape[0], tok.shape[0])
+    for block, tok, layer in split_rows(ts, seq_ids, 0, device, batch_rows, shards_per_group, need_hidden,
+                                        progress, blocks):
+        keep = has_later_token(block, tok)  # a sequence's last token has no window
+        tok, layer = tok[keep], layer[keep]
+        if tok.numel() == 0:
+            continue
+        scores = scorer(block, tok, layer)
+        used = window_targets(block, tok, layer, tokens, m.num_experts)
+        acc.update(scores, used.bool(), layer)
+        if loss_fn is not None:
+            acc.add_loss(loss_fn(scores, used) * tok.shape[0], tok.shape[0])
     return acc
 
 

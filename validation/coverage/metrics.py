@@ -95,7 +95,24 @@ def random_expectation(metric: str, k: int, num_experts: int, top_k: int) -> flo
     raise ValueError(metric)
 
 
-class CoverageAccumulator:
+class MeanLoss:
+    """The mean of a loss over the rows an accumulator saw (validation during training reports it), summed
+    on `device` in float64."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_rows = 0
+
+    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
+        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
+        self.loss_rows += rows
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / max(self.loss_rows, 1)).item()
+
+
+class CoverageAccumulator(MeanLoss):
     """Streaming sums of every metric at every k, overall, per target layer and per source.
 
     Per (layer, source) cell it keeps three histograms over rank values 0..E-1: of every true
@@ -110,22 +127,13 @@ class CoverageAccumulator:
         # always evaluated, whatever ks the caller asked for, so reports can name them for any model's top_k
         self.ks = tuple(sorted(k for k in set(ks) | {top_k, 2 * top_k} if k <= num_experts))
         self.L, self.S, self.E, self.K = num_layers, num_sources, num_experts, top_k
-        self.device = torch.device(device)
+        super().__init__(device)
         z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=self.device)  # noqa: E731
         self.hist_all = z(num_layers, num_sources, num_experts)   # ranks of every true expert
         self.hist_max = z(num_layers, num_sources, num_experts)   # worst rank per row (coverage)
         self.hist_min = z(num_layers, num_sources, num_experts)   # best rank per row (any hit)
         self.pred_freq = z(num_experts)                           # how often each expert is predicted in top-K
         self.true_freq = z(num_experts)                           # how often each expert is truly chosen
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.loss_rows = 0
-
-    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
-        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
-        self.loss_rows += rows
-
-    def mean_loss(self) -> float:
-        return (self.loss_sum / max(self.loss_rows, 1)).item()
 
     @torch.no_grad()
     def update(self, ranks: torch.Tensor, layer: torch.Tensor, source: torch.Tensor,
@@ -249,7 +257,7 @@ def random_average_precision(m: torch.Tensor, num_experts: int) -> torch.Tensor:
     return (m - 1) / max(E - 1, 1) + harmonic * (E - m) / (E * max(E - 1, 1))
 
 
-class WindowAccumulator:
+class WindowAccumulator(MeanLoss):
     """Streaming sums of the window metrics per input layer l (the window's layer): recall@k for every k,
     average precision and its random expectation, AUC (over rows where it is defined) and |S|."""
 
@@ -258,18 +266,9 @@ class WindowAccumulator:
         # k = K and 2K always, as in CoverageAccumulator, so reports can name them for any model
         self.ks = tuple(sorted(k for k in set(ks) | {top_k, 2 * top_k} if k <= num_experts))
         self.L, self.E = num_layers, num_experts
-        self.device = torch.device(device)
+        super().__init__(device)
         names = ("rows", "size", "ap", "random_ap", "auc", "auc_rows", *(f"recall@{k}" for k in self.ks))
         self.sums = {n: torch.zeros(num_layers, dtype=torch.float64, device=self.device) for n in names}
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.loss_rows = 0
-
-    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
-        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
-        self.loss_rows += rows
-
-    def mean_loss(self) -> float:
-        return (self.loss_sum / max(self.loss_rows, 1)).item()
 
     @torch.no_grad()
     def update(self, scores: torch.Tensor, used: torch.Tensor, layer: torch.Tensor) -> None:
