@@ -6,6 +6,13 @@ token t at decode time, what exists is: t's MoE input at layer l and at every ea
 <= l - 1 if d = 0, since layer l's own routing is the answer then); and everything of earlier tokens,
 which have finished every layer. Nothing of t at later layers and nothing of later tokens:
 tests/test_leakage.py holds every feature to that.
+
+A *window* row (a predictor trained with a lookahead in tokens, `lookahead_tokens` W >= 1) is (token t,
+layer l) with the target "the experts layer l uses in tokens t+1 .. t+W". It sees exactly what a d = 0 row
+sees (its features are make_features(.., lookahead=0, ..)): t's MoE inputs up to layer l, t's routing up to
+layer l - 1, and the earlier tokens. t's own routing at layer l is not in its target, yet stays unseen, so
+that the scores of (t, l) exist before layer l's router runs for t (an eviction or a prefetch decided then
+may use them).
 """
 from __future__ import annotations
 

@@ -43,6 +43,9 @@ class PredictorConfig:
     separate_layers: bool = False  # one trunk per target layer instead of one shared trunk
     anchor: bool = True           # score the predicted h_{l+d} with the target router (else a plain head)
     residual_logits: bool = True  # add a zero-initialised per-layer logit head
+    # W >= 1: row (t, l) predicts the experts layer l uses in tokens t+1 .. t+W (then lookahead is 0); older
+    # checkpoints, which predict layers ahead, load with 0
+    lookahead_tokens: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -281,6 +284,11 @@ def build_predictor(cfg: PredictorConfig) -> nn.Module:
     if cfg.kind not in PREDICTORS:
         raise ValueError(f"unknown predictor kind {cfg.kind!r}")
     return PREDICTORS[cfg.kind](cfg)
+
+
+def lookahead_tokens(model: nn.Module) -> int:
+    """W of a predictor trained for a lookahead in tokens (experts of layer l in tokens t+1..t+W), else 0."""
+    return int(getattr(getattr(model, "cfg", None), "lookahead_tokens", 0))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,7 +7,10 @@ Seconds on a CPU, on traces collected by `make demo` or the collect script's qui
         --output models/simple_checkpoints/quick --overwrite
 
 Same-layer prediction (--lookahead 0, the seed's task) is what the seed measured; a prefetcher needs
---lookahead 1 or more (see scripts/compare_predictors.py and docs/RESULTS.md).
+--lookahead 1 or more (see scripts/compare_predictors.py and docs/RESULTS.md). An eviction policy needs
+a lookahead in tokens: which experts layer l uses in the next W tokens (minutes on a CPU):
+    python scripts/train_simple_predictor.py --traces runs/demo/traces --model-type layer-aware \
+        --lookahead-tokens 16 --epochs 3 --lr 1e-3 --batch-rows 4096 --output runs/evict/la-w16 --overwrite
 """
 from __future__ import annotations
 

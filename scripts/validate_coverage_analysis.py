@@ -7,11 +7,17 @@ Baselines need no checkpoint (the split is recomputed from --seed, as training m
     python scripts/validate_coverage_analysis.py --model-type router --lookahead 0   # control: reads 1.0
     python scripts/validate_coverage_analysis.py --model-type router-reuse --lookahead 1
     python scripts/validate_coverage_analysis.py --model-type random
+A predictor trained with --lookahead-tokens W (which experts layer l uses in tokens t+1..t+W) is scored
+against that set, and so are the recency and frequency baselines when given --lookahead-tokens:
+    python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/best_checkpoint.pth \
+        --model-type layer-aware
+    python scripts/validate_coverage_analysis.py --model-type recency --lookahead-tokens 16 --history 16
 
 Prints a table for k in {1,3,5,8,10,12,15,20,25,30} (and k = top_k): recall@k (the seed's
 "individual accuracy"), coverage@k (all true experts inside the top-k), any_hit@k (the seed's
 "Top-k accuracy"), avg_found@k; the smallest k reaching 90% / 95% coverage; per-layer and
-per-source breakdowns. Writes flat JSON and a 4-panel PNG.
+per-source breakdowns. Writes flat JSON and a 4-panel PNG. The window target prints and writes (JSON only)
+window_recall@k, window_ap and window_auc (docs/metrics.md) beside their random values, and per-layer AP.
 """
 from __future__ import annotations
 
@@ -30,9 +36,16 @@ from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS
-from validation.coverage.evaluate import evaluate
-from validation.coverage.metrics import SEED_KS, random_expectation
-from validation.coverage.scorers import BASELINES, SCORERS, RouterScorer, baseline_scorer, predictor_scorer
+from validation.coverage.evaluate import evaluate, evaluate_window
+from validation.coverage.metrics import SEED_KS, WindowAccumulator, random_expectation
+from validation.coverage.scorers import (
+    BASELINES,
+    DEFAULT_HISTORY,
+    SCORERS,
+    RouterScorer,
+    baseline_scorer,
+    predictor_scorer,
+)
 from validation.plots import coverage_figure
 
 
@@ -45,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--traces", default=None, help=f"trace directory (default: the checkpoint's, else {DEFAULT_TRACES})")
     p.add_argument("--lookahead", type=int, default=None, help="baselines: predict layer l+d (default 0); "
                    "checkpoints: must match the one trained (default: the checkpoint's)")
+    p.add_argument("--lookahead-tokens", type=int, default=None,
+                   help="score against the experts layer l uses in tokens t+1..t+W (checkpoints: must match the one "
+                        "trained, default the checkpoint's; baselines: default 0, the per-token target of --lookahead)")
+    p.add_argument("--history", type=int, default=None,
+                   help=f"tokens the recency and frequency baselines look back (default: --lookahead-tokens W when "
+                        f"given, else {DEFAULT_HISTORY})")
     p.add_argument("--split", default="test", choices=["test", "val", "train"], help="sequences evaluated (test)")
     p.add_argument("--seed", type=int, default=0, help="baselines: split seed, as in training (default 0)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=16,
@@ -52,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", default=None, help=f"comma list of k, each at most the model's expert count "
                    f"(default: the seed's {','.join(map(str, SEED_KS))}, those up to the expert count)")
     p.add_argument("--json", default=None, help="write metrics here (default <output-dir>/coverage_metrics.json)")
-    p.add_argument("--plot", default=None, help="write the figure here (default <output-dir>/coverage_analysis.png)")
+    p.add_argument("--plot", default=None, help="write the figure here (default <output-dir>/coverage_analysis.png; "
+                   "none for the window target)")
     p.add_argument("--output-dir", default=None, help="default: the checkpoint's directory, else results/<type>-d<d>")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
@@ -74,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seed must be >= 0")
     if args.lookahead is not None and args.lookahead < 0:
         p.error("--lookahead must be >= 0")
+    if args.lookahead_tokens is not None and args.lookahead_tokens < 0:
+        p.error("--lookahead-tokens must be >= 0")
+    if args.lookahead_tokens and args.lookahead:
+        p.error("--lookahead (layers ahead) and --lookahead-tokens (tokens ahead at the same layer) are exclusive")
+    if args.history is not None and args.history < 1:
+        p.error("--history must be at least 1")
     for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
         if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
             p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
@@ -116,6 +142,44 @@ def why_control_differs(res: dict[str, Any], scorer: RouterScorer) -> str:
     return line
 
 
+def report_window(acc: WindowAccumulator, args: argparse.Namespace, ts: TraceSet, window: int, label: str,
+                  elapsed: float, device: torch.device, sequences: int, traces: str, json_path: Path) -> None:
+    """Print and write the window metrics: recall@k against the set, AP and AUC, each beside its random value."""
+    m = ts.manifest
+    E = m.num_experts
+    res: dict[str, Any] = {"model_type": args.model_type, "lookahead_tokens": window, "split": args.split,
+                           "model": m.model["name_or_path"], "traces": str(traces), "top_k": m.top_k,
+                           "num_experts": E, "checkpoint": args.checkpoint, "device": device_name(device),
+                           "sequences": sequences, **acc.summary()}
+    if SCORERS.get(args.model_type, None) is not None and SCORERS[args.model_type].looks_back:
+        res["history"] = args.history or window
+    if not res["window_rows"]:
+        raise UserError(f"the {args.split} split has no token with a later token in its sequence")
+    res["rows_per_s"] = res["window_rows"] / max(elapsed, 1e-9)
+    res["random/window_auc"] = 0.5
+    for k in acc.ks:
+        res[f"random/window_recall@{k}"] = k / E
+    res["per_layer"] = {"window_ap": acc.per_layer("window_ap")}
+    print(f"\nwindow analysis: {label}; target: the experts layer l uses in tokens t+1..t+{window}"
+          + (f"; looking back {res['history']} tokens" if "history" in res else "")
+          + f"; model {m.model['name_or_path']}; {args.split} split: {sequences} sequences, "
+          f"{int(res['window_rows']):,} (token, layer) rows with a later token; mean |set| "
+          f"{res.get('window_size', float('nan')):.1f} of {E} experts; {res['rows_per_s']:,.0f} rows/s")
+    print(f"\n{'k':>4} | {'window_recall@k':>15} | {'random':>7}")
+    print("-" * 33)
+    for k in acc.ks:
+        print(f"{k:>4} | {res[f'window_recall@{k}']:>15.4f} | {k / E:>7.4f}")
+    print(f"average precision {res['window_ap']:.4f} (random {res['random/window_ap']:.4f}); "
+          f"AUC {res['window_auc']:.4f} (random 0.5, over {int(res['window_auc_rows']):,} rows)")
+    if not args.quiet:
+        print("per layer: average precision")
+        print("  " + " ".join(f"L{l}:{'-' if v is None else f'{v:.3f}'}" for l, v in
+                              enumerate(res["per_layer"]["window_ap"])))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(json_path, res)
+    print(f"\nwrote {json_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device, args.gpu)
@@ -129,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--checkpoint {args.checkpoint} holds a {cfg.kind} predictor, not {args.model_type}")
         if args.lookahead is not None and args.lookahead != cfg.lookahead:
             raise UserError(f"--lookahead {args.lookahead}: the checkpoint predicts {cfg.lookahead} layer(s) ahead")
-        lookahead = cfg.lookahead
+        lookahead, window = cfg.lookahead, cfg.lookahead_tokens
+        if args.lookahead_tokens is not None and args.lookahead_tokens != window:
+            raise UserError(f"--lookahead-tokens {args.lookahead_tokens}: the checkpoint predicts "
+                            + (f"{window} tokens ahead" if window else f"{lookahead} layer(s) ahead, not tokens"))
         traces = args.traces or ckpt["traces"]["dir"]
         ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
@@ -149,16 +216,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.checkpoint is not None:
             raise UserError(f"--model-type {args.model_type} is a baseline and takes no --checkpoint")
-        lookahead = args.lookahead or 0
+        lookahead, window = args.lookahead or 0, args.lookahead_tokens or 0
         traces = args.traces or DEFAULT_TRACES
         ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
         ks_asked = check_ks(args.ks, m.num_experts)
         split = split_sequences(ts.sequence_table(), args.seed)
         seq_ids = split[args.split]
-        scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed)
+        scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed,
+                                 history=args.history or window or DEFAULT_HISTORY)
         need_hidden = SCORERS[args.model_type].needs_hidden
-        out_dir = Path(args.output_dir or f"results/{args.model_type}-d{lookahead}")
+        out_dir = Path(args.output_dir or f"results/{args.model_type}-" + (f"w{window}" if window else f"d{lookahead}"))
         label = f"{args.model_type} baseline"
     if len(seq_ids) == 0:
         raise UserError(f"the {args.split} split is empty")
@@ -168,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     layers = input_layers(ts, lookahead, need_hidden)
     batch_rows = max(1024, round(args.batch_size * mean_tokens_per_sequence(table, seq_ids) * len(layers)))
     t0 = time.perf_counter()
+    if window:
+        wacc = evaluate_window(scorer, ts, seq_ids, window, device, batch_rows=batch_rows, need_hidden=need_hidden,
+                               ks=ks_asked)
+        report_window(wacc, args, ts, window, label, time.perf_counter() - t0, device, len(seq_ids), traces,
+                      Path(args.json) if args.json else out_dir / "coverage_metrics.json")
+        return
     acc = evaluate(scorer, ts, seq_ids, lookahead, device, batch_rows=batch_rows, need_hidden=need_hidden, ks=ks_asked)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent  # the tree that is copied and mut
 B = "tests/test_behaviour.py::"
 IR = "tests/test_import_routing.py::"
 RR = "tests/test_routing_report.py::"
+W = "tests/test_window.py::"
 
 
 @dataclass(frozen=True)
@@ -520,6 +521,57 @@ MUTATIONS = [
              "pred = r.ids[r.cut - 1:T - 1].copy()", "pred = r.ids[r.cut:T].copy()",
              (RR + "test_cache_hit_rates_by_hand",),
              "the previous-token prefetcher is handed token t's own experts (an oracle that claims to be history)"),
+    # --- a lookahead in tokens (the window target of learned eviction)
+    Mutation('window-includes-token-t', 'collection/traces/rows.py',
+             '        rows = torch.where(rows >= 0, nxt[rows.clamp(min=0)], rows)\n        out.append(rows)',
+             '        out.append(rows)\n        rows = torch.where(rows >= 0, nxt[rows.clamp(min=0)], rows)',
+             (W + "test_the_window_is_the_next_tokens_of_the_same_sequence",),
+             "the window is tokens t..t+W-1: token t's own experts, known when it is asked, count as 'used soon'"),
+    Mutation('window-crosses-sequences', 'collection/traces/rows.py',
+             '    has_prev = torch.nonzero(block.prev >= 0).squeeze(1)\n'
+             '    return nxt.index_put_((block.prev[has_prev],), has_prev)',
+             '    has_prev = torch.arange(1, block.prev.shape[0], device=block.prev.device)\n'
+             '    return nxt.index_put_((has_prev - 1,), has_prev)',
+             (W + "test_the_window_is_the_next_tokens_of_the_same_sequence",
+              W + "test_recency_on_the_window_target_by_hand"),
+             "the next row of the block is taken as the next token: a window runs on into the next sequence"),
+    Mutation('window-ap-divides-by-e', 'validation/coverage/metrics.py',
+             'return torch.where(used, used_at_least / at_least, 0.0).sum(1) / used.sum(1).double()',
+             'return torch.where(used, used_at_least / at_least, 0.0).sum(1) / used.shape[1]',
+             (W + "test_window_metrics_by_hand", W + "test_random_average_precision_is_the_mean_over_every_order"),
+             "average precision divided by the number of experts instead of the size of the set"),
+    Mutation('window-recall-divides-by-k', 'validation/coverage/metrics.py',
+             '    return found / used.sum(1).double()', '    return found / k', (W + "test_window_metrics_by_hand",),
+             "window recall@k divided by k (a precision) instead of the size of the set"),
+    Mutation('window-auc-ties-win', 'validation/coverage/metrics.py', '(below + at_most + 1).double() / 2',
+             'at_most.double()', (W + "test_window_metrics_by_hand",),
+             "AUC counts a tie as a win for the used expert: constant scores would read 1, not 0.5"),
+    Mutation('window-scorer-sees-own-layer', 'validation/coverage/scorers.py',
+             '        f = make_features(block, tok, layer, lookahead, num_experts, spec, dtype)',
+             '        f = make_features(block, tok, layer, int(window) or lookahead, num_experts, spec, dtype)',
+             (W + "test_no_future_information_reaches_a_window_prediction",),
+             "a window row reads token t's routing at layer l, which does not exist before layer l's router runs"),
+    Mutation('window-scorer-gives-logits', 'validation/coverage/scorers.py',
+             '        return torch.sigmoid(logits) if window else logits', '        return logits',
+             (W + "test_a_window_checkpoint_round_trips_and_scores_probabilities",),
+             "a token-lookahead scorer hands its logits to the simulator instead of probabilities of use"),
+    Mutation('window-loss-counts-rows-without-target', 'training/trainer.py',
+             '    return (per_row * rows).sum() / rows.sum().clamp(min=1)', '    return per_row.mean()',
+             (W + "test_the_window_loss_counts_only_rows_with_a_target",),
+             "a sequence's last token, which has no window, is trained toward 'no expert used soon'"),
+    Mutation('window-not-saved', 'training/trainer.py', 'dropout=args.dropout, lookahead_tokens=W)',
+             'dropout=args.dropout)', (W + "test_training_for_a_window_learns_and_saves_it",),
+             "the checkpoint forgets it was trained for a window: it is then evaluated and used as a same-layer "
+             "predictor", traces=True),
+    Mutation('recency-oldest-first', 'validation/coverage/scorers.py', 'float(history + 1 - j)', 'float(j)',
+             (W + "test_recency_scores_the_last_use_most_recent_first_and_frequency_counts",
+              W + "test_recency_on_the_window_target_by_hand"),
+             "recency ranks the oldest use first"),
+    Mutation('frequency-counts-presence', 'validation/coverage/scorers.py',
+             '        count += expert_set(block, layer, rows, num_experts)',
+             '        count = torch.maximum(count, expert_set(block, layer, rows, num_experts).float())',
+             (W + "test_recency_scores_the_last_use_most_recent_first_and_frequency_counts",),
+             "frequency marks whether an expert was used, not how often"),
 ]
 
 

@@ -7,6 +7,11 @@ shuffle that group's (token, layer) rows and take AdamW steps on the loss (the s
 cross-entropy, plus optional distillation to the target router and an MSE on the predicted hidden
 state); validate; keep `latest_checkpoint.pth` and `best_checkpoint.pth`.
 
+With `--lookahead-tokens W` the target of row (t, l) is instead the set of experts layer l uses in tokens
+t+1..t+W of the same sequence (what an eviction policy asks: which cached expert is needed soon), learned
+with a binary cross-entropy per expert and validated with the window metrics (average precision, AUC,
+recall@k against the set); rows with no later token are left out.
+
 Flags left unset take their kind's defaults (`KIND_DEFAULTS`): the seed's kinds keep the seed's loss and
 per-epoch cosine, so the seed-recipe row never changes; the anchored kind gets its best measured recipe.
 """
@@ -29,12 +34,14 @@ from collection.traces.format import DEFAULT_TRACES, TraceSet, require_token_ids
 from collection.traces.rows import (
     SplitBlocks,
     TokenBlock,
+    has_later_token,
     hidden_at,
     input_layers,
     load_block,
     mean_tokens_per_sequence,
     split_sequences,
     targets,
+    window_targets,
 )
 from common.atomic import atomic_write_json
 from common.errors import UserError
@@ -62,6 +69,10 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
                    help=f"shards loaded together; rows are shuffled within a group (default {shards_per_group})")
     g.add_argument("--lookahead", type=int, default=lookahead,
                    help=f"predict layer l+d's experts from layer l (default {lookahead}; 0 = the seed's same-layer task)")
+    g.add_argument("--lookahead-tokens", type=int, default=0,
+                   help="W >= 1: predict, for token t at layer l, which experts layer l uses in the next W tokens "
+                        "t+1..t+W (an eviction policy's question; a binary cross-entropy per expert; needs "
+                        "--lookahead 0; simple, layer-aware and hybrid). Default 0: layers ahead (--lookahead)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="sequences held out for validation (0.1)")
     g.add_argument("--test-fraction", type=float, default=0.1, help="sequences held out for the test split (0.1)")
     g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification (faster start)")
@@ -85,7 +96,8 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--exclude-sources", default="", help="comma list of source names left out of train and val "
                    "(leave-one-domain-out; the test split keeps them)")
     g = p.add_argument_group("recipe (unset: the kind's default, KIND_DEFAULTS; the seed's kinds keep the seed's)")
-    g.add_argument("--loss-ce", type=float, default=None, help="weight of the soft cross-entropy on the true top-k (1)")
+    g.add_argument("--loss-ce", type=float, default=None, help="weight of the soft cross-entropy on the true top-k "
+                   "(with --lookahead-tokens: of the binary cross-entropy on the window's set) (1)")
     g.add_argument("--loss-kl", type=float, default=None, help="weight of the KL to the target router's softmax "
                    "(needs stored router logits; 0)")
     g.add_argument("--loss-mse", type=float, default=None, help="weight of the MSE of the predicted h_{l+d} "
@@ -176,6 +188,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed {args.seed}: must be >= 0")
     if args.lookahead < 0:
         raise UserError(f"--lookahead {args.lookahead}: must be >= 0")
+    check_lookahead_tokens(args)
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
     out = Path(args.output)
@@ -185,6 +198,44 @@ def validate_args(args: argparse.Namespace) -> None:
     if present and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(present)} of an earlier run; --overwrite replaces them, "
                         "or choose another --output")
+
+
+# the kinds trained for a lookahead in tokens: the anchored kind's router anchor and distillation target the
+# current token's routing, which a window of later tokens does not have
+WINDOW_KINDS = ("simple", "layer-aware", "hybrid")
+
+
+def check_lookahead_tokens(args: argparse.Namespace) -> None:
+    """--lookahead-tokens W: W >= 0; with W >= 1, a kind that can learn it, --lookahead 0 and the soft
+    cross-entropy's weight as the only loss (the window's set has no router distribution nor hidden state)."""
+    W = args.lookahead_tokens
+    if W < 0:
+        raise UserError(f"--lookahead-tokens {W}: must be >= 0 (0 = layers ahead, --lookahead)")
+    if W == 0:
+        return
+    if args.model_type not in WINDOW_KINDS:
+        raise UserError(f"--lookahead-tokens: --model-type {args.model_type} cannot learn it "
+                        f"(choose {', '.join(WINDOW_KINDS)})")
+    if args.lookahead != 0:
+        raise UserError(f"--lookahead-tokens {W} predicts layer l's experts in later tokens: it needs --lookahead 0 "
+                        f"(given or defaulted: {args.lookahead}); the two are exclusive")
+    if args.loss_kl > 0 or args.loss_mse > 0:
+        raise UserError("--lookahead-tokens trains on the window's set of experts only: --loss-kl and --loss-mse "
+                        "must be 0")
+
+
+def window_bce(logits: torch.Tensor, used: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of every expert's logit against the window's 0/1 set `used` (R, E), averaged over
+    the experts and over the rows where `rows` (R,) bool is true (rows with no later token have no target; a
+    mask, not a selection: no host sync per step), in float32."""
+    per_row = F.binary_cross_entropy_with_logits(logits.float(), used, reduction="none").mean(1)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+def probability_bce(p: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """`window_bce` on probabilities (what a token-lookahead scorer returns), for validation; torch bounds
+    log(0) at -100, so a saturated probability costs 100 nats, not infinity."""
+    return F.binary_cross_entropy(p.float(), used)
 
 
 def multi_hot_target(true_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -292,14 +343,16 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     print(f"traces: {args.traces} ({m.model['name_or_path']}, {m.num_layers} layers x {m.num_experts} experts, "
           f"top-{m.top_k}); split by sequence: {len(split['train'])} train / {len(split['val'])} val / "
           f"{len(split['test'])} test")
-    print(f"rows: (token, layer l) -> experts of layer l+{args.lookahead}; layers {layers[0]}..{layers[-1]}; "
+    W = args.lookahead_tokens
+    target = (f"experts of layer l in tokens t+1..t+{W}" if W else f"experts of layer l+{args.lookahead}")
+    print(f"rows: (token t, layer l) -> {target}; layers {layers[0]}..{layers[-1]}; "
           f"{rows_per_step:,} rows per step ({'--batch-rows' if args.batch_rows else f'{args.batch_size} sequences'}"
           f"{describe(dp, rows_per_step)}), ~{steps_per_epoch} steps per epoch")
 
     # --- model and optimiser (the seed's recipe: AdamW, cosine stepped per epoch, clip 1.0)
     cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
-                          dropout=args.dropout)
+                          dropout=args.dropout, lookahead_tokens=W)
     if args.model_type == "anchored":
         cfg.past_layers, cfg.own_layers, cfg.window, cfg.context, cfg.depth = (
             args.past_layers, args.own_layers, args.window, args.context, args.depth)
@@ -321,10 +374,12 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs) if args.schedule == "epoch" else
              torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total_steps)))
     with_logits = args.loss_kl > 0
-    select = args.select_metric or f"recall@{m.top_k}"
+    select = args.select_metric or ("window_ap" if W else f"recall@{m.top_k}")
+    val_loss = probability_bce if W else soft_cross_entropy
     print(f"predictor: {cfg.kind}, {count_parameters(model):,} parameters, {flops_per_row(model):,} FLOPs per row; "
           f"best checkpoint by val {select}")
-    print(f"loss: {args.loss_ce:g} x soft cross-entropy + {args.loss_kl:g} x KL to the target router + "
+    print(f"loss: {args.loss_ce:g} x {'binary cross-entropy per expert' if W else 'soft cross-entropy'} + "
+          f"{args.loss_kl:g} x KL to the target router + "
           f"{args.loss_mse:g} x hidden MSE; schedule {args.schedule}"
           + (f" (warm-up {args.warmup:.0%} of {total_steps} steps)" if args.schedule == "step" else ""))
 
@@ -347,7 +402,10 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
             logits, h_hat = step_model(f, return_hidden=True) if args.loss_mse > 0 else (step_model(f), None)
         loss = torch.zeros((), device=device)
-        if args.loss_ce > 0:
+        if args.loss_ce > 0 and W:
+            used = window_targets(block, tok, layer, W, m.num_experts)
+            loss = loss + args.loss_ce * window_bce(logits, used, has_later_token(block, tok))
+        elif args.loss_ce > 0:
             loss = loss + args.loss_ce * soft_cross_entropy(logits, targets(block, tok, layer, args.lookahead))
         if args.loss_kl > 0:
             loss = loss + args.loss_kl * distill_kl(logits, block.router_logits[layer + args.lookahead, tok])
@@ -418,19 +476,25 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
 
         model.eval()
         val = dp.from_main(lambda: validate(model, ts, split["val"], args.lookahead, device, val_blocks,
-                                            soft_cross_entropy, dtype))
+                                            val_loss, dtype))
         row = {"epoch": epoch, "train_loss": train_loss, "lr": sched.get_last_lr()[0],
                "rows_per_s": train_rows / max(train_time, 1e-9), "epoch_s": epoch_time,
                "epoch_rows_per_s": (train_rows - rows_before) / max(epoch_time, 1e-9),
                **{f"val/{k}": v for k, v in val.items()}}
         history.append(row)
         K = m.top_k
+        if W:
+            scores = (f"window AP {val['window_ap']:.4f} (random {val['random/window_ap']:.4f}) AUC "
+                      f"{val['window_auc']:.4f} recall@{K} {val[f'window_recall@{K}']:.4f}")
+        else:
+            scores = (f"recall@{K} {val[f'recall@{K}']:.4f} coverage@{2 * K} "
+                      f"{val.get(f'coverage@{2 * K}', float('nan')):.4f} any_hit@1 {val['any_hit@1']:.4f} "
+                      f"any_hit@5 {val['any_hit@5']:.4f}")
         print(f"epoch {epoch:3d}/{args.epochs}: train loss {row['train_loss']:.4f} | val loss {val['loss']:.4f} "
-              f"recall@{K} {val[f'recall@{K}']:.4f} coverage@{2 * K} {val.get(f'coverage@{2 * K}', float('nan')):.4f} "
-              f"any_hit@1 {val['any_hit@1']:.4f} any_hit@5 {val['any_hit@5']:.4f} | "
-              f"{rate(row['epoch_rows_per_s'])} rows/s | {epoch_time:.1f} s")
+              f"{scores} | {rate(row['epoch_rows_per_s'])} rows/s | {epoch_time:.1f} s")
         if select not in val:
-            raise UserError(f"--select-metric {select}: not a validation metric (e.g. recall@{K}, any_hit@1)")
+            examples = "window_ap, window_auc, window_recall@" if W else "any_hit@1, recall@"
+            raise UserError(f"--select-metric {select}: not a validation metric (e.g. {examples}{K})")
         metrics = {"epoch": epoch, "val": val, "history": history, "select_metric": select}
         if dp.is_main:  # one set of checkpoints, written by rank 0
             if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them

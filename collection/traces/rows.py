@@ -353,5 +353,53 @@ def targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, lookahead
     return block.topk_ids[layer + lookahead, tok]
 
 
+def later_token(block: TokenBlock, tok: torch.Tensor, ahead: int) -> torch.Tensor:
+    """(R,) row of the token `ahead` positions after `tok` in the same sequence, -1 past its end
+    (ahead = 0 is the token itself); the mirror of `earlier_token`."""
+    return _later_rows(block, tok, ahead)[-1] if ahead else tok
+
+
+def _next_rows(block: TokenBlock) -> torch.Tensor:
+    """(N,) row of each token's successor in its sequence, -1 at a sequence's last token: `prev` inverted, so a
+    successor is never a row of the next sequence, however the block's rows are laid out."""
+    nxt = torch.full_like(block.prev, -1)
+    has_prev = torch.nonzero(block.prev >= 0).squeeze(1)
+    return nxt.index_put_((block.prev[has_prev],), has_prev)
+
+
+def _later_rows(block: TokenBlock, tok: torch.Tensor, tokens: int) -> list[torch.Tensor]:
+    """[rows of the tokens 1, 2, .., `tokens` positions after `tok` in its sequence], each (R,), -1 past its end."""
+    nxt = _next_rows(block)
+    rows, out = tok, []
+    for _ in range(tokens):  # `tokens` is a small window: a few vectorized gathers, no loop over tokens
+        rows = torch.where(rows >= 0, nxt[rows.clamp(min=0)], rows)
+        out.append(rows)
+    return out
+
+
+def expert_set(block: TokenBlock, layer: torch.Tensor, tok: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(R, E) bool: the experts token rows `tok` used at layers `layer`; no expert where tok < 0."""
+    valid = (tok >= 0).unsqueeze(1)
+    ids = block.topk_ids[layer, tok.clamp(min=0)]                  # (R, K)
+    out = torch.zeros(tok.shape[0], num_experts, dtype=torch.bool, device=tok.device)
+    return out.scatter_(1, ids, valid.expand_as(ids)) & valid
+
+
+def window_targets(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, tokens: int,
+                   num_experts: int) -> torch.Tensor:
+    """(R, E) float 0/1: the experts used at layer l by the next `tokens` tokens of the same sequence,
+    t+1 .. t+W (what a cache at layer l will be asked for soon; token t's own experts are not in it). Near a
+    sequence's end the window holds what remains of it; a row with no later token has an empty set."""
+    used = torch.zeros(tok.shape[0], num_experts, dtype=torch.bool, device=tok.device)
+    for rows in _later_rows(block, tok, tokens):
+        used |= expert_set(block, layer, rows, num_experts)
+    return used.float()
+
+
+def has_later_token(block: TokenBlock, tok: torch.Tensor) -> torch.Tensor:
+    """(R,) bool: whether `tok` has a later token in its sequence (a window row exists only then)."""
+    return _next_rows(block)[tok] >= 0
+
+
 def mean_tokens_per_sequence(table: dict[str, np.ndarray], seq_ids: np.ndarray) -> float:
     return float(table["length"][np.isin(table["seq_id"], seq_ids)].mean())

@@ -16,6 +16,14 @@ Names follow the prefetching literature (docs/metrics.md maps them to the seed's
     any_hit@k     1[top_k_pred & T nonempty]  the seed's "Top-k accuracy" (inflated: never a headline)
     avg_found@k   |top_k_pred & T|            the seed's "average coverage"
     exact_match   coverage@K                  predicted top-K set equals the true set
+
+Window metrics (a predictor trained with a lookahead in tokens, W): a row (token t, layer l) has as its target
+the set S of experts layer l uses in tokens t+1 .. t+W, of any size m = |S| (1..E), and the scores should order
+"used soon" above "not used soon" (an eviction keeps the best-scored experts). Ties again count against the
+predictor (AUC: half, its standard definition, so constant scores read the random 0.5):
+    window_recall@k  |top_k_pred & S| / m      share of the soon-used experts a cache of the top k would hold
+    window_ap        average precision         mean over e in S of the precision of the experts scored >= e
+    window_auc       ROC AUC                   P(a used expert outscores an unused one)
 """
 from __future__ import annotations
 
@@ -87,7 +95,24 @@ def random_expectation(metric: str, k: int, num_experts: int, top_k: int) -> flo
     raise ValueError(metric)
 
 
-class CoverageAccumulator:
+class MeanLoss:
+    """The mean of a loss over the rows an accumulator saw (validation during training reports it), summed
+    on `device` in float64."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_rows = 0
+
+    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
+        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
+        self.loss_rows += rows
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / max(self.loss_rows, 1)).item()
+
+
+class CoverageAccumulator(MeanLoss):
     """Streaming sums of every metric at every k, overall, per target layer and per source.
 
     Per (layer, source) cell it keeps three histograms over rank values 0..E-1: of every true
@@ -102,22 +127,13 @@ class CoverageAccumulator:
         # always evaluated, whatever ks the caller asked for, so reports can name them for any model's top_k
         self.ks = tuple(sorted(k for k in set(ks) | {top_k, 2 * top_k} if k <= num_experts))
         self.L, self.S, self.E, self.K = num_layers, num_sources, num_experts, top_k
-        self.device = torch.device(device)
+        super().__init__(device)
         z = lambda *s: torch.zeros(*s, dtype=torch.int64, device=self.device)  # noqa: E731
         self.hist_all = z(num_layers, num_sources, num_experts)   # ranks of every true expert
         self.hist_max = z(num_layers, num_sources, num_experts)   # worst rank per row (coverage)
         self.hist_min = z(num_layers, num_sources, num_experts)   # best rank per row (any hit)
         self.pred_freq = z(num_experts)                           # how often each expert is predicted in top-K
         self.true_freq = z(num_experts)                           # how often each expert is truly chosen
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.loss_rows = 0
-
-    def add_loss(self, loss_sum: torch.Tensor, rows: int) -> None:
-        self.loss_sum += loss_sum.detach().to(self.device, torch.float64)
-        self.loss_rows += rows
-
-    def mean_loss(self) -> float:
-        return (self.loss_sum / max(self.loss_rows, 1)).item()
 
     @torch.no_grad()
     def update(self, ranks: torch.Tensor, layer: torch.Tensor, source: torch.Tensor,
@@ -182,3 +198,107 @@ def headline_columns(top_k: int) -> tuple[str, ...]:
     """The table's metrics for a model routing to top_k experts: recall and exact match at K, coverage of a
     2K-expert prefetch, and the seed's any_hit@1 / any_hit@5 for comparison with its report."""
     return (f"recall@{top_k}", f"coverage@{2 * top_k}", "exact_match", "any_hit@1", "any_hit@5")
+
+
+# --------------------------------------------------------------------------------------------------
+# Window metrics: the target is a set S (R, E bool) of any size, not K experts; per-row values, NaN where undefined
+
+
+def window_counts(scores: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every row and expert e, float64 (R, E) each: (experts scoring >= s_e, experts of S scoring >= s_e,
+    the average 1-based rank of s_e in ascending order, ties sharing their mean rank).
+
+    scores: (R, E) real, higher = more likely used; used: (R, E) bool, the set S. A NaN score ranks last, as in
+    `true_expert_ranks`. One sort of the scores and one of S's scores (the others moved below every score), then
+    binary searches: R E log E, not the R E^2 of comparing every pair."""
+    s = scores.double().nan_to_num(nan=-1e300, posinf=1e300, neginf=-1e300)
+    E = s.shape[1]
+    m = used.sum(1, keepdim=True)
+    ordered = s.sort(1).values
+    below = torch.searchsorted(ordered, s)                         # experts scoring < s_e
+    at_most = torch.searchsorted(ordered, s, right=True)           # experts scoring <= s_e
+    used_sorted = torch.where(used, s, -torch.inf).sort(1).values  # S's scores; the E - m others at -inf, below all
+    used_below = torch.searchsorted(used_sorted, s) - (E - m)      # experts of S scoring < s_e
+    return (E - below).double(), (m - used_below).double(), (below + at_most + 1).double() / 2
+
+
+def window_recall_at_k(scores: torch.Tensor, used: torch.Tensor, k: int) -> torch.Tensor:
+    """(R,) |top-k & S| / |S|: an expert of S is in the top k if at most k experts score at least as high as it.
+    NaN where S is empty. Random: k / E."""
+    at_least, _, _ = window_counts(scores, used)
+    found = ((at_least <= k) & used).sum(1).double()
+    return found / used.sum(1).double()
+
+
+def average_precision(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """(R,) (1 / |S|) sum over e in S of |{f in S: s_f >= s_e}| / |{f: s_f >= s_e}|: the precision of the
+    experts kept when the cut falls at each used expert, averaged. 1 when S is ranked first; NaN where S is
+    empty. Random: `random_average_precision(|S|, E)` (about |S| / E)."""
+    at_least, used_at_least, _ = window_counts(scores, used)
+    return torch.where(used, used_at_least / at_least, 0.0).sum(1) / used.sum(1).double()
+
+
+def window_auc(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """(R,) ROC AUC: the share of (used, unused) expert pairs in which the used one scores higher, a tie
+    counting one half; (sum of S's ascending ranks - m (m + 1) / 2) / (m (E - m)), m = |S|, ties at their
+    mean rank. NaN where S is empty or holds every expert. Random (and constant scores): 0.5."""
+    _, _, rank = window_counts(scores, used)
+    m, E = used.sum(1).double(), used.shape[1]
+    return (torch.where(used, rank, 0.0).sum(1) - m * (m + 1) / 2) / (m * (E - m))
+
+
+def random_average_precision(m: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expected average precision of a uniformly random order for a set of m of E experts:
+    (m - 1) / (E - 1) + H_E (E - m) / (E (E - 1)), H_E = 1 + 1/2 + .. + 1/E. (A used expert at position r has
+    1 + (r - 1)(m - 1)/(E - 1) used experts at or above it on average; averaged over r with weight 1 / r.)"""
+    E = num_experts
+    harmonic = sum(1.0 / r for r in range(1, E + 1))
+    m = m.double()
+    return (m - 1) / max(E - 1, 1) + harmonic * (E - m) / (E * max(E - 1, 1))
+
+
+class WindowAccumulator(MeanLoss):
+    """Streaming sums of the window metrics per input layer l (the window's layer): recall@k for every k,
+    average precision and its random expectation, AUC (over rows where it is defined) and |S|."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, ks: tuple[int, ...] = SEED_KS,
+                 device: torch.device | str = "cpu"):
+        # k = K and 2K always, as in CoverageAccumulator, so reports can name them for any model
+        self.ks = tuple(sorted(k for k in set(ks) | {top_k, 2 * top_k} if k <= num_experts))
+        self.L, self.E = num_layers, num_experts
+        super().__init__(device)
+        names = ("rows", "size", "ap", "random_ap", "auc", "auc_rows", *(f"recall@{k}" for k in self.ks))
+        self.sums = {n: torch.zeros(num_layers, dtype=torch.float64, device=self.device) for n in names}
+
+    @torch.no_grad()
+    def update(self, scores: torch.Tensor, used: torch.Tensor, layer: torch.Tensor) -> None:
+        """scores (R, E); used (R, E) bool, each row's set S (rows with an empty S are not counted); layer (R,)."""
+        keep = used.any(1)
+        scores, used, layer = scores[keep], used[keep], layer[keep].to(self.device).long()
+        size = used.sum(1).double()
+        auc = window_auc(scores, used)
+        values = {"rows": torch.ones_like(size), "size": size, "ap": average_precision(scores, used),
+                  "random_ap": random_average_precision(size, self.E), "auc": auc.nan_to_num(0.0),
+                  "auc_rows": (~auc.isnan()).double(),
+                  **{f"recall@{k}": window_recall_at_k(scores, used, k) for k in self.ks}}
+        for name, v in values.items():
+            self.sums[name].index_add_(0, layer, v.to(self.device))
+
+    def summary(self, layers: list[int] | None = None) -> dict[str, float]:
+        """Flat dict: window_rows, window_size (mean |S|), window_recall@k, window_ap, random/window_ap,
+        window_auc (over window_auc_rows rows: those where S is neither empty nor every expert)."""
+        sel = slice(None) if layers is None else torch.tensor(layers, device=self.device)
+        total = {n: v[sel].sum().item() for n, v in self.sums.items()}
+        rows = total["rows"]
+        out: dict[str, float] = {"window_rows": rows, "window_auc_rows": total["auc_rows"]}
+        if rows == 0:
+            return out
+        out["window_size"] = total["size"] / rows
+        for k in self.ks:
+            out[f"window_recall@{k}"] = total[f"recall@{k}"] / rows
+        out["window_ap"], out["random/window_ap"] = total["ap"] / rows, total["random_ap"] / rows
+        out["window_auc"] = total["auc"] / total["auc_rows"] if total["auc_rows"] else float("nan")
+        return out
+
+    def per_layer(self, metric: str) -> list[float | None]:
+        return [self.summary(layers=[l]).get(metric) for l in range(self.L)]

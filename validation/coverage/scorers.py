@@ -11,6 +11,12 @@ Baselines:
     previous-token  the previous token's experts at the target layer (its routing weights)
     popularity      each target layer's most frequent experts in the training split
     random          uniform random scores (recall@k = k / E in expectation)
+    recency         the experts of the target layer used by the previous N tokens (--history), most recent
+                    first (an LRU order of that layer's experts, as the cache sees it); popularity below them
+    frequency       how often the previous N tokens used each expert of the target layer; popularity below
+
+A predictor trained for a lookahead in tokens (W >= 1) scores, for row (t, l), the probability that layer
+l uses each expert in tokens t+1..t+W; recency and frequency are its training-free baselines.
 """
 from __future__ import annotations
 
@@ -23,10 +29,10 @@ from torch import nn
 
 from collection.families import selection_scores
 from collection.traces.format import ROUTER_WEIGHTS, TraceSet
-from collection.traces.rows import SplitBlocks, TokenBlock, routing_vector
+from collection.traces.rows import SplitBlocks, TokenBlock, earlier_token, expert_set, routing_vector
 from common.errors import UserError
 from models.features import feature_spec, make_features
-from models.predictors import PREDICTORS
+from models.predictors import PREDICTORS, lookahead_tokens
 from validation.coverage.metrics import true_expert_ranks
 
 Scorer = Callable[[TokenBlock, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,6 +48,7 @@ class ScorerInfo:
     same_layer_only: bool  # defined at lookahead 0 only
     summary: str
     needs_training_split: bool = False  # counts expert use on the training split (popularity)
+    looks_back: bool = False            # reads the previous `history` tokens' routing (recency, frequency)
 
 
 SCORERS: dict[str, ScorerInfo] = {
@@ -55,7 +62,12 @@ SCORERS: dict[str, ScorerInfo] = {
     "popularity": ScorerInfo(False, False, False, False, False, "most frequent experts of l+d (training split)",
                              needs_training_split=True),
     "random": ScorerInfo(False, False, False, False, False, "uniform random scores"),
+    "recency": ScorerInfo(False, False, False, True, False, "the previous N tokens' experts at l+d, most recent first",
+                          needs_training_split=True, looks_back=True),
+    "frequency": ScorerInfo(False, False, False, True, False, "how often the previous N tokens used each expert of l+d",
+                            needs_training_split=True, looks_back=True),
 }
+DEFAULT_HISTORY = 16  # tokens the recency and frequency baselines look back unless told
 BASELINES = tuple(name for name, info in SCORERS.items() if not info.learned)
 
 
@@ -181,27 +193,76 @@ def _random(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.d
     return lambda block, tok, layer: torch.rand(tok.shape[0], E, generator=gen).to(device)
 
 
-_BASELINE_BUILDERS: dict[str, Callable[[TraceSet, int, np.ndarray, torch.device, int], Scorer]] = {
+def recency_scores(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, history: int,
+                   num_experts: int) -> torch.Tensor:
+    """(R, E) N + 1 - j for an expert that token t-j last used at `layer` (j = 1..N, N = `history`: the most
+    recent use scores highest), 0 for one the N previous tokens of t's sequence did not use."""
+    score = torch.zeros(tok.shape[0], num_experts, device=tok.device)
+    rows = tok
+    for j in range(1, history + 1):  # `history` is a small window: N vectorized gathers, no loop over tokens
+        rows = earlier_token(block, rows, 1)
+        used = expert_set(block, layer, rows, num_experts)
+        score = torch.where(used & (score == 0), float(history + 1 - j), score)
+    return score
+
+
+def frequency_scores(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, history: int,
+                     num_experts: int) -> torch.Tensor:
+    """(R, E) how many of the N = `history` previous tokens of t's sequence used each expert at `layer`."""
+    count = torch.zeros(tok.shape[0], num_experts, device=tok.device)
+    rows = tok
+    for _ in range(history):
+        rows = earlier_token(block, rows, 1)
+        count += expert_set(block, layer, rows, num_experts)
+    return count
+
+
+def _looking_back(scores: Callable[..., torch.Tensor]) -> Callable[..., Scorer]:
+    """A builder of recency or frequency at the target layer, training-split popularity ordering the experts
+    they leave tied (the scores are whole numbers, and 1e-3 x a share never reorders them)."""
+    def build(ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device, seed: int,
+              history: int = DEFAULT_HISTORY) -> Scorer:
+        popularity = expert_popularity(ts, train_ids).to(device)
+        E = ts.manifest.num_experts
+        return lambda block, tok, layer: (scores(block, tok, layer + lookahead, history, E)
+                                          + 1e-3 * popularity[layer + lookahead])
+    return build
+
+
+_BASELINE_BUILDERS: dict[str, Callable[..., Scorer]] = {
     "router": _router, "router-reuse": _router, "previous-token": _previous_token, "popularity": _popularity,
-    "random": _random,
+    "random": _random, "recency": _looking_back(recency_scores), "frequency": _looking_back(frequency_scores),
 }
 
 
 def baseline_scorer(name: str, ts: TraceSet, lookahead: int, train_ids: np.ndarray, device: torch.device,
-                    seed: int = 0) -> Scorer:
-    """The training-free scorer `name`, after checking the trace set holds what it needs."""
+                    seed: int = 0, history: int = DEFAULT_HISTORY) -> Scorer:
+    """The training-free scorer `name`, after checking the trace set holds what it needs (`history`: the
+    tokens recency and frequency look back)."""
     if name not in _BASELINE_BUILDERS:
         raise UserError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     check_traces(name, ts, lookahead)
+    if SCORERS[name].looks_back:
+        if history < 1:
+            raise UserError(f"--history {history}: {name} needs at least 1 previous token")
+        return _BASELINE_BUILDERS[name](ts, lookahead, train_ids, device, seed, history=history)
     return _BASELINE_BUILDERS[name](ts, lookahead, train_ids, device, seed)
 
 
 def predictor_scorer(model: nn.Module, lookahead: int, num_experts: int, dtype: torch.dtype = torch.float32) -> Scorer:
-    """A trained predictor as a scorer (features built by `models.features.make_features`)."""
+    """A trained predictor as a scorer (features built by `models.features.make_features`): its logits for the
+    experts of layer l + d. A predictor trained for a lookahead in tokens (W = cfg.lookahead_tokens >= 1; then
+    `lookahead` must be 0) gives instead, for row (t, l), the probability that layer l uses each expert in
+    tokens t+1..t+W, from what a d = 0 row sees: an eviction policy's (T, L, E) scores, row by row."""
     spec = feature_spec(model)
+    window = lookahead_tokens(model) > 0
+    if window and lookahead != 0:
+        raise UserError(f"the predictor looks {lookahead_tokens(model)} tokens ahead at the same layer; "
+                        f"it has no lookahead {lookahead} in layers")
 
     def score(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         f = make_features(block, tok, layer, lookahead, num_experts, spec, dtype)
         with torch.autocast(device_type=tok.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model(f).float()
+            logits = model(f).float()
+        return torch.sigmoid(logits) if window else logits
     return score
