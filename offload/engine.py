@@ -1,0 +1,521 @@
+"""The offload engine: a Hugging Face MoE whose routed experts live in host memory, with a GPU expert cache.
+
+`offload_experts(model, ...)` converts a loaded model in place (every family of collection/families.py) and
+returns an `OffloadHandle`; the user then calls `model.generate()` as usual. Per MoE layer:
+
+  * the router runs early (a pre-hook on the MoE block, before the shared expert), its top-k ids are copied to
+    pinned host memory behind an event (with the prefetch predictor's top-m of layer l+d); the host blocks
+    only there, when the experts module asks for them;
+  * `OffloadedExperts` (the block's new experts module) runs the cache's bookkeeping (offload/cache.py, the
+    simulator's rules), queues the demand copies and then the prefetch copies on the copy stream
+    (offload/copies.py), makes the compute stream wait for the newest copy its rows need, remaps the
+    router's expert ids to GPU rows (a small table sent through pinned memory, gathered on the GPU), and calls
+    the model's own experts implementation (grouped_mm, batched_mm or eager) on the rows, presented as the
+    experts' tensors. Ids of experts not in a call map to the "sentinel" row count, which those
+    implementations skip (the expert-parallel convention, `_is_expert_parallel`).
+
+A forward of one token per sequence is a decode step: its access is the batch's experts (union) and goes
+through the cache. A forward of more tokens per sequence (a prompt) streams the layer's missing experts through
+the staging banks, G at a time, double-buffered (bank b+1's copies run under bank b's compute), and leaves the
+cache as it was; cached experts are read where they are.
+
+All-resident (C = E, every expert loaded once) skips the host read and the remap: the model's own computation
+on per-layer views of the slots.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from collection.errors import UserError
+from collection.families import Family, family_of, moe_layers, router_spec
+from offload.cache import COUNTED, CacheState, cache_slots
+from offload.copies import HostReader, SyncCopies, make_copies
+from offload.prefetch import LivePredictor, learned, router_reuse, top_m
+from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
+from offload.slots import SlotBuffers
+from offload.store import HostExpertStore, make_layout
+from offload.uploads import Uploads
+from validation.cache_sim import (DEMAND, HITS, LRU, NO_PREFETCH, ORACLE, PREDICTED, SPEC, SPEC_USED, SPEC_WASTED,
+                                  STAGED, STATIC, BELADY, Policy, parse_policy)
+
+EMPTY = np.zeros(0, dtype=np.int64)
+ZERO_USE = np.zeros(0, dtype=np.int64)
+IMPLEMENTATIONS_WITH_SENTINELS = ("grouped_mm", "batched_mm")
+
+
+class OffloadedExperts(nn.Module):
+    """Replaces a MoE block's experts module: same call, (hidden (N, H), top_k_index (N, k), weights (N, k))."""
+
+    def __init__(self, engine: "OffloadEngine", layer: int):
+        super().__init__()
+        object.__setattr__(self, "engine", engine)  # not a submodule: the engine is not part of the model
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        return self.engine.experts(self.layer, hidden_states, top_k_index, top_k_weights)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, {self.engine.describe()}"
+
+
+@dataclass
+class Counters:
+    """Everything the engine counts, summed over the run (times in ns or ms)."""
+    decode_forwards: int = 0
+    decode_tokens: int = 0
+    prefill_forwards: int = 0
+    prefill_tokens: int = 0
+    steps: int = 0                    # (decode forward, layer) cache steps
+    host_ns: int = 0                  # the engine's own host time in cache steps (Python, launches, bookkeeping)
+    predictor_host_ns: int = 0
+    predictor_calls: int = 0
+    prefill_hits: int = 0
+    prefill_copies: int = 0
+    cpu_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+
+
+class OffloadEngine:
+    def __init__(self, model: nn.Module, cache: int, policy: Policy, lookahead: int, fetch_budget: int,
+                 expert_format: str, bank: int, forced: ForcedRouting | None, resident: np.ndarray | None,
+                 popularity: np.ndarray | None, delayed_copies: bool, timing: bool, record: bool, graphs: bool,
+                 seed: int):
+        fam = family_of(model)
+        layers = moe_layers(model)
+        self.model, self.fam, self.policy = model, fam, policy
+        cfg = model.config
+        self.L, self.E = len(layers), int(getattr(cfg, fam.num_experts))
+        self.K, self.H = int(cfg.num_experts_per_tok), int(cfg.hidden_size)
+        self.C, self.d, self.m = cache, lookahead, fetch_budget
+        self.impl = getattr(cfg, "_experts_implementation", None) or "eager"
+        self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        self.forced, self.record_on, self.seed = forced, record, seed
+        # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
+        self.resident_fast = policy.all_resident and expert_format != "nf4"
+        self.blocks = [m.block for m in layers]
+        self.inner = [m.experts for m in layers]
+        self.routers = [m.router for m in layers]
+        self.decoder_index = [m.decoder_index for m in layers]
+
+        # --- host store, GPU slots, cache tables
+        layout = make_layout(layers[0].experts, fam.fused, expert_format)
+        self.layout = layout
+        self.G = bank
+        self.W = max(self.K, bank)  # nf4 work rows: one call's experts at most
+        # the prefetch source first: a checkpoint of another model is refused before any memory is taken
+        self.predictor: LivePredictor | None = None
+        self.learned = None
+        if policy.prefetch == PREDICTED:
+            self.predictor = self._live_predictor(policy, popularity, graphs)
+        self.store = HostExpertStore(self.inner, layout, pin=self.device.type == "cuda")
+        for m in self.inner:  # the experts now live in the store: release the model's copies
+            for name in layout.names:
+                del m._parameters[name]
+            m._is_expert_parallel = True  # ids >= num_experts are skipped (the sentinel)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.slots = SlotBuffers(layout, self.L, cache, bank, self.W, self.device)
+        self.slots.attach(self.store)
+        self.local = [self.slots.tensors(l * cache, (l + 1) * cache) for l in range(self.L)] if not self.slots.nf4 else []
+        self.glob = self.slots.tensors(0, self.slots.rows) if not self.slots.nf4 else []
+        self.row_seq = np.zeros(self.slots.rows, dtype=np.int64)  # newest copy group into each row
+        T = forced.tokens if forced is not None else 0
+        self.cache = CacheState(self.L, self.E, cache, policy.eviction, policy.prefetch, T)
+        self.copies: SyncCopies = make_copies(self.device, delayed_copies, timing)
+        self.reader = HostReader(self.device)
+        self.uploads = Uploads(self.device, self.E + max(self.W, 2 * bank) + 8)
+        self.timing = timing and self.device.type == "cuda"
+        if policy.all_resident or policy.eviction == STATIC:
+            pinned = np.ones((self.L, self.E), dtype=bool) if policy.all_resident else resident
+            self.cache.preload(pinned)
+            self._load_cached()
+        self.n_pred = (min(fetch_budget, cache) if policy.prefetch == PREDICTED else
+                       min(self.K, cache) if policy.prefetch == ORACLE else 0)
+
+        # --- per-forward state
+        self.counters = Counters()
+        self.N = self.B = self.T = 0
+        self.row0 = 0
+        self.decode = False
+        self.early: list[Any] = [None] * self.L   # the router's output computed early, by layer
+        self.markers: list[Any] = [None] * self.L
+        self.pred_host: np.ndarray = EMPTY
+        self.log: dict[str, list] = {"ids": [], "pred": [], "stats": []}
+        self.forward_events: list[tuple[str, int, Any, Any]] = []
+        self.kv_bytes = 0
+        self.predictor_events: list[tuple[Any, Any]] = []
+        self._t_forward = 0.0
+        self._install()
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def _live_predictor(self, policy: Policy, popularity: np.ndarray | None, graphs: bool) -> LivePredictor:
+        src, dev = policy.source, self.device
+        forced = self.forced is not None
+        if src == "router-reuse":
+            spec = router_spec(self.model)
+            run = router_reuse(self.routers, spec, self.d, self.fam.router_bias, self.fam.correction_bias)
+            pred = LivePredictor(policy.name, self.m, run)
+        elif src in ("popularity", "previous-token", "random"):
+            pred = self._table_predictor(src, popularity)
+        else:
+            routers = torch.stack([r.weight.detach() for r in self.routers])
+            dtype = next(self.model.parameters()).dtype
+            self.learned = learned(src, self.L, self.E, self.K, self.H, self.d, int(self.model.config.vocab_size),
+                                   routers, dev, dtype, check=not forced, seed=self.seed)
+            pred = LivePredictor(policy.name, self.m, self.learned, reads_x=False, features=self.learned.features)
+        pred.use_graphs = graphs and dev.type == "cuda"
+        return pred
+
+    def _table_predictor(self, src: str, popularity: np.ndarray | None) -> LivePredictor:
+        if src != "random" and popularity is None and self.forced is None:
+            raise UserError(f"policy prefetch:{src} needs expert frequencies: give static_from= (--static-from) "
+                            "a trace set of this model")
+        dev = self.device
+        pop = torch.as_tensor(popularity if popularity is not None else np.zeros((self.L, self.E)),
+                              dtype=torch.float32, device=dev)
+        if src == "popularity":
+            return LivePredictor("popularity", self.m, lambda l, x: pop[l + self.d].expand(x.shape[0], -1))
+        if src == "random":
+            gen = torch.Generator(device=dev).manual_seed(self.seed)
+            return LivePredictor("random", self.m, lambda l, x: torch.rand(x.shape[0], self.E, generator=gen, device=dev))
+        # previous-token: the previous token's routing at l+d (the history of LiveFeatures), popularity below it
+        from models.features import FeatureSpec
+        from offload.prefetch import LiveFeatures
+
+        holder: dict[int, LiveFeatures] = {}
+
+        class History:
+            current: LiveFeatures | None = None
+
+            def features(self, rows: int) -> LiveFeatures:
+                if rows not in holder:
+                    holder[rows] = LiveFeatures(FeatureSpec(history=True), self_.L, self_.E, self_.H, self_.d, rows,
+                                                dev, torch.float32)
+                self.current = holder[rows]
+                return self.current
+        self_ = self
+        self.learned = History()
+
+        def run(l: int, x: torch.Tensor) -> torch.Tensor:
+            live = self.learned.current
+            return live.hist_routing[l + self.d, :, 0] * (live.seen > 0).unsqueeze(-1) + 1e-3 * pop[l + self.d]
+        return LivePredictor("previous-token", self.m, run, reads_x=False, features=self.learned.features)
+
+    def _load_cached(self) -> None:
+        """Copy every cached expert (static and all-resident caches) into its slot, before the first token."""
+        pairs = []
+        for l in range(self.L):
+            for e in np.flatnonzero(self.cache.slot_of[l] >= 0):
+                row = self.slots.cache_row(l, int(self.cache.slot_of[l, e]))
+                pairs += list(zip(self.slots.dst(row), self.slots.src(l, int(e))))
+        for i in range(0, len(pairs), 64):
+            for dst, src in pairs[i:i + 64]:
+                dst.copy_(src)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _install(self) -> None:
+        fam = self.fam
+        for l, (block, router) in enumerate(zip(self.blocks, self.routers)):
+            setattr(block, fam.experts, OffloadedExperts(self, l))
+            original = router.forward
+            router._offload_original_forward = original
+            router.forward = self._router_forward(l, original)
+            block.register_forward_pre_hook(self._block_pre_hook(l, original))
+        self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
+        self.model.register_forward_hook(self._end_forward, with_kwargs=True)
+
+    def _router_forward(self, l: int, original: Any) -> Any:
+        def forward(x: torch.Tensor) -> Any:
+            early = self.early[l]
+            if early is not None and early[0] == x.data_ptr() and early[1] == x.numel():
+                self.early[l] = None
+                return early[2]
+            return self.route(l, original, x)
+        return forward
+
+    def _block_pre_hook(self, l: int, original: Any) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            self.early[l] = (x.data_ptr(), x.numel(), self.route(l, original, x.reshape(-1, x.shape[-1])))
+        return hook
+
+    # ------------------------------------------------------------------------------------------
+    # a forward
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        self.B, self.T = int(ref.shape[0]), int(ref.shape[1])
+        self.N = self.B * self.T
+        self.decode = self.T == 1
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        new_sequence = cache is None or cache.get_seq_length() == 0
+        self.phase = "prefill" if new_sequence else "decode"
+        if self.forced is not None:
+            self.row0 = self.forced.take(self.N)
+        if self.learned is not None:
+            self.learned.features(self.B).begin(ids, new_sequence)
+        if self.timing:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.forward_events.append((self.phase, self.N, start, None))
+        else:
+            self._t_forward = time.perf_counter()
+
+    def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        c = self.counters
+        if self.phase == "decode":
+            c.decode_forwards += 1
+            c.decode_tokens += self.N
+        else:
+            c.prefill_forwards += 1
+            c.prefill_tokens += self.N
+        if self.timing:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            phase, n, start, _ = self.forward_events[-1]
+            self.forward_events[-1] = (phase, n, start, end)
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            c.cpu_seconds[self.phase] += time.perf_counter() - self._t_forward
+        if self.learned is not None:
+            self.learned.features(self.B).end(self.T)
+        cache = getattr(output, "past_key_values", None) or kwargs.get("cache")
+        if cache is not None:
+            self.kv_bytes = max(self.kv_bytes, cache_bytes(cache))
+        if self.record_on and self.decode:
+            self.log["stats"].append(self.cache.stats.copy())
+
+    # ------------------------------------------------------------------------------------------
+    # a layer
+
+    def route(self, l: int, router_forward: Any, x: torch.Tensor) -> Any:
+        """The router on x (N, H), its output forced when routing comes from traces, the predictor of layer l+d,
+        and the host read of what the experts module will need."""
+        out = router_forward(x)
+        t0 = time.perf_counter_ns()
+        logits, w, ids = out
+        if self.forced is not None:
+            rows = slice(self.row0, self.row0 + x.shape[0])
+            ids, w = self.forced.ids[rows, l], self.forced.weights[rows, l].to(w.dtype)
+            out = (logits, w, ids)
+        if self.learned is not None:
+            self.learned.current.record(l, x, ids, w)
+        if self.resident_fast:
+            return out
+        if self.decode:
+            pred = None
+            if self.predictor is not None and l + self.d < self.L:
+                tp = time.perf_counter_ns()
+                ev = self._timed_start()
+                pred = self.predictor(l, x)
+                self._timed_end(ev)
+                tp = time.perf_counter_ns() - tp
+                t0 += tp  # reported on its own
+                self.counters.predictor_host_ns += tp
+                self.counters.predictor_calls += 1
+                if self.forced is not None:
+                    pred = None  # forced routing: the stream's predictions are used; the work above is its cost
+            self.reader.stage(ids) if pred is None else self.reader.stage(ids, pred)
+        else:
+            self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
+        self.markers[l] = self.copies.mark()
+        self.counters.host_ns += time.perf_counter_ns() - t0
+        return out
+
+    def _timed_start(self) -> Any:
+        if not self.timing:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _timed_end(self, start: Any) -> None:
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.predictor_events.append((start, end))
+
+    def experts(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.resident_fast:  # every expert in its slot, slot = expert id: the model's own computation
+            return self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None)
+        host = self.reader.get()
+        t0 = time.perf_counter_ns()
+        self._inner_ns = 0
+        if self.decode:
+            out = self._decode_step(l, hidden, ids, w, host)
+        else:
+            out = self._prefill(l, hidden, ids, w, host[0])
+        self.counters.host_ns += time.perf_counter_ns() - t0 - self._inner_ns
+        return out
+
+    def _decode_step(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                     host: list[np.ndarray]) -> torch.Tensor:
+        c, cache, slots, K = self.counters, self.cache, self.slots, self.K
+        c.steps += 1
+        flat = host[0]
+        access = flat if self.N == 1 else _first_appearance(flat)
+        pred, next_use = self._prediction(l, host), ZERO_USE
+        if self.policy.eviction == BELADY:
+            next_use = self._belady_next_use(l)
+        n_dem, n_fetch, n_staged = cache.step(l, access, pred, self.n_pred, self.d, next_use)
+        if self.record_on:
+            self._log_step(l, access, pred)
+        demand = cache.demand[:n_dem]
+        need = cache.need[:len(access)]
+        cached = [(int(e), slots.cache_row(l, int(s))) for e, s in zip(access, need) if s >= 0]
+        staged = [int(e) for e, s in zip(access, need) if s < 0]
+        # demand copies into cache slots (the staged ones go with their bank below)
+        into_cache = [(int(e), slots.cache_row(l, int(s))) for e, s in demand if s >= 0]
+        fetch = [(int(e), slots.cache_row(l + self.d, int(s))) for e, s in cache.fetch[:n_fetch]]
+        if not staged and not slots.nf4:  # the common case: one call on this layer's own slots
+            self._issue(l, into_cache, self.markers[l])
+            self._issue(l + self.d, fetch, self.markers[l])
+            rows = [r for _, r in cached]
+            self.copies.wait(int(self.row_seq[rows].max()) if rows else 0)
+            table = np.where(cache.slot_of[l] >= 0, cache.slot_of[l], self.C)
+            return self._call(l, hidden, self._remap(table, ids), w, self.local[l], self.C, None)
+        return self._staged_calls(l, hidden, ids, w, cached, staged, into_cache, fetch)
+
+    def _prediction(self, l: int, host: list[np.ndarray]) -> np.ndarray:
+        if self.n_pred == 0 or l + self.d >= self.L:
+            return EMPTY
+        if self.forced is None:
+            return host[1]
+        if self.N != 1:
+            raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
+        src = self.forced.stream.ids if self.policy.prefetch == ORACLE else self.forced.stream.predictions[self.policy.name]
+        return src[self.row0, l + self.d]
+
+    def _belady_next_use(self, l: int) -> np.ndarray:
+        if self.forced is None or self.N != 1:
+            raise UserError("policy belady needs routing from traces (routing_from=) at batch size 1")
+        return self.forced.next_use[self.row0, l]
+
+    def _log_step(self, l: int, access: np.ndarray, pred: np.ndarray) -> None:
+        if l == 0:
+            self.log["ids"].append(np.full((self.L, self.K), -1, dtype=np.int64))
+            self.log["pred"].append(np.full((self.L, max(self.m, 1)), -1, dtype=np.int64))
+        self.log["ids"][-1][l, :min(len(access), self.K)] = access[:self.K]
+        if len(pred) and l + self.d < self.L:
+            self.log["pred"][-1][l + self.d, :len(pred[:self.m])] = pred[:self.m]
+
+    def _issue(self, layer: int, pairs: list[tuple[int, int]], after: Any) -> int:
+        """Queue copies of (expert, row) of MoE layer `layer`; returns the group's number (0: nothing queued)."""
+        if not pairs:
+            return 0
+        slots = self.slots
+        seq = self.copies.copy([p for e, r in pairs for p in zip(slots.dst(r), slots.src(layer, e))], after)
+        for _, r in pairs:
+            self.row_seq[r] = seq
+        return seq
+
+    def _staged_calls(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                      cached: list[tuple[int, int]], staged: list[int], into_cache: list[tuple[int, int]],
+                      fetch: list[tuple[int, int]]) -> torch.Tensor:
+        """Cached rows plus experts streamed through the two staging banks, G per call, double-buffered."""
+        slots, G = self.slots, self.G
+        groups = [staged[i:i + G] for i in range(0, len(staged), G)]
+        banks = [[(e, slots.staging_row((g % 2) * G + i)) for i, e in enumerate(grp)] for g, grp in enumerate(groups)]
+        cap = self.W if slots.nf4 else 1 << 30
+        calls: list[list[tuple[int, int]]] = []
+        first = list(cached)
+        while len(first) + (len(banks[0]) if banks else 0) > cap:
+            calls.append(first[:cap])
+            first = first[cap:]
+        calls.append(first + (banks[0] if banks else []))
+        calls += banks[1:]
+        bank_call = len(calls) - len(banks)  # the call that computes bank 0
+        after = self.markers[l]
+        self._issue(l, into_cache + (banks[0] if banks else []), after)
+        if len(banks) > 1:
+            self._issue(l, banks[1], after)
+        self._issue(l + self.d, fetch, after)
+        out = None
+        for i, call in enumerate(calls):
+            rows = [r for _, r in call]
+            self.copies.wait(int(self.row_seq[rows].max()) if rows else 0)
+            y = self._call_rows(l, hidden, ids, w, call)
+            out = y if out is None else out + y
+            g = i - bank_call
+            if 0 <= g and g + 2 < len(banks):  # bank g is free once this call has run: queue group g + 2 into it
+                self._issue(l, banks[g + 2], self.copies.mark())
+        return out
+
+    def _call_rows(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                   call: list[tuple[int, int]]) -> torch.Tensor:
+        """One experts call over the rows of `call` [(expert, row)]; other experts map to the sentinel."""
+        n = len(call)
+        if self.slots.nf4:  # rows dequantized into work rows 0..n-1
+            table = np.full(self.E, n, dtype=np.int64)
+            table[[e for e, _ in call]] = np.arange(n)
+            dev = self.uploads.send(np.concatenate([table, [r for _, r in call]]))
+            return self._call(l, hidden, dev[:self.E][ids], w, None, n, (dev[self.E:], n))
+        R = self.slots.rows
+        table = np.full(self.E, R, dtype=np.int64)
+        table[[e for e, _ in call]] = [r for _, r in call]
+        return self._call(l, hidden, self._remap(table, ids), w, self.glob, R, None)
+
+    def _remap(self, table: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+        return self.uploads.send(table)[ids]
+
+    def _call(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: list | None,
+              n: int, dequantize: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+        """The model's experts implementation on `n` rows presented as its experts (sentinel: id n)."""
+        t0 = time.perf_counter_ns()
+        inner = self.inner[l]
+        if dequantize is not None:
+            tensors = self.slots.dequantize(*dequantize)
+        for name, t in zip(self.layout.names, tensors):
+            inner.__dict__[name] = t
+        inner.num_experts = n
+        out = inner(hidden, ids, w)
+        self._inner_ns += time.perf_counter_ns() - t0
+        return out
+
+    _inner_ns = 0
+
+    def _prefill(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, counts: np.ndarray
+                 ) -> torch.Tensor:
+        """A prompt: the layer's needed experts, cached ones from their slots, the rest streamed through staging."""
+        needed = np.flatnonzero(counts)
+        slot = self.cache.slot_of[l, needed]
+        cached = [(int(e), self.slots.cache_row(l, int(s))) for e, s in zip(needed, slot) if s >= 0]
+        staged = [int(e) for e, s in zip(needed, slot) if s < 0]
+        self.counters.prefill_hits += len(cached)
+        self.counters.prefill_copies += len(staged)
+        return self._staged_calls(l, hidden, ids, w, cached, staged, [], [])
+
+    # ------------------------------------------------------------------------------------------
+    # reports
+
+    def describe(self) -> str:
+        return (f"{self.L} MoE layers x {self.E} experts (top-{self.K}), {self.C} cache slots per layer, policy "
+                f"{self.policy.name}, d={self.d}, m={self.m}, {self.layout.fmt} ({self.layout.nbytes:,} bytes/expert), "
+                f"experts implementation {self.impl}")
+
+
+def _first_appearance(flat: np.ndarray) -> np.ndarray:
+    """The distinct experts of a batch's top-k ids (row-major), in order of first appearance."""
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the tensors a transformers Cache holds (keys, values, and any other per-layer state)."""
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for v in vars(layer).values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
