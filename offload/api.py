@@ -21,7 +21,8 @@ from offload.store import DTYPE_FORMATS, make_layout
 from validation.cache_sim import BELADY, NO_PREFETCH, ORACLE, PREDICTED, STATIC, parse_policy
 
 
-def offload_experts(model: nn.Module, *, cache_experts: int | None = None, cache_gib: float | None = None,
+def offload_experts(model: nn.Module, *, device: str | torch.device | None = None,
+                    cache_experts: int | None = None, cache_gib: float | None = None,
                     policy: str = "on-demand", lookahead: int = 1, fetch_budget: int = 4,
                     expert_format: str | None = None, routing_from: str | Path | None = None,
                     static_from: str | Path | None = None, static_experts: np.ndarray | None = None,
@@ -30,6 +31,8 @@ def offload_experts(model: nn.Module, *, cache_experts: int | None = None, cache
                     delayed_copies: bool = False, nf4_on_cpu: bool = False) -> "OffloadHandle":
     """Move `model`'s routed experts to (pinned) host memory behind a GPU cache; returns the handle.
 
+    device          where the model runs (default: where its weights are). A model loaded on the host moves
+                    there without its experts, so a GPU smaller than the model serves it
     cache_experts / cache_gib  C slots per layer (0..E), or a GPU budget for all layers' slots (exactly one;
                                neither for all-resident)
     policy          a name of the simulator's registry (validation/cache_sim.py POLICY_HELP): on-demand, lfu,
@@ -53,7 +56,9 @@ def offload_experts(model: nn.Module, *, cache_experts: int | None = None, cache
     pol = parse_policy(policy)
     cfg = model.config
     L, E, K = len(layers), int(getattr(cfg, fam.num_experts)), int(cfg.num_experts_per_tok)
-    device = next(p.device for p in model.parameters())
+    device = torch.device(device) if device is not None else next(p.device for p in model.parameters())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     impl = getattr(cfg, "_experts_implementation", None) or "eager"
     if fam.model_type == "gpt_oss" and impl not in IMPLEMENTATIONS_WITH_SENTINELS:
         raise UserError(f"gpt_oss with experts implementation {impl!r}: its eager experts cannot skip absent experts; "
@@ -106,7 +111,7 @@ def offload_experts(model: nn.Module, *, cache_experts: int | None = None, cache
     if resident is not None and tuple(np.shape(resident)) != (L, E):
         raise UserError(f"static_experts of shape {np.shape(resident)}; this model needs ({L}, {E})")
     engine = OffloadEngine(model, C, pol, lookahead, fetch_budget, fmt, bank, forced, resident, popularity,
-                           delayed_copies, timing, record, cuda_graphs, seed)
+                           delayed_copies, timing, record, cuda_graphs, seed, device)
     from offload.stats import OffloadHandle
 
     return OffloadHandle(engine)

@@ -85,7 +85,7 @@ class OffloadEngine:
     def __init__(self, model: nn.Module, cache: int, policy: Policy, lookahead: int, fetch_budget: int,
                  expert_format: str, bank: int, forced: ForcedRouting | None, resident: np.ndarray | None,
                  popularity: np.ndarray | None, delayed_copies: bool, timing: bool, record: bool, graphs: bool,
-                 seed: int):
+                 seed: int, device: torch.device):
         fam = family_of(model)
         layers = moe_layers(model)
         self.model, self.fam, self.policy = model, fam, policy
@@ -94,7 +94,7 @@ class OffloadEngine:
         self.K, self.H = int(cfg.num_experts_per_tok), int(cfg.hidden_size)
         self.C, self.d, self.m = cache, lookahead, fetch_budget
         self.impl = getattr(cfg, "_experts_implementation", None) or "eager"
-        self.device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        self.device = device
         self.forced, self.record_on, self.seed = forced, record, seed
         # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
         self.resident_fast = policy.all_resident and expert_format != "nf4"
@@ -113,11 +113,12 @@ class OffloadEngine:
         self.learned = None
         if policy.prefetch == PREDICTED:
             self.predictor = self._live_predictor(policy, popularity, graphs)
-        self.store = HostExpertStore(self.inner, layout, pin=self.device.type == "cuda")
-        for m in self.inner:  # the experts now live in the store: release the model's copies
+        def release(m: nn.Module) -> None:  # the experts now live in the store: the model's copies go
             for name in layout.names:
                 del m._parameters[name]
             m._is_expert_parallel = True  # ids >= num_experts are skipped (the sentinel)
+        self.store = HostExpertStore(self.inner, layout, self.device.type == "cuda", self.device, release)
+        model.to(self.device)  # a model loaded on the host moves to the GPU without its experts
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.slots = SlotBuffers(layout, self.L, cache, bank, self.W, self.device)
@@ -290,7 +291,8 @@ class OffloadEngine:
             c.cpu_seconds[self.phase] += time.perf_counter() - self._t_forward
         if self.learned is not None:
             self.learned.features(self.B).end(self.T)
-        cache = getattr(output, "past_key_values", None) or kwargs.get("cache")
+        cache = kwargs.get("cache")
+        cache = getattr(output, "cache", None) if cache is None else cache
         if cache is not None:
             self.kv_bytes = max(self.kv_bytes, cache_bytes(cache))
         if self.record_on and self.decode:
@@ -361,8 +363,8 @@ class OffloadEngine:
 
     def _decode_step(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                      host: list[np.ndarray]) -> torch.Tensor:
-        c, cache, slots, K = self.counters, self.cache, self.slots, self.K
-        c.steps += 1
+        cache, slots = self.cache, self.slots
+        self.counters.steps += 1
         flat = host[0]
         access = flat if self.N == 1 else _first_appearance(flat)
         pred, next_use = self._prediction(l, host), ZERO_USE
@@ -371,20 +373,20 @@ class OffloadEngine:
         n_dem, n_fetch, n_staged = cache.step(l, access, pred, self.n_pred, self.d, next_use)
         if self.record_on:
             self._log_step(l, access, pred)
-        demand = cache.demand[:n_dem]
         need = cache.need[:len(access)]
-        cached = [(int(e), slots.cache_row(l, int(s))) for e, s in zip(access, need) if s >= 0]
-        staged = [int(e) for e, s in zip(access, need) if s < 0]
-        # demand copies into cache slots (the staged ones go with their bank below)
-        into_cache = [(int(e), slots.cache_row(l, int(s))) for e, s in demand if s >= 0]
-        fetch = [(int(e), slots.cache_row(l + self.d, int(s))) for e, s in cache.fetch[:n_fetch]]
-        if not staged and not slots.nf4:  # the common case: one call on this layer's own slots
-            self._issue(l, into_cache, self.markers[l])
+        base, base_t = l * self.C, (l + self.d) * self.C  # the layers' first cache rows (SlotBuffers.cache_row)
+        fetch = [(e, base_t + s) for e, s in cache.fetch[:n_fetch].tolist()]
+        if n_staged == 0 and not slots.nf4:  # the common case: one call on this layer's own slots
+            self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
             self._issue(l + self.d, fetch, self.markers[l])
-            rows = [r for _, r in cached]
-            self.copies.wait(int(self.row_seq[rows].max()) if rows else 0)
+            self.copies.wait(int(self.row_seq[base + need].max()))
             table = np.where(cache.slot_of[l] >= 0, cache.slot_of[l], self.C)
             return self._call(l, hidden, self._remap(table, ids), w, self.local[l], self.C, None)
+        pairs = list(zip(access.tolist(), need.tolist()))
+        cached = [(e, base + s) for e, s in pairs if s >= 0]
+        staged = [e for e, s in pairs if s < 0]
+        # demand copies into cache slots (the staged ones go with their bank)
+        into_cache = [(e, base + s) for e, s in cache.demand[:n_dem].tolist() if s >= 0]
         return self._staged_calls(l, hidden, ids, w, cached, staged, into_cache, fetch)
 
     def _prediction(self, l: int, host: list[np.ndarray]) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from collection.device import host_memory_available
 from collection.errors import UserError
 from validation.cost_model import expert_bytes
 
@@ -112,15 +113,8 @@ def make_layout(experts: nn.Module, fused: tuple[str, ...], fmt: str) -> ExpertL
 
 
 def available_host_bytes() -> int:
-    """MemAvailable of /proc/meminfo (bytes); a very large number where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    """Host memory a new allocation can get (collection/device.py: MemAvailable)."""
+    return host_memory_available()
 
 
 def check_host_memory(need: int, freed_on_the_way: int, what: str) -> None:
@@ -157,7 +151,8 @@ class HostExpertStore:
     """Every MoE layer's E experts as rows of one (E, stride) uint8 host tensor per layer, pinned when CUDA is
     available. Built from the experts modules (whose per-expert tensors the caller then releases)."""
 
-    def __init__(self, experts: list[nn.Module], layout: ExpertLayout, pin: bool):
+    def __init__(self, experts: list[nn.Module], layout: ExpertLayout, pin: bool, work_device: torch.device,
+                 release: Any = None):
         self.layout = layout
         self.num_layers = len(experts)
         self.num_experts = getattr(experts[0], layout.names[0]).shape[0]
@@ -169,10 +164,13 @@ class HostExpertStore:
         self.pinned = pin
         self.code = self.code2 = None  # the NF4 code tables (same for every expert)
         self.host: list[torch.Tensor] = []
+        self.work_device = work_device  # where NF4 quantization runs (the GPU)
         for m in experts:
             rows = torch.zeros((E, self.stride), dtype=torch.uint8, pin_memory=pin)
             self._fill(rows, [getattr(m, n).detach() for n in layout.names])
             self.host.append(rows)
+            if release is not None:  # the model's own copy goes as soon as the layer is stored
+                release(m)
 
     def _fill(self, rows: torch.Tensor, params: list[torch.Tensor]) -> None:
         lay = self.layout
@@ -184,7 +182,7 @@ class HostExpertStore:
                 pos += n
             return
         for e in range(self.num_experts):  # quantized one expert at a time, where the weights are (the GPU)
-            blob, self.code, self.code2 = nf4_blob(lay, [p[e] for p in params])
+            blob, self.code, self.code2 = nf4_blob(lay, [p[e].to(self.work_device) for p in params])
             rows[e, :lay.nbytes].copy_(blob)
 
     @property
