@@ -26,9 +26,10 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
                     policy: str = "on-demand", lookahead: int = 1, fetch_budget: int = 4,
                     expert_format: str | None = None, routing_from: str | Path | None = None,
                     static_from: str | Path | None = None, static_experts: np.ndarray | None = None,
-                    locality: float = 0.0, seed: int = 0, staging_experts: int | None = None, timing: bool = True,
-                    record: bool = False, cuda_graphs: bool = True, verify_traces: bool = True,
-                    delayed_copies: bool = False, nf4_on_cpu: bool = False) -> "OffloadHandle":
+                    locality: float = 0.0, routing_tokens: int | None = None, seed: int = 0,
+                    staging_experts: int | None = None, timing: bool = True, record: bool = False,
+                    cuda_graphs: bool = True, verify_traces: bool = True, delayed_copies: bool = False,
+                    nf4_on_cpu: bool = False) -> "OffloadHandle":
     """Move `model`'s routed experts to (pinned) host memory behind a GPU cache; returns the handle.
 
     device          where the model runs (default: where its weights are). A model loaded on the host moves
@@ -43,6 +44,7 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
     static_from     a trace set whose training split counts expert frequencies (static-popular, popularity,
                     previous-token); default routing_from. Or `static_experts` (L, E) bool: the pinned set
     locality        the simulator's --locality on the forced routing
+    routing_tokens  keep only the forced stream's first tokens (the simulator's --max-tokens)
     staging_experts G, the experts per staging bank (two banks; default top-k)
     timing          CUDA events around copy waits, predictor calls and forwards (statistics)
     record          keep each decode step's access and predictions (tests, the simulator's comparison)
@@ -97,7 +99,7 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
     forced = None
     if routing_from is not None:
         forced = load_forced_routing(routing_from, pol, (L, E, K), lookahead, fetch_budget, device, dtype, seed,
-                                     locality, verify=verify_traces)
+                                     locality, routing_tokens, verify=verify_traces)
     resident, popularity = static_experts, None
     freq_from = static_from or routing_from
     needs_freq = pol.eviction == STATIC and not pol.all_resident and resident is None

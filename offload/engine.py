@@ -350,6 +350,9 @@ class OffloadEngine:
 
     def experts(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.resident_fast:  # every expert in its slot, slot = expert id: the model's own computation
+            if self.decode:
+                self.counters.steps += 1
+                self.cache.stats[HITS] += ids.numel()  # every (token, k) access is a hit
             return self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None)
         host = self.reader.get()
         t0 = time.perf_counter_ns()

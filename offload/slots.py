@@ -127,4 +127,4 @@ def _dequantize_into(bnbf, codes: torch.Tensor, state, out: torch.Tensor) -> Non
     if out.is_cuda:  # straight into the work tensor
         bnbf.dequantize_4bit(codes, state, out=out)
     else:  # bitsandbytes' CPU backend has no out= variant
-        out.copy_(bnbf.dequantize_4bit(codes, state))
+        out.copy_(bnbf.dequantize_4bit(codes, state).reshape(-1))

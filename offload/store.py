@@ -192,3 +192,28 @@ class HostExpertStore:
     def expert(self, layer: int, e: int) -> torch.Tensor:
         """The blob of expert `e` of MoE layer `layer` (nbytes,)."""
         return self.host[layer][e, :self.nbytes]
+
+
+def nf4_round_trip(model: nn.Module, device: torch.device | None = None) -> None:
+    """Replace every routed expert of a resident `model` by its NF4 round trip, quantized per expert exactly as
+    the store's nf4 blobs are (the fused tensors of one expert as one tensor): the resident reference an nf4
+    engine must equal. (collection/quantize.py quantizes each layer's fused tensor whole: its double
+    quantization's offset and second-level scales then differ slightly from these, per layer, not per expert.)"""
+    import bitsandbytes.functional as bnbf
+
+    from collection.families import family_of, moe_layers
+
+    fam = family_of(model)
+    for m in moe_layers(model):
+        layout = make_layout(m.experts, fam.fused, "nf4")
+        params = [getattr(m.experts, n) for n, q in zip(layout.names, layout.quantized) if q]
+        for e in range(params[0].shape[0]):
+            flat = torch.cat([p[e].reshape(-1) for p in params]).to(device or params[0].device)
+            packed, state = nf4_quantize(flat)
+            back = bnbf.dequantize_4bit(packed, state).reshape(-1).to(params[0].device, params[0].dtype)
+            pos = 0
+            with torch.no_grad():
+                for p in params:
+                    n = p[e].numel()
+                    p[e].copy_(back[pos:pos + n].view_as(p[e]))
+                    pos += n
