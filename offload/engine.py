@@ -380,9 +380,9 @@ class OffloadEngine:
         base, base_t = l * self.C, (l + self.d) * self.C  # the layers' first cache rows (SlotBuffers.cache_row)
         fetch = [(e, base_t + s) for e, s in cache.fetch[:n_fetch].tolist()]
         if n_staged == 0 and not slots.nf4:  # the common case: one call on this layer's own slots
-            self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
+            demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
             self._issue(l + self.d, fetch, self.markers[l])
-            self.copies.wait(int(self.row_seq[base + need].max()))
+            self.copies.wait(int(self.row_seq[base + need].max()))  # the newest copy into any row it reads
             table = np.where(cache.slot_of[l] >= 0, cache.slot_of[l], self.C)
             return self._call(l, hidden, self._remap(table, ids), w, self.local[l], self.C, None)
         pairs = list(zip(access.tolist(), need.tolist()))
