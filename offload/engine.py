@@ -152,6 +152,9 @@ class OffloadEngine:
         self.kv_bytes = 0
         self.predictor_events: list[tuple[Any, Any]] = []
         self._t_forward = 0.0
+        self.profile: list[tuple[int, str, Any]] | None = None  # measure_costs: (layer, tag, stamp) per decode step
+        self.latency_ns, self.latency_n = 0, 0                  # host time from the router read to the copies queued
+        self._t_read = 0
         self._install()
 
     # ------------------------------------------------------------------------------------------
@@ -224,13 +227,16 @@ class OffloadEngine:
             torch.cuda.synchronize(self.device)
 
     def _install(self) -> None:
-        fam = self.fam
+        from collection.families import decoder_layers
+
+        fam, decoder = self.fam, decoder_layers(self.model)
         for l, (block, router) in enumerate(zip(self.blocks, self.routers)):
             setattr(block, fam.experts, OffloadedExperts(self, l))
             original = router.forward
             router._offload_original_forward = original
             router.forward = self._router_forward(l, original)
             block.register_forward_pre_hook(self._block_pre_hook(l, original))
+            decoder[self.decoder_index[l]].register_forward_pre_hook(lambda *a, l=l: self._stamp(l, "start"))
         self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)
         self.model.register_forward_hook(self._end_forward, with_kwargs=True)
 
@@ -314,6 +320,7 @@ class OffloadEngine:
         if self.learned is not None:
             self.learned.current.record(l, x, ids, w)
         if self.resident_fast:
+            self._stamp(l, "routed")
             return out
         if self.decode:
             pred = None
@@ -332,8 +339,23 @@ class OffloadEngine:
         else:
             self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
         self.markers[l] = self.copies.mark()
+        self._stamp(l, "routed")
         self.counters.host_ns += time.perf_counter_ns() - t0
         return out
+
+    def _stamp(self, l: int, tag: str) -> None:
+        """A timestamp for measure_costs (a timed CUDA event on the compute stream; the host clock on a CPU)."""
+        if self.profile is None or not self.decode:
+            return
+        if tag == "ready" and not self.resident_fast and self.profile and self.profile[-1][1] == "routed":
+            self.latency_ns += time.perf_counter_ns() - self._t_read
+            self.latency_n += 1
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.profile.append((l, tag, ev))
+        else:
+            self.profile.append((l, tag, time.perf_counter()))
 
     def _timed_start(self) -> Any:
         if not self.timing:
@@ -353,15 +375,20 @@ class OffloadEngine:
             if self.decode:
                 self.counters.steps += 1
                 self.cache.stats[HITS] += ids.numel()  # every (token, k) access is a hit
-            return self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None)
+            self._stamp(l, "ready")
+            self._stamp(l, "waited")
+            out = self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None)
+            self._stamp(l, "done")
+            return out
         host = self.reader.get()
-        t0 = time.perf_counter_ns()
+        t0 = self._t_read = time.perf_counter_ns()
         self._inner_ns = 0
         if self.decode:
             out = self._decode_step(l, hidden, ids, w, host)
         else:
             out = self._prefill(l, hidden, ids, w, host[0])
         self.counters.host_ns += time.perf_counter_ns() - t0 - self._inner_ns
+        self._stamp(l, "done")
         return out
 
     def _decode_step(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
@@ -382,7 +409,9 @@ class OffloadEngine:
         if n_staged == 0 and not slots.nf4:  # the common case: one call on this layer's own slots
             demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
             self._issue(l + self.d, fetch, self.markers[l])
+            self._stamp(l, "ready")
             self.copies.wait(int(self.row_seq[base + need].max()))  # the newest copy into any row it reads
+            self._stamp(l, "waited")
             table = np.where(cache.slot_of[l] >= 0, cache.slot_of[l], self.C)
             return self._call(l, hidden, self._remap(table, ids), w, self.local[l], self.C, None)
         pairs = list(zip(access.tolist(), need.tolist()))
@@ -449,7 +478,11 @@ class OffloadEngine:
         out = None
         for i, call in enumerate(calls):
             rows = [r for _, r in call]
+            if i == 0:
+                self._stamp(l, "ready")
             self.copies.wait(int(self.row_seq[rows].max()) if rows else 0)
+            if i == 0:
+                self._stamp(l, "waited")
             y = self._call_rows(l, hidden, ids, w, call)
             out = y if out is None else out + y
             g = i - bank_call
