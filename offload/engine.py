@@ -39,7 +39,7 @@ from offload.copies import HostReader, SyncCopies, make_copies
 from offload.prefetch import LivePredictor, learned, router_reuse, top_m
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
 from offload.slots import SlotBuffers
-from offload.store import HostExpertStore, make_layout
+from offload.store import DTYPE_FORMATS, ExpertLayout, HostExpertStore, make_layout
 from offload.uploads import Uploads
 from validation.cache_sim import (DEMAND, HITS, LRU, NO_PREFETCH, ORACLE, PREDICTED, SPEC, SPEC_USED, SPEC_WASTED,
                                   STAGED, STATIC, BELADY, Policy, parse_policy)
@@ -82,71 +82,37 @@ class Counters:
 
 
 class OffloadEngine:
-    def __init__(self, model: nn.Module, cache: int, policy: Policy, lookahead: int, fetch_budget: int,
-                 expert_format: str, bank: int, forced: ForcedRouting | None, resident: np.ndarray | None,
-                 popularity: np.ndarray | None, delayed_copies: bool, timing: bool, record: bool, graphs: bool,
-                 seed: int, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, delayed_copies: bool = False, timing: bool = True,
+                 graphs: bool = True, seed: int = 0):
         fam = family_of(model)
         layers = moe_layers(model)
-        self.model, self.fam, self.policy = model, fam, policy
+        self.model, self.fam, self.device, self.seed, self.graphs = model, fam, device, seed, graphs
         cfg = model.config
         self.L, self.E = len(layers), int(getattr(cfg, fam.num_experts))
         self.K, self.H = int(cfg.num_experts_per_tok), int(cfg.hidden_size)
-        self.C, self.d, self.m = cache, lookahead, fetch_budget
         self.impl = getattr(cfg, "_experts_implementation", None) or "eager"
-        self.device = device
-        self.forced, self.record_on, self.seed = forced, record, seed
-        # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
-        self.resident_fast = policy.all_resident and expert_format != "nf4"
         self.blocks = [m.block for m in layers]
         self.inner = [m.experts for m in layers]
         self.routers = [m.router for m in layers]
         self.decoder_index = [m.decoder_index for m in layers]
-
-        # --- host store, GPU slots, cache tables
-        layout = make_layout(layers[0].experts, fam.fused, expert_format)
-        self.layout = layout
-        self.G = bank
-        self.W = max(self.K, bank)  # nf4 work rows: one call's experts at most
-        # the prefetch source first: a checkpoint of another model is refused before any memory is taken
-        self.predictor: LivePredictor | None = None
-        self.learned = None
-        if policy.prefetch == PREDICTED:
-            self.predictor = self._live_predictor(policy, popularity, graphs)
-        def release(m: nn.Module) -> None:  # the experts now live in the store: the model's copies go
-            for name in layout.names:
-                del m._parameters[name]
-            m._is_expert_parallel = True  # ids >= num_experts are skipped (the sentinel)
-        self.store = HostExpertStore(self.inner, layout, self.device.type == "cuda", self.device, release)
-        model.to(self.device)  # a model loaded on the host moves to the GPU without its experts
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.slots = SlotBuffers(layout, self.L, cache, bank, self.W, self.device)
-        self.slots.attach(self.store)
-        self.local = [self.slots.tensors(l * cache, (l + 1) * cache) for l in range(self.L)] if not self.slots.nf4 else []
-        self.glob = self.slots.tensors(0, self.slots.rows) if not self.slots.nf4 else []
-        self.row_seq = np.zeros(self.slots.rows, dtype=np.int64)  # newest copy group into each row
-        T = forced.tokens if forced is not None else 0
-        self.cache = CacheState(self.L, self.E, cache, policy.eviction, policy.prefetch, T)
-        self.copies: SyncCopies = make_copies(self.device, delayed_copies, timing)
-        self.reader = HostReader(self.device)
-        self.uploads = Uploads(self.device, self.E + max(self.W, 2 * bank) + 8)
-        self.timing = timing and self.device.type == "cuda"
-        if policy.all_resident or policy.eviction == STATIC:
-            pinned = np.ones((self.L, self.E), dtype=bool) if policy.all_resident else resident
-            self.cache.preload(pinned)
-            self._load_cached()
-        self.n_pred = (min(fetch_budget, cache) if policy.prefetch == PREDICTED else
-                       min(self.K, cache) if policy.prefetch == ORACLE else 0)
-
-        # --- per-forward state
+        self.copies: SyncCopies = make_copies(device, delayed_copies, timing)
+        self.reader = HostReader(device)
+        self.timing = timing and device.type == "cuda"
+        self.stores: dict[str, HostExpertStore] = {}
+        self.slots: SlotBuffers | None = None
+        self.uploads: Uploads | None = None
+        self.record_on = False
+        self.forced: ForcedRouting | None = None
+        self.learned = self.predictor = self.policy = None
+        self.resident_fast = False
+        # per-forward state
         self.counters = Counters()
         self.N = self.B = self.T = 0
         self.row0 = 0
         self.decode = False
+        self.phase = "prefill"
         self.early: list[Any] = [None] * self.L   # the router's output computed early, by layer
         self.markers: list[Any] = [None] * self.L
-        self.pred_host: np.ndarray = EMPTY
         self.log: dict[str, list] = {"ids": [], "pred": [], "stats": []}
         self.forward_events: list[tuple[str, int, Any, Any]] = []
         self.kv_bytes = 0
@@ -155,7 +121,71 @@ class OffloadEngine:
         self.profile: list[tuple[int, str, Any]] | None = None  # measure_costs: (layer, tag, stamp) per decode step
         self.latency_ns, self.latency_n = 0, 0                  # host time from the router read to the copies queued
         self._t_read = 0
+        self._fused = fam.fused
+        self.layout0 = make_layout(layers[0].experts, fam.fused, DTYPE_FORMATS.get(
+            getattr(layers[0].experts, fam.fused[0]).dtype, "fp32"))  # the model's own format, before release
         self._install()
+
+    def configure(self, cache: int, policy: Policy, lookahead: int, fetch_budget: int, expert_format: str,
+                  bank: int, forced: ForcedRouting | None, resident: np.ndarray | None,
+                  popularity: np.ndarray | None, record: bool) -> None:
+        """(Re)build everything a configuration owns: the prefetch source, the store of its format (kept for
+        later configurations), the GPU slots, the cache tables. The model's hooks stay."""
+        self.policy, self.C, self.d, self.m, self.G = policy, cache, lookahead, fetch_budget, bank
+        self.forced, self.record_on = forced, record
+        self.W = max(self.K, bank)  # nf4 work rows: one call's experts at most
+        # the prefetch source first: a checkpoint of another model is refused before any memory is taken
+        self.predictor: LivePredictor | None = None
+        self.learned = None
+        if policy.prefetch == PREDICTED:
+            self.predictor = self._live_predictor(policy, popularity, self.graphs)
+        self.store = self._store(expert_format)
+        self.layout = self.store.layout
+        # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
+        self.resident_fast = policy.all_resident and expert_format != "nf4"
+        self.slots = self.local = self.glob = None
+        self.slots = SlotBuffers(self.layout, self.L, cache, bank, self.W, self.device)
+        self.slots.attach(self.store)
+        nf4 = self.slots.nf4
+        self.local = [] if nf4 else [self.slots.tensors(l * cache, (l + 1) * cache) for l in range(self.L)]
+        self.glob = [] if nf4 else self.slots.tensors(0, self.slots.rows)
+        self.row_seq = np.zeros(self.slots.rows, dtype=np.int64)  # newest copy group into each row
+        self.uploads = Uploads(self.device, self.E + max(self.W, 2 * bank) + 8)
+        self.cache = CacheState(self.L, self.E, cache, policy.eviction, policy.prefetch,
+                                forced.tokens if forced is not None else 0)
+        if policy.all_resident or policy.eviction == STATIC:
+            self.cache.preload(np.ones((self.L, self.E), dtype=bool) if policy.all_resident else resident)
+            self._load_cached()
+        self.n_pred = (min(fetch_budget, cache) if policy.prefetch == PREDICTED else
+                       min(self.K, cache) if policy.prefetch == ORACLE else 0)
+
+    def _store(self, fmt: str) -> HostExpertStore:
+        """The host store of `fmt`: built from the model's experts the first time (which are then released), a
+        later nf4 store from a 16-bit one (quantized on the device, expert by expert)."""
+        if fmt in self.stores:
+            return self.stores[fmt]
+        lay0 = self.layout0
+        if not self.stores:
+            layout = make_layout(self.inner[0], self._fused, fmt)
+
+            def release(m: nn.Module) -> None:  # the experts now live in the store: the model's copies go
+                for name in layout.names:
+                    del m._parameters[name]
+                m._is_expert_parallel = True  # ids >= num_experts are skipped (the sentinel)
+            store = HostExpertStore(self.inner, layout, self.device.type == "cuda", self.device, release)
+            self.model.to(self.device)  # a model loaded on the host moves to the GPU without its experts
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            source = next((s for f, s in self.stores.items() if f != "nf4"), None)
+            if fmt != "nf4" or source is None:
+                raise UserError(f"expert format {fmt}: this model's experts are stored as "
+                                f"{', '.join(self.stores)} already; a {fmt} store can only come from its own weights")
+            layout = ExpertLayout(lay0.names, lay0.shapes, tuple(n in self._fused for n in lay0.names), lay0.dtype,
+                                  "nf4")
+            store = HostExpertStore.from_store(source, layout, self.device)
+        self.stores[fmt] = store
+        return store
 
     # ------------------------------------------------------------------------------------------
     # setup

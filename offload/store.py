@@ -185,6 +185,31 @@ class HostExpertStore:
             blob, self.code, self.code2 = nf4_blob(lay, [p[e].to(self.work_device) for p in params])
             rows[e, :lay.nbytes].copy_(blob)
 
+    @classmethod
+    def from_store(cls, source: "HostExpertStore", layout: ExpertLayout, work_device: torch.device
+                   ) -> "HostExpertStore":
+        """An nf4 store made from a 16-bit one (same experts), quantized on `work_device` expert by expert."""
+        self = cls.__new__(cls)
+        self.layout, self.num_layers, self.num_experts = layout, source.num_layers, source.num_experts
+        self.nbytes, self.stride, self.pinned = layout.nbytes, layout.stride, source.pinned
+        self.work_device = work_device
+        E, L = self.num_experts, self.num_layers
+        check_host_memory(L * E * self.stride, 0, f"{L} layers x {E} experts x {self.nbytes:,} bytes (nf4)")
+        lay = source.layout
+        self.host = []
+        for l in range(L):
+            rows = torch.zeros((E, self.stride), dtype=torch.uint8, pin_memory=self.pinned)
+            for e in range(E):
+                blob = source.expert(l, e).to(work_device)
+                parts, pos = [], 0
+                for n, shape in zip(lay.numels, lay.shapes):
+                    parts.append(blob[pos:pos + n * lay.element_size].view(lay.dtype).view(shape))
+                    pos += n * lay.element_size
+                out, self.code, self.code2 = nf4_blob(layout, parts)
+                rows[e, :layout.nbytes].copy_(out)
+            self.host.append(rows)
+        return self
+
     @property
     def total_bytes(self) -> int:
         return sum(h.numel() for h in self.host)
