@@ -87,6 +87,7 @@ class CudaCopies(SyncCopies):
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._spare: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_ms = 0.0
+        self.profile: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] | None = None  # measure_costs
 
     def mark(self) -> torch.cuda.Event:
         """An event at the compute stream's current end: copies issued `after` it wait for everything before.
@@ -100,9 +101,15 @@ class CudaCopies(SyncCopies):
         s = self.stream
         if after is not None:
             s.wait_event(after)
+        if self.profile is not None:  # the group's time on the copy stream (bandwidth of the engine's own copies)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(s)
         with torch.cuda.stream(s):
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
+        if self.profile is not None:
+            end.record(s)
+            self.profile.append((start, end, sum(src.numel() * src.element_size() for _, src in pairs)))
         self.seq += 1
         self.events[self.seq % len(self.events)].record(s)
         return self.seq

@@ -14,6 +14,8 @@ compute stream; the host clock on a CPU, where the numbers mean nothing):
     token_ms  = (decode time - sum of the MoE layers' start..done) / tokens: embedding, dense layers, lm_head,
                 sampling and generate()'s own work
     copy_ms   = back-to-back copies of real host blobs into staging slots on the copy stream (timed events)
+    link      = one large pinned copy (a layer's whole host store): the link's bytes/s; the engine's own copy
+                groups during the decode are timed too (engine_copy_bytes_per_s: how near the link they run)
 
 The host's bookkeeping between the router read and the copies (`latency`) is moved from shared_ms into pre_ms:
 the engine queues its demand copies then, where the simulator queues them at the end of pre. The predictor's
@@ -34,6 +36,26 @@ from validation.cost_model import CostModel
 
 def _elapsed_ms(a: Any, b: Any) -> float:
     return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+def measure_link(handle: OffloadHandle) -> float:
+    """Pinned host-to-GPU bytes/s of one large copy (a whole layer's host store into a scratch GPU buffer)."""
+    e = handle.engine
+    src = e.store.host[0]
+    if e.device.type != "cuda":
+        dst = torch.empty_like(src)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return src.numel() / (time.perf_counter() - t0)
+    dst = torch.empty(src.shape, dtype=src.dtype, device=e.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    dst.copy_(src, non_blocking=True)  # warm
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    del dst
+    return src.numel() / (start.elapsed_time(end) / 1e3)
 
 
 def measure_copy_ms(handle: OffloadHandle, n: int = 40) -> float:
@@ -68,15 +90,21 @@ def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32,
     e = handle.engine
     model = e.model
     copy_ms = measure_copy_ms(handle, copies)
+    link = measure_link(handle)
     handle.reset()
     e.profile, e.latency_ns, e.latency_n = [], 0, 0
+    cuda = e.device.type == "cuda"
+    if cuda:
+        e.copies.profile = []
     try:
         model.generate(prompt.to(e.device), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                        pad_token_id=0)
         stats = handle.stats()
-        profile = e.profile
+        profile, groups = e.profile, e.copies.profile if cuda else None
     finally:
         e.profile = None
+        if cuda:
+            e.copies.profile = None
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
     phases: dict[str, list[float]] = {"pre": [], "shared": [], "stall": [], "expert": [], "layer": []}
@@ -101,7 +129,11 @@ def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32,
     device = torch.cuda.get_device_name(e.device) if e.device.type == "cuda" else "CPU (host clock: meaningless)"
     cost = CostModel(e.layout.nbytes, e.layout.nbytes / (copy_ms / 1e3), pre, shared, mean["expert"], token_ms,
                      source=f"measured by offload/costs.py on {device}: {e.describe()}")
-    raw = {"device": device, "copy_ms": copy_ms, "latency_ms": latency_ms, "decode_ms_per_token": decode_ms / decode_tokens,
+    group_bytes = sum(b for _, _, b in groups) if groups else 0
+    group_ms = sum(a.elapsed_time(b) for a, b, _ in groups) if groups else 0.0
+    raw = {"device": device, "copy_ms": copy_ms, "link_bytes_per_s": link, "latency_ms": latency_ms,
+           "engine_copy_bytes_per_s": group_bytes / (group_ms / 1e3) if group_ms > 0 else None,
+           "recorded": handle.recorded() if e.record_on else None, "decode_ms_per_token": decode_ms / decode_tokens,
            "layer_steps": len(phases["layer"]), **{f"{k}_ms": v for k, v in mean.items()}}
     handle.reset()
     return {"cost": cost, "raw": raw}

@@ -25,7 +25,7 @@ on per-layer views of the slots.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ from torch import nn
 
 from collection.errors import UserError
 from collection.families import Family, family_of, moe_layers, router_spec
-from offload.cache import COUNTED, CacheState, cache_slots
+from offload.cache import CacheState
+from offload.clock import ForwardClock, forward_shape
 from offload.copies import HostReader, SyncCopies, make_copies
 from offload.prefetch import LivePredictor, learned, router_reuse, top_m
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
@@ -68,17 +69,12 @@ class OffloadedExperts(nn.Module):
 @dataclass
 class Counters:
     """Everything the engine counts, summed over the run (times in ns or ms)."""
-    decode_forwards: int = 0
-    decode_tokens: int = 0
-    prefill_forwards: int = 0
-    prefill_tokens: int = 0
     steps: int = 0                    # (decode forward, layer) cache steps
     host_ns: int = 0                  # the engine's own host time in cache steps (Python, launches, bookkeeping)
     predictor_host_ns: int = 0
     predictor_calls: int = 0
     prefill_hits: int = 0
     prefill_copies: int = 0
-    cpu_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
 
 
 class OffloadEngine:
@@ -114,10 +110,9 @@ class OffloadEngine:
         self.early: list[Any] = [None] * self.L   # the router's output computed early, by layer
         self.markers: list[Any] = [None] * self.L
         self.log: dict[str, list] = {"ids": [], "pred": [], "stats": []}
-        self.forward_events: list[tuple[str, int, Any, Any]] = []
+        self.clock = ForwardClock(device, timing)
         self.kv_bytes = 0
         self.predictor_events: list[tuple[Any, Any]] = []
-        self._t_forward = 0.0
         self.profile: list[tuple[int, str, Any]] | None = None  # measure_costs: (layer, tag, stamp) per decode step
         self.latency_ns, self.latency_n = 0, 0                  # host time from the router read to the copies queued
         self._t_read = 0
@@ -289,42 +284,18 @@ class OffloadEngine:
     # a forward
 
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        self.B, self.T = int(ref.shape[0]), int(ref.shape[1])
+        ids, self.B, self.T, new_sequence = forward_shape(args, kwargs)
         self.N = self.B * self.T
         self.decode = self.T == 1
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        new_sequence = cache is None or cache.get_seq_length() == 0
         self.phase = "prefill" if new_sequence else "decode"
         if self.forced is not None:
             self.row0 = self.forced.take(self.N)
         if self.learned is not None:
             self.learned.features(self.B).begin(ids, new_sequence)
-        if self.timing:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.forward_events.append((self.phase, self.N, start, None))
-        else:
-            self._t_forward = time.perf_counter()
+        self.clock.begin(self.phase, self.N)
 
     def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        c = self.counters
-        if self.phase == "decode":
-            c.decode_forwards += 1
-            c.decode_tokens += self.N
-        else:
-            c.prefill_forwards += 1
-            c.prefill_tokens += self.N
-        if self.timing:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            phase, n, start, _ = self.forward_events[-1]
-            self.forward_events[-1] = (phase, n, start, end)
-        else:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            c.cpu_seconds[self.phase] += time.perf_counter() - self._t_forward
+        self.clock.end()
         if self.learned is not None:
             self.learned.features(self.B).end(self.T)
         cache = kwargs.get("cache")

@@ -73,7 +73,8 @@ class OffloadHandle:
         if e.forced is not None:
             e.forced.position = 0
         e.log = {"ids": [], "pred": [], "stats": []}
-        e.forward_events, e.predictor_events = [], []
+        e.clock.reset()
+        e.predictor_events = []
         e.kv_bytes = 0
         if hasattr(e.copies, "_stall_ms"):
             e.copies.stall_ms()
@@ -102,16 +103,15 @@ class OffloadHandle:
         e = self.engine
         c, st = e.counters, e.cache.stats
         nb = e.layout.nbytes
-        prefill_s, decode_s = self._seconds()
-        tokens = max(c.decode_tokens, 1)
+        (prefill_rate, decode_rate), tok = e.clock.rates(), e.clock.tokens
+        tokens = max(tok["decode"], 1)
         accesses = st[HITS] + st[DEMAND]
         wasted = st[SPEC_WASTED] + e.cache.pending_count()
         out = {
             "policy": e.policy.name, "cache_experts": e.C, "num_layers": e.L, "num_experts": e.E, "top_k": e.K,
             "expert_format": e.layout.fmt, "expert_bytes": nb, "lookahead": e.d, "fetch_budget": e.m,
-            "prefill_tokens": c.prefill_tokens, "decode_tokens": c.decode_tokens,
-            "prefill_tokens_per_s": c.prefill_tokens / prefill_s if prefill_s > 0 else None,
-            "decode_tokens_per_s": c.decode_tokens / decode_s if decode_s > 0 else None,
+            "prefill_tokens": tok["prefill"], "decode_tokens": tok["decode"],
+            "prefill_tokens_per_s": prefill_rate, "decode_tokens_per_s": decode_rate,
             "hit_rate": st[HITS] / accesses if accesses else None,
             "hits": int(st[HITS]), "demand": int(st[DEMAND]), "staged": int(st[STAGED]), "speculative": int(st[SPEC]),
             "speculative_used": int(st[SPEC_USED]), "speculative_wasted": int(wasted),
@@ -128,25 +128,6 @@ class OffloadHandle:
         if e.forced is not None:
             out["routing_from"] = e.forced.mapping
         return out
-
-    def _seconds(self) -> tuple[float, float]:
-        """(prefill seconds, decode seconds) (module docstring)."""
-        e = self.engine
-        if not e.timing:
-            return e.counters.cpu_seconds["prefill"], e.counters.cpu_seconds["decode"]
-        events = [ev for ev in e.forward_events if ev[3] is not None]
-        if not events:
-            return 0.0, 0.0
-        events[-1][3].synchronize()
-        prefill = sum(s.elapsed_time(t) for p, _, s, t in events if p == "prefill") / 1e3
-        decode, run = 0.0, None
-        for p, _, s, t in events + [("prefill", 0, None, None)]:
-            if p == "decode":
-                run = (run[0] if run else s, t)
-            elif run:
-                decode += run[0].elapsed_time(run[1]) / 1e3
-                run = None
-        return prefill, decode
 
     def _predictor_us(self) -> float | None:
         ev = self.engine.predictor_events
