@@ -128,7 +128,7 @@ class OffloadEngine:
         later configurations), the GPU slots, the cache tables. The model's hooks stay."""
         self.policy, self.C, self.d, self.m, self.G = policy, cache, lookahead, fetch_budget, bank
         self.forced, self.record_on = forced, record
-        self.W = max(self.K, bank)  # nf4 work rows: one call's experts at most
+        self.W = max(self.K, bank, 2)  # nf4 work rows: one call's experts at most (and never one: see _call_rows)
         # the prefetch source first: a checkpoint of another model is refused before any memory is taken
         self.predictor: LivePredictor | None = None
         self.learned = None
@@ -407,7 +407,7 @@ class OffloadEngine:
         need = cache.need[:len(access)]
         base, base_t = l * self.C, (l + self.d) * self.C  # the layers' first cache rows (SlotBuffers.cache_row)
         fetch = [(e, base_t + s) for e, s in cache.fetch[:n_fetch].tolist()]
-        if n_staged == 0 and not slots.nf4:  # the common case: one call on this layer's own slots
+        if n_staged == 0 and not slots.nf4 and self.C > 1:  # the common case: one call on this layer's own slots
             demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
             self._issue(l + self.d, fetch, self.markers[l])
             self._stamp(l, "ready")
@@ -476,6 +476,12 @@ class OffloadEngine:
         if len(banks) > 1:
             self._issue(l, banks[1], after)
         self._issue(l + self.d, fetch, after)
+        N, K = ids.shape
+        if len(calls) > 1:
+            # each (token, k) pair as its own row with top-1 routing: every call returns the pairs' weighted outputs
+            # (zero for pairs of other calls), exactly the values the resident model sums, and the sum over k is
+            # done once below as the experts implementation does it: the same result, bit for bit
+            hidden, ids, w = hidden.repeat_interleave(K, dim=0), ids.reshape(-1, 1), w.reshape(-1, 1)
         out = None
         for i, call in enumerate(calls):
             rows = [r for _, r in call]
@@ -485,21 +491,24 @@ class OffloadEngine:
             if i == 0:
                 self._stamp(l, "waited")
             y = self._call_rows(l, hidden, ids, w, call)
-            out = y if out is None else out + y
+            out = y if out is None else out + y  # exact: each pair is non-zero in one call only
             g = i - bank_call
             if 0 <= g and g + 2 < len(banks):  # bank g is free once this call has run: queue group g + 2 into it
                 self._issue(l, banks[g + 2], self.copies.mark())
-        return out
+        return out if len(calls) == 1 else out.view(N, K, -1).sum(dim=1).to(out.dtype)
 
     def _call_rows(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                    call: list[tuple[int, int]]) -> torch.Tensor:
         """One experts call over the rows of `call` [(expert, row)]; other experts map to the sentinel."""
         n = len(call)
         if self.slots.nf4:  # rows dequantized into work rows 0..n-1
-            table = np.full(self.E, n, dtype=np.int64)
+            # never one expert: transformers' grouped_mm counts rows per expert with histc(bins=n, min=0, max=n-1),
+            # which for n = 1 (min = max) takes its range from the data and counts the sentinels too
+            view = max(n, 2)
+            table = np.full(self.E, view, dtype=np.int64)
             table[[e for e, _ in call]] = np.arange(n)
             dev = self.uploads.send(np.concatenate([table, [r for _, r in call]]))
-            return self._call(l, hidden, dev[:self.E][ids], w, None, n, (dev[self.E:], n))
+            return self._call(l, hidden, dev[:self.E][ids], w, None, view, (dev[self.E:], n))
         R = self.slots.rows
         table = np.full(self.E, R, dtype=np.int64)
         table[[e for e, _ in call]] = [r for _, r in call]
@@ -514,7 +523,8 @@ class OffloadEngine:
         t0 = time.perf_counter_ns()
         inner = self.inner[l]
         if dequantize is not None:
-            tensors = self.slots.dequantize(*dequantize)
+            tensors = [t[:n] for t in self.slots.work]
+            self.slots.dequantize(*dequantize)
         for name, t in zip(self.layout.names, tensors):
             inner.__dict__[name] = t
         inner.num_experts = n

@@ -24,7 +24,7 @@ from validation.cost_model import CostModel, expert_bytes
 EMBEDDED = "models/embedded/qwen2moe-mini"
 PROMPT = torch.tensor([[17, 233, 1009, 45, 7, 812]])
 NEW = 8
-ATOL = 1e-4
+ATOL = 0.0  # bit for bit: the decode path is one call of the same kernel, a prompt sums the same pairs in the same order
 
 
 def embedded() -> torch.nn.Module:
