@@ -298,8 +298,9 @@ class OffloadEngine:
         self.clock.end()
         if self.learned is not None:
             self.learned.features(self.B).end(self.T)
-        cache = kwargs.get("cache")
-        cache = getattr(output, "cache", None) if cache is None else cache
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 / 5.17 names
+        if cache is None and hasattr(output, "get"):
+            cache = output.get("cache", output.get("past_key_values"))
         if cache is not None:
             self.kv_bytes = max(self.kv_bytes, cache_bytes(cache))
         if self.record_on and self.decode:
@@ -508,11 +509,23 @@ class OffloadEngine:
             table = np.full(self.E, view, dtype=np.int64)
             table[[e for e, _ in call]] = np.arange(n)
             dev = self.uploads.send(np.concatenate([table, [r for _, r in call]]))
-            return self._call(l, hidden, dev[:self.E][ids], w, None, view, (dev[self.E:], n))
+            ids, w = self._absent(dev[:self.E][ids], w, view)
+            return self._call(l, hidden, ids, w, None, view, (dev[self.E:], n))
         R = self.slots.rows
         table = np.full(self.E, R, dtype=np.int64)
         table[[e for e, _ in call]] = [r for _, r in call]
-        return self._call(l, hidden, self._remap(table, ids), w, self.glob, R, None)
+        ids, w = self._absent(self._remap(table, ids), w, R)
+        return self._call(l, hidden, ids, w, self.glob, R, None)
+
+    def _absent(self, ids: torch.Tensor, w: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids of experts outside a call are the sentinel n, which grouped_mm skips (transformers 5.17 and 5.24).
+        batched_mm and the eager loops do not skip it in every transformers 5.x (5.17's eager one-hot has no
+        sentinel class, its batched_mm clamps without masking): for them an absent pair reads row 0 with weight 0,
+        whose product is an exact zero (the rows hold finite weights)."""
+        if self.impl == "grouped_mm":
+            return ids, w
+        absent = ids >= n
+        return ids.masked_fill(absent, 0), w.masked_fill(absent, 0)
 
     def _remap(self, table: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
         return self.uploads.send(table)[ids]
