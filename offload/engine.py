@@ -126,6 +126,9 @@ class OffloadEngine:
                   popularity: np.ndarray | None, record: bool) -> None:
         """(Re)build everything a configuration owns: the prefetch source, the store of its format (kept for
         later configurations), the GPU slots, the cache tables. The model's hooks stay."""
+        for m in self.inner:  # the previous configuration's slot views, set by _call: freed before new slots exist
+            for name in self.layout0.names:
+                m.__dict__.pop(name, None)
         self.policy, self.C, self.d, self.m, self.G = policy, cache, lookahead, fetch_budget, bank
         self.forced, self.record_on = forced, record
         self.W = max(self.K, bank, 2)  # nf4 work rows: one call's experts at most (and never one: see _call_rows)
@@ -200,7 +203,8 @@ class OffloadEngine:
             self.learned = learned(src, self.L, self.E, self.K, self.H, self.d, int(self.model.config.vocab_size),
                                    routers, dev, dtype, check=not forced, seed=self.seed)
             pred = LivePredictor(policy.name, self.m, self.learned, reads_x=False, features=self.learned.features)
-        pred.use_graphs = graphs and dev.type == "cuda"
+        # a random predictor draws from its own generator, which a CUDA graph cannot replay: it runs eagerly
+        pred.use_graphs = graphs and dev.type == "cuda" and src != "random"
         return pred
 
     def _table_predictor(self, src: str, popularity: np.ndarray | None) -> LivePredictor:
@@ -299,8 +303,9 @@ class OffloadEngine:
         if self.learned is not None:
             self.learned.features(self.B).end(self.T)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 / 5.17 names
-        if cache is None and hasattr(output, "get"):
-            cache = output.get("cache", output.get("past_key_values"))
+        if cache is None and hasattr(output, "keys"):
+            names = [k for k in ("cache", "past_key_values") if k in output.keys()]
+            cache = output[names[0]] if names else None
         if cache is not None:
             self.kv_bytes = max(self.kv_bytes, cache_bytes(cache))
         if self.record_on and self.decode:
@@ -319,8 +324,12 @@ class OffloadEngine:
             rows = slice(self.row0, self.row0 + x.shape[0])
             ids, w = self.forced.ids[rows, l], self.forced.weights[rows, l].to(w.dtype)
             out = (logits, w, ids)
-        if self.learned is not None:
+        if self.learned is not None:  # the live features' state: part of the predictor's cost
+            tp = time.perf_counter_ns()
             self.learned.current.record(l, x, ids, w)
+            tp = time.perf_counter_ns() - tp
+            t0 += tp
+            self.counters.predictor_host_ns += tp
         if self.resident_fast:
             self._stamp(l, "routed")
             return out
@@ -509,7 +518,7 @@ class OffloadEngine:
             table = np.full(self.E, view, dtype=np.int64)
             table[[e for e, _ in call]] = np.arange(n)
             dev = self.uploads.send(np.concatenate([table, [r for _, r in call]]))
-            ids, w = self._absent(dev[:self.E][ids], w, view)
+            ids, w = self._absent(torch.take(dev[:self.E], ids), w, view)
             return self._call(l, hidden, ids, w, None, view, (dev[self.E:], n))
         R = self.slots.rows
         table = np.full(self.E, R, dtype=np.int64)
@@ -528,7 +537,7 @@ class OffloadEngine:
         return ids.masked_fill(absent, 0), w.masked_fill(absent, 0)
 
     def _remap(self, table: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
-        return self.uploads.send(table)[ids]
+        return torch.take(self.uploads.send(table), ids)  # (N, k) rows; take: fewer host steps than indexing
 
     def _call(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: list | None,
               n: int, dequantize: tuple[torch.Tensor, int] | None) -> torch.Tensor:
@@ -574,10 +583,10 @@ def _first_appearance(flat: np.ndarray) -> np.ndarray:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of the tensors a transformers Cache holds (keys, values, and any other per-layer state)."""
+    """Bytes of the tensors a transformers Cache holds: keys and values, or any other per-layer state."""
     total = 0
     for layer in getattr(cache, "layers", []) or []:
-        for v in vars(layer).values():
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        tensors = [keys, values] if isinstance(keys, torch.Tensor) else list(vars(layer).values())
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
