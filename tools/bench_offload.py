@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="a learned predictor of the traces' model: adds "
                    "prefetch:<checkpoint> to the forced-routing rows (its work runs at this model's size)")
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"the embedded default's traces for --routing-from rows "
-                   f"(default {DEFAULT_TRACES}; built into results/bench_offload/traces when missing)")
+                   f"(default {DEFAULT_TRACES}; built into results/bench_offload/traces when missing; none: no "
+                   "forced-routing rows)")
     p.add_argument("--locality", type=float, default=0.4, help="the forced rows again at this --locality (0.4; 0 skips)")
     p.add_argument("--accelerate-tokens", type=int, default=2, help="tokens generated per accelerate run (2)")
     p.add_argument("--warmup-s", type=float, default=None, help="seconds of resident decode before anything (full 15, quick 6)")
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     args.formats = [fmt16 if f == "fp16" else f for f in args.formats]
     name = torch.cuda.get_device_name(dev) if cuda else "CPU (numbers mean nothing)"
     print(f"{name}; {args.preset} with random weights in {dtype}; torch {torch.__version__}", flush=True)
-    traces = ensure_traces(args.traces, dev)
+    traces = None if args.traces == "none" else ensure_traces(args.traces, dev)
     cfg = make_config(args.preset)
     prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(
         args.seed)).to(dev)
