@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (the GPU with most free memory), cuda:N, cpu (smoke only)")
     p.add_argument("--quick", action="store_true", help="~2 minutes: one format (fp16), C = 15, fewer tokens")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds, order alternating (5; fewer is not a report)")
-    p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (full 32, quick 16)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of every run (16)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (full 24, quick 16)")
+    p.add_argument("--prompt-tokens", type=int, default=4, help="prompt length of every run (4: a prompt streams "
+                   "every expert it needs, which decode tokens/s leaves out but the run's time does not)")
     p.add_argument("--formats", default=None, help="expert formats, comma list of fp16, nf4 (full fp16,nf4; quick fp16)")
     p.add_argument("--caches", default=None, help="cache slots per layer, comma list (full 15,30; quick 15)")
     p.add_argument("--policies", default="on-demand,prefetch:router-reuse",
@@ -106,16 +107,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"the embedded default's traces for --routing-from rows "
                    f"(default {DEFAULT_TRACES}; built into results/bench_offload/traces when missing; none: no "
                    "forced-routing rows)")
-    p.add_argument("--locality", type=float, default=0.4, help="the forced rows again at this --locality (0.4; 0 skips)")
+    p.add_argument("--locality", type=float, default=None, help="the forced rows of the first format and cache again "
+                   "at this --locality (full 0.4; quick 0: skipped)")
     p.add_argument("--accelerate-tokens", type=int, default=2, help="tokens generated per accelerate run (2)")
     p.add_argument("--warmup-s", type=float, default=None, help="seconds of resident decode before anything (full 15, quick 6)")
     p.add_argument("--seed", type=int, default=0, help="weights and trace split seed (0)")
     p.add_argument("--json", default="results/bench_offload/bench.json", help="results (results/bench_offload/bench.json)")
     args = p.parse_args(argv)
-    args.tokens = args.tokens or (16 if args.quick else 32)
+    args.tokens = args.tokens or (16 if args.quick else 24)
     args.formats = [f for f in (args.formats or ("fp16" if args.quick else "fp16,nf4")).split(",") if f]
     args.caches = [int(c) for c in (args.caches or ("15" if args.quick else "15,30")).split(",") if c]
     args.warmup_s = args.warmup_s if args.warmup_s is not None else (6.0 if args.quick else 15.0)
+    args.locality = args.locality if args.locality is not None else (0.0 if args.quick else 0.4)
     if args.repeats < 1 or args.tokens < 2 or args.prompt_tokens < 1:
         raise UserError("--repeats >= 1, --tokens >= 2 and --prompt-tokens >= 1")
     if any(f not in ("fp16", "nf4") for f in args.formats):
@@ -199,13 +202,12 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
     if row.kind == "engine":
         handle = models["engine"]
         handle.reconfigure(**row.options, record=calibrate)
-        if calibrate:
-            row.calibration = {"cost": None}
+        if calibrate:  # the calibration run is itself a decode of the row (with timestamps): it is not timed
             res = measure_costs(handle, prompt, tokens=row.tokens)
             row.calibration = {"cost": res["cost"].to_json(), "raw": {k: v for k, v in res["raw"].items()
                                                                         if k != "recorded"}}
             row.predicted = predict(handle, row, res)
-            handle.reconfigure(**row.options)
+            return {}
         model = handle.engine.model
     else:
         model = models[row.kind]
