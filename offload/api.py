@@ -19,7 +19,7 @@ from torch import nn
 from collection.errors import UserError
 from collection.families import family_of, moe_layers
 from offload.cache import cache_slots
-from offload.engine import IMPLEMENTATIONS_WITH_SENTINELS, OffloadedExperts, OffloadEngine
+from offload.engine import OffloadedExperts, OffloadEngine
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
 from offload.store import DTYPE_FORMATS, make_layout
 from validation.cache_sim import BELADY, NO_PREFETCH, ORACLE, PREDICTED, STATIC, Policy, parse_policy
@@ -150,10 +150,6 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
     dev = torch.device(device) if device is not None else next(p.device for p in model.parameters())
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    impl = getattr(model.config, "_experts_implementation", None) or "eager"
-    if fam.model_type == "gpt_oss" and impl not in IMPLEMENTATIONS_WITH_SENTINELS:
-        raise UserError(f"gpt_oss with experts implementation {impl!r}: its eager experts cannot skip absent experts; "
-                        f"use one of {', '.join(IMPLEMENTATIONS_WITH_SENTINELS)}")
     first = plan(model, dev, seed=seed, **options)
     engine = OffloadEngine(model, dev, delayed_copies, timing, cuda_graphs, seed)
     first.apply(engine)

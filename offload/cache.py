@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from collection.errors import UserError
-from validation.cache_sim import BELADY, LFU, N_STATS, NO_PREFETCH, STATIC, _key, _victim
+from validation.cache_sim import BELADY, N_STATS, NO_PREFETCH, STATIC, _key, _victim
 from validation.cache_sim import DEMAND, HITS, SPEC, SPEC_USED, SPEC_WASTED, STAGED
 
 # the simulator's statistics columns the engine counts (LATE, STALL_MS and END_MS are times: measured instead)

@@ -11,8 +11,8 @@ returns an `OffloadHandle`; the user then calls `model.generate()` as usual. Per
     (offload/copies.py), makes the compute stream wait for the newest copy its rows need, remaps the
     router's expert ids to GPU rows (a small table sent through pinned memory, gathered on the GPU), and calls
     the model's own experts implementation (grouped_mm, batched_mm or eager) on the rows, presented as the
-    experts' tensors. Ids of experts not in a call map to the "sentinel" row count, which those
-    implementations skip (the expert-parallel convention, `_is_expert_parallel`).
+    experts' tensors. Ids of experts not in a call map to the "sentinel" row count, which grouped_mm skips
+    (the expert-parallel convention, `_is_expert_parallel`); other implementations get row 0 with weight 0.
 
 A forward of one token per sequence is a decode step: its access is the batch's experts (union) and goes
 through the cache. A forward of more tokens per sequence (a prompt) streams the layer's missing experts through
@@ -33,21 +33,19 @@ import torch
 from torch import nn
 
 from collection.errors import UserError
-from collection.families import Family, family_of, moe_layers, router_spec
+from collection.families import family_of, moe_layers, router_spec
 from offload.cache import CacheState
 from offload.clock import ForwardClock, forward_shape
 from offload.copies import HostReader, SyncCopies, make_copies
-from offload.prefetch import LivePredictor, learned, router_reuse, top_m
-from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
+from offload.prefetch import LivePredictor, learned, router_reuse
+from offload.routing import ForcedRouting
 from offload.slots import SlotBuffers
 from offload.store import DTYPE_FORMATS, ExpertLayout, HostExpertStore, make_layout
 from offload.uploads import Uploads
-from validation.cache_sim import (DEMAND, HITS, LRU, NO_PREFETCH, ORACLE, PREDICTED, SPEC, SPEC_USED, SPEC_WASTED,
-                                  STAGED, STATIC, BELADY, Policy, parse_policy)
+from validation.cache_sim import BELADY, HITS, ORACLE, PREDICTED, STATIC, Policy
 
 EMPTY = np.zeros(0, dtype=np.int64)
 ZERO_USE = np.zeros(0, dtype=np.int64)
-IMPLEMENTATIONS_WITH_SENTINELS = ("grouped_mm", "batched_mm")
 
 
 class OffloadedExperts(nn.Module):

@@ -14,7 +14,6 @@ Seconds on a CPU (the embedded default, fp32):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
