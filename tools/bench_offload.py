@@ -291,7 +291,7 @@ def plan_rows(args: argparse.Namespace, traces: str | None, cuda: bool) -> list[
 
 
 def targets(rows: list[dict[str, Any]], fmt16: str) -> list[str]:
-    """The issue's targets this run can check, one line each (docs/OFFLOAD.md)."""
+    """The targets this run can check (docs/OFFLOAD.md "Targets"), one line each."""
     by = {r["label"]: r for r in rows}
     med = lambda label: by.get(label, {}).get("median_tokens_per_s")  # noqa: E731
     lines = []
