@@ -38,6 +38,7 @@ B = "tests/test_behaviour.py::"
 IR = "tests/test_import_routing.py::"
 RR = "tests/test_routing_report.py::"
 W = "tests/test_window.py::"
+E = "tests/test_engine.py::"
 
 
 @dataclass(frozen=True)
@@ -572,6 +573,49 @@ MUTATIONS = [
              '        count = torch.maximum(count, expert_set(block, layer, rows, num_experts).float())',
              (W + "test_recency_scores_the_last_use_most_recent_first_and_frequency_counts",),
              "frequency marks whether an expert was used, not how often"),
+    # --- the offload engine (offload/): a wrong slot, a stale slot, a prefetch into the current layer, a missed wait
+    Mutation("engine-demand-wrong-slot", "offload/engine.py",
+             "demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])",
+             "demand_seq = self._issue(l, [(e, base + (s + 1) % self.C) for e, s in cache.demand[:n_dem].tolist()], "
+             "self.markers[l])",
+             (E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C15]",
+              E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C3]"),
+             "a demand copy lands in the slot next to the one the tables give it"),
+    Mutation("engine-stale-slot-after-eviction", "offload/cache.py", "                        slot_of[l, old] = -1\n",
+             "", (E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C3]",
+                  E + "test_counts_equal_the_simulators_for_forced_routing[on-demand]"),
+             "an evicted expert stays in the slot table: a later access reads the slot's new expert", traces=True),
+    Mutation("engine-prefetch-into-current-layer", "offload/cache.py", "tl = l + d", "tl = l",
+             (E + "test_every_policy_generates_the_resident_models_tokens[prefetch:router-reuse-C4]",
+              E + "test_counts_equal_the_simulators_for_forced_routing[prefetch:router-reuse]"),
+             "a prefetch takes slots of the layer being computed, evicting experts its access needs", traces=True),
+    Mutation("engine-missed-prefetch-wait", "offload/engine.py",
+             "self.copies.wait(int(self.row_seq[base + need].max()))  # the newest copy into any row it reads",
+             "self.copies.wait(demand_seq)",
+             (E + "test_copies_that_run_only_when_waited_for_change_nothing[oracle-True]",
+              E + "test_copies_that_run_only_when_waited_for_change_nothing[prefetch:router-reuse-False]"),
+             "the compute waits for this step's demand copies only, not for the prefetches its hits read",
+             traces=True),
+    Mutation("engine-one-staging-bank", "offload/engine.py", "slots.staging_row((g % 2) * G + i)",
+             "slots.staging_row(i)",
+             (E + "test_a_long_prompt_streams_through_both_staging_banks",
+              E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C0]"),
+             "both staging groups queued up front land in one bank: the second overwrites the first before use"),
+    Mutation("engine-nf4-offset-dropped", "offload/slots.py",
+             "absmax = absmax * absmax2.repeat_interleave(256, dim=1)[:, :nb] + offset",
+             "absmax = absmax * absmax2.repeat_interleave(256, dim=1)[:, :nb]",
+             (E + "test_nf4_blob_is_the_cost_models_bytes_and_dequantizes_as_bitsandbytes",
+              E + "test_nf4_engine_equals_the_per_expert_nf4_resident_model"),
+             "the batched NF4 dequantization forgets the double quantization's offset"),
+    Mutation("engine-batch-first-row-only", "offload/engine.py",
+             "access = flat if self.N == 1 else _first_appearance(flat)", "access = flat[:self.K]",
+             (E + "test_a_batch_of_two_with_padding_uses_the_union_of_its_experts",),
+             "a batch's step loads the first row's experts only"),
+    Mutation("engine-live-previous-token-wrong-layer", "offload/prefetch.py",
+             "f.prev_token = self.hist_routing[target, :, 0] * valid(0)",
+             "f.prev_token = self.hist_routing[l, :, 0] * valid(0)",
+             (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[hybrid]",),
+             "the live previous-token feature reads the input layer, not the target layer", traces=True),
 ]
 
 
@@ -604,6 +648,7 @@ def check_mutation(root: Path, m: Mutation) -> None:
                         "(the code changed: update the mutation so that it still plants its bug)")
     for t in m.tests:
         file, _, func = t.partition("::")
+        func = func.split("[")[0]  # a parametrized test's node id names one of its cases
         if not (root / file).is_file() or f"def {func}(" not in (root / file).read_text():
             raise UserError(f"mutation {m.name}: test {t} does not exist")
 

@@ -1,0 +1,139 @@
+"""The engine's costs in the simulator's terms (validation/cost_model.CostModel), measured on the engine itself.
+
+`measure_costs(handle, prompt)` runs a short greedy decode of the handle's model, as configured (policy, cache,
+format), with a timestamp at five points of every MoE layer of every decode step (a timed CUDA event on the
+compute stream; the host clock on a CPU, where the numbers mean nothing):
+
+    start    the decoder layer begins               pre_ms    = routed - start   (attention, norms, router, the
+    routed   the router's (and predictor's) choice             prefetch predictor, the host read queued)
+             is queued for the host
+    ready    the copies are queued, before the wait  shared_ms = ready - routed   (shared expert, bookkeeping)
+    waited   after the wait for the copies           (stall: waited - ready, predicted by the simulator instead)
+    done     the routed experts are computed         expert_ms = (done - waited) / top-k
+
+    token_ms  = (decode time - sum of the MoE layers' start..done) / tokens: embedding, dense layers, lm_head,
+                sampling and generate()'s own work
+    copy_ms   = back-to-back copies of real host blobs into staging slots on the copy stream (timed events)
+    link      = one large pinned copy (a layer's whole host store): the link's bytes/s; the engine's own copy
+                groups during the decode are timed too (engine_copy_bytes_per_s: how near the link they run)
+
+The host's bookkeeping between the router read and the copies (`latency`) is moved from shared_ms into pre_ms:
+the engine queues its demand copies then, where the simulator queues them at the end of pre. The predictor's
+time is inside pre_ms (the engine reads its choice together with the router's), so the simulator runs with
+predictor_ms = 0 and queues prefetches with the demand copies, as the engine does.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from offload.stats import OffloadHandle
+from validation.prefetch.cost_model import CostModel
+
+
+def _elapsed_ms(a: Any, b: Any) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+def measure_link(handle: OffloadHandle) -> float:
+    """Pinned host-to-GPU bytes/s of one large copy (a whole layer's host store into a scratch GPU buffer)."""
+    e = handle.engine
+    src = e.store.host[0]
+    if e.device.type != "cuda":
+        dst = torch.empty_like(src)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return src.numel() / (time.perf_counter() - t0)
+    dst = torch.empty(src.shape, dtype=src.dtype, device=e.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    dst.copy_(src, non_blocking=True)  # warm
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    del dst
+    return src.numel() / (start.elapsed_time(end) / 1e3)
+
+
+def measure_copy_ms(handle: OffloadHandle, n: int = 40) -> float:
+    """ms per expert of back-to-back host-to-GPU copies of real blobs (layer 0's experts) into staging rows."""
+    e = handle.engine
+    slots, E = e.slots, e.E
+    rows = [slots.staging_row(j) for j in range(2 * e.G)]
+    pairs = [list(zip(slots.dst(rows[i % len(rows)]), slots.src(0, i % E))) for i in range(n + 5)]
+    if e.device.type != "cuda":
+        t0 = time.perf_counter()
+        for p in pairs[5:]:
+            for dst, src in p:
+                dst.copy_(src)
+        return (time.perf_counter() - t0) * 1e3 / n
+    stream = e.copies.stream
+    stream.wait_stream(torch.cuda.current_stream(e.device))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        for i, p in enumerate(pairs):
+            if i == 5:
+                start.record(stream)
+            for dst, src in p:
+                dst.copy_(src, non_blocking=True)
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+@torch.no_grad()
+def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32, copies: int = 40) -> dict[str, Any]:
+    """{"cost": CostModel, "raw": the measured numbers} (module docstring). Resets the handle's statistics."""
+    e = handle.engine
+    model = e.model
+    copy_ms = measure_copy_ms(handle, copies)
+    link = measure_link(handle)
+    handle.reset()
+    e.profile, e.latency_ns, e.latency_n = [], 0, 0
+    cuda = e.device.type == "cuda"
+    if cuda:
+        e.copies.profile = []
+    try:
+        model.generate(prompt.to(e.device), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       pad_token_id=0)
+        stats = handle.stats()
+        profile, groups = e.profile, e.copies.profile if cuda else None
+    finally:
+        e.profile = None
+        if cuda:
+            e.copies.profile = None
+    if e.device.type == "cuda":
+        torch.cuda.synchronize(e.device)
+    phases: dict[str, list[float]] = {"pre": [], "shared": [], "stall": [], "expert": [], "layer": []}
+    open_: dict[int, dict[str, Any]] = {}
+    for l, tag, stamp in profile:
+        cur = open_.setdefault(l, {})
+        cur[tag] = stamp
+        if tag == "done" and {"start", "routed", "ready", "waited"} <= cur.keys():
+            phases["pre"].append(_elapsed_ms(cur["start"], cur["routed"]))
+            phases["shared"].append(_elapsed_ms(cur["routed"], cur["ready"]))
+            phases["stall"].append(_elapsed_ms(cur["ready"], cur["waited"]))
+            phases["expert"].append(_elapsed_ms(cur["waited"], cur["done"]) / e.K)
+            phases["layer"].append(_elapsed_ms(cur["start"], cur["done"]))
+            open_[l] = {}
+    decode_tokens = max(stats["decode_tokens"], 1)
+    decode_ms = 1e3 * decode_tokens / stats["decode_tokens_per_s"] if stats["decode_tokens_per_s"] else 0.0
+    latency_ms = e.latency_ns / e.latency_n / 1e6 if e.latency_n else 0.0
+    mean = {k: float(np.mean(v)) if v else 0.0 for k, v in phases.items()}
+    token_ms = max(decode_ms - float(np.sum(phases["layer"])), 0.0) / decode_tokens
+    shared = max(mean["shared"] - latency_ms, 0.0)
+    pre = mean["pre"] + (mean["shared"] - shared)
+    device = torch.cuda.get_device_name(e.device) if e.device.type == "cuda" else "CPU (host clock: meaningless)"
+    cost = CostModel(e.layout.nbytes, e.layout.nbytes / (copy_ms / 1e3), pre, shared, mean["expert"], token_ms,
+                     source=f"measured by offload/costs.py on {device}: {e.describe()}")
+    group_bytes = sum(b for _, _, b in groups) if groups else 0
+    group_ms = sum(a.elapsed_time(b) for a, b, _ in groups) if groups else 0.0
+    raw = {"device": device, "copy_ms": copy_ms, "link_bytes_per_s": link, "latency_ms": latency_ms,
+           "engine_copy_bytes_per_s": group_bytes / (group_ms / 1e3) if group_ms > 0 else None,
+           "recorded": handle.recorded() if e.record_on else None, "decode_ms_per_token": decode_ms / decode_tokens,
+           "layer_steps": len(phases["layer"]), **{f"{k}_ms": v for k, v in mean.items()}}
+    handle.reset()
+    return {"cost": cost, "raw": raw}

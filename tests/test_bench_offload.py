@@ -1,0 +1,56 @@
+"""tools/bench_offload.py on a CPU: its bookkeeping (median, spread, unstable rows, target lines) by hand, and one
+tiny run end to end (the code path; a CPU's numbers mean nothing).
+
+    pytest -q tests/test_bench_offload.py
+"""
+import json
+
+import pytest
+
+from tools.bench_offload import Row, main, targets
+
+
+def test_median_spread_and_unstable_rows_by_hand():
+    row = Row("x", "engine", runs=[{"decode_tokens_per_s": v, "hit_rate": h} for v, h in
+                                   ((10.0, 0.5), (12.0, 0.7), (11.0, 0.6))])
+    row.predicted = 10.0
+    s = row.summary()
+    assert s["median_tokens_per_s"] == 11.0 and s["spread"] == pytest.approx(2 / 11) and s["unstable"]
+    assert s["hit_rate"] == 0.6 and s["measured_over_predicted"] == pytest.approx(1.1)
+    calm = Row("y", "engine", runs=[{"decode_tokens_per_s": v} for v in (10.0, 10.5, 10.2)]).summary()
+    assert calm["spread"] == pytest.approx(0.5 / 10.2) and not calm["unstable"]
+
+
+def test_target_lines_by_hand():
+    rows = [{"label": "resident (grouped_mm)", "median_tokens_per_s": 40.0},
+            {"label": "fp16 all-resident", "median_tokens_per_s": 38.0},
+            {"label": "accelerate offload (device_map, cap = engine at C=15)", "median_tokens_per_s": 0.5,
+             "peak_gib": 12.0},
+            {"label": "fp16 C=15 on-demand (own routing)", "median_tokens_per_s": 15.0, "peak_gib": 10.0,
+             "host_ms_per_layer": 0.08},
+            {"label": "fp16 C=15 on-demand (traces)", "median_tokens_per_s": 10.0},
+            {"label": "fp16 C=15 prefetch:router-reuse (traces)", "median_tokens_per_s": 13.0,
+             "measured_over_predicted": 1.1, "unstable": True},
+            {"label": "fp16 C=15 oracle (traces)", "median_tokens_per_s": 14.0, "measured_over_predicted": 0.95}]
+    lines = "\n".join(targets(rows, "fp16"))
+    assert "all-resident / resident = 0.950" in lines
+    assert "on-demand C=15 / accelerate = 30.0x" in lines
+    assert "best prefetch / on-demand = 1.30x" in lines and "/ oracle = 0.93" in lines
+    assert "largest |measured / predicted - 1| = 10.0%" in lines
+    assert "0.0800 ms per layer" in lines
+    assert "unstable rows (spread > 10%): fp16 C=15 prefetch:router-reuse (traces)" in lines
+
+
+def test_a_tiny_run_writes_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--device", "cpu", "--preset", "qwen2moe-tiny", "--quick", "--repeats", "1", "--tokens", "3",
+          "--prompt-tokens", "3", "--warmup-s", "0", "--traces", "none", "--json", str(out)])
+    res = json.loads(out.read_text())
+    labels = [r["label"] for r in res["rows"]]
+    assert labels == ["resident (grouped_mm)", "fp32 C=0 streaming", "fp32 all-resident",
+                      "fp32 C=15 on-demand (own routing)", "fp32 C=15 prefetch:router-reuse (own routing)"]
+    for r in res["rows"]:
+        assert len(r["runs"]) == 1 and r["median_tokens_per_s"] > 0
+        if r["kind"] == "engine":
+            assert r["predicted_tokens_per_s"] > 0 and r["calibration"]["cost"]["expert_bytes"] > 0
+    assert any("no engine tax" in t for t in res["targets"])

@@ -1,0 +1,401 @@
+"""The offload engine (offload/) on a CPU: the same tokens and logits as the resident model, the simulator's
+counts, and planted bugs caught. Models run in float32, so "the same" is within 1e-4 (bit for bit on the
+decode path, which computes each layer in one call of the model's own experts kernel).
+
+    pytest -q tests/test_engine.py
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from common.errors import UserError
+from collection.families import FAMILIES, moe_layers
+from offload import offload_experts
+from offload.cache import COUNTED, cache_slots
+from offload.store import make_layout, nf4_round_trip
+from tests.conftest import run_script
+from tests.test_families import tiny
+from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy, static_experts
+from validation.prefetch.cost_model import CostModel, expert_bytes
+
+EMBEDDED = "models/embedded/qwen2moe-mini"
+PROMPT = torch.tensor([[17, 233, 1009, 45, 7, 812]])
+NEW = 8
+ATOL = 0.0  # bit for bit: the decode path is one call of the same kernel, a prompt sums the same pairs in the same order
+
+
+def embedded() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32).eval()
+
+
+def generate(model, ids=PROMPT, new=NEW, **kw):
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+def assert_same_as_resident(ref, model, ids=PROMPT, new=NEW, **kw):
+    """Tokens equal; each step's logits (the decode path) and a forward over the whole sequence (the prompt path)
+    within ATOL."""
+    want, want_logits = generate(ref, ids, new, **kw)
+    got, got_logits = generate(model, ids, new, **kw)
+    assert torch.equal(got, want), "greedy tokens differ from the resident model's"
+    torch.testing.assert_close(got_logits, want_logits, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        mask = kw.get("attention_mask")
+        torch.testing.assert_close(model(want, attention_mask=None if mask is None else
+                                         torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)).logits,
+                                   ref(want, attention_mask=None if mask is None else
+                                       torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)).logits,
+                                   atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def anchored_checkpoint(tmp_path_factory, tiny_traces):
+    """A random anchored predictor of the embedded default that reads every feature kind (past layers, own
+    routing window, previous tokens' window, token id, context), its test split the tiny traces'."""
+    return _checkpoint(tmp_path_factory, tiny_traces, "anchored", past_layers=1, own_layers=2, window=2,
+                       token_vocab=8192, context=3)
+
+
+@pytest.fixture(scope="module")
+def hybrid_checkpoint(tmp_path_factory, tiny_traces):
+    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid")
+
+
+def _checkpoint(tmp_path_factory, traces, kind, **extra):
+    from collection.traces.format import TraceSet
+    from collection.traces.rows import split_sequences
+    from models.checkpoint import save_checkpoint
+    from models.predictors import PredictorConfig, build_predictor
+
+    cfg = PredictorConfig(kind=kind, input_dim=128, num_experts=60, top_k=4, num_layers=8, lookahead=1,
+                          hidden_dim=32, **extra)
+    torch.manual_seed(3)
+    model = build_predictor(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised heads would make the features irrelevant
+            p.normal_(0, 0.1)
+    split = split_sequences(TraceSet(traces).sequence_table(), 0)
+    path = tmp_path_factory.mktemp(kind) / "best_checkpoint.pth"
+    save_checkpoint(path, model, cfg, split, {}, {}, {})
+    return str(path)
+
+
+def some_static_set(L=8, E=60, C=10, seed=0):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((L, E), dtype=bool)
+    for l in range(L):
+        out[l, rng.choice(E, C, replace=False)] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the same output as the resident model
+
+POLICY_RUNS = [  # (policy, C, extra)
+    ("on-demand", 15, {}), ("on-demand", 0, {}), ("on-demand", 3, {}), ("lfu", 4, {}),
+    ("static-popular", 10, {"static_experts": some_static_set()}), ("all-resident", None, {}),
+    ("prefetch:router-reuse", 15, {}), ("prefetch:router-reuse", 4, {"lookahead": 2, "fetch_budget": 3}),
+    ("prefetch:random", 6, {}),
+]
+
+
+@pytest.mark.parametrize("policy,cache,extra", POLICY_RUNS, ids=[f"{p}-C{c}" for p, c, _ in POLICY_RUNS])
+def test_every_policy_generates_the_resident_models_tokens(policy, cache, extra):
+    ref, model = embedded(), embedded()
+    offload_experts(model, cache_experts=cache, policy=policy, **extra)
+    assert_same_as_resident(ref, model)
+
+
+@pytest.mark.parametrize("kind", ["anchored", "hybrid"])
+def test_learned_predictors_run_live_and_change_nothing(kind, anchored_checkpoint, hybrid_checkpoint):
+    ref, model = embedded(), embedded()
+    ckpt = anchored_checkpoint if kind == "anchored" else hybrid_checkpoint
+    h = offload_experts(model, cache_experts=8, policy=f"prefetch:{ckpt}")
+    assert_same_as_resident(ref, model)
+    assert h.stats()["speculative"] > 0
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("policy,cache", [("on-demand", 1), ("on-demand", 0), ("prefetch:router-reuse", 2)])
+def test_every_family_generates_the_resident_models_tokens(model_type, policy, cache):
+    ref, model = tiny(model_type), tiny(model_type)
+    h = offload_experts(model, cache_experts=cache, policy=policy)
+    assert_same_as_resident(ref, model, torch.tensor([[5, 90, 700, 3]]), new=5)
+    assert h.stats()["demand"] > 0
+
+
+def test_a_batch_of_two_with_padding_uses_the_union_of_its_experts():
+    ref, model = embedded(), embedded()
+    h = offload_experts(model, cache_experts=6, policy="prefetch:router-reuse", record=True)
+    ids = torch.tensor([[0, 0, 17, 233, 1009, 45], [8, 9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert_same_as_resident(ref, model, ids, attention_mask=mask)
+    s = h.stats()
+    assert s["decode_tokens"] == 2 * (NEW - 1)  # generate's first forward is the prompt
+    # a step's access is the union: more than one row's top-k, never more than both rows' (2 x 4)
+    assert 4 * (NEW - 1) * 8 < s["hits"] + s["demand"] <= 8 * (NEW - 1) * 8
+
+
+def test_a_long_prompt_streams_through_both_staging_banks():
+    ref, model = embedded(), embedded()
+    h = offload_experts(model, cache_experts=3, staging_experts=2, policy="on-demand")
+    ids = torch.randint(1, 8000, (1, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=ATOL, rtol=0)
+    s = h.stats()
+    assert s["prefill_tokens"] == 150 and s["prefill_copies"] > 8 * 2 * 2  # more than two banks a layer
+    assert s["demand"] == 0  # a prompt leaves the cache as it was
+
+
+# ----------------------------------------------------------------------------------------------
+# the simulator's counts, for forced routing
+
+FORCED_POLICIES = ["on-demand", "lfu", "static-popular", "oracle", "belady", "all-resident", "prefetch:router-reuse",
+                   "prefetch:previous-token", "prefetch:popularity", "anchored", "hybrid"]
+FORCED_T = 40
+
+
+def decode_steps(model, steps: int) -> list[int]:
+    """`steps` forwards of one token each (the first at position 0): every step through the cache."""
+    cache, tok, out = DynamicCache(), torch.tensor([[1]]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            out.append(int(tok))
+    return out
+
+
+class ForcedResident:
+    """The resident model with the same forced routing (router outputs replaced by the stream's rows)."""
+
+    def __init__(self, model, ids: np.ndarray, weights: np.ndarray):
+        self.ids, self.w, self.pos, self.start = torch.from_numpy(ids), torch.from_numpy(weights), 0, 0
+        model.register_forward_pre_hook(self.begin, with_kwargs=True)
+        for l, m in enumerate(moe_layers(model)):
+            m.router.register_forward_hook(lambda mod, a, o, l=l: (o[0], self.w[self.start:self.pos, l].to(o[1].dtype),
+                                                                    self.ids[self.start:self.pos, l]))
+
+    def begin(self, module, args, kwargs):
+        self.start = self.pos
+        self.pos += kwargs["input_ids"].numel()
+
+
+@pytest.mark.parametrize("policy", FORCED_POLICIES)
+def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anchored_checkpoint, hybrid_checkpoint):
+    """C = 15 of 60 on the embedded default, routing forced from its traces' test split: the engine's hits,
+    demand copies, staged experts, speculative copies (used, wasted) equal the simulator kernel's, token by
+    token, and its tokens equal the resident model's under the same forced routing."""
+    name = {"anchored": f"prefetch:{anchored_checkpoint}", "hybrid": f"prefetch:{hybrid_checkpoint}"}.get(policy, policy)
+    model = embedded()
+    h = offload_experts(model, cache_experts=None if policy == "all-resident" else 15, policy=name,
+                        routing_from=tiny_traces, routing_tokens=FORCED_T, record=True)
+    e = h.engine
+    stream = e.forced.stream
+    assert stream.tokens == FORCED_T
+    tokens = decode_steps(model, FORCED_T)
+    ref = embedded()
+    ForcedResident(ref, stream.ids, stream.weights)
+    assert tokens == decode_steps(ref, FORCED_T)
+
+    pol = parse_policy(name)
+    resident = None
+    if pol.name == "static-popular":
+        from collection.traces.format import TraceSet
+        from collection.traces.rows import split_sequences
+
+        ts = TraceSet(tiny_traces)
+        resident = static_experts(ts, split_sequences(ts.sequence_table(), 0)["train"], 15)
+    sim, _ = run_policy(pol, 15, stream, CostModel(e.layout.nbytes, 1e9), 1, 4, 60, resident=resident)
+    got = np.diff(np.concatenate([np.zeros((1, sim.shape[1])), h.recorded()["stats"]]), axis=0)
+    got[-1, SPEC_WASTED] += e.cache.pending_count()  # the simulator counts unused prefetches at the end
+    for col in COUNTED:
+        assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
+    if pol.prefetch:
+        assert sim[:, 3].sum() > 0  # the policy did prefetch
+
+
+# ----------------------------------------------------------------------------------------------
+# planted bugs
+
+@pytest.mark.parametrize("policy,forced", [("on-demand", False), ("prefetch:router-reuse", False), ("oracle", True),
+                                           ("static-popular", True)])
+def test_copies_that_run_only_when_waited_for_change_nothing(policy, forced, tiny_traces):
+    """DelayedCopies: a copy runs only when the compute side waits for it, so a missed wait computes with a stale
+    slot (oracle: every expert arrives by prefetch)."""
+    model = embedded()
+    kw = {"routing_from": tiny_traces, "routing_tokens": 24} if forced else {}
+    h = offload_experts(model, cache_experts=6, policy=policy, delayed_copies=True, **kw)
+    if forced:
+        ref = embedded()
+        ForcedResident(ref, h.engine.forced.stream.ids, h.engine.forced.stream.weights)
+        assert decode_steps(model, 24) == decode_steps(ref, 24)
+    else:
+        assert_same_as_resident(embedded(), model)
+    assert h.engine.copies.waits > 0
+
+
+def test_a_failing_copy_raises_at_once():
+    model = embedded()
+    h = offload_experts(model, cache_experts=4)
+    for e in range(60):  # layer 0's host blobs broken: the first copy fails
+        h.engine.slots._src[0][e] = [torch.zeros(3)] * len(h.engine.layout.names)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        model(torch.tensor([[5]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 and the store
+
+def test_nf4_blob_is_the_cost_models_bytes_and_dequantizes_as_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+
+    from offload.slots import SlotBuffers
+    from offload.store import HostExpertStore, nf4_quantize
+
+    model = embedded()
+    m = moe_layers(model)[0].experts
+    want = [torch.cat([m.gate_up_proj[e].reshape(-1), m.down_proj[e].reshape(-1)]) for e in range(60)]
+    layout = make_layout(m, ("gate_up_proj", "down_proj"), "nf4")
+    assert layout.nbytes == expert_bytes(3 * 128 * 48, "nf4") == 9516
+    store = HostExpertStore([m], layout, pin=False, work_device=torch.device("cpu"))
+    slots = SlotBuffers(layout, 1, 4, 2, 4, torch.device("cpu"))
+    slots.attach(store)
+    for row, e in enumerate([7, 0, 59, 31]):
+        slots.dst(row)[0].copy_(slots.src(0, e)[0])
+    gate_up, down = slots.dequantize(torch.tensor([2, 0, 3]), 3)
+    for i, e in enumerate([59, 7, 31]):
+        packed, state = nf4_quantize(want[e])
+        ref = bnbf.dequantize_4bit(packed, state).reshape(-1)
+        assert torch.equal(torch.cat([gate_up[i].reshape(-1), down[i].reshape(-1)]), ref)
+
+
+def test_nf4_engine_equals_the_per_expert_nf4_resident_model():
+    ref, model = embedded(), embedded()
+    nf4_round_trip(ref)
+    offload_experts(model, cache_experts=6, policy="prefetch:router-reuse", expert_format="nf4", nf4_on_cpu=True)
+    assert_same_as_resident(ref, model)
+
+
+def test_cache_gib_gives_slots_per_layer_by_hand():
+    # 8 layers x 73,728 bytes (fp32 embedded expert) = 589,824 bytes per slot across layers
+    per = 8 * 73728 / 2**30
+    assert cache_slots(8, 60, 73728, None, 15 * per) == 15
+    assert cache_slots(8, 60, 73728, None, 15.99 * per) == 15
+    assert cache_slots(8, 60, 73728, 0, None) == 0
+    with pytest.raises(UserError, match="one slot per layer"):
+        cache_slots(8, 60, 73728, None, 0.9 * per)
+    with pytest.raises(UserError, match="more than the 60 experts"):
+        cache_slots(8, 60, 73728, None, 61 * per)
+    with pytest.raises(UserError, match="0..60"):
+        cache_slots(8, 60, 73728, 61, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# live features = the training features
+
+@pytest.mark.parametrize("kind", ["anchored", "hybrid"])
+def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, anchored_checkpoint, hybrid_checkpoint):
+    """What the engine predicts at decode time from its live state equals what the project's scorer predicts from
+    a TokenBlock of the same tokens (models/features.make_features): no feature is assembled differently."""
+    from collection.traces.rows import TokenBlock
+    from models.checkpoint import load_checkpoint
+    from validation.coverage.scorers import predictor_scorer
+
+    ckpt = anchored_checkpoint if kind == "anchored" else hybrid_checkpoint
+    model = embedded()
+    h = offload_experts(model, cache_experts=60, policy=f"prefetch:{ckpt}", fetch_budget=4, record=True)
+    seen = {l: [] for l in range(8)}
+    for l, m in enumerate(moe_layers(model)):
+        getattr(m.block, "experts").register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a))
+    T = 12
+    tokens = [1]
+    cache, tok = DynamicCache(), torch.tensor([[1]])
+    with torch.no_grad():
+        for _ in range(T):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tokens.append(int(tok))
+    block = TokenBlock(hidden=torch.stack([torch.cat([a[0] for a in seen[l]]) for l in range(8)]),
+                       topk_ids=torch.stack([torch.cat([a[1] for a in seen[l]]) for l in range(8)]),
+                       topk_weights=torch.stack([torch.cat([a[2] for a in seen[l]]) for l in range(8)]).float(),
+                       prev=torch.arange(T) - 1, source=torch.zeros(T, dtype=torch.long),
+                       hidden_slot=torch.arange(8), token_ids=torch.tensor(tokens[:T]))
+    predictor, _, _ = load_checkpoint(ckpt)
+    if hasattr(predictor, "set_router"):
+        predictor.set_router(torch.stack([m.router.weight.detach() for m in moe_layers(model)]))
+    score = predictor_scorer(predictor, 1, 60)
+    live = h.recorded()["pred"]  # (T, L, m) by target layer
+    for l in range(7):
+        want = score(block, torch.arange(T), torch.full((T,), l)).topk(4, dim=1).indices
+        assert torch.equal(torch.from_numpy(live[:, l + 1]), want), f"input layer {l}"
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line
+
+def test_bad_inputs_of_the_library_are_one_line(tiny_traces, tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    cases = [
+        (lambda: offload_experts(dense, cache_experts=1), "not a supported MoE family; supported: qwen2_moe"),
+        (lambda: offload_experts(embedded(), cache_experts=61), "0..60"),
+        (lambda: offload_experts(embedded(), cache_gib=1e-4), "cannot hold one slot per layer"),
+        (lambda: offload_experts(embedded(), cache_experts=4, expert_format="nf4"), "needs a CUDA GPU"),
+        (lambda: offload_experts(tiny("qwen2_moe"), cache_experts=4, routing_from=tiny_traces),
+         "traces of another shape"),
+        (lambda: offload_experts(embedded(), cache_experts=4, policy="oracle"), "--routing-from TRACES only"),
+        (lambda: offload_experts(embedded(), cache_experts=4, expert_format="bf16"), "load the model in bf16"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            fn()
+    monkeypatch.setattr("offload.store.available_host_bytes", lambda: 1 << 29)
+    with pytest.raises(UserError, match=r"need 0\.03 GiB of pinned host memory"):
+        offload_experts(embedded(), cache_experts=4)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    from models.checkpoint import save_checkpoint
+    from models.predictors import PredictorConfig, build_predictor
+
+    cfg = PredictorConfig(kind="layer-aware", input_dim=128, num_experts=60, top_k=4, num_layers=3, lookahead=1)
+    path = tmp_path / "other.pth"
+    save_checkpoint(path, build_predictor(cfg), cfg, {"test": np.arange(3)}, {}, {}, {})
+    with pytest.raises(UserError, match="predicts for 3 layers x 60 experts, top-4, hidden 128; this model is 8 "
+                                        "layers x 60 experts"):
+        offload_experts(embedded(), cache_experts=4, policy=f"prefetch:{path}")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cache-experts", "61"], "0..60"),
+    (["--cache-gib", "0.00001"], "cannot hold one slot per layer"),
+    (["--expert-format", "nf4"], "needs a CUDA GPU"),
+    (["--model", "Qwen/Qwen1.5-MoE-A2.7B"], "needs the Hugging Face hub"),
+    (["--policy", "belady"], "--routing-from TRACES only"),
+])
+def test_the_script_answers_bad_input_in_one_line(argv, message):
+    proc = run_script("generate_offloaded", "--device", "cpu", "--expert-format", "fp32", *argv, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("generate_offloaded: error: ") and message in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_script_prints_text_and_the_table(tmp_path):
+    js = tmp_path / "out.json"
+    proc = run_script("generate_offloaded", "--device", "cpu", "--expert-format", "fp32", "--cache-experts", "15",
+                      "--max-new-tokens", "4", "--policy", "prefetch:router-reuse", "--json", str(js))
+    for row in ("decode tokens/s", "hit rate", "stall ms/token", "MB moved/token", "MB wasted/token",
+                "non-expert weights", "expert slots", "KV cache"):
+        assert row in proc.stdout
+    import json
+
+    res = json.loads(js.read_text())
+    assert res["stats"]["decode_tokens"] == 3 and res["texts"][0].startswith("The history of the city")

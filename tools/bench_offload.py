@@ -1,0 +1,421 @@
+r"""Offloaded decode on one GPU, measured: the engine beside the resident model and accelerate's offload.
+
+The full-size Qwen1.5-MoE-A2.7B architecture with random weights is built on the GPU three times: resident
+(the fastest experts implementation, grouped_mm), dispatched by accelerate (device_map with a max_memory cap equal
+to the engine's footprint at C = 15), and converted by offload_experts. After a warm-up to steady clocks, every row
+runs once untimed (its calibration: the engine's costs measured in the simulator's terms, offload/costs.py, and
+its decode stream recorded), then --repeats rounds time every row, each round in the other order. A row reports the
+median decode tokens/s and its spread ((max - min) / median; > 10%: unstable), the engine's statistics, its peak
+GPU memory (as if alone on the GPU: the row's own persistent bytes plus what it allocated above them), and the
+simulator's prediction (validation/prefetch/simulator.py run_policy on the row's recorded stream with its measured costs).
+
+Rows: resident, accelerate; per expert format and cache size: on-demand LRU and prediction-driven prefetch on the
+model's own routing and on routing forced from the embedded default's traces (oracle as the bound there), the
+same forced rows at --locality; C = 0 streaming and all-resident per format. Targets of docs/OFFLOAD.md are
+checked at the end. JSON is rewritten after every round (a cut-off run keeps what it measured).
+
+Full (~8 min of one H100 / H200):
+    python tools/bench_offload.py --json results/bench_offload/full.json
+Quick (~2 min):
+    python tools/bench_offload.py --quick --json results/bench_offload/quick.json
+Seconds on a CPU (a random model of the embedded default's shape; the code path, not its numbers):
+    python tools/bench_offload.py --device cpu --preset qwen2moe-mini --quick --repeats 2 --tokens 4 \
+        --traces runs/demo/traces --json /tmp/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# run as a file (`python tools/bench_offload.py`): this repository's packages first, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.atomic import atomic_write_json  # noqa: E402
+from common.device import pick_device  # noqa: E402
+from common.errors import UserError, one_line_errors  # noqa: E402
+from collection.traces.format import DEFAULT_TRACES  # noqa: E402
+from models.moe_configs import PRESETS, make_config  # noqa: E402
+from offload import offload_experts  # noqa: E402
+from offload.clock import ForwardClock  # noqa: E402
+from offload.costs import measure_costs  # noqa: E402
+from validation.prefetch.simulator import Stream, parse_policy, run_policy, summarize  # noqa: E402
+
+UNSTABLE = 0.10  # a row whose spread exceeds this is marked unstable (counts as not met)
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str                        # resident | accelerate | engine
+    options: dict[str, Any] = field(default_factory=dict)  # offload_experts / reconfigure keywords
+    tokens: int = 32
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    predicted: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        rates = [r["decode_tokens_per_s"] for r in self.runs if r.get("decode_tokens_per_s")]
+        out: dict[str, Any] = {"label": self.label, "kind": self.kind, "options": _plain(self.options),
+                               "tokens": self.tokens, "runs": self.runs}
+        if rates:
+            med = float(np.median(rates))
+            out.update(median_tokens_per_s=med, spread=(max(rates) - min(rates)) / med,
+                       unstable=(max(rates) - min(rates)) / med > UNSTABLE)
+            for k in ("hit_rate", "stall_ms_per_token", "mb_moved_per_token", "mb_wasted_per_token",
+                      "host_ms_per_layer", "predictor_us_per_layer", "peak_gib", "bound_gib"):
+                vals = [r[k] for r in self.runs if r.get(k) is not None]
+                if vals:
+                    out[k] = float(np.median(vals))
+        if self.predicted is not None:
+            out["predicted_tokens_per_s"] = self.predicted
+            if rates:
+                out["measured_over_predicted"] = out["median_tokens_per_s"] / self.predicted
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen1.5-moe-a2.7b", choices=sorted(PRESETS),
+                   help="architecture built with random weights (qwen1.5-moe-a2.7b)")
+    p.add_argument("--device", default="auto", help="auto (the GPU with most free memory), cuda:N, cpu (smoke only)")
+    p.add_argument("--quick", action="store_true", help="~2 minutes: one format (fp16), C = 15, fewer tokens")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, order alternating (5; fewer is not a report)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (full 24, quick 16)")
+    p.add_argument("--prompt-tokens", type=int, default=4, help="prompt length of every run (4: a prompt streams "
+                   "every expert it needs, which decode tokens/s leaves out but the run's time does not)")
+    p.add_argument("--formats", default=None, help="expert formats, comma list of fp16, nf4 (full fp16,nf4; quick fp16)")
+    p.add_argument("--caches", default=None, help="cache slots per layer, comma list (full 15,30; quick 15)")
+    p.add_argument("--policies", default="on-demand,prefetch:router-reuse",
+                   help="engine policies of every (format, cache, routing) group (on-demand,prefetch:router-reuse); "
+                   "oracle is added on forced routing")
+    p.add_argument("--checkpoint", default=None, help="a learned predictor of the traces' model: adds "
+                   "prefetch:<checkpoint> to the forced-routing rows (its work runs at this model's size)")
+    p.add_argument("--traces", default=DEFAULT_TRACES, help=f"the embedded default's traces for --routing-from rows "
+                   f"(default {DEFAULT_TRACES}; built into results/bench_offload/traces when missing; none: no "
+                   "forced-routing rows)")
+    p.add_argument("--locality", type=float, default=None, help="the forced rows of the first format and cache again "
+                   "at this --locality (full 0.4; quick 0: skipped)")
+    p.add_argument("--accelerate-tokens", type=int, default=2, help="tokens generated per accelerate run (2)")
+    p.add_argument("--warmup-s", type=float, default=None, help="seconds of resident decode before anything (full 15, quick 6)")
+    p.add_argument("--seed", type=int, default=0, help="weights and trace split seed (0)")
+    p.add_argument("--json", default="results/bench_offload/bench.json", help="results (results/bench_offload/bench.json)")
+    args = p.parse_args(argv)
+    args.tokens = args.tokens or (16 if args.quick else 24)
+    args.formats = [f for f in (args.formats or ("fp16" if args.quick else "fp16,nf4")).split(",") if f]
+    args.caches = [int(c) for c in (args.caches or ("15" if args.quick else "15,30")).split(",") if c]
+    args.warmup_s = args.warmup_s if args.warmup_s is not None else (6.0 if args.quick else 15.0)
+    args.locality = args.locality if args.locality is not None else (0.0 if args.quick else 0.4)
+    if args.repeats < 1 or args.tokens < 2 or args.prompt_tokens < 1:
+        raise UserError("--repeats >= 1, --tokens >= 2 and --prompt-tokens >= 1")
+    if any(f not in ("fp16", "nf4") for f in args.formats):
+        raise UserError(f"--formats {','.join(args.formats)}: a comma list of fp16, nf4")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def sixteen_bit(dev: torch.device) -> torch.dtype:
+    """fp16 where grouped_mm runs it on this GPU, else bf16 (same bytes per expert); float32 on a CPU."""
+    if dev.type != "cuda":
+        return torch.float32
+    try:
+        a = torch.randn(8, 64, device=dev, dtype=torch.float16)
+        torch.nn.functional.grouped_mm(a, torch.randn(2, 64, 32, device=dev, dtype=torch.float16),
+                                       offs=torch.tensor([4, 8], device=dev, dtype=torch.int32))
+        return torch.float16
+    except (RuntimeError, AttributeError, TypeError):
+        return torch.bfloat16
+
+
+def build(preset: str, dev: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """The architecture with random weights, built where it runs; routers drawn N(0, 0.02) so that random hidden
+    states spread over the experts (a zero router sends every token to the same experts)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = make_config(preset)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    from collection.families import moe_layers
+
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=gen, device=dev) * 0.02)
+    model.config._experts_implementation = "grouped_mm"
+    return model.eval().requires_grad_(False)
+
+
+def accelerate_model(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, cap: int) -> tuple[Any, int]:
+    """The same model dispatched by accelerate with max_memory = {gpu: cap}: what HF users do today. Returns the
+    model and its GPU-resident bytes."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model = build(preset, dev, dtype, seed)
+    device_map = infer_auto_device_map(model, max_memory={dev.index or 0: cap, "cpu": 1 << 40},
+                                       no_split_module_classes=model._no_split_modules)
+    model = dispatch_model(model, device_map=device_map)
+    on_gpu = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+    return model, on_gpu
+
+
+def ensure_traces(path: str, dev: torch.device) -> str:
+    """The embedded default's traces: `path` if it is a trace set, else a small set collected once (200 sequences
+    of 256 tokens of the bundled corpus, every hidden state stored) into results/bench_offload/traces."""
+    if (Path(path) / "manifest.json").is_file():
+        return path
+    out = Path("results/bench_offload/traces")
+    if (out / "manifest.json").is_file():
+        return str(out)
+    print(f"no trace set at {path}: collecting the embedded default's traces into {out}", flush=True)
+    from scripts.collect_traces import main as collect
+
+    collect(["--datasets", "bundled", "--target_traces", "200", "--max_length", "256", "--batch_size", "16",
+             "--device", str(dev), "--output", str(out)])
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# runs
+
+
+def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: bool) -> dict[str, Any]:
+    """One run of a row: its decode tokens/s and, for the engine, its statistics and peak memory as if alone."""
+    dev = prompt.device
+    cuda = dev.type == "cuda"
+    if row.kind == "engine":
+        handle = models["engine"]
+        handle.reconfigure(**row.options, record=calibrate)
+        if calibrate:  # the calibration run is itself a decode of the row (with timestamps): it is not timed
+            res = measure_costs(handle, prompt, tokens=row.tokens)
+            row.calibration = {"cost": res["cost"].to_json(), "raw": {k: v for k, v in res["raw"].items()
+                                                                        if k != "recorded"}}
+            row.predicted = predict(handle, row, res)
+            return {}
+        model = handle.engine.model
+    else:
+        model = models[row.kind]
+    clock = models["clocks"][row.kind]
+    if cuda:
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    if row.kind == "engine":
+        handle.reset()
+    clock.reset()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=row.tokens, min_new_tokens=row.tokens, do_sample=False, pad_token_id=0)
+    out: dict[str, Any] = {}
+    if row.kind == "engine":
+        s = handle.stats()
+        mem = s["memory"]
+        own = mem["weights"] + mem["expert_slots"] + mem["staging"]
+        out = {k: s[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "stall_ms_per_token",
+                                 "mb_moved_per_token", "mb_wasted_per_token", "host_ms_per_layer",
+                                 "predictor_us_per_layer")}
+        out["bound_gib"] = mem["bound"] / 2**30
+    else:
+        out["prefill_tokens_per_s"], out["decode_tokens_per_s"] = clock.rates()
+        own = models["own_bytes"][row.kind]
+    if cuda:
+        out["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - before + own) / 2**30
+    return out
+
+
+def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
+    """The simulator's decode tokens/s for the row's recorded stream, with the row's measured costs."""
+    e = handle.engine
+    rec = costs["raw"]["recorded"]
+    pol = parse_policy(row.options.get("policy", "on-demand"))
+    T = max(len(rec["stats"]), 1) if rec is not None else row.tokens - 1
+    ids = rec["ids"] if rec is not None and len(rec["ids"]) else np.zeros((T, e.L, e.K), dtype=np.int64)
+    first = np.zeros(len(ids), dtype=bool)
+    first[0] = True
+    stream = Stream(ids=ids.astype(np.int64), weights=np.zeros(ids.shape, dtype=np.float32), first=first,
+                    position=np.arange(len(ids)))
+    if pol.prefetch == 1 and rec is not None:
+        stream.predictions[pol.name] = rec["pred"][:, :, :e.m]
+    resident = (e.cache.slot_of >= 0) if pol.eviction == 3 and not pol.all_resident else None
+    stats, _ = run_policy(pol, e.C, stream, costs["cost"], e.d, e.m, e.E, predictor_ms=0.0, resident=resident)
+    return summarize(stats, e.L, e.K, e.layout.nbytes)["tokens_per_s"]
+
+
+def plan_rows(args: argparse.Namespace, traces: str | None, cuda: bool) -> list[Row]:
+    rows = [Row("resident (grouped_mm)", "resident", tokens=args.tokens)]
+    if cuda:
+        rows.append(Row("accelerate offload (device_map, cap = engine at C=15)", "accelerate",
+                        tokens=args.accelerate_tokens))
+    policies = [p for p in args.policies.split(",") if p]
+    for fmt in args.formats:
+        if fmt == "nf4" and not cuda:
+            continue
+        base = {"expert_format": "nf4"} if fmt == "nf4" else {}
+        rows.append(Row(f"{fmt} C=0 streaming", "engine", {**base, "cache_experts": 0}, args.tokens))
+        rows.append(Row(f"{fmt} all-resident", "engine", {**base, "policy": "all-resident"}, args.tokens))
+        for c in args.caches:
+            for pol in policies:
+                rows.append(Row(f"{fmt} C={c} {pol} (own routing)", "engine",
+                                {**base, "cache_experts": c, "policy": pol}, args.tokens))
+            if traces is None:
+                continue
+            forced = policies + ["oracle"] + ([f"prefetch:{args.checkpoint}"] if args.checkpoint else [])
+            localities = [0.0] + ([args.locality] if args.locality and fmt == args.formats[0]
+                                  and c == args.caches[0] else [])
+            for loc in localities:
+                for pol in forced:
+                    name = pol if not pol.startswith("prefetch:") or pol == "prefetch:router-reuse" else "prefetch:learned"
+                    rows.append(Row(f"{fmt} C={c} {name} (traces{f', locality {loc}' if loc else ''})", "engine",
+                                    {**base, "cache_experts": c, "policy": pol, "routing_from": traces,
+                                     "locality": loc, "seed": args.seed}, args.tokens))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def targets(rows: list[dict[str, Any]], fmt16: str) -> list[str]:
+    """The targets this run can check (docs/OFFLOAD.md "Targets"), one line each."""
+    by = {r["label"]: r for r in rows}
+    med = lambda label: by.get(label, {}).get("median_tokens_per_s")  # noqa: E731
+    lines = []
+    res, allres = med("resident (grouped_mm)"), med(f"{fmt16} all-resident")
+    if res and allres:
+        lines.append(f"no engine tax: all-resident / resident = {allres / res:.3f} (target >= 0.95)")
+    acc, lru = med("accelerate offload (device_map, cap = engine at C=15)"), med(f"{fmt16} C=15 on-demand (own routing)")
+    if acc and lru:
+        lines.append(f"against accelerate: on-demand C=15 / accelerate = {lru / acc:.1f}x (target >= 20x); peaks "
+                     f"{by[f'{fmt16} C=15 on-demand (own routing)'].get('peak_gib', float('nan')):.2f} vs "
+                     f"{by['accelerate offload (device_map, cap = engine at C=15)'].get('peak_gib', float('nan')):.2f} GiB")
+    pre, lru_t, orc = (med(f"{fmt16} C=15 prefetch:router-reuse (traces)"), med(f"{fmt16} C=15 on-demand (traces)"),
+                       med(f"{fmt16} C=15 oracle (traces)"))
+    learned = med(f"{fmt16} C=15 prefetch:learned (traces)")
+    best = max([v for v in (pre, learned) if v] or [0.0])
+    if best and lru_t and orc:
+        lines.append(f"payoff (traces, d=1, C=15): best prefetch / on-demand = {best / lru_t:.2f}x (target >= 1.3x), "
+                     f"/ oracle = {best / orc:.2f} (target >= 0.90)")
+    ratios = [abs(r["measured_over_predicted"] - 1) for r in rows if r.get("measured_over_predicted")]
+    if ratios:
+        lines.append(f"simulator agreement: largest |measured / predicted - 1| = {max(ratios):.1%} (target <= 15%)")
+    link = [r["calibration"]["raw"] for r in rows if r.get("calibration") and r["calibration"]["raw"].get(
+        "engine_copy_bytes_per_s")]
+    if link:
+        frac = min(c["engine_copy_bytes_per_s"] / c["link_bytes_per_s"] for c in link)
+        lines.append(f"link speed: the engine's copies run at >= {frac:.0%} of one large pinned copy (target >= 85%)")
+    host = by.get(f"{fmt16} C=15 on-demand (own routing)", {}).get("host_ms_per_layer")
+    if host is not None:
+        lines.append(f"host overhead: {host:.4f} ms per layer at batch 1 (target <= 0.1)")
+    pred = [r["predictor_us_per_layer"] for r in rows if r.get("predictor_us_per_layer")]
+    if pred:
+        lines.append(f"predictor: {max(pred):.1f} us per layer at most, GPU time (target <= 20)")
+    mem = [(r["peak_gib"], r["bound_gib"]) for r in rows if r.get("peak_gib") and r.get("bound_gib")]
+    if mem:
+        worst = max(p / b for p, b in mem)
+        lines.append(f"memory: peak / (1.05 x (weights + slots + KV)) <= {worst:.3f} over the engine rows (target <= 1)")
+    unstable = [r["label"] for r in rows if r.get("unstable")]
+    lines.append(f"unstable rows (spread > {UNSTABLE:.0%}): {', '.join(unstable) if unstable else 'none'}")
+    return lines
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'row':<52} {'tok/s':>8} {'spread':>7} {'hit':>6} {'stall':>7} {'MB/tok':>7} {'waste':>6} "
+            f"{'peak GiB':>8} {'predicted':>9} {'ratio':>6}")
+    print("\n" + head + "\n" + "-" * len(head))
+    f = lambda v, fmt: f"{'-':>{fmt.split('.')[0]}}" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        print(f"{r['label'][:52]:<52} {f(r.get('median_tokens_per_s'), '8.2f')} {f(r.get('spread'), '7.1%')}"
+              f"{'!' if r.get('unstable') else ' '}{f(r.get('hit_rate'), '6.3f')} {f(r.get('stall_ms_per_token'), '7.2f')} "
+              f"{f(r.get('mb_moved_per_token'), '7.1f')} {f(r.get('mb_wasted_per_token'), '6.1f')} "
+              f"{f(r.get('peak_gib'), '8.2f')} {f(r.get('predicted_tokens_per_s'), '9.2f')} "
+              f"{f(r.get('measured_over_predicted'), '6.3f')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dev = pick_device(args.device)
+    cuda = dev.type == "cuda"
+    t_start = time.perf_counter()
+    dtype = sixteen_bit(dev)
+    fmt16 = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    args.formats = [fmt16 if f == "fp16" else f for f in args.formats]
+    name = torch.cuda.get_device_name(dev) if cuda else "CPU (numbers mean nothing)"
+    print(f"{name}; {args.preset} with random weights in {dtype}; torch {torch.__version__}", flush=True)
+    traces = None if args.traces == "none" else ensure_traces(args.traces, dev)
+    cfg = make_config(args.preset)
+    prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(
+        args.seed)).to(dev)
+
+    # --- the three models (resident, accelerate, engine), same weights
+    models: dict[str, Any] = {"clocks": {}, "own_bytes": {}}
+    models["resident"] = build(args.preset, dev, dtype, args.seed)
+    models["clocks"]["resident"] = ForwardClock.attach(models["resident"], dev)
+    models["own_bytes"]["resident"] = sum(p.numel() * p.element_size() for p in models["resident"].parameters())
+    print(f"resident model built ({models['own_bytes']['resident'] / 2**30:.1f} GiB)", flush=True)
+    engine_model = build(args.preset, dev, dtype, args.seed)
+    handle = offload_experts(engine_model, cache_experts=15, policy="on-demand")
+    models["engine"], models["clocks"]["engine"] = handle, handle.engine.clock
+    mem = handle.memory()
+    print(f"engine: {handle.describe()}; host store {mem['host_store'] / 2**30:.1f} GiB "
+          f"({'pinned' if mem['pinned'] else 'not pinned'})", flush=True)
+    if cuda:
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+            * (args.prompt_tokens + args.tokens) * torch.empty((), dtype=dtype).element_size()
+        cap = mem["weights"] + mem["expert_slots"] + mem["staging"] + kv
+        models["accelerate"], models["own_bytes"]["accelerate"] = accelerate_model(args.preset, dev, dtype, args.seed,
+                                                                                   cap)
+        models["clocks"]["accelerate"] = ForwardClock.attach(models["accelerate"], dev)
+        print(f"accelerate: max_memory cap {cap / 2**30:.2f} GiB (the engine at C=15: weights + slots + staging + "
+              f"KV), {models['own_bytes']['accelerate'] / 2**30:.2f} GiB of weights on the GPU", flush=True)
+    rows = plan_rows(args, traces, cuda)
+    print(f"{len(rows)} rows x {args.repeats} rounds, {args.tokens} decode tokens per engine run", flush=True)
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
+                              "args": vars(args), "traces": traces, "rows": []}
+
+    # --- warm-up to steady clocks, then the calibration round (untimed), then the timed rounds
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - t0 < args.warmup_s:
+            models["resident"].generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    print(f"warm-up {time.perf_counter() - t0:.0f} s; calibration round ...", flush=True)
+    for row in rows:
+        run_once(row, models, prompt, calibrate=row.kind == "engine")
+        print(f"  {row.label}: calibrated" + (f", predicted {row.predicted:.2f} tok/s" if row.predicted else ""),
+              flush=True)
+    for rnd in range(args.repeats):
+        order = rows if rnd % 2 == 0 else rows[::-1]
+        for row in order:
+            row.runs.append(run_once(row, models, prompt, calibrate=False))
+        result["rows"] = [r.summary() for r in rows]
+        atomic_write_json(Path(args.json), result)
+        print(f"round {rnd + 1} of {args.repeats} ({time.perf_counter() - t_start:.0f} s): " + ", ".join(
+            f"{r.label.split(' (')[0]} {r.runs[-1]['decode_tokens_per_s'] or 0:.1f}" for r in rows[:4]) + " ...",
+            flush=True)
+
+    summaries = [r.summary() for r in rows]
+    print_table(summaries)
+    result["targets"] = targets(summaries, fmt16)
+    result["seconds"] = time.perf_counter() - t_start
+    atomic_write_json(Path(args.json), result)
+    print("\n" + "\n".join(result["targets"]))
+    print(f"\n{result['seconds']:.0f} s on {name}; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    with one_line_errors("bench_offload"):
+        main()
