@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import UserError
 from collection.families import family_of, moe_layers
+from common.errors import UserError
 from offload.cache import cache_slots
 from offload.engine import OffloadedExperts, OffloadEngine
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies

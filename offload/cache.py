@@ -23,8 +23,20 @@ import numpy as np
 from numba import njit
 
 from common.errors import UserError
-from validation.prefetch.simulator import BELADY, N_STATS, NO_PREFETCH, STATIC, _key, _victim
-from validation.prefetch.simulator import DEMAND, HITS, SPEC, SPEC_USED, SPEC_WASTED, STAGED
+from validation.prefetch.simulator import (
+    BELADY,
+    DEMAND,
+    HITS,
+    N_STATS,
+    NO_PREFETCH,
+    SPEC,
+    SPEC_USED,
+    SPEC_WASTED,
+    STAGED,
+    STATIC,
+    _key,
+    _victim,
+)
 
 # the simulator's statistics columns the engine counts (LATE, STALL_MS and END_MS are times: measured instead)
 COUNTED = (HITS, DEMAND, STAGED, SPEC, SPEC_USED, SPEC_WASTED)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import UserError
 from collection.families import family_of, moe_layers, router_spec
+from common.errors import UserError
 from offload.cache import CacheState
 from offload.clock import ForwardClock, forward_shape
 from offload.copies import HostReader, SyncCopies, make_copies

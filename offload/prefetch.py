@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import UserError
 from collection.families import selection_scores
+from common.errors import UserError
 from models.features import Features, FeatureSpec, feature_spec
 
 
