@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from collection.model import EMBEDDED_MODEL_NAME, load_model
 from common.atomic import atomic_write_json
 from common.device import pick_device
 from common.errors import UserError, one_line_errors
-from collection.model import EMBEDDED_MODEL_NAME, load_model
 from offload import format_table, offload_experts
 from offload.api import expert_format_dtype
 from validation.prefetch.simulator import POLICY_HELP

@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from common.errors import UserError
 from collection.families import FAMILIES, moe_layers
+from common.errors import UserError
 from offload import offload_experts
 from offload.cache import COUNTED, cache_slots
 from offload.store import make_layout, nf4_round_trip
 from tests.conftest import run_script
 from tests.test_families import tiny
-from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy, static_experts
 from validation.prefetch.cost_model import CostModel, expert_bytes
+from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy, static_experts
 
 EMBEDDED = "models/embedded/qwen2moe-mini"
 PROMPT = torch.tensor([[17, 233, 1009, 45, 7, 812]])

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from collection.families import moe_layers
 from offload import offload_experts
 from offload.copies import CudaCopies
-from tests.test_engine import (EMBEDDED, PROMPT, ForcedResident, _checkpoint, decode_steps, some_static_set)
-from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy
+from tests.test_engine import EMBEDDED, PROMPT, ForcedResident, _checkpoint, decode_steps, some_static_set
 from validation.prefetch.cost_model import CostModel
+from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEV = torch.device("cuda", 0)

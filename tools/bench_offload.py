@@ -37,10 +37,10 @@ import torch
 # run as a file (`python tools/bench_offload.py`): this repository's packages first, not an installed copy
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from collection.traces.format import DEFAULT_TRACES  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, one_line_errors  # noqa: E402
-from collection.traces.format import DEFAULT_TRACES  # noqa: E402
 from models.moe_configs import PRESETS, make_config  # noqa: E402
 from offload import offload_experts  # noqa: E402
 from offload.clock import ForwardClock  # noqa: E402
