@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--link-gbps", type=float, default=None, help="link bandwidth in GB/s (overrides --link)")
     g.add_argument("--pre-ms", type=float, default=DEFAULT_PRE_MS, help=f"attention + router per layer "
                    f"({DEFAULT_PRE_MS} ms)")
-    g.add_argument("--shared-ms", type=float, default=DEFAULT_SHARED_MS, help=f"shared expert per layer "
-                   f"({DEFAULT_SHARED_MS} ms)")
+    g.add_argument("--shared-ms", type=float, default=None, help=f"shared expert per layer ({DEFAULT_SHARED_MS} ms; "
+                   "0 for a --model-config without a shared expert)")
     g.add_argument("--expert-ms", type=float, default=DEFAULT_EXPERT_MS, help=f"one routed expert, one token "
                    f"({DEFAULT_EXPERT_MS} ms; with the defaults a layer takes 1.2 ms)")
     g.add_argument("--layer-ms", type=float, default=None, help="per-layer compute in total: scales the three phases "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from validation.prefetch.cost_model import LINKS, CostModel, expert_bytes, expert_params
+from validation.prefetch.cost_model import DEFAULT_SHARED_MS, LINKS, CostModel, model_shape
 from validation.prefetch.simulator import POLICIES, Policy, Stream, check_caches, prepare, run_policy, summarize
 
 DEFAULT_POLICIES = "on-demand,lfu,static-popular,prefetch:router-reuse,oracle,belady,all-resident"
@@ -27,7 +27,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):
         raise UserError("--warmup-tokens must be >= 0 and below --max-tokens")
     for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.layer_ms is not None and not args.layer_ms > 0:
         raise UserError("--layer-ms must be positive")
@@ -35,7 +35,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--predictor-ms must be >= 0")
     if args.link_gbps is not None and args.link_gbps <= 0:
         raise UserError("--link-gbps must be positive")
-    nbytes = expert_bytes(expert_params(args.model_config), args.expert_format)
+    nbytes = model_shape(args.model_config).expert_bytes(args.expert_format)
     if args.cache_gib is not None:
         if args.cache_gib < 0:
             raise UserError("--cache-gib must be >= 0")
@@ -52,6 +52,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.measure:
         import torch
 
+        if args.expert_format not in ("fp16", "bf16", "nf4"):
+            raise UserError(f"--measure replays fp16, bf16 or nf4 experts, not {args.expert_format}")
+
         if not torch.cuda.is_available():
             raise UserError("--measure needs a CUDA GPU (this machine has none); drop it to use the cost model's "
                             "defaults or set --pre-ms/--shared-ms/--expert-ms/--link-gbps")
@@ -61,9 +64,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def cost_from_args(args: argparse.Namespace, nbytes: int, top_k: int) -> CostModel:
     link = args.link_gbps * 1e9 if args.link_gbps is not None else LINKS[args.link]
-    phases = (args.pre_ms, args.shared_ms, args.expert_ms)
+    # the default phases are Qwen1.5-MoE's (docs/anchors); a preset without a shared expert has no shared phase
+    shared_ms = args.shared_ms if args.shared_ms is not None else (
+        DEFAULT_SHARED_MS if model_shape(args.model_config).shared_width else 0.0)
+    phases = (args.pre_ms, shared_ms, args.expert_ms)
     if args.layer_ms is not None:  # keep the phases' proportions, change their sum
-        total = args.pre_ms + args.shared_ms + top_k * args.expert_ms
+        total = args.pre_ms + shared_ms + top_k * args.expert_ms
         if total <= 0:
             raise UserError("--layer-ms scales --pre-ms/--shared-ms/--expert-ms, which are all 0")
         scale = args.layer_ms / total
