@@ -124,3 +124,37 @@ def prefetch_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     fig.suptitle(title)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def policy_map_figure(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localities: dict[str, dict[str, float]],
+                      path: Path) -> None:
+    """The map as a heatmap: one panel per locality; rows compute x link, columns batch x GPU budget; colour the
+    best realizable policy's speedup over on-demand LRU, text its short name (simulated)."""
+    from validation.prefetch.policy_map import short
+
+    plt = _figure_module()
+    rows = [(c, k) for c in axes["compute"] for k in axes["link"]]
+    cols = [(b, f) for b in axes["batch"] for f in axes["budget"]]
+    by = {(c["locality"], c["compute"], c["link"], c["batch"], c["budget"]): c for c in cells}
+    top = max(c["speedup_vs_lru"] for c in cells)
+    n = len(axes["locality"])
+    fig, panels = plt.subplots(1, n, figsize=(1.25 * len(cols) * n + 2, 0.55 * len(rows) + 2.2), squeeze=False,
+                               layout="constrained")
+    for a, p in zip(panels[0], axes["locality"]):
+        grid = np.array([[by[(p, c, k, b, f)]["speedup_vs_lru"] for b, f in cols] for c, k in rows])
+        im = a.imshow(grid, cmap="viridis", vmin=1.0, vmax=max(top, 1.01), aspect="auto")
+        for i, (c, k) in enumerate(rows):
+            for j, (b, f) in enumerate(cols):
+                cell = by[(p, c, k, b, f)]
+                a.text(j, i, f"{short(cell['best'])}\n{cell['speedup_vs_lru']:.2f}x", ha="center", va="center",
+                       fontsize=6, color="white" if cell["speedup_vs_lru"] < 1 + 0.6 * (top - 1) else "black")
+        a.set_xticks(range(len(cols)), [f"B={b}\n{f:.0%}" for b, f in cols], fontsize=7)
+        a.set_yticks(range(len(rows)), [f"{c}\n{k}" for c, k in rows], fontsize=7)
+        loc = localities[str(p)]
+        a.set_title(f"locality p={p}: prev-token recall {loc['previous_token_recall']:.2f}, "
+                    f"top-25% {loc['top25_share']:.0%}", fontsize=8)
+    fig.colorbar(im, ax=panels[0].tolist(), label="best policy / on-demand LRU (simulated)")
+    fig.suptitle("Which policy wins where (simulated decode tokens/s; columns: batch, GPU budget as a share of "
+                 "each layer's experts)", fontsize=9)
+    save_figure(fig, path)
+    plt.close(fig)
