@@ -153,7 +153,11 @@ def model_shape(preset: str) -> ModelShape:
     """The preset's shape for the cost model (transformers' config class fills the family's defaults)."""
     if preset not in PRESETS:
         raise UserError(f"--model-config {preset!r}: unknown preset; choose from {', '.join(sorted(PRESETS))}")
-    cfg = make_config(preset)
+    try:
+        cfg = make_config(preset)
+    except Exception as e:  # noqa: BLE001 - transformers' strict config classes raise their own types for a bad field
+        raise UserError(f"--model-config {preset}: its fields do not make a {PRESETS[preset].get('model_type')} config "
+                        f"({' '.join(str(e).split())[:160]})") from None
     fam = family_of(cfg)
     H = int(_field(cfg, "hidden_size", preset))
     heads = int(_field(cfg, "num_attention_heads", preset))
