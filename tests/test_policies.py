@@ -373,10 +373,61 @@ def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):
                       "--cpu-expert-ms", "0.25", "--output-dir", tmp_path)
     res = json.loads((tmp_path / "prefetch_map.json").read_text())
     assert len(res["cells"]) == 2 * 2 * 2 * 2 * 2 and res["simulated"]
-    realizable = {p for p in res["policies"] if parse_policy(p).realizable}
-    for c in res["cells"]:
-        assert c["best"] in realizable and c["tokens_per_s"][c["best"]] == max(c["tokens_per_s"][p] for p in realizable)
+    exact = {p for p in res["policies"] if parse_policy(p).realizable and parse_policy(p).exact}
+    for c in res["cells"]:  # the best real full-precision policy; the low-bit one beside it
+        assert c["best"] in exact and c["tokens_per_s"][c["best"]] == max(c["tokens_per_s"][p] for p in exact)
+        assert c["lowbit_over_best"] == pytest.approx(c["tokens_per_s"]["lowbit-on-miss"] / c["best_tokens_per_s"])
         assert c["speedup_vs_lru"] == pytest.approx(c["best_tokens_per_s"] / c["tokens_per_s"]["on-demand"])
     assert set(res["routing_locality"]) == {"0.0", "0.6"}
     assert res["routing_locality"]["0.6"]["previous_token_recall"] > res["routing_locality"]["0.0"]["previous_token_recall"]
     assert "all figures simulated" in proc.stdout and (tmp_path / "prefetch_map.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# learned eviction: a checkpoint predicting the next tokens' experts
+
+
+def _checkpoint(tiny_traces, path, **extra):
+    import torch
+
+    from collection.traces.format import TraceSet
+    from collection.traces.rows import split_sequences
+    from models.checkpoint import save_checkpoint
+    from models.predictors import PredictorConfig, build_predictor
+
+    ts = TraceSet(tiny_traces)
+    cfg = PredictorConfig(kind="layer-aware", input_dim=128, num_experts=60, top_k=4, num_layers=8, **extra)
+    torch.manual_seed(0)
+    save_checkpoint(path, build_predictor(cfg), cfg, split_sequences(ts.sequence_table(), 0), {}, {}, {})
+    return path
+
+
+def test_evict_needs_a_next_tokens_predictor(tiny_traces, tmp_path):
+    from scripts.simulate_prefetch import main
+
+    ckpt = _checkpoint(tiny_traces, tmp_path / "d1" / "best_checkpoint.pth", lookahead=1)
+    with pytest.raises(UserError, match="not the next tokens'"):
+        main(["--traces", str(tiny_traces), "--policies", f"evict:{ckpt}", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_evict_with_a_next_tokens_checkpoint_replays(tiny_traces, tmp_path, monkeypatch):
+    """A random model of the next-tokens config (lookahead_tokens > 0): its scores drive the eviction, alone and
+    with prefetch. Where this version's PredictorConfig lacks the field, a config class that has it stands in."""
+    import dataclasses
+
+    from models import checkpoint, predictors
+    from scripts.simulate_prefetch import main
+
+    if "lookahead_tokens" not in predictors.PredictorConfig.__dataclass_fields__:
+        @dataclasses.dataclass
+        class NextTokens(predictors.PredictorConfig):
+            lookahead_tokens: int = 0
+        monkeypatch.setattr(predictors, "PredictorConfig", NextTokens)
+        monkeypatch.setattr(checkpoint, "PredictorConfig", NextTokens)
+    ckpt = _checkpoint(tiny_traces, tmp_path / "next" / "best_checkpoint.pth", lookahead=0, lookahead_tokens=4)
+    js = tmp_path / "s.json"
+    main(["--traces", str(tiny_traces), "--policies", f"on-demand,evict:{ckpt},evict:{ckpt}+prefetch:router-reuse",
+          "--cache-experts", "8", "--json", str(js), "--plot", str(tmp_path / "s.png")])
+    rows = {r["policy"]: r for r in json.loads(js.read_text())["rows"]}
+    assert 0 < rows[f"evict:{ckpt}"]["hit_rate"] < 1 and rows[f"evict:{ckpt}"]["label"].startswith("evict:layer-aware")

@@ -138,23 +138,24 @@ def policy_map_figure(cells: list[dict[str, Any]], axes: dict[str, list[Any]], l
     by = {(c["locality"], c["compute"], c["link"], c["batch"], c["budget"]): c for c in cells}
     top = max(c["speedup_vs_lru"] for c in cells)
     n = len(axes["locality"])
-    fig, panels = plt.subplots(1, n, figsize=(1.25 * len(cols) * n + 2, 0.55 * len(rows) + 2.2), squeeze=False,
+    fig, panels = plt.subplots(n, 1, figsize=(1.15 * len(cols) + 2.5, (0.62 * len(rows) + 1.1) * n), squeeze=False,
                                layout="constrained")
-    for a, p in zip(panels[0], axes["locality"]):
+    for a, p in zip(panels[:, 0], axes["locality"]):
         grid = np.array([[by[(p, c, k, b, f)]["speedup_vs_lru"] for b, f in cols] for c, k in rows])
         im = a.imshow(grid, cmap="viridis", vmin=1.0, vmax=max(top, 1.01), aspect="auto")
         for i, (c, k) in enumerate(rows):
             for j, (b, f) in enumerate(cols):
                 cell = by[(p, c, k, b, f)]
                 a.text(j, i, f"{short(cell['best'])}\n{cell['speedup_vs_lru']:.2f}x", ha="center", va="center",
-                       fontsize=6, color="white" if cell["speedup_vs_lru"] < 1 + 0.6 * (top - 1) else "black")
-        a.set_xticks(range(len(cols)), [f"B={b}\n{f:.0%}" for b, f in cols], fontsize=7)
+                       fontsize=7, color="white" if cell["speedup_vs_lru"] < 1 + 0.6 * (top - 1) else "black")
+        a.set_xticks(range(len(cols)), [f"batch {b}\n{f:.0%}" for b, f in cols], fontsize=7)
         a.set_yticks(range(len(rows)), [f"{c}\n{k}" for c, k in rows], fontsize=7)
         loc = localities[str(p)]
-        a.set_title(f"locality p={p}: prev-token recall {loc['previous_token_recall']:.2f}, "
-                    f"top-25% {loc['top25_share']:.0%}", fontsize=8)
-    fig.colorbar(im, ax=panels[0].tolist(), label="best policy / on-demand LRU (simulated)")
-    fig.suptitle("Which policy wins where (simulated decode tokens/s; columns: batch, GPU budget as a share of "
-                 "each layer's experts)", fontsize=9)
+        a.set_title(f"locality p = {p}: previous-token recall@{loc['top_k']} {loc['previous_token_recall']:.2f}, "
+                    f"median reuse distance {loc['median_reuse_distance']:.0f}, top-25% experts "
+                    f"{loc['top25_share']:.0%} of activations", fontsize=8)
+    fig.colorbar(im, ax=panels[:, 0].tolist(), label="best exact policy / on-demand LRU (simulated tokens/s)")
+    fig.suptitle("Which policy wins where (simulated decode; columns: batch, GPU budget as a share of each layer's "
+                 "experts)", fontsize=9)
     save_figure(fig, path)
     plt.close(fig)

@@ -2,9 +2,10 @@
 
 For each locality (one stream, its predictions and scores computed once) and batch size (lanes dealt once),
 every compute profile, link and budget is one cell: every policy of the map is replayed, the best one a real
-system can run (not the oracle, Belady or all-resident) is named, with its speedup over on-demand LRU and its
-tokens/s over the oracle's (prefetch of the true experts) and Belady's (evict the furthest next use). All
-figures are simulated; the header and the JSON name each locality's measured summary (locality.py).
+system can run at full precision (not the oracle, Belady or all-resident; not lowbit-on-miss, which computes
+from low-bit copies and is reported beside it) is named, with its speedup over on-demand LRU and its tokens/s
+over the oracle's (prefetch of the true experts) and Belady's (evict the furthest next use). All figures are
+simulated; the header and the JSON name each locality's measured summary (locality.py).
 
     compute  hf-eager   docs/anchors: HF eager, H200, batched_mm: pre 0.43 + shared 0.53 + K x 0.06 ms per layer
              engine     an optimised engine, 0.2 ms per layer: pre 0.08 + shared 0.06 + K x 0.015 (a hypothetical
@@ -31,8 +32,10 @@ from validation.prefetch.cpu_cost import measure_cpu_expert
 from validation.prefetch.driver import cost_from_args, popularity_of, resolve, run_one, split_for
 from validation.prefetch.locality import REAL_MODELS, locality_line, locality_summary
 from validation.prefetch.simulator import (
+    ACCESSES,
     BASELINE_POLICY,
     END_MS,
+    LOWBIT_COMPUTE,
     PREFILL_MS,
     TOKENS,
     build_stream,
@@ -140,7 +143,8 @@ def run_map(args: argparse.Namespace) -> None:
     m = r.ts.manifest
     L, E, K = m.num_layers, m.num_experts, m.top_k
     policies = parse_policies(args.policies)
-    realizable = [p for p in policies if p.realizable]
+    candidates = [p for p in policies if p.realizable and p.exact]
+    lossy = [p for p in policies if p.realizable and not p.exact]
     cpu = measure_cpu_expert(r.shape, args.expert_format, args.cpu_threads, max(axes["batch"])) \
         if args.measure_cpu else None
     popularity = popularity_of(r) if any(p.placement == "popular" for p in policies) else None
@@ -172,19 +176,24 @@ def run_map(args: argparse.Namespace) -> None:
                     for f in axes["budget"]:
                         caps = caps_of[f]
                         resident = top_popular(popularity, caps) if popularity is not None else None
-                        tps = {}
+                        tps, low_share = {}, {}
                         for pol in policies:
                             stats = run_one(pol, caps, stream, cost, a, E, pred_ms,
                                             resident if pol.placement == "popular" else None, r.knobs, scores)
                             tps[pol.name] = _tokens_per_s(stats)
-                        best = max(realizable, key=lambda p: tps[p.name]).name
+                            if not pol.exact:
+                                low_share[pol.name] = stats[:, LOWBIT_COMPUTE].sum() / stats[:, ACCESSES].sum()
+                        best = max(candidates, key=lambda p: tps[p.name]).name
                         lru = tps[BASELINE_POLICY]
-                        cells.append({"link": link, "compute": compute, "budget": f, "locality": p_loc,
-                                      "batch": batch, "slots_per_layer": caps.tolist(), "best": best,
-                                      "best_tokens_per_s": tps[best], "speedup_vs_lru": tps[best] / lru,
-                                      "best_over_oracle": tps[best] / tps["oracle"],
-                                      "best_over_belady": tps[best] / tps["belady"],
-                                      "tokens_per_s": tps})
+                        cell = {"link": link, "compute": compute, "budget": f, "locality": p_loc, "batch": batch,
+                                "slots_per_layer": caps.tolist(), "best": best, "best_tokens_per_s": tps[best],
+                                "speedup_vs_lru": tps[best] / lru, "best_over_oracle": tps[best] / tps["oracle"],
+                                "best_over_belady": tps[best] / tps["belady"], "tokens_per_s": tps}
+                        if lossy:  # the best low-precision policy, beside the exact one
+                            low = max(lossy, key=lambda p: tps[p.name]).name
+                            cell.update({"best_lowbit": low, "lowbit_over_best": tps[low] / tps[best],
+                                         "lowbit_share": low_share[low]})
+                        cells.append(cell)
     seconds = time.perf_counter() - t_start
     print_map(cells, axes, localities, engine_source, cpu_given)
     print(f"\nthe map: {len(cells)} cells x {len(policies)} policies in {seconds:.0f} s")
@@ -215,16 +224,16 @@ def _tokens_per_s(stats: np.ndarray) -> float:
 
 def print_map(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localities: dict[str, dict[str, float]],
               engine_source: str, cpu_given: bool) -> None:
-    """One line per (locality, batch, compute, link), one column per budget: best policy, speedup over LRU,
-    and its share of the oracle's tokens/s."""
-    print("the map (all figures simulated): best realizable policy, its speedup over on-demand LRU, and its "
-          "tokens/s over the oracle's")
+    """One line per (locality, batch, compute, link), one column per budget: the best exact policy, its speedup
+    over LRU, its tokens/s over the oracle's / Belady's; then what the low-bit policy adds, per locality."""
+    print("the map (all figures simulated): best realizable full-precision policy, its speedup over on-demand LRU, "
+          "and its tokens/s over the oracle's / Belady's")
     print(f"engine profile: {engine_source}" + ("" if cpu_given else "; no CPU cost given: CPU policies left out "
                                                  "(--cpu-expert-ms or --measure-cpu)"))
     by = {(c["locality"], c["batch"], c["compute"], c["link"], c["budget"]): c for c in cells}
     for p_loc in axes["locality"]:
         print("\n" + locality_line(localities[str(p_loc)]) + f" [--locality {p_loc}]")
-        head = f"{'batch':>5} {'compute':<9} {'link':<11}" + "".join(f"{f'{b:.0%} of experts':>24}"
+        head = f"{'batch':>5} {'compute':<9} {'link':<11}" + "".join(f"{f'{b:.0%} of experts':>27}"
                                                                       for b in axes["budget"])
         print(head)
         for batch in axes["batch"]:
@@ -233,5 +242,12 @@ def print_map(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localitie
                     row = f"{batch:>5} {compute:<9} {link:<11}"
                     for b in axes["budget"]:
                         c = by[(p_loc, batch, compute, link, b)]
-                        row += f"{short(c['best'])[:12]:>13} {c['speedup_vs_lru']:4.2f}x {c['best_over_oracle']:4.2f}"
+                        row += (f"{short(c['best'])[:10]:>11} {c['speedup_vs_lru']:4.2f}x "
+                                f"{c['best_over_oracle']:4.2f}/{c['best_over_belady']:4.2f}")
                     print(row)
+        low = [c for c in cells if c["locality"] == p_loc and "best_lowbit" in c]
+        if low:
+            gain = [c["lowbit_over_best"] for c in low]
+            share = [c["lowbit_share"] for c in low]
+            print(f"low precision: {low[0]['best_lowbit']} reaches {min(gain):.2f}-{max(gain):.2f}x the best exact "
+                  f"policy's tokens/s, computing {min(share):.0%}-{max(share):.0%} of the experts from low-bit copies")

@@ -117,6 +117,11 @@ class Policy:
     def uses_cpu(self) -> bool:
         return self.miss == CPU
 
+    @property
+    def exact(self) -> bool:
+        """Every expert is computed at its full precision (lowbit-on-miss computes some from low-bit copies)."""
+        return self.miss != LOWBIT
+
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("on-demand", LRU, NO_PREFETCH, summary="LRU eviction, fetch on a miss"),
@@ -649,14 +654,15 @@ def _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay):
 @njit(cache=True)
 def _victim(l, cap, slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru, last_step, gap, scores, decay):
     """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are."""
-    best, best_keep, best_touch = -1, np.inf, np.iinfo(np.int64).max
+    best, best_keep, best_age = -1, np.inf, np.iinfo(np.int64).max
     for s in range(cap):
         if slot_pin[l, s] == stamp:
             continue
         e = slot_expert[l, s]
         k = _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay)
-        if k < best_keep or (k == best_keep and touched[l, e] < best_touch):
-            best, best_keep, best_touch = s, k, touched[l, e]
+        age = touched[l, e]  # smaller: touched longer ago
+        if k < best_keep or (k == best_keep and age < best_age):
+            best, best_keep, best_age = s, k, age
     return best
 
 
