@@ -11,10 +11,12 @@ The pool is split over the replayed layers (`split_slots`):
     popularity    each layer first gets its most used expert; the rest of the pool goes to the most used
                   (layer, expert) pairs of the training split (activation shares), so a layer gets as many
                   slots as it has experts among the pool's most popular pairs
-    optimised     greedy by marginal hit rate per byte: each layer starts with one slot, and each further
-                  slot goes to the layer whose LRU hit count gains most from it per byte moved, from LRU
-                  hit-rate curves measured per layer on the training split (`lru_hit_curves`, by stack
-                  distance); ties go to the lower layer
+    optimised     greedy by marginal hit rate per byte: each layer starts with one slot; then, while slots
+                  are left, the layer whose LRU hit count gains most per byte from its next j slots (the best
+                  j, so a flat stretch of a curve that rises again later is crossed: the greedy runs on each
+                  curve's concave hull) gets those j slots. The curves are LRU hits per layer and cache size
+                  measured on the training split (`lru_hit_curves`, by stack distance); ties go to the lower
+                  layer and the shorter run
 """
 from __future__ import annotations
 
@@ -63,11 +65,21 @@ def split_slots(pool: int, mode: str, num_layers: int, num_experts: int, popular
         flat = np.argsort(-rest.ravel(), kind="stable")[:pool - L]  # the most used (layer, expert) pairs after them
         return 1 + np.bincount(flat // E, minlength=L).astype(np.int64)
     if mode == "optimised":
-        gain = np.diff(np.asarray(hit_curves, dtype=np.float64), axis=1) / expert_bytes  # (L, E) hits per byte
+        hits = np.asarray(hit_curves, dtype=np.float64)  # (L, E + 1)
         caps = np.ones(L, dtype=np.int64)
-        for _ in range(pool - L):
-            marginal = np.where(caps < E, gain[np.arange(L), np.minimum(caps, E - 1)], -np.inf)
-            caps[int(np.argmax(marginal))] += 1  # argmax: the lower layer on a tie
+        left = pool - L
+        while left > 0:
+            best, best_rate, best_j = -1, -np.inf, 0
+            for l in range(L):  # the best rate of hits per byte over any run of j more slots (the concave hull)
+                j = np.arange(1, min(E - caps[l], left) + 1)
+                if len(j) == 0:
+                    continue
+                rate = (hits[l, caps[l] + j] - hits[l, caps[l]]) / (j * expert_bytes)
+                k = int(np.argmax(rate))  # the shortest run on a tie
+                if rate[k] > best_rate:   # the lower layer on a tie
+                    best, best_rate, best_j = l, rate[k], int(j[k])
+            caps[best] += best_j
+            left -= best_j
         return caps
     raise UserError(f"--split {mode!r}: choose from {', '.join(SPLITS)}")
 
