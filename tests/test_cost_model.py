@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from models.moe_configs import PRESETS
-from validation.prefetch.cost_model import ModelShape, expert_bytes, model_shape, nf4_layout
+from validation.prefetch.cost_model import (
+    ModelShape,
+    expert_bytes,
+    model_shape,
+    nf4_layout,
+)
 
 # preset: (expert params, shared width, E, top-k, KV bytes per token of context), worked from the config.json fields
 FULL_SIZE = {

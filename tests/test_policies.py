@@ -23,7 +23,9 @@ from validation.prefetch.simulator import (
     LATE,
     LOWBIT_COMPUTE,
     LOWBIT_FETCH,
+    NO_PREFETCH,
     PLACED,
+    POLICIES,
     PREFILL_COPIES,
     PREFILL_MS,
     SCORE,
@@ -32,9 +34,6 @@ from validation.prefetch.simulator import (
     STALL_MS,
     TOKENS,
     UPGRADE,
-    LRU,
-    NO_PREFETCH,
-    POLICIES,
     Knobs,
     Policy,
     Stream,
@@ -435,3 +434,15 @@ def test_evict_with_a_next_tokens_checkpoint_replays(tiny_traces, tmp_path, monk
           "--cache-experts", "8", "--json", str(js), "--plot", str(tmp_path / "s.png")])
     rows = {r["policy"]: r for r in json.loads(js.read_text())["rows"]}
     assert 0 < rows[f"evict:{ckpt}"]["hit_rate"] < 1 and rows[f"evict:{ckpt}"]["label"].startswith("evict:layer-aware")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "nf4"])
+def test_measure_cpu_times_the_presets_expert(fmt):
+    """--measure-cpu's timing of one expert (a test model's shape; the numbers are this machine's, not asserted)."""
+    from validation.prefetch.cost_model import model_shape
+    from validation.prefetch.cpu_cost import measure_cpu_expert
+
+    m = measure_cpu_expert(model_shape("tiny-qwen2_moe"), fmt, 1, tokens=4, repeats=3)
+    assert m["cpu_expert_ms"] > 0 and m["cpu_token_ms"] >= 0 and m["cpu_tokens_timed"] == 4
+    with pytest.raises(UserError, match="for int2 give --cpu-expert-ms"):
+        measure_cpu_expert(model_shape("tiny-qwen2_moe"), "int2", 1)

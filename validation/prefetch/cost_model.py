@@ -148,7 +148,7 @@ def _field(cfg: Any, name: str, preset: str) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_shape(preset: str) -> ModelShape:
     """The preset's shape for the cost model (transformers' config class fills the family's defaults)."""
     if preset not in PRESETS:

@@ -170,7 +170,12 @@ def measure_on_gpu(args: argparse.Namespace, stream: Any, predictors: dict[str, 
     with its pre phase calibrated on a 128-token all-resident replay, on this machine's GPU."""
     import torch
 
-    from validation.prefetch.replay import ModelDims, ReplayEngine, host_schedule, measure_costs
+    from validation.prefetch.replay import (
+        ModelDims,
+        ReplayEngine,
+        host_schedule,
+        measure_costs,
+    )
     from validation.prefetch.simulator import POLICIES
 
     dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))

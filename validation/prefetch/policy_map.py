@@ -29,7 +29,13 @@ from common.errors import UserError
 from validation.plots import policy_map_figure
 from validation.prefetch.cost_model import LINKS
 from validation.prefetch.cpu_cost import measure_cpu_expert
-from validation.prefetch.driver import cost_from_args, popularity_of, resolve, run_one, split_for
+from validation.prefetch.driver import (
+    cost_from_args,
+    popularity_of,
+    resolve,
+    run_one,
+    split_for,
+)
 from validation.prefetch.locality import REAL_MODELS, locality_line, locality_summary
 from validation.prefetch.simulator import (
     ACCESSES,
@@ -212,7 +218,7 @@ def run_map(args: argparse.Namespace) -> None:
 
 
 def _caps(r: Any, args: argparse.Namespace, fraction: float, L: int, E: int, locality: float) -> np.ndarray:
-    c = max(1, int(round(fraction * E)))
+    c = max(1, round(fraction * E))
     return split_for(r, args, c * L, args.split, locality) if args.split != "uniform" else np.full(L, c, np.int64)
 
 

@@ -427,7 +427,7 @@ class Stream:
     def tokens(self) -> int:
         return self.ids.shape[0]
 
-    def head(self, n: int) -> "Stream":
+    def head(self, n: int) -> Stream:
         """The first n steps (prompts kept whole)."""
         return replace(self, ids=self.ids[:n], weights=self.weights[:n], first=self.first[:n],
                        position=self.position[:n], predictions={k: v[:n] for k, v in self.predictions.items()},

@@ -23,7 +23,7 @@ def with_prompts(stream: Stream, prompt_tokens: int, num_experts: int) -> Stream
         return stream
     if stream.lanes != 1:
         raise ValueError("prompts are cut before the lanes are dealt")
-    T, L, K = stream.ids.shape
+    L = stream.ids.shape[1]
     seq = np.cumsum(stream.first) - 1                      # (T,) request of each token
     plen = np.minimum(prompt_tokens, np.bincount(seq) - 1)  # (R,) prompt tokens of each request
     is_prompt = stream.position < plen[seq]
