@@ -353,6 +353,7 @@ BAD = [
     (["--policies", "lowbit-on-miss", "--expert-format", "nf4"], "must be smaller than the expert"),
     (["--map", "--map-budgets", ""], "--map-budgets is empty"),
     (["--map", "--map-links", "pcie4,serial"], "unknown link 'serial'"),
+    (["--map", "--engine-costs", "ENGINE"], "needs numbers pre_ms, shared_ms, expert_ms"),
     (["--model-config", "broken-preset"], "--model-config broken-preset: its fields do not make a qwen2_moe config"),
 ]
 
@@ -364,16 +365,20 @@ def test_bad_input_is_one_line(argv, message, tiny_traces, tmp_path, monkeypatch
 
     monkeypatch.setitem(moe_configs.PRESETS, "broken-preset",
                         {**moe_configs.QWEN15_MOE_A27B, "moe_intermediate_size": None})
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({"pre_ms": 0.1, "shared_ms": 0.05}))  # expert_ms missing
     out = tmp_path / "out"
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        main([*argv, "--traces", str(tiny_traces), "--output-dir", str(out)])
+        main([*[a.replace("ENGINE", str(engine)) for a in argv], "--traces", str(tiny_traces), "--output-dir", str(out)])
     assert not out.exists()
 
 
 def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):
+    engine = tmp_path / "replay.json"  # an engine's measured phases, as tools/replay_offload.py writes them
+    engine.write_text(json.dumps({"cost_models": {"fp16": {"pre_ms": 0.1, "shared_ms": 0.04, "expert_ms": 0.01}}}))
     proc = run_script("simulate_prefetch", "--traces", tiny_traces, "--map", "--map-links", "pcie4,nvlink-c2c",
                       "--map-budgets", "0.1,0.3", "--map-localities", "0,0.6", "--map-batches", "1,2",
-                      "--cpu-expert-ms", "0.25", "--output-dir", tmp_path)
+                      "--cpu-expert-ms", "0.25", "--engine-costs", engine, "--output-dir", tmp_path)
     res = json.loads((tmp_path / "prefetch_map.json").read_text())
     assert len(res["cells"]) == 2 * 2 * 2 * 2 * 2 and res["simulated"]
     exact = {p for p in res["policies"] if parse_policy(p).realizable and parse_policy(p).exact}
@@ -381,7 +386,7 @@ def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):
         assert c["best"] in exact and c["tokens_per_s"][c["best"]] == max(c["tokens_per_s"][p] for p in exact)
         assert c["lowbit_over_best"] == pytest.approx(c["tokens_per_s"]["lowbit-on-miss"] / c["best_tokens_per_s"])
         assert c["speedup_vs_lru"] == pytest.approx(c["best_tokens_per_s"] / c["tokens_per_s"]["on-demand"])
-    assert set(res["routing_locality"]) == {"0.0", "0.6"}
+    assert set(res["routing_locality"]) == {"0.0", "0.6"} and res["engine_costs"].startswith("the engine's measured")
     assert res["routing_locality"]["0.6"]["previous_token_recall"] > res["routing_locality"]["0.0"]["previous_token_recall"]
     assert "all figures simulated" in proc.stdout and (tmp_path / "prefetch_map.png").stat().st_size > 10_000
 

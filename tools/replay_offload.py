@@ -35,6 +35,7 @@ from common.atomic import atomic_write_json
 from common.errors import UserError, one_line_errors
 from models.moe_configs import PRESETS
 from validation.prefetch.cost_model import CostModel
+from validation.prefetch.locality import locality_line, locality_summary
 from validation.prefetch.replay import (
     ModelDims,
     ReplayEngine,
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     stream = build_stream(ts, setup.split["test"], setup.predictors, d, args.fetch_budget, args.locality, args.seed,
                           args.max_tokens)
     T = stream.tokens
+    loc = locality_summary(stream.ids, stream.first, E)
     dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
     dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (synchronous: timings mean nothing)"
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {gpu}; {T} tokens of the test split of {args.traces} ({m.model['name_or_path']}, {L} layers x "
           f"{E} experts, top-{K}); lookahead d = {d}, fetch budget m = {args.fetch_budget}")
     print(mapping)
+    print(locality_line(loc))
     engine = ReplayEngine(dims, L, dev, formats, args.seed)
     for f in formats:
         print(f"experts {f}: {engine.stores[f].nbytes:,} bytes each, {E} in pinned host memory "
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     result = {"device": gpu, "torch": torch.__version__, "traces": str(args.traces), "model": m.model.get("name_or_path"),
               "split": "test", "tokens": T, "num_layers": L, "num_experts": E, "top_k": K, "lookahead": d,
-              "fetch_budget": args.fetch_budget, "locality": args.locality, "layer_mapping": mapping,
+              "fetch_budget": args.fetch_budget, "locality": args.locality, "routing_locality": loc,
+              "layer_mapping": mapping,
               "check": check, "measured": raw, "predictor_ms": measured["predictor_ms"],
               "cost_models": {f: c.to_json() for f, c in measured["costs"].items()}, "args": vars(args), "rows": rows}
     json_path.parent.mkdir(parents=True, exist_ok=True)

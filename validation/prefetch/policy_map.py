@@ -9,8 +9,9 @@ simulated; the header and the JSON name each locality's measured summary (locali
 
     compute  hf-eager   docs/anchors: HF eager, H200, batched_mm: pre 0.43 + shared 0.53 + K x 0.06 ms per layer
              engine     an optimised engine, 0.2 ms per layer: pre 0.08 + shared 0.06 + K x 0.015 (a hypothetical
-                        split), or the figures of --engine-costs (a JSON object with pre_ms, shared_ms, expert_ms
-                        and optionally token_ms, as the replay's measure_costs writes them)
+                        split), or the figures of --engine-costs: a JSON object with pre_ms, shared_ms, expert_ms
+                        (and optionally token_ms), or one holding them under "cost_models" / "costs" per format
+                        (tools/replay_offload.py's JSON: its first format's)
     budget   a fraction f of each layer's experts: C = max(1, round(f x E)) slots per layer (split by --split)
     locality 0 = the traces as collected; p > 0: `--locality p`
 """
@@ -112,7 +113,10 @@ def engine_phases(path: str | None) -> tuple[tuple[float, float, float, float], 
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--engine-costs {path}: not a readable JSON file ({str(e).splitlines()[0][:120]})") from None
-    costs = raw.get("costs", {}).get("fp16", raw) if isinstance(raw, dict) else None  # measure_costs' layout too
+    costs = raw
+    for key in ("cost_models", "costs"):  # tools/replay_offload.py's JSON and measure_costs' layout: the first format
+        if isinstance(raw, dict) and isinstance(raw.get(key), dict) and raw[key]:
+            costs = next(iter(raw[key].values()))
     try:
         phases = tuple(float(costs[k]) for k in ("pre_ms", "shared_ms", "expert_ms")) + (float(costs.get("token_ms", 0)),)
     except (KeyError, TypeError, ValueError, AttributeError):
