@@ -46,6 +46,7 @@ from validation.prefetch.replay import (
 )
 from validation.prefetch.simulator import (
     BASELINE_POLICY,
+    CEILING_POLICY,
     DEFAULT_POLICIES,
     POLICIES,
     POLICY_HELP,
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # --- 2. the cost model measured here (pre phase calibrated on the all-resident replay)
-    _, cal = run_policy(POLICIES["all-resident"], E, stream, CostModel(1, 1.0), d, args.fetch_budget, E, record=True)
+    _, cal = run_policy(POLICIES[CEILING_POLICY], E, stream, CostModel(1, 1.0), d, args.fetch_budget, E, record=True)
     pred_specs = {n: (p.kind, p.config) for n, p in setup.predictors.items()}
     measured = measure_costs(engine, formats, pred_specs, d, calls=args.calls,
                              calibration=host_schedule(cal, stream.weights, stream.position, min(T, 128)))

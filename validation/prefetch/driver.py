@@ -176,11 +176,11 @@ def measure_on_gpu(args: argparse.Namespace, stream: Any, predictors: dict[str, 
         host_schedule,
         measure_costs,
     )
-    from validation.prefetch.simulator import POLICIES
+    from validation.prefetch.simulator import CEILING_POLICY, POLICIES
 
     dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
     engine = ReplayEngine(dims, L, torch.device("cuda", torch.cuda.current_device()), [args.expert_format], args.seed)
-    _, cal = run_policy(POLICIES["all-resident"], E, stream, CostModel(1, 1.0), args.lookahead, args.fetch_budget, E,
+    _, cal = run_policy(POLICIES[CEILING_POLICY], E, stream, CostModel(1, 1.0), args.lookahead, args.fetch_budget, E,
                         record=True)
     measured = measure_costs(engine, [args.expert_format], {n: (p.kind, p.config) for n, p in predictors.items()},
                              args.lookahead, calibration=host_schedule(cal, stream.weights, stream.position,
@@ -296,7 +296,7 @@ def simulate(policies: list[Policy], caches: list[Any], stream: Stream, cost: Co
                    **summarize(stats, L, K, cost.expert_bytes, args.warmup_tokens, cost.lowbit_bytes,
                                cost.activation_bytes),
                    "predictor_ms": predictor_ms.get(pol.prefetch_key, 0.0) if pol.prefetch == PREDICTED else 0.0,
-                   "realizable": pol.realizable, "sim_steps_per_cpu_s": stream.tokens * L / max(cpu_s, 1e-9)}
+                   "realizable": pol.realizable, "ceiling": pol.all_resident, "sim_steps_per_cpu_s": stream.tokens * L / max(cpu_s, 1e-9)}
             if np.ndim(c):
                 row["cache_per_layer"] = per_layer.tolist()
             if pol.name == BASELINE_POLICY:

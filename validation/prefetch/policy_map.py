@@ -40,6 +40,7 @@ from validation.prefetch.driver import (
 from validation.prefetch.locality import REAL_MODELS, locality_line, locality_summary
 from validation.prefetch.simulator import (
     ACCESSES,
+    short_name,
     BASELINE_POLICY,
     END_MS,
     LOWBIT_COMPUTE,
@@ -124,15 +125,6 @@ def engine_phases(path: str | None) -> tuple[tuple[float, float, float, float], 
     if min(phases) < 0 or sum(phases[:3]) <= 0:
         raise UserError(f"--engine-costs {path}: the phases must be >= 0 and not all 0")
     return phases, f"the engine's measured figures ({path})"
-
-
-def short(name: str) -> str:
-    """A policy name short enough for a map cell."""
-    for old, new in (("static-frequency", "sfreq"), ("static-popular", "spop"), ("cpu-compute", "cpu"),
-                     ("prefetch:router-reuse", "pf"), ("prefetch", "pf"), ("lowbit-on-miss", "lowbit"),
-                     ("evict:frequency-window", "ev:freq"), ("least-stale", "lstale"), ("on-demand", "lru")):
-        name = name.replace(old, new)
-    return name
 
 
 def run_map(args: argparse.Namespace) -> None:
@@ -252,7 +244,7 @@ def print_map(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localitie
                     row = f"{batch:>5} {compute:<9} {link:<11}"
                     for b in axes["budget"]:
                         c = by[(p_loc, batch, compute, link, b)]
-                        row += (f"{short(c['best'])[:10]:>11} {c['speedup_vs_lru']:4.2f}x "
+                        row += (f"{short_name(c['best'])[:10]:>11} {c['speedup_vs_lru']:4.2f}x "
                                 f"{c['best_over_oracle']:4.2f}/{c['best_over_belady']:4.2f}")
                     print(row)
         low = [c for c in cells if c["locality"] == p_loc and "best_lowbit" in c]

@@ -27,7 +27,7 @@ Byte accounting: moved = demand (full and low-bit) + speculative + low-bit upgra
 (+ activations for the CPU); speculative = used (hit before eviction) + wasted (evicted unused, or unused
 by the end of the stream); used bytes = moved - wasted.
 
-The kernel is numba-compiled over int arrays (millions of (step, layer) steps per second per policy on one
+The kernel is numba-compiled over int arrays (about a million (step, layer) steps per second per policy on one
 CPU core; docs/BENCHMARKS.md); predictions and eviction scores come from the project's scorers
 (validation/coverage/evaluate.py), run once per predictor over the whole stream.
 """
@@ -152,6 +152,7 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            placement="all", realizable=False),
 )}
 BASELINE_POLICY = "on-demand"  # every speedup is over it, at the same cache size
+CEILING_POLICY = "all-resident"  # no transfers: what calibrates a measured cost model
 # what simulate_prefetch.py and tools/replay_offload.py run by default (the replay keeps the replayable ones)
 DEFAULT_POLICIES = ("on-demand,lfu,lfru,least-stale,static-popular,static-frequency,lowbit-on-miss,"
                     "evict:frequency-window,prefetch:router-reuse,oracle,belady,all-resident")
@@ -162,6 +163,15 @@ EVICT_SCORES = ("frequency-window", "oracle-next-use")  # eviction scores that n
 _EVICTION_PARTS = {"on-demand": LRU, "lfu": LFU, "lfru": LFRU, "least-stale": LEAST_STALE, "belady": BELADY,
                    "static-popular": STATIC, "static-frequency": WINDOW}
 _MISS_PARTS = {"cpu-compute": CPU, "lowbit-on-miss": LOWBIT}
+
+
+def short_name(name: str) -> str:
+    """A policy name short enough for a map cell (each registered part abbreviated)."""
+    for old, new in (("static-frequency", "sfreq"), ("static-popular", "spop"), ("cpu-compute", "cpu"),
+                     ("prefetch:router-reuse", "pf"), ("prefetch", "pf"), ("lowbit-on-miss", "lowbit"),
+                     ("evict:frequency-window", "ev:freq"), ("least-stale", "lstale"), ("on-demand", "lru")):
+        name = name.replace(old, new)
+    return name
 
 
 def _baseline_needs(name: str) -> tuple[str, ...]:
