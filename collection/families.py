@@ -40,6 +40,10 @@ def _deepseek_moe_layer(cfg: Any, i: int) -> bool:
     return i >= cfg.first_k_dense_replace  # the first k decoder layers keep a dense MLP
 
 
+def _deepseek_shared_width(cfg: Any) -> int:
+    return int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)  # n_shared experts of the routed width
+
+
 def _jamba_moe_layer(cfg: Any, i: int) -> bool:
     return cfg.layers_num_experts[i] > 1  # num_experts on every expert_layer_period-th layer from the offset
 
@@ -63,6 +67,9 @@ class Family:
     router_bias: str | None = None  # router attribute: bias added to the logits (GPT-OSS)
     correction_bias: str | None = None  # router buffer added to the scores for selection only (DeepSeek-V3)
     dense_modules: tuple[str, ...] = ()  # nn.Linear names the 4-bit path keeps 16-bit: the model reads .weight
+    expert_width: str = "intermediate_size"  # config field of a routed expert's width I (gate, up: I x H; down: H x I)
+    expert_bias: bool = False     # the routed experts carry biases (2I + H per expert)
+    shared_width: Callable[[Any], int] = lambda cfg: 0  # total width of the shared expert(s), 0 if none
     tiny: dict[str, Any] = field(default_factory=dict)  # config fields of a seconds-fast test model
 
 
@@ -76,13 +83,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            routing="softmax over all E logits (float32), top-k of the probabilities; renormalised to sum 1 "
                    "when norm_topk_prob",
            is_moe_layer=_qwen_moe_layer, normalized=lambda c: bool(c.norm_topk_prob),
-           shared="shared_expert", shared_gate="shared_expert_gate",
+           shared="shared_expert", shared_gate="shared_expert_gate", expert_width="moe_intermediate_size",
+           shared_width=lambda c: int(c.shared_expert_intermediate_size),
            tiny={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                  "shared_expert_intermediate_size": 32, "norm_topk_prob": False, "mlp_only_layers": [0]}),
     Family("qwen3_moe", block="mlp", router="gate", num_experts="num_experts",
            routing="softmax over all E logits (float32), top-k of the probabilities; renormalised to sum 1 "
                    "when norm_topk_prob",
            is_moe_layer=_qwen_moe_layer, normalized=lambda c: bool(c.norm_topk_prob),
+           expert_width="moe_intermediate_size",
            tiny={"num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16, "head_dim": 8,
                  "norm_topk_prob": True, "decoder_sparse_step": 2}),
     Family("mixtral", block="mlp", router="gate", num_experts="num_local_experts",
@@ -100,6 +109,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                    "probability compete; weights = probabilities x routed_scaling_factor, never renormalised "
                    "(transformers 5.24 ignores norm_topk_prob here)",
            is_moe_layer=_deepseek_moe_layer, grouped=True, shared="shared_experts",
+           expert_width="moe_intermediate_size", shared_width=_deepseek_shared_width,
            tiny={"n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 16,
                  "n_shared_experts": 1, "first_k_dense_replace": 1, "num_key_value_heads": 4,
                  "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
@@ -112,6 +122,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                    "x routed_scaling_factor",
            is_moe_layer=_deepseek_moe_layer, normalized=lambda c: bool(c.norm_topk_prob), scoring="sigmoid",
            grouped=True, shared="shared_experts", correction_bias="e_score_correction_bias",
+           expert_width="moe_intermediate_size", shared_width=_deepseek_shared_width,
            tiny={"n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16,
                  "n_shared_experts": 1, "first_k_dense_replace": 2, "num_hidden_layers": 5,
                  "num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8,
@@ -120,7 +131,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("gpt_oss", block="mlp", router="router", num_experts="num_local_experts",
            routing="logits = W h + b (the router has a bias); top-k of the logits; weights = softmax over "
                    "the k chosen logits (sum 1)",
-           normalized=lambda c: True, scoring="logits", router_bias="bias",
+           normalized=lambda c: True, scoring="logits", router_bias="bias", expert_bias=True,
            tiny={"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 8, "sliding_window": 8}),
     Family("phimoe", block="mlp", router="router", num_experts="num_local_experts",
            routing="sparsemixer (eval mode): expert 1 = argmax of the logits, expert 2 = argmax of the rest; "

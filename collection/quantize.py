@@ -27,12 +27,14 @@ from torch import nn
 from collection.families import family_of, moe_layers
 from common.errors import UserError
 
+NF4_BLOCKSIZE = 64  # weights per first-level NF4 block (one uint8 absmax each, double quantization)
+
 
 def _quantize(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
     import bitsandbytes.functional as bnbf
 
-    return bnbf.quantize_4bit(t.to(device=device, dtype=dtype).contiguous(), blocksize=64, compress_statistics=True,
-                              quant_type="nf4")
+    return bnbf.quantize_4bit(t.to(device=device, dtype=dtype).contiguous(), blocksize=NF4_BLOCKSIZE,
+                              compress_statistics=True, quant_type="nf4")
 
 
 class QuantizedExperts:
@@ -76,7 +78,7 @@ def _to_linear4bit(linear: nn.Linear, device: torch.device, dtype: torch.dtype) 
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dtype,
                           compress_statistics=True, quant_type="nf4", device="meta")
     q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, compress_statistics=True,
-                                 quant_type="nf4", blocksize=64)
+                                 quant_type="nf4", blocksize=NF4_BLOCKSIZE)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
     return q.to(device)  # Params4bit quantizes when it moves to the GPU

@@ -12,7 +12,8 @@ One step at layer l:
      free slot, else into the slot of the smallest key that is not pinned; when none can be freed (C smaller
      than the access, or a static cache) it is staged (a staging slot, dropped after use).
   2. a prefetch: the top-m predicted experts of layer l+d that are not cached take slots of layer l+d by the
-     same keys (a slot that was never pinned is skipped, as in the kernel) and become pending until used.
+     same keys, each pinned for the step so that they never take one another's slot, and become pending until
+     used.
 `need[i]` is the slot of access i (>= 0) or -1 - j for staging slot j.
 
 Sizing: `cache_slots` turns `cache_experts` or a `cache_gib` budget into C slots per layer.
@@ -27,6 +28,7 @@ from validation.prefetch.simulator import (
     BELADY,
     DEMAND,
     HITS,
+    LFU,
     N_STATS,
     NO_PREFETCH,
     SPEC,
@@ -34,9 +36,30 @@ from validation.prefetch.simulator import (
     SPEC_WASTED,
     STAGED,
     STATIC,
-    _key,
-    _victim,
 )
+
+@njit(cache=True)
+def _key(eviction, last, freq, nxt, T):
+    """Eviction priority of a cached expert, the kernel's order for the rules the engine runs: the smallest key
+    goes first. LRU: last touch; LFU: fewest accesses, then LRU; BELADY: furthest next use, then LRU (the clock
+    stays below 2^40)."""
+    if eviction == LFU:
+        return (freq << 40) | last
+    if eviction == BELADY:
+        return ((T - nxt) << 40) | last
+    return last
+
+
+@njit(cache=True)
+def _victim(l, C, slot_key, slot_pin, stamp):
+    """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are."""
+    keys, pins = slot_key[l], slot_pin[l]
+    best, best_key = -1, np.iinfo(np.int64).max
+    for s in range(C):
+        if pins[s] != stamp and keys[s] < best_key:
+            best, best_key = s, keys[s]
+    return best
+
 
 # the simulator's statistics columns the engine counts (LATE, STALL_MS and END_MS are times: measured instead)
 COUNTED = (HITS, DEMAND, STAGED, SPEC, SPEC_USED, SPEC_WASTED)
@@ -168,21 +191,26 @@ def _step(l, access, pred, n_pred, d, next_use, C, eviction, prefetch, T, slot_o
             slot_key[l, s] = _key(eviction, clock, freq[l, e], nxt[l, e], T)
             clock += 1
         need[k] = s
-    # 2. speculative copies for layer l+d (LRU slots; never one another: n_pred <= C)
+    # 2. speculative copies for layer l+d, pinned so they never take one another's slot
     n_pre = 0
     if prefetch != NO_PREFETCH and l + d < L and C > 0:
         tl = l + d
+        n_pin = 0
         for j in range(n_pred):
+            if n_pin == C:
+                break
             e = pred[j]
             if e < 0:
                 continue
             s = slot_of[tl, e]
+            if s >= 0 and slot_pin[tl, s] == stamp:  # named twice
+                continue
             if s < 0:
                 if n_used[tl] < C:
                     s = n_used[tl]
                     n_used[tl] += 1
                 else:
-                    s = _victim(tl, C, slot_key, slot_pin, 0)
+                    s = _victim(tl, C, slot_key, slot_pin, stamp)
                     old = slot_expert[tl, s]
                     slot_of[tl, old] = -1
                     if pending[tl, old]:
@@ -195,6 +223,8 @@ def _step(l, access, pred, n_pred, d, next_use, C, eviction, prefetch, T, slot_o
                 log_fetch[n_pre, 0] = e
                 log_fetch[n_pre, 1] = s
                 n_pre += 1
+            slot_pin[tl, s] = stamp
+            n_pin += 1
             slot_key[tl, s] = _key(eviction, clock, freq[tl, e], nxt[tl, e], T)
             clock += 1
     counters[0] = clock

@@ -371,7 +371,7 @@ def no_hidden_traces(tmp_path_factory, tiny_traces):
 BAD = [
     (["--policies", "on-demand,fifo"], "unknown policy 'fifo'"),
     (["--cache-experts", "4,61"], "cache 61: each layer has 60 experts"),
-    (["--cache-gib", "100"], "--cache-gib 100.0 gives"),
+    (["--gpu-gib", "0.5", "--context", "4096"], "--gpu-gib 0.5: 0.75 GiB of KV cache at --context 4096"),
     (["--lookahead", "8"], "--lookahead 8: the traces have 8 MoE layers"),
     (["--lookahead", "0"], "--lookahead 0"),
     (["--fetch-budget", "0"], "--fetch-budget 0"),

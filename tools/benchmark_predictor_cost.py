@@ -30,8 +30,8 @@ from common.errors import UserError, choices_list, one_line_errors
 from models.features import Features, example_features, feature_spec
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
 from training.trainer import BASE_DEFAULTS, KIND_DEFAULTS
+from validation.prefetch.cost_model import model_shape
 
-EXPERT_MB = 3 * 2048 * 1408 * 2 / 1e6  # one fp16 Qwen1.5-MoE routed expert: 17.3 MB
 EXPERT_MS = 0.31  # the time it takes to cross PCIe Gen5 at 55 GB/s pinned
 BUDGET_US = 0.05 * EXPERT_MS * 1000
 # (hidden H, MoE layers L, experts E, top-k, vocabulary): the embedded default and Qwen1.5-MoE-A2.7B
@@ -112,7 +112,8 @@ def measure(kind: str, dims: str, args: argparse.Namespace, device: torch.device
             "num_experts": cfg.num_experts, "width": cfg.hidden_dim, "parameters": count_parameters(model),
             "flops_per_row": flops_per_row(model), "dtype": str(dtype).replace("torch.", "")}
     info["memory_mb_bf16"] = info["parameters"] * 2 / 1e6
-    info["memory_in_fp16_experts"] = info["memory_mb_bf16"] / EXPERT_MB  # GPU memory the expert cache loses
+    expert_mb = model_shape("qwen1.5-moe-a2.7b").expert_bytes("fp16") / 1e6  # one fp16 Qwen1.5-MoE expert: 17.3 MB
+    info["memory_in_fp16_experts"] = info["memory_mb_bf16"] / expert_mb  # GPU memory the expert cache loses
     if kind == "anchored":
         shared = build_predictor(PredictorConfig(**{**cfg.to_json(), "separate_layers": False}))
         info["parameters_one_shared_trunk"] = count_parameters(shared)  # the same per-row cost, less memory

@@ -35,6 +35,7 @@ from common.atomic import atomic_write_json
 from common.errors import UserError, one_line_errors
 from models.moe_configs import PRESETS
 from validation.prefetch.cost_model import CostModel
+from validation.prefetch.locality import locality_line, locality_summary
 from validation.prefetch.replay import (
     ModelDims,
     ReplayEngine,
@@ -44,25 +45,31 @@ from validation.prefetch.replay import (
     predictor_work,
 )
 from validation.prefetch.simulator import (
+    BASELINE_POLICY,
+    CEILING_POLICY,
+    DEFAULT_POLICIES,
     POLICIES,
     POLICY_HELP,
     PREDICTED,
     build_stream,
     check_caches,
+    parse_policy,
     prepare,
     run_policy,
     static_experts,
     summarize,
 )
 
-DEFAULT_POLICIES = "on-demand,lfu,static-popular,prefetch:router-reuse,oracle,belady,all-resident"
+# the simulator's defaults that a replay can execute (copies on a miss or ahead, slots never re-planned)
+REPLAY_POLICIES = ",".join(n for n in DEFAULT_POLICIES.split(",") if parse_policy(n).replayable)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"trace directory (default {DEFAULT_TRACES})")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list of {POLICY_HELP} (default {DEFAULT_POLICIES})")
+    p.add_argument("--policies", default=REPLAY_POLICIES, help=f"comma list of {POLICY_HELP}, those that copy "
+                   f"experts (default {REPLAY_POLICIES})")
     p.add_argument("--cache-experts", default="15,30", help="expert slots per layer, comma list (15,30)")
     p.add_argument("--formats", default="fp16,nf4", help="expert storage formats, comma list of fp16, nf4 (fp16,nf4)")
     p.add_argument("--lookahead", type=int, default=1, help="prefetch layer l+d while layer l runs (1)")
@@ -102,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     setup = prepare(args.traces, args.policies, args.lookahead, args.fetch_budget, args.seed, args.locality,
                     args.max_tokens, verify=not args.no_verify)
     ts, policies = setup.ts, setup.policies
+    for pol in policies:
+        if not pol.replayable:
+            raise UserError(f"policy {pol.name}: the replay executes copies only (no CPU compute, low-bit copies or "
+                            "re-planned placements); simulate it with scripts/simulate_prefetch.py")
     m = ts.manifest
     L, E, K = m.num_layers, m.num_experts, m.top_k
     try:
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     stream = build_stream(ts, setup.split["test"], setup.predictors, d, args.fetch_budget, args.locality, args.seed,
                           args.max_tokens)
     T = stream.tokens
+    loc = locality_summary(stream.ids, stream.first, E)
     dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
     dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (synchronous: timings mean nothing)"
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {gpu}; {T} tokens of the test split of {args.traces} ({m.model['name_or_path']}, {L} layers x "
           f"{E} experts, top-{K}); lookahead d = {d}, fetch budget m = {args.fetch_budget}")
     print(mapping)
+    print(locality_line(loc))
     engine = ReplayEngine(dims, L, dev, formats, args.seed)
     for f in formats:
         print(f"experts {f}: {engine.stores[f].nbytes:,} bytes each, {E} in pinned host memory "
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # --- 2. the cost model measured here (pre phase calibrated on the all-resident replay)
-    _, cal = run_policy(POLICIES["all-resident"], E, stream, CostModel(1, 1.0), d, args.fetch_budget, E, record=True)
+    _, cal = run_policy(POLICIES[CEILING_POLICY], E, stream, CostModel(1, 1.0), d, args.fetch_budget, E, record=True)
     pred_specs = {n: (p.kind, p.config) for n, p in setup.predictors.items()}
     measured = measure_costs(engine, formats, pred_specs, d, calls=args.calls,
                              calibration=host_schedule(cal, stream.weights, stream.position, min(T, 128)))
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     result = {"device": gpu, "torch": torch.__version__, "traces": str(args.traces), "model": m.model.get("name_or_path"),
               "split": "test", "tokens": T, "num_layers": L, "num_experts": E, "top_k": K, "lookahead": d,
-              "fetch_budget": args.fetch_budget, "locality": args.locality, "layer_mapping": mapping,
+              "fetch_budget": args.fetch_budget, "locality": args.locality, "routing_locality": loc,
+              "layer_mapping": mapping,
               "check": check, "measured": raw, "predictor_ms": measured["predictor_ms"],
               "cost_models": {f: c.to_json() for f, c in measured["costs"].items()}, "args": vars(args), "rows": rows}
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,23 +176,23 @@ def main(argv: list[str] | None = None) -> None:
     works: dict[str, Any] = {}  # a learned predictor's graphs are built once, for every run that uses it
     for fmt, c, pol in runs:
         cost = measured["costs"][fmt]
-        p_ms = measured["predictor_ms"].get(pol.name, 0.0)
-        resident = static_experts(ts, setup.split["train"], c) if pol.name == "static-popular" else None
+        p_ms = measured["predictor_ms"].get(pol.prefetch_key, 0.0) if pol.prefetch == PREDICTED else 0.0
+        resident = static_experts(ts, setup.split["train"], c) if pol.placement == "popular" else None
         stats, sched = run_policy(pol, c, stream, cost, d, args.fetch_budget, E, p_ms, resident, record=True)
-        if pol.prefetch == PREDICTED and pol.name not in works:
-            works[pol.name] = predictor_work(setup.predictors[pol.name].kind, engine, d,
-                                             setup.predictors[pol.name].config)
+        if pol.prefetch == PREDICTED and pol.prefetch_key not in works:
+            works[pol.prefetch_key] = predictor_work(setup.predictors[pol.prefetch_key].kind, engine, d,
+                                                     setup.predictors[pol.prefetch_key].config)
         preload = ({l: [(e, e) for e in range(E)] for l in range(L)} if pol.all_resident else
                    # the kernel fills a static cache in expert order, slot by slot
                    {l: list(zip(np.flatnonzero(resident[l])[:c].tolist(), range(c))) for l in range(L)}
                    if resident is not None else None)
         sim = summarize(stats, L, K, cost.expert_bytes)
         rows.append({"format": fmt, "cache_experts": sched.slots if not pol.all_resident else E, "policy": pol.name,
-                     "label": setup.predictors[pol.name].label if pol.name in setup.predictors else pol.name,
+                     "label": setup.labels.get(pol.name, pol.name),
                      "predicted_tokens_per_s": sim["tokens_per_s"], "measured_seconds": [],
                      **{f"sim/{k}": v for k, v in sim.items()}})
         plans.append((fmt, pol, host_schedule(sched, stream.weights, stream.position, T), preload,
-                      works.get(pol.name), rows[-1]))
+                      works.get(pol.prefetch_key), rows[-1]))
     bar = tqdm(total=len(plans) * args.repeats, desc="replay", unit="run", dynamic_ncols=True)
     for rnd in range(args.repeats):
         for fmt, pol, hs, preload, work, row in (plans if rnd % 2 == 0 else plans[::-1]):
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     for r in rows:  # measured speedup over on-demand at the same format and cache size
         base = [b for b in rows if (b["format"], b["cache_experts"], b["policy"]) == (r["format"], r["cache_experts"],
-                                                                                   "on-demand")]
+                                                                                   BASELINE_POLICY)]
         r["measured_speedup_vs_on_demand"] = (r["measured_tokens_per_s"] / base[0]["measured_tokens_per_s"]
                                               if base else None)
     print_table(rows)

@@ -109,11 +109,12 @@ def prefetch_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     plt = _figure_module()
     names = list(dict.fromkeys(r["policy"] for r in rows))
     labels = {r["policy"]: r.get("label", r["policy"]) for r in rows}
+    ceiling = {r["policy"] for r in rows if r.get("ceiling")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, name in enumerate(names):
         pts = sorted((r["cache_experts"], r["tokens_per_s"], r["hit_rate"]) for r in rows if r["policy"] == name)
         c, tps, hit = (np.array(v) for v in zip(*pts))
-        style = dict(color=plt.cm.tab10(i % 10), marker="o", label=labels[name], ls="--" if name == "all-resident" else "-")
+        style = dict(color=plt.cm.tab10(i % 10), marker="o", label=labels[name], ls="--" if name in ceiling else "-")
         axes[0].plot(c, tps, **style)
         axes[1].plot(c, hit, **style)
     axes[0].set(xlabel="cache: experts per layer", ylabel="decode tokens/s (batch 1)", title="predicted decode speed")
@@ -122,5 +123,40 @@ def prefetch_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
         a.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def policy_map_figure(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localities: dict[str, dict[str, float]],
+                      path: Path) -> None:
+    """The map as a heatmap: one panel per locality; rows compute x link, columns batch x GPU budget; colour the
+    best realizable policy's speedup over on-demand LRU, text its short name (simulated)."""
+    from validation.prefetch.simulator import short_name
+
+    plt = _figure_module()
+    rows = [(c, k) for c in axes["compute"] for k in axes["link"]]
+    cols = [(b, f) for b in axes["batch"] for f in axes["budget"]]
+    by = {(c["locality"], c["compute"], c["link"], c["batch"], c["budget"]): c for c in cells}
+    top = max(c["speedup_vs_lru"] for c in cells)
+    n = len(axes["locality"])
+    fig, panels = plt.subplots(n, 1, figsize=(1.15 * len(cols) + 2.5, (0.62 * len(rows) + 1.1) * n), squeeze=False,
+                               layout="constrained")
+    for a, p in zip(panels[:, 0], axes["locality"]):
+        grid = np.array([[by[(p, c, k, b, f)]["speedup_vs_lru"] for b, f in cols] for c, k in rows])
+        im = a.imshow(grid, cmap="viridis", vmin=1.0, vmax=max(top, 1.01), aspect="auto")
+        for i, (c, k) in enumerate(rows):
+            for j, (b, f) in enumerate(cols):
+                cell = by[(p, c, k, b, f)]
+                a.text(j, i, f"{short_name(cell['best'])}\n{cell['speedup_vs_lru']:.2f}x", ha="center", va="center",
+                       fontsize=7, color="white" if cell["speedup_vs_lru"] < 1 + 0.6 * (top - 1) else "black")
+        a.set_xticks(range(len(cols)), [f"batch {b}\n{f:.0%}" for b, f in cols], fontsize=7)
+        a.set_yticks(range(len(rows)), [f"{c}\n{k}" for c, k in rows], fontsize=7)
+        loc = localities[str(p)]
+        a.set_title(f"locality p = {p}: previous-token recall@{loc['top_k']} {loc['previous_token_recall']:.2f}, "
+                    f"median reuse distance {loc['median_reuse_distance']:.0f}, top-25% experts "
+                    f"{loc['top25_share']:.0%} of activations", fontsize=8)
+    fig.colorbar(im, ax=panels[:, 0].tolist(), label="best exact policy / on-demand LRU (simulated tokens/s)")
+    fig.suptitle("Which policy wins where (simulated decode; columns: batch, GPU budget as a share of each layer's "
+                 "experts)", fontsize=9)
     save_figure(fig, path)
     plt.close(fig)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.moe_configs import PRESETS
-from validation.prefetch.cost_model import CostModel, expert_bytes
+from collection.quantize import NF4_BLOCKSIZE
+from validation.prefetch.cost_model import NF4_BLOCK2, CostModel, expert_bytes, model_shape, nf4_layout
 
 NF4_ALIGN = 256  # cache slots of NF4 blobs start on 256-byte boundaries (the payload copied is expert_bytes)
 
@@ -47,20 +47,24 @@ class ModelDims:
     hidden: int
     heads: int
     intermediate: int         # routed expert width I
-    shared_intermediate: int  # shared expert width S
+    shared_intermediate: int  # shared expert width S (0: none)
     num_experts: int
     top_k: int
     max_len: int = 512
+    expert_bias: bool = False  # the blob also holds the experts' biases (2I + H), copied, not applied
 
     @classmethod
     def from_preset(cls, preset: str, num_experts: int, top_k: int, max_len: int = 512) -> "ModelDims":
-        c = PRESETS[preset]
-        return cls(int(c["hidden_size"]), int(c["num_attention_heads"]), int(c["moe_intermediate_size"]),
-                   int(c["shared_expert_intermediate_size"]), num_experts, top_k, max_len)
+        """The preset's layer and expert shape (read through its family: validation/prefetch/cost_model.py); the
+        number of experts and top-k are the traces'. Attention is replayed as multi-head attention with
+        hidden / heads per head, whatever the preset's grouping or MLA."""
+        s = model_shape(preset)
+        return cls(s.hidden, s.heads, s.expert_width, s.shared_width, num_experts, top_k, max_len, s.expert_bias)
 
     @property
     def expert_params(self) -> int:
-        return 3 * self.hidden * self.intermediate
+        H, I = self.hidden, self.intermediate
+        return 3 * H * I + ((2 * I + H) if self.expert_bias else 0)
 
 
 def _event(device: torch.device) -> Any:
@@ -84,7 +88,8 @@ class ExpertStore:
             if fmt == "nf4":
                 import bitsandbytes.functional as bnbf
 
-                packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                packed, st = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                                quant_type="nf4")
                 blob = torch.cat([packed.view(-1), st.absmax.view(-1), st.state2.absmax.view(-1).view(torch.uint8),
                                   st.offset.reshape(1).float().view(torch.uint8)])
                 self.code, self.code2 = st.code, st.state2.code
@@ -104,20 +109,17 @@ class ExpertStore:
         if self.fmt == "nf4":
             import bitsandbytes.functional as bnbf
 
-            blocks = n // 64
-            a = n // 2
-            b = a + blocks
-            c = b + 4 * math.ceil(blocks / 256)
-            state2 = bnbf.QuantState(absmax=blob[b:c].view(torch.float32), code=self.code2, blocksize=256,
+            a, b, c, _ = nf4_layout(n)
+            state2 = bnbf.QuantState(absmax=blob[b:c].view(torch.float32), code=self.code2, blocksize=NF4_BLOCK2,
                                      dtype=torch.float32)
-            state = bnbf.QuantState(absmax=blob[a:b], shape=torch.Size([n]), code=self.code, blocksize=64,
+            state = bnbf.QuantState(absmax=blob[a:b], shape=torch.Size([n]), code=self.code, blocksize=NF4_BLOCKSIZE,
                                     quant_type="nf4", dtype=torch.float16, offset=blob[c:c + 4].view(torch.float32),
                                     state2=state2)
             # into the scratch buffer on the GPU (bitsandbytes' CPU backend has no out= variant)
             w = bnbf.dequantize_4bit(blob[:a].view(-1, 1), state, out=scratch if blob.is_cuda else None).view(-1)
         else:
             w = blob[:self.nbytes].view(torch.float16)
-        return w[:2 * I * H].view(2 * I, H), w[2 * I * H:].view(H, I)
+        return w[:2 * I * H].view(2 * I, H), w[2 * I * H:3 * I * H].view(H, I)  # biases (if any) follow, unused
 
 
 def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -165,6 +167,8 @@ class DecoderLayer:
 
     def shared(self, moe_in: torch.Tensor) -> torch.Tensor:
         S = self.dims.shared_intermediate
+        if S == 0:  # a family without a shared expert
+            return torch.zeros_like(moe_in)
         gu = F.linear(moe_in, self.sh_gate_up)
         y = F.linear(F.silu(gu[:, :S]) * gu[:, S:], self.sh_down)
         return y * torch.sigmoid(F.linear(moe_in, self.sh_gate))
@@ -467,7 +471,7 @@ def check_engine(engine: ReplayEngine, stream: Any, formats: list[str], lookahea
         else:
             ref_w = store.reference_weights
         H, I = dims.hidden, dims.intermediate
-        ref = expert_forward(x, ref_w[:2 * I * H].view(2 * I, H), ref_w[2 * I * H:].view(H, I))
+        ref = expert_forward(x, ref_w[:2 * I * H].view(2 * I, H), ref_w[2 * I * H:3 * I * H].view(H, I))
         err = (got.float() - ref.float()).abs().max().item()
         scale = ref.float().abs().max().item()
         out[f"{fmt}/slot_vs_host_max_abs"] = err
@@ -476,7 +480,7 @@ def check_engine(engine: ReplayEngine, stream: Any, formats: list[str], lookahea
                                f"(output scale {scale:.3e})")
         if fmt == "nf4":  # the blob layout is right only if dequantization lands near the original weights
             w = store.reference_weights
-            exact = expert_forward(x, w[:2 * I * H].view(2 * I, H), w[2 * I * H:].view(H, I)).float()
+            exact = expert_forward(x, w[:2 * I * H].view(2 * I, H), w[2 * I * H:3 * I * H].view(H, I)).float()
             cos = F.cosine_similarity(exact.view(1, -1), got.float().view(1, -1)).item()
             out["nf4/cosine_vs_fp16_weights"] = cos
             if cos < 0.98:

@@ -1,30 +1,39 @@
 """The expert-cache and prefetch simulator: policies, the decode stream they replay, the replay kernel.
 
 Story of a replay (docs/PREFETCH.md has every formula). The test split's sequences, concatenated, are one
-decode stream: a server answering requests one after another at batch 1, its cache kept across them.
-Token t runs layers 0..L-1; each layer keeps a cache of C expert slots. For each (token, layer):
+decode stream: a server answering requests one after another, its cache kept across them (`--batch B`:
+B such streams decoded together, a step needing the union of their experts). Step t runs layers
+0..L-1; layer l keeps cap[l] expert slots. For each (step, layer):
 
-1. `pre_ms` of attention and router; then the layer's K experts are known. Each one is a hit if it is
-   cached or on its way (a prefetch), else a demand fetch joins the one copy engine's FIFO queue behind
-   every copy already queued (that is how speculative bytes can hurt). A demand-fetched expert takes a
-   slot, evicting by the policy's rule, never an expert of the current access; when no slot can be
-   freed (C < K, or a static cache) it goes to a staging buffer and is dropped after use.
+1. `pre_ms` of attention and router; then the layer's experts are known. Each one is a hit if it is
+   cached or on its way (a prefetch), else the policy's miss rule applies: a demand fetch (full or, for
+   lowbit-on-miss, low-bit copy) joins the one copy engine's FIFO queue behind every copy already queued
+   (that is how speculative bytes can hurt), or (cpu-compute) the host CPU computes it from the token's
+   hidden state while the GPU computes the hits (only activations cross the link, not queued behind expert
+   copies). A demand-fetched expert takes a slot, evicting by the
+   policy's rule (`_keep`), never an expert of the current access; when no slot can be freed (a static
+   cache, or cap < experts needed) it goes to a staging buffer and is dropped after use.
 2. A prefetch policy runs its predictor (`predictor_ms`), then queues the top-m predicted experts of
-   layer l+d (l+d < L) that are not cached; they take slots by LRU (m <= C, so never one another).
-3. The shared expert (`shared_ms`) runs while copies are in flight; the routed experts start when it is
-   done and every needed expert has arrived. The wait is the stall: a late prefetch stalls only for the
-   time it still needs.
+   layer l+d (l+d < L) that are not cached; they take slots by the eviction rule, never one another.
+3. The shared expert (`shared_ms`) runs while copies are in flight; the routed experts on the GPU start
+   when it is done and every one they need has arrived; the layer ends when they and the CPU's results
+   (back over the link) are done. The wait beyond the GPU's own work is the stall.
 
-Byte accounting: moved = demand + speculative; speculative = used (hit before eviction) + wasted
-(evicted unused, or never used by the end of the stream); used bytes = demand + used speculative.
+Before the step where a request starts (`--prompt-tokens P`), its prompt is prefilled: per layer the
+union of the prompt's experts, what is not cached streamed through two layer buffers (layer l+1's copies
+under layer l's compute), reported apart from decode.
 
-The kernel is numba-compiled over int arrays (over 1M (token, layer) steps per second per policy on one
-CPU core; docs/BENCHMARKS.md); predictions come from the project's scorers (validation/coverage/evaluate.py), run
-once per predictor over the whole stream.
+Byte accounting: moved = demand (full and low-bit) + speculative + low-bit upgrades + placement updates
+(+ activations for the CPU); speculative = used (hit before eviction) + wasted (evicted unused, or unused
+by the end of the stream); used bytes = moved - wasted.
+
+The kernel is numba-compiled over int arrays (about a million (step, layer) steps per second per policy on one
+CPU core; docs/BENCHMARKS.md); predictions and eviction scores come from the project's scorers
+(validation/coverage/evaluate.py), run once per predictor over the whole stream.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +49,37 @@ from models.checkpoint import check_fits_traces, load_checkpoint
 from validation.coverage.scorers import BASELINES, SCORERS, Scorer, baseline_scorer, expert_popularity, predictor_scorer
 from validation.prefetch.cost_model import DEFAULT_PREDICTOR_MS, CostModel
 
-# eviction rules and prefetch sources of the kernel
-LRU, LFU, BELADY, STATIC = 0, 1, 2, 3
+# eviction rules of the kernel (`_keep`); STATIC and WINDOW never evict on a miss
+LRU, LFU, BELADY, STATIC, LFRU, LEAST_STALE, SCORE, WINDOW = range(8)
+# prefetch sources
 NO_PREFETCH, PREDICTED, ORACLE = 0, 1, 2
+# what a miss does
+FETCH, CPU, LOWBIT = 0, 1, 2
 
-# per-token statistics columns of the kernel's output
-HITS, DEMAND, STAGED, SPEC, SPEC_USED, SPEC_WASTED, LATE, STALL_MS, END_MS = range(9)
-N_STATS = 9
+# per-step statistics columns of the kernel's output
+(HITS, DEMAND, STAGED, SPEC, SPEC_USED, SPEC_WASTED, LATE, STALL_MS, END_MS, ACCESSES, CPU_EXPERTS, ACT_TOKENS,
+ LOWBIT_FETCH, UPGRADE, LOWBIT_COMPUTE, PLACED, PREFILL_MS, PREFILL_COPIES, PREFILL_NEED, PREFILL_TOKENS,
+ TOKENS) = range(21)
+N_STATS = 21
+
+# the kernel's float parameters, one array (`Knobs.params`)
+(P_COPY, P_PRE, P_PRED, P_SHARED, P_EXPERT, P_TOKEN, P_LOWCOPY, P_CPU1, P_CPUTOK, P_ACT, P_DECAY, P_ALPHA, P_PRIOR,
+ P_HOT, P_WINDOW, P_PREFILL_TOKEN) = range(16)
+N_PARAMS = 16
 
 
 # ----------------------------------------------------------------------------------------------
 # the policy registry
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The policies' own parameters (docs/PREFETCH.md gives each rule)."""
+    lfru_decay: float = 0.9     # lfru: a use's weight is multiplied by this per step it ages
+    stale_alpha: float = 0.25   # least-stale: weight of the newest reuse gap in the mean gap
+    static_window: int = 64     # static-frequency: steps between two recomputations of the resident set
+    hot_uses: int = 2           # lowbit-on-miss: uses of the low-bit copy after which the full one is fetched
+    evict_window: int = 16      # evict:frequency-window: steps of history counted
 
 
 @dataclass(frozen=True)
@@ -61,21 +90,88 @@ class Policy:
     needs: tuple[str, ...] = ()   # from the traces: "hidden" (MoE inputs), "router_weights", "train_split"
     source: str | None = None     # prefetch: a baseline name or a checkpoint path
     summary: str = ""
+    miss: int = FETCH             # what a miss does: fetch it, compute it on the host CPU, fetch a low-bit copy
+    evict_source: str | None = None  # SCORE: oracle-next-use, frequency-window or a checkpoint path
+    placement: str = "none"       # experts cached before the first step: none, popular (training split), all
+    realizable: bool = True       # a real system could run it (not the oracle, Belady or all-resident)
 
     @property
     def all_resident(self) -> bool:
-        return self.name == "all-resident"
+        return self.placement == "all"
+
+    @property
+    def prefetch_key(self) -> str:
+        """The stream's predictions this policy reads (shared by every policy with the same source)."""
+        return f"prefetch:{self.source}" if self.source is not None else self.name
+
+    @property
+    def evict_key(self) -> str:
+        return f"evict:{self.evict_source}"
+
+    @property
+    def replayable(self) -> bool:
+        """tools/replay_offload.py can execute its schedule: copies on a miss or ahead, slots never re-planned."""
+        return self.miss == FETCH and self.eviction != WINDOW
+
+    @property
+    def uses_cpu(self) -> bool:
+        return self.miss == CPU
+
+    @property
+    def exact(self) -> bool:
+        """Every expert is computed at its full precision (lowbit-on-miss computes some from low-bit copies)."""
+        return self.miss != LOWBIT
 
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("on-demand", LRU, NO_PREFETCH, summary="LRU eviction, fetch on a miss"),
     Policy("lfu", LFU, NO_PREFETCH, summary="evict the expert least used since the start (ties: LRU)"),
+    Policy("lfru", LFRU, NO_PREFETCH, summary="evict the lowest decayed use count: sum of lfru_decay^age over "
+           "its uses"),
+    Policy("least-stale", LEAST_STALE, NO_PREFETCH, summary="evict the expert whose time since its last use is "
+           "largest relative to its mean reuse gap"),
     Policy("static-popular", STATIC, NO_PREFETCH, ("train_split",),
-           "pin each layer's C most used experts of the training split; a miss is staged and dropped"),
-    Policy("oracle", LRU, ORACLE, summary="prefetch the true experts of layer l+d (LRU eviction)"),
-    Policy("belady", BELADY, NO_PREFETCH, summary="evict the expert used furthest in the future; fetch on a miss"),
-    Policy("all-resident", STATIC, NO_PREFETCH, summary="every expert on the GPU: the ceiling, no transfers"),
+           "pin each layer's C most used experts of the training split; a miss is staged and dropped",
+           placement="popular"),
+    Policy("static-frequency", WINDOW, NO_PREFETCH, ("train_split",),
+           "static-popular, whose resident set is recomputed every --static-window steps from the last "
+           "window's counts (the changes are copied)", placement="popular"),
+    Policy("cpu-compute", STATIC, NO_PREFETCH, ("train_split",),
+           "static-popular on the GPU; a miss is computed on the host CPU (only activations cross the link)",
+           miss=CPU, placement="popular"),
+    Policy("lowbit-on-miss", LRU, NO_PREFETCH, summary="LRU; a miss fetches the low-bit copy, the full one "
+           "follows once the expert is used --hot-uses times", miss=LOWBIT),
+    Policy("evict:frequency-window", SCORE, NO_PREFETCH, summary="evict the expert used least in the last "
+           "--evict-window steps", evict_source="frequency-window"),
+    Policy("evict:oracle-next-use", SCORE, NO_PREFETCH, summary="evict the expert whose next use is furthest "
+           "(the oracle's score: Belady)", evict_source="oracle-next-use", realizable=False),
+    Policy("oracle", LRU, ORACLE, summary="prefetch the true experts of layer l+d (LRU eviction)", realizable=False),
+    Policy("belady", BELADY, NO_PREFETCH, summary="evict the expert used furthest in the future; fetch on a miss",
+           realizable=False),
+    Policy("all-resident", STATIC, NO_PREFETCH, summary="every expert on the GPU: the ceiling, no transfers",
+           placement="all", realizable=False),
 )}
+BASELINE_POLICY = "on-demand"  # every speedup is over it, at the same cache size
+CEILING_POLICY = "all-resident"  # no transfers: what calibrates a measured cost model
+# what simulate_prefetch.py and tools/replay_offload.py run by default (the replay keeps the replayable ones)
+DEFAULT_POLICIES = ("on-demand,lfu,lfru,least-stale,static-popular,static-frequency,lowbit-on-miss,"
+                    "evict:frequency-window,prefetch:router-reuse,oracle,belady,all-resident")
+DEFAULT_PREFETCH = "router-reuse"  # the predictor of `+prefetch` without a source: no training needed
+EVICT_SCORES = ("frequency-window", "oracle-next-use")  # eviction scores that need no checkpoint
+
+# the parts a policy name is made of, joined by "+": one eviction part, one miss part, one prefetch part
+_EVICTION_PARTS = {"on-demand": LRU, "lfu": LFU, "lfru": LFRU, "least-stale": LEAST_STALE, "belady": BELADY,
+                   "static-popular": STATIC, "static-frequency": WINDOW}
+_MISS_PARTS = {"cpu-compute": CPU, "lowbit-on-miss": LOWBIT}
+
+
+def short_name(name: str) -> str:
+    """A policy name short enough for a map cell (each registered part abbreviated)."""
+    for old, new in (("static-frequency", "sfreq"), ("static-popular", "spop"), ("cpu-compute", "cpu"),
+                     ("prefetch:router-reuse", "pf"), ("prefetch", "pf"), ("lowbit-on-miss", "lowbit"),
+                     ("evict:frequency-window", "ev:freq"), ("least-stale", "lstale"), ("on-demand", "lru")):
+        name = name.replace(old, new)
+    return name
 
 
 def _baseline_needs(name: str) -> tuple[str, ...]:
@@ -88,36 +184,110 @@ def _baseline_needs(name: str) -> tuple[str, ...]:
 # the baselines that can prefetch: all but the same-layer control, which answers layer l only when it runs
 PREFETCH_BASELINES: dict[str, tuple[str, ...]] = {b: _baseline_needs(b) for b in BASELINES
                                                   if not SCORERS[b].same_layer_only}
-POLICY_HELP = (", ".join(POLICIES) + ", prefetch:<checkpoint.pth | " + " | ".join(PREFETCH_BASELINES) + ">")
+POLICY_HELP = (", ".join(POLICIES) + ", prefetch:<checkpoint.pth | " + " | ".join(PREFETCH_BASELINES)
+               + ">, evict:<checkpoint.pth>, and combinations joined by '+' of one eviction part ("
+               + ", ".join(_EVICTION_PARTS) + ", evict:<source>), one miss part (" + ", ".join(_MISS_PARTS)
+               + ") and one prefetch part (prefetch[:<source>], oracle), e.g. cpu-compute+prefetch, "
+               "static-frequency+cpu-compute, evict:<checkpoint.pth>+prefetch:router-reuse")
+
+
+def _prefetch_source(name: str, src: str) -> tuple[str, tuple[str, ...]]:
+    if src in PREFETCH_BASELINES:
+        return src, PREFETCH_BASELINES[src]
+    if src in BASELINES:  # "router": layer l's own router answers layer l only, too late to prefetch
+        raise UserError(f"policy {name}: {src} is the same-layer control (d = 0), not a prefetcher; "
+                        f"use prefetch:router-reuse")
+    if src.endswith((".pth", ".pt")) or Path(src).is_file():
+        return src, ("hidden",)
+    raise UserError(f"policy {name}: {src!r} is neither a checkpoint file nor a baseline "
+                    f"({', '.join(PREFETCH_BASELINES)})")
+
+
+def _evict_source(name: str, src: str) -> tuple[str, tuple[str, ...]]:
+    if src in EVICT_SCORES:
+        return src, ()
+    if src.endswith((".pth", ".pt")) or Path(src).is_file():
+        return src, ("hidden",)
+    raise UserError(f"policy {name}: evict:{src} is neither a checkpoint file (a predictor of the next tokens' "
+                    f"experts) nor one of {', '.join(EVICT_SCORES)}")
 
 
 def parse_policy(name: str) -> Policy:
+    """A registered policy, or a '+' combination of parts (POLICY_HELP); one line for anything else."""
     if name in POLICIES:
         return POLICIES[name]
-    if name.startswith("prefetch:"):
-        src = name[len("prefetch:"):]
-        if src in PREFETCH_BASELINES:
-            return Policy(name, LRU, PREDICTED, PREFETCH_BASELINES[src], src, f"prefetch the {src} baseline's top-m")
-        if src in BASELINES:  # "router": layer l's own router answers layer l only, too late to prefetch
-            raise UserError(f"policy {name}: {src} is the same-layer control (d = 0), not a prefetcher; "
-                            f"use prefetch:router-reuse")
-        if src.endswith((".pth", ".pt")) or Path(src).is_file():
-            return Policy(name, LRU, PREDICTED, ("hidden",), src, "prefetch a trained predictor's top-m")
-        raise UserError(f"policy {name}: {src!r} is neither a checkpoint file nor a baseline "
-                        f"({', '.join(PREFETCH_BASELINES)})")
-    raise UserError(f"unknown policy {name!r}; choose from {POLICY_HELP}")
+    parts = name.split("+")
+    if len(parts) == 1 and not name.startswith(("prefetch:", "evict:")):
+        raise UserError(f"unknown policy {name!r}; choose from {POLICY_HELP}")
+    eviction = miss = prefetch = None
+    needs: list[str] = []
+    source = evict_source = None
+    realizable = True
+    for part in parts:
+        if part in _EVICTION_PARTS or part.startswith("evict:"):
+            if eviction is not None:
+                raise UserError(f"policy {name}: two eviction parts; give one")
+            if part.startswith("evict:"):
+                eviction, (evict_source, more) = SCORE, _evict_source(name, part[len("evict:"):])
+                needs += more
+                realizable = realizable and evict_source != "oracle-next-use"
+            else:
+                eviction = _EVICTION_PARTS[part]
+                realizable = realizable and part != "belady"
+                if eviction in (STATIC, WINDOW):
+                    needs.append("train_split")
+        elif part in _MISS_PARTS:
+            if miss is not None:
+                raise UserError(f"policy {name}: two miss parts ({', '.join(_MISS_PARTS)}); give one")
+            miss = _MISS_PARTS[part]
+        elif part == "prefetch" or part.startswith("prefetch:") or part == "oracle":
+            if prefetch is not None:
+                raise UserError(f"policy {name}: two prefetch parts; give one")
+            if part == "oracle":
+                prefetch, realizable = ORACLE, False
+            else:
+                prefetch = PREDICTED
+                source, more = _prefetch_source(name, part[len("prefetch:"):] if ":" in part else DEFAULT_PREFETCH)
+                needs += more
+        else:
+            raise UserError(f"policy {name}: unknown part {part!r}; choose from {POLICY_HELP}")
+    prefetch = NO_PREFETCH if prefetch is None else prefetch
+    miss = FETCH if miss is None else miss
+    if eviction is None:  # cpu-compute alone keeps static-popular's placement (llama.cpp's recipe); else LRU
+        eviction = STATIC if miss == CPU and prefetch == NO_PREFETCH else LRU
+        if eviction == STATIC:
+            needs.append("train_split")
+    if eviction in (STATIC, WINDOW) and prefetch != NO_PREFETCH:
+        raise UserError(f"policy {name}: a static cache takes no prefetch (its slots are placed, not evicted)")
+    if miss == CPU and prefetch == NO_PREFETCH and eviction not in (STATIC, WINDOW):
+        raise UserError(f"policy {name}: with cpu-compute a miss is never copied, so only a placement "
+                        "(static-popular, static-frequency) or a prefetch part fills the cache")
+    return Policy(name, eviction, prefetch, tuple(dict.fromkeys(needs)), source, "a combination", miss,
+                  evict_source, "popular" if eviction in (STATIC, WINDOW) else "none", realizable)
 
 
 def check_needs(policy: Policy, ts: TraceSet, lookahead: int) -> None:
     """One line naming what the traces lack for this policy (before anything is computed or written)."""
     L = ts.manifest.num_layers
-    if "hidden" in policy.needs and policy.prefetch == PREDICTED:
-        missing = sorted(set(range(L - lookahead)) - set(ts.manifest.hidden_layers))
+    if "hidden" in policy.needs:
+        first = lookahead if policy.prefetch == PREDICTED else 0
+        missing = sorted(set(range(L - first)) - set(ts.manifest.hidden_layers))
         if missing:
             raise UserError(f"policy {policy.name} needs the stored MoE input (hidden state) of layers "
-                            f"0..{L - lookahead - 1}; {ts.dir} lacks layers {missing} (collect with --hidden-layers all)")
+                            f"0..{L - first - 1}; {ts.dir} lacks layers {missing} (collect with --hidden-layers all)")
     if "router_weights" in policy.needs:
         ts.router_weights()  # raises a one-line TraceFormatError naming the missing file
+
+
+def check_costs(policy: Policy, cost: CostModel) -> None:
+    """One line naming the cost a policy needs and the flag that gives it."""
+    if policy.miss == CPU and not cost.cpu_expert_ms > 0:
+        raise UserError(f"policy {policy.name} computes misses on the host CPU: give --cpu-expert-ms (> 0) or "
+                        "--measure-cpu")
+    if policy.miss == LOWBIT and not 0 < cost.lowbit_bytes < cost.expert_bytes:
+        raise UserError(f"policy {policy.name}: the low-bit copy ({cost.lowbit_bytes:,} bytes) must be smaller "
+                        f"than the expert ({cost.expert_bytes:,} bytes); choose --lowbit-format below "
+                        "--expert-format")
 
 
 def check_caches(caches: list[int], num_experts: int) -> None:
@@ -130,38 +300,72 @@ def check_caches(caches: list[int], num_experts: int) -> None:
 
 @dataclass
 class Predictor:
-    """A prefetch policy's scorer, how long it runs per layer, and what it needs."""
+    """A policy's scorer (prefetch: top-m of layer l+d; evict: every expert's use in the next tokens), how
+    long it runs per layer, and what it needs."""
     scorer: Scorer
     predictor_ms: float
     kind: str                 # "learned", or the baseline's name
     needs_hidden: bool
     label: str                # short name for tables
     config: dict[str, Any] = field(default_factory=dict)  # a checkpoint's predictor config
+    role: str = "prefetch"    # prefetch | evict
+    target_offset: int = 0    # rows of input layer l score layer l + target_offset
+
+
+def _checkpoint(src: str, ts: TraceSet, test_ids: np.ndarray, where: str) -> tuple[Any, Any]:
+    model, cfg, ckpt = load_checkpoint(Path(src), torch.device("cpu"))
+    # routing shape, the hidden layers its features read (past layers, window, context), its token table
+    check_fits_traces(cfg, ts, where)
+    split = ckpt.get("split", {})
+    if "test" in split and not np.array_equal(np.sort(split["test"].numpy()), np.sort(test_ids)):
+        raise UserError(f"{where}: the checkpoint's held-out test split differs from the replayed one "
+                        f"(other traces or --seed); replaying its training sequences would flatter it")
+    return model, cfg
 
 
 def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.ndarray, test_ids: np.ndarray,
                     seed: int = 0) -> Predictor:
-    """The scorer of a `prefetch:` policy: a baseline of validation/coverage/evaluate.py or a checkpoint's predictor,
-    checked against the traces (E, L, hidden size, lookahead, held-out split)."""
+    """The scorer of a policy's prefetch part: a baseline of validation/coverage/evaluate.py or a checkpoint's
+    predictor, checked against the traces (E, L, hidden size, lookahead, held-out split)."""
     m = ts.manifest
-    cpu = torch.device("cpu")
     if policy.source in PREFETCH_BASELINES:
-        scorer = baseline_scorer(policy.source, ts, lookahead, train_ids, cpu, seed)
+        scorer = baseline_scorer(policy.source, ts, lookahead, train_ids, torch.device("cpu"), seed)
         return Predictor(scorer, DEFAULT_PREDICTOR_MS.get(policy.source, 0.0), policy.source,
-                         "hidden" in policy.needs, policy.name)
-    model, cfg, ckpt = load_checkpoint(Path(policy.source), cpu)
-    # routing shape, the hidden layers its features read (past layers, window, context), its token table
-    check_fits_traces(cfg, ts, f"policy {policy.name}")
+                         "hidden" in PREFETCH_BASELINES[policy.source], policy.source)
+    where = f"policy {policy.name}"
+    model, cfg = _checkpoint(policy.source, ts, test_ids, where)
+    if getattr(cfg, "lookahead_tokens", 0):
+        raise UserError(f"{where}: the checkpoint predicts the next tokens' experts (lookahead_tokens "
+                        f"{cfg.lookahead_tokens}); use it as evict:{policy.source}")
     if cfg.lookahead != lookahead:
-        raise UserError(f"policy {policy.name}: the checkpoint predicts {cfg.lookahead} layer(s) ahead, "
-                        f"--lookahead is {lookahead}")
-    split = ckpt.get("split", {})
-    if "test" in split and not np.array_equal(np.sort(split["test"].numpy()), np.sort(test_ids)):
-        raise UserError(f"policy {policy.name}: the checkpoint's held-out test split differs from the replayed one "
-                        f"(other traces or --seed); replaying its training sequences would flatter it")
+        raise UserError(f"{where}: the checkpoint predicts {cfg.lookahead} layer(s) ahead, --lookahead is {lookahead}")
     scorer = predictor_scorer(model, lookahead, m.num_experts)
     label = f"prefetch:{cfg.kind}-d{cfg.lookahead} ({Path(policy.source).parent.name})"
     return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json())
+
+
+def build_evict_scorer(policy: Policy, ts: TraceSet, test_ids: np.ndarray) -> Predictor:
+    """The scorer of `evict:<checkpoint>`: a predictor trained with lookahead_tokens W > 0, whose row (token t,
+    layer l) scores every expert's use at layer l + lookahead in tokens t+1..t+W."""
+    where = f"policy {policy.name}"
+    model, cfg = _checkpoint(policy.evict_source, ts, test_ids, where)
+    window = int(getattr(cfg, "lookahead_tokens", 0) or 0)
+    if window <= 0:
+        raise UserError(f"{where}: the checkpoint predicts layer l+{cfg.lookahead}'s experts of the same token, not "
+                        "the next tokens' (its config has no lookahead_tokens > 0); train one for eviction")
+    scorer = predictor_scorer(model, cfg.lookahead, ts.manifest.num_experts)
+    label = f"evict:{cfg.kind}-next{window} ({Path(policy.evict_source).parent.name})"
+    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json(), "evict",
+                     cfg.lookahead)
+
+
+def policy_label(policy: Policy, predictors: dict[str, Predictor]) -> str:
+    """The policy's name with each checkpoint path replaced by its predictor's short label."""
+    parts = []
+    for part in policy.name.split("+"):
+        key = part if ":" in part else (f"prefetch:{DEFAULT_PREFETCH}" if part == "prefetch" else part)
+        parts.append(predictors[key].label if key in predictors and predictors[key].kind == "learned" else part)
+    return "+".join(parts)
 
 
 @dataclass
@@ -169,17 +373,22 @@ class Setup:
     ts: TraceSet
     policies: list[Policy]
     split: dict[str, np.ndarray]
-    predictors: dict[str, Predictor]  # prefetch policies' scorers, by policy name
+    predictors: dict[str, Predictor]  # scorers by prefetch_key / evict_key, each built once
+    labels: dict[str, str] = field(default_factory=dict)  # policy name -> table label
+
+
+def parse_policies(policy_names: str) -> list[Policy]:
+    names = list(dict.fromkeys(n.strip() for n in policy_names.split(",") if n.strip()))
+    if not names:
+        raise UserError("--policies is empty")
+    return [parse_policy(n) for n in names]
 
 
 def prepare(traces: str | Path, policy_names: str, lookahead: int, budget: int, seed: int = 0, locality: float = 0.0,
             max_tokens: int | None = None, verify: bool = True) -> Setup:
     """Every check of a replay's input, before anything is computed or written: policies known, traces holding
     what each needs, 1 <= d < L, 1 <= m <= E, checkpoints of these traces. Bad input: one UserError line."""
-    names = list(dict.fromkeys(n.strip() for n in policy_names.split(",") if n.strip()))
-    if not names:
-        raise UserError("--policies is empty")
-    policies = [parse_policy(n) for n in names]
+    policies = parse_policies(policy_names)
     ts = TraceSet(Path(traces), verify=verify)
     L, E = ts.manifest.num_layers, ts.manifest.num_experts
     if not 1 <= lookahead < L:
@@ -196,9 +405,13 @@ def prepare(traces: str | Path, policy_names: str, lookahead: int, budget: int, 
     split = split_sequences(ts.sequence_table(), seed)
     if len(split["test"]) == 0 or len(split["train"]) == 0:
         raise UserError(f"{traces}: too few sequences for a training and a test split")
-    predictors = {pol.name: build_predictor(pol, ts, lookahead, split["train"], split["test"], seed)
-                  for pol in policies if pol.prefetch == PREDICTED}
-    return Setup(ts, policies, split, predictors)
+    predictors: dict[str, Predictor] = {}
+    for pol in policies:
+        if pol.prefetch == PREDICTED and pol.prefetch_key not in predictors:
+            predictors[pol.prefetch_key] = build_predictor(pol, ts, lookahead, split["train"], split["test"], seed)
+        if pol.eviction == SCORE and pol.evict_source not in EVICT_SCORES and pol.evict_key not in predictors:
+            predictors[pol.evict_key] = build_evict_scorer(pol, ts, split["test"])
+    return Setup(ts, policies, split, predictors, {p.name: policy_label(p, predictors) for p in policies})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +420,29 @@ def prepare(traces: str | Path, policy_names: str, lookahead: int, budget: int, 
 
 @dataclass
 class Stream:
-    """The replayed tokens in decode order, and each predictor's top-m per (token, target layer)."""
-    ids: np.ndarray        # (T, L, K) int64 true experts (after --locality)
-    weights: np.ndarray    # (T, L, K) float32 their routing weights
-    first: np.ndarray      # (T,) bool: the token starts a sequence (a new request)
-    position: np.ndarray   # (T,) position of the token in its sequence
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (T, L, m) int64, -1: none
+    """The replayed steps in decode order: each step's experts (one token, or one per lane at --batch B), each
+    predictor's top-m per (step, target layer), each eviction scorer's scores, and the prompts to prefill."""
+    ids: np.ndarray        # (T, L, S) int64 experts needed (S = B x K; -1: none), after --locality
+    weights: np.ndarray    # (T, L, S) float32 their routing weights
+    first: np.ndarray      # (T,) bool: the step starts a sequence (a new request) in some lane
+    position: np.ndarray   # (T,) position of the (lane 0) token in its sequence
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (T, L, B x m) int64, -1: none
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (T, L, E) float32, higher = used sooner
+    lanes: int = 1
+    prompt_need: np.ndarray | None = None  # (R, L, E) bool: experts each prompt uses per layer
+    prompt_len: np.ndarray | None = None   # (R,) prompt tokens
+    prompt_at: np.ndarray | None = None    # (T, B) request whose prompt is prefilled before step t in lane b (-1)
 
     @property
     def tokens(self) -> int:
         return self.ids.shape[0]
+
+    def head(self, n: int) -> Stream:
+        """The first n steps (prompts kept whole)."""
+        return replace(self, ids=self.ids[:n], weights=self.weights[:n], first=self.first[:n],
+                       position=self.position[:n], predictions={k: v[:n] for k, v in self.predictions.items()},
+                       scores={k: v[:n] for k, v in self.scores.items()},
+                       prompt_at=None if self.prompt_at is None else self.prompt_at[:n])
 
 
 @njit(cache=True)
@@ -267,14 +493,28 @@ def top_predictions(scorer: Scorer, block: TokenBlock, lookahead: int, budget: i
     return out
 
 
+@torch.no_grad()
+def all_scores(scorer: Scorer, block: TokenBlock, offset: int, num_experts: int, batch_rows: int = 1 << 16
+               ) -> torch.Tensor:
+    """(N, L, E) float32 an eviction scorer's score of every expert at layer l + offset, from row (token, l);
+    the lowest value where no row exists."""
+    L, N = block.topk_ids.shape[0], block.tokens
+    out = torch.full((N, L, num_experts), -1e30, dtype=torch.float32)
+    for tok, layer in row_batches(block, list(range(L - offset)), batch_rows):
+        out[tok, layer + offset] = scorer(block, tok, layer).float().cpu()
+    return out
+
+
 def build_stream(ts: TraceSet, seq_ids: np.ndarray, predictors: dict[str, Predictor], lookahead: int, budget: int,
                  locality: float = 0.0, seed: int = 0, max_tokens: int | None = None, progress: bool = True) -> Stream:
     """The sequences `seq_ids` in decode order (shard by shard, as stored), with --locality applied to their
-    routing before any predictor sees it, and every predictor's top-`budget` in one pass over the blocks."""
+    routing before any predictor sees it, every prefetch predictor's top-`budget` and every eviction scorer's
+    scores in one pass over the blocks."""
     with_hidden = any(p.needs_hidden for p in predictors.values())
     blocks = SplitBlocks(ts, seq_ids, torch.device("cpu"), shards_per_group=4, with_hidden=with_hidden, keep=False)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "weights", "first", *predictors)}
     total = 0
+    E = ts.manifest.num_experts
     bar = tqdm(desc="stream", unit="tok", disable=not progress, dynamic_ncols=True)
     for i, block in enumerate(blocks):
         first = (block.prev < 0).numpy()
@@ -284,7 +524,10 @@ def build_stream(ts: TraceSet, seq_ids: np.ndarray, predictors: dict[str, Predic
         parts["weights"].append(block.topk_weights.permute(1, 0, 2).numpy())
         parts["first"].append(first)
         for name, pred in predictors.items():
-            parts[name].append(top_predictions(pred.scorer, block, lookahead, budget).numpy())
+            if pred.role == "evict":
+                parts[name].append(all_scores(pred.scorer, block, pred.target_offset, E).numpy())
+            else:
+                parts[name].append(top_predictions(pred.scorer, block, lookahead, budget).numpy())
         total += block.tokens
         bar.update(block.tokens)
         if max_tokens is not None and total >= max_tokens:
@@ -299,16 +542,83 @@ def build_stream(ts: TraceSet, seq_ids: np.ndarray, predictors: dict[str, Predic
     position = np.arange(len(first)) - starts[np.cumsum(first) - 1]
     return Stream(ids=np.ascontiguousarray(cat["ids"], dtype=np.int64),
                   weights=np.ascontiguousarray(cat["weights"], dtype=np.float32), first=first, position=position,
-                  predictions={k: np.ascontiguousarray(cat[k], dtype=np.int64) for k in predictors})
+                  predictions={k: np.ascontiguousarray(cat[k], dtype=np.int64) for k, p in predictors.items()
+                               if p.role == "prefetch"},
+                  scores={k: np.ascontiguousarray(cat[k], dtype=np.float32) for k, p in predictors.items()
+                          if p.role == "evict"})
 
 
-def static_experts(ts: TraceSet, train_ids: np.ndarray, cache: int) -> np.ndarray:
-    """(L, E) bool: each layer's `cache` most used experts on the training split (static-popular)."""
-    share = expert_popularity(ts, train_ids).numpy()
-    order = np.argsort(-share, axis=1, kind="stable")[:, :cache]
-    out = np.zeros(share.shape, dtype=bool)
-    np.put_along_axis(out, order, True, axis=1)
+def static_experts(ts: TraceSet, train_ids: np.ndarray, cache: int | np.ndarray) -> np.ndarray:
+    """(L, E) bool: each layer's `cache` (one number, or one per layer) most used experts on the training split
+    (the placement of static-popular, static-frequency and cpu-compute)."""
+    return top_popular(expert_popularity(ts, train_ids).numpy(), cache)
+
+
+def top_popular(share: np.ndarray, cache: int | np.ndarray) -> np.ndarray:
+    """(L, E) bool: layer l's cap[l] largest shares (ties: the lower expert id)."""
+    L = share.shape[0]
+    caps = np.broadcast_to(np.asarray(cache, dtype=np.int64), (L,))
+    rank = np.argsort(np.argsort(-share, axis=1, kind="stable"), axis=1)  # (L, E) each expert's rank
+    return rank < caps[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# eviction scores that need no checkpoint (computed on the replayed steps, after --locality and --batch)
+
+
+@njit(cache=True)
+def oracle_next_use_scores(ids: np.ndarray, E: int) -> np.ndarray:
+    """(T, L, E) float32 minus the steps until each expert's next use at its layer after step t (-(T - t) if
+    none): evicting the lowest is Belady's rule."""
+    T, L, S = ids.shape
+    out = np.empty((T, L, E), dtype=np.float32)
+    nxt = np.full((L, E), T, dtype=np.int64)
+    for t in range(T - 1, -1, -1):
+        for l in range(L):
+            for e in range(E):
+                out[t, l, e] = -(nxt[l, e] - t)
+            for s in range(S):
+                if ids[t, l, s] >= 0:
+                    nxt[l, ids[t, l, s]] = t
     return out
+
+
+@njit(cache=True)
+def window_count_scores(ids: np.ndarray, E: int, window: int) -> np.ndarray:
+    """(T, L, E) float32 the steps among t-window+1..t in which each expert was used at its layer."""
+    T, L, S = ids.shape
+    out = np.zeros((T, L, E), dtype=np.float32)
+    count = np.zeros((L, E), dtype=np.float32)
+    seen = np.full((L, E), -1, dtype=np.int64)
+    for t in range(T):
+        for l in range(L):
+            for s in range(S):  # each expert once per step
+                e = ids[t, l, s]
+                if e >= 0 and seen[l, e] != t:
+                    seen[l, e] = t
+                    count[l, e] += 1
+            if t >= window:
+                for s in range(S):
+                    e = ids[t - window, l, s]
+                    if e >= 0 and seen[l, e] != -2 - t:  # once per expert of the step leaving the window
+                        seen[l, e] = -2 - t
+                        count[l, e] -= 1
+                for s in range(S):  # restore the marks of this step's experts
+                    e = ids[t, l, s]
+                    if e >= 0:
+                        seen[l, e] = t
+            for e in range(E):
+                out[t, l, e] = count[l, e]
+    return out
+
+
+def eviction_scores(policy: Policy, stream: Stream, num_experts: int, knobs: Knobs) -> np.ndarray:
+    """The (T, L, E) scores a SCORE policy evicts by."""
+    if policy.evict_source == "oracle-next-use":
+        return oracle_next_use_scores(stream.ids, num_experts)
+    if policy.evict_source == "frequency-window":
+        return window_count_scores(stream.ids, num_experts, knobs.evict_window)
+    return stream.scores[policy.evict_key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,70 +627,175 @@ def static_experts(ts: TraceSet, train_ids: np.ndarray, cache: int) -> np.ndarra
 
 @njit(cache=True)
 def next_uses(ids: np.ndarray, E: int) -> np.ndarray:
-    """(T, L, K) the next token that uses expert ids[t, l, k] at layer l (T if none): Belady's knowledge."""
-    T, L, K = ids.shape
-    out = np.empty_like(ids)
+    """(T, L, S) the next step that uses expert ids[t, l, s] at layer l (T if none): Belady's knowledge."""
+    T, L, S = ids.shape
+    out = np.full_like(ids, T)
     seen = np.full((L, E), T, dtype=np.int64)
     for t in range(T - 1, -1, -1):
         for l in range(L):
-            for k in range(K):
-                out[t, l, k] = seen[l, ids[t, l, k]]
-            for k in range(K):
-                seen[l, ids[t, l, k]] = t
+            for s in range(S):
+                if ids[t, l, s] >= 0:
+                    out[t, l, s] = seen[l, ids[t, l, s]]
+            for s in range(S):
+                if ids[t, l, s] >= 0:
+                    seen[l, ids[t, l, s]] = t
     return out
 
 
 @njit(cache=True)
-def _key(eviction, last, freq, nxt, T):
-    """Eviction priority of a cached expert: the smallest key goes first. LRU: last touch; LFU: fewest
-    accesses, then LRU; BELADY: furthest next use, then LRU (the clock stays below 2^40)."""
-    if eviction == LFU:
-        return (freq << 40) | last
-    if eviction == BELADY:
-        return ((T - nxt) << 40) | last
-    return last
+def _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay):
+    """How much a cached expert is worth keeping at step t: the smallest is evicted (ties: least recently
+    touched). LRU: equal for all (recency alone); LFU: uses since the start; BELADY: minus its next use;
+    LFRU: its uses decayed by `decay` per step of age; LEAST_STALE: minus its time since the last use over its
+    mean reuse gap; SCORE: the scorer's value at (t, l)."""
+    if rule == LFU:
+        return float(freq[l, e])
+    if rule == BELADY:
+        return -float(nxt[l, e])
+    if rule == LFRU:
+        return lfru[l, e] * decay ** (t - last_step[l, e])
+    if rule == LEAST_STALE:
+        return -(t - last_step[l, e]) / gap[l, e]
+    if rule == SCORE:
+        return float(scores[t, l, e])
+    return 0.0
 
 
 @njit(cache=True)
-def _victim(l, C, slot_key, slot_pin, stamp):
+def _victim(l, cap, slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru, last_step, gap, scores, decay):
     """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are."""
-    keys, pins = slot_key[l], slot_pin[l]
-    best, best_key = -1, np.iinfo(np.int64).max
-    for s in range(C):
-        if pins[s] != stamp and keys[s] < best_key:
-            best, best_key = s, keys[s]
+    best, best_keep, best_age = -1, np.inf, np.iinfo(np.int64).max
+    for s in range(cap):
+        if slot_pin[l, s] == stamp:
+            continue
+        e = slot_expert[l, s]
+        k = _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay)
+        age = touched[l, e]  # smaller: touched longer ago
+        if k < best_keep or (k == best_keep and age < best_age):
+            best, best_keep, best_age = s, k, age
     return best
 
 
 @njit(cache=True)
-def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_use,
-                  copy_ms, pre_ms, pred_ms, shared_ms, expert_ms, token_ms,
-                  record, log_need, log_demand, log_prefetch):
-    """One policy over the stream (module docstring). Returns (T, N_STATS) per-token statistics.
+def _prefill(t, r, prompt_need, prompt_len, slot_of, arrive, link_free, now, prm, stats):
+    """Request r's prompt before step t: per layer the union of its experts; the uncached ones stream through
+    two layer buffers, so layer l's copies start once layer l-2's compute has freed its buffer; layer l
+    computes once layer l-1 is done and its copies are in. The cache is left as it was. Returns (now,
+    link_free)."""
+    L, E = slot_of.shape
+    end = np.empty(L)
+    start = now
+    for l in range(L):
+        free_at = end[l - 2] if l >= 2 else start
+        need = 0
+        copies_done = free_at
+        for e in range(E):
+            if prompt_need[r, l, e]:
+                need += 1
+                if slot_of[l, e] < 0:
+                    link_free = max(free_at, link_free) + prm[P_COPY]
+                    copies_done = link_free
+                    stats[t, PREFILL_COPIES] += 1
+                else:
+                    copies_done = max(copies_done, arrive[l, e])
+        stats[t, PREFILL_NEED] += need
+        compute = prm[P_PRE] + prm[P_SHARED] + need * prm[P_EXPERT] + (prompt_len[r] - 1) * prm[P_PREFILL_TOKEN]
+        end[l] = max(end[l - 1] if l > 0 else start, copies_done) + compute
+    now = end[L - 1] + prm[P_TOKEN]
+    stats[t, PREFILL_MS] += now - start
+    stats[t, PREFILL_TOKENS] += prompt_len[r]
+    return now, link_free
 
-    ids (T, L, K) true experts; pred (T, L, >= n_pred) predicted experts of each target layer (PREDICTED);
-    resident0 (L, E) experts cached before the first token (STATIC); next_use (T, L, K) for BELADY.
-    With `record`, the schedule is written for a real replay: log_need (T, L, K) the slot each needed
-    expert is computed from (-1 - j: staging buffer j); log_demand (T, L, K, 2) and log_prefetch
-    (T, L, n_pred, 2) the (expert, slot) copies queued at that step, in queue order, -1 padded.
+
+@njit(cache=True)
+def _place(t, cap, win_count, slot_of, slot_expert, n_used, arrive, low, now, link_free, copy_ms, stats):
+    """static-frequency: each layer's resident set becomes its cap[l] most used experts of the last window
+    (ties: the resident one, then the lower id); the experts that enter are copied in FIFO order from `now`."""
+    L, E = slot_of.shape
+    chosen = np.zeros(E, dtype=np.bool_)
+    for l in range(L):
+        chosen[:] = False
+        for j in range(cap[l]):
+            best, best_key = -1, -1
+            for e in range(E):
+                key = 2 * win_count[l, e] + (1 if slot_of[l, e] >= 0 else 0)
+                if not chosen[e] and key > best_key:
+                    best, best_key = e, key
+            chosen[best] = True
+        free = np.empty(cap[l], dtype=np.int64)
+        n_free = 0
+        for s in range(n_used[l]):
+            e = slot_expert[l, s]
+            if not chosen[e]:
+                slot_of[l, e] = -1
+                slot_expert[l, s] = -1
+                free[n_free] = s
+                n_free += 1
+        for s in range(n_used[l], cap[l]):
+            free[n_free] = s
+            n_free += 1
+        n_used[l] = cap[l]
+        k = 0
+        for e in range(E):
+            if chosen[e] and slot_of[l, e] < 0:
+                s = free[k]
+                k += 1
+                link_free = max(now, link_free) + copy_ms
+                slot_of[l, e] = s
+                slot_expert[l, s] = e
+                arrive[l, e] = link_free
+                low[l, e] = False
+                stats[t, PLACED] += 1
+            win_count[l, e] = 0
+    return link_free
+
+
+@njit(cache=True)
+def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, next_use, scores, ntok,
+                  prompt_need, prompt_len, prompt_at, prm, record, log_need, log_demand, log_prefetch):
+    """One policy over the stream (module docstring). Returns (T, N_STATS) per-step statistics.
+
+    ids (T, L, S) experts needed (-1: none; an expert named by several lanes is one access, run for all
+    its tokens); pred (T, L, >= n_pred) predicted experts of each target layer (PREDICTED); cap (L,) slots;
+    resident0 (L, E) experts cached before the first step (STATIC, WINDOW); next_use (T, L, S) for BELADY;
+    scores (T, L, E) for SCORE; ntok (T,) tokens decoded per step; prompt_* the prefills (`_prefill`);
+    prm the float parameters (P_*). With `record`, the schedule is written for a real replay: log_need
+    (T, L, S) the slot each needed expert is computed from (-1 - j: staging buffer j); log_demand
+    (T, L, S, 2) and log_prefetch (T, L, n_pred, 2) the (expert, slot) copies queued at that step, in
+    queue order, -1 padded.
     """
-    T, L, K = ids.shape
+    T, L, S = ids.shape
     E = resident0.shape[1]
-    W = max(C, 1)
+    W = max(cap.max(), 1)
+    B = prompt_at.shape[1]
+    copy_ms, pre_ms, pred_ms, shared_ms, expert_ms = prm[P_COPY], prm[P_PRE], prm[P_PRED], prm[P_SHARED], prm[P_EXPERT]
+    decay, alpha, hot, window = prm[P_DECAY], prm[P_ALPHA], prm[P_HOT], int(prm[P_WINDOW])
     stats = np.zeros((T, N_STATS))
     slot_of = np.full((L, E), -1, dtype=np.int64)      # slot of a cached expert, -1 if not cached
     slot_expert = np.full((L, W), -1, dtype=np.int64)  # expert in a slot
-    slot_key = np.zeros((L, W), dtype=np.int64)        # its eviction priority (_key)
     slot_pin = np.zeros((L, W), dtype=np.int64)        # == stamp: protected in this step
     n_used = np.zeros(L, dtype=np.int64)
-    freq = np.zeros((L, E), dtype=np.int64)     # accesses since the start (LFU)
+    touched = np.zeros((L, E), dtype=np.int64)  # clock of the last touch (LRU order, every rule's tie-break)
+    freq = np.zeros((L, E), dtype=np.int64)     # steps using it since the start (LFU)
     nxt = np.full((L, E), T, dtype=np.int64)    # next use (BELADY)
+    lfru = np.zeros((L, E))                     # decayed use count at its last use (LFRU)
+    last_step = np.zeros((L, E), dtype=np.int64)  # step of its last use (LFRU, LEAST_STALE)
+    gap = np.full((L, E), prm[P_PRIOR])         # mean reuse gap in steps (LEAST_STALE), prior E / K
+    reused = np.zeros((L, E), dtype=np.bool_)   # a gap has been measured
+    win_count = np.zeros((L, E), dtype=np.int64)  # steps using it in the current window (WINDOW)
     arrive = np.zeros((L, E))                   # when the cached copy is (was) complete
     pending = np.zeros((L, E), dtype=np.bool_)  # speculative copy not used yet
-    if eviction == STATIC:
+    low = np.zeros((L, E), dtype=np.bool_)      # the cached copy is the low-bit one (LOWBIT)
+    low_uses = np.zeros((L, E), dtype=np.int64)  # uses of that low-bit copy
+    upgrade_at = np.full((L, E), np.inf)        # when its full copy lands (inf: none queued)
+    seen = np.zeros((L, E), dtype=np.int64)     # == stamp: already counted in this step
+    tokens_of = np.zeros(E, dtype=np.int64)     # tokens routed to each expert in this step
+    where = np.zeros(E, dtype=np.int64)         # slot (or -1 - staging buffer) each expert is computed from
+    acc = np.empty(S, dtype=np.int64)           # this step's distinct experts, in order
+    if rule == STATIC or rule == WINDOW:
         for l in range(L):
             for e in range(E):
-                if resident0[l, e] and n_used[l] < C:
+                if resident0[l, e] and n_used[l] < cap[l]:
                     slot_of[l, e] = n_used[l]
                     slot_expert[l, n_used[l]] = e
                     n_used[l] += 1
@@ -389,6 +804,13 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
     link_free = 0.0  # when the copy engine has finished everything queued
     now = 0.0        # when the previous layer's compute ended
     for t in range(T):
+        for b in range(B):
+            if prompt_at[t, b] >= 0:
+                now, link_free = _prefill(t, prompt_at[t, b], prompt_need, prompt_len, slot_of, arrive, link_free,
+                                          now, prm, stats)
+        if rule == WINDOW and t > 0 and t % window == 0:
+            link_free = _place(t, cap, win_count, slot_of, slot_expert, n_used, arrive, low, now, link_free, copy_ms,
+                               stats)
         for l in range(L):
             stamp += 1
             r = now + pre_ms  # router done: this layer's experts are known
@@ -396,39 +818,79 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
             p = pred_ms if runs_predictor else 0.0
             ready = r + p + shared_ms  # the routed experts could start here
             wait = ready
-            for k in range(K):
-                e = ids[t, l, k]
+            n_acc = 0
+            for s in range(S):  # each distinct expert once, counting its tokens
+                e = ids[t, l, s]
+                if e < 0:
+                    continue
+                if seen[l, e] == stamp:
+                    tokens_of[e] += 1
+                    continue
+                seen[l, e] = stamp
+                tokens_of[e] = 1
+                acc[n_acc] = e
+                n_acc += 1
                 freq[l, e] += 1
-                if eviction == BELADY:
-                    nxt[l, e] = next_use[t, l, k]
-                s = slot_of[l, e]
-                if s >= 0:  # pinned before any miss of this step looks for a slot
-                    slot_pin[l, s] = stamp
-            # 1. hits, and demand fetches of the misses (FIFO behind every queued copy)
+                win_count[l, e] += 1
+                if freq[l, e] > 1:
+                    g = t - last_step[l, e]
+                    gap[l, e] = (1 - alpha) * gap[l, e] + alpha * g if reused[l, e] else g
+                    reused[l, e] = True
+                    lfru[l, e] = lfru[l, e] * decay ** g + 1.0
+                else:
+                    lfru[l, e] = 1.0
+                last_step[l, e] = t
+                if rule == BELADY:
+                    nxt[l, e] = next_use[t, l, s]
+                if slot_of[l, e] >= 0:  # pinned before any miss of this step looks for a slot
+                    slot_pin[l, slot_of[l, e]] = stamp
+            stats[t, ACCESSES] += n_acc
+            # 1. hits, and the misses: demand fetches (FIFO behind every queued copy), or the host CPU
             n_staged = 0
             n_dem = 0
-            for k in range(K):
-                e = ids[t, l, k]
+            n_gpu = 0
+            cpu_ms = 0.0
+            for i in range(n_acc):
+                e = acc[i]
                 s = slot_of[l, e]
                 if s >= 0:
                     stats[t, HITS] += 1
+                    n_gpu += 1
                     if pending[l, e]:
                         stats[t, SPEC_USED] += 1
                         pending[l, e] = False
                     if arrive[l, e] > ready:
                         stats[t, LATE] += 1
                         wait = max(wait, arrive[l, e])
+                    if low[l, e]:
+                        if upgrade_at[l, e] <= ready:  # the full copy is in: full precision from now on
+                            low[l, e] = False
+                        else:
+                            stats[t, LOWBIT_COMPUTE] += 1
+                            low_uses[l, e] += 1
+                            if low_uses[l, e] >= hot and upgrade_at[l, e] == np.inf:  # hot: fetch the full copy
+                                link_free = max(r, link_free) + copy_ms
+                                upgrade_at[l, e] = link_free
+                                stats[t, UPGRADE] += 1
+                elif miss == CPU:  # the host computes it from the token's hidden state; nothing is copied
+                    stats[t, CPU_EXPERTS] += 1
+                    cpu_ms += prm[P_CPU1] + (tokens_of[e] - 1) * prm[P_CPUTOK]
                 else:
-                    q = max(r, link_free) + copy_ms
+                    q = max(r, link_free) + (prm[P_LOWCOPY] if miss == LOWBIT else copy_ms)
                     link_free = q
                     wait = max(wait, q)
+                    n_gpu += 1
                     stats[t, DEMAND] += 1
-                    if eviction != STATIC and C > 0:
-                        if n_used[l] < C:
+                    if miss == LOWBIT:
+                        stats[t, LOWBIT_FETCH] += 1
+                        stats[t, LOWBIT_COMPUTE] += 1
+                    if rule != STATIC and rule != WINDOW and cap[l] > 0:
+                        if n_used[l] < cap[l]:
                             s = n_used[l]
                             n_used[l] += 1
                         else:
-                            s = _victim(l, C, slot_key, slot_pin, stamp)
+                            s = _victim(l, cap[l], slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru,
+                                        last_step, gap, scores, decay)
                             if s >= 0:
                                 old = slot_expert[l, s]
                                 slot_of[l, old] = -1
@@ -440,6 +902,9 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                         slot_expert[l, s] = e
                         slot_pin[l, s] = stamp
                         arrive[l, e] = q
+                        low[l, e] = miss == LOWBIT
+                        low_uses[l, e] = 0
+                        upgrade_at[l, e] = np.inf
                     else:  # no slot can be freed: staging buffer, dropped after this layer
                         stats[t, STAGED] += 1
                         s = -1 - n_staged
@@ -448,27 +913,36 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                         log_demand[t, l, n_dem, 0] = e
                         log_demand[t, l, n_dem, 1] = s
                     n_dem += 1
-                if s >= 0:  # touched: its priority from this step's clock
-                    slot_key[l, s] = _key(eviction, clock, freq[l, e], nxt[l, e], T)
+                if s >= 0:  # touched: the most recent
+                    touched[l, e] = clock
                     clock += 1
-                if record:
-                    log_need[t, l, k] = s
-            # 2. the predictor, then speculative fetches for layer l+d (LRU slots)
-            if runs_predictor and C > 0:
+                where[e] = s
+            if record:
+                for s in range(S):
+                    if ids[t, l, s] >= 0:
+                        log_need[t, l, s] = where[ids[t, l, s]]
+            # 2. the predictor, then speculative fetches for layer l+d, pinned so they never take one another's slot
+            if runs_predictor and cap[l + d] > 0:
                 tl = l + d
                 issue = r + p
                 n_pre = 0
+                n_pin = 0
                 for j in range(n_pred):
+                    if n_pin == cap[tl]:
+                        break
                     e = pred[t, tl, j] if prefetch == PREDICTED else ids[t, tl, j]
                     if e < 0:
                         continue
                     s = slot_of[tl, e]
+                    if s >= 0 and slot_pin[tl, s] == stamp:  # named twice (two lanes' predictions)
+                        continue
                     if s < 0:
-                        if n_used[tl] < C:
+                        if n_used[tl] < cap[tl]:
                             s = n_used[tl]
                             n_used[tl] += 1
-                        else:  # LRU: this batch's experts are the most recent, so never taken (n_pred <= C)
-                            s = _victim(tl, C, slot_key, slot_pin, 0)
+                        else:
+                            s = _victim(tl, cap[tl], slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru,
+                                        last_step, gap, scores, decay)
                             old = slot_expert[tl, s]
                             slot_of[tl, old] = -1
                             if pending[tl, old]:
@@ -480,18 +954,29 @@ def replay_kernel(ids, pred, n_pred, C, eviction, prefetch, d, resident0, next_u
                         slot_expert[tl, s] = e
                         arrive[tl, e] = q
                         pending[tl, e] = True
+                        low[tl, e] = False
                         stats[t, SPEC] += 1
                         if record:
                             log_prefetch[t, l, n_pre, 0] = e
                             log_prefetch[t, l, n_pre, 1] = s
                         n_pre += 1
+                    slot_pin[tl, s] = stamp
+                    n_pin += 1
                     # cached or just queued: the most recent
-                    slot_key[tl, s] = _key(eviction, clock, freq[tl, e], nxt[tl, e], T)
+                    touched[tl, e] = clock
                     clock += 1
-            # 3. the routed experts, once the shared expert is done and every needed expert is here
-            stats[t, STALL_MS] += wait - ready
-            now = wait + K * expert_ms
-        now += token_ms
+            # 3. the routed experts on the GPU, once the shared expert is done and every one they need is here;
+            # the CPU's misses meanwhile, from the router's end: hidden states down, compute, results up (a few KB
+            # each way, on their own stream: not queued behind expert copies); the layer waits for both
+            end = wait + n_gpu * expert_ms
+            if cpu_ms > 0:
+                act = prm[P_ACT] * ntok[t]
+                end = max(end, r + act + cpu_ms + act)
+                stats[t, ACT_TOKENS] += ntok[t]
+            stats[t, STALL_MS] += end - (ready + n_gpu * expert_ms)
+            now = end
+        now += prm[P_TOKEN]
+        stats[t, TOKENS] = ntok[t]
         stats[t, END_MS] = now
     for l in range(L):  # speculative copies never used by the end of the stream
         for e in range(E):
@@ -510,54 +995,96 @@ class Schedule:
     need: np.ndarray       # (T, L, K) slot each needed expert is computed from; -1 - j: staging j
     demand: np.ndarray     # (T, L, K, 2) (expert, slot) demand copies queued after layer l's router
     prefetch: np.ndarray   # (T, L, m, 2) (expert, slot) speculative copies for layer l+d queued at layer l
-    slots: int             # cache slots per layer the schedule uses
+    slots: int             # cache slots per layer the schedule uses (the largest layer's)
 
 
-def run_policy(policy: Policy, cache: int, stream: Stream, cost: CostModel, lookahead: int, budget: int,
+def kernel_params(cost: CostModel, predictor_ms: float, knobs: Knobs, num_experts: int, top_k: int) -> np.ndarray:
+    prm = np.zeros(N_PARAMS)
+    prm[[P_COPY, P_PRE, P_PRED, P_SHARED, P_EXPERT, P_TOKEN]] = (cost.copy_ms, cost.pre_ms, predictor_ms,
+                                                                  cost.shared_ms, cost.expert_ms, cost.token_ms)
+    prm[[P_LOWCOPY, P_CPU1, P_CPUTOK, P_ACT]] = (cost.lowbit_copy_ms, cost.cpu_expert_ms, cost.cpu_token_ms,
+                                                 cost.activation_ms)
+    prm[[P_DECAY, P_ALPHA, P_PRIOR, P_HOT, P_WINDOW]] = (knobs.lfru_decay, knobs.stale_alpha,
+                                                         num_experts / max(top_k, 1), knobs.hot_uses,
+                                                         knobs.static_window)
+    prm[P_PREFILL_TOKEN] = cost.prefill_token_ms
+    return prm
+
+
+_NONE_I = np.zeros((1, 1, 1), dtype=np.int64)
+
+
+def run_policy(policy: Policy, cache: int | np.ndarray, stream: Stream, cost: CostModel, lookahead: int, budget: int,
                num_experts: int, predictor_ms: float = 0.0, resident: np.ndarray | None = None,
-               record: bool = False) -> tuple[np.ndarray, Schedule | None]:
-    """Per-token statistics (T, N_STATS) of `policy` with `cache` slots per layer (and its schedule).
-    `resident`: (L, E) experts pinned before the first token (static-popular)."""
+               record: bool = False, knobs: Knobs = Knobs(), scores: np.ndarray | None = None
+               ) -> tuple[np.ndarray, Schedule | None]:
+    """Per-step statistics (T, N_STATS) of `policy` with `cache` slots per layer (one number or (L,)), and its
+    schedule. `resident`: (L, E) experts placed before the first step (static placements); `scores`: a SCORE
+    policy's (T, L, E) scores when already computed (else from the stream)."""
     ids = stream.ids
-    T, L, K = ids.shape
+    T, L, S = ids.shape
     E = num_experts
+    caps = np.ascontiguousarray(np.broadcast_to(np.asarray(cache, dtype=np.int64), (L,)))
     if policy.all_resident:
-        cache, resident = E, np.ones((L, E), dtype=bool)
+        caps, resident = np.full(L, E, dtype=np.int64), np.ones((L, E), dtype=bool)
     if resident is None:
+        if policy.placement == "popular":
+            raise ValueError(f"policy {policy.name} places experts before the first step: pass `resident`")
         resident = np.zeros((L, E), dtype=bool)
+    m = budget * stream.lanes
     if policy.prefetch == PREDICTED:
-        pred, n_pred = stream.predictions[policy.name], min(budget, cache)
+        pred, n_pred = stream.predictions[policy.prefetch_key], min(m, int(caps.max()))
     else:
-        pred, n_pred = np.zeros((1, 1, 1), dtype=np.int64), min(K, cache) if policy.prefetch == ORACLE else 0
-    nu = next_uses(ids, E) if policy.eviction == BELADY else np.zeros((1, 1, 1), dtype=np.int64)
+        pred, n_pred = _NONE_I, min(S, int(caps.max())) if policy.prefetch == ORACLE else 0
+    nu = next_uses(ids, E) if policy.eviction == BELADY else _NONE_I
+    if policy.eviction == SCORE:
+        sc = scores if scores is not None else eviction_scores(policy, stream, E, knobs)
+    else:
+        sc = np.zeros((1, 1, 1), dtype=np.float32)
     if record:
-        logs = (np.full((T, L, K), -1, np.int64), np.full((T, L, K, 2), -1, np.int64),
+        logs = (np.full((T, L, S), -1, np.int64), np.full((T, L, S, 2), -1, np.int64),
                 np.full((T, L, max(n_pred, 1), 2), -1, np.int64))
     else:
-        logs = (np.zeros((1, 1, 1), np.int64), np.zeros((1, 1, 1, 2), np.int64), np.zeros((1, 1, 1, 2), np.int64))
-    stats = replay_kernel(ids, pred, n_pred, cache, policy.eviction, policy.prefetch, lookahead, resident, nu,
-                          cost.copy_ms, cost.pre_ms, predictor_ms, cost.shared_ms, cost.expert_ms, cost.token_ms,
-                          record, *logs)
-    return stats, (Schedule(*logs, slots=cache) if record else None)
+        logs = (_NONE_I, np.zeros((1, 1, 1, 2), np.int64), np.zeros((1, 1, 1, 2), np.int64))
+    ntok = (ids >= 0).any(1).reshape(T, stream.lanes, -1).any(2).sum(1).astype(np.int64)
+    if stream.prompt_at is not None:
+        prompts = (stream.prompt_need, stream.prompt_len.astype(np.int64), stream.prompt_at)
+    else:
+        prompts = (np.zeros((1, 1, 1), dtype=np.bool_), np.zeros(1, np.int64), np.full((T, 1), -1, np.int64))
+    prm = kernel_params(cost, predictor_ms, knobs, E, S // stream.lanes)
+    stats = replay_kernel(ids, pred, n_pred, caps, policy.eviction, policy.prefetch, policy.miss, lookahead,
+                          resident, nu, sc, ntok, *prompts, prm, record, *logs)
+    return stats, (Schedule(*logs, slots=int(caps.max())) if record else None)
 
 
-def summarize(stats: np.ndarray, num_layers: int, top_k: int, expert_bytes: int, warmup: int = 0) -> dict[str, float]:
-    """Hit rate, demand misses, bytes (used / wasted) and stall per token, and decode tokens/s, over the
-    tokens after `warmup` (wasted speculative bytes are counted when their expert is evicted)."""
+def summarize(stats: np.ndarray, num_layers: int, top_k: int, expert_bytes: int, warmup: int = 0,
+              lowbit_bytes: int = 0, activation_bytes: int = 0) -> dict[str, float]:
+    """Hit rate, demand misses, bytes (used / wasted) and stall per decoded token, decode tokens/s, and
+    apart from them the prefill's time and bytes, over the steps after `warmup` (wasted speculative bytes
+    are counted when their expert is evicted)."""
     s = stats[warmup:]
-    n = s.shape[0]
     start = stats[warmup - 1, END_MS] if warmup else 0.0
-    elapsed_ms = stats[-1, END_MS] - start
     tot = s.sum(0)
-    accesses = n * num_layers * top_k
-    moved = tot[DEMAND] + tot[SPEC]
-    return {
-        "tokens": int(n), "hit_rate": tot[HITS] / accesses, "demand_misses_per_token": tot[DEMAND] / n,
+    n = max(tot[TOKENS], 1.0)
+    decode_ms = stats[-1, END_MS] - start - tot[PREFILL_MS]
+    full = tot[DEMAND] - tot[LOWBIT_FETCH] + tot[SPEC] + tot[UPGRADE] + tot[PLACED]
+    moved = full * expert_bytes + tot[LOWBIT_FETCH] * lowbit_bytes + 2 * tot[ACT_TOKENS] * activation_bytes
+    wasted = tot[SPEC_WASTED] * expert_bytes
+    accesses = max(tot[ACCESSES], 1.0)
+    out = {
+        "tokens": int(tot[TOKENS]), "hit_rate": tot[HITS] / accesses, "demand_misses_per_token": tot[DEMAND] / n,
         "staged_per_token": tot[STAGED] / n, "late_prefetch_hits_per_token": tot[LATE] / n,
-        "experts_moved_per_token": moved / n, "speculative_per_token": tot[SPEC] / n,
-        "bytes_moved_per_token": moved * expert_bytes / n,
-        "bytes_used_per_token": (tot[DEMAND] + tot[SPEC_USED]) * expert_bytes / n,
-        "bytes_wasted_per_token": tot[SPEC_WASTED] * expert_bytes / n,
-        "stall_ms_per_token": tot[STALL_MS] / n, "ms_per_token": elapsed_ms / n,
-        "tokens_per_s": 1e3 * n / elapsed_ms if elapsed_ms > 0 else float("inf"),
+        "experts_moved_per_token": (tot[DEMAND] + tot[SPEC]) / n, "speculative_per_token": tot[SPEC] / n,
+        "bytes_moved_per_token": moved / n, "bytes_used_per_token": (moved - wasted) / n,
+        "bytes_wasted_per_token": wasted / n,
+        "stall_ms_per_token": tot[STALL_MS] / n, "ms_per_token": decode_ms / n,
+        "tokens_per_s": 1e3 * tot[TOKENS] / decode_ms if decode_ms > 0 else float("inf"),
+        "cpu_share": tot[CPU_EXPERTS] / accesses, "lowbit_share": tot[LOWBIT_COMPUTE] / accesses,
+        "upgrades_per_token": tot[UPGRADE] / n, "placed_per_token": tot[PLACED] / n,
     }
+    if tot[PREFILL_TOKENS] > 0:
+        out.update({"prefill_tokens": int(tot[PREFILL_TOKENS]), "prefill_ms": tot[PREFILL_MS],
+                    "prefill_tokens_per_s": 1e3 * tot[PREFILL_TOKENS] / tot[PREFILL_MS],
+                    "prefill_bytes": tot[PREFILL_COPIES] * expert_bytes,
+                    "prefill_hit_rate": 1 - tot[PREFILL_COPIES] / max(tot[PREFILL_NEED], 1)})
+    return out
