@@ -143,13 +143,16 @@ def sixteen_bit(dev: torch.device) -> torch.dtype:
         return torch.bfloat16
 
 
-def build(preset: str, dev: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def build(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, layers: int | None = None) -> torch.nn.Module:
     """The architecture with random weights, built where it runs; routers drawn N(0, 0.02) so that random hidden
-    states spread over the experts (a zero router sends every token to the same experts)."""
+    states spread over the experts (a zero router sends every token to the same experts). `layers`: the same
+    layers, `layers` of them (the model routing is forced into from a trace set of that many MoE layers)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = make_config(preset)
+    over = {} if layers is None else {"num_hidden_layers": layers, "max_window_layers": layers,
+                                      "layer_types": ["full_attention"] * layers}
+    cfg = make_config(preset, **over)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     from collection.families import moe_layers
@@ -199,8 +202,8 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
     """One run of a row: its decode tokens/s and, for the engine, its statistics and peak memory as if alone."""
     dev = prompt.device
     cuda = dev.type == "cuda"
-    if row.kind == "engine":
-        handle = models["engine"]
+    if row.kind.startswith("engine"):
+        handle = models[row.kind]
         handle.reconfigure(**row.options, record=calibrate)
         if calibrate:  # the calibration run is itself a decode of the row (with timestamps): it is not timed
             res = measure_costs(handle, prompt, tokens=row.tokens)
@@ -216,13 +219,13 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    if row.kind == "engine":
+    if row.kind.startswith("engine"):
         handle.reset()
     clock.reset()
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=row.tokens, min_new_tokens=row.tokens, do_sample=False, pad_token_id=0)
     out: dict[str, Any] = {}
-    if row.kind == "engine":
+    if row.kind.startswith("engine"):
         s = handle.stats()
         mem = s["memory"]
         own = mem["weights"] + mem["expert_slots"] + mem["staging"]
@@ -280,7 +283,7 @@ def plan_rows(args: argparse.Namespace, traces: str | None, cuda: bool) -> list[
             for loc in localities:
                 for pol in forced:
                     name = pol if not pol.startswith("prefetch:") or pol == "prefetch:router-reuse" else "prefetch:learned"
-                    rows.append(Row(f"{fmt} C={c} {name} (traces{f', locality {loc}' if loc else ''})", "engine",
+                    rows.append(Row(f"{fmt} C={c} {name} (traces{f', locality {loc}' if loc else ''})", "engine-traces",
                                     {**base, "cache_experts": c, "policy": pol, "routing_from": traces,
                                      "locality": loc, "seed": args.seed}, args.tokens))
     return rows
@@ -373,6 +376,18 @@ def main(argv: list[str] | None = None) -> None:
     mem = handle.memory()
     print(f"engine: {handle.describe()}; host store {mem['host_store'] / 2**30:.1f} GiB "
           f"({'pinned' if mem['pinned'] else 'not pinned'})", flush=True)
+    if traces is not None:  # routing forced from the traces: a model of the traces' MoE layer count, full width
+        from collection.traces.format import read_manifest
+
+        layers = read_manifest(Path(traces)).num_layers
+        same = layers == cfg.num_hidden_layers
+        forced_model = engine_model if same else build(args.preset, dev, dtype, args.seed, layers=layers)
+        forced = handle if same else offload_experts(forced_model, cache_experts=15, policy="on-demand")
+        models["engine-traces"], models["clocks"]["engine-traces"] = forced, forced.engine.clock
+        result_mapping = "trace MoE layer i -> MoE layer i of " + (
+            "this model" if same else f"a {layers}-layer model of {args.preset} (every layer full size; tokens/s are "
+            f"for {layers} layers, not {cfg.num_hidden_layers})")
+        print(f"forced routing: {result_mapping}", flush=True)
     if cuda:
         kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
             * (args.prompt_tokens + args.tokens) * torch.empty((), dtype=dtype).element_size()
@@ -385,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = plan_rows(args, traces, cuda)
     print(f"{len(rows)} rows x {args.repeats} rounds, {args.tokens} decode tokens per engine run", flush=True)
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
-                              "args": vars(args), "traces": traces, "rows": []}
+                              "args": vars(args), "traces": traces, "rows": [],
+                              "forced_mapping": result_mapping if traces is not None else None}
 
     # --- warm-up to steady clocks, then the calibration round (untimed), then the timed rounds
     t0 = time.perf_counter()
@@ -394,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             models["resident"].generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     print(f"warm-up {time.perf_counter() - t0:.0f} s; calibration round ...", flush=True)
     for row in rows:
-        run_once(row, models, prompt, calibrate=row.kind == "engine")
+        run_once(row, models, prompt, calibrate=row.kind.startswith("engine"))
         print(f"  {row.label}: calibrated" + (f", predicted {row.predicted:.2f} tok/s" if row.predicted else ""),
               flush=True)
     for rnd in range(args.repeats):
