@@ -16,7 +16,7 @@ import argparse
 
 from common.errors import one_line_errors
 from training.trainer import add_training_args, run_training
-from validation.coverage.evaluate import epoch_validation
+from validation.coverage.evaluate import epoch_validation, router_reuse_recall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, kind="hybrid", shards_per_group=2, batch_size=12, lr=3e-5, epochs=30, lookahead=1,
                       output="models/hybrid_checkpoints")
-    run_training(p.parse_args(argv), validate=epoch_validation)
+    run_training(p.parse_args(argv), validate=epoch_validation, reference=router_reuse_recall)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 
 from common.errors import one_line_errors
 from training.trainer import add_training_args, run_training
-from validation.coverage.evaluate import epoch_validation
+from validation.coverage.evaluate import epoch_validation, router_reuse_recall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=20, lookahead=0,
                       output="models/simple_checkpoints")
-    run_training(p.parse_args(argv), validate=epoch_validation)
+    run_training(p.parse_args(argv), validate=epoch_validation, reference=router_reuse_recall)
 
 
 if __name__ == "__main__":
