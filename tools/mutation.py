@@ -35,6 +35,7 @@ from common.errors import UserError, one_line_errors
 REPO = Path(__file__).resolve().parent.parent  # the tree that is copied and mutated, wherever this runs from
 
 B = "tests/test_behaviour.py::"
+G = "tests/test_guidance.py::"
 
 
 @dataclass(frozen=True)
@@ -455,6 +456,53 @@ MUTATIONS = [
              '            pass\n\n',
              ('tests/test_distributed_collect.py::test_ranks_leave_together_and_tear_the_group_down',),
              "the process group is left for the interpreter's exit to tear down (once aborted a finished rank)"),
+    # --- the newcomer's path: --help, what to add, what is kept, what a result is worth, the demo's last lines
+    Mutation('shell-help-runs-on', 'tools/gpu/args.bash', '-h|--help) usage; exit 0 ;;', '-h|--help) usage ;;',
+             ('tests/test_help.py::test_shell_help_prints_usage_and_does_nothing_else',),
+             "a GPU run script's --help goes on to do its work (a 2.36 GiB collection once started this way)"),
+    Mutation('shell-option-as-output', 'tools/gpu/args.bash', '    case "$a" in -*) echo', '    case "$a" in --=*) echo',
+             ('tests/test_help.py::test_shell_refuses_an_option_as_output_and_wrong_arity',),
+             "a mistyped option is taken for the output directory and created under that name"),
+    Mutation('trainer-ignores-missing-logits', 'training/checks.py',
+             '    if args.loss_kl > 0 and not m.capture.get("store_logits", False):', '    if False:',
+             (G + 'test_the_anchored_trainer_on_demo_traces_says_what_to_add_and_writes_nothing',
+              G + 'test_each_missing_input_is_named_with_its_collection_flag_and_the_training_flags_that_do_without'),
+             "the anchored trainer meets traces without router logits only once training begins, with no word of the fix"),
+    Mutation('compare-trains-before-checking', 'scripts/compare_predictors.py',
+             '    check_jobs(args, jobs, kinds, ts)  #', '    #',
+             (G + 'test_compare_predictors_checks_every_predictor_before_training_any',),
+             "compare_predictors trains every other predictor before it finds the traces cannot serve one"),
+    Mutation('near-random-unwarned', 'training/checks.py', '    if recall < chance + NEAR_RANDOM:',
+             '    if recall < chance:',
+             (G + 'test_a_result_near_random_or_below_router_reuse_is_warned',
+              G + 'test_a_trainer_that_learned_nothing_says_so'),
+             "a predictor that learned next to nothing (recall@4 0.09 against random 0.067) is reported without a word",
+             traces=True),
+    Mutation('below-router-reuse-unwarned', 'training/checks.py', '    if reuse is not None and recall < reuse:',
+             '    if reuse is not None and recall < reuse - 0.05:',
+             (G + 'test_a_result_near_random_or_below_router_reuse_is_warned',),
+             "a predictor worse than the training-free router reuse is reported without a word"),
+    Mutation('reference-reuses-own-router', 'validation/coverage/evaluate.py',
+             'baseline_scorer("router-reuse", ts, lookahead,', 'baseline_scorer("router-reuse", ts, 0,',
+             (G + 'test_router_reuse_recall_is_the_baselines',),
+             "the trainer's router-reuse reference scores layer l's own router, not layer l+d's", traces=True),
+    Mutation('interrupt-forgets-latest', 'training/trainer.py',
+             '        progress["latest"] = epoch  #', '        #',
+             (G + 'test_ctrl_c_in_training_names_what_was_kept',),
+             "Ctrl-C in training says nothing was kept while latest_checkpoint.pth holds the last epoch", traces=True),
+    Mutation('resume-keeps-overwrite', 'scripts/collect_traces.py',
+             '    flags = [a for a in argv if not given(a, "--overwrite")]', '    flags = list(argv)',
+             (G + 'test_ctrl_c_in_collection_names_the_resume_command',),
+             "the resume command printed after Ctrl-C keeps --overwrite, which argparse refuses beside --resume"),
+    Mutation('model-type-not-from-checkpoint', 'scripts/validate_coverage_analysis.py',
+             '        args.model_type = cfg.kind\n', '\n',
+             ('tests/test_pipeline.py::test_the_checkpoint_says_its_kind_and_a_contradicting_model_type_is_refused',),
+             "a checkpoint's coverage analysis needs --model-type although the checkpoint knows its kind",
+             traces=True),
+    Mutation('demo-prefetch-lines-swapped', 'tools/demo_summary.py',
+             "{mine['speedup_vs_on_demand']:.2f}x the tokens/s", "{reuse['speedup_vs_on_demand']:.2f}x the tokens/s",
+             ('tests/test_demo.py::test_the_demo_ends_with_one_simulated_line_per_cache_size_and_the_traces_locality',),
+             "the demo credits the learned predictor with router reuse's simulated speedup"),
 ]
 
 
