@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--expert-ms", type=float, default=DEFAULT_EXPERT_MS, help=f"one routed expert, one token "
                    f"({DEFAULT_EXPERT_MS} ms; with the defaults a layer takes 1.2 ms)")
     g.add_argument("--layer-ms", type=float, default=None, help="per-layer compute in total: scales the three phases "
-                   "above to this sum (their defaults sum to 1.2 ms: HF eager, docs/anchors)")
+                   "above to this sum (their defaults sum to 1.2 ms: HF eager decode measured on an H200)")
     g.add_argument("--token-ms", type=float, default=0.0, help="per token outside the layers (0 ms)")
     g.add_argument("--predictor-ms", type=float, default=None, help="every predictor's time per layer (default: "
                    "0.05 ms learned, 0.01 router-reuse, 0 table look-ups)")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     resident = ({c: static_experts(ts, r["split"]["train"], c) for c in caches}
                 if any(p.name == "static-popular" for p in policies) else {})
 
-    # --- costs: the flags' (defaults from docs/anchors), or measured on this GPU with the replay's own code
+    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU with the replay's own code
     if args.measure:
         cost, pred_ms = measure_on_gpu(args, stream, r["predictors"], L, E, K)
     else:

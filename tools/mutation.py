@@ -50,7 +50,7 @@ class Mutation:
 
 
 MUTATIONS = [
-    # --- the five of issue 10 (all passed the suite together before these tests existed)
+    # --- the five defects found on 2026-11-28 (all passed the suite together before these tests existed)
     Mutation("optimizer-never-steps", "training/trainer.py", "opt.step()", "pass",
              (B + "test_training_lowers_the_loss_and_beats_popularity",),
              "training computes gradients but never applies them", traces=True),
@@ -86,7 +86,7 @@ MUTATIONS = [
              "last_seen = layer if lookahead >= 1 else layer - 1", "last_seen = layer", ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",
                               B + "test_features_are_the_routing_already_observed"),
              "at d = 0 the hybrid sees layer l's own routing, i.e. the answer"),
-    # --- the anchored predictor's features (issue 12): each leak must trip the leakage test
+    # --- the anchored predictor's features: each leak must trip the leakage test
     Mutation("future-leak-window-includes-token", "models/features.py",
              "back = [earlier_token(block, tok, j) for j in range(1, spec.window + 1)]",
              "back = [earlier_token(block, tok, j) for j in range(0, spec.window)]",
@@ -237,7 +237,7 @@ MUTATIONS = [
              "rows_index = torch.arange(int(flat_mask.sum()))",
              ("tests/test_capture.py::test_captured_rows_are_the_models_own_routing",),
              "capture keeps the first N rows of the padded batch (padding in, real tokens out) instead of the real ones"),
-    # --- the expert-cache simulator and the offloaded replay (issue 11)
+    # --- the expert-cache simulator and the offloaded replay
     Mutation('lru-evicts-newest', 'validation/prefetch/simulator.py', '    return last\n',
              '    return -last\n',
              ('tests/test_prefetch.py::test_eviction_rules_give_the_hand_worked_hits',),
@@ -318,7 +318,7 @@ MUTATIONS = [
              'c = b + 4 * math.ceil(blocks / 256) + 4',
              ('tests/test_offload.py::test_expert_blob_reads_back_as_the_generated_expert',),
              "an NF4 expert's packed layout is misread"),
-    # --- no user file lost, one writer, verified inputs, one-line errors (issue 10, defects 2-5)
+    # --- no user file lost, one writer, verified inputs, one-line errors (the trust defects of 2026-11-28)
     Mutation('swap-manifest-first', 'collection/traces/output.py',
              '    for name in new_names:              # 3. the new files, then the manifest that makes them a set\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n    os.replace(staging / MANIFEST, old_path)\n',
              '    os.replace(staging / MANIFEST, old_path)\n    for name in new_names:\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n',

