@@ -12,9 +12,14 @@ The tables of docs/PREFETCH.md (embedded default; a learned predictor trained wi
         --cache-experts 4,8,15,30,45,60 --lookahead 1 --fetch-budget 4 --link pcie5 --expert-format fp16
 Costs measured on this machine's GPU instead of the defaults (pinned copy bandwidth, per-layer compute):
     python scripts/simulate_prefetch.py --measure --expert-format nf4
-Seconds on a CPU (traces from `make demo`):
-    python scripts/simulate_prefetch.py --traces runs/demo/traces --cache-experts 8,15 \
-        --policies on-demand,prefetch:popularity,oracle,belady --output-dir results/prefetch-quick
+After `make demo`, its traces and predictor (what its last lines report; seconds on a CPU):
+    python scripts/simulate_prefetch.py --traces runs/demo/traces --lookahead 1 --cache-experts 8,15,30 \
+        --policies on-demand,prefetch:router-reuse,prefetch:runs/demo/layer-aware-d1/best_checkpoint.pth \
+        --output-dir runs/demo/prefetch-d1
+Seconds on a CPU (the quick traces of the collect script and the hybrid of the train script's quick command):
+    python scripts/simulate_prefetch.py --traces routing_data/traces/quick --lookahead 1 --cache-experts 8,15 \
+        --policies on-demand,prefetch:router-reuse,prefetch:models/hybrid_checkpoints/quick/best_checkpoint.pth,oracle \
+        --output-dir results/prefetch-quick
 """
 from __future__ import annotations
 
