@@ -10,11 +10,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep '^torch==' requirements.txt)
 
-.PHONY: setup demo test mutation families clean-demo help
+.PHONY: setup demo test test-slow mutation families clean-demo help
 
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default (runs/demo/)"
-	@echo "make test   create .venv, install requirements, run the CPU test suite"
+	@echo "make test   create .venv, install requirements, run the CPU test suite (without the slow tests)"
+	@echo "make test-slow   the slow tests alone (.ci/run runs make test, make test-slow, make mutation)"
 	@echo "make mutation   plant each named bug of tools/mutation.py in a copy of the code; every one must be caught"
 	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
@@ -56,8 +57,13 @@ demo: setup
 		--output-dir $(DEMO)/prefetch-d1
 	$(BIN)/python tools/demo_summary.py $(DEMO)
 
+# The CPU suite without the tests marked slow (each longer than ~20 s on 2 cores); .ci/run also runs those
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests alone (the documents' seconds-long commands really run, end-to-end trainings, multi-process runs)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # Each named bug (tools/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
 # must fail. The working tree is never changed. Exit 1 if any bug survives.
