@@ -119,7 +119,8 @@ def resume_command(argv: list[str]) -> str:
         return shlex.join(["python", "scripts/collect_traces.py", *flags])
     if world == local:
         return shlex.join(["torchrun", "--nproc_per_node", str(local), "scripts/collect_traces.py", *flags])
-    return "the same torchrun command (its --nnodes and --rdzv flags) with " + shlex.join(["scripts/collect_traces.py", *flags])
+    return ("the same torchrun command (its --nnodes and --rdzv flags) with "
+            + shlex.join(["scripts/collect_traces.py", *flags]))
 
 
 def main(argv: list[str] | None = None) -> None:

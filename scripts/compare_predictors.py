@@ -79,7 +79,8 @@ def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) ->
     name = out.name
     if (out / "best_checkpoint.pth").exists() and not args.retrain:
         return out
-    cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), *trainer_flags(args, kind, d, seed_recipe)]
+    cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"),
+           *trainer_flags(args, kind, d, seed_recipe)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     resident = ({c: static_experts(ts, r["split"]["train"], c) for c in caches}
                 if any(p.name == "static-popular" for p in policies) else {})
 
-    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU with the replay's own code
+    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU by the replay's code
     if args.measure:
         cost, pred_ms = measure_on_gpu(args, stream, r["predictors"], L, E, K)
     else:

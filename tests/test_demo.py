@@ -91,7 +91,8 @@ def test_a_simulation_without_the_predictor_is_one_line(tmp_path):
 
 
 def test_the_router_control_must_be_exact(tmp_path, capsys):
-    code, lines = summary(write_demo(tmp_path, router=0.993), capsys)  # a bf16 set read 0.993 before ties were broken as the model broke them
+    # 0.993: a bf16 set's reading before ties were broken as the model broke them
+    code, lines = summary(write_demo(tmp_path, router=0.993), capsys)
     assert code == 1 and lines[0].endswith("FAILED")
 
 

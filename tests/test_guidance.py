@@ -3,6 +3,7 @@ whether a trained predictor is worth prefetching with; what Ctrl-C kept and the 
 
     pytest -q tests/test_guidance.py
 """
+import argparse
 import json
 import types
 
@@ -10,22 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import one_line_errors
 from tests.handmade import write_trace_set
+from tests.test_safety import run_main  # a script's main in this process, wrapped as its __main__ block wraps it
 from training.checks import interrupted_note, missing_inputs, quality_warning
-
-
-def run_main(capsys, prog: str, main, *argv) -> types.SimpleNamespace:
-    """A script's main in this process, wrapped as its `__main__` block wraps it."""
-    capsys.readouterr()
-    code = 0
-    try:
-        with one_line_errors(prog):
-            main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,8 @@ def no_logits(tmp_path_factory):
 def trainer_args(kind: str, **flags):
     from training.trainer import BASE_DEFAULTS, KIND_DEFAULTS
 
-    return types.SimpleNamespace(model_type=kind, lookahead=1, **{**BASE_DEFAULTS, **KIND_DEFAULTS.get(kind, {}), **flags})
+    recipe = {**BASE_DEFAULTS, **KIND_DEFAULTS.get(kind, {}), **flags}
+    return types.SimpleNamespace(model_type=kind, lookahead=1, **recipe)
 
 
 def fake_traces(tmp_path, *, logits: bool, hidden_layers: list[int], router: bool = True, layers: int = 4):
@@ -149,7 +138,6 @@ def test_a_trainer_that_learned_nothing_says_so(tiny_traces, tmp_path, capsys):
 def test_ctrl_c_in_training_names_what_was_kept(tiny_traces, tmp_path, capsys):
     from training.trainer import add_training_args, run_training
     from validation.coverage.evaluate import epoch_validation
-    import argparse
 
     calls = []
 
@@ -185,7 +173,8 @@ def test_ctrl_c_in_collection_names_the_resume_command(tmp_path, capsys, monkeyp
     assert ct.resume_command(["--ov", "--resume"]) == "python scripts/collect_traces.py --resume"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert ct.resume_command(["--output", "o"]) == "torchrun --nproc_per_node 2 scripts/collect_traces.py --output o --resume"
+    assert ct.resume_command(["--output", "o"]) == ("torchrun --nproc_per_node 2 scripts/collect_traces.py --output o "
+                                                    "--resume")
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert ct.resume_command(["--output", "o"]) == ("the same torchrun command (its --nnodes and --rdzv flags) with "
                                                     "scripts/collect_traces.py --output o --resume")

@@ -385,7 +385,8 @@ def nested_lists(depth: int) -> bytes:
 
 
 def segfault_pickle() -> bytes:
-    """The segfault found on 2026-11-28, byte for byte: numpy.ndarray((1,), 'O', b'A'*8) reads a pointer from file bytes."""
+    """The segfault found on 2026-11-28, byte for byte: numpy.ndarray((1,), 'O', b'A'*8) reads a pointer from the
+    file's bytes."""
     A = type("A", (), {"__reduce__": lambda s: (np.ndarray, ((1,), "O", b"A" * 8))})
     Bc = type("B", (), {"__reduce__": lambda s: (collections.OrderedDict, (A(),))})
     return pickle.dumps([Bc()], protocol=4)

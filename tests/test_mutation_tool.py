@@ -69,4 +69,5 @@ def test_a_mutation_runs_its_named_tests_slow_ones_included(tmp_path, monkeypatc
     tool.run_tests(tmp_path, tmp_path, None, ("tests/test_docs_commands.py::test_x",), None, 10, [])
     [cmd] = commands
     args = cmd[cmd.index("pytest") + 1:]  # python -m pytest ARGS
-    assert "-m" not in args and args[args.index("-o") + 1] == "addopts=" and args[-1] == "tests/test_docs_commands.py::test_x"
+    assert "-m" not in args and args[args.index("-o") + 1] == "addopts="
+    assert args[-1] == "tests/test_docs_commands.py::test_x"

@@ -71,8 +71,8 @@ def prefetch_lines(sim: dict[str, Any], locality: dict[str, Any], predictor: str
     cost = sim["cost_model"]
     q = locality[f"recall@{K}"]
     lines = [f"simulated prefetch (a cost model, not a measurement): the test split's {sim['tokens']:,} tokens decoded "
-             f"at batch 1, {sim['model_config']} {sim['expert_format']} experts over a {cost['link_bytes_per_s'] / 1e9:.0f}"
-             f" GB/s link, layer l+{d}'s top-{sim['fetch_budget']} fetched while layer l runs; these traces' locality "
+             f"at batch 1, {sim['model_config']} {sim['expert_format']} experts over a "
+             f"{cost['link_bytes_per_s'] / 1e9:.0f} GB/s link, layer l+{d}'s top-{sim['fetch_budget']} fetched while layer l runs; these traces' locality "
              f"(previous-token recall@{K}) is {q:.3f}, against {REAL_LOCALITY} for real Qwen MoEs, so LRU does worse "
              "here than it would there"]
     by_cache: dict[int, dict[str, dict[str, Any]]] = {}

@@ -42,8 +42,9 @@ def missing_inputs(args: argparse.Namespace, ts: TraceSet) -> list[Need]:
         needs.append(Need(f"{recipe} distils the target router's logits (--loss-kl {args.loss_kl:g}), and {ts.dir} "
                           "holds none (collected with --no-logits)", "collect without --no-logits", "--loss-kl 0"))
     if args.model_type == "anchored" and not (ts.dir / ROUTER_WEIGHTS).is_file():
-        needs.append(Need(f"the anchored predictor starts from the model's router matrices, and {ts.dir / ROUTER_WEIGHTS} "
-                          "is missing (legacy imports have none)", "collect with scripts/collect_traces.py", None))
+        needs.append(Need(f"the anchored predictor starts from the model's router matrices, and "
+                          f"{ts.dir / ROUTER_WEIGHTS} is missing (legacy imports have none)",
+                          "collect with scripts/collect_traces.py", None))
     if (args.model_type == "anchored" and (args.past_layers or args.window or args.context)
             and sorted(m.hidden_layers) != list(range(m.num_layers))):
         needs.append(Need(f"the anchored predictor reads the MoE inputs of earlier layers and tokens (--past-layers "

@@ -25,8 +25,8 @@ A layer of a batch-1 decode step is split where a fetch can start or end:
     expert_ms   one routed expert for one token (top_k of them per layer)
     token_ms    per token outside the layers (lm_head, sampling, the host sync of a decode step)
 
-Defaults were measured on one NVIDIA H200 on 2026-11-28 (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B on an H200 with
-the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for one token 0.77 ms; one
+Defaults were measured on one NVIDIA H200 on 2026-11-28 (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B
+with random weights, batch 1, the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for one token 0.77 ms; one
 expert for one token 0.06 ms): pre = 1.2 - 0.77 = 0.43, shared = 0.77 - 4 * 0.06 = 0.53, expert = 0.06.
 `--measure` (validation/prefetch/replay.py) replaces them with times measured on the GPU in use.
 """
