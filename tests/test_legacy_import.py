@@ -577,7 +577,7 @@ def test_crafted_pickle_is_refused_in_one_line(case, tmp_path, isolated):
     assert not out.exists()
 
 
-def test_issue_segfault_command_gives_one_line(tmp_path):
+def test_the_segfault_command_gives_one_line(tmp_path):
     """The reproduction command, through the real script in a fresh interpreter."""
     ev = tmp_path / "ev"
     ev.mkdir()

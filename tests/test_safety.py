@@ -108,7 +108,7 @@ def edit_manifest(directory: Path, **changes) -> None:
 # defect 2: data loss on --overwrite and --resume
 
 
-def test_the_issues_overwrite_command_deletes_nothing(held):
+def test_the_reported_overwrite_command_deletes_nothing(held):
     """cp -r <traces> x; python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --output x --overwrite"""
     out, before = held
     proc = run_script("collect_traces", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--output", out, "--overwrite",
