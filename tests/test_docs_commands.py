@@ -116,18 +116,21 @@ def test_documented_command_dry_runs(where, command, capsys):
 # --- the seconds-long CPU commands of the docstrings, really run -------------------------------------------------
 
 def seconds_commands(path: Path) -> list[str]:
-    """The commands under a line starting "Seconds" in `path`'s docstring (continuations joined)."""
+    """The commands under a paragraph starting "Seconds" in `path`'s docstring (continuations joined): the indented
+    command lines that follow it, up to the next unindented line."""
     tree = ast.parse(path.read_text())
     doc = ast.get_docstring(tree, clean=False) or ""
     lines = doc.replace("\\\n", " ").splitlines()
-    commands, under = [], False
+    commands, state = [], "out"  # out -> marker (the paragraph that says "Seconds") -> commands
     for line in lines:
+        command = line.startswith("    ") and line.split()[0] in ("python", "torchrun")
         if line.startswith("Seconds"):
-            under = True
-        elif under and line.startswith("    ") and line.split()[0] in ("python", "torchrun"):
+            state = "marker"
+        elif state != "out" and command:
             commands.append(line.strip())
-        else:
-            under = False
+            state = "commands"
+        elif state == "commands" or line.startswith(" "):
+            state = "out"
     return commands
 
 
