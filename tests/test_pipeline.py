@@ -69,6 +69,7 @@ def test_the_checkpoint_says_its_kind_and_a_contradicting_model_type_is_refused(
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_router_control_is_exact_and_random_is_at_chance(tiny_traces, tmp_path):
     js = tmp_path / "r.json"
     run_script("validate_coverage_analysis", "--traces", tiny_traces, "--model-type", "router", "--lookahead", "0",
@@ -81,6 +82,7 @@ def test_router_control_is_exact_and_random_is_at_chance(tiny_traces, tmp_path):
     assert abs(res["recall@4"] - 4 / 60) < 0.01
 
 
+@pytest.mark.slow
 def test_baselines_at_lookahead_1_equal_a_hand_computation(tiny_traces, tmp_path):
     hand = baselines_by_hand(tiny_traces, 1)
     # router reuse must be layer l+1's router, which here predicts far better than layer l's own
