@@ -41,7 +41,7 @@ def command_of(text: str) -> str | None:
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(where, command) for every command in the documents' code blocks and inline code spans."""
+    """(where, command) for every command in the documents' code blocks (fenced or indented) and inline code spans."""
     found = []
     for doc in DOCS:
         text = doc.read_text()
@@ -51,6 +51,9 @@ def documented_commands() -> list[tuple[str, str]]:
                 if (cmd := command_of(line)) is not None:
                     found.append((doc.name, cmd))
         prose = re.sub(r"^ *```[a-z]*\n.*?^ *```", "", text, flags=re.M | re.S)
+        for line in prose.replace("\\\n", " ").splitlines():  # indented code blocks (4 spaces)
+            if line.startswith("    ") and (cmd := command_of(line)) is not None:
+                found.append((doc.name, cmd))
         for span in re.findall(r"`([^`]+)`", prose):
             if (cmd := command_of(span.replace("\n", " "))) is not None:
                 found.append((doc.name, cmd))
