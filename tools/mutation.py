@@ -503,6 +503,14 @@ MUTATIONS = [
              "{mine['speedup_vs_on_demand']:.2f}x the tokens/s", "{reuse['speedup_vs_on_demand']:.2f}x the tokens/s",
              ('tests/test_demo.py::test_the_demo_ends_with_one_simulated_line_per_cache_size_and_the_traces_locality',),
              "the demo credits the learned predictor with router reuse's simulated speedup"),
+    Mutation('docs-flag-misspelt', 'README.md', '--lookahead 1 --cache-experts 8,15,30 \\\n    --policies on-demand',
+             '--lookahead 1 --cache-expert 8,15,30 \\\n    --policies on-demand',
+             ('tests/test_docs_commands.py::test_documented_command_dry_runs',),
+             "a documented command spells a flag otherwise than its script's --help (argparse may even take the prefix)"),
+    Mutation('quick-example-near-random', 'scripts/train_hybrid_predictor.py',
+             '--traces routing_data/traces/quick --epochs 2 --lr 3e-3 --dropout 0', '--traces routing_data/traces/quick '
+             '--epochs 2 --dropout 0', ('tests/test_docs_commands.py::test_the_seconds_long_cpu_commands_run_as_written_and_learn',),
+             "a documented CPU example trains at the seed's learning rate and silently ends near random"),
 ]
 
 
