@@ -10,11 +10,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep '^torch==' requirements.txt)
 
-.PHONY: setup demo test mutation families clean-demo help
+.PHONY: setup demo test test-slow mutation families clean-demo help
 
 help:
 	@echo "make demo   create .venv, install requirements, collect -> train -> validate on the embedded default (runs/demo/)"
-	@echo "make test   create .venv, install requirements, run the CPU test suite"
+	@echo "make test   create .venv, install requirements, run the CPU test suite (without the slow tests)"
+	@echo "make test-slow   the slow tests alone (.ci/run runs make test, make test-slow, make mutation)"
 	@echo "make mutation   plant each named bug of tools/mutation.py in a copy of the code; every one must be caught"
 	@echo "make families  collect -> train -> validate on a tiny random model of every MoE family (scores meaningless)"
 
@@ -30,7 +31,9 @@ setup: $(STAMP)
 
 # The three stages on the embedded model and bundled corpus, sized for 2 CPU cores (README.md gives the time):
 # 600 texts cut to 64 tokens (100 per domain); a layer-aware predictor of layer l+1's experts, trained 2 epochs;
-# the two sanity controls, router reuse (the training-free prefetcher to beat) and the predictor on the test split.
+# the two sanity controls, router reuse (the training-free prefetcher to beat) and the predictor on the test split;
+# the traces' temporal locality (previous-token recall); then the prefetch simulator on the test split with the
+# predictor and router reuse at three cache sizes (seconds; a cost model's prediction, labelled "simulated").
 # The seed's full-size commands are in README.md.
 # One thread per process: the demo's matrices are small, and on a busy machine two OpenMP threads spin-wait on
 # each other (the whole demo on 2 cores at load average 11: 2:20 with one thread, 8:24 with two).
@@ -46,12 +49,21 @@ demo: setup
 		--quiet --output-dir $(DEMO)/random-d0
 	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type router-reuse --lookahead 1 \
 		--quiet --output-dir $(DEMO)/router-reuse-d1
-	$(BIN)/python scripts/validate_coverage_analysis.py --checkpoint $(DEMO)/layer-aware-d1/best_checkpoint.pth \
-		--model-type layer-aware --quiet
+	$(BIN)/python scripts/validate_coverage_analysis.py --checkpoint $(DEMO)/layer-aware-d1/best_checkpoint.pth --quiet
+	$(BIN)/python scripts/validate_coverage_analysis.py --traces $(DEMO)/traces --model-type previous-token \
+		--quiet --output-dir $(DEMO)/previous-token-d0
+	$(BIN)/python scripts/simulate_prefetch.py --traces $(DEMO)/traces --lookahead 1 --cache-experts 8,15,30 \
+		--policies on-demand,prefetch:router-reuse,prefetch:$(DEMO)/layer-aware-d1/best_checkpoint.pth \
+		--output-dir $(DEMO)/prefetch-d1
 	$(BIN)/python tools/demo_summary.py $(DEMO)
 
+# The CPU suite without the tests marked slow (each longer than ~20 s on 2 cores); .ci/run also runs those
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests alone (the documents' seconds-long commands really run, end-to-end trainings, multi-process runs)
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # Each named bug (tools/mutation.py --list) in a temporary copy of the repository, one at a time; its tests
 # must fail. The working tree is never changed. Exit 1 if any bug survives.

@@ -50,6 +50,6 @@ def one_line_errors(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {disk_full(e.filename or 'a file', e)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its message, if any, says what was kept and how to go on
+        print(f"{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)

@@ -21,6 +21,9 @@ or one model spread over the GPUs:
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 from pathlib import Path
 
 from collection.collector import BUNDLED_PER_DOMAIN, collect, parse_layers
@@ -105,7 +108,23 @@ def print_seed_recipe_table() -> None:
               f"{r['hidden_vs_bf16']:>14.2f} / {r['record_vs_bf16']:<11.2f} {r['seed_recipe_gb']:>7.1f}")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this collection after Ctrl-C: the same flags, --resume in place of --overwrite (a
+    resumed replacement goes on in its staging directory). Under torchrun, any number of processes may resume."""
+    given = lambda a, flag: len(a) > 3 and flag.startswith(a)  # noqa: E731 - argparse takes unambiguous prefixes
+    flags = [a for a in argv if not given(a, "--overwrite")]
+    flags += [] if any(given(a, "--resume") for a in flags) else ["--resume"]
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world <= 1:
+        return shlex.join(["python", "scripts/collect_traces.py", *flags])
+    if world == local:
+        return shlex.join(["torchrun", "--nproc_per_node", str(local), "scripts/collect_traces.py", *flags])
+    return ("the same torchrun command (its --nnodes and --rdzv flags) with "
+            + shlex.join(["scripts/collect_traces.py", *flags]))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.device_map is not None:  # a malformed map fails now, not after the texts are read
         parse_device_map(args.device_map), parse_max_memory(args.max_memory)
@@ -114,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     lock = OutputLock(Path(args.output))  # taken by rank 0 alone: the other ranks write only their own shards
     try:
         collect(args, lock, ranks)
+    except KeyboardInterrupt:  # what is written stays: the same command with --resume continues it
+        raise KeyboardInterrupt(f"continue with: {resume_command(argv)}") from None
     finally:
         lock.release()
 

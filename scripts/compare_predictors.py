@@ -33,6 +33,8 @@ from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS, count_parameters, flops_per_row
+from training.checks import missing_inputs
+from training.trainer import add_training_args, resolve_defaults
 from validation.coverage.evaluate import evaluate
 from validation.coverage.metrics import headline_columns
 from validation.coverage.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
@@ -41,20 +43,44 @@ from validation.plots import comparison_figure
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
-    """Train one predictor in a subprocess (jobs run side by side); returns its checkpoint directory."""
-    name = f"{kind}-seed-recipe-d{d}" if seed_recipe else f"{kind}-d{d}"
-    out = Path(args.output) / "checkpoints" / name
-    if (out / "best_checkpoint.pth").exists() and not args.retrain:
-        return out
+def job_dir(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
+    return Path(args.output) / "checkpoints" / (f"{kind}-seed-recipe-d{d}" if seed_recipe else f"{kind}-d{d}")
+
+
+def trainer_flags(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> list[str]:
+    """The flags of scripts/train_simple_predictor.py that train one (predictor, d) of the comparison."""
     recipe = (["--lr", "5e-5", "--epochs", "20", "--batch-size", "8", "--shards-per-group", "4"] if seed_recipe else
               ["--lr", str(args.lr), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                "--shards-per-group", str(args.shards_per_group), "--hidden-dim", str(args.hidden_dim),
                *(["--batch-rows", str(args.batch_rows)] if args.batch_rows else [])])
-    cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"), "--traces", args.traces,
-           "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed), "--output", str(out), "--overwrite",
-           "--device", args.device, *recipe,
-           *(["--no-verify"] if args.no_verify else []), *(["--allow-incomplete"] if args.allow_incomplete else [])]
+    return ["--traces", args.traces, "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed),
+            "--output", str(job_dir(args, kind, d, seed_recipe)), "--overwrite", "--device", args.device, *recipe,
+            *(["--no-verify"] if args.no_verify else []), *(["--allow-incomplete"] if args.allow_incomplete else [])]
+
+
+def check_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, bool]], kinds: list[str], ts: TraceSet) -> None:
+    """Every training's needs (router logits, router matrices, hidden layers) checked against the traces before
+    any is started: one line naming the first predictor the traces cannot serve, and what to do."""
+    for kind, d, seed_recipe in jobs:
+        p = argparse.ArgumentParser(prog="train_simple_predictor")
+        add_training_args(p, kind="simple", shards_per_group=4, batch_size=8, lr=5e-5, epochs=20, lookahead=0,
+                          output="")
+        targs = p.parse_args(trainer_flags(args, kind, d, seed_recipe))
+        resolve_defaults(targs)
+        for need in missing_inputs(targs, ts):
+            rest = ",".join(k for k in kinds if k != kind)
+            raise UserError(f"--predictors {kind} (d = {d}): {need.what}: {need.collect}"
+                            + (f", or compare without it: --predictors {rest}" if rest else ""))
+
+
+def train_job(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
+    """Train one predictor in a subprocess (jobs run side by side); returns its checkpoint directory."""
+    out = job_dir(args, kind, d, seed_recipe)
+    name = out.name
+    if (out / "best_checkpoint.pth").exists() and not args.retrain:
+        return out
+    cmd = [sys.executable, str(REPO / "scripts" / "train_simple_predictor.py"),
+           *trainer_flags(args, kind, d, seed_recipe)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -123,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     split = split_sequences(ts.sequence_table(), args.seed)
     cols = headline_columns(m.top_k)
     recall = cols[0]
+    jobs = [(k, d, False) for d in ds for k in kinds] + ([("simple", 0, True)] if args.seed_recipe and 0 in ds else [])
+    check_jobs(args, jobs, kinds, ts)  # the traces serve every training, before any starts
     out.mkdir(parents=True, exist_ok=True)
 
     # --- train every (predictor, d), side by side
-    jobs = [(k, d, False) for d in ds for k in kinds] + ([("simple", 0, True)] if args.seed_recipe and 0 in ds else [])
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         ckpts = dict(zip(jobs, pool.map(lambda j: train_job(args, *j), jobs)))

@@ -18,9 +18,16 @@ A GPU budget shared with the KV cache, split by marginal hit rate, CPU compute o
 The map (docs/PREFETCH.md "Which policy wins where"; minutes on 2 CPU cores):
     python scripts/simulate_prefetch.py --traces runs/demo/traces --map --cpu-expert-ms 0.25 \
         --output-dir results/prefetch-map
-Seconds on a CPU (traces from `make demo`):
-    python scripts/simulate_prefetch.py --traces runs/demo/traces --cache-experts 8,15 \
-        --policies on-demand,prefetch:popularity,lfru,oracle,belady --output-dir results/prefetch-quick
+Costs measured on this machine's GPU instead of the defaults (pinned copy bandwidth, per-layer compute):
+    python scripts/simulate_prefetch.py --measure --expert-format nf4
+After `make demo`, its traces and predictor (what its last lines report; seconds on a CPU):
+    python scripts/simulate_prefetch.py --traces runs/demo/traces --lookahead 1 --cache-experts 8,15,30 \
+        --policies on-demand,prefetch:router-reuse,prefetch:runs/demo/layer-aware-d1/best_checkpoint.pth \
+        --output-dir runs/demo/prefetch-d1
+Seconds on a CPU (the quick traces of the collect script and the hybrid of the train script's quick command):
+    python scripts/simulate_prefetch.py --traces routing_data/traces/quick --lookahead 1 --cache-experts 8,15 \
+        --policies on-demand,prefetch:router-reuse,prefetch:models/hybrid_checkpoints/quick/best_checkpoint.pth,oracle \
+        --output-dir results/prefetch-quick
 """
 from __future__ import annotations
 
@@ -112,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--expert-ms", type=float, default=DEFAULT_EXPERT_MS, help=f"one routed expert, one token "
                    f"({DEFAULT_EXPERT_MS} ms; with the defaults a layer takes 1.2 ms)")
     g.add_argument("--layer-ms", type=float, default=None, help="per-layer compute in total: scales the three phases "
-                   "above to this sum (their defaults sum to 1.2 ms: HF eager, docs/anchors)")
+                   "above to this sum (their defaults sum to 1.2 ms: HF eager decode measured on an H200)")
     g.add_argument("--token-ms", type=float, default=0.0, help="per token outside the layers (0 ms)")
     g.add_argument("--predictor-ms", type=float, default=None, help="every predictor's time per layer (default: "
                    "0.05 ms learned, 0.01 router-reuse, 0 table look-ups)")
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     stream, loc = workload(r, args)
     cpu = measure_cpu_expert(r.shape, args.expert_format, args.cpu_threads, args.batch) if args.measure_cpu else None
 
-    # --- costs: the flags' (defaults from docs/anchors), or measured on this GPU with the replay's own code
+    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU by the replay's code
     if args.measure:
         cost, pred_ms = measure_on_gpu(args, stream, r.predictors, L, E, K)
         cost = with_policy_costs(cost, args, r.shape, cpu)

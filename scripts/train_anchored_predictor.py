@@ -18,7 +18,7 @@ import argparse
 
 from common.errors import one_line_errors
 from training.trainer import add_training_args, run_training
-from validation.coverage.evaluate import epoch_validation
+from validation.coverage.evaluate import epoch_validation, router_reuse_recall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, kind="anchored", shards_per_group=4, batch_size=8, lr=2e-3, epochs=20, lookahead=1,
                       output="models/anchored_checkpoints")
-    run_training(p.parse_args(argv), validate=epoch_validation)
+    run_training(p.parse_args(argv), validate=epoch_validation, reference=router_reuse_recall)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 r"""Stage 3: top-k coverage analysis of a predictor checkpoint or a baseline on held-out sequences.
 
-The seed's command:
+The seed's command (the predictor's kind is read from the checkpoint; --model-type, if given, must agree):
     python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/best_checkpoint.pth \
         --model-type simple --batch-size 16
+Seconds on a CPU (the checkpoint of the train scripts' quick commands):
+    python scripts/validate_coverage_analysis.py --checkpoint models/simple_checkpoints/quick/best_checkpoint.pth
 Baselines need no checkpoint (the split is recomputed from --seed, as training made it):
     python scripts/validate_coverage_analysis.py --model-type router --lookahead 0   # control: reads 1.0
     python scripts/validate_coverage_analysis.py --model-type router-reuse --lookahead 1
@@ -52,9 +54,10 @@ from validation.plots import coverage_figure
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="predictor checkpoint (.pth) for simple/layer-aware/hybrid")
-    p.add_argument("--model-type", "--model_type", default="simple", choices=[*PREDICTORS, *BASELINES],
-                   help="a trained predictor (needs --checkpoint) or a baseline (default simple)")
+    p.add_argument("--checkpoint", default=None, help="predictor checkpoint (.pth) of any train_*_predictor.py")
+    p.add_argument("--model-type", "--model_type", default=None, choices=[*PREDICTORS, *BASELINES],
+                   help="a baseline, or with --checkpoint the predictor's kind (default: the checkpoint's; "
+                        "given, it must agree)")
     p.add_argument("--traces", default=None, help=f"trace directory (default: the checkpoint's, else {DEFAULT_TRACES})")
     p.add_argument("--lookahead", type=int, default=None, help="baselines: predict layer l+d (default 0); "
                    "checkpoints: must match the one trained (default: the checkpoint's)")
@@ -184,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device, args.gpu)
 
-    # --- what is scored: a checkpoint's predictor, or a baseline
-    if args.model_type in PREDICTORS:
-        if args.checkpoint is None:
-            raise UserError(f"--model-type {args.model_type} needs --checkpoint (baselines: {', '.join(BASELINES)})")
+    # --- what is scored: a checkpoint's predictor (its kind read from the checkpoint), or a baseline
+    if args.checkpoint is None and args.model_type is None:
+        raise UserError(f"give --checkpoint (a trained predictor) or --model-type BASELINE ({', '.join(BASELINES)})")
+    if args.checkpoint is not None and args.model_type not in BASELINES:
         model, cfg, ckpt = load_checkpoint(Path(args.checkpoint), device)
-        if cfg.kind != args.model_type:
-            raise UserError(f"--checkpoint {args.checkpoint} holds a {cfg.kind} predictor, not {args.model_type}")
+        if args.model_type is not None and cfg.kind != args.model_type:
+            raise UserError(f"--checkpoint {args.checkpoint} holds a {cfg.kind} predictor, not {args.model_type}; "
+                            "drop --model-type (the checkpoint says its kind)")
+        args.model_type = cfg.kind
         if args.lookahead is not None and args.lookahead != cfg.lookahead:
             raise UserError(f"--lookahead {args.lookahead}: the checkpoint predicts {cfg.lookahead} layer(s) ahead")
         lookahead, window = cfg.lookahead, cfg.lookahead_tokens
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         label = f"{cfg.kind} predictor ({args.checkpoint})"
     else:
+        if args.model_type in PREDICTORS:
+            raise UserError(f"--model-type {args.model_type} needs --checkpoint (baselines: {', '.join(BASELINES)})")
         if args.checkpoint is not None:
             raise UserError(f"--model-type {args.model_type} is a baseline and takes no --checkpoint")
         lookahead, window = args.lookahead or 0, args.lookahead_tokens or 0

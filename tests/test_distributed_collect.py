@@ -83,6 +83,7 @@ def rank_pid(torchrun_pid: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_processes", [2, 1])
 def test_kill_one_rank_then_resume_gives_the_same_bytes(tiny_model, reference, tmp_path, resume_processes):
     out = tmp_path / "killed"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from collection.traces.format import TraceSet
 from collection.traces.rows import input_layers
@@ -30,6 +31,7 @@ def train(traces, out, processes: int) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(tiny_traces, tmp_path):
     one = train(tiny_traces, tmp_path / "one", 1)
     two = train(tiny_traces, tmp_path / "two", 2)

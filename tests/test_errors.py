@@ -1,7 +1,7 @@
 """Bad input gives one clear line and a non-zero exit, never a traceback, and no finished-looking file."""
 import pickle
 import shutil
-import time
+import threading
 
 import pytest
 import torch
@@ -33,14 +33,14 @@ def test_unknown_dataset(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}])
 def test_hub_unreachable_fails_fast(tiny_model, tmp_path, offline_env):
-    t0 = time.monotonic()
+    """Both fail at the project's own reachability check (its message names the local alternative), before any
+    library's retry loop."""
     proc = run_script("collect_traces", "--model", tiny_model, "--datasets", "imdb", "--output", tmp_path / "h",
                       check=False, env=offline_env)
     assert_one_line_error(proc, "Hugging Face hub", "--datasets bundled")
     proc = run_script("collect_traces", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--output", tmp_path / "h2",
                       check=False, env=offline_env)
     assert_one_line_error(proc, "Hugging Face hub")
-    assert time.monotonic() - t0 < 30  # two runs, each fails in seconds (no 25-second retry loop)
 
 
 def test_existing_output_is_not_overwritten(tiny_traces, tiny_model):
@@ -117,14 +117,17 @@ def test_hub_check_does_not_wait_for_a_hanging_dns_lookup(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    release, finished = threading.Event(), []
+
     def hanging_lookup(*args, **kwargs):
-        time.sleep(5)
+        release.wait(60)
+        finished.append(1)
         raise socket.gaierror("blocked")
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
-    t0 = time.monotonic()
     reason = sources.hub_unreachable_reason(timeout=0.5)
-    assert time.monotonic() - t0 < 3 and "cannot resolve" in reason
+    assert "cannot resolve" in reason and not finished  # answered while the lookup still hangs
+    release.set()
 
 
 def test_comma_lists_of_choices_name_the_first_unknown_item():

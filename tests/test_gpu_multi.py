@@ -16,7 +16,7 @@ from tests.conftest import REPO
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
-# never NVLink multicast (NVLS) on the lent machines
+# never NVLink multicast (NVLS): the H100/H200 machines the tests run on keep it off
 ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "CUDA_VISIBLE_DEVICES": "0,1"}
 PLAN = ["--datasets", "bundled", "--target_traces", "96", "--shard_size", "24", "--batch_size", "8", "--max_length", "64",
         "--dtype", "bfloat16"]

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from collection.traces.format import Manifest, TraceFormatError, TraceSet, require_token_ids
 from collection.traces.rows import load_block
 from common.errors import UserError, one_line_errors
+from tests.conftest import run_script
 from tests.isolated_cli import IsolatedCLI
 
 E, K = 16, 3
@@ -439,3 +440,13 @@ def test_fuzzed_input_gives_one_line_or_a_valid_set(fmt, how, tmp_path, isolated
     assert_one_line_or_fine(code, err, path)
     if code == 0:
         TraceSet(tmp_path / "out")
+
+
+def test_the_import_benchmark_prints_its_rates(tmp_path):
+    """tools/bench_import.py's seconds-long command, smaller: it imports a vLLM dump, analyses it, and prints both."""
+    proc = run_script("bench_import", "--ids", "20000", "--rows", "4000", "--repeats", "1", "--workdir",
+                      str(tmp_path / "work"), "--json", str(tmp_path / "bench.json"))
+    import json
+
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert "ids/s" in proc.stdout and res

@@ -384,8 +384,9 @@ def nested_lists(depth: int) -> bytes:
     return b"]" * depth + b"a" * (depth - 1)  # each APPEND puts the innermost list into the next
 
 
-def issue_segfault_pickle() -> bytes:
-    """Issue 10, defect 1, byte for byte: numpy.ndarray((1,), 'O', b'A'*8) reads a pointer from file bytes."""
+def segfault_pickle() -> bytes:
+    """The segfault found on 2026-11-28, byte for byte: numpy.ndarray((1,), 'O', b'A'*8) reads a pointer from the
+    file's bytes."""
     A = type("A", (), {"__reduce__": lambda s: (np.ndarray, ((1,), "O", b"A" * 8))})
     Bc = type("B", (), {"__reduce__": lambda s: (collections.OrderedDict, (A(),))})
     return pickle.dumps([Bc()], protocol=4)
@@ -466,7 +467,7 @@ OBJECT_LIST = op_list(op_str("x"))
 # id: (the shard, made in the test: nothing here runs torch at import, see tests/isolated_cli.py;
 #      what its one error line must say)
 ATTACKS = {
-    "issue-ndarray-object-dtype": (issue_segfault_pickle, "numpy.ndarray called directly"),
+    "ndarray-object-dtype": (segfault_pickle, "numpy.ndarray called directly"),
     "ndarray-call-negative-strides": (lambda: mk(hidden_states=op_call(
         op_global("numpy", "ndarray"), op_tuple(op_int(1)), op_str("f8"), op_bytes(b"A" * 8), op_int(0),
         op_tuple(op_int(-8)))), "numpy.ndarray called directly"),
@@ -576,11 +577,11 @@ def test_crafted_pickle_is_refused_in_one_line(case, tmp_path, isolated):
     assert not out.exists()
 
 
-def test_issue_segfault_command_gives_one_line(tmp_path):
-    """The issue's own command, through the real script in a fresh interpreter."""
+def test_the_segfault_command_gives_one_line(tmp_path):
+    """The reproduction command, through the real script in a fresh interpreter."""
     ev = tmp_path / "ev"
     ev.mkdir()
-    (ev / "s.pkl").write_bytes(issue_segfault_pickle())
+    (ev / "s.pkl").write_bytes(segfault_pickle())
     proc = run_script("import_specmoe_shards", "--input", ev, "--output", tmp_path / "ev_out", "--num-layers", "2",
                       check=False)
     assert_one_line_error(proc, "s.pkl", "numpy.ndarray called directly")

@@ -13,9 +13,9 @@ def test_every_mutation_still_applies_and_names_real_tests():
     for m in MUTATIONS:
         check_mutation(REPO, m)
         assert m.old != m.new and m.tests
-    issue_10 = {"optimizer-never-steps", "router-reuse-own-layer", "layer-aware-ignores-lookahead",
-                "previous-token-ignores-previous", "hybrid-own-routing-zeroed"}
-    assert issue_10 <= {m.name for m in MUTATIONS}
+    first_five = {"optimizer-never-steps", "router-reuse-own-layer", "layer-aware-ignores-lookahead",
+                  "previous-token-ignores-previous", "hybrid-own-routing-zeroed"}
+    assert first_five <= {m.name for m in MUTATIONS}
 
 
 def test_stale_mutations_and_missing_tests_are_errors():
@@ -51,3 +51,23 @@ def test_only_mutations_that_read_the_shared_traces_get_them(tmp_path):
     writes = Mutation("w", "collection/capture.py", "a", "b", ("tests/test_capture.py::test_x",), "")
     assert shared_traces(None, tmp_path) == tmp_path and shared_traces(reads, tmp_path) == tmp_path
     assert shared_traces(writes, tmp_path) is None
+
+
+def test_a_mutation_runs_its_named_tests_slow_ones_included(tmp_path, monkeypatch):
+    """`make test` leaves the slow tests out (-m "not slow"); a mutation's run must not: no marker expression,
+    and pyproject's addopts emptied so that none can come from there."""
+    import subprocess
+
+    import tools.mutation as tool
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "")
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    tool.run_tests(tmp_path, tmp_path, None, ("tests/test_docs_commands.py::test_x",), None, 10, [])
+    [cmd] = commands
+    args = cmd[cmd.index("pytest") + 1:]  # python -m pytest ARGS
+    assert "-m" not in args and args[args.index("-o") + 1] == "addopts="
+    assert args[-1] == "tests/test_docs_commands.py::test_x"

@@ -159,6 +159,7 @@ def test_cost_measurement_is_positive(device):
     assert c.copy_ms > 0 if device == "cuda" else c.copy_ms != c.copy_ms  # not measured on a CPU: NaN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
 def test_replay_offload_dry_check_and_a_short_replay(tiny_traces, tmp_path, device):
     """The whole script: on the CPU its path runs synchronously (numbers meaningless), on a GPU for real."""

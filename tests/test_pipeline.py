@@ -49,6 +49,27 @@ def test_validation_json_table_and_plot(trained, tiny_traces, tmp_path):
                                       "questions"}
 
 
+def test_the_checkpoint_says_its_kind_and_a_contradicting_model_type_is_refused(trained, tmp_path, capsys):
+    from common.errors import one_line_errors
+    from scripts.validate_coverage_analysis import main
+
+    ckpt, js = trained / "best_checkpoint.pth", tmp_path / "k.json"
+    main(["--checkpoint", str(ckpt), "--json", str(js), "--plot", str(tmp_path / "k.png"), "--quiet", "--device", "cpu"])
+    assert json.loads(js.read_text())["model_type"] == "simple"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e, one_line_errors("validate_coverage_analysis"):
+        main(["--checkpoint", str(ckpt), "--model-type", "layer-aware", "--json", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"validate_coverage_analysis: error: --checkpoint {ckpt} holds a simple predictor, not layer-aware; drop "
+        "--model-type (the checkpoint says its kind)\n")
+    with pytest.raises(SystemExit) as e, one_line_errors("validate_coverage_analysis"):
+        main([])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(
+        "validate_coverage_analysis: error: give --checkpoint (a trained predictor) or --model-type BASELINE (router, ")
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
 def test_router_control_is_exact_and_random_is_at_chance(tiny_traces, tmp_path):
     js = tmp_path / "r.json"
     run_script("validate_coverage_analysis", "--traces", tiny_traces, "--model-type", "router", "--lookahead", "0",
@@ -61,6 +82,7 @@ def test_router_control_is_exact_and_random_is_at_chance(tiny_traces, tmp_path):
     assert abs(res["recall@4"] - 4 / 60) < 0.01
 
 
+@pytest.mark.slow
 def test_baselines_at_lookahead_1_equal_a_hand_computation(tiny_traces, tmp_path):
     hand = baselines_by_hand(tiny_traces, 1)
     # router reuse must be layer l+1's router, which here predicts far better than layer l's own

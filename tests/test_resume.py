@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from collection.traces.format import TraceSet
 from tests.conftest import REPO
@@ -18,6 +19,7 @@ def collect_cmd(model, out, *extra):
             "--output", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tiny_model, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(collect_cmd(tiny_model, ref), check=True, capture_output=True, cwd=REPO)

@@ -1,6 +1,7 @@
 """Trust: no user file lost, one writer at a time, checksummed router weights, and one line for every bad input.
 
-Each reproduction command of issue 10 (defects 2-5) runs here and must end with exit 2, one line on stderr,
+Each reproduction command of the trust defects found on 2026-11-28 (a user file lost, two writers, unverified router
+weights, tracebacks) runs here and must end with exit 2, one line on stderr,
 and every file that was there before still there, byte for byte.
 
     pytest -q tests/test_safety.py
@@ -107,7 +108,7 @@ def edit_manifest(directory: Path, **changes) -> None:
 # defect 2: data loss on --overwrite and --resume
 
 
-def test_the_issues_overwrite_command_deletes_nothing(held):
+def test_the_reported_overwrite_command_deletes_nothing(held):
     """cp -r <traces> x; python scripts/collect_traces.py --model Qwen/Qwen1.5-MoE-A2.7B --output x --overwrite"""
     out, before = held
     proc = run_script("collect_traces", "--model", "Qwen/Qwen1.5-MoE-A2.7B", "--output", out, "--overwrite",
@@ -451,7 +452,7 @@ def test_capture_buffers_are_sized_by_the_largest_real_batch(tiny_model, tmp_pat
             super().__init__(model, hidden_layers, hidden_dtype, store_logits, max_rows, *a, **k)
     monkeypatch.setattr(collector, "RoutingCapture", Recording)
     out = tmp_path / "big"
-    collect(tiny_model, out, "--batch_size", "100000")  # the issue's flag: once 26 GB, now one shard's tokens
+    collect(tiny_model, out, "--batch_size", "100000")  # the reported flag: once 26 GB, now one shard's tokens
     assert sizes == [max(s.tokens for s in TraceSet(out).manifest.shards)]
 
     monkeypatch.setattr(collector, "host_memory_available", lambda: 10_000)

@@ -7,6 +7,7 @@ from tests.conftest import run_script
 from tests.handmade import baselines_by_hand
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_writes_json(tiny_model, tmp_path):
     js = tmp_path / "b.json"
     proc = run_script("benchmark", "--model", tiny_model, "--batches", "2", "--warmup", "1", "--seq-len", "32",
@@ -22,6 +23,7 @@ def test_benchmark_runs_and_writes_json(tiny_model, tmp_path):
     assert res["versions"]["transformers"]
 
 
+@pytest.mark.slow
 def test_compare_predictors_writes_table_json_and_figure(tiny_traces, tmp_path):
     out = tmp_path / "cmp"
     proc = run_script("compare_predictors", "--traces", tiny_traces, "--lookaheads", "0,1", "--predictors", "simple",
@@ -45,6 +47,7 @@ def test_compare_predictors_writes_table_json_and_figure(tiny_traces, tmp_path):
     assert (redrawn / "comparison.md").read_text() == (out / "comparison.md").read_text()
 
 
+@pytest.mark.slow
 def test_train_proxy_moe_smoke(tmp_path):
     out = tmp_path / "proxy"
     run_script("train_proxy_moe", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32",

@@ -13,7 +13,7 @@ Full size on a GPU (see docs/BENCHMARKS.md for the exact calls):
     python tools/make_random_checkpoint.py --preset qwen1.5-moe-a2.7b --device cuda --output /tmp/qwen15
     python tools/benchmark.py --model /tmp/qwen15 --quantization none --json bench_bf16.json
     python tools/benchmark.py --model /tmp/qwen15 --quantization 4bit --stages collect --json bench_4bit.json
-Everything of issue 14 (durable collection, formats, reading) in one GPU command: tools/gpu/bench_io.sh
+Durable collection, compact formats and reading in one GPU command: tools/gpu/bench_io.sh
 The embedded default on a CPU (about a minute):
     python tools/benchmark.py --batches 4 --train-sequences 120 --epochs 2
 """
@@ -240,7 +240,7 @@ def bench_collect(args: argparse.Namespace, model: Any, tokenizer: Any, dev: tor
         row += hb.rows
     filler.join()
     forward_capture_s = time.perf_counter() - t0
-    nbytes, _ = writer.commit()  # in line, as collection committed before this issue: one shard's latency
+    nbytes, _ = writer.commit()  # in line, as collection committed before commit 1fdc8cd: one shard's latency
     total_s = time.perf_counter() - t0
     filler.close()
     capture.close()

@@ -1,6 +1,6 @@
 """Cost of one expert prediction: parameters, FLOPs and measured time per (token, layer), at batch 1 and 64.
 
-The budget (issue 12): a prediction may take at most 5% of the time one fp16 expert of Qwen1.5-MoE takes to
+The cost target: a prediction may take at most 5% of the time one fp16 expert of Qwen1.5-MoE takes to
 cross PCIe Gen5 (17.3 MB at 55 GB/s ~ 0.31 ms), i.e. 15.5 us per token per layer. Each predictor is built
 with random weights (its cost does not depend on their values) at the embedded default's dimensions and at
 Qwen1.5-MoE's (H = 2048, 24 layers, 60 experts, vocabulary 151,936), and timed the way a decoder would

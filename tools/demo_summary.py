@@ -1,8 +1,12 @@
-r"""The demo's last word: one line for the sanity controls, one for the predictor against its baselines.
+r"""The demo's last word: one line for the sanity controls, one for the predictor against its baselines, then what
+prefetching with it would buy, simulated, one line per cache size.
 
 Reads the coverage_metrics.json files `make demo` wrote under DEMO_DIR (router-d0/, random-d0/,
-router-reuse-d1/ and the predictor's checkpoint folder) and exits 1 if a control is off: the layer's own
-router must read recall@K = 1.0 exactly, uniform random K/E within sampling noise (K, E from the JSON).
+router-reuse-d1/, previous-token-d0/ and the predictor's checkpoint folder) and exits 1 if a control is off: the
+layer's own router must read recall@K = 1.0 exactly, uniform random K/E within sampling noise (K, E from the JSON).
+The prefetch lines come from the simulator's prefetch-d1/prefetch.json (scripts/simulate_prefetch.py on the demo's
+traces and predictor): decode tokens/s of prefetching with the predictor and with router reuse over on-demand LRU,
+predicted by a cost model (not measured), with the traces' temporal locality beside that of real MoEs.
 
 After `make demo`:
     python tools/demo_summary.py runs/demo
@@ -21,6 +25,8 @@ from typing import Any
 from common.errors import UserError, one_line_errors
 
 RANDOM_SIGMAS = 5  # random recall@K may stray this many standard errors from K/E before the control fails
+# previous-token recall@4 reported for large Qwen MoEs (docs/PREFETCH.md): the temporal locality LRU lives on
+REAL_LOCALITY = "0.35-0.43"
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -58,6 +64,32 @@ def predictor_line(pred: dict[str, Any], reuse: dict[str, Any], random: dict[str
             f"{verdict}; random {random[f'recall@{K}']:.3f}")
 
 
+def prefetch_lines(sim: dict[str, Any], locality: dict[str, Any], predictor: str) -> list[str]:
+    """A header naming the cost model and the traces' locality, then per cache size what prefetching with the
+    predictor (`predictor`: its label) and with router reuse buys over on-demand LRU; every line says "simulated"."""
+    K, E, d = int(sim["top_k"]), int(sim["num_experts"]), sim["lookahead"]
+    cost = sim["cost_model"]
+    q = locality[f"recall@{K}"]
+    lines = [f"simulated prefetch (a cost model, not a measurement): the test split's {sim['tokens']:,} tokens decoded "
+             f"at batch 1, {sim['model_config']} {sim['expert_format']} experts over a "
+             f"{cost['link_bytes_per_s'] / 1e9:.0f} GB/s link, layer l+{d}'s top-{sim['fetch_budget']} fetched while layer l runs; these traces' locality "
+             f"(previous-token recall@{K}) is {q:.3f}, against {REAL_LOCALITY} for real Qwen MoEs, so LRU does worse "
+             "here than it would there"]
+    by_cache: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in sim["rows"]:
+        by_cache.setdefault(int(row["cache_experts"]), {})[row["policy"]] = row
+    for c, rows in sorted(by_cache.items()):
+        lru, reuse = rows.get("on-demand"), rows.get("prefetch:router-reuse")
+        mine = next((r for p, r in rows.items() if p.startswith("prefetch:") and p.endswith(".pth")), None)
+        if lru is None or reuse is None or mine is None:
+            raise UserError(f"the simulator's rows at C = {c} lack on-demand, prefetch:router-reuse or the predictor")
+        lines.append(f"simulated, C = {c} of {E} experts cached per layer: prefetch with {predictor} "
+                     f"{mine['speedup_vs_on_demand']:.2f}x the tokens/s of on-demand LRU, with router reuse "
+                     f"{reuse['speedup_vs_on_demand']:.2f}x (hit rate {mine['hit_rate']:.2f} / "
+                     f"{reuse['hit_rate']:.2f} / LRU {lru['hit_rate']:.2f})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     reuse = read(d / f"router-reuse-d{pred['lookahead']}" / "coverage_metrics.json")
     print(f"demo outputs: {d}/ (traces/, the checkpoint in {args.predictor or d / 'layer-aware-d1'}/, "
           "coverage_metrics.json and coverage_analysis.png in each folder)")
+    sim = read(d / f"prefetch-d{pred['lookahead']}" / "prefetch.json")
+    locality = read(d / "previous-token-d0" / "coverage_metrics.json")
     line, ok = controls(router, random)
     print(line)
     print(predictor_line(pred, reuse, random))
+    for line in prefetch_lines(sim, locality, f"{pred['model_type']} d={pred['lookahead']}"):
+        print(line)
     if not ok:
         sys.exit(1)
 

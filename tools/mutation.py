@@ -39,6 +39,7 @@ IR = "tests/test_import_routing.py::"
 RR = "tests/test_routing_report.py::"
 W = "tests/test_window.py::"
 E = "tests/test_engine.py::"
+G = "tests/test_guidance.py::"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Mutation:
 
 
 MUTATIONS = [
-    # --- the five of issue 10 (all passed the suite together before these tests existed)
+    # --- the five defects found on 2026-11-28 (all passed the suite together before these tests existed)
     Mutation("optimizer-never-steps", "training/trainer.py", "opt.step()", "pass",
              (B + "test_training_lowers_the_loss_and_beats_popularity",),
              "training computes gradients but never applies them", traces=True),
@@ -89,7 +90,7 @@ MUTATIONS = [
              "last_seen = layer if lookahead >= 1 else layer - 1", "last_seen = layer", ("tests/test_leakage.py::test_no_future_information_reaches_the_prediction",
                               B + "test_features_are_the_routing_already_observed"),
              "at d = 0 the hybrid sees layer l's own routing, i.e. the answer"),
-    # --- the anchored predictor's features (issue 12): each leak must trip the leakage test
+    # --- the anchored predictor's features: each leak must trip the leakage test
     Mutation("future-leak-window-includes-token", "models/features.py",
              "back = [earlier_token(block, tok, j) for j in range(1, spec.window + 1)]",
              "back = [earlier_token(block, tok, j) for j in range(0, spec.window)]",
@@ -240,7 +241,7 @@ MUTATIONS = [
              "rows_index = torch.arange(int(flat_mask.sum()))",
              ("tests/test_capture.py::test_captured_rows_are_the_models_own_routing",),
              "capture keeps the first N rows of the padded batch (padding in, real tokens out) instead of the real ones"),
-    # --- the expert-cache simulator and the offloaded replay (issue 11)
+    # --- the expert-cache simulator and the offloaded replay
     Mutation('lru-evicts-newest', 'validation/prefetch/simulator.py', 'age = touched[l, e]',
              'age = -touched[l, e]',
              ('tests/test_prefetch.py::test_eviction_rules_give_the_hand_worked_hits',),
@@ -369,7 +370,7 @@ MUTATIONS = [
              ('tests/test_offload.py::test_expert_blob_reads_back_as_the_generated_expert',
               'tests/test_cost_model.py::test_nf4_and_int2_bytes_of_qwen15_expert'),
              "an NF4 expert's packed layout is misread"),
-    # --- no user file lost, one writer, verified inputs, one-line errors (issue 10, defects 2-5)
+    # --- no user file lost, one writer, verified inputs, one-line errors (the trust defects of 2026-11-28)
     Mutation('swap-manifest-first', 'collection/traces/output.py',
              '    for name in new_names:              # 3. the new files, then the manifest that makes them a set\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n    os.replace(staging / MANIFEST, old_path)\n',
              '    os.replace(staging / MANIFEST, old_path)\n    for name in new_names:\n        if (staging / name).exists():\n            os.replace(staging / name, out / name)\n    fsync_dir(out)\n',
@@ -664,6 +665,61 @@ MUTATIONS = [
              "f.prev_token = self.hist_routing[l, :, 0] * valid(0)",
              (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[hybrid]",),
              "the live previous-token feature reads the input layer, not the target layer", traces=True),
+    # --- the newcomer's path: --help, what to add, what is kept, what a result is worth, the demo's last lines
+    Mutation('shell-help-runs-on', 'tools/gpu/args.bash', '-h|--help) usage; exit 0 ;;', '-h|--help) usage ;;',
+             ('tests/test_help.py::test_shell_help_prints_usage_and_does_nothing_else',),
+             "a GPU run script's --help goes on to do its work (a 2.36 GiB collection once started this way)"),
+    Mutation('shell-option-as-output', 'tools/gpu/args.bash', '    case "$a" in -*) echo', '    case "$a" in --=*) echo',
+             ('tests/test_help.py::test_shell_refuses_an_option_as_output_and_wrong_arity',),
+             "a mistyped option is taken for the output directory and created under that name"),
+    Mutation('trainer-ignores-missing-logits', 'training/checks.py',
+             '    if args.loss_kl > 0 and not m.capture.get("store_logits", False):', '    if False:',
+             (G + 'test_the_anchored_trainer_on_demo_traces_says_what_to_add_and_writes_nothing',
+              G + 'test_each_missing_input_is_named_with_its_collection_flag_and_the_training_flags_that_do_without'),
+             "the anchored trainer meets traces without router logits only once training begins, with no word of the fix"),
+    Mutation('compare-trains-before-checking', 'scripts/compare_predictors.py',
+             '    check_jobs(args, jobs, kinds, ts)  #', '    #',
+             (G + 'test_compare_predictors_checks_every_predictor_before_training_any',),
+             "compare_predictors trains every other predictor before it finds the traces cannot serve one"),
+    Mutation('near-random-unwarned', 'training/checks.py', '    if recall < chance + NEAR_RANDOM:',
+             '    if recall < chance:',
+             (G + 'test_a_result_near_random_or_below_router_reuse_is_warned',
+              G + 'test_a_trainer_that_learned_nothing_says_so'),
+             "a predictor that learned next to nothing (recall@4 0.09 against random 0.067) is reported without a word",
+             traces=True),
+    Mutation('below-router-reuse-unwarned', 'training/checks.py', '    if reuse is not None and recall < reuse:',
+             '    if reuse is not None and recall < reuse - 0.05:',
+             (G + 'test_a_result_near_random_or_below_router_reuse_is_warned',),
+             "a predictor worse than the training-free router reuse is reported without a word"),
+    Mutation('reference-reuses-own-router', 'validation/coverage/evaluate.py',
+             'baseline_scorer("router-reuse", ts, lookahead,', 'baseline_scorer("router-reuse", ts, 0,',
+             (G + 'test_router_reuse_recall_is_the_baselines',),
+             "the trainer's router-reuse reference scores layer l's own router, not layer l+d's", traces=True),
+    Mutation('interrupt-forgets-latest', 'training/trainer.py',
+             '        progress["latest"] = epoch  #', '        #',
+             (G + 'test_ctrl_c_in_training_names_what_was_kept',),
+             "Ctrl-C in training says nothing was kept while latest_checkpoint.pth holds the last epoch", traces=True),
+    Mutation('resume-keeps-overwrite', 'scripts/collect_traces.py',
+             '    flags = [a for a in argv if not given(a, "--overwrite")]', '    flags = list(argv)',
+             (G + 'test_ctrl_c_in_collection_names_the_resume_command',),
+             "the resume command printed after Ctrl-C keeps --overwrite, which argparse refuses beside --resume"),
+    Mutation('model-type-not-from-checkpoint', 'scripts/validate_coverage_analysis.py',
+             '        args.model_type = cfg.kind\n', '\n',
+             ('tests/test_pipeline.py::test_the_checkpoint_says_its_kind_and_a_contradicting_model_type_is_refused',),
+             "a checkpoint's coverage analysis needs --model-type although the checkpoint knows its kind",
+             traces=True),
+    Mutation('demo-prefetch-lines-swapped', 'tools/demo_summary.py',
+             "{mine['speedup_vs_on_demand']:.2f}x the tokens/s", "{reuse['speedup_vs_on_demand']:.2f}x the tokens/s",
+             ('tests/test_demo.py::test_the_demo_ends_with_one_simulated_line_per_cache_size_and_the_traces_locality',),
+             "the demo credits the learned predictor with router reuse's simulated speedup"),
+    Mutation('docs-flag-misspelt', 'README.md', '--lookahead 1 --cache-experts 8,15,30 \\\n    --policies on-demand',
+             '--lookahead 1 --cache-expert 8,15,30 \\\n    --policies on-demand',
+             ('tests/test_docs_commands.py::test_documented_command_dry_runs',),
+             "a documented command spells a flag otherwise than its script's --help (argparse may even take the prefix)"),
+    Mutation('quick-example-near-random', 'scripts/train_hybrid_predictor.py',
+             '--traces routing_data/traces/quick --epochs 2 --lr 3e-3 --dropout 0', '--traces routing_data/traces/quick '
+             '--epochs 2 --dropout 0', ('tests/test_docs_commands.py::test_the_seconds_long_cpu_commands_run_as_written_and_learn',),
+             "a documented CPU example trains at the seed's learning rate and silently ends near random"),
 ]
 
 

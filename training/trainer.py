@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +49,7 @@ from common.errors import UserError
 from models.checkpoint import save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
+from training.checks import check_traces_serve, interrupted_note, quality_warning, window_quality_warning
 from training.distributed import data_parallel, describe
 
 # every file a run writes in --output: what --overwrite may replace, and all it may replace
@@ -58,6 +60,9 @@ OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoin
 # "loss": the train scripts pass `validation.coverage.evaluate.epoch_validation`, the project's one evaluation loop
 Validate = Callable[[nn.Module, TraceSet, np.ndarray, int, torch.device, SplitBlocks,
                      Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.dtype], dict[str, float]]
+# reference(trace set, sequence ids, lookahead, device, blocks) -> router reuse's recall@K on those rows, or None where
+# it is not defined: `validation.coverage.evaluate.router_reuse_recall`, passed by the train scripts
+Reference = Callable[[TraceSet, np.ndarray, int, torch.device, SplitBlocks], float | None]
 
 
 def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group: int, batch_size: int, lr: float,
@@ -310,7 +315,18 @@ def undone(step: Callable[[], Any], model: nn.Module, opt: torch.optim.Optimizer
     opt.zero_grad(set_to_none=True)
 
 
-def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]:
+def run_training(args: argparse.Namespace, validate: Validate, reference: Reference | None = None) -> dict[str, Any]:
+    """Train as the flags say (module docstring); `reference` gives router reuse's validation recall for the closing
+    check (training.checks.quality_warning). Ctrl-C ends the run with a line saying what it kept."""
+    progress: dict[str, Any] = {"latest": None, "best": None}  # the epochs whose checkpoints are written
+    try:
+        return train(args, validate, reference, progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(Path(args.output), progress["latest"], progress["best"])) from None
+
+
+def train(args: argparse.Namespace, validate: Validate, reference: Reference | None,
+          progress: dict[str, Any]) -> dict[str, Any]:
     validate_args(args)
     out = Path(args.output)
     torch.manual_seed(args.seed)
@@ -321,6 +337,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
 
     # --- data: the trace set, its split, and what one step holds
     ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
+    check_traces_serve(args, ts)  # what the recipe reads (router logits, router matrices, hidden layers) is there
     m = ts.manifest
     table = ts.sequence_table()
     split = split_sequences(table, args.seed, args.val_fraction, args.test_fraction)
@@ -500,6 +517,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
             if epoch == 1:  # this run's first checkpoint replaces an earlier run's: its results no longer describe them
                 (out / "results.json").unlink(missing_ok=True)
             save_checkpoint(out / "latest_checkpoint.pth", model, cfg, split, traces_info, vars(args), metrics)
+        progress["latest"] = epoch  # what Ctrl-C would leave: run_training's last line names it
         if val[select] > best:
             best = val[select]
             best_epoch = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "val": val,
@@ -507,6 +525,7 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
             if dp.is_main:
                 save_checkpoint(out / "best_checkpoint.pth", model, cfg, split, traces_info, vars(args),
                                 best_epoch["metrics"])
+            progress["best"] = {"epoch": epoch, "metric": select, "value": best}
     fallback: list[int] = []
     if args.layer_fallback and getattr(model, "router", None) is not None and history:
         # per target layer, keep what validates better: the trained heads, or router reuse (the heads at init)
@@ -533,7 +552,19 @@ def run_training(args: argparse.Namespace, validate: Validate) -> dict[str, Any]
                                  "fallback_layers": fallback, "best": {**best_epoch["metrics"]["best"], select: best}})
         print(f"per-layer fallback to router reuse: target layers {fallback or 'none'} "
               f"(val {select} {best_epoch['val'][select]:.4f} -> {best:.4f})")
-    summary = {"best": {select: best}, "fallback_layers": fallback,
+    # the closing check: a best recall near random, or below the training-free router reuse, is said so
+    K = m.top_k
+    best_val = val if fallback else best_epoch["val"]
+    window = getattr(args, "lookahead_tokens", 0) > 0  # a window target: its own metrics, no router reuse to beat
+    reuse = (dp.from_main(lambda: reference(ts, split["val"], args.lookahead, device, val_blocks))
+             if reference and not window else None)
+    if reuse is not None:
+        print(f"router reuse at lookahead {args.lookahead}, validation split: recall@{K} {reuse:.4f}")
+    warning = (window_quality_warning(best_val["window_ap"], best_val["random/window_ap"]) if window else
+               quality_warning(best_val[f"recall@{K}"], K, m.num_experts, args.lookahead, reuse))
+    if warning and dp.is_main:
+        print(warning, file=sys.stderr)
+    summary = {"best": {select: best}, "fallback_layers": fallback, "val_router_reuse": reuse,
                "train/rows_per_s": train_rows / max(train_time, 1e-9),
                "train/seconds": train_time, "codec_load_seconds": codec_s if codec_loaded else 0.0,
                "warmup_seconds": warm_s,

@@ -6,9 +6,8 @@
 #   OUTDIR   what is kept: gpu.txt, bench_4bit.json, bench_bf16.json and the logs
 #   TRAIN_SEQ=200 EPOCHS=3 (environment) size the bf16 training benchmark
 set -uo pipefail
-usage() { sed -n '2,8s/^# \{0,1\}//p' "$0"; }
-case "${1:-}" in -h|--help) usage; exit 0 ;; esac
-if [ $# -ne 2 ]; then usage >&2; echo "bench_full_size.sh: error: expected WORKDIR OUTDIR" >&2; exit 2; fi
+source "$(dirname "$0")/args.bash"
+check_args "WORKDIR OUTDIR" 2 2 "$@"
 W=$1; O=$2
 mkdir -p "$W" "$O"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 14 on one GPU in about 7 minutes (H100): the GPU tests of the new code paths; the quality of predictors
-# trained on each hidden format (embedded default, whole bundled trace split, d = 0..3); then, on the full-size
+# Durable collection, compact hidden formats and reading, on one GPU in about 7 minutes (H100): the GPU tests;
+# the quality of predictors trained on each hidden format (embedded default, whole bundled trace split, d = 0..3); then, on the full-size
 # Qwen1.5-MoE-A2.7B architecture (random weights, bf16): durable collection in every format beside the disk
 # ceiling, and training / validation read from lossless and compact shards in the page cache.
 # Usage: tools/gpu/bench_io.sh OUTDIR [WORKDIR]     (WORKDIR default /tmp/bench_io: ~45 GB of local disk)
 # Writes into OUTDIR: gpu.txt, gpu_tests.txt, formats.json, formats.md, bench_io.json, *.log
 set -uo pipefail
-O=${1:?outdir}; W=${2:-/tmp/bench_io}
+source "$(dirname "$0")/args.bash"
+check_args "OUTDIR [WORKDIR]" 1 2 "$@"
+O=$1; W=${2:-/tmp/bench_io}
 mkdir -p "$O" "$W"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log() { grep -v -E "Loading weights|Writing model|collect:|transcode:|step/s|evaluate:|epoch [0-9]+/[0-9]+:" ; }

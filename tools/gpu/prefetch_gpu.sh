@@ -6,7 +6,9 @@
 #        PREDICTOR=path/to/best_checkpoint.pth tools/gpu/prefetch_gpu.sh OUTDIR   (that predictor instead of training
 #        the hybrid; e.g. the best d = 1 checkpoint of tools/gpu/quality_gpu.sh)
 set -uo pipefail
-O=${1:?outdir}
+source "$(dirname "$0")/args.bash"
+check_args "OUTDIR" 1 1 "$@"
+O=$1
 mkdir -p "$O"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T=routing_data/traces/qwen2moe-mini

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 12's GPU numbers in one command on one H100/H200, in at most BUDGET_S seconds of wall time (default 360):
+# docs/RESULTS.md's GPU numbers (the router-anchored predictor: cost, what mattered, per layer, leave one domain
+# out) in one command on one H100/H200, in at most BUDGET_S seconds of wall time (default 360):
 #   1. the embedded default's traces (collected first, ~30 s on a GPU, when routing_data/traces/qwen2moe-mini
 #      is missing; a set there without router logits or every layer's hidden state is left alone and a fresh
 #      one is collected under OUTDIR instead);
@@ -13,8 +14,7 @@
 #   4. scripts/simulate_prefetch.py on OUTDIR/best_d1/best_checkpoint.pth (a short CPU replay: it loads and runs).
 # Each step runs under `timeout` and `|| true`: one failure never loses the others' output.
 #
-# Usage (from anywhere; GPU, ~6 minutes):
-#   tools/gpu/quality_gpu.sh OUTDIR
+# Usage: tools/gpu/quality_gpu.sh OUTDIR      (from anywhere; GPU, ~6 minutes)
 # Writes into OUTDIR: summary.md (every table), cost.{json,md}, sweep/sweep.{md,json}, best_d{0,1,2,3}/,
 # prefetch.{json,png}, *.log and sweep_logs/ (one training log per job). The sweep's checkpoints (~100 MB per
 # job) go to WORK (default ${TMPDIR:-/tmp}/quality-gpu-work), not OUTDIR.
@@ -24,13 +24,15 @@
 # numbers meaningless):
 #   QUALITY_SMOKE=1 tools/gpu/quality_gpu.sh /tmp/quality-smoke
 set -uo pipefail
-O=$(mkdir -p "${1:?usage: tools/gpu/quality_gpu.sh OUTDIR}" && cd "$1" && pwd)
-cd "$(dirname "$0")/.." || exit 1
+source "$(dirname "$0")/args.bash"
+check_args "OUTDIR" 1 1 "$@"
+O=$(mkdir -p "$1" && cd "$1" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 START=$SECONDS
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
-within() { local t=$(( $(left) - $1 )); (( t < $2 )) && t=$2; (( t > $3 )) && t=$3; echo $t; }  # budget left - $1, in [$2, $3]
+within() { local t=$(( $(left) - $1 )); (( t < $2 )) && t=$2; (( t > $3 )) && t=$3; echo $t; }  # time left - $1, in [$2, $3]
 log() { echo "[$(date +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$O/run.log"; }
 
 if [ "${QUALITY_SMOKE:-0}" = 1 ]; then  # CPU dry run: every step, tiny
@@ -106,7 +108,7 @@ else
 fi
 
 # --- the summary: every table in one file
-{ echo "# Issue 12 on $(head -1 "$O/env.log")"; echo
+{ echo "# Predictor quality on $(head -1 "$O/env.log")"; echo
   echo "traces $TRACES; epochs $EPOCHS, width $HIDDEN, $BATCH_ROWS rows/step, lr $LR, $JOBS jobs; sweep deadline ${DEADLINE}s"
   for d in 0 1 2 3; do [ -f "$O/best_d$d/best.json" ] && echo "- best d=$d: $O/best_d$d/best_checkpoint.pth" \
       "($(grep -o '"config": "[^"]*"' "$O/best_d$d/best.json"))"; done

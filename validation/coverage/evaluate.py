@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from collection.traces.format import TraceSet
+from collection.traces.format import ROUTER_WEIGHTS, TraceSet
 from collection.traces.rows import (
     SplitBlocks,
     TokenBlock,
@@ -25,7 +25,7 @@ from collection.traces.rows import (
 )
 from models.predictors import lookahead_tokens
 from validation.coverage.metrics import SEED_KS, CoverageAccumulator, WindowAccumulator, true_expert_ranks
-from validation.coverage.scorers import Scorer, predictor_scorer
+from validation.coverage.scorers import Scorer, baseline_scorer, predictor_scorer
 
 
 @torch.no_grad()
@@ -106,3 +106,15 @@ def epoch_validation(model: nn.Module, ts: TraceSet, seq_ids: np.ndarray, lookah
                    device, progress=False, loss_fn=loss_fn, blocks=blocks)
     recall = f"recall@{ts.manifest.top_k}"
     return {**acc.summary(), "loss": acc.mean_loss(), f"per_layer_{recall}": acc.per_layer(recall)}
+
+
+def router_reuse_recall(ts: TraceSet, seq_ids: np.ndarray, lookahead: int, device: torch.device,
+                        blocks: SplitBlocks) -> float | None:
+    """Router reuse's recall@K on the rows of `seq_ids` (the training-free prefetcher a trained one must beat; one
+    matmul per row), or None where it is not defined: at d = 0 it is the layer's own router (the control, 1.0), and
+    traces without router matrices (legacy imports) cannot run it. Handed to the trainer by the train scripts."""
+    if lookahead == 0 or not (ts.dir / ROUTER_WEIGHTS).is_file():
+        return None
+    scorer = baseline_scorer("router-reuse", ts, lookahead, np.empty(0, dtype=np.int64), device)
+    acc = evaluate(scorer, ts, seq_ids, lookahead, device, progress=False, blocks=blocks)
+    return acc.summary()[f"recall@{ts.manifest.top_k}"]

@@ -38,8 +38,9 @@ and, for the policies that use them:
     prefill_token_ms  each prompt token beyond the first adds this to a prefill layer's compute:
                       2 x active parameters per layer / the GPU's effective FLOP/s (`--prefill-tflops`)
 
-Defaults come from docs/anchors (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B on an H200 with
-the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for one token 0.77 ms; one
+Defaults were measured on one NVIDIA H200 on 2026-11-28 (Hugging Face eager decode of full-size Qwen1.5-MoE-A2.7B
+with random weights, batch 1, the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for
+one token 0.77 ms; one
 expert for one token 0.06 ms): pre = 1.2 - 0.77 = 0.43, shared = 0.77 - 4 * 0.06 = 0.53, expert = 0.06.
 `--measure` (validation/prefetch/replay.py) replaces them with times measured on the GPU in use.
 
@@ -67,7 +68,7 @@ NF4_BLOCK2 = 256  # second-level block size of bitsandbytes' double quantization
 INT2_GROUP = 64   # int2: one fp16 scale and one fp16 zero per group of 64 weights
 KV_DTYPE_BYTES = 2  # fp16/bf16 KV cache
 
-# docs/anchors "Offloaded decode": HF eager, batched_mm experts, H200, full-size Qwen1.5-MoE-A2.7B, batch 1
+# measured on one NVIDIA H200, 2026-11-28: HF eager, batched_mm experts, H200, full-size Qwen1.5-MoE-A2.7B, batch 1
 DEFAULT_PRE_MS = 0.43      # 1.2 ms per layer - 0.77 ms MoE block
 DEFAULT_SHARED_MS = 0.53   # 0.77 ms MoE block - 4 x 0.06 ms routed experts
 DEFAULT_EXPERT_MS = 0.06   # one routed expert, one token
@@ -204,7 +205,7 @@ class CostModel:
     shared_ms: float = DEFAULT_SHARED_MS
     expert_ms: float = DEFAULT_EXPERT_MS
     token_ms: float = 0.0
-    source: str = "defaults (docs/anchors: HF eager, H200)"  # where the numbers come from
+    source: str = "defaults (HF eager, H200)"  # where the numbers come from
     lowbit_bytes: int = 0          # the low-precision copy lowbit-on-miss fetches on a miss
     cpu_expert_ms: float = 0.0     # one expert on the host CPU, one token (cpu-compute)
     cpu_token_ms: float = 0.0      # each further token routed to that expert
