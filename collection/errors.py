@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,16 @@ def choices_list(flag: str, text: str, allowed: Iterable[str]) -> list[str]:
         if x not in allowed:
             raise UserError(f"--{flag}: unknown {x!r} (choose from {', '.join(allowed)})")
     return items
+
+
+def number_flag(flag: str, value: float | None, low: float, high: float, *, above_low: bool = False) -> None:
+    """One line unless --`flag`'s `value` (None: unset) is a finite number in [low, high] ((low, high] with
+    `above_low`): NaN, an infinity or a size no run needs would silently change a result, or exhaust memory."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if above_low else value >= low) and value <= high
+    if not ok:
+        raise UserError(f"--{flag} {value}: must be a number in {'(' if above_low else '['}{low:g}, {high:g}]")
 
 
 def disk_full(path: Path | str, e: OSError) -> UserError:

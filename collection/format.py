@@ -249,7 +249,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.fd = -1
         try:
-            self.fd = open_nofollow(self.path, "file") if fd is None else fd
+            self.fd = open_nofollow(self.path, "file", error=TraceFormatError) if fd is None else fd
             size = os.fstat(self.fd).st_size
             head = os.pread(self.fd, 8, 0)
             if len(head) < 8:
@@ -760,7 +760,7 @@ def open_listed_file(path: Path, size: int, sha256: str, verify: bool, what: str
     its listed size and (when `verify`) checksum; else one line naming it. The caller reads through the returned
     descriptor only, so the bytes it reads are the bytes that were checked, whatever the name points to later."""
     try:
-        fd = open_nofollow(path, what)
+        fd = open_nofollow(path, what, error=TraceFormatError)
     except FileNotFoundError:
         raise TraceFormatError(f"{path}: {what} listed in the manifest is missing") from None
     except OSError as e:
@@ -885,15 +885,16 @@ class TraceSet:
         self._table = table
         return table
 
-    def check_finite(self, sh: TraceShard, name: str, t: torch.Tensor) -> torch.Tensor:
-        """`t`, tensor `name` of shard `sh` as read (layer axis first); one line naming the shard and the MoE layer
+    def check_finite(self, sh: TraceShard, name: str, t: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """`t`, tensor `name` of shard `sh` as read (layer axis first, from stored layer `first` on); one line
+        naming the shard and the MoE layer
         if it holds NaN or an infinity, which a valid checksum does not rule out and which would change every
         result computed from it without a word. Skipped (as the checksums are) under --no-verify."""
         if self.verify and t.is_floating_point() and t.numel():
             flat = t.flatten(1)
             bad = ~(torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1)))  # (layers,): NaN propagates
             if bool(bad.any()):
-                j = int(bad.nonzero()[0])
+                j = first + int(bad.nonzero()[0])
                 layer = self.manifest.hidden_layers[j] if name in ("hidden", "hidden_scale") else j
                 raise TraceFormatError(f"{sh.path}: {name} of MoE layer {layer} hold NaN or infinite values (its "
                                        f"checksum matches: they were stored so); {NO_VERIFY_HINT}")
@@ -909,7 +910,7 @@ class TraceSet:
             self._codec[key] = base.to(device) if base is not None and device is not None else base
         return self._codec[key]
 
-    def _router_file(self) -> SafetensorsFile:
+    def router_file(self) -> SafetensorsFile:
         """router_weights.safetensors, checked against its manifest entry (size and SHA-256) once per set."""
         path = self.dir / ROUTER_WEIGHTS
         if not os.path.lexists(path):
@@ -929,7 +930,7 @@ class TraceSet:
 
     def router_weights(self) -> torch.Tensor:
         """(L, E, H) router matrices as stored (the model's own dtype)."""
-        f = self._router_file()
+        f = self.router_file()
         path = f.path
         L, E, H = self.manifest.num_layers, self.manifest.num_experts, self.manifest.hidden_size
         mats = []
@@ -950,7 +951,7 @@ class TraceSet:
         scores for the choice only). Empty for the other families and for older trace sets."""
         if not os.path.lexists(self.dir / ROUTER_WEIGHTS):
             return {}
-        f = self._router_file()
+        f = self.router_file()
         path = f.path
         L, E = self.manifest.num_layers, self.manifest.num_experts
         out = {}

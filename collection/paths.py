@@ -56,14 +56,14 @@ def is_link(path: Path | str) -> bool:
         return False
 
 
-def refuse_symlink(path: Path | str, what: str) -> None:
-    """One line if `path` is a symbolic link: this project follows none it did not create."""
+def refuse_symlink(path: Path | str, what: str, error: type[UserError] = UserError) -> None:
+    """One line (`error`) if `path` is a symbolic link: this project follows none it did not create."""
     if is_link(path):
-        raise UserError(f"{path}: the {what} is a symbolic link, which is never followed; replace it by the real "
+        raise error(f"{path}: the {what} is a symbolic link, which is never followed; replace it by the real "
                         "file or directory")
 
 
-def open_nofollow(path: Path | str, what: str, flags: int = os.O_RDONLY) -> int:
+def open_nofollow(path: Path | str, what: str, flags: int = os.O_RDONLY, error: type[UserError] = UserError) -> int:
     """A descriptor of `path` opened without following a symbolic link at its last component (one line if it is
     a link), and without blocking (a FIFO planted under a set's name would hang a plain open; the caller checks
     that it holds a regular file). FileNotFoundError passes through for the caller to word."""
@@ -71,7 +71,7 @@ def open_nofollow(path: Path | str, what: str, flags: int = os.O_RDONLY) -> int:
         return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno in (errno.ENOTDIR, errno.EMLINK) and is_link(path)):
-            refuse_symlink(path, what)
+            refuse_symlink(path, what, error)
         raise
 
 

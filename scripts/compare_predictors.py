@@ -30,9 +30,10 @@ from collection.atomic import atomic_write_bytes, atomic_write_json
 from collection.device import device_name, pick_device
 from collection.errors import UserError, choices_list, one_line_errors
 from collection.format import TraceSet
+from collection.paths import check_writable
 from collection.rows import split_sequences
 from models.checkpoint import check_fits_traces, load_checkpoint
-from models.predictors import PREDICTORS, count_parameters, flops_per_row
+from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
 from validation.evaluate import evaluate
 from validation.plots import comparison_figure
 from validation.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
@@ -97,13 +98,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare on the finished shards of a collection that has not completed")
     p.add_argument("--from-json", default=None, help="only redraw the table and figure of a comparison.json")
     args = p.parse_args(argv)
+    check_writable("--output", Path(args.output), "dir")  # before anything is read or trained
     if args.from_json:
         import json
 
-        saved = json.loads(Path(args.from_json).read_text())
-        top_k = saved.get("top_k") or int(next(c for c in saved["rows"][0] if c.startswith("recall@")).split("@")[1])
-        write_report(saved["rows"], saved["traces"], saved["model"], top_k, saved["device"], saved["args"],
-                     Path(args.output))
+        try:
+            saved = json.loads(Path(args.from_json).read_text())
+            top_k = saved.get("top_k") or int(next(c for c in saved["rows"][0] if c.startswith("recall@")).split("@")[1])
+            rows, traces, model, device, saved_args = (saved[k] for k in ("rows", "traces", "model", "device", "args"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, IndexError, TypeError,
+                AttributeError, StopIteration) as e:
+            raise UserError(f"--from-json {args.from_json}: not a comparison this script wrote "
+                            f"({type(e).__name__}: {str(e)[:100]})") from None
+        write_report(rows, traces, model, top_k, device, saved_args, Path(args.output))
         return
     try:
         ds = sorted({int(x) for x in args.lookaheads.split(",")})
@@ -116,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not (args.lr > 0 and math.isfinite(args.lr)) or args.seed < 0:
         raise UserError("--lr must be a positive number and --seed >= 0")
+    if args.hidden_dim > CONFIG_LIMITS["hidden_dim"]:
+        raise UserError(f"--hidden-dim {args.hidden_dim}: at most {CONFIG_LIMITS['hidden_dim']}")
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a directory")
     ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
     m = ts.manifest
     if ds[0] < 0 or ds[-1] >= m.num_layers:

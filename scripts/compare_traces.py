@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from collection.atomic import atomic_write_json
+from collection.paths import check_writable
 from collection.compare import Tolerance, compare_trace_sets
-from collection.errors import one_line_errors
+from collection.errors import number_flag, one_line_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
     p.add_argument("--json", default=None, help="write the comparison here")
     args = p.parse_args(argv)
+    for name in ("tie_ulps", "weights_atol", "hidden_rtol"):  # NaN would make every row pass or every row fail
+        number_flag(name.replace("_", "-"), getattr(args, name), 0, 1e6)
+    check_writable("--json", args.json, "file")  # before both sets are read
     res = compare_trace_sets(Path(args.reference), Path(args.compared),
                              Tolerance(args.tie_ulps, args.weights_atol, args.hidden_rtol), verify=not args.no_verify)
     print(f"{res['compared']} vs {res['reference']}: {res['identical_shards']}/{res['shards']} shards byte-identical; "

@@ -28,6 +28,7 @@ from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_
                                LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
                                looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
                                read_traces, shape_run_hint, token_ids_of)
+from collection.paths import check_writable
 from collection.output import OutputLock, open_output, start_one_shot
 
 
@@ -116,6 +117,7 @@ def fill_shard(writer: ShardWriter, passes: list[ForwardPass], first_seq: int, s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable("--output", Path(args.output), "dir")  # before any input is read
     lock = OutputLock(Path(args.output))
     try:
         import_shards(args, lock)

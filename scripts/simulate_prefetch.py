@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from collection.errors import UserError, one_line_errors
+from collection.errors import UserError, number_flag, one_line_errors
+from collection.paths import check_writable
 from collection.atomic import atomic_write_json
 from collection.format import DEFAULT_TRACES
 from models.moe_configs import PRESETS
@@ -83,26 +84,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_MS = 1e6        # one phase of one layer: 1000 s is beyond any machine (the cost model sums them per token)
+MAX_GBPS = 1e5      # a host-to-GPU link: 100 TB/s
+MAX_CACHE_GIB = 1 << 20
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that need no traces, each a finite number in its range: NaN or an infinity would turn every
+    cost into NaN (and prefetch.json into text no JSON reader accepts); a huge one overflows the cache count."""
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be positive")
+    if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):
+        raise UserError("--warmup-tokens must be >= 0 and below --max-tokens")
+    number_flag("locality", args.locality, 0, 1)
+    for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms", "predictor_ms"):
+        number_flag(name.replace("_", "-"), getattr(args, name), 0, MAX_MS)
+    number_flag("layer-ms", args.layer_ms, 0, MAX_MS, above_low=True)
+    number_flag("link-gbps", args.link_gbps, 0, MAX_GBPS, above_low=True)
+    number_flag("cache-gib", args.cache_gib, 0, MAX_CACHE_GIB)
+    # every destination, before the traces are read
+    if args.json is None or args.plot is None:
+        check_writable("--output-dir", Path(args.output_dir), "dir")
+    check_writable("--json", args.json, "file")
+    check_writable("--plot", args.plot, "file")
+
+
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Every check of the input, before anything is computed or written (one line, exit 2, on failure)."""
+    check_flags(args)
     setup = prepare(args.traces, args.policies, args.lookahead, args.fetch_budget, args.seed, args.locality,
                     args.max_tokens, verify=not args.no_verify)
     m = setup.ts.manifest
-    if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):
-        raise UserError("--warmup-tokens must be >= 0 and below --max-tokens")
-    for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.layer_ms is not None and not args.layer_ms > 0:
-        raise UserError("--layer-ms must be positive")
-    if args.predictor_ms is not None and args.predictor_ms < 0:
-        raise UserError("--predictor-ms must be >= 0")
-    if args.link_gbps is not None and args.link_gbps <= 0:
-        raise UserError("--link-gbps must be positive")
     nbytes = expert_bytes(expert_params(args.model_config), args.expert_format)
     if args.cache_gib is not None:
-        if args.cache_gib < 0:
-            raise UserError("--cache-gib must be >= 0")
         caches = [int(args.cache_gib * 2**30 // (m.num_layers * nbytes))]
         if caches[0] > m.num_experts:
             raise UserError(f"--cache-gib {args.cache_gib} gives {caches[0]} experts per layer; each layer has "
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     # --- the stream, each predictor's top-m, and the static cache contents (training split counts)
     stream = build_stream(ts, r["split"]["test"], r["predictors"], args.lookahead, args.fetch_budget, args.locality,
                           args.seed, args.max_tokens)
+    if args.warmup_tokens >= stream.tokens:  # no token would be counted: every statistic would be 0 / 0
+        raise UserError(f"--warmup-tokens {args.warmup_tokens}: the test split's stream has only {stream.tokens} "
+                        "tokens; lower it")
     resident = ({c: static_experts(ts, r["split"]["train"], c) for c in caches}
                 if any(p.name == "static-popular" for p in policies) else {})
 

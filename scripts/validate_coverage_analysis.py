@@ -27,6 +27,7 @@ from collection.atomic import atomic_write_json
 from collection.device import device_name, pick_device
 from collection.errors import UserError, one_line_errors
 from collection.format import DEFAULT_TRACES, TraceSet
+from collection.paths import check_writable
 from collection.rows import input_layers, mean_tokens_per_sequence, split_sequences
 from models.checkpoint import check_fits_traces, load_checkpoint
 from models.predictors import PREDICTORS
@@ -74,10 +75,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seed must be >= 0")
     if args.lookahead is not None and args.lookahead < 0:
         p.error("--lookahead must be >= 0")
-    for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
-        if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
-            p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
+    # every destination, before anything is read or computed
+    args.json_path, args.plot_path = destinations(args)
+    if args.json is None or args.plot is None:
+        check_writable("--output-dir", output_dir(args), "dir")
+    check_writable("--json", args.json, "file")
+    check_writable("--plot", args.plot, "file")
     return args
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """--output-dir, or by default the checkpoint's directory (a predictor), else results/<type>-d<d> (a baseline)."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.model_type in PREDICTORS and args.checkpoint is not None:
+        return Path(args.checkpoint).parent
+    return Path(f"results/{args.model_type}-d{args.lookahead or 0}")
+
+
+def destinations(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(metrics JSON, figure) paths."""
+    out_dir = output_dir(args)
+    return (Path(args.json) if args.json else out_dir / "coverage_metrics.json",
+            Path(args.plot) if args.plot else out_dir / "coverage_analysis.png")
 
 
 def check_ks(ks: tuple[int, ...] | None, num_experts: int) -> tuple[int, ...]:
@@ -144,7 +164,6 @@ def main(argv: list[str] | None = None) -> None:
                             f"{args.split} split (it was trained on {ckpt['traces'].get('dir')}); evaluate on that trace set")
         scorer = predictor_scorer(model, lookahead, m.num_experts)
         need_hidden = True
-        out_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         label = f"{cfg.kind} predictor ({args.checkpoint})"
     else:
         if args.checkpoint is not None:
@@ -158,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
         seq_ids = split[args.split]
         scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed)
         need_hidden = SCORERS[args.model_type].needs_hidden
-        out_dir = Path(args.output_dir or f"results/{args.model_type}-d{lookahead}")
         label = f"{args.model_type} baseline"
     if len(seq_ids) == 0:
         raise UserError(f"the {args.split} split is empty")
@@ -209,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             if s.get("tokens"):
                 print(f"  {name:<18} {s[f'recall@{K}']:.4f} / {s[f'coverage@{K}']:.4f} / {s['any_hit@1']:.4f}"
                       f"  ({int(s['tokens']):,} rows)")
-    json_path = Path(args.json) if args.json else out_dir / "coverage_metrics.json"
-    plot_path = Path(args.plot) if args.plot else out_dir / "coverage_analysis.png"
+    json_path, plot_path = args.json_path, args.plot_path
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, res)
     pred_f, true_f, rank_h = acc.frequencies()
