@@ -11,6 +11,9 @@ from typing import Iterable, Iterator
 
 # a full disk or an exhausted quota: the user's environment, not a bug, so one line like any bad input
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# a destination this user may not write (checked before work starts, collection/paths.py check_writable; this
+# is the last resort for one that changed meanwhile or that a permission check cannot see, e.g. a read-only mount)
+NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class UserError(Exception):
@@ -48,8 +51,8 @@ def disk_full(path: Path | str, e: OSError) -> UserError:
 def one_line_errors(prog: str) -> Iterator[None]:
     """Turn UserError (and its kin) into `prog: error: ...` on stderr and exit status 2.
 
-    A full disk is the user's environment too, wherever it strikes. Anything else is a bug in this
-    project and keeps its traceback.
+    A full disk, or a path this user may not write, is the user's environment too, wherever it strikes.
+    Anything else is a bug in this project and keeps its traceback.
     """
     try:
         yield
@@ -57,6 +60,10 @@ def one_line_errors(prog: str) -> Iterator[None]:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
+        if e.errno in NO_ACCESS:
+            print(f"{prog}: error: {e.filename or 'a file'}: {os.strerror(e.errno).lower()}; choose a path this user "
+                  "may write", file=sys.stderr)
+            sys.exit(2)
         if e.errno not in DISK_FULL:
             raise
         print(f"{prog}: error: {disk_full(e.filename or 'a file', e)}", file=sys.stderr)

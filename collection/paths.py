@@ -27,7 +27,7 @@ NAME_MAX = 255  # bytes in one file name (Linux, ext4, xfs)
 def plain_name_problem(name: object) -> str | None:
     """Why `name` is not a plain file name inside a directory, or None when it is one."""
     if not isinstance(name, str):
-        return f"is a {type(name).__name__}, not a string"
+        return f"is not a string ({type(name).__name__})"
     if not name:
         return "is empty"
     if name in (".", ".."):
@@ -59,8 +59,8 @@ def is_link(path: Path | str) -> bool:
 def refuse_symlink(path: Path | str, what: str, error: type[UserError] = UserError) -> None:
     """One line (`error`) if `path` is a symbolic link: this project follows none it did not create."""
     if is_link(path):
-        raise error(f"{path}: the {what} is a symbolic link, which is never followed; replace it by the real "
-                        "file or directory")
+        raise error(f"{path}: the {what} is a symbolic link, which is never followed; remove the link (or put "
+                    "the real file or directory there)")
 
 
 def open_nofollow(path: Path | str, what: str, flags: int = os.O_RDONLY, error: type[UserError] = UserError) -> int:

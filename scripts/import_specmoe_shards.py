@@ -28,7 +28,7 @@ from collection.legacy import (CONFIG_FILE, DEFAULT_CLASS_MODULE, DEFAULT_CLASS_
                                LegacyFormatError, group_passes, layer_id_meaning, load_legacy_shard,
                                looks_like_probabilities, num_layers_from_config, number_traces, pass_arrays,
                                read_traces, shape_run_hint, token_ids_of)
-from collection.paths import check_writable
+from collection.paths import check_writable, set_file
 from collection.output import OutputLock, open_output, start_one_shot
 
 
@@ -198,7 +198,7 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
                 seqs_per_source[name] = seqs_per_source.get(name, 0) + fp.shape[0]
 
             idx = len(shards)
-            writer = open_shard(dest / shard_name(idx), idx, grouping.passes, L, dims, probabilities)
+            writer = open_shard(set_file(dest, shard_name(idx)), idx, grouping.passes, L, dims, probabilities)
             agree += fill_shard(writer, grouping.passes, num_seq, pass_sources, probabilities, args.norm_topk_prob)
             nbytes, digest = writer.commit()
             writer = None
