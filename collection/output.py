@@ -178,6 +178,8 @@ def inspect_output(out: Path, resume: bool, overwrite: bool, *, can_resume: bool
     manifest = staged = replaced = None
     if os.path.lexists(out / MANIFEST):
         manifest = _manifest_or_error(out, "which files belong to it is unknown")
+        for name in manifest.owned_files():  # refused now, not when the new set is complete and the swap begins
+            _regular_or_absent(set_file(out, name), "file of the set in --output")
     if os.path.lexists(staging / MANIFEST):
         staged = _manifest_or_error(staging, "it is the unfinished set of an earlier run")
     if os.path.lexists(staging / REPLACED):
@@ -264,7 +266,7 @@ def swap_in(out: Path) -> Manifest:
     new_names = new.files()
     old_path, replaced = out / MANIFEST, staging / REPLACED
     for name in new_names:
-        _regular_or_absent(set_file(staging, name), "a file of the new set")
+        _regular_or_absent(set_file(staging, name), "file of the new set")
     held = -1
     try:
         starting = os.path.lexists(old_path)
@@ -285,7 +287,7 @@ def swap_in(out: Path) -> Manifest:
             old_names = []
             check_no_collision(out, [n for n in new_names if os.path.lexists(staging / n)], set())
         for name in dict.fromkeys(old_names + new_names):  # nothing below can stop half way on one of these
-            _regular_or_absent(set_file(out, name), "a file of the set being replaced")
+            _regular_or_absent(set_file(out, name), "file of the set being replaced")
         if starting:
             os.replace(old_path, replaced)  # 1. the old set is no longer valid; its file list goes with the swap
             fsync_dir(out)
@@ -314,7 +316,7 @@ def finish_swap_cleanup(state: OutputState) -> None:
     """A swap cut short after its manifest moved in leaves at most REPLACED in the staging directory."""
     if state.swap_leftover:
         refuse_symlink(state.staging_dir, "staging directory")
-        _regular_or_absent(state.staging_dir / REPLACED, "the manifest of a replaced set")
+        _regular_or_absent(state.staging_dir / REPLACED, "manifest of a replaced set")
         (state.staging_dir / REPLACED).unlink(missing_ok=True)
         state.staging_dir.rmdir()
         state.staging, state.replaced, state.staging_names = False, None, frozenset()
@@ -332,7 +334,7 @@ def prepare_destination(state: OutputState, dest: Path, previous: Manifest | Non
     refuse_symlink(dest, "destination directory")
     dest.mkdir(parents=True, exist_ok=True)
     for name in expected_partials(names):
-        _regular_or_absent(set_file(dest, name), "a temporary file this run writes")
+        _regular_or_absent(set_file(dest, name), "temporary file this run writes")
         set_file(dest, name).unlink(missing_ok=True)
 
 

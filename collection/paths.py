@@ -91,6 +91,8 @@ def check_writable(flag: str, path: Path | str | None, kind: str) -> None:
     directory. Nothing is created here."""
     if path is None:
         return
+    if not str(path).strip():  # Path("") is "." (wherever the run started): an unset variable, never a choice
+        raise UserError(f"{flag} is empty; give the path to write")
     path = Path(path)
     name = f"{flag} {path}"
     if kind not in ("dir", "file"):

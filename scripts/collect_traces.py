@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = f"routing_data/traces/{Path(args.model.rstrip('/')).name}"
     parse_layers(args.hidden_layers, None)  # its spelling, before anything is loaded
-    check_writable("--output", Path(args.output), "dir")  # every destination, before anything is loaded
+    check_writable("--output", args.output, "dir")  # every destination, before anything is loaded
     check_writable("--stats-json", args.stats_json, "file")
     return args
 

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare on the finished shards of a collection that has not completed")
     p.add_argument("--from-json", default=None, help="only redraw the table and figure of a comparison.json")
     args = p.parse_args(argv)
-    check_writable("--output", Path(args.output), "dir")  # before anything is read or trained
+    check_writable("--output", args.output, "dir")  # before anything is read or trained
     if args.from_json:
         import json
 

@@ -117,7 +117,7 @@ def fill_shard(writer: ShardWriter, passes: list[ForwardPass], first_seq: int, s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_writable("--output", Path(args.output), "dir")  # before any input is read
+    check_writable("--output", args.output, "dir")  # before any input is read
     lock = OutputLock(Path(args.output))
     try:
         import_shards(args, lock)

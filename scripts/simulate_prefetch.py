@@ -106,7 +106,7 @@ def check_flags(args: argparse.Namespace) -> None:
     number_flag("cache-gib", args.cache_gib, 0, MAX_CACHE_GIB)
     # every destination, before the traces are read
     if args.json is None or args.plot is None:
-        check_writable("--output-dir", Path(args.output_dir), "dir")
+        check_writable("--output-dir", args.output_dir, "dir")
     check_writable("--json", args.json, "file")
     check_writable("--plot", args.plot, "file")
 

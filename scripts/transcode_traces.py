@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_writable("--output", Path(args.output), "dir")  # before any input is read
+    check_writable("--output", args.output, "dir")  # before any input is read
     lock = OutputLock(Path(args.output))
     try:
         transcode(args, lock)

@@ -31,7 +31,8 @@ from collection.errors import UserError
 from collection.format import DEFAULT_TRACES, TraceSet
 from collection.rows import (SplitBlocks, TokenBlock, hidden_at, input_layers, load_block, mean_tokens_per_sequence,
                              split_sequences, targets)
-from collection.paths import check_writable
+from collection.atomic import PARTIAL_SUFFIX
+from collection.paths import check_writable, refuse_symlink
 from models.checkpoint import check_token_ids, save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import (CONFIG_LIMITS, PREDICTORS, PredictorConfig, build_predictor, count_parameters,
@@ -176,8 +177,10 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("hidden_dim", "past_layers", "own_layers", "window", "context", "depth"):
         if getattr(args, name) > CONFIG_LIMITS[name]:  # a size no predictor needs: memory, not a model
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {CONFIG_LIMITS[name]}")
+    check_writable("--output", args.output, "dir")  # before training: a run never ends unable to save what it learned
     out = Path(args.output)
-    check_writable("--output", out, "dir")  # before training: a run never ends unable to save what it learned
+    for name in OUTPUT_FILES:  # its temporary files are made by the run, never written through a planted link
+        refuse_symlink(out / (name + PARTIAL_SUFFIX), "temporary file of --output")
     present = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]
     if present and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(present)} of an earlier run; --overwrite replaces them, "
