@@ -47,6 +47,16 @@ def disk_full(path: Path | str, e: OSError) -> UserError:
                      "free some space or write elsewhere")
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a refused run left open, so its one error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error itself
+            pass
+
+
 @contextlib.contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
     """Turn UserError (and its kin) into `prog: error: ...` on stderr and exit status 2.
@@ -57,9 +67,11 @@ def one_line_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except UserError as e:
+        close_progress_bars()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
+        close_progress_bars()
         if e.errno in NO_ACCESS:
             print(f"{prog}: error: {e.filename or 'a file'}: {os.strerror(e.errno).lower()}; choose a path this user "
                   "may write", file=sys.stderr)

@@ -18,11 +18,17 @@ import os
 import sys
 from pathlib import Path
 
+from collection.errors import UserError
 from collection.paths import open_nofollow
 
 
 def lock_holders(path: Path | str) -> list[str]:
     """'script (pid N)' of every process holding a flock on `path` (its inode), from /proc/locks."""
+    return [f"{script} (pid {pid})" for pid, script in _holders(path)]
+
+
+def _holders(path: Path | str) -> list[tuple[str, str]]:
+    """(pid, script or 'process') of every holder of a flock on `path`."""
     found = []
     try:
         ino = os.stat(path).st_ino
@@ -40,7 +46,7 @@ def lock_holders(path: Path | str) -> list[str]:
                 script = next((Path(a.decode()).stem for a in args if a.endswith(b".py")), None)
             except OSError:
                 script = None
-            found.append(f"{script or 'process'} (pid {pid})")
+            found.append((pid, script or "process"))
     return found
 
 
@@ -64,6 +70,9 @@ def locked_manifest(path: Path, exclusive: bool, waiting: str) -> int:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
+                if str(os.getpid()) in {pid for pid, _ in _holders(path)}:  # waiting would be waiting for itself
+                    raise UserError(f"{path}: this process still has the set open for reading; close it "
+                                    "(TraceSet.close) before replacing it") from None
                 holders = ", ".join(lock_holders(path)) or "another process"
                 print(f"{path}: {waiting.format(holders=holders)}", file=sys.stderr, flush=True)
                 fcntl.flock(fd, mode)
@@ -92,7 +101,7 @@ def read_fd(fd: int) -> bytes:
 class SetReadLock:
     """A reader's shared lock on a trace set's manifest: held until `close` (or the object's or process's end)."""
 
-    WAITING = "waiting: {holders} is replacing this trace set"
+    WAITING = "waiting for {holders}, which is replacing this trace set"
 
     def __init__(self, manifest_path: Path):
         self.path = Path(manifest_path)

@@ -246,8 +246,8 @@ def discard_staging(state: OutputState) -> None:
     state.staging, state.staged, state.replaced, state.staging_names = False, None, None, frozenset()
 
 
-SWAP_WAITING = ("read by {holders}; the new set replaces it when they finish (Ctrl-C leaves the new set complete in "
-                f"{STAGING} for --resume)")
+SWAP_WAITING = ("waiting for {holders}, which read this set: the new set replaces it when they finish (Ctrl-C leaves "
+                f"the new set complete in {STAGING} for --resume)")
 
 
 def swap_in(out: Path) -> Manifest:

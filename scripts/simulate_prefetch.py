@@ -92,8 +92,8 @@ MAX_CACHE_GIB = 1 << 20
 def check_flags(args: argparse.Namespace) -> None:
     """The flags that need no traces, each a finite number in its range: NaN or an infinity would turn every
     cost into NaN (and prefetch.json into text no JSON reader accepts); a huge one overflows the cache count."""
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UserError(f"--max-tokens {args.max_tokens}: must be positive")
     if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):

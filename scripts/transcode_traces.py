@@ -28,7 +28,7 @@ from collection.format import (COMPACT_FORMAT_VERSION, FORMAT_VERSION, MANIFEST,
                                ShardWriter, TraceSet, bytes_per_token, encode_codec, manifest_dims, shard_specs,
                                write_manifest)
 from collection.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
-from collection.paths import check_writable
+from collection.paths import check_writable, set_file
 from collection.output import OutputLock, open_output, start_one_shot
 from scripts.collect_traces import FIT_TOKENS
 
@@ -136,14 +136,14 @@ def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat
     for name, data in ((ROUTER_WEIGHTS, router_bytes), (CODEC_FILE, codec_bytes)):
         if data is not None:
             written.append(name)
-            atomic_write_bytes(out / name, data)
+            atomic_write_bytes(set_file(out, name), data)
 
     for i in tqdm(range(len(src)), desc="transcode", unit="shard", dynamic_ncols=True):
         sh = src.shard(i)
         info = sh.info
         specs = shard_specs(info.tokens, info.sequences, **dims)
         written.append(info.file)
-        w = ShardWriter(out / info.file, specs, {**sh.metadata, "format_version": str(new.format_version)})
+        w = ShardWriter(set_file(out, info.file), specs, {**sh.metadata, "format_version": str(new.format_version)})
         try:
             for name in specs:
                 if name not in ("hidden", "hidden_scale"):

@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--lookahead must be >= 0")
     # every destination, before anything is read or computed
     args.json_path, args.plot_path = destinations(args)
-    if args.json is None or args.plot is None:
-        check_writable("--output-dir", output_dir(args), "dir")
+    if args.json is None or args.plot is None or args.output_dir is not None:
+        check_writable("--output-dir", args.output_dir if args.output_dir is not None else output_dir(args), "dir")
     check_writable("--json", args.json, "file")
     check_writable("--plot", args.plot, "file")
     return args
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def output_dir(args: argparse.Namespace) -> Path:
     """--output-dir, or by default the checkpoint's directory (a predictor), else results/<type>-d<d> (a baseline)."""
-    if args.output_dir:
+    if args.output_dir is not None:
         return Path(args.output_dir)
     if args.model_type in PREDICTORS and args.checkpoint is not None:
         return Path(args.checkpoint).parent

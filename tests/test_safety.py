@@ -57,8 +57,10 @@ def collect(model: Path, out: Path, *extra: str) -> None:
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` (hidden ones too) with its SHA-256, and every subdirectory."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    """Every file under `directory` (hidden ones too) with its SHA-256, every subdirectory, and every symbolic link
+    with its target (never followed)."""
+    return {str(p.relative_to(directory)): f"link to {os.readlink(p)}" if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(Path(directory).rglob("*"))}
 
 

@@ -168,8 +168,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--grad-clip must be a positive number")
     if not 0 <= args.dropout < 1:  # also false for nan
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed takes 64 bits
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
     if args.lookahead < 0:
         raise UserError(f"--lookahead {args.lookahead}: must be >= 0")
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
