@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,9 +82,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float made None: for results where a value is undefined by design (a replay
+    on the CPU measures no host-to-device copy), written as JSON null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """`obj` as JSON. NaN and infinities are refused (allow_nan=False): JSON has no such values, and a file holding
-    `NaN` is not JSON to any other reader; a result that can be undefined writes null."""
+    `NaN` is not JSON to any other reader; a result that can be undefined writes null (`finite_or_none`)."""
     try:
         text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
     except ValueError as e:

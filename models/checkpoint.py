@@ -83,9 +83,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     state, split = ckpt.get("state_dict"), ckpt.get("split")
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise bad("no state_dict of tensors")
-    if not (isinstance(split, dict) and all(isinstance(split.get(k), torch.Tensor) and split[k].dim() == 1
-                                            and not split[k].is_floating_point() for k in SPLITS)):
-        raise bad(f"no split ({', '.join(SPLITS)}: sequence ids), which evaluation needs to find its test sequences")
+    if not (isinstance(split, dict) and split and all(
+            k in SPLITS and isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point()
+            and not v.is_complex() and v.dtype != torch.bool for k, v in split.items())):
+        raise bad(f"no split (sequence ids of {', '.join(SPLITS)}), which evaluation needs to find its sequences")
     if not isinstance(ckpt.get("traces"), dict):
         raise bad("no traces section (the trace set it was trained on)")
     try:
@@ -109,6 +110,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise bad(f"config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval(), cfg, ckpt
+
+
+def checkpoint_split(ckpt: dict[str, Any], name: str, path: Path | str) -> np.ndarray:
+    """The sequence ids of split `name` a checkpoint (from `load_checkpoint`) keeps; one line if it keeps none."""
+    if name not in ckpt["split"]:
+        raise UserError(f"--checkpoint {path}: holds no {name} split (only {', '.join(ckpt['split'])})")
+    return ckpt["split"][name].numpy()
 
 
 def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:

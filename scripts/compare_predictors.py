@@ -32,7 +32,7 @@ from collection.errors import UserError, choices_list, one_line_errors
 from collection.format import TraceSet
 from collection.paths import check_writable
 from collection.rows import split_sequences
-from models.checkpoint import check_fits_traces, load_checkpoint
+from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
 from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
 from validation.evaluate import evaluate
 from validation.plots import comparison_figure
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
             check_fits_traces(cfg, ts, str(ck))
-            if not np.array_equal(ckpt["split"]["test"].numpy(), split["test"]):
+            if not np.array_equal(checkpoint_split(ckpt, "test", ck / "best_checkpoint.pth"), split["test"]):
                 raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),

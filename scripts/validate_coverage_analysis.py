@@ -29,7 +29,7 @@ from collection.errors import UserError, one_line_errors
 from collection.format import DEFAULT_TRACES, TraceSet
 from collection.paths import check_writable
 from collection.rows import input_layers, mean_tokens_per_sequence, split_sequences
-from models.checkpoint import check_fits_traces, load_checkpoint
+from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.evaluate import evaluate
 from validation.metrics import SEED_KS, random_expectation
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         check_fits_traces(cfg, ts, f"--traces {traces}")
         if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
             print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
-        seq_ids = ckpt["split"][args.split].numpy()
+        seq_ids = checkpoint_split(ckpt, args.split, args.checkpoint)
         missing = np.setdiff1d(seq_ids, ts.sequence_table()["seq_id"])
         if len(missing):
             raise UserError(f"--traces {traces} lacks {len(missing)} of the {len(seq_ids)} sequences of the checkpoint's "

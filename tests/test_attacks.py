@@ -504,7 +504,8 @@ def test_a_checkpoint_config_is_checked_against_its_weights_before_anything_is_b
 
 @pytest.mark.parametrize("edit,says", [
     (lambda c: c.pop("split"), "no split"),
-    (lambda c: c["split"].pop("test"), "no split"),
+    (lambda c: c["split"].pop("test"), "holds no test split"),
+    (lambda c: c.update(split={}), "no split"),
     (lambda c: c.update(split={"train": 1, "val": 2, "test": 3}), "no split"),
     (lambda c: c.pop("traces"), "no traces"),
     (lambda c: c["config"].update(hidden_dim=60000), "hidden_dim 60000"),
