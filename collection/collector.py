@@ -63,6 +63,7 @@ from collection.traces.output import (
 from common.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from common.device import device_name, host_memory_available, pick_device, pick_dtype
 from common.errors import UserError
+from common.paths import is_link
 from common.ranks import Ranks, rank_device
 
 BUNDLED_PER_DOMAIN = 400  # the bundled corpus holds at least this many trace texts per domain
@@ -85,7 +86,10 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
     try:
         for part in spec.split(","):
             a, _, b = part.partition("-")
-            layers.update(range(int(a), int(b or a) + 1))
+            first, last = int(a), int(b or a)
+            if last < first:  # range() of a reversed range is empty: it would store nothing and say "layers 0..0"
+                raise UserError(f"--hidden-layers {spec!r}: the range {part} runs backwards; write {last}-{first}")
+            layers.update(range(first, last + 1))
     except ValueError:
         raise UserError(f"--hidden-layers {spec!r}: use all, none, or indices like 0,4,8 or 0-11") from None
     if not layers or min(layers) < 0 or (num_layers is not None and max(layers) >= num_layers):
@@ -166,8 +170,8 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         raise UserError(f"--target_traces {args.target_traces} is fewer than the {len(sources)} datasets")
     print(f"sampling {per_source} texts from each of {len(sources)} sources: {', '.join(s.name for s in sources)}")
     texts, skipped = sample_balanced(sources, per_source, args.seed, args.min_chars)
-    if any(skipped.values()):
-        print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars}: "
+    if any(skipped.values()):  # "NAME (null text)": rows whose text is null
+        print(f"skipped {sum(skipped.values())} texts shorter than --min-chars {args.min_chars} or null: "
               + ", ".join(f"{name} {n}" for name, n in skipped.items() if n))
 
     placement = None
@@ -324,7 +328,8 @@ def collect(args: argparse.Namespace, lock: OutputLock, ranks: Ranks) -> None:
         for partial_manifest in partial_manifest_files(dest):  # folded into the manifest just written (or cut short)
             partial_manifest.unlink()
         rw_path = dest / ROUTER_WEIGHTS
-        if not (rw_path.is_file() and rw_path.stat().st_size == info.bytes and sha256_file(rw_path) == info.sha256):
+        if is_link(rw_path) or not (rw_path.is_file() and rw_path.stat().st_size == info.bytes
+                                    and sha256_file(rw_path) == info.sha256):
             atomic_write_bytes(rw_path, router_bytes)
         if codec_bytes is not None:  # listed in the manifest just written, as the router weights are
             atomic_write_bytes(dest / CODEC_FILE, codec_bytes)

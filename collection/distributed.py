@@ -26,6 +26,7 @@ from pathlib import Path
 
 from collection.traces.format import Manifest, ShardInfo, TraceFormatError, TraceShard, write_manifest
 from common.atomic import PARTIAL_SUFFIX, atomic_write_json
+from common.paths import refuse_symlink, set_file
 from common.ranks import Ranks
 
 PARTIAL_MANIFEST_GLOB = "manifest.rank*.json"
@@ -66,10 +67,12 @@ def fold_partial_manifests(out: Path, manifest: Manifest, write: bool = True) ->
     listed = {s.file for s in manifest.shards}
     dropped = 0
     for path in partials:
+        refuse_symlink(path, "partial manifest", TraceFormatError)
         try:
             partial = json.loads(path.read_text())
-            infos = [ShardInfo(**e) for e in partial["shards"]]
-        except (OSError, ValueError, KeyError, TypeError):
+            # the entries as a manifest holds them: every name checked (FILE_FIELDS), every count typed
+            infos = Manifest.from_json({**manifest.to_json(), "shards": partial["shards"]}, path).shards
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, TraceFormatError):
             raise TraceFormatError(f"{path}: unreadable partial manifest; delete it to collect its shards again") from None
         if partial.get("tokens_sha256") != manifest.plan.get("tokens_sha256"):
             raise TraceFormatError(f"{path}: belongs to another collection plan than {out / 'manifest.json'}")
@@ -77,7 +80,7 @@ def fold_partial_manifests(out: Path, manifest: Manifest, write: bool = True) ->
             if info.file in listed:
                 continue
             try:
-                TraceShard(out / info.file, info, manifest, verify=True)
+                TraceShard(set_file(out, info.file), info, manifest, verify=True)
             except TraceFormatError:
                 dropped += 1
                 continue
@@ -87,7 +90,7 @@ def fold_partial_manifests(out: Path, manifest: Manifest, write: bool = True) ->
     if write:
         write_manifest(out, manifest)
         for path in partials:
-            path.unlink()
+            set_file(out, path.name).unlink()
     print(f"resume: folded {len(partials)} partial manifest(s) into {out / 'manifest.json'}"
           + (f"; {dropped} listed shard(s) failed their check and will be collected again" if dropped else ""))
     return manifest
@@ -133,6 +136,6 @@ class ShardLedger:
         if self.ranks.is_main:
             write_manifest(self.out, self.manifest)
             for r in range(self.ranks.world):
-                (self.out / partial_manifest_name(r)).unlink(missing_ok=True)
+                set_file(self.out, partial_manifest_name(r)).unlink(missing_ok=True)
         self.ranks.barrier()  # no rank reports success before the manifest is written
         return self.manifest

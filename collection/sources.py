@@ -189,10 +189,16 @@ def _local_source(kind: str, rest: str, spec: str) -> Source:
         raise UserError(f"--datasets {spec}: directory {path} holds no files")
     kind = "jsonl" if kind == "json" else kind
 
-    def to_text(row: dict[str, Any]) -> str:
+    def to_text(row: dict[str, Any]) -> str | None:
         if field not in row:
             raise UserError(f"--datasets {spec}: rows have no field {field!r} (fields: {sorted(row)})")
-        return str(row[field])
+        value = row[field]
+        if value is None:  # JSON null, an empty CSV cell: no text (skipped and counted, never the text "None")
+            return None
+        if not isinstance(value, str):
+            raise UserError(f"--datasets {spec}: field {field!r} holds a {type(value).__name__} ({str(value)[:40]!r}), "
+                            "not text")
+        return value
 
     return Source(name=p.name.split(".")[0], kind="local", spec=spec,
                   loader=lambda: LocalRows(files, kind, field, spec), to_text=to_text)
@@ -257,7 +263,12 @@ def iter_texts(source: Source, seed: int, min_chars: int = MIN_CHARS,
     try:
         ds = source.loader().shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
         for row in ds:
-            text = source.to_text(row).strip()
+            text = source.to_text(row)
+            if text is None:  # counted apart from the short ones: a null is a hole in the data, not a short text
+                if skipped is not None:
+                    skipped[null_key(source.name)] = skipped.get(null_key(source.name), 0) + 1
+                continue
+            text = text.strip()
             if len(text) >= min_chars:
                 yield text
             elif skipped is not None:
@@ -266,12 +277,17 @@ def iter_texts(source: Source, seed: int, min_chars: int = MIN_CHARS,
         raise
     except UnicodeDecodeError as e:
         raise UserError(f"source {source.spec}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError, EOFError) as e:  # EOFError: a truncated .gz
         raise UserError(f"source {source.spec}: cannot be read ({e}). {LOCAL_DATA_HINT}") from None
     except Exception as e:  # datasets raises many types for unreadable files; all mean the same to a user
-        if type(e).__module__.startswith(("datasets", "pyarrow", "json")):
+        if type(e).__module__.startswith(("datasets", "pyarrow", "json", "pandas", "_csv", "csv")):
             raise UserError(f"source {source.spec}: cannot be read ({type(e).__name__}: {e})") from None
         raise
+
+
+def null_key(name: str) -> str:
+    """The key of `sample_balanced`'s skipped counts for a source's null texts (its short ones: its name)."""
+    return f"{name} (null text)"
 
 
 def sample_balanced(sources: list[Source], per_source: int, seed: int,
@@ -290,8 +306,10 @@ def sample_balanced(sources: list[Source], per_source: int, seed: int,
             if len(texts) == per_source:
                 break
         if len(texts) < per_source:
+            nulls = skipped.get(null_key(source.name), 0)
             raise UserError(f"source {source.name} has only {len(texts)} texts of >= {min_chars} characters "
-                            f"({skipped[source.name]} shorter ones skipped), {per_source} needed for a balanced "
+                            f"({skipped[source.name]} shorter ones{f' and {nulls} null ones' if nulls else ''} "
+                            f"skipped), {per_source} needed for a balanced "
                             "sample; lower --target_traces, lower --min-chars or add sources")
         columns.append(texts)
     return [(s, columns[s][i]) for i in range(per_source) for s in range(len(sources))], skipped

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.errors import DISK_FULL, disk_full
+from common.errors import DISK_FULL, UserError, disk_full
+from common.paths import is_link
 
 PARTIAL_SUFFIX = ".partial"  # files being written; never listed in a manifest, never read
 
@@ -58,7 +60,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yields the temporary path to write; on success commits it over `path`, on any failure removes it."""
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    # the temporary file is made here, never through a link planted under its name (writing through it would
+    # truncate whatever the link points to); a regular file left by an interrupted write is ours to replace
+    if is_link(tmp) or tmp.is_dir():
+        raise UserError(f"{tmp}: a {'symbolic link' if is_link(tmp) else 'directory'} where this run writes its "
+                        "temporary file (never followed or removed): move it away")
     try:
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         yield tmp
         commit_file(tmp, path)
     except BaseException as e:
@@ -73,8 +82,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float made None: for results where a value is undefined by design (a replay
+    on the CPU measures no host-to-device copy), written as JSON null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """`obj` as JSON. NaN and infinities are refused (allow_nan=False): JSON has no such values, and a file holding
+    `NaN` is not JSON to any other reader; a result that can be undefined writes null (`finite_or_none`)."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as e:
+        raise UserError(f"{path}: not written: a value to write is NaN or infinite ({e}); "
+                        "check the flags that feed it") from None
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
@@ -82,4 +110,14 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_fd(fd: int, chunk: int = 16 << 20) -> str:
+    """SHA-256 of the whole file behind an open descriptor (positional reads: its offset is left alone)."""
+    h = hashlib.sha256()
+    at = 0
+    while block := os.pread(fd, chunk, at):
+        h.update(block)
+        at += len(block)
     return h.hexdigest()

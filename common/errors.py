@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Iterable, Iterator
 
 # a full disk or an exhausted quota: the user's environment, not a bug, so one line like any bad input
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# a destination this user may not write (checked before work starts, common/paths.py check_writable; this
+# is the last resort for one that changed meanwhile or that a permission check cannot see, e.g. a read-only mount)
+NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class UserError(Exception):
@@ -27,25 +31,51 @@ def choices_list(flag: str, text: str, allowed: Iterable[str]) -> list[str]:
     return items
 
 
+def number_flag(flag: str, value: float | None, low: float, high: float, *, above_low: bool = False) -> None:
+    """One line unless --`flag`'s `value` (None: unset) is a finite number in [low, high] ((low, high] with
+    `above_low`): NaN, an infinity or a size no run needs would silently change a result, or exhaust memory."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if above_low else value >= low) and value <= high
+    if not ok:
+        raise UserError(f"--{flag} {value}: must be a number in {'(' if above_low else '['}{low:g}, {high:g}]")
+
+
 def disk_full(path: Path | str, e: OSError) -> UserError:
     """The one-line error for a write that ran out of space; the writer has already removed its `.partial`."""
     return UserError(f"{path}: {os.strerror(e.errno).lower()} while writing it (nothing partial was kept); "
                      "free some space or write elsewhere")
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars a refused run left open, so its one error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error itself
+            pass
+
+
 @contextlib.contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
     """Turn UserError (and its kin) into `prog: error: ...` on stderr and exit status 2.
 
-    A full disk is the user's environment too, wherever it strikes. Anything else is a bug in this
-    project and keeps its traceback.
+    A full disk, or a path this user may not write, is the user's environment too, wherever it strikes.
+    Anything else is a bug in this project and keeps its traceback.
     """
     try:
         yield
     except UserError as e:
+        close_progress_bars()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
+        close_progress_bars()
+        if e.errno in NO_ACCESS:
+            print(f"{prog}: error: {e.filename or 'a file'}: {os.strerror(e.errno).lower()}; choose a path this user "
+                  "may write", file=sys.stderr)
+            sys.exit(2)
         if e.errno not in DISK_FULL:
             raise
         print(f"{prog}: error: {disk_full(e.filename or 'a file', e)}", file=sys.stderr)

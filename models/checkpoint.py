@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from collection.traces.format import require_token_ids
+from collection.traces.rows import SPLITS
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
-from models.predictors import PredictorConfig, build_predictor
+from models.predictors import PredictorConfig, build_predictor, config_problem
 
 CHECKPOINT_FORMAT = "expert-predictor/1"
 
@@ -77,13 +78,46 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--checkpoint {path}: not a predictor checkpoint of this project (format "
                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
+    def bad(why: str) -> UserError:
+        return UserError(f"--checkpoint {path}: {why}")
+
+    state, split = ckpt.get("state_dict"), ckpt.get("split")
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise bad("no state_dict of tensors")
+    if not (isinstance(split, dict) and split and all(
+            k in SPLITS and isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point()
+            and not v.is_complex() and v.dtype != torch.bool for k, v in split.items())):
+        raise bad(f"no split (sequence ids of {', '.join(SPLITS)}), which evaluation needs to find its sequences")
+    if not isinstance(ckpt.get("traces"), dict):
+        raise bad("no traces section (the trace set it was trained on)")
     try:
         cfg = PredictorConfig(**ckpt["config"])
+    except (KeyError, TypeError) as e:
+        raise bad(f"its config is not a predictor's ({str(e).splitlines()[0][:200]})") from None
+    if (why := config_problem(cfg)) is not None:
+        raise bad(f"config {why}")
+    # the stored weights' shapes against the config's, before anything is allocated: the model is laid out on the
+    # meta device (no memory), so a config whose sizes the weights do not bear is refused at no cost
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build_predictor(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        name = next(iter(sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))))
+        raise bad(f"config and weights do not fit ({name}: the config makes {want.get(name, 'no tensor')}, "
+                  f"the file holds {got.get(name, 'none')})")
+    try:
         model = build_predictor(cfg)
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"--checkpoint {path}: config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
+        raise bad(f"config and weights do not fit ({str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval(), cfg, ckpt
+
+
+def checkpoint_split(ckpt: dict[str, Any], name: str, path: Path | str) -> np.ndarray:
+    """The sequence ids of split `name` a checkpoint (from `load_checkpoint`) keeps; one line if it keeps none."""
+    if name not in ckpt["split"]:
+        raise UserError(f"--checkpoint {path}: holds no {name} split (only {', '.join(ckpt['split'])})")
+    return ckpt["split"][name].numpy()
 
 
 def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
@@ -101,11 +135,21 @@ def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")
     if cfg.token_vocab:
-        require_token_ids(m, ts.dir, f"{where} (a token-id embedding)")
-        top = max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())
-        if top >= cfg.token_vocab:
-            raise UserError(f"{where}: token id {top} in {ts.dir} is outside the predictor's table of "
-                            f"{cfg.token_vocab} tokens (another tokenizer?)")
+        check_token_ids(ts, cfg.token_vocab, where)
+
+
+def check_token_ids(ts: Any, vocab: int, where: str) -> None:
+    """One line unless every token id of the trace set `ts` indexes a table of `vocab` tokens (a set without token
+    ids, a legacy or routing-only import, is refused first; another tokenizer's ids may run past the table)."""
+    require_token_ids(ts.manifest, ts.dir, f"{where} (a token-id embedding)")
+    low = min(int(sh.numpy("token_ids").min(initial=0)) for sh in ts.shards())
+    top = max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())
+    if low < 0:
+        raise UserError(f"{where}: {ts.dir} holds token id {low} (no token ids were recovered?); a token-id "
+                        "embedding needs real ids: --no-token-emb")
+    if top >= vocab:
+        raise UserError(f"{where}: token id {top} in {ts.dir} is outside the predictor's table of "
+                        f"{vocab} tokens (another tokenizer?)")
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:

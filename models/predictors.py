@@ -280,6 +280,33 @@ PREDICTORS: dict[str, type[nn.Module]] = {"simple": SimplePredictor, "layer-awar
                                           "hybrid": HybridPredictor, "anchored": RouterAnchoredPredictor}
 
 
+# Largest value of each size of a predictor, beyond any useful run (and any real MoE model: the trace format's own
+# bounds, collection/traces/format.py), so a flag or a checkpoint's config cannot size a model that exhausts memory.
+# Every training flag of the same name is held to it, and every checkpoint's config before anything is built.
+CONFIG_LIMITS: dict[str, int] = {"input_dim": 1 << 17, "num_experts": 32767, "top_k": 32767, "num_layers": 4096,
+                                 "lookahead": 4095, "hidden_dim": 16384, "past_layers": 256, "own_layers": 256,
+                                 "window": 64, "token_vocab": 1 << 22, "token_dim": 4096, "context": 4096, "depth": 64}
+
+
+def config_problem(cfg: PredictorConfig) -> str | None:
+    """Why `cfg` (e.g. read from a checkpoint) cannot describe a predictor, or None: its kind, the type and range of
+    every size (CONFIG_LIMITS), the dropout and the flags."""
+    if cfg.kind not in PREDICTORS:
+        return f"kind {cfg.kind!r} is not one of {', '.join(PREDICTORS)}"
+    for name, most in CONFIG_LIMITS.items():
+        value, low = getattr(cfg, name), 1 if name in ("input_dim", "num_experts", "top_k", "num_layers") else 0
+        if type(value) is not int or not low <= value <= most:
+            return f"{name} {value!r} is not an integer in {low}..{most}"
+    if cfg.top_k > cfg.num_experts:
+        return f"top_k {cfg.top_k} exceeds num_experts {cfg.num_experts}"
+    if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+        return f"dropout {cfg.dropout!r} is not in [0, 1)"
+    for name in ("separate_layers", "anchor", "residual_logits"):
+        if not isinstance(getattr(cfg, name), bool):
+            return f"{name} {getattr(cfg, name)!r} is not true or false"
+    return None
+
+
 def build_predictor(cfg: PredictorConfig) -> nn.Module:
     if cfg.kind not in PREDICTORS:
         raise ValueError(f"unknown predictor kind {cfg.kind!r}")

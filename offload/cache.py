@@ -38,6 +38,7 @@ from validation.prefetch.simulator import (
     STATIC,
 )
 
+
 @njit(cache=True)
 def _key(eviction, last, freq, nxt, T):
     """Eviction priority of a cached expert, the kernel's order for the rules the engine runs: the smallest key

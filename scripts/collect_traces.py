@@ -33,6 +33,7 @@ from collection.sources import MIN_CHARS
 from collection.traces.hidden_format import FORMATS, LOSSLESS
 from collection.traces.output import OutputLock
 from common.errors import one_line_errors
+from common.paths import check_writable
 from common.ranks import init_ranks
 from models.moe_configs import seed_recipe_table
 
@@ -95,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = f"routing_data/traces/{Path(args.model.rstrip('/')).name}"
     parse_layers(args.hidden_layers, None)  # its spelling, before anything is loaded
+    check_writable("--output", args.output, "dir")  # every destination, before anything is loaded
+    check_writable("--stats-json", args.stats_json, "file")
     return args
 
 

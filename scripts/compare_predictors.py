@@ -31,8 +31,9 @@ from collection.traces.rows import split_sequences
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
-from models.checkpoint import check_fits_traces, load_checkpoint
-from models.predictors import PREDICTORS, count_parameters, flops_per_row
+from common.paths import check_writable
+from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
+from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
 from training.checks import missing_inputs
 from training.trainer import add_training_args, resolve_defaults
 from validation.coverage.evaluate import evaluate
@@ -118,13 +119,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare on the finished shards of a collection that has not completed")
     p.add_argument("--from-json", default=None, help="only redraw the table and figure of a comparison.json")
     args = p.parse_args(argv)
+    check_writable("--output", args.output, "dir")  # before anything is read or trained
     if args.from_json:
         import json
 
-        saved = json.loads(Path(args.from_json).read_text())
-        top_k = saved.get("top_k") or int(next(c for c in saved["rows"][0] if c.startswith("recall@")).split("@")[1])
-        write_report(saved["rows"], saved["traces"], saved["model"], top_k, saved["device"], saved["args"],
-                     Path(args.output))
+        try:
+            saved = json.loads(Path(args.from_json).read_text())
+            top_k = saved.get("top_k") or int(next(c for c in saved["rows"][0] if c.startswith("recall@")).split("@")[1])
+            rows, traces, model, device, saved_args = (saved[k] for k in ("rows", "traces", "model", "device", "args"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, IndexError, TypeError,
+                AttributeError, StopIteration) as e:
+            raise UserError(f"--from-json {args.from_json}: not a comparison this script wrote "
+                            f"({type(e).__name__}: {str(e)[:100]})") from None
+        write_report(rows, traces, model, top_k, device, saved_args, Path(args.output))
         return
     try:
         ds = sorted({int(x) for x in args.lookaheads.split(",")})
@@ -137,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not (args.lr > 0 and math.isfinite(args.lr)) or args.seed < 0:
         raise UserError("--lr must be a positive number and --seed >= 0")
+    if args.hidden_dim > CONFIG_LIMITS["hidden_dim"]:
+        raise UserError(f"--hidden-dim {args.hidden_dim}: at most {CONFIG_LIMITS['hidden_dim']}")
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a directory")
     ts = TraceSet(Path(args.traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
     m = ts.manifest
     if ds[0] < 0 or ds[-1] >= m.num_layers:
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
             check_fits_traces(cfg, ts, str(ck))
-            if not np.array_equal(ckpt["split"]["test"].numpy(), split["test"]):
+            if not np.array_equal(checkpoint_split(ckpt, "test", ck / "best_checkpoint.pth"), split["test"]):
                 raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from collection.traces.compare import Tolerance, compare_trace_sets
 from common.atomic import atomic_write_json
-from common.errors import one_line_errors
+from common.errors import number_flag, one_line_errors
+from common.paths import check_writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
     p.add_argument("--json", default=None, help="write the comparison here")
     args = p.parse_args(argv)
+    for name in ("tie_ulps", "weights_atol", "hidden_rtol"):  # NaN would make every row pass or every row fail
+        number_flag(name.replace("_", "-"), getattr(args, name), 0, 1e6)
+    check_writable("--json", args.json, "file")  # before both sets are read
     res = compare_trace_sets(Path(args.reference), Path(args.compared),
                              Tolerance(args.tie_ulps, args.weights_atol, args.hidden_rtol), verify=not args.no_verify)
     print(f"{res['compared']} vs {res['reference']}: {res['identical_shards']}/{res['shards']} shards byte-identical; "

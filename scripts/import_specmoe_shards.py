@@ -47,6 +47,7 @@ from collection.traces.legacy import (
 from collection.traces.output import OutputLock, open_output, start_one_shot
 from common.atomic import sha256_file
 from common.errors import UserError, one_line_errors
+from common.paths import check_writable, set_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable("--output", args.output, "dir")  # before any input is read
     lock = OutputLock(Path(args.output))
     try:
         import_shards(args, lock)
@@ -160,7 +162,7 @@ def import_shards(args: argparse.Namespace, lock: OutputLock) -> None:
                 seqs_per_source[name] = seqs_per_source.get(name, 0) + fp.shape[0]
 
             idx = len(shards)
-            writer = open_shard(dest / shard_name(idx), idx, grouping.passes, L, dims, probabilities)
+            writer = open_shard(set_file(dest, shard_name(idx)), idx, grouping.passes, L, dims, probabilities)
             agree += fill_shard(writer, grouping.passes, num_seq, pass_sources, probabilities, args.norm_topk_prob)
             nbytes, digest = writer.commit()
             writer = None

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from collection.traces.format import DEFAULT_TRACES
 from common.atomic import atomic_write_json
-from common.errors import one_line_errors
+from common.errors import UserError, one_line_errors
+from common.paths import check_writable
 from models.moe_configs import PRESETS
 from validation.plots import prefetch_figure
 from validation.prefetch.budget import SPLITS
@@ -143,6 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.json is None or args.plot is None:  # every destination, before the traces are read
+        check_writable("--output-dir", args.output_dir, "dir")
+    check_writable("--json", args.json, "file")
+    check_writable("--plot", args.plot, "file")
     if args.map:  # the sweep of docs/PREFETCH.md's map: validation/prefetch/policy_map.py
         return run_map(args)
     args.policies = args.policies or DEFAULT_POLICIES
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     # --- the replayed steps (locality, prompts, lanes), each predictor's top-m and scores, the routing's locality
     stream, loc = workload(r, args)
     cpu = measure_cpu_expert(r.shape, args.expert_format, args.cpu_threads, args.batch) if args.measure_cpu else None
+    if args.warmup_tokens >= stream.tokens:  # no token would be counted: every statistic would be 0 / 0
+        raise UserError(f"--warmup-tokens {args.warmup_tokens}: the replayed stream has only {stream.tokens} "
+                        "steps; lower it")
 
     # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU by the replay's code
     if args.measure:

@@ -37,10 +37,12 @@ from collection.traces.format import (
     write_manifest,
 )
 from collection.traces.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, HiddenFormat, fit_codec
+from collection.traces.locks import read_fd
 from collection.traces.output import OutputLock, open_output, start_one_shot
 from common.atomic import atomic_write_bytes
 from common.device import pick_device
 from common.errors import UserError, one_line_errors
+from common.paths import check_writable, set_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable("--output", args.output, "dir")  # before any input is read
     lock = OutputLock(Path(args.output))
     try:
         transcode(args, lock)
@@ -93,28 +96,34 @@ def transcode(args: argparse.Namespace, lock: OutputLock) -> None:
     print(f"transcoding {len(src)} shards of {src.dir} into {fmt.name} at {out} ({target.sizes})")
     written: list[str] = []
     try:
-        _write(args, src, target.dest, fmt, hidden_dtype, dims, written)
+        report = _write(args, src, target.dest, fmt, hidden_dtype, dims, written)
     except BaseException:
         target.abandon(written)  # a refused input leaves the directory as it was found
         raise
     target.finish()
+    print(report.format(out=out))  # the set's real place, once it is there (it was written in the staging directory)
 
 
 def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat, hidden_dtype: str, dims: dict,
-           written: list[str]) -> None:
-    """The new set into `out`, each file's name appended to `written` before it is created."""
+           written: list[str]) -> str:
+    """The new set into `out`, each file's name appended to `written` before it is created; returns the closing
+    line, with `{out}` for the set's final place."""
     m = src.manifest
     device = pick_device(args.device)
     src_fmt = FORMATS[m.hidden_format]
     src_codec = src.hidden_codec(device)
 
     def source_rows(sh, j: int, rows: slice = slice(None)) -> torch.Tensor:
-        """Stored layer j's hidden rows of shard `sh` on the device, decoded if the source is compact."""
+        """Stored layer j's hidden rows of shard `sh` on the device, decoded if the source is compact (NaN or
+        infinite values refused, naming the shard and layer, as every reader refuses them)."""
+        stored = src.check_finite(sh, "hidden", sh.tensor("hidden", (slice(j, j + 1), rows)), j)[0]
         if src_fmt.lossless:
-            return sh.tensor("hidden", (j, rows)).to(device)
-        return src_fmt.decode(sh.tensor("hidden", (j, rows)).to(device), sh.tensor("hidden_scale", (j, rows)).to(device),
-                              torch.float32, src_codec, j)
-    capture = {**m.capture, "hidden_dtype": hidden_dtype, "hidden_format": fmt.name,
+            return stored.to(device)
+        scale = src.check_finite(sh, "hidden_scale", sh.tensor("hidden_scale", (slice(j, j + 1), rows)), j)[0]
+        return src_fmt.decode(stored.to(device), scale.to(device), torch.float32, src_codec, j)
+    # the source's capture settings, less what described its own stored format (a fitted codec is the source's)
+    kept = {k: v for k, v in m.capture.items() if k != "hidden_codec"}
+    capture = {**kept, "hidden_dtype": hidden_dtype, "hidden_format": fmt.name,
                "bytes_per_token": bytes_per_token(**dims),
                "transcoded_from": {"traces": str(src.dir), "hidden_format": m.hidden_format,
                                    "hidden_dtype": m.capture.get("hidden_dtype")}}
@@ -122,7 +131,8 @@ def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat
                    format_version=FORMAT_VERSION if fmt.lossless else COMPACT_FORMAT_VERSION,
                    router_weights=m.router_weights)
     # files go in after the manifest that lists them, as collection writes them
-    router_bytes = (src.dir / ROUTER_WEIGHTS).read_bytes() if m.router_weights is not None else None
+    # through the descriptor the reader checked: never the name again (collection/traces/locks.py)
+    router_bytes = read_fd(src.router_file().fd) if m.router_weights is not None else None
     if router_bytes is not None and hashlib.sha256(router_bytes).hexdigest() != m.router_weights.sha256:
         raise UserError(f"{src.dir / ROUTER_WEIGHTS}: checksum mismatch with its manifest (corrupt or replaced)")
     codec, codec_bytes = None, None
@@ -138,14 +148,14 @@ def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat
     for name, data in ((ROUTER_WEIGHTS, router_bytes), (CODEC_FILE, codec_bytes)):
         if data is not None:
             written.append(name)
-            atomic_write_bytes(out / name, data)
+            atomic_write_bytes(set_file(out, name), data)
 
     for i in tqdm(range(len(src)), desc="transcode", unit="shard", dynamic_ncols=True):
         sh = src.shard(i)
         info = sh.info
         specs = shard_specs(info.tokens, info.sequences, **dims)
         written.append(info.file)
-        w = ShardWriter(out / info.file, specs, {**sh.metadata, "format_version": str(new.format_version)})
+        w = ShardWriter(set_file(out, info.file), specs, {**sh.metadata, "format_version": str(new.format_version)})
         try:
             for name in specs:
                 if name not in ("hidden", "hidden_scale"):
@@ -168,9 +178,9 @@ def _write(args: argparse.Namespace, src: TraceSet, out: Path, fmt: HiddenFormat
         write_manifest(out, new)
     total = sum(s.bytes for s in new.shards)
     before = sum(s.bytes for s in m.shards)
-    print(f"wrote {len(new.shards)} shards to {out}: {total / 2**20:.1f} MiB ({before / max(total, 1):.2f}x smaller "
-          f"than the source's {before / 2**20:.1f} MiB), hidden states in {fmt.name}"
-          f"{f' ({hidden_dtype})' if fmt.lossless else ''}")
+    return (f"wrote {len(new.shards)} shards to {{out}}: {total / 2**20:.1f} MiB ({before / max(total, 1):.2f}x "
+            f"smaller than the source's {before / 2**20:.1f} MiB), hidden states in {fmt.name}"
+            f"{f' ({hidden_dtype})' if fmt.lossless else ''}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from collection.traces.rows import input_layers, mean_tokens_per_sequence, split
 from common.atomic import atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
-from models.checkpoint import check_fits_traces, load_checkpoint
+from common.paths import check_writable
+from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.coverage.evaluate import evaluate, evaluate_window
 from validation.coverage.metrics import SEED_KS, WindowAccumulator, random_expectation
@@ -106,7 +107,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
         if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
             p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
+    # every destination, before anything is read or computed
+    args.json_path, args.plot_path = destinations(args)
+    if args.json is None or args.plot is None or args.output_dir is not None:
+        check_writable("--output-dir", args.output_dir if args.output_dir is not None else output_dir(args), "dir")
+    check_writable("--json", args.json, "file")
+    check_writable("--plot", args.plot, "file")
     return args
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """--output-dir, or by default the checkpoint's directory (a predictor), else results/<type>-d<d> (a baseline;
+    results/<type>-w<W> for a baseline of the experts used in the next W tokens)."""
+    if args.output_dir is not None:
+        return Path(args.output_dir)
+    if args.model_type in PREDICTORS and args.checkpoint is not None:
+        return Path(args.checkpoint).parent
+    if args.lookahead_tokens:
+        return Path(f"results/{args.model_type}-w{args.lookahead_tokens}")
+    return Path(f"results/{args.model_type}-d{args.lookahead or 0}")
+
+
+def destinations(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(metrics JSON, figure) paths."""
+    out_dir = output_dir(args)
+    return (Path(args.json) if args.json else out_dir / "coverage_metrics.json",
+            Path(args.plot) if args.plot else out_dir / "coverage_analysis.png")
 
 
 def check_ks(ks: tuple[int, ...] | None, num_experts: int) -> tuple[int, ...]:
@@ -209,14 +235,13 @@ def main(argv: list[str] | None = None) -> None:
         check_fits_traces(cfg, ts, f"--traces {traces}")
         if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
             print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
-        seq_ids = ckpt["split"][args.split].numpy()
+        seq_ids = checkpoint_split(ckpt, args.split, args.checkpoint)
         missing = np.setdiff1d(seq_ids, ts.sequence_table()["seq_id"])
         if len(missing):
             raise UserError(f"--traces {traces} lacks {len(missing)} of the {len(seq_ids)} sequences of the checkpoint's "
                             f"{args.split} split (it was trained on {ckpt['traces'].get('dir')}); evaluate on that trace set")
         scorer = predictor_scorer(model, lookahead, m.num_experts)
         need_hidden = True
-        out_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         label = f"{cfg.kind} predictor ({args.checkpoint})"
     else:
         if args.model_type in PREDICTORS:
@@ -233,7 +258,6 @@ def main(argv: list[str] | None = None) -> None:
         scorer = baseline_scorer(args.model_type, ts, lookahead, split["train"], device, args.seed,
                                  history=args.history or window or DEFAULT_HISTORY)
         need_hidden = SCORERS[args.model_type].needs_hidden
-        out_dir = Path(args.output_dir or f"results/{args.model_type}-" + (f"w{window}" if window else f"d{lookahead}"))
         label = f"{args.model_type} baseline"
     if len(seq_ids) == 0:
         raise UserError(f"the {args.split} split is empty")
@@ -247,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         wacc = evaluate_window(scorer, ts, seq_ids, window, device, batch_rows=batch_rows, need_hidden=need_hidden,
                                ks=ks_asked)
         report_window(wacc, args, ts, window, label, time.perf_counter() - t0, device, len(seq_ids), traces,
-                      Path(args.json) if args.json else out_dir / "coverage_metrics.json")
+                      args.json_path)
         return
     acc = evaluate(scorer, ts, seq_ids, lookahead, device, batch_rows=batch_rows, need_hidden=need_hidden, ks=ks_asked)
     if device.type == "cuda":
@@ -290,8 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             if s.get("tokens"):
                 print(f"  {name:<18} {s[f'recall@{K}']:.4f} / {s[f'coverage@{K}']:.4f} / {s['any_hit@1']:.4f}"
                       f"  ({int(s['tokens']):,} rows)")
-    json_path = Path(args.json) if args.json else out_dir / "coverage_metrics.json"
-    plot_path = Path(args.plot) if args.plot else out_dir / "coverage_analysis.png"
+    json_path, plot_path = args.json_path, args.plot_path
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, res)
     pred_f, true_f, rank_h = acc.frequencies()

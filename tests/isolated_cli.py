@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 MEMORY_LIMIT = 3 << 30  # address space a child may add: a memory bomb fails fast instead of taking the machine
@@ -45,3 +46,30 @@ class IsolatedCLI:
             proc.join()
             return None, err_path.read_text() if err_path.exists() else ""
         return proc.exitcode, err_path.read_text() if err_path.exists() else ""
+
+
+class Scripts:
+    """One `IsolatedCLI` per script module, made when first run: `run("collect_traces", argv, err_path)`."""
+
+    def __init__(self):
+        self.clis: dict[str, IsolatedCLI] = {}
+
+    def run(self, script: str, argv: list, err_path: Path, timeout: float = 300) -> tuple[int | None, str]:
+        if script not in self.clis:
+            self.clis[script] = IsolatedCLI(f"scripts.{script}")
+        return self.clis[script]([str(a) for a in argv], err_path, timeout)
+
+
+PROGRESS = re.compile(r".*(\d|\?)\w*/s\]\s*$")  # a tqdm bar's text ("... 384tok [00:00, 10000.08tok/s]")
+
+
+def assert_refused(code: int | None, err: str, prog: str, *says: str) -> None:
+    """Exit status 2 and exactly one line on stderr, `prog: error: ...`, holding each of `says`; no traceback.
+    Progress bars a run drew before it was refused (tqdm, redrawn with carriage returns) are not lines."""
+    assert code == 2, f"exit {code} (-11: segfault, -9: killed, None: hung)\n{err[-3000:]}"
+    lines = [piece for piece in re.split(r"[\r\n]", err) if piece.strip() and not PROGRESS.match(piece)]
+    assert "Traceback" not in err and len(lines) == 1 and err.endswith("\n"), err[-3000:]
+    line = lines[0]
+    assert line.startswith(f"{prog}: error: "), err[-3000:]
+    for s in says:
+        assert s in line, (s, line)

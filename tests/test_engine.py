@@ -24,7 +24,10 @@ from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy,
 EMBEDDED = "models/embedded/qwen2moe-mini"
 PROMPT = torch.tensor([[17, 233, 1009, 45, 7, 812]])
 NEW = 8
-ATOL = 0.0  # bit for bit: the decode path is one call of the same kernel, a prompt sums the same pairs in the same order
+# float32 on the CPU: the engine runs each expert on the rows routed to it, the resident model on other groupings,
+# and a BLAS may block a matrix product of another row count differently, rounding its sums in another order
+# (5e-6 to 1e-5 seen on one CPU, 0 on another). A wrong expert, weight or routing weight moves logits by 1e-2 or more.
+ATOL = 1e-4
 
 
 def embedded() -> torch.nn.Module:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from collection.traces.format import DEFAULT_TRACES
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_json, finite_or_none
 from common.errors import UserError, one_line_errors
 from models.moe_configs import PRESETS
 from validation.prefetch.cost_model import CostModel
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"round {rnd + 1} of {args.repeats}: " + ", ".join(
             f"{r['label']} {T / r['measured_seconds'][-1]:.1f}" for r in rows[:len(policies)]) + " tokens/s"
             + (" (first format and cache size)" if len(rows) > len(policies) else ""))
-        atomic_write_json(json_path, result)  # after every round: a cut-off run keeps what it measured
+        atomic_write_json(json_path, finite_or_none(result))  # after every round: a cut-off run keeps what it measured
     bar.close()
     for r in rows:  # measured speedup over on-demand at the same format and cache size
         base = [b for b in rows if (b["format"], b["cache_experts"], b["policy"]) == (r["format"], r["cache_experts"],
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         r["measured_speedup_vs_on_demand"] = (r["measured_tokens_per_s"] / base[0]["measured_tokens_per_s"]
                                               if base else None)
     print_table(rows)
-    atomic_write_json(json_path, result)
+    atomic_write_json(json_path, finite_or_none(result))
     worst = max(abs(r["measured_over_predicted"] - 1) for r in rows)
     spread = max(r["measured_spread"] for r in rows)
     print(f"largest spread of one run over its {args.repeats} rounds (slowest / fastest): {spread:.2f}")

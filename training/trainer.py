@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,11 +45,19 @@ from collection.traces.rows import (
     targets,
     window_targets,
 )
-from common.atomic import atomic_write_json
+from common.atomic import PARTIAL_SUFFIX, atomic_write_json
 from common.errors import UserError
-from models.checkpoint import save_checkpoint
+from common.paths import check_writable, refuse_symlink
+from models.checkpoint import check_token_ids, save_checkpoint
 from models.features import feature_spec, make_features
-from models.predictors import PREDICTORS, PredictorConfig, build_predictor, count_parameters, flops_per_row
+from models.predictors import (
+    CONFIG_LIMITS,
+    PREDICTORS,
+    PredictorConfig,
+    build_predictor,
+    count_parameters,
+    flops_per_row,
+)
 from training.checks import check_traces_serve, interrupted_note, quality_warning, window_quality_warning
 from training.distributed import data_parallel, describe
 
@@ -189,17 +198,21 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--grad-clip must be a positive number")
     if not 0 <= args.dropout < 1:  # also false for nan
         raise UserError(f"--dropout {args.dropout}: must be in [0, 1)")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be >= 0")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed takes 64 bits
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
     if args.lookahead < 0:
         raise UserError(f"--lookahead {args.lookahead}: must be >= 0")
     check_lookahead_tokens(args)
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         raise UserError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    for name in ("hidden_dim", "past_layers", "own_layers", "window", "context", "depth"):
+        if getattr(args, name) > CONFIG_LIMITS[name]:  # a size no predictor needs: memory, not a model
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: at most {CONFIG_LIMITS[name]}")
+    check_writable("--output", args.output, "dir")  # before training: a run never ends unable to save what it learned
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a directory")
-    present = [name for name in OUTPUT_FILES if (out / name).exists()]
+    for name in OUTPUT_FILES:  # its temporary files are made by the run, never written through a planted link
+        refuse_symlink(out / (name + PARTIAL_SUFFIX), "temporary file of --output")
+    present = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]
     if present and not args.overwrite:
         raise UserError(f"{out} already holds {', '.join(present)} of an earlier run; --overwrite replaces them, "
                         "or choose another --output")
@@ -276,10 +289,19 @@ def model_vocab_size(ts: TraceSet) -> int:
 
     cfg = Path(str(ts.manifest.model.get("name_or_path", ""))) / "config.json"
     if cfg.is_file():
-        vocab = json.loads(cfg.read_text()).get("vocab_size")
-        if isinstance(vocab, int) and vocab > 0:
+        try:
+            vocab = json.loads(cfg.read_text()).get("vocab_size")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+            raise UserError(f"{cfg}: unreadable model config ({str(e)[:200]}); --no-token-emb does without it") from None
+        if type(vocab) is int and 0 < vocab <= CONFIG_LIMITS["token_vocab"]:
             return vocab
-    return int(max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())) + 1
+        if vocab is not None:
+            raise UserError(f"{cfg}: vocab_size {vocab!r} is not a vocabulary size (1..{CONFIG_LIMITS['token_vocab']}); "
+                            "--no-token-emb does without it")
+    vocab = int(max(int(sh.numpy("token_ids").max(initial=0)) for sh in ts.shards())) + 1
+    if vocab > CONFIG_LIMITS["token_vocab"]:
+        raise UserError(f"{ts.dir}: token id {vocab - 1} is beyond any vocabulary; --no-token-emb does without ids")
+    return vocab
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int) -> Callable[[int], float]:
@@ -374,6 +396,8 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
         cfg.past_layers, cfg.own_layers, cfg.window, cfg.context, cfg.depth = (
             args.past_layers, args.own_layers, args.window, args.context, args.depth)
         cfg.token_vocab = model_vocab_size(ts) if args.token_emb else 0
+        if cfg.token_vocab:
+            check_token_ids(ts, cfg.token_vocab, f"--traces {args.traces}")
         cfg.separate_layers, cfg.anchor, cfg.residual_logits = args.separate_layers, args.anchor, args.residual_logits
     model = build_predictor(cfg)
     router = getattr(model, "router", None)

@@ -32,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -45,8 +47,10 @@ import torch
 
 from collection.traces.durable import start_writeback
 from collection.traces.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, MAX_BITS, HiddenCodec
-from common.atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_json, commit_file, sha256_file
+from collection.traces.locks import SetReadLock, read_fd
+from common.atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_json, commit_file, sha256_fd, sha256_file
 from common.errors import DISK_FULL, UserError, disk_full
+from common.paths import is_link, open_nofollow, plain_name_problem, refuse_symlink, set_file
 
 FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
 COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
@@ -54,6 +58,8 @@ READABLE_VERSIONS = (FORMAT_VERSION, COMPACT_FORMAT_VERSION)
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
 MANIFEST = "manifest.json"
 ROUTER_WEIGHTS = "router_weights.safetensors"
+STAGING = ".incoming"  # a set replacing the one in a directory is written here until complete (collection/traces/output.py)
+REPLACED = "replaced_manifest.json"  # inside STAGING: the old manifest, moved aside when a swap starts
 
 # safetensors dtype codes <-> numpy storage dtypes (bfloat16 is stored as its raw 16 bits)
 _ST_TO_NP = {
@@ -68,6 +74,20 @@ _ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32")  # what capture.hidden_dtype may be
 SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")  # `shard_name`'s pattern: the only shard names a manifest may list
+# Every place a manifest names a file of the set (a JSON path, "*" = each item of a list) and the names it may
+# hold there. `Manifest.from_json` checks each against `plain_name_problem` and its pattern, and `Manifest.files()`
+# (what writers replace and delete) lists exactly these: a new file field is added here or it is neither read
+# nor deleted. tests/test_attacks.py walks written manifests for any other "file" key.
+FILE_FIELDS: dict[tuple[str, ...], re.Pattern[str]] = {
+    ("shards", "*", "file"): SHARD_NAME,
+    ("router_weights", "file"): re.compile(re.escape(ROUTER_WEIGHTS)),
+    ("capture", "hidden_codec", "file"): re.compile(re.escape(CODEC_FILE)),
+}
+# "file" keys a manifest also carries that name no file of the set (provenance of a legacy import's inputs,
+# which are read from where the user named them, never from the trace directory)
+FOREIGN_FILE_FIELDS = (("plan", "inputs", "*", "file"),)
+# sizes no real model reaches, refused before anything is sized from them (topk_ids and seq_sources are int16)
+MAX_LAYERS, MAX_EXPERTS, MAX_HIDDEN, MAX_SOURCES = 4096, 32767, 1 << 17, 32767
 
 
 class TraceFormatError(UserError):
@@ -131,8 +151,9 @@ class ShardWriter:
         self.data_start = 8 + len(raw)
         self.total_bytes = self.data_start + offset
         self.fd = -1
+        refuse_symlink(self.tmp, "temporary shard file")  # never written through a planted link
         with self._cleanup_on_error():
-            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
             os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
             os.ftruncate(self.fd, self.total_bytes)  # holes read as zeros until written
 
@@ -223,20 +244,27 @@ class SafetensorsFile:
     so fuzzed or damaged input can fail in no other way.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fd: int | None = None):
+        """`fd`: the file already open (and checked against its manifest entry by `open_listed_file`); it is
+        adopted, and every later read, and the memory map, go through it, never through the name again."""
         self.path = Path(path)
+        self.fd = -1
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise self._error("file is shorter than a safetensors header")
-                (n,) = struct.unpack("<Q", head)
-                if n > MAX_HEADER_BYTES or 8 + n > size:
-                    raise self._error("header length points past the end of the file (truncated?)")
-                raw = f.read(n)
+            self.fd = open_nofollow(self.path, "file", error=TraceFormatError) if fd is None else fd
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            if len(head) < 8:
+                raise self._error("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise self._error("header length points past the end of the file (truncated?)")
+            raw = os.pread(self.fd, n, 8)
         except OSError as e:
+            self.close()
             raise TraceFormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        except BaseException:
+            self.close()
+            raise
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -270,11 +298,20 @@ class SafetensorsFile:
         for (_, e0), (b1, _) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._error("tensors overlap")
-        self._mmap: np.memmap | None = None
+        self._mmap: np.ndarray | None = None
         self._size = size
 
     def _error(self, why: str) -> TraceFormatError:
         return TraceFormatError(f"{self.path}: not a valid shard: {why}")
+
+    def close(self) -> None:
+        """Close the descriptor (a memory map made from it stays valid)."""
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -286,8 +323,8 @@ class SafetensorsFile:
         dt, shape, begin, end = self.entries[name]
         if end == begin:
             return np.zeros(shape, dtype=_ST_TO_NP[dt])
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._size,))
+        if self._mmap is None:  # the descriptor that was checked, mapped: the name is never opened again
+            self._mmap = np.frombuffer(mmap.mmap(self.fd, self._size, access=mmap.ACCESS_READ), dtype=np.uint8)
         raw = self._mmap[self.data_start + begin:self.data_start + end]
         return raw.view(_ST_TO_NP[dt]).reshape(shape)
 
@@ -307,6 +344,45 @@ class SafetensorsFile:
 
 # ----------------------------------------------------------------------------------------------
 # manifest and trace set
+
+
+def _example(pattern: re.Pattern[str]) -> str:
+    return shard_name(0) if pattern is SHARD_NAME else re.sub(r"\\(.)", r"\1", pattern.pattern)
+
+
+def listed_file_entries(d: Any) -> Iterator[tuple[str, str | None]]:
+    """(name, None) for every file name at a FILE_FIELDS path of a manifest's JSON, or (None, why) for one that
+    is refused: not a plain file name, not the field's name, missing from its entry, or under a section that is
+    present but of the wrong type. An absent (or null) optional section lists nothing."""
+    for path, pattern in FILE_FIELDS.items():
+        nodes: list[tuple[str, Any]] = [("", d)]
+        for depth, key in enumerate(path):
+            leaf = depth == len(path) - 1
+            found = []
+            for label, node in nodes:
+                if key == "*":
+                    if not isinstance(node, list):
+                        yield None, f"{label} must be a list"
+                        continue
+                    found += [(f"{label}[{i}]", x) for i, x in enumerate(node)]
+                    continue
+                here = f"{label}.{key}" if label else key
+                if not isinstance(node, dict):
+                    yield None, f"{label} must be an object"
+                elif leaf and key not in node:
+                    yield None, f"{here} is missing"
+                elif leaf:
+                    name = node[key]
+                    if (why := plain_name_problem(name)) is not None:
+                        yield None, (f"{here} {name!r} {why}; the files of a set are plain file names inside its "
+                                     f"directory ({_example(pattern)})")
+                    elif not pattern.fullmatch(name):
+                        yield None, f"{here} {name!r} must be a plain file name like {_example(pattern)}"
+                    else:
+                        yield name, None
+                elif node.get(key) is not None:
+                    found.append((here, node[key]))
+            nodes = found
 
 
 @dataclass
@@ -393,11 +469,20 @@ class Manifest:
         return [s["name"] for s in self.sources]
 
     def files(self) -> list[str]:
-        """Every data file this manifest lists (shards, router weights, a fitted format's codec): the files that
-        belong to the set."""
-        codec = self.capture.get("hidden_codec")
-        return ([s.file for s in self.shards] + ([self.router_weights.file] if self.router_weights else [])
-                + ([codec["file"]] if isinstance(codec, dict) else []))
+        """Every data file this manifest lists (FILE_FIELDS: shards, router weights, a fitted format's codec): the
+        files that belong to the set, each a checked plain file name (a manifest built in code is checked too)."""
+        names = []
+        for name, why in listed_file_entries(self.to_json()):
+            if why is not None:
+                raise TraceFormatError(f"{MANIFEST}: {why}")
+            names.append(name)
+        return names
+
+    def owned_files(self) -> list[str]:
+        """`files()`, and the router weights of a set written before the manifest listed them (the collector always
+        wrote them); a legacy import has none, so a file of that name beside it is the user's."""
+        unlisted = self.router_weights is None and not self.plan.get("legacy_import")
+        return self.files() + ([ROUTER_WEIGHTS] if unlisted else [])
 
     def to_json(self) -> dict[str, Any]:
         d = {"format_version": self.format_version, "complete": self.complete, "model": self.model,
@@ -426,6 +511,9 @@ class Manifest:
 
         if not isinstance(d, dict):
             raise bad("not a JSON object")
+        for _, why in listed_file_entries(d):  # first: these names decide what a writer replaces and deletes
+            if why is not None:
+                raise bad(why)
         if type(d.get("format_version")) is not int or d["format_version"] not in READABLE_VERSIONS:
             raise bad(f"format_version {d.get('format_version')!r}, this code reads "
                       f"{', '.join(map(str, READABLE_VERSIONS))}")
@@ -439,13 +527,18 @@ class Manifest:
             raise bad("model.name_or_path must be a string")
         for key in ("architecture", "dtype", "quantization"):
             optional(model, key, lambda x: isinstance(x, str), "a string", "model")
-        for key in ("num_layers", "num_experts", "top_k", "hidden_size"):
+        for key, most in (("num_layers", MAX_LAYERS), ("num_experts", MAX_EXPERTS), ("top_k", MAX_EXPERTS),
+                          ("hidden_size", MAX_HIDDEN)):
             if not is_int(routing.get(key), 1) and not (key == "hidden_size" and routing.get(key) == 0
                                                         and not capture.get("hidden_layers")):
                 raise bad(f"routing.{key} must be a positive integer (hidden_size 0: unknown, in a set without "
                           "hidden states)")
+            if routing[key] > most:  # sizes are taken from here before any stored tensor bounds them
+                raise bad(f"routing.{key} {routing[key]} is beyond any model's ({most} at most)")
         if routing["top_k"] > routing["num_experts"]:
             raise bad(f"routing.top_k {routing['top_k']} exceeds routing.num_experts {routing['num_experts']}")
+        if (why := router_spec_problem(routing.get("router"), routing["num_experts"], routing["top_k"])):
+            raise bad(f"routing.router {why}")
         optional(routing, "norm_topk_prob", lambda x: isinstance(x, bool), "true or false", "routing")
         optional(routing, "architecture", lambda x: isinstance(x, str), "a string", "routing")
         mli = routing.get("moe_layer_indices")
@@ -483,8 +576,8 @@ class Manifest:
                       f"{{file: {CODEC_FILE}, sha256, bytes}}, the fitted parameters")
         optional(plan, "tokens_sha256", lambda x: isinstance(x, str), "a string", "plan")
         sources = d.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise bad("sources must be a non-empty list")
+        if not isinstance(sources, list) or not sources or len(sources) > MAX_SOURCES:
+            raise bad(f"sources must be a non-empty list (of at most {MAX_SOURCES})")
         for src in sources:
             if not isinstance(src, dict) or not isinstance(src.get("name"), str):
                 raise bad(f"source {src!r} must be an object with a string name")
@@ -496,8 +589,6 @@ class Manifest:
             if not (isinstance(s, dict) and isinstance(s.get("file"), str) and is_int(s.get("sequences"), 1)
                     and is_int(s.get("tokens"), 1) and is_int(s.get("bytes"), 1) and is_sha(s.get("sha256"))):
                 raise bad(f"malformed shard entry {s!r} (needs file, sequences, tokens, bytes, sha256)")
-            if not SHARD_NAME.fullmatch(s["file"]):  # a plain name: no path may lead a reader, or a deleter, elsewhere
-                raise bad(f"shard file name {s['file']!r} must be a plain file name like {shard_name(0)}")
             if s["tokens"] < s["sequences"]:
                 raise bad(f"shard {s['file']}: fewer tokens than sequences")
             shards.append(ShardInfo(file=s["file"], sequences=s["sequences"], tokens=s["tokens"], bytes=s["bytes"],
@@ -512,6 +603,34 @@ class Manifest:
             rw = FileInfo(file=rw["file"], bytes=rw["bytes"], sha256=rw["sha256"])
         return cls(model=model, routing=routing, capture=capture, sources=sources, plan=plan, shards=shards,
                    complete=d.get("complete", False), format_version=d["format_version"], router_weights=rw)
+
+
+ROUTER_SCORING = ("softmax", "sigmoid", "logits")  # collection/families.py Family.scoring
+GROUP_SCORES = ("max", "sum of top-2")              # collection/families.py router_spec
+
+
+def router_spec_problem(spec: Any, num_experts: int, top_k: int) -> str | None:
+    """Why a manifest's routing.router cannot drive `families.selection_scores`, or None (absent: the trace set
+    predates families, and plain top-k of the logits is what its model did)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return "must be an object (how the router chose its experts)"
+    if "scoring" in spec and spec["scoring"] not in ROUTER_SCORING:
+        return f"scoring {spec['scoring']!r} is not one of {', '.join(ROUTER_SCORING)}"
+    groups = spec.get("groups")
+    if groups is None:
+        return None
+    if not isinstance(groups, dict):
+        return "groups must be an object {n_group, topk_group, group_score} or null"
+    n, keep, score = groups.get("n_group"), groups.get("topk_group"), groups.get("group_score")
+    if not (type(n) is int and 1 <= n <= num_experts and num_experts % n == 0):
+        return f"groups.n_group {n!r} must be a positive integer dividing the {num_experts} experts"
+    if not (type(keep) is int and 1 <= keep <= n and keep * (num_experts // n) >= top_k):
+        return f"groups.topk_group {keep!r} must be 1..{n} and its groups hold at least top-{top_k} experts"
+    if score not in GROUP_SCORES or (score == "sum of top-2" and num_experts // n < 2):
+        return f"groups.group_score {score!r} is not one of {', '.join(GROUP_SCORES)} (sum of top-2: 2+ experts a group)"
+    return None
 
 
 def encode_codec(codec: HiddenCodec, fit_tokens: int) -> tuple[bytes, dict[str, Any]]:
@@ -538,9 +657,9 @@ def read_codec(directory: Path, manifest: Manifest, verify: bool = True) -> Hidd
     if not fmt.fitted or not manifest.hidden_layers:
         return None
     entry = manifest.capture["hidden_codec"]
-    path = Path(directory) / CODEC_FILE
-    check_listed_file(path, entry["bytes"], entry["sha256"], verify, f"parameters of hidden format {fmt.name!r}")
-    f = SafetensorsFile(path)
+    path = set_file(directory, entry["file"])
+    f = SafetensorsFile(path, open_listed_file(path, entry["bytes"], entry["sha256"], verify,
+                                               f"parameters of hidden format {fmt.name!r}"))
     Lh, H = len(manifest.hidden_layers), manifest.hidden_size
     want = {"basis": ((Lh, H, H), "F32"), "rel_std": ((Lh, H), "F32"), "bits": ((H,), "U8"),
             "levels": ((MAX_BITS, 2 ** MAX_BITS), "F32")}
@@ -570,18 +689,57 @@ def require_token_ids(manifest: Manifest, directory: Path, who: str) -> None:
         raise TraceFormatError(f"{directory}: no token ids ({how}); {who} needs them")
 
 
-def read_manifest(directory: Path) -> Manifest:
-    directory = Path(directory)
-    path = directory / MANIFEST
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest listing 100,000 shards takes ~20 MB
+
+
+def missing_manifest(directory: Path) -> TraceFormatError:
+    """The error for a directory without manifest.json: an interrupted replacement says how to finish it."""
+    path, staging = directory / MANIFEST, directory / STAGING
+    if (staging.is_dir() and not is_link(staging)
+            and any(os.path.lexists(staging / n) for n in (MANIFEST, REPLACED))):
+        return TraceFormatError(f"{path}: missing: the set is in an interrupted replacement (the new set waits in "
+                                f"{staging}); --resume finishes it (collect_traces.py --resume, or the interrupted "
+                                "command again with --overwrite)")
+    return TraceFormatError(f"{path}: missing (not a trace directory, or collection never finished a shard)")
+
+
+def manifest_json(directory: Path, lock: bool = False, name: str = MANIFEST) -> tuple[Any, SetReadLock | None]:
+    """The parsed JSON of `directory`'s manifest (`name`; never read through a symbolic link, at most
+    MAX_MANIFEST_BYTES), and with `lock` the reader's shared lock it was read under (collection/traces/locks.py)."""
+    path = directory / name
     if not directory.is_dir():
         raise TraceFormatError(f"{directory}: no such trace directory")
-    if not path.is_file():
-        raise TraceFormatError(f"{path}: missing (not a trace directory, or collection never finished a shard)")
+    held = None
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TraceFormatError(f"{path}: unreadable manifest ({e})") from None
-    return Manifest.from_json(d, path)
+        held = SetReadLock(path) if lock else None
+        fd = held.fd if held is not None else open_nofollow(path, "manifest")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TraceFormatError(f"{path}: not a regular file")
+            if st.st_size > MAX_MANIFEST_BYTES:
+                raise TraceFormatError(f"{path}: {st.st_size} bytes, more than any manifest ({MAX_MANIFEST_BYTES})")
+            d = json.loads(read_fd(fd).decode("utf-8"))
+        finally:
+            if held is None:
+                os.close(fd)
+    except BaseException as e:
+        if held is not None:
+            held.close()
+        if isinstance(e, FileNotFoundError):
+            raise missing_manifest(directory) from None
+        if isinstance(e, UserError) and not isinstance(e, TraceFormatError):  # a symbolic link
+            raise TraceFormatError(str(e)) from None
+        if isinstance(e, (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError)):
+            raise TraceFormatError(f"{path}: unreadable manifest ({str(e)[:200] or type(e).__name__})") from None
+        raise
+    return d, held
+
+
+def read_manifest(directory: Path) -> Manifest:
+    directory = Path(directory)
+    d, _ = manifest_json(directory)
+    return Manifest.from_json(d, directory / MANIFEST)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -634,14 +792,28 @@ def manifest_dims(manifest: Manifest, store_logits: bool | None = None) -> dict[
 NO_VERIFY_HINT = "--no-verify skips this check"  # every script that reads traces has the flag
 
 
-def check_listed_file(path: Path, size: int, sha256: str, verify: bool, what: str, hint: str = NO_VERIFY_HINT) -> None:
-    """A file the manifest lists is there, of its listed size and (when `verify`) checksum; else one line naming it."""
-    if not path.is_file():
-        raise TraceFormatError(f"{path}: {what} listed in the manifest is missing")
-    if path.stat().st_size != size:
-        raise TraceFormatError(f"{path}: size {path.stat().st_size} bytes, manifest says {size} (truncated or replaced)")
-    if verify and sha256_file(path) != sha256:
-        raise TraceFormatError(f"{path}: checksum mismatch (corrupt or replaced {what})" + (f"; {hint}" if hint else ""))
+def open_listed_file(path: Path, size: int, sha256: str, verify: bool, what: str, hint: str = NO_VERIFY_HINT) -> int:
+    """A file the manifest lists, opened once (never through a symbolic link) and checked on that descriptor: of
+    its listed size and (when `verify`) checksum; else one line naming it. The caller reads through the returned
+    descriptor only, so the bytes it reads are the bytes that were checked, whatever the name points to later."""
+    try:
+        fd = open_nofollow(path, what, error=TraceFormatError)
+    except FileNotFoundError:
+        raise TraceFormatError(f"{path}: {what} listed in the manifest is missing") from None
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TraceFormatError(f"{path}: {what} listed in the manifest is not a regular file")
+        if st.st_size != size:
+            raise TraceFormatError(f"{path}: size {st.st_size} bytes, manifest says {size} (truncated or replaced)")
+        if verify and sha256_fd(fd) != sha256:
+            raise TraceFormatError(f"{path}: checksum mismatch (corrupt or replaced {what})" + (f"; {hint}" if hint else ""))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 _warned_unverified: set[Path] = set()  # router weights said once per process to be unverified
@@ -653,8 +825,7 @@ class TraceShard(SafetensorsFile):
     def __init__(self, path: Path, info: ShardInfo, manifest: Manifest, verify: bool = True,
                  hint: str = NO_VERIFY_HINT):
         path = Path(path)
-        check_listed_file(path, info.bytes, info.sha256, verify, "shard", hint)
-        super().__init__(path)
+        super().__init__(path, open_listed_file(path, info.bytes, info.sha256, verify, "shard", hint))
         self.info = info
         N, E = info.tokens, manifest.num_experts
         dims = manifest_dims(manifest, store_logits="router_logits" in self.entries)
@@ -684,7 +855,14 @@ class TraceSet:
 
     def __init__(self, directory: Path, verify: bool = True, allow_incomplete: bool = False):
         self.dir = Path(directory)
-        self.manifest = read_manifest(self.dir)
+        self._lock = None
+        # a shared lock on the manifest for as long as the set is open: it is never swapped underneath this reader
+        d, self._lock = manifest_json(self.dir, lock=True)
+        self.manifest = Manifest.from_json(d, self.dir / MANIFEST)
+        if not verify and self.dir.resolve() not in _warned_unverified:
+            _warned_unverified.add(self.dir.resolve())
+            print(f"warning: {self.dir}: --no-verify: checksums and the check for NaN or infinite hidden states are "
+                  "skipped", file=sys.stderr)
         if not self.manifest.complete and not allow_incomplete:
             raise TraceFormatError(f"{self.dir}: incomplete trace set ({len(self.manifest.shards)} shards finished; its "
                                    "collection was interrupted or is still running); collect_traces.py --resume "
@@ -697,13 +875,28 @@ class TraceSet:
         self._router: SafetensorsFile | None = None
         self._codec: dict[str, HiddenCodec | None] = {}
 
+    def close(self) -> None:
+        """Close the shards and drop the reader's lock (also done when the set is garbage or the process ends)."""
+        for sh in getattr(self, "_open", {}).values():
+            sh.close()
+        if getattr(self, "_router", None) is not None:
+            self._router.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+
+    def __enter__(self) -> "TraceSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __len__(self) -> int:
         return len(self.manifest.shards)
 
     def shard(self, i: int) -> TraceShard:
         if i not in self._open:
             info = self.manifest.shards[i]
-            self._open[i] = TraceShard(self.dir / info.file, info, self.manifest, verify=self.verify)
+            self._open[i] = TraceShard(set_file(self.dir, info.file), info, self.manifest, verify=self.verify)
         return self._open[i]
 
     def shards(self, indices: Iterable[int] | None = None) -> Iterable[TraceShard]:
@@ -729,6 +922,21 @@ class TraceSet:
         self._table = table
         return table
 
+    def check_finite(self, sh: TraceShard, name: str, t: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """`t`, tensor `name` of shard `sh` as read (layer axis first, from stored layer `first` on); one line
+        naming the shard and the MoE layer
+        if it holds NaN or an infinity, which a valid checksum does not rule out and which would change every
+        result computed from it without a word. Skipped (as the checksums are) under --no-verify."""
+        if self.verify and t.is_floating_point() and t.numel():
+            flat = t.flatten(1)
+            bad = ~(torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1)))  # (layers,): NaN propagates
+            if bool(bad.any()):
+                j = first + int(bad.nonzero()[0])
+                layer = self.manifest.hidden_layers[j] if name in ("hidden", "hidden_scale") else j
+                raise TraceFormatError(f"{sh.path}: {name} of MoE layer {layer} hold NaN or infinite values (its "
+                                       f"checksum matches: they were stored so); {NO_VERIFY_HINT}")
+        return t
+
     def hidden_codec(self, device: torch.device | None = None) -> HiddenCodec | None:
         """A fitted hidden format's parameters (read and checked once, kept per device), else None."""
         key = str(device)
@@ -739,25 +947,27 @@ class TraceSet:
             self._codec[key] = base.to(device) if base is not None and device is not None else base
         return self._codec[key]
 
-    def _router_file(self) -> SafetensorsFile:
+    def router_file(self) -> SafetensorsFile:
         """router_weights.safetensors, checked against its manifest entry (size and SHA-256) once per set."""
         path = self.dir / ROUTER_WEIGHTS
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise TraceFormatError(f"{path}: missing (needed by router baselines)")
         if self._router is None:
             info = self.manifest.router_weights
+            fd = None
             if info is not None:
-                check_listed_file(path, info.bytes, info.sha256, self.verify, "router weights")
+                fd = open_listed_file(set_file(self.dir, info.file), info.bytes, info.sha256, self.verify,
+                                      "router weights")
             elif path.resolve() not in _warned_unverified:  # a set written before the manifest listed them
                 _warned_unverified.add(path.resolve())
                 print(f"warning: {path}: the manifest predates router-weight checksums; the router weights are "
                       "unverified", file=sys.stderr)
-            self._router = SafetensorsFile(path)
+            self._router = SafetensorsFile(path, fd)
         return self._router
 
     def router_weights(self) -> torch.Tensor:
         """(L, E, H) router matrices as stored (the model's own dtype)."""
-        f = self._router_file()
+        f = self.router_file()
         path = f.path
         L, E, H = self.manifest.num_layers, self.manifest.num_experts, self.manifest.hidden_size
         mats = []
@@ -766,15 +976,19 @@ class TraceSet:
             if name not in f.entries or f.entries[name][1] != (E, H):
                 raise TraceFormatError(f"{path}: {name} missing or not of shape ({E}, {H})")
             mats.append(f.tensor(name))
-        return torch.stack(mats)
+        mats = torch.stack(mats)
+        if self.verify and not torch.isfinite(mats).all():  # router baselines and the anchored start apply them
+            bad = int((~torch.isfinite(mats)).flatten(1).any(1).nonzero()[0])
+            raise TraceFormatError(f"{path}: router.{bad} holds NaN or infinite weights; {NO_VERIFY_HINT}")
+        return mats
 
     def router_extras(self) -> dict[str, torch.Tensor]:
         """(L, E) float32 router tensors some families add (collection/families.py): "router_bias"
         (GPT-OSS: part of the logits) and "score_correction_bias" (DeepSeek-V3: added to the sigmoid
         scores for the choice only). Empty for the other families and for older trace sets."""
-        if not (self.dir / ROUTER_WEIGHTS).is_file():
+        if not os.path.lexists(self.dir / ROUTER_WEIGHTS):
             return {}
-        f = self._router_file()
+        f = self.router_file()
         path = f.path
         L, E = self.manifest.num_layers, self.manifest.num_experts
         out = {}

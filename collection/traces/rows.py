@@ -105,7 +105,7 @@ def _read(sh: TraceShard, name: str, runs: np.ndarray | None, rows: np.ndarray |
     """
     dt, shape, begin, end = sh.entries[name]
     whole = rows is None or (len(rows) > sh.info.tokens // 2 and _short_pieces(runs, end - begin, shape))
-    raw = reader_for(device).read(sh.path, _ranges(sh, name, None if whole else runs))
+    raw = reader_for(device).read(sh.fd, _ranges(sh, name, None if whole else runs))  # the descriptor checked
     n = shape[1] if whole else len(rows)
     t = raw.view(sh.dtype(name)).view(shape[0], n, *shape[2:])
     if whole and rows is not None:
@@ -147,13 +147,13 @@ def load_block(ts: TraceSet, shards: list[int], seq_ids: np.ndarray, device: tor
         rows = None if keep.all() else np.repeat(starts, lens) + np.arange(lens.sum()) - first  # shard rows
         runs = None if rows is None else _merge_runs(starts, lens)
         if with_hidden and ts.manifest.hidden_layers:
-            hidden.append(_read(sh, "hidden", runs, rows, device))
+            hidden.append(ts.check_finite(sh, "hidden", _read(sh, "hidden", runs, rows, device)))
             if not fmt.lossless:
-                scale.append(_read(sh, "hidden_scale", runs, rows, device))
+                scale.append(ts.check_finite(sh, "hidden_scale", _read(sh, "hidden_scale", runs, rows, device)))
         ids.append(_read(sh, "topk_ids", runs, rows, device).long())
-        weights.append(_read(sh, "topk_weights", runs, rows, device).float())
+        weights.append(ts.check_finite(sh, "topk_weights", _read(sh, "topk_weights", runs, rows, device).float()))
         if with_logits:
-            logits.append(_read(sh, "router_logits", runs, rows, device))
+            logits.append(ts.check_finite(sh, "router_logits", _read(sh, "router_logits", runs, rows, device)))
         tid = sh.numpy("token_ids")
         token_ids.append(torch.from_numpy((tid if rows is None else tid[rows]).astype(np.int64)))
         pos = np.arange(lens.sum()) - first

@@ -69,9 +69,10 @@ class StagedReader:
                 host = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
                 self.slots.put(_Slot(host, memoryview(host.numpy()), torch.cuda.Stream(device), torch.cuda.Event()))
 
-    def read(self, path: Path, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        """The bytes of `ranges` of `path`, concatenated in order, as a uint8 tensor on the device; every copy
-        has completed when this returns."""
+    def read(self, source: Path | int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """The bytes of `ranges` of `source` (a path, or an open descriptor: a shard's, checked against its
+        manifest entry, which is read and left open), concatenated in order, as a uint8 tensor on the device; every
+        copy has completed when this returns."""
         total = sum(n for _, n in ranges)
         on_cuda = self.slots is not None
         dst = torch.empty(total, dtype=torch.uint8, device=self.device)
@@ -82,14 +83,15 @@ class StagedReader:
         if on_cuda:  # `dst` may reuse memory that kernels queued on this stream still read: copy after them
             allocated = torch.cuda.Event()
             allocated.record(torch.cuda.current_stream(self.device))
-        fd = os.open(path, os.O_RDONLY)
+        fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY)
         try:
             jobs = [self.pool.submit(self._chunk_to_device, fd, pieces, start, size, dst, allocated) if on_cuda else
                     self.pool.submit(self._chunk_to_host, fd, pieces, start, host_dst)
                     for pieces, start, size in _chunks(ranges, self.chunk)]
             used = [job.result() for job in jobs]
         finally:
-            os.close(fd)
+            if not isinstance(source, int):
+                os.close(fd)
         if on_cuda:
             for slot in {id(s): s for s in used}.values():
                 slot.done.synchronize()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from collection.traces.format import TraceSet
-from common.errors import UserError
+from common.errors import UserError, number_flag
 from validation.coverage.scorers import expert_popularity
 from validation.prefetch.budget import SPLITS, lru_hit_curves, slot_pool, split_slots
 from validation.prefetch.cost_model import (
@@ -75,8 +75,38 @@ def knobs_from_args(args: argparse.Namespace) -> Knobs:
     return k
 
 
+MAX_MS = 1e6        # one phase of one layer: 1000 s is beyond any machine (the cost model sums them per token)
+MAX_GBPS = 1e5      # a host-to-GPU link: 100 TB/s
+MAX_GIB = 1 << 20   # a GPU budget
+MAX_STEPS = 1 << 40
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that need no traces, each a finite number in its range: NaN or an infinity would turn every
+    cost into NaN (and prefetch.json into text no JSON reader accepts); a huge one overflows the cache count."""
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be positive")
+    if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):
+        raise UserError("--warmup-tokens must be >= 0 and below --max-tokens")
+    number_flag("locality", args.locality, 0, 1)
+    for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms", "predictor_ms"):
+        number_flag(name.replace("_", "-"), getattr(args, name), 0, MAX_MS)
+    number_flag("layer-ms", args.layer_ms, 0, MAX_MS, above_low=True)
+    number_flag("cpu-expert-ms", args.cpu_expert_ms, 0, MAX_MS, above_low=True)
+    number_flag("link-gbps", args.link_gbps, 0, MAX_GBPS, above_low=True)
+    number_flag("gpu-gib", args.gpu_gib, 0, MAX_GIB, above_low=True)
+    number_flag("prefill-tflops", args.prefill_tflops, 0, 1e6, above_low=True)
+    number_flag("lfru-decay", args.lfru_decay, 0, 1)
+    number_flag("stale-alpha", args.stale_alpha, 0, 1)
+    for name in ("context", "prompt_tokens", "batch", "static_window", "hot_uses", "evict_window"):
+        number_flag(name.replace("_", "-"), getattr(args, name), 0, MAX_STEPS)
+
+
 def resolve(args: argparse.Namespace) -> Resolved:
     """Every check of the input, before anything is computed or written (one line, exit 2, on failure)."""
+    check_flags(args)
     setup = prepare(args.traces, args.policies, args.lookahead, args.fetch_budget, args.seed, args.locality,
                     args.max_tokens, verify=not args.no_verify)
     if args.warmup_tokens < 0 or (args.max_tokens is not None and args.warmup_tokens >= args.max_tokens):

@@ -40,7 +40,6 @@ from validation.prefetch.driver import (
 from validation.prefetch.locality import REAL_MODELS, locality_line, locality_summary
 from validation.prefetch.simulator import (
     ACCESSES,
-    short_name,
     BASELINE_POLICY,
     END_MS,
     LOWBIT_COMPUTE,
@@ -48,6 +47,7 @@ from validation.prefetch.simulator import (
     TOKENS,
     build_stream,
     parse_policies,
+    short_name,
     top_popular,
 )
 from validation.prefetch.workload import as_batch, with_prompts
