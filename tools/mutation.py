@@ -39,6 +39,7 @@ IR = "tests/test_import_routing.py::"
 RR = "tests/test_routing_report.py::"
 W = "tests/test_window.py::"
 E = "tests/test_engine.py::"
+EH = "tests/test_engine_host.py::"
 
 
 @dataclass(frozen=True)
@@ -664,6 +665,10 @@ MUTATIONS = [
              "f.prev_token = self.hist_routing[l, :, 0] * valid(0)",
              (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[hybrid]",),
              "the live previous-token feature reads the input layer, not the target layer", traces=True),
+    Mutation("engine-live-context-index-on-host", "offload/prefetch.py",
+             "torch.arange(s.context, device=n.device)", "torch.arange(s.context)",
+             (EH + "test_the_live_learned_predictor_builds_every_tensor_on_its_device[1-anchored]",),
+             "the live context feature's mask is built from a host index: a device op fails on the GPU", traces=True),
 ]
 
 
