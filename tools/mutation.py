@@ -669,6 +669,11 @@ MUTATIONS = [
              "torch.arange(s.context, device=n.device)", "torch.arange(s.context)",
              (EH + "test_the_live_learned_predictor_builds_every_tensor_on_its_device[1-anchored]",),
              "the live context feature's mask is built from a host index: a device op fails on the GPU", traces=True),
+    Mutation("bench-accelerate-weights-anywhere", "tools/bench_offload.py",
+             'away = [t.device for t in offloaded_weights(model) if t.device.type != "cpu"]', "away = []",
+             ("tests/test_bench_offload.py::test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory",),
+             "the accelerate baseline is measured with its offloaded weights still in device memory (a model dispatched "
+             "from the GPU copies them GPU to GPU)"),
 ]
 
 
