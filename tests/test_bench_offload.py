@@ -54,3 +54,31 @@ def test_a_tiny_run_writes_every_row(tmp_path):
         if r["kind"] == "engine":
             assert r["predicted_tokens_per_s"] > 0 and r["calibration"]["cost"]["expert_bytes"] > 0
     assert any("no engine tax" in t for t in res["targets"])
+
+
+def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():
+    """The accelerate baseline: a model held on the host, dispatched with some decoder layers mapped to the host.
+    Those layers' weights stay host tensors in accelerate's weights map (copied in at every forward), their
+    parameters are placeholders, and the bytes counted on the device are exactly the other modules'. A model
+    dispatched from where it is not on the host (here: meta) is refused, not measured."""
+    import torch
+
+    from tools.bench_offload import build, dispatch_offloaded, offloaded_weights
+
+    dev = torch.device("meta")  # stands for the GPU: dispatch_model with a CPU main device offloads nothing
+    model = build("qwen2moe-tiny", torch.device("cpu"), torch.float32, 0)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    on_host = {n: p for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "model.layers.2."))}
+    assert len(model.model.layers) == 3 and on_host
+    total = nbytes(list(model.parameters()) + list(model.buffers()))
+    device_map = {"model.embed_tokens": dev, "model.rotary_emb": dev, "model.layers.0": dev, "model.layers.1": "cpu",
+                  "model.layers.2": "cpu", "model.norm": dev, "lm_head": dev}
+    model, on_device = dispatch_offloaded(model, device_map, dev)
+    weights = offloaded_weights(model)
+    assert all(t.device.type == "cpu" for t in weights)
+    assert sorted(t.shape for t in weights) == sorted(p.shape for p in on_host.values())
+    assert nbytes(weights) == nbytes(on_host.values()) and on_device == total - nbytes(weights)
+    params = dict(model.named_parameters())
+    assert all(params[n].device.type == "meta" for n in on_host)
+    with pytest.raises(RuntimeError, match="not in host memory"):
+        dispatch_offloaded(build("qwen2moe-tiny", torch.device("cpu"), torch.float32, 0).to(dev), device_map, dev)

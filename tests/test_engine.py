@@ -165,8 +165,10 @@ FORCED_T = 40
 
 
 def decode_steps(model, steps: int) -> list[int]:
-    """`steps` forwards of one token each (the first at position 0): every step through the cache."""
-    cache, tok, out = DynamicCache(), torch.tensor([[1]]), []
+    """`steps` forwards of one token each (the first at position 0): every step through the cache. The tokens are
+    on the model's device (the GPU tests share this helper)."""
+    dev = next(model.parameters()).device
+    cache, tok, out = DynamicCache(), torch.tensor([[1]], device=dev), []
     with torch.no_grad():
         for _ in range(steps):
             tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -181,8 +183,8 @@ class ForcedResident:
         self.ids, self.w, self.pos, self.start = torch.from_numpy(ids), torch.from_numpy(weights), 0, 0
         model.register_forward_pre_hook(self.begin, with_kwargs=True)
         for l, m in enumerate(moe_layers(model)):
-            m.router.register_forward_hook(lambda mod, a, o, l=l: (o[0], self.w[self.start:self.pos, l].to(o[1].dtype),
-                                                                    self.ids[self.start:self.pos, l]))
+            m.router.register_forward_hook(lambda mod, a, o, l=l: (
+                o[0], self.w[self.start:self.pos, l].to(o[1].device, o[1].dtype), self.ids[self.start:self.pos, l].to(o[2].device)))
 
     def begin(self, module, args, kwargs):
         self.start = self.pos

@@ -1,8 +1,9 @@
 r"""Offloaded decode on one GPU, measured: the engine beside the resident model and accelerate's offload.
 
-The full-size Qwen1.5-MoE-A2.7B architecture with random weights is built on the GPU three times: resident
-(the fastest experts implementation, grouped_mm), dispatched by accelerate (device_map with a max_memory cap equal
-to the engine's footprint at C = 15), and converted by offload_experts. After a warm-up to steady clocks, every row
+The full-size Qwen1.5-MoE-A2.7B architecture with random weights is built three times: resident on the GPU (the
+fastest experts implementation, grouped_mm), moved to the host and dispatched by accelerate (device_map with a
+max_memory cap equal to the engine's footprint at C = 15: the layers beyond the cap keep their weights in host
+memory and are copied in at every forward), and converted by offload_experts. After a warm-up to steady clocks, every row
 runs once untimed (its calibration: the engine's costs measured in the simulator's terms, offload/costs.py, and
 its decode stream recorded), then --repeats rounds time every row, each round in the other order. A row reports the
 median decode tokens/s and its spread ((max - min) / median; > 10%: unstable), the engine's statistics, its peak
@@ -109,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "forced-routing rows)")
     p.add_argument("--locality", type=float, default=None, help="the forced rows of the first format and cache again "
                    "at this --locality (full 0.4; quick 0: skipped)")
-    p.add_argument("--accelerate-tokens", type=int, default=2, help="tokens generated per accelerate run (2)")
+    p.add_argument("--accelerate-tokens", type=int, default=3, help="tokens generated per accelerate run (3: two decode "
+                   "forwards; it copies its offloaded layers, ~19 GB at full size, from pageable host memory at every "
+                   "forward, so it decodes at ~0.5 tokens/s)")
     p.add_argument("--warmup-s", type=float, default=None, help="seconds of resident decode before anything (full 15, quick 6)")
     p.add_argument("--seed", type=int, default=0, help="weights and trace split seed (0)")
     p.add_argument("--json", default="results/bench_offload/bench.json", help="results (results/bench_offload/bench.json)")
@@ -166,16 +169,54 @@ def build(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, layers:
 
 
 def accelerate_model(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, cap: int) -> tuple[Any, int]:
-    """The same model dispatched by accelerate with max_memory = {gpu: cap}: what HF users do today. Returns the
+    """The same model dispatched by accelerate with max_memory = {gpu: cap}: what HF users do today (a model loaded
+    on the host, then `infer_auto_device_map` + `dispatch_model`). Built on the GPU (fast) and moved to the host
+    first: accelerate's weights map holds the offloaded modules' tensors where the model held them, so a model
+    dispatched from the GPU would keep its "offloaded" weights in GPU memory and copy them GPU to GPU. Returns the
     model and its GPU-resident bytes."""
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import infer_auto_device_map
 
-    model = build(preset, dev, dtype, seed)
-    device_map = infer_auto_device_map(model, max_memory={dev.index or 0: cap, "cpu": 1 << 40},
+    model = build(preset, dev, dtype, seed).to("cpu")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    gpu = dev.index or 0
+    device_map = infer_auto_device_map(model, max_memory={gpu: cap, "cpu": 1 << 40},
                                        no_split_module_classes=model._no_split_modules)
-    model = dispatch_model(model, device_map=device_map)
-    on_gpu = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
-    return model, on_gpu
+    return dispatch_offloaded(model, {k: dev if v == gpu else v for k, v in device_map.items()}, dev)
+
+
+def dispatch_offloaded(model: torch.nn.Module, device_map: dict[str, Any], dev: torch.device) -> tuple[Any, int]:
+    """accelerate's `dispatch_model` of a model held on the host: modules mapped to `dev` move there, the others
+    ("cpu") keep their weights in host memory and are copied to `dev` at every forward. Checks that every offloaded
+    weight is a host tensor (RuntimeError otherwise). Returns the model and the bytes the dispatch put on `dev`
+    (CUDA: memory allocated by the dispatch; elsewhere the parameters and buffers of the modules mapped there)."""
+    from accelerate import dispatch_model
+
+    cuda = dev.type == "cuda"
+    before = torch.cuda.memory_allocated(dev) if cuda else 0
+    model = dispatch_model(model, device_map=device_map, main_device=dev)
+    away = [t.device for t in offloaded_weights(model) if t.device.type != "cpu"]
+    if away:
+        raise RuntimeError(f"accelerate offload: {len(away)} offloaded weights are on {away[0]}, not in host memory "
+                           "(the model was not on the host when dispatched)")
+    if cuda:
+        return model, torch.cuda.memory_allocated(dev) - before
+    mods = [model.get_submodule(k) for k, v in device_map.items() if v == dev]
+    return model, sum(t.numel() * t.element_size() for m in mods for t in list(m.parameters()) + list(m.buffers()))
+
+
+def offloaded_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors accelerate copies in at every forward: the weights maps of the modules it offloaded."""
+    out: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False) and hook.weights_map is not None:
+            loader, prefix = hook.weights_map.dataset, hook.weights_map.prefix  # a PrefixedDataset of one loader
+            for key in loader:
+                if key.startswith(prefix):
+                    t = loader[key]
+                    out[id(t)] = t
+    return list(out.values())
 
 
 def ensure_traces(path: str, dev: torch.device) -> str:
@@ -395,8 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         models["accelerate"], models["own_bytes"]["accelerate"] = accelerate_model(args.preset, dev, dtype, args.seed,
                                                                                    cap)
         models["clocks"]["accelerate"] = ForwardClock.attach(models["accelerate"], dev)
+        host = sum(t.numel() * t.element_size() for t in offloaded_weights(models["accelerate"]))
         print(f"accelerate: max_memory cap {cap / 2**30:.2f} GiB (the engine at C=15: weights + slots + staging + "
-              f"KV), {models['own_bytes']['accelerate'] / 2**30:.2f} GiB of weights on the GPU", flush=True)
+              f"KV), {models['own_bytes']['accelerate'] / 2**30:.2f} GiB on the GPU (memory allocated by the dispatch), "
+              f"{host / 2**30:.2f} GiB offloaded to host memory and copied in at every forward; "
+              f"{args.accelerate_tokens} tokens per run", flush=True)
     rows = plan_rows(args, traces, cuda)
     print(f"{len(rows)} rows x {args.repeats} rounds, {args.tokens} decode tokens per engine run", flush=True)
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),

@@ -41,6 +41,7 @@ W = "tests/test_window.py::"
 E = "tests/test_engine.py::"
 G = "tests/test_guidance.py::"
 A = "tests/test_attacks.py::"
+EH = "tests/test_engine_host.py::"
 
 
 @dataclass(frozen=True)
@@ -835,6 +836,15 @@ MUTATIONS = [
     Mutation("token-ids-past-the-table", "models/checkpoint.py", "    if top >= vocab:", "    if False:",
              (A + "test_token_ids_outside_the_vocabulary_are_refused_before_training",),
              "token ids outside the embedding table end anchored training in an index error", traces=True),
+    Mutation("engine-live-context-index-on-host", "offload/prefetch.py",
+             "torch.arange(s.context, device=n.device)", "torch.arange(s.context)",
+             (EH + "test_the_live_learned_predictor_builds_every_tensor_on_its_device[1-anchored]",),
+             "the live context feature's mask is built from a host index: a device op fails on the GPU", traces=True),
+    Mutation("bench-accelerate-weights-anywhere", "tools/bench_offload.py",
+             'away = [t.device for t in offloaded_weights(model) if t.device.type != "cpu"]', "away = []",
+             ("tests/test_bench_offload.py::test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory",),
+             "the accelerate baseline is measured with its offloaded weights still in device memory (a model dispatched "
+             "from the GPU copies them GPU to GPU)"),
 ]
 
 
