@@ -113,6 +113,31 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     return model.to(device).eval(), cfg, ckpt
 
 
+def checkpoint_for_traces(path: Path | str, ts: Any, device: torch.device | str, where: str,
+                          test_ids: np.ndarray | None = None) -> tuple[nn.Module, PredictorConfig, dict[str, Any]]:
+    """A checkpoint's predictor, ready to score the trace set `ts` (a collection.traces.format.TraceSet): loaded
+    by `load_checkpoint`, then checked by `check_checkpoint_fits`. Every scoring entry point (coverage,
+    comparison, sweep, simulator) reads checkpoints through these two."""
+    model, cfg, ckpt = load_checkpoint(Path(path), device)
+    check_checkpoint_fits(cfg, ckpt, ts, where, test_ids)
+    return model, cfg, ckpt
+
+
+def check_checkpoint_fits(cfg: PredictorConfig, ckpt: dict[str, Any], ts: Any, where: str,
+                          test_ids: np.ndarray | None = None) -> None:
+    """One line unless a loaded checkpoint can score the trace set `ts`: its routing shape, hidden layers and token
+    ids (`check_fits_traces`), and, given `test_ids`, its stored test split equal to the sequences about to be
+    scored (other traces or another --seed would score sequences it was trained on, and flatter it). A set of other
+    tokens than it was trained on gets a warning: its stored split may not apply."""
+    check_fits_traces(cfg, ts, where)
+    if ckpt["traces"].get("tokens_sha256") != ts.manifest.plan.get("tokens_sha256"):
+        print(f"warning: {where}: these traces are not the ones the checkpoint was trained on; its stored split "
+              "may not apply")  # stdout: a refusal that follows stays the one line on stderr
+    if test_ids is not None and not np.array_equal(np.sort(checkpoint_split(ckpt, "test", where)), np.sort(test_ids)):
+        raise UserError(f"{where}: the checkpoint's held-out test split differs from the sequences scored here "
+                        "(other traces or --seed); scoring its training sequences would flatter it")
+
+
 def checkpoint_split(ckpt: dict[str, Any], name: str, path: Path | str) -> np.ndarray:
     """The sequence ids of split `name` a checkpoint (from `load_checkpoint`) keeps; one line if it keeps none."""
     if name not in ckpt["split"]:

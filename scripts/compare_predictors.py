@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from collection.traces.format import TraceSet
 from collection.traces.rows import split_sequences
@@ -32,7 +31,7 @@ from common.atomic import atomic_write_bytes, atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
 from common.paths import check_writable
-from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
+from models.checkpoint import checkpoint_for_traces
 from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
 from training.checks import missing_inputs
 from training.trainer import add_training_args, resolve_defaults
@@ -173,10 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         for (kind, dd, seed_recipe), ck in ckpts.items():
             if dd != d:
                 continue
-            model, cfg, ckpt = load_checkpoint(ck / "best_checkpoint.pth", dev)
-            check_fits_traces(cfg, ts, str(ck))
-            if not np.array_equal(checkpoint_split(ckpt, "test", ck / "best_checkpoint.pth"), split["test"]):
-                raise UserError(f"{ck}: trained on another split than --seed {args.seed} gives")
+            model, cfg, ckpt = checkpoint_for_traces(ck / "best_checkpoint.pth", ts, dev, str(ck), test_ids=split["test"])
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
                     "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}

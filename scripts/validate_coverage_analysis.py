@@ -37,7 +37,7 @@ from common.atomic import atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
 from common.paths import check_writable
-from models.checkpoint import check_fits_traces, checkpoint_split, load_checkpoint
+from models.checkpoint import check_checkpoint_fits, checkpoint_split, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.coverage.evaluate import evaluate, evaluate_window
 from validation.coverage.metrics import SEED_KS, WindowAccumulator, random_expectation
@@ -232,9 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         ts = TraceSet(Path(traces), verify=not args.no_verify, allow_incomplete=args.allow_incomplete)
         m = ts.manifest
         ks_asked = check_ks(args.ks, m.num_experts)
-        check_fits_traces(cfg, ts, f"--traces {traces}")
-        if ckpt["traces"].get("tokens_sha256") != m.plan.get("tokens_sha256"):
-            print("warning: these traces are not the ones the checkpoint was trained on; its stored split may not apply")
+        check_checkpoint_fits(cfg, ckpt, ts, f"--traces {traces}", test_ids=None)  # any --split may be scored
         seq_ids = checkpoint_split(ckpt, args.split, args.checkpoint)
         missing = np.setdiff1d(seq_ids, ts.sequence_table()["seq_id"])
         if len(missing):

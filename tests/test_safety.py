@@ -711,3 +711,21 @@ def test_an_unfinished_staged_set_with_a_fitted_codec_is_discarded(tmp_path):
     with pytest.raises(UserError, match="holds files this program did not write"):
         discard_staging(OutputState(tmp_path, None, None, True, None))
     assert (staging / "notes.txt").read_text() == "mine"
+
+
+def test_every_scorer_reads_a_checkpoint_through_one_door_that_checks_its_test_split(small, tmp_path, capsys):
+    """checkpoint_for_traces: the checkpoint's stored test split must be the sequences scored (sorted order does not
+    matter); traces of other tokens get a warning; a checkpoint of another routing shape is refused."""
+    from models.checkpoint import checkpoint_for_traces
+
+    ts = TraceSet(small)
+    make_checkpoint(tmp_path / "c.pth", ts, [5, 2])
+    model, cfg, ckpt = checkpoint_for_traces(tmp_path / "c.pth", ts, "cpu", "here", test_ids=np.array([2, 5]))
+    assert cfg.num_layers == ts.manifest.num_layers and not model.training
+    assert "not the ones the checkpoint was trained on" in capsys.readouterr().out  # saved without tokens_sha256
+    with pytest.raises(UserError, match="here: the checkpoint's held-out test split differs"):
+        checkpoint_for_traces(tmp_path / "c.pth", ts, "cpu", "here", test_ids=np.array([2, 6]))
+    checkpoint_for_traces(tmp_path / "c.pth", ts, "cpu", "here")  # no split to compare: any sequences
+    make_checkpoint(tmp_path / "d.pth", ts, [2], num_experts=ts.manifest.num_experts - 1)
+    with pytest.raises(UserError, match="here: routing shape"):
+        checkpoint_for_traces(tmp_path / "d.pth", ts, "cpu", "here")

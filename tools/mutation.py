@@ -845,6 +845,11 @@ MUTATIONS = [
              ("tests/test_bench_offload.py::test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory",),
              "the accelerate baseline is measured with its offloaded weights still in device memory (a model dispatched "
              "from the GPU copies them GPU to GPU)"),
+    Mutation("checkpoint-door-skips-the-split", "models/checkpoint.py",
+             'if test_ids is not None and not np.array_equal(np.sort(checkpoint_split(ckpt, "test", where)), np.sort(test_ids)):',
+             "if False:",
+             ("tests/test_safety.py::test_every_scorer_reads_a_checkpoint_through_one_door_that_checks_its_test_split",),
+             "a checkpoint is scored on sequences it was trained on (another --seed or trace set), which flatters it"),
 ]
 
 

@@ -38,7 +38,7 @@ from collection.traces.rows import split_sequences
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
-from models.checkpoint import check_fits_traces, load_checkpoint
+from models.checkpoint import checkpoint_for_traces
 from models.predictors import count_parameters, flops_per_row
 from validation.coverage.evaluate import evaluate
 from validation.coverage.metrics import headline_columns
@@ -202,8 +202,8 @@ def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work:
                 return {**row, "error": f"training exited {returncode}: {' | '.join(tail)[-400:]}"}
             if not (out / "best_checkpoint.pth").is_file():
                 return {**row, "error": "stopped at --deadline before its first epoch ended"}
-        model, cfg, ckpt = load_checkpoint(out / "best_checkpoint.pth", dev)
-        check_fits_traces(cfg, ts, str(out))
+        model, cfg, ckpt = checkpoint_for_traces(out / "best_checkpoint.pth", ts, dev, str(out),
+                                                 test_ids=None if exclude else test_ids)  # a held-out source: its own rows
         row["checkpoint"] = str(out / "best_checkpoint.pth")
         acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev, progress=False)
         summary = acc.summary()

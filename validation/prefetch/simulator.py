@@ -45,7 +45,7 @@ from tqdm import tqdm
 from collection.traces.format import TraceSet
 from collection.traces.rows import SplitBlocks, TokenBlock, row_batches, split_sequences
 from common.errors import UserError
-from models.checkpoint import check_fits_traces, load_checkpoint
+from models.checkpoint import checkpoint_for_traces
 from validation.coverage.scorers import BASELINES, SCORERS, Scorer, baseline_scorer, expert_popularity, predictor_scorer
 from validation.prefetch.cost_model import DEFAULT_PREDICTOR_MS, CostModel
 
@@ -312,17 +312,6 @@ class Predictor:
     target_offset: int = 0    # rows of input layer l score layer l + target_offset
 
 
-def _checkpoint(src: str, ts: TraceSet, test_ids: np.ndarray, where: str) -> tuple[Any, Any]:
-    model, cfg, ckpt = load_checkpoint(Path(src), torch.device("cpu"))
-    # routing shape, the hidden layers its features read (past layers, window, context), its token table
-    check_fits_traces(cfg, ts, where)
-    split = ckpt.get("split", {})
-    if "test" in split and not np.array_equal(np.sort(split["test"].numpy()), np.sort(test_ids)):
-        raise UserError(f"{where}: the checkpoint's held-out test split differs from the replayed one "
-                        f"(other traces or --seed); replaying its training sequences would flatter it")
-    return model, cfg
-
-
 def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.ndarray, test_ids: np.ndarray,
                     seed: int = 0) -> Predictor:
     """The scorer of a policy's prefetch part: a baseline of validation/coverage/evaluate.py or a checkpoint's
@@ -333,7 +322,7 @@ def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.
         return Predictor(scorer, DEFAULT_PREDICTOR_MS.get(policy.source, 0.0), policy.source,
                          "hidden" in PREFETCH_BASELINES[policy.source], policy.source)
     where = f"policy {policy.name}"
-    model, cfg = _checkpoint(policy.source, ts, test_ids, where)
+    model, cfg, _ = checkpoint_for_traces(policy.source, ts, "cpu", where, test_ids)
     if getattr(cfg, "lookahead_tokens", 0):
         raise UserError(f"{where}: the checkpoint predicts the next tokens' experts (lookahead_tokens "
                         f"{cfg.lookahead_tokens}); use it as evict:{policy.source}")
@@ -348,7 +337,7 @@ def build_evict_scorer(policy: Policy, ts: TraceSet, test_ids: np.ndarray) -> Pr
     """The scorer of `evict:<checkpoint>`: a predictor trained with lookahead_tokens W > 0, whose row (token t,
     layer l) scores every expert's use at layer l + lookahead in tokens t+1..t+W."""
     where = f"policy {policy.name}"
-    model, cfg = _checkpoint(policy.evict_source, ts, test_ids, where)
+    model, cfg, _ = checkpoint_for_traces(policy.evict_source, ts, "cpu", where, test_ids)
     window = int(getattr(cfg, "lookahead_tokens", 0) or 0)
     if window <= 0:
         raise UserError(f"{where}: the checkpoint predicts layer l+{cfg.lookahead}'s experts of the same token, not "
