@@ -38,9 +38,14 @@ from common.errors import UserError, one_line_errors
 from models.moe_configs import make_config
 from models.tokenizer import train_bpe_tokenizer
 from tools.make_random_checkpoint import corpus_texts
-from validation.coverage.metrics import true_expert_ranks
+from validation.coverage.metrics import previous_token_recall, true_expert_ranks
 
 REPORT = "training_report.json"
+# What the embedded default must meet (docs/EMBEDDED_MODEL.md): routing locality like real Qwen MoEs
+# (previous-token recall@4 0.35-0.43), no dead expert, perplexity within 10% of the 2026-11-27 model's 63.9.
+TARGET_RECALL = (0.30, 0.45)
+TARGET_MIN_SHARE = 0.002
+TARGET_MAX_PPL = 70.3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=480, help="stop training after this many seconds (480)")
     p.add_argument("--seed", type=int, default=0, help="seed of tokenizer data order, init and batches (0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the saved model in DIR (its weights and tokenizer) instead of a random init, "
+                        "e.g. to retune routing; the preset and --vocab-size are then DIR's")
     p.add_argument("--report-only", action="store_true", help="only recompute the report of --output")
     p.add_argument("--report-sequences", type=int, default=300, help="held-out sequences in the report (300)")
     p.add_argument("--max-texts", type=int, default=None,
@@ -123,7 +131,8 @@ def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> floa
 
 @torch.no_grad()
 def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.device, seq_len: int) -> dict[str, Any]:
-    """Per layer on held-out text: expert shares, routing entropy, router-reuse recall@K (l+1's router on h_l)."""
+    """Per layer on held-out text: expert shares, routing entropy, router-reuse recall@K (l+1's router on h_l),
+    previous-token recall@K (the experts token t shares with token t-1 at the same layer)."""
     cfg = model.config
     E, K, H = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
     L = len(moe_blocks(model))
@@ -132,6 +141,8 @@ def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.d
                          num_buffers=1)
     ids_all, hid_all, ent_all = [], [], []
     enc = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+    first = torch.zeros(sum(map(len, enc)), dtype=torch.bool)  # rows are real tokens, sequence after sequence
+    first[np.cumsum([0] + [len(e) for e in enc[:-1]])] = True
     for i in range(0, len(enc), batch):
         x, mask = pad_batch(enc[i:i + batch], tokenizer.pad_token_id)
         hb = cap.forward(model, x, mask)
@@ -154,11 +165,28 @@ def routing_report(model: Any, tokenizer: Any, texts: list[str], device: torch.d
     for l in range(L - 1):
         ranks = true_expert_ranks(hidden[l] @ routers[l + 1].T, ids[l + 1])
         reuse.append((ranks < K).float().mean().item())
+    prev_mean, prev_layers = previous_token_recall(ids.permute(1, 0, 2), first)
     return {"tokens": int(ids.shape[1]), "min_share": share.min(1).values.tolist(),
             "max_share": share.max(1).values.tolist(), "load_entropy_bits": entropy.tolist(),
             "token_entropy_bits": token_entropy.tolist(),
             "max_entropy_bits": math.log2(E), "router_reuse_recall": reuse,
-            "dead_experts": [int((share[l] < 0.002).sum()) for l in range(L)]}
+            "dead_experts": [int((share[l] < TARGET_MIN_SHARE).sum()) for l in range(L)],
+            "previous_token_recall": prev_layers, "previous_token_recall_mean": prev_mean,
+            "least_used_share": share.min().item()}
+
+
+def verdict(ppl: float, routing: dict[str, Any]) -> dict[str, Any]:
+    """The report against the target: previous-token recall@K in TARGET_RECALL, no expert of any layer under
+    TARGET_MIN_SHARE of its layer's assignments, held-out perplexity at most TARGET_MAX_PPL."""
+    recall, least = routing["previous_token_recall_mean"], routing["least_used_share"]
+    checks = {"recall": TARGET_RECALL[0] <= recall <= TARGET_RECALL[1], "no_dead_expert": least >= TARGET_MIN_SHARE,
+              "perplexity": ppl <= TARGET_MAX_PPL}
+    line = (f"previous-token recall@K {recall:.3f} (target {TARGET_RECALL[0]:.2f}-{TARGET_RECALL[1]:.2f}) "
+            f"{'ok' if checks['recall'] else 'MISSED'}; least-used expert {100 * least:.2f}% "
+            f"(target >= {100 * TARGET_MIN_SHARE:.1f}%) {'ok' if checks['no_dead_expert'] else 'MISSED'}; "
+            f"perplexity {ppl:.1f} (target <= {TARGET_MAX_PPL}) {'ok' if checks['perplexity'] else 'MISSED'}")
+    return {"meets_target": all(checks.values()), **checks,
+            "line": ("MEETS TARGET: " if all(checks.values()) else "MISSES TARGET: ") + line}
 
 
 def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dict[str, Any] | None = None,
@@ -179,7 +207,7 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
     rep = {"model_dir": str(out), "device": device_name(device), "heldout_tokens": int(held[:, 1:].numel()),
            "heldout_perplexity": math.exp(lm), "unigram_perplexity": math.exp(uni),
            "heldout_text": "routing_data/corpus/*/traces.jsonl.gz (never used for training)",
-           "routing": routing, **(extra or {})}
+           "routing": routing, "verdict": verdict(math.exp(lm), routing), **(extra or {})}
     previous = out / REPORT
     if extra is None and previous.is_file():  # --report-only: keep how the model was trained, refresh the numbers
         import json
@@ -189,14 +217,20 @@ def report(out: Path, device: torch.device, n_seq: int, seq_len: int, extra: dic
     atomic_write_json(out / REPORT, rep)
     print(f"held-out perplexity {rep['heldout_perplexity']:.1f} vs unigram {rep['unigram_perplexity']:.1f} "
           f"({rep['heldout_tokens']:,} tokens)")
+    K = model.config.num_experts_per_tok
     print(f"layer | min share | max share | load entropy | token entropy (bits) | dead | "
-          f"router reuse recall@{model.config.num_experts_per_tok} (l->l+1)")
+          f"router reuse recall@{K} (l->l+1) | previous-token recall@{K}")
     for l in range(len(routing["min_share"])):
         rr = routing["router_reuse_recall"][l] if l < len(routing["router_reuse_recall"]) else None
         print(f"{l:>5} | {routing['min_share'][l]:>9.4f} | {routing['max_share'][l]:>9.4f} | "
               f"{routing['load_entropy_bits'][l]:>12.3f} | {routing['token_entropy_bits'][l]:>20.3f} | "
               f"{routing['dead_experts'][l]:>4} | "
-              f"{'-' if rr is None else f'{rr:.4f}'}")
+              f"{'-' if rr is None else f'{rr:.4f}':>24} | {routing['previous_token_recall'][l]:.4f}")
+    print(f"  all | {routing['least_used_share']:>9.4f} | {max(routing['max_share']):>9.4f} | "
+          f"{'':>12} | {'':>20} | {sum(routing['dead_experts']):>4} | "
+          f"{sum(routing['router_reuse_recall']) / max(len(routing['router_reuse_recall']), 1):>24.4f} | "
+          f"{routing['previous_token_recall_mean']:.4f}")
+    print(rep["verdict"]["line"])
     print(f"wrote {out / REPORT}")
     return rep
 
@@ -212,23 +246,30 @@ def main(argv: list[str] | None = None) -> None:
         return
     if out.exists() and not args.overwrite:
         raise UserError(f"--output {out} exists; --overwrite replaces it")
+    init = Path(args.init_from) if args.init_from else None
+    if init is not None and not (init / "config.json").is_file():
+        raise UserError(f"--init-from {init}: no saved model there")
     torch.manual_seed(args.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # --- tokenizer and data: the corpus's lm_train split only; the traces split stays held out
     t0 = time.perf_counter()
     train_texts = corpus_texts("lm_train", args.max_texts)
-    tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size)
+    tokenizer = train_bpe_tokenizer(train_texts, args.vocab_size) if init is None else AutoTokenizer.from_pretrained(init)
     stream = token_stream(tokenizer, train_texts)
     held = windows(token_stream(tokenizer, corpus_texts("traces", args.max_texts)), args.seq_len)[:256]
     print(f"tokenizer: {len(tokenizer)} BPE tokens; training stream {len(stream):,} tokens; "
           f"held-out {held.numel():,} tokens ({time.perf_counter() - t0:.1f} s)")
 
-    # --- model: Qwen1.5-MoE's routing shape, random init
-    from transformers import AutoModelForCausalLM
-
-    config = make_config(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    # --- model: Qwen1.5-MoE's routing shape, random init (or --init-from's weights)
+    if init is None:
+        config = make_config(args.preset, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).to(device)
+        config = model.config
+        print(f"initialised from {init}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, {config.num_hidden_layers} layers x {config.num_experts} experts "
           f"top-{config.num_experts_per_tok}, hidden {config.hidden_size}")
@@ -272,15 +313,18 @@ def main(argv: list[str] | None = None) -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 hl = heldout_loss(model, held[:64], device)
             with torch.no_grad():
-                counts = torch.stack([torch.bincount(r.float().topk(K, -1).indices.reshape(-1), minlength=E)
-                                      for r in outp.router_logits]).float()
+                top = torch.stack([r.float().topk(K, -1).indices for r in outp.router_logits])  # (L, B*T, K)
+                counts = torch.stack([torch.bincount(t.reshape(-1), minlength=E) for t in top]).float()
+                starts = torch.arange(top.shape[1], device=top.device) % args.seq_len == 0  # each window's first token
+                batch_recall, _ = previous_token_recall(top.permute(1, 0, 2), starts)
             min_share = (counts / counts.sum(1, keepdim=True)).min(1).values
             row = {"step": step, "lm_loss": lm_loss.item(), "aux": aux.item(), "balance": bal.item(),
-                   "heldout_ppl": math.exp(hl), "min_share_per_layer": min_share.tolist(), "seconds": elapsed}
+                   "heldout_ppl": math.exp(hl), "min_share_per_layer": min_share.tolist(),
+                   "previous_token_recall": batch_recall, "seconds": elapsed}
             history.append(row)
             tqdm.write(f"step {step:5d}: lm {row['lm_loss']:.3f} aux {row['aux']:.3f} bal {row['balance']:.4f} | "
                   f"held-out ppl {row['heldout_ppl']:.1f} | min expert share {min_share.min().item():.4f} | "
-                  f"{(step + 1) / elapsed:.2f} steps/s")
+                  f"prev-token recall {batch_recall:.3f} | {(step + 1) / elapsed:.2f} steps/s")
         if last:
             if elapsed > args.time_limit and step < args.steps - 1:
                 print(f"time limit {args.time_limit:.0f} s reached after {step + 1} of {args.steps} steps")
