@@ -182,7 +182,7 @@ def verdict(ppl: float, routing: dict[str, Any]) -> dict[str, Any]:
     checks = {"recall": TARGET_RECALL[0] <= recall <= TARGET_RECALL[1], "no_dead_expert": least >= TARGET_MIN_SHARE,
               "perplexity": ppl <= TARGET_MAX_PPL}
     line = (f"previous-token recall@K {recall:.3f} (target {TARGET_RECALL[0]:.2f}-{TARGET_RECALL[1]:.2f}) "
-            f"{'ok' if checks['recall'] else 'MISSED'}; least-used expert {100 * least:.2f}% "
+            f"{'ok' if checks['recall'] else 'MISSED'}; least-used expert {100 * least:.3f}% "
             f"(target >= {100 * TARGET_MIN_SHARE:.1f}%) {'ok' if checks['no_dead_expert'] else 'MISSED'}; "
             f"perplexity {ppl:.1f} (target <= {TARGET_MAX_PPL}) {'ok' if checks['perplexity'] else 'MISSED'}")
     return {"meets_target": all(checks.values()), **checks,
