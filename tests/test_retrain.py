@@ -1,6 +1,7 @@
 """Retraining the embedded default: the report's routing-target numbers and verdict (tools/train_proxy_moe.py),
 bringing the chosen model back in pieces (tools/retrain_bundle.py), and the GPU script's arguments."""
 import json
+import math
 import subprocess
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from common.errors import UserError
 from tools.retrain_bundle import MANIFEST, choose, pack, unpack
-from tools.train_proxy_moe import routing_report, verdict
+from tools.train_proxy_moe import locality_loss, routing_report, verdict
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TEXTS = ["The cat sat on the mat and looked at the door.", "Stocks fell sharply on Monday.",
@@ -37,6 +38,36 @@ def test_report_previous_token_recall_is_counted_within_each_sequence(tiny_model
     assert rep["previous_token_recall"] == pytest.approx([s / (pairs * K) for s in shared])
     assert rep["previous_token_recall_mean"] == pytest.approx(sum(shared) / (pairs * K * L))
     assert rep["least_used_share"] == pytest.approx(min(rep["min_share"]))
+
+
+def test_locality_loss_pulls_toward_the_previous_tokens_experts_within_each_window():
+    # two windows of two tokens (a, b) and (c, d); E = 3, K = 1. Layer 0: tops a:0, b:1, c:1, d:1 (b -> c would
+    # match, but c starts a window). Layer 1: every token's top is expert 2.
+    e = math.e
+    layer0 = torch.tensor([[2.0, 0, 0], [0, 1, 0], [0, 3, 0], [0, 2, 0]])
+    layer1 = torch.tensor([[0, 0, 5.0]] * 4)
+    loss, recall = locality_loss((layer0, layer1), batch=2, top_k=1)
+    # layer 0: -log p_b(0) and -log p_d(1); layer 1: -log p(2) twice
+    by_hand0 = (math.log(2 + e) + math.log(2 + e ** 2) - 2) / 2
+    by_hand1 = math.log(2 + e ** 5) - 5
+    assert loss.item() == pytest.approx((by_hand0 + by_hand1) / 2, rel=1e-5)
+    assert recall.tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_locality_weight_follows_its_target(tmp_path):
+    """Below the target recall the weight grows every step; above it, it shrinks (the batch's recall is read on
+    the device, the weight logged at every step here)."""
+    from tools.train_proxy_moe import main
+
+    weights = {}
+    for target in (0.99, 0.01):
+        out = tmp_path / f"t{target}"
+        main(["--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "1",
+              "--vocab-size", "512", "--report-sequences", "4", "--max-texts", "60", "--device", "cpu",
+              "--locality-coef", "0.5", "--locality-target", str(target), "--locality-gain", "0.01", "--output", str(out)])
+        weights[target] = [h["locality_weight"] for h in json.loads((out / "training_report.json").read_text())["history"]]
+    assert len(weights[0.99]) == 3 and all(b > a for a, b in zip([0.5] + weights[0.99], weights[0.99]))
+    assert all(b < a for a, b in zip([0.5] + weights[0.01], weights[0.01])) and weights[0.01][-1] > 1e-3  # not clamped
 
 
 def routing(recall: float, least: float) -> dict:

@@ -38,7 +38,7 @@ from common.errors import UserError, one_line_errors
 from models.moe_configs import make_config
 from models.tokenizer import train_bpe_tokenizer
 from tools.make_random_checkpoint import corpus_texts
-from validation.coverage.metrics import previous_token_recall, true_expert_ranks
+from validation.coverage.metrics import previous_token_recall, previous_token_recall_per_layer, true_expert_ranks
 
 REPORT = "training_report.json"
 # What the embedded default must meet (docs/EMBEDDED_MODEL.md): routing locality like real Qwen MoEs
@@ -63,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-coef", type=float, default=0.01, help="transformers' Switch load-balancing loss (0.01)")
     p.add_argument("--balance-coef", type=float, default=0.1,
                    help="balance loss on the hard top-k shares (see balance_loss) (0.1)")
+    p.add_argument("--locality-coef", type=float, default=0.0,
+                   help="weight of the locality loss (see locality_loss; 0: off), the starting weight with "
+                        "--locality-target (0)")
+    p.add_argument("--locality-target", type=float, default=None, metavar="R",
+                   help="adjust the locality weight every step to hold the training batch's previous-token "
+                        "recall@K at R (e.g. 0.375); default: the weight stays --locality-coef")
+    p.add_argument("--locality-gain", type=float, default=0.1,
+                   help="with --locality-target: the weight is multiplied by exp(gain * (R - recall) / R) per "
+                        "step, within [1e-3, 10] (0.1)")
     p.add_argument("--eval-every", type=int, default=400, help="held-out loss and expert shares every N steps")
     p.add_argument("--time-limit", type=float, default=480, help="stop training after this many seconds (480)")
     p.add_argument("--seed", type=int, default=0, help="seed of tokenizer data order, init and batches (0)")
@@ -107,6 +116,29 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.T
             share = share / share.sum()
         total = total + E * ((share - 1.0 / E) * logp.mean(0)).sum()
     return total / len(router_logits)
+
+
+def locality_loss(router_logits: tuple[torch.Tensor, ...], batch: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-mean_t sum_e q_t-1,e log p_t,e averaged over layers, the batch's previous-token recall@K of each layer).
+
+    q_t-1 is the previous token's hard top-k, 1/K on each of its experts (no grad), p_t token t's router
+    softmax; t runs over positions 1.. of each of the `batch` windows (each logits tensor is (batch * T, E)).
+    The gradient, p_t - q_t-1 on the logits, pulls each token toward the experts its predecessor used; as
+    the predecessors' experts are balanced over the batch, the pull adds locality without favouring any
+    expert. The recall (float64 tensor, (L,)) comes from the same top-k, with no host sync.
+    """
+    total = 0.0
+    tops = []
+    for logits in router_logits:
+        logp = F.log_softmax(logits.float(), dim=-1).view(batch, -1, logits.shape[-1])   # (B, T, E)
+        with torch.no_grad():
+            top = logp.topk(top_k, dim=-1).indices                                         # (B, T, K)
+            q = torch.zeros_like(logp[:, :-1]).scatter_(-1, top[:, :-1], 1.0 / top_k)
+        total = total - (q * logp[:, 1:]).sum(-1).mean()
+        tops.append(top.reshape(-1, top_k))
+    ids = torch.stack(tops, 1)                                                             # (B*T, L, K)
+    starts = torch.arange(ids.shape[0], device=ids.device) % (ids.shape[0] // batch) == 0
+    return total / len(router_logits), previous_token_recall_per_layer(ids, starts)
 
 
 @torch.no_grad()
@@ -246,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if out.exists() and not args.overwrite:
         raise UserError(f"--output {out} exists; --overwrite replaces it")
+    if args.locality_target is not None and not (0 < args.locality_target < 1 and args.locality_coef > 0):
+        raise UserError(f"--locality-target {args.locality_target} needs 0 < R < 1 and a starting --locality-coef > 0")
     init = Path(args.init_from) if args.init_from else None
     if init is not None and not (init / "config.json").is_file():
         raise UserError(f"--init-from {init}: no saved model there")
@@ -284,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     stream_dev = stream.to(device)
     K, E = config.num_experts_per_tok, config.num_experts
+    loc_weight = torch.tensor(args.locality_coef, device=device)
     t0 = time.perf_counter()
     history = []
     step = 0
@@ -301,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
         aux = load_balancing_loss_func(outp.router_logits, E, K)
         bal = balance_loss(outp.router_logits, K)
         loss = lm_loss + args.aux_coef * aux + args.balance_coef * bal
+        if args.locality_coef > 0:
+            loc, loc_recall = locality_loss(outp.router_logits, args.batch_size, K)
+            loss = loss + loc_weight * loc
+            if args.locality_target is not None:  # on the device: no sync in the step
+                error = ((args.locality_target - loc_recall.mean()) / args.locality_target).float()
+                loc_weight = (loc_weight * torch.exp(args.locality_gain * error)).clamp(1e-3, 10.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -320,11 +361,13 @@ def main(argv: list[str] | None = None) -> None:
             min_share = (counts / counts.sum(1, keepdim=True)).min(1).values
             row = {"step": step, "lm_loss": lm_loss.item(), "aux": aux.item(), "balance": bal.item(),
                    "heldout_ppl": math.exp(hl), "min_share_per_layer": min_share.tolist(),
-                   "previous_token_recall": batch_recall, "seconds": elapsed}
+                   "previous_token_recall": batch_recall, "locality_weight": loc_weight.item(), "seconds": elapsed}
             history.append(row)
             tqdm.write(f"step {step:5d}: lm {row['lm_loss']:.3f} aux {row['aux']:.3f} bal {row['balance']:.4f} | "
                   f"held-out ppl {row['heldout_ppl']:.1f} | min expert share {min_share.min().item():.4f} | "
-                  f"prev-token recall {batch_recall:.3f} | {(step + 1) / elapsed:.2f} steps/s")
+                  f"prev-token recall {batch_recall:.3f}"
+                  f"{f' (locality weight {loc_weight.item():.3g})' if args.locality_coef > 0 else ''} | "
+                  f"{(step + 1) / elapsed:.2f} steps/s")
         if last:
             if elapsed > args.time_limit and step < args.steps - 1:
                 print(f"time limit {args.time_limit:.0f} s reached after {step + 1} of {args.steps} steps")

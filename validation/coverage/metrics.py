@@ -95,16 +95,18 @@ def previous_token_recall(ids: torch.Tensor, first: torch.Tensor) -> tuple[float
 
     ids: (N, L, K) int, the experts of N tokens in sequence order, sequences back to back; first: (N,) bool,
     True where a sequence starts (that token has no previous token). Experts within a row are distinct.
+    NaN when no token has a previous token.
     """
-    ids = torch.as_tensor(ids).long()
-    has_prev = ~torch.as_tensor(first, dtype=torch.bool)[1:]                      # (N-1,)
+    per_layer = previous_token_recall_per_layer(torch.as_tensor(ids), torch.as_tensor(first, dtype=torch.bool))
+    return float(per_layer.mean()), per_layer.tolist()  # every layer has the same tokens: overall = mean of layers
+
+
+def previous_token_recall_per_layer(ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(L,) float64 previous_token_recall of each layer, left on ids' device (no host sync: training reads it
+    every step)."""
+    has_prev = ~first[1:].to(ids.device)                                           # (N-1,)
     shared = (ids[1:, :, :, None] == ids[:-1, :, None, :]).sum((2, 3))            # (N-1, L) experts in common
-    shared = shared[has_prev].double()
-    K = ids.shape[2]
-    if shared.shape[0] == 0:
-        return float("nan"), [float("nan")] * ids.shape[1]
-    per_layer = (shared.mean(0) / K).tolist()
-    return float(shared.mean() / K), per_layer
+    return shared[has_prev].double().mean(0) / ids.shape[2]
 
 
 class CoverageAccumulator:
