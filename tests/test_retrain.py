@@ -180,3 +180,17 @@ def test_retrain_script_answers_help_and_refuses_an_option_as_outdir(tmp_path):
     assert not any(tmp_path.iterdir())  # no folder named like an option was made
     proc = run_sh()
     assert proc.returncode == 2 and "give OUTDIR" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--locality-target", "0.3"], "starting --locality-coef"),
+    (["--locality-coef", "1", "--locality-target", "1.5"], "0 < R < 1"),
+    (["--locality-coef", "1", "--locality-max", "0"], "--locality-max"),
+    (["--init-from", "no/such/model"], "no saved model there"),
+])
+def test_bad_retraining_flags_are_one_line_errors(tmp_path, flags, message):
+    from tools.train_proxy_moe import main
+
+    with pytest.raises(UserError, match=message):
+        main([*flags, "--output", str(tmp_path / "m"), "--device", "cpu"])
+    assert not (tmp_path / "m").exists()

@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--output {out} exists; --overwrite replaces it")
     if args.locality_target is not None and not (0 < args.locality_target < 1 and args.locality_coef > 0):
         raise UserError(f"--locality-target {args.locality_target} needs 0 < R < 1 and a starting --locality-coef > 0")
+    if args.locality_coef < 0 or args.locality_gain < 0 or args.locality_max < 1e-3:
+        raise UserError("--locality-coef and --locality-gain must be >= 0 and --locality-max >= 0.001")
     init = Path(args.init_from) if args.init_from else None
     if init is not None and not (init / "config.json").is_file():
         raise UserError(f"--init-from {init}: no saved model there")
