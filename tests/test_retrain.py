@@ -186,6 +186,7 @@ def test_retrain_script_answers_help_and_refuses_an_option_as_outdir(tmp_path):
     (["--locality-target", "0.3"], "starting --locality-coef"),
     (["--locality-coef", "1", "--locality-target", "1.5"], "0 < R < 1"),
     (["--locality-coef", "1", "--locality-max", "0"], "--locality-max"),
+    (["--locality-coef", "1", "--locality-min", "2", "--locality-max", "1"], "--locality-min <= --locality-max"),
     (["--init-from", "no/such/model"], "no saved model there"),
 ])
 def test_bad_retraining_flags_are_one_line_errors(tmp_path, flags, message):

@@ -78,8 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --locality-target: the weight is multiplied by exp(gain * (R - recall) / R) per "
                         "step (0.02: doubles in ~50 steps at recall 0.1 for R 0.375; faster overshoots, as the "
                         "routing follows the weight with a lag)")
+    p.add_argument("--locality-min", type=float, default=1e-3,
+                   help="with --locality-target: the weight never falls below this (0.001); from scratch, a floor "
+                        "keeps the pull on while the untrained routing is still collapsed (recall above R)")
     p.add_argument("--locality-max", type=float, default=3.0,
-                   help="with --locality-target: the weight stays within [0.001, this] (3)")
+                   help="with --locality-target: the weight never rises above this (3)")
     p.add_argument("--eval-every", type=int, default=400, help="held-out loss and expert shares every N steps")
     p.add_argument("--time-limit", type=float, default=480, help="stop training after this many seconds (480)")
     p.add_argument("--seed", type=int, default=0, help="seed of tokenizer data order, init and batches (0)")
@@ -288,8 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--output {out} exists; --overwrite replaces it")
     if args.locality_target is not None and not (0 < args.locality_target < 1 and args.locality_coef > 0):
         raise UserError(f"--locality-target {args.locality_target} needs 0 < R < 1 and a starting --locality-coef > 0")
-    if args.locality_coef < 0 or args.locality_gain < 0 or args.locality_max < 1e-3:
-        raise UserError("--locality-coef and --locality-gain must be >= 0 and --locality-max >= 0.001")
+    if args.locality_coef < 0 or args.locality_gain < 0 or not 0 < args.locality_min <= args.locality_max:
+        raise UserError("--locality-coef and --locality-gain must be >= 0, and 0 < --locality-min <= --locality-max")
     init = Path(args.init_from) if args.init_from else None
     if init is not None and not (init / "config.json").is_file():
         raise UserError(f"--init-from {init}: no saved model there")
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             loss = loss + loc_weight * loc
             if args.locality_target is not None:  # on the device: no sync in the step
                 error = ((args.locality_target - loc_recall.mean()) / args.locality_target).float()
-                loc_weight = (loc_weight * torch.exp(args.locality_gain * error)).clamp(1e-3, args.locality_max)
+                loc_weight = (loc_weight * torch.exp(args.locality_gain * error)).clamp(args.locality_min, args.locality_max)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
