@@ -10,6 +10,8 @@ from validation.coverage.metrics import (
     avg_found_at_k,
     coverage_at_k,
     exact_match,
+    previous_token_recall,
+    previous_token_recall_per_layer,
     random_expectation,
     recall_at_k,
     true_expert_ranks,
@@ -36,6 +38,31 @@ def test_hand_computed_rows():
     assert any_hit_at_k(r, 1) == pytest.approx(1.0)
     assert avg_found_at_k(r, 3) == pytest.approx((1 + 2) / 2)
     assert exact_match(r) == pytest.approx(0.5)
+
+
+def test_previous_token_recall_hand_computed():
+    # Two sequences back to back (A: 3 tokens, B: 2), L = 2 layers, K = 2. Rows: tokens; inner lists: layers.
+    ids = torch.tensor([[[0, 1], [0, 1]],    # A0
+                        [[1, 2], [0, 1]],    # A1: shares {1} with A0 at layer 0, {0, 1} at layer 1
+                        [[2, 1], [3, 4]],    # A2: shares {1, 2} at layer 0 (order within a row is irrelevant), none at 1
+                        [[1, 2], [3, 4]],    # B0: starts a sequence; its overlap with A2 (2 and 2) must not count
+                        [[3, 4], [0, 2]]])   # B1: shares nothing with B0 at either layer
+    first = torch.tensor([True, False, False, True, False])
+    overall, per_layer = previous_token_recall(ids, first)
+    assert per_layer == pytest.approx([(1 + 2 + 0) / 6, (2 + 0 + 0) / 6])
+    assert overall == pytest.approx((3 + 2) / 12)
+    only_starts, _ = previous_token_recall(ids[:1], first[:1])
+    assert math.isnan(only_starts)  # no token has a previous token: undefined, not 0
+
+
+def test_previous_token_recall_reads_long_streams_in_chunks_without_a_seam():
+    """Past 65,536 tokens the stream is read in chunks: the same numbers as one pass over every row."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 3, (140_000, 2, 1), generator=g)
+    first = torch.rand(140_000, generator=g) < 0.01
+    first[0] = True
+    _, per_layer = previous_token_recall(ids, first)
+    assert per_layer == pytest.approx(previous_token_recall_per_layer(ids, first).tolist(), rel=1e-12, abs=0)
 
 
 def test_random_expectations_match_closed_forms_and_simulation():

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from collection.traces.format import TraceSet
 from common.errors import UserError
-from validation.coverage.metrics import found_at_k, recall_at_k
+from validation.coverage.metrics import found_at_k, previous_token_recall, recall_at_k
 from validation.prefetch.cost_model import CostModel, expert_bytes, expert_params
 from validation.prefetch.simulator import POLICIES, Stream, build_stream, parse_policy, run_policy, summarize
 
@@ -102,31 +102,6 @@ def popularity_skew(counts: np.ndarray) -> dict[str, Any]:
     out["hottest_x_uniform"] = share[:, 0] * E
     out["slots_active"] = float((counts > 0).mean())
     return out
-
-
-@njit(cache=True)
-def _previous_found(ids: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """(L, 2) per layer: experts a token shares with the previous token at that layer, and rows that have one."""
-    T, L, K = ids.shape
-    out = np.zeros((L, 2), dtype=np.int64)
-    for t in range(1, T):
-        if first[t]:
-            continue
-        for l in range(L):
-            for i in range(K):
-                for j in range(K):
-                    if ids[t, l, i] == ids[t - 1, l, j]:
-                        out[l, 0] += 1
-            out[l, 1] += 1
-    return out
-
-
-def previous_token_recall(ids: np.ndarray, first: np.ndarray) -> tuple[float, list[float]]:
-    """recall@K of "the previous token's K experts" over every token with a previous token: overall, per layer."""
-    f = _previous_found(ids, first)
-    K = ids.shape[2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(f[:, 0].sum() / (f[:, 1].sum() * K)), (f[:, 0] / (f[:, 1] * K)).tolist()
 
 
 @njit(cache=True)
@@ -281,8 +256,8 @@ def predictor_recalls(r: Routing, pop: np.ndarray, conditional: dict[int, np.nda
     target layer j >= d; metrics.recall_at_k of the ranks), and recall@K per target layer at d = 1."""
     T, L, K = r.shape
     hist = _history_ranks(r.ids, r.first, r.cut, popularity_ranks(pop))           # (2, (T-cut)*L, K)
-    f = _previous_found(r.ids[:r.cut], r.first[:r.cut])
-    reuse = (f[:, 0] / np.maximum(f[:, 1] * K, 1)).astype(np.float32)              # fitted, per layer
+    reuse = np.nan_to_num(np.array(previous_token_recall(r.ids[:r.cut], r.first[:r.cut])[1]),
+                          nan=0.0).astype(np.float32)                              # fitted, per layer
     layer = np.tile(np.arange(L), T - r.cut)
     out: dict[str, Any] = {name: {f"recall@{m}": [] for m in (K, 2 * K)} for name in PREDICTORS}
     per_layer: dict[str, list[float]] = {}

@@ -95,6 +95,43 @@ def random_expectation(metric: str, k: int, num_experts: int, top_k: int) -> flo
     raise ValueError(metric)
 
 
+def previous_token_recall(ids: torch.Tensor | np.ndarray, first: torch.Tensor | np.ndarray) -> tuple[float, list[float]]:
+    """Temporal locality of routing: the share of token t's K experts at layer l that token t-1 of the same
+    sequence also used at layer l, |T_t,l & T_t-1,l| / K, averaged over every token that has a previous
+    token (overall, and per layer). It is recall@K of the "previous-token" predictor (scorers.py) at d = 0.
+    Random routing: K / E (0.067 for 60/4); real Qwen MoEs read 0.35-0.43. The one definition: the routing
+    report, the simulator's locality line and the proxy model's trainer all read it.
+
+    ids: (N, L, K) int, the experts of N tokens in sequence order, sequences back to back; first: (N,) bool,
+    True where a sequence starts (that token has no previous token). Experts within a row are distinct.
+    NaN when no token has a previous token. Read in chunks: an import's millions of tokens fit.
+    """
+    ids, first = torch.as_tensor(ids), torch.as_tensor(first, dtype=torch.bool)
+    N, L, K = ids.shape
+    shared, pairs = torch.zeros(L, dtype=torch.float64), 0
+    for s in range(1, N, 1 << 16):
+        e = min(N, s + (1 << 16))
+        got, n = _shared_with_previous(ids[s - 1:e], first[s - 1:e])
+        shared, pairs = shared + got.cpu(), pairs + int(n)
+    per_layer = shared / (pairs * K) if pairs else torch.full((L,), float("nan"), dtype=torch.float64)
+    return float(per_layer.mean()), per_layer.tolist()  # every layer has the same tokens: overall = mean of layers
+
+
+def previous_token_recall_per_layer(ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(L,) float64 previous_token_recall of each layer, left on ids' device (no host sync: training reads it
+    every step). NaN when no token has a previous token."""
+    shared, pairs = _shared_with_previous(ids, first)
+    return shared / (pairs * ids.shape[2])
+
+
+def _shared_with_previous(ids: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L,) float64 experts token t shares with token t-1, summed over rows 1.. whose token has a previous one,
+    and the number of such rows (a 0-dim tensor, on ids' device)."""
+    has_prev = ~first[1:].to(ids.device)                                           # (N-1,)
+    same = (ids[1:, :, :, None] == ids[:-1, :, None, :]).sum((2, 3))              # (N-1, L) experts in common
+    return same[has_prev].double().sum(0), has_prev.sum()
+
+
 class MeanLoss:
     """The mean of a loss over the rows an accumulator saw (validation during training reports it), summed
     on `device` in float64."""

@@ -17,42 +17,36 @@ import math
 import numpy as np
 from numba import njit
 
+from validation.coverage.metrics import previous_token_recall
+
 REAL_MODELS = "real Qwen MoEs: previous-token recall@4 0.35-0.43 (docs/anchors)"
 
 
 @njit(cache=True)
-def _recall_and_distances(ids: np.ndarray, first: np.ndarray, E: int) -> tuple[float, int, np.ndarray, int]:
+def _reuse_distances(ids: np.ndarray, E: int) -> tuple[np.ndarray, int]:
+    """Tokens since each activated expert's last use at its layer (first uses left out): dist[:n]."""
     T, L, K = ids.shape
     last = np.full((L, E), -1, dtype=np.int64)
     dist = np.empty(T * L * K, dtype=np.int64)
     n = 0
-    shared = 0.0
-    pairs = 0
     for t in range(T):
         for l in range(L):
-            if not first[t]:
-                same = 0
-                for k in range(K):
-                    for j in range(K):
-                        same += ids[t, l, k] == ids[t - 1, l, j]
-                shared += same / K
-                pairs += 1
             for k in range(K):
                 e = ids[t, l, k]
                 if last[l, e] >= 0:
                     dist[n] = t - last[l, e]
                     n += 1
                 last[l, e] = t
-    return shared, pairs, dist, n
+    return dist, n
 
 
 def locality_summary(ids: np.ndarray, first: np.ndarray, num_experts: int) -> dict[str, float]:
     """The module docstring's three numbers for (T, L, K) routing (one token per step, distinct experts)."""
-    shared, pairs, dist, n = _recall_and_distances(np.ascontiguousarray(ids, dtype=np.int64), first, num_experts)
+    dist, n = _reuse_distances(np.ascontiguousarray(ids, dtype=np.int64), num_experts)
     L = ids.shape[1]
     counts = np.stack([np.bincount(ids[:, l].ravel(), minlength=num_experts) for l in range(L)])
     top = np.sort(counts, axis=1)[:, ::-1][:, :math.ceil(num_experts / 4)].sum(1)
-    return {"previous_token_recall": shared / pairs if pairs else float("nan"),
+    return {"previous_token_recall": previous_token_recall(ids, first)[0],
             "median_reuse_distance": float(np.median(dist[:n])) if n else float("nan"),
             "top25_share": float(np.mean(top / np.maximum(counts.sum(1), 1))),
             "top_k": int(ids.shape[2])}
