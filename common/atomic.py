@@ -4,7 +4,8 @@ Every file this project writes (shards, manifests, router weights, checkpoints, 
 through `atomic_path`: the content is written under `<name>.partial` beside the target, fsynced, given the
 normal file mode, renamed over the target, and the directory entry is fsynced. If writing fails (a full disk,
 an interrupt), the `.partial` file is removed and the target is untouched; a full disk is then one line
-naming the target (`errors.disk_full`).
+naming the target (`errors.disk_full`). A folder written as a whole (a saved model) goes through
+`staged_folder`: written in a fresh sibling and swapped in complete.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,14 +25,14 @@ from common.paths import is_link
 PARTIAL_SUFFIX = ".partial"  # files being written; never listed in a manifest, never read
 
 
-def _default_mode() -> int:
-    # the mode open() would give a new file: 0o666 under the process umask (reading the umask means setting it)
+def _default_mode(base: int) -> int:
+    # the mode open() (0o666) or mkdir() (0o777) would give: base under the process umask (reading it means setting it)
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return base & ~umask
 
 
-FILE_MODE = _default_mode()
+FILE_MODE, DIR_MODE = _default_mode(0o666), _default_mode(0o777)
 
 
 def fsync_dir(path: Path) -> None:
@@ -75,6 +78,39 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             raise disk_full(path, e) from None
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path) -> Iterator[Path]:
+    """Yields a new, empty folder to fill in place of `dest` (a saved model: config, weights, tokenizer); when the
+    block ends without error it is swapped in. The old `dest` is moved aside first and deleted only once the new
+    one is in place, so a crash leaves the old folder or the new one, never neither (at worst both: one under a
+    hidden `.<name>.old-*` or `.<name>.partial-*` name beside it). Both siblings are made here under fresh names,
+    so nothing this did not create is deleted; on error the new folder is removed and `dest` is untouched."""
+    dest = Path(dest)
+    if is_link(dest) or (dest.exists() and not dest.is_dir()):
+        raise UserError(f"{dest}: a {'symbolic link' if is_link(dest) else 'file'} where a folder is saved "
+                        "(never followed or removed): move it away")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    aside = None
+    try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes 0700; the mode mkdir would give instead
+        yield tmp
+        if dest.exists():
+            aside = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, aside)  # an empty folder of ours is replaced by the old dest
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException as e:
+        if aside is not None and not dest.exists():
+            os.replace(aside, dest)  # the swap failed between its two renames: the old folder goes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise disk_full(dest, e) from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from collection.model import EMBEDDED_MODEL
 from collection.sources import CORPUS_DIR
+from common.atomic import staged_folder
 from common.device import pick_device, pick_dtype
 from common.errors import UserError, one_line_errors
 from models.moe_configs import PRESETS, make_config
@@ -113,14 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     n = sum(p.numel() for p in model.parameters())
     print(f"built {type(model).__name__}: {n:,} parameters in {dtype} on {device} in {time.perf_counter() - t0:.1f} s")
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    model.save_pretrained(tmp, max_shard_size="4GB")
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_folder(out) as tmp:  # the old folder stays until the new one is complete
+        model.save_pretrained(tmp, max_shard_size="4GB")
+        tokenizer.save_pretrained(tmp)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"saved to {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
 

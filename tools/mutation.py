@@ -879,6 +879,15 @@ MUTATIONS = [
              "if False:",
              ("tests/test_safety.py::test_every_scorer_reads_a_checkpoint_through_one_door_that_checks_its_test_split",),
              "a checkpoint is scored on sequences it was trained on (another --seed or trace set), which flatters it"),
+    Mutation("folder-removed-before-the-new-one-is-in", "common/atomic.py",
+             "            os.replace(dest, aside)  # an empty folder of ours is replaced by the old dest",
+             "            shutil.rmtree(dest)",
+             ("tests/test_staged_folder.py::test_a_failure_between_the_two_renames_puts_the_old_folder_back",),
+             "a model folder is deleted before the new one is renamed in: a crash in between leaves nothing"),
+    Mutation("folder-swap-leaves-the-old-aside", "common/atomic.py",
+             "        shutil.rmtree(aside, ignore_errors=True)\n", "        pass\n",
+             ("tests/test_staged_folder.py::test_an_old_folder_is_replaced_whole_and_its_files_go_with_it",),
+             "every save of a model folder leaves the previous one beside it, hidden, until the disk fills"),
 ]
 
 

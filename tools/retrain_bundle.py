@@ -24,13 +24,12 @@ import argparse
 import hashlib
 import io
 import json
-import shutil
 import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from common.atomic import atomic_write_bytes, atomic_write_json, staged_folder
 from common.errors import UserError, one_line_errors
 
 REPORT = "training_report.json"  # tools/train_proxy_moe.py's report, beside the model
@@ -196,18 +195,9 @@ def unpack(pieces: Path, dest: Path, overwrite: bool) -> list[str]:
         raise UserError(f"{dest}: not a model folder (no config.json); refusing to replace it")
     manifest = read_manifest(pieces)
     files = model_from_tar(joined_pieces(pieces, manifest), manifest)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, data in files.items():
-        atomic_write_bytes(tmp / name, data)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(dest.parent)
+    with staged_folder(dest) as tmp:  # the old folder stays until the new one is complete
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
     return sorted(files)
 
 

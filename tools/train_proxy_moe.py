@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from collection.capture import RoutingCapture, pad_batch
 from collection.model import EMBEDDED_MODEL_NAME, moe_blocks
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_json, staged_folder
 from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
 from models.moe_configs import make_config
@@ -389,13 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.perf_counter() - t0
 
     # --- save like any hub model, then report on the saved copy
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_folder(out) as tmp:  # the old folder stays until the new one is complete
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     extra = {"command": "python tools/train_proxy_moe.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
              "steps_done": step + 1, "train_seconds": train_s, "train_device": device_name(device),
              "parameters": n_params, "train_tokens_seen": (step + 1) * args.batch_size * args.seq_len,
