@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +39,8 @@ from common.paths import check_writable
 from models.checkpoint import check_checkpoint_fits, checkpoint_split, load_checkpoint
 from models.predictors import PREDICTORS
 from validation.coverage.evaluate import evaluate, evaluate_window
-from validation.coverage.metrics import SEED_KS, WindowAccumulator, random_expectation
+from validation.coverage.metrics import SEED_KS
+from validation.coverage.report import check_ks, coverage_result, print_coverage, report_window, why_control_differs
 from validation.coverage.scorers import (
     BASELINES,
     DEFAULT_HISTORY,
@@ -135,80 +135,6 @@ def destinations(args: argparse.Namespace) -> tuple[Path, Path]:
             Path(args.plot) if args.plot else out_dir / "coverage_analysis.png")
 
 
-def check_ks(ks: tuple[int, ...] | None, num_experts: int) -> tuple[int, ...]:
-    """The ks to report: the user's, each of which must exist for this model, or the seed's that do."""
-    if ks is None:
-        return tuple(k for k in SEED_KS if k <= num_experts)
-    if max(ks) > num_experts:
-        raise UserError(f"--ks {','.join(map(str, ks))}: k must be at most the model's {num_experts} experts")
-    return ks
-
-
-def print_table(res: dict[str, Any], ks: list[int], E: int, K: int) -> None:
-    print(f"\n{'k':>4} | {'recall@k':>9} {'coverage@k':>11} {'any_hit@k':>10} {'avg_found@k':>12} | "
-          f"{'random recall':>13} {'random cover':>12}")
-    print("-" * 84)
-    for k in ks:
-        print(f"{k:>4} | {res[f'recall@{k}']:>9.4f} {res[f'coverage@{k}']:>11.4f} {res[f'any_hit@{k}']:>10.4f} "
-              f"{res[f'avg_found@{k}']:>12.3f} | {random_expectation('recall', k, E, K):>13.4f} "
-              f"{random_expectation('coverage', k, E, K):>12.4f}")
-    for target in (90, 95):
-        k = res[f"k_for_coverage_{target}"]
-        print(f"smallest k with coverage >= {target}%: {k if k is not None else f'none up to {ks[-1]}'}")
-
-
-def why_control_differs(res: dict[str, Any], scorer: RouterScorer) -> str:
-    """One line: how many rows the router control misses, and how many of them a tie explains."""
-    K, dtype = res["top_k"], str(scorer.weights.dtype).removeprefix("torch.")
-    missed = round((1 - res[f"coverage@{K}"]) * scorer.rows)  # rows whose top-K set is not the stored one
-    untied = missed - scorer.tied_missed_rows
-    line = (f"why it differs: {missed:,} of {scorer.rows:,} rows miss the stored top-{K}. {scorer.tied_rows:,} rows "
-            f"had a chosen expert tied in {dtype} with an unchosen one; torch.topk on this device broke "
-            f"{scorer.tied_missed_rows:,} of those ties otherwise than the model did (its order among ties is not "
-            f"documented and differs between devices)")
-    if untied:
-        line += f"; {untied:,} rows have no tie: their recomputed router logits differ from the model's"
-    return line
-
-
-def report_window(acc: WindowAccumulator, args: argparse.Namespace, ts: TraceSet, window: int, label: str,
-                  elapsed: float, device: torch.device, sequences: int, traces: str, json_path: Path) -> None:
-    """Print and write the window metrics: recall@k against the set, AP and AUC, each beside its random value."""
-    m = ts.manifest
-    E = m.num_experts
-    res: dict[str, Any] = {"model_type": args.model_type, "lookahead_tokens": window, "split": args.split,
-                           "model": m.model["name_or_path"], "traces": str(traces), "top_k": m.top_k,
-                           "num_experts": E, "checkpoint": args.checkpoint, "device": device_name(device),
-                           "sequences": sequences, **acc.summary()}
-    if SCORERS.get(args.model_type, None) is not None and SCORERS[args.model_type].looks_back:
-        res["history"] = args.history or window
-    if not res["window_rows"]:
-        raise UserError(f"the {args.split} split has no token with a later token in its sequence")
-    res["rows_per_s"] = res["window_rows"] / max(elapsed, 1e-9)
-    res["random/window_auc"] = 0.5
-    for k in acc.ks:
-        res[f"random/window_recall@{k}"] = k / E
-    res["per_layer"] = {"window_ap": acc.per_layer("window_ap")}
-    print(f"\nwindow analysis: {label}; target: the experts layer l uses in tokens t+1..t+{window}"
-          + (f"; looking back {res['history']} tokens" if "history" in res else "")
-          + f"; model {m.model['name_or_path']}; {args.split} split: {sequences} sequences, "
-          f"{int(res['window_rows']):,} (token, layer) rows with a later token; mean |set| "
-          f"{res.get('window_size', float('nan')):.1f} of {E} experts; {res['rows_per_s']:,.0f} rows/s")
-    print(f"\n{'k':>4} | {'window_recall@k':>15} | {'random':>7}")
-    print("-" * 33)
-    for k in acc.ks:
-        print(f"{k:>4} | {res[f'window_recall@{k}']:>15.4f} | {k / E:>7.4f}")
-    print(f"average precision {res['window_ap']:.4f} (random {res['random/window_ap']:.4f}); "
-          f"AUC {res['window_auc']:.4f} (random 0.5, over {int(res['window_auc_rows']):,} rows)")
-    if not args.quiet:
-        print("per layer: average precision")
-        print("  " + " ".join(f"L{l}:{'-' if v is None else f'{v:.3f}'}" for l, v in
-                              enumerate(res["per_layer"]["window_ap"])))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(json_path, res)
-    print(f"\nwrote {json_path}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device, args.gpu)
@@ -265,58 +191,34 @@ def main(argv: list[str] | None = None) -> None:
     layers = input_layers(ts, lookahead, need_hidden)
     batch_rows = max(1024, round(args.batch_size * mean_tokens_per_sequence(table, seq_ids) * len(layers)))
     t0 = time.perf_counter()
+    meta = {"model_type": args.model_type, "split": args.split, "traces": str(traces), "checkpoint": args.checkpoint,
+            "device": device_name(device), "sequences": int(len(seq_ids))}
     if window:
         wacc = evaluate_window(scorer, ts, seq_ids, window, device, batch_rows=batch_rows, need_hidden=need_hidden,
                                ks=ks_asked)
-        report_window(wacc, args, ts, window, label, time.perf_counter() - t0, device, len(seq_ids), traces,
-                      args.json_path)
+        meta["lookahead_tokens"] = window
+        if SCORERS.get(args.model_type) is not None and SCORERS[args.model_type].looks_back:
+            meta["history"] = args.history or window
+        report_window(wacc, meta, m, label, time.perf_counter() - t0, args.quiet, args.json_path)
         return
     acc = evaluate(scorer, ts, seq_ids, lookahead, device, batch_rows=batch_rows, need_hidden=need_hidden, ks=ks_asked)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
-    E, K = m.num_experts, m.top_k
-    ks = list(acc.ks)
-    res: dict[str, Any] = {"model_type": args.model_type, "lookahead": lookahead, "split": args.split,
-                           "model": m.model["name_or_path"], "traces": str(traces), "top_k": K, "num_experts": E,
-                           "checkpoint": args.checkpoint, "device": device_name(device)}
-    res.update(acc.summary())
-    res["tokens"] = int(res["tokens"])
-    res["sequences"] = int(len(seq_ids))
-    res["rows_per_s"] = res["tokens"] / max(elapsed, 1e-9)
-    for target in (90, 95):
-        res[f"k_for_coverage_{target}"] = acc.smallest_k_for_coverage(target / 100)
-    for k in ks:
-        res[f"random/recall@{k}"] = random_expectation("recall", k, E, K)
-        res[f"random/coverage@{k}"] = random_expectation("coverage", k, E, K)
-    per_layer = acc.per_layer(f"recall@{K}")
-    res["per_layer"] = {f"recall@{K}": per_layer, f"coverage@{max(k for k in ks if k <= 2 * K)}":
-                        acc.per_layer(f"coverage@{max(k for k in ks if k <= 2 * K)}")}
-    res["per_source"] = {name: acc.summary(sources=[i]) for i, name in enumerate(m.source_names)}
+    meta["lookahead"] = lookahead
+    res = coverage_result(acc, meta, m, time.perf_counter() - t0)
 
     # --- report
-    print(f"\ncoverage analysis: {label}; lookahead d={lookahead} (target layer l+{lookahead} from layer l); "
-          f"model {m.model['name_or_path']}; {args.split} split: {res['sequences']} sequences, {res['tokens']:,} "
-          f"(token, layer) rows; {res['rows_per_s']:,.0f} rows/s on {res['device']}")
-    print_table(res, ks, E, K)
+    print_coverage(res, list(acc.ks), label, args.quiet)
     if isinstance(scorer, RouterScorer) and lookahead == 0:
         res["control_ties"] = {"rows": scorer.rows, "tied_rows": scorer.tied_rows,
                                "tied_missed_rows": scorer.tied_missed_rows}
-        if res[f"recall@{K}"] < 1:
+        if res[f"recall@{m.top_k}"] < 1:
             print(why_control_differs(res, scorer))
-    if not args.quiet:
-        print(f"\nper target layer: recall@{K}")
-        print("  " + " ".join(f"L{l}:{'-' if v is None else f'{v:.3f}'}" for l, v in enumerate(per_layer)))
-        print(f"per source: recall@{K} / coverage@{K} / any_hit@1")
-        for name, s in res["per_source"].items():
-            if s.get("tokens"):
-                print(f"  {name:<18} {s[f'recall@{K}']:.4f} / {s[f'coverage@{K}']:.4f} / {s['any_hit@1']:.4f}"
-                      f"  ({int(s['tokens']):,} rows)")
     json_path, plot_path = args.json_path, args.plot_path
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, res)
     pred_f, true_f, rank_h = acc.frequencies()
-    coverage_figure(res, ks, per_layer, pred_f, true_f, rank_h,
+    coverage_figure(res, list(acc.ks), res["per_layer"][f"recall@{m.top_k}"], pred_f, true_f, rank_h,
                     f"{label}, d={lookahead}, {m.model['name_or_path']}, {args.split} split", plot_path)
     print(f"\nwrote {json_path} and {plot_path}")
 

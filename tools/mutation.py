@@ -440,7 +440,7 @@ MUTATIONS = [
              '    if False:',
              ('tests/test_safety.py::test_a_pickled_object_checkpoint_never_suggests_weights_only_false',),
              "a checkpoint error passes on torch's advice to set weights_only=False", traces=True),
-    Mutation('ks-dropped-silently', 'scripts/validate_coverage_analysis.py',
+    Mutation('ks-dropped-silently', 'validation/coverage/report.py',
              '    if max(ks) > num_experts:\n        raise',
              '    if False:\n        raise',
              ('tests/test_safety.py::test_ks_larger_than_the_expert_count_is_an_error',),
