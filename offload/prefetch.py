@@ -128,6 +128,11 @@ class LiveFeatures:
             mask = (torch.arange(s.context, device=n.device).unsqueeze(0) < n.unsqueeze(1)).unsqueeze(-1)
             total = (self.hist_hidden[target, :, :s.context].float() * mask).sum(1)
             f.context = (total / n.clamp(min=1).unsqueeze(1)).to(self.cur_hidden.dtype)
+        # routing is kept in float32 (weights accumulate exactly); the network runs in the model's dtype, and its
+        # first layer concatenates every feature, so each one reaches it in that dtype
+        for name in ("own_routing", "prev_token", "own_window", "window_routing"):
+            if getattr(f, name) is not None:
+                setattr(f, name, getattr(f, name).to(self.cur_hidden.dtype))
         return f
 
 

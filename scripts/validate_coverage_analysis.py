@@ -104,10 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--lookahead (layers ahead) and --lookahead-tokens (tokens ahead at the same layer) are exclusive")
     if args.history is not None and args.history < 1:
         p.error("--history must be at least 1")
-    for flag, path in (("--output-dir", args.output_dir), ("--json", args.json), ("--plot", args.plot)):
-        if path is not None and (Path(path).is_dir() if flag != "--output-dir" else Path(path).is_file()):
-            p.error(f"{flag} {path} is a {'directory' if flag != '--output-dir' else 'file'}")
-    # every destination, before anything is read or computed
+    # every destination, before anything is read or computed (a file where a folder goes, or the reverse, included)
     args.json_path, args.plot_path = destinations(args)
     if args.json is None or args.plot is None or args.output_dir is not None:
         check_writable("--output-dir", args.output_dir if args.output_dir is not None else output_dir(args), "dir")
@@ -121,7 +118,7 @@ def output_dir(args: argparse.Namespace) -> Path:
     results/<type>-w<W> for a baseline of the experts used in the next W tokens)."""
     if args.output_dir is not None:
         return Path(args.output_dir)
-    if args.model_type in PREDICTORS and args.checkpoint is not None:
+    if args.checkpoint is not None and args.model_type not in BASELINES:  # its kind may be read from it later
         return Path(args.checkpoint).parent
     if args.lookahead_tokens:
         return Path(f"results/{args.model_type}-w{args.lookahead_tokens}")

@@ -648,7 +648,7 @@ def test_nan_hidden_states_with_a_valid_checksum_are_refused_naming_shard_and_la
     assert code == 0 and "--no-verify: checksums and the check for NaN or infinite hidden states are skipped" in err, err
 
 
-SIMULATE_FLAGS = [("--cache-gib", "1e300"), ("--cache-gib", "nan"), ("--cache-gib", "inf"), ("--cache-gib", "-1"),
+SIMULATE_FLAGS = [("--gpu-gib", "1e300"), ("--gpu-gib", "nan"), ("--gpu-gib", "inf"), ("--gpu-gib", "-1"),
                   ("--link-gbps", "nan"), ("--link-gbps", "0"), ("--link-gbps", "inf"), ("--link-gbps", "-5"),
                   ("--pre-ms", "nan"), ("--shared-ms", "-1"), ("--expert-ms", "inf"), ("--token-ms", "1e300"),
                   ("--layer-ms", "0"), ("--layer-ms", "nan"), ("--predictor-ms", "nan"), ("--locality", "nan"),
@@ -679,7 +679,7 @@ def test_json_is_never_written_with_nan_or_infinity(tmp_path):
 
 
 NUMBER_FLAGS = {  # (script, flag): the range it takes, for the fuzz below
-    ("simulate_prefetch", "--cache-gib"): (0, 2**20), ("simulate_prefetch", "--link-gbps"): (1e-300, 1e5),
+    ("simulate_prefetch", "--gpu-gib"): (0, 2**20), ("simulate_prefetch", "--link-gbps"): (1e-300, 1e5),
     ("simulate_prefetch", "--pre-ms"): (0, 1e6), ("simulate_prefetch", "--expert-ms"): (0, 1e6),
     ("simulate_prefetch", "--locality"): (0, 1), ("train_anchored_predictor", "--lr"): (1e-300, float("inf")),
     ("train_anchored_predictor", "--dropout"): (0, 0.999), ("train_anchored_predictor", "--weight-decay"):

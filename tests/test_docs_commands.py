@@ -157,6 +157,7 @@ RUN_ELSEWHERE = {
     "generate_offloaded": "tests/test_engine.py::test_the_script_prints_text_and_the_table",
     "bench_offload": "tests/test_bench_offload.py::test_a_tiny_run_writes_every_row",
     "bench_import": "tests/test_import_routing.py::test_the_import_benchmark_prints_its_rates",
+    "retrain_bundle": "tests/test_retrain.py::test_pack_cuts_pieces_and_unpack_restores_every_byte",
 }
 
 

@@ -68,6 +68,24 @@ def test_the_live_learned_predictor_builds_every_tensor_on_its_device(kind, rows
             feats.end(1)
 
 
+@pytest.mark.parametrize("kind", ["anchored", "hybrid"])
+def test_a_learned_predictor_runs_live_in_a_bfloat16_model(kind, anchored_checkpoint, hybrid_checkpoint):  # noqa: F811
+    """The predictor runs in the model's dtype: its routing features (kept in float32) reach its first layer in
+    bfloat16 too, so a bfloat16 model decodes with it (a float32 feature beside bfloat16 weights fails the first
+    matrix product)."""
+    from transformers import AutoModelForCausalLM
+
+    from offload import offload_experts
+    from tests.test_engine import EMBEDDED, PROMPT
+
+    ckpt = anchored_checkpoint if kind == "anchored" else hybrid_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.bfloat16).eval()
+    h = offload_experts(model, cache_experts=8, policy=f"prefetch:{ckpt}", record=True)
+    with torch.no_grad():
+        out = model.generate(PROMPT, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, PROMPT.shape[1] + 4) and len(h.recorded()["pred"]) > 0
+
+
 def test_the_device_check_catches_a_host_tensor():
     """OnlyOn itself: a host index reaching a meta tensor's op fails."""
     dev = torch.device("meta")

@@ -729,3 +729,14 @@ def test_every_scorer_reads_a_checkpoint_through_one_door_that_checks_its_test_s
     make_checkpoint(tmp_path / "d.pth", ts, [2], num_experts=ts.manifest.num_experts - 1)
     with pytest.raises(UserError, match="here: routing shape"):
         checkpoint_for_traces(tmp_path / "d.pth", ts, "cpu", "here")
+
+
+def test_a_checkpoints_report_goes_beside_it_when_its_kind_is_read_from_it(tmp_path):
+    """Without --model-type (read from the checkpoint later), the default destination is still the checkpoint's
+    folder, not results/None-d0."""
+    from scripts.validate_coverage_analysis import parse_args
+
+    args = parse_args(["--checkpoint", str(tmp_path / "ck" / "best_checkpoint.pth")])
+    assert args.json_path == tmp_path / "ck" / "coverage_metrics.json"
+    assert args.plot_path == tmp_path / "ck" / "coverage_analysis.png"
+    assert parse_args(["--model-type", "random"]).json_path == Path("results/random-d0/coverage_metrics.json")

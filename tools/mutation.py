@@ -888,6 +888,16 @@ MUTATIONS = [
              "        shutil.rmtree(aside, ignore_errors=True)\n", "        pass\n",
              ("tests/test_staged_folder.py::test_an_old_folder_is_replaced_whole_and_its_files_go_with_it",),
              "every save of a model folder leaves the previous one beside it, hidden, until the disk fills"),
+    Mutation("engine-live-features-float32", "offload/prefetch.py",
+             "                setattr(f, name, getattr(f, name).to(self.cur_hidden.dtype))",
+             "                pass",
+             (EH + "test_a_learned_predictor_runs_live_in_a_bfloat16_model[hybrid]",),
+             "a learned predictor's float32 routing features meet its bfloat16 weights: a bfloat16 model cannot decode"),
+    Mutation("validate-default-dir-needs-the-kind", "scripts/validate_coverage_analysis.py",
+             "    if args.checkpoint is not None and args.model_type not in BASELINES:",
+             "    if args.checkpoint is not None and args.model_type in PREDICTORS:",
+             ("tests/test_safety.py::test_a_checkpoints_report_goes_beside_it_when_its_kind_is_read_from_it",),
+             "a checkpoint validated without --model-type writes its report to results/None-d0, not beside it"),
 ]
 
 

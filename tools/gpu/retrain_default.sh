@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Retrain the embedded default (models/embedded/qwen2moe-mini) for real-model routing, on one GPU, in one command
-# of about 7 minutes: several variants of tools/train_proxy_moe.py train side by side on the GPU (the model is
+# (TRAIN_S, 330 s, of training per variant, plus the reports): several variants of tools/train_proxy_moe.py train side by side on the GPU (the model is
 # launch-bound, so they share it well), each into its own folder under WORK with its own --time-limit; the first
 # variant, in the order of preference below, whose report meets the target (previous-token recall@4 in 0.30-0.45,
 # no expert under 0.2% of a layer's assignments, held-out perplexity at most 70.3: the verdict in its
 # training_report.json) is chosen; if none meets it, the closest is, and the script exits 3.
 #
-# Usage (GPU, from the repository root; ~7 minutes):
-#   bash tools/gpu/retrain_default.sh OUTDIR
+# Usage: tools/gpu/retrain_default.sh OUTDIR      (on a GPU machine, from anywhere)
 # Writes into OUTDIR, five files whatever the variants (the transfer back takes at most 8 files of 16 MiB):
 #   model.tar.000, model.tar.001  the chosen model folder (one model.safetensors, config, tokenizer, report) as
 #                                 one tar cut into pieces of at most 15 MiB
@@ -22,13 +21,7 @@
 # CPU dry run of the whole script (tiny models, numbers meaningless; under a minute on 2 idle cores):
 #   RETRAIN_SMOKE=1 bash tools/gpu/retrain_default.sh /tmp/retrain-smoke
 set -uo pipefail
-usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-case "${1:-}" in
-  -h|--help) usage; exit 0 ;;
-  "") echo "retrain_default.sh: error: give OUTDIR (see --help)" >&2; exit 2 ;;
-  -*) echo "retrain_default.sh: error: OUTDIR '$1' starts with '-' (an option?); see --help" >&2; exit 2 ;;
-esac
-[ $# -eq 1 ] || { echo "retrain_default.sh: error: one OUTDIR only (got $# arguments)" >&2; exit 2; }
+source "$(dirname "$0")/args.bash"; check_args "OUTDIR" 1 1 "$@"
 O=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "retrain_default.sh: error: cannot create OUTDIR '$1'" >&2; exit 2; }
 cd "$(dirname "$0")/../.." || exit 1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
