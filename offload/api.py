@@ -21,6 +21,7 @@ from common.errors import UserError
 from offload.cache import cache_slots
 from offload.engine import OffloadedExperts, OffloadEngine
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
+from offload.stats import OffloadHandle
 from offload.store import DTYPE_FORMATS, make_layout
 from validation.prefetch.simulator import BELADY, NO_PREFETCH, ORACLE, PREDICTED, STATIC, Policy, parse_policy
 
@@ -153,9 +154,7 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
     first = plan(model, dev, seed=seed, **options)
     engine = OffloadEngine(model, dev, delayed_copies, timing, cuda_graphs, seed)
     first.apply(engine)
-    from offload.stats import OffloadHandle
-
-    return OffloadHandle(engine, dict(options, seed=seed))
+    return OffloadHandle(engine, dict(options, seed=seed), replan=plan)
 
 
 def expert_format_dtype(fmt: str) -> torch.dtype:

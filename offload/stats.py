@@ -32,21 +32,20 @@ MEMORY_SLACK = 1.05
 class OffloadHandle:
     """What `offload_experts` returns: statistics, memory, the recorded decode stream, and `reset`."""
 
-    def __init__(self, engine: Any, options: dict[str, Any] | None = None):
+    def __init__(self, engine: Any, options: dict[str, Any] | None = None, replan: Any = None):
         self.engine = engine
         self.options = options or {}
+        self.replan = replan  # offload.api.plan, which imports this module: passed in, not imported back
 
     def reconfigure(self, **options: Any) -> None:
         """Another cache, policy, format or routing for the same model (offload_experts' keywords; the host stores
         built so far are kept). Statistics start again."""
-        from offload.api import plan
-
         e = self.engine
         if e.device.type == "cuda":
             torch.cuda.synchronize(e.device)
         e.slots = e.local = e.glob = None  # the old slots go before the new ones are allocated
         options.setdefault("seed", self.options.get("seed", 0))
-        plan(e.model, e.device, layout0=e.layout0, **options).apply(e)
+        self.replan(e.model, e.device, layout0=e.layout0, **options).apply(e)
         self.options = options
         self.reset()
 

@@ -3,7 +3,7 @@
 The check that a collection on several GPUs (--device-map, or torchrun's processes) equals one on one GPU:
 same sequences and tokens, the same experts in every (layer, token) row except rows whose choice is a near tie
 at bfloat16 precision (counted apart), weights and hidden states within the stated tolerance on the rows not
-downstream of a differing choice (collection/traces/compare.py says exactly how). Exit status 0 when within tolerance,
+downstream of a differing choice (collection/compare.py says exactly how). Exit status 0 when within tolerance,
 1 when not.
 
 After collecting the same plan twice (docs/BENCHMARKS.md, "Several GPUs"):
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from collection.traces.compare import Tolerance, compare_trace_sets
+from collection.compare import Tolerance, compare_trace_sets
 from common.atomic import atomic_write_json
 from common.errors import number_flag, one_line_errors
 from common.paths import check_writable

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from collection.traces.format import MANIFEST, shard_name, write_manifest
-from collection.traces.importers import (
+from collection.importers import (
     IMPORT_FORMATS,
     READERS,
     SHARD_BYTES,

@@ -14,7 +14,7 @@ from torch import nn
 
 from collection.distributed import rank_shards
 from collection.placement import device_runs, from_pretrained_placement, parse_device_map, parse_max_memory, rank_gpus
-from collection.traces.compare import bf16_ulp, near_ties, row_agreement
+from collection.compare import bf16_ulp, near_ties, row_agreement
 from common.errors import UserError
 from common.ranks import Ranks
 from training.distributed import DataParallel, loss_weights, split_by_tokens, step_sizes
@@ -194,7 +194,7 @@ def test_compare_finds_one_changed_choice_in_a_real_trace_set(tiny_traces, tmp_p
     manifest["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
-    from collection.traces.compare import compare_trace_sets
+    from collection.compare import compare_trace_sets
 
     res = compare_trace_sets(tiny_traces, copy)
     assert (res["differing_rows"], res["tie_rows"], res["mismatch_rows"]) == (1, 0, 1)

@@ -92,3 +92,16 @@ def test_the_device_check_catches_a_host_tensor():
     table = torch.empty(10, 4, device=dev)
     with OnlyOn(dev), pytest.raises(AssertionError, match="on cpu"):
         table[torch.tensor([1, 2])]
+
+
+def test_reconfigure_replans_the_same_model_and_keeps_its_output():
+    """handle.reconfigure: another cache size and policy for the same model (the plan passed in by
+    offload_experts); the greedy tokens stay the resident model's."""
+    from offload import offload_experts
+    from tests.test_engine import PROMPT, embedded, generate
+
+    ref, model = embedded(), embedded()
+    h = offload_experts(model, cache_experts=8, policy="on-demand")
+    h.reconfigure(cache_experts=3, policy="lfu")
+    assert h.engine.C == 3 and h.options["policy"] == "lfu"
+    assert torch.equal(generate(model, PROMPT)[0], generate(ref, PROMPT)[0])

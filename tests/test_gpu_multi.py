@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from collection.traces.compare import compare_trace_sets
+from collection.compare import compare_trace_sets
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]

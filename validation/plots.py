@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -128,11 +128,10 @@ def prefetch_figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
 
 def policy_map_figure(cells: list[dict[str, Any]], axes: dict[str, list[Any]], localities: dict[str, dict[str, float]],
-                      path: Path) -> None:
+                      path: Path, short_name: Callable[[str], str] = str) -> None:
     """The map as a heatmap: one panel per locality; rows compute x link, columns batch x GPU budget; colour the
-    best realizable policy's speedup over on-demand LRU, text its short name (simulated)."""
-    from validation.prefetch.simulator import short_name
-
+    best realizable policy's speedup over on-demand LRU, text its short name (`short_name`: the simulator's
+    abbreviation; simulated)."""
     plt = _figure_module()
     rows = [(c, k) for c in axes["compute"] for k in axes["link"]]
     cols = [(b, f) for b in axes["batch"] for f in axes["budget"]]

@@ -24,7 +24,7 @@ contiguous slice, so training memory-maps a shard and reads row ranges without l
 Every finished shard, and the router weights, are listed in the manifest with their byte size and SHA-256;
 the reader checks both, so a truncated, corrupt or swapped file is an error naming it, never silent data.
 A set whose collection has not finished (`complete: false`) is refused unless the caller allows it.
-A set imported from a serving engine's routing (collection/traces/importers.py) holds routing only: capture.imported
+A set imported from a serving engine's routing (collection/importers.py) holds routing only: capture.imported
 names its source, capture.token_ids / capture.topk_weights say whether those tensors hold real values.
 """
 from __future__ import annotations
@@ -461,7 +461,7 @@ class Manifest:
 
     @property
     def imported(self) -> dict[str, Any] | None:
-        """capture.imported of a set imported from a serving engine's routing (collection/traces/importers.py), else None."""
+        """capture.imported of a set imported from a serving engine's routing (collection/importers.py), else None."""
         return self.capture.get("imported")
 
     @property

@@ -209,7 +209,7 @@ def run_map(args: argparse.Namespace) -> None:
         "engine_costs": engine_source, "cpu_expert_ms": cpu["cpu_expert_ms"] if cpu else args.cpu_expert_ms,
         "cpu_measured": cpu, "policies": [p.name for p in policies], "routing_locality": localities,
         "real_models": REAL_MODELS, "seconds": seconds, "args": vars(args), "cells": cells})
-    policy_map_figure(cells, axes, localities, plot_path)
+    policy_map_figure(cells, axes, localities, plot_path, short_name)
     print(f"wrote {json_path} and {plot_path}")
 
 
