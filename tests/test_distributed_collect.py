@@ -1,4 +1,4 @@
-"""Data-parallel collection under torchrun (2 processes, gloo, CPU) gives the very trace set one process writes,
+"""Data-parallel collection under torchrun (2 and 4 processes, gloo, CPU) gives the very trace set one process writes,
 also after one rank is killed and the run resumed; a device map is only a placement.
 
 Byte-identical on the CPU needs the same kernels in every process: the one-process reference runs with
@@ -55,11 +55,13 @@ def reference(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_write_the_one_process_trace_set(tiny_model, reference, tmp_path):
-    out = tmp_path / "two"
-    proc = run(torchrun("collect_traces", *collect_args(tiny_model, out)))
-    assert "2 processes: shard i is collected by rank i % 2" in proc.stdout
-    assert proc.stdout.count("done:") == 1  # rank 0 speaks for both
+@pytest.mark.parametrize("processes", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_several_processes_write_the_one_process_trace_set(tiny_model, reference, tmp_path, processes):
+    """2 processes, and 4 (the code path of a 4-GPU node, here as 4 gloo processes on the CPU)."""
+    out = tmp_path / f"p{processes}"
+    proc = run(torchrun("collect_traces", *collect_args(tiny_model, out), nproc=processes))
+    assert f"{processes} processes: shard i is collected by rank i % {processes}" in proc.stdout
+    assert proc.stdout.count("done:") == 1  # rank 0 speaks for all
     ref, got = files(reference), files(out)
     # the same file names (12 shards, manifest, router weights; no partial manifest left) with the same bytes
     assert sorted(got) == sorted(ref) and len([n for n in got if n.startswith("shard_")]) == 12

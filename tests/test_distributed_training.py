@@ -1,4 +1,4 @@
-"""DDP training under torchrun (2 processes, gloo, CPU): it runs, reads each row once per epoch over both
+"""DDP training under torchrun (2 and 4 processes, gloo, CPU): it runs, reads each row once per epoch over both
 processes, writes one set of checkpoints, and reaches what one process reaches.
 
     pytest -q tests/test_distributed_training.py
@@ -32,16 +32,17 @@ def train(traces, out, processes: int) -> dict:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process(tiny_traces, tmp_path):
+@pytest.mark.parametrize("processes", [2, 4])  # 4: the code path of a 4-GPU node, as 4 gloo processes on the CPU
+def test_ddp_on_several_processes_matches_one_process(tiny_traces, tmp_path, processes):
     one = train(tiny_traces, tmp_path / "one", 1)
-    two = train(tiny_traces, tmp_path / "two", 2)
+    two = train(tiny_traces, tmp_path / "two", processes)
     # exactly one set of outputs, written once
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "best_checkpoint.json", "best_checkpoint.pth", "latest_checkpoint.json", "latest_checkpoint.pth", "results.json"]
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["processes"] == processes and one["processes"] == 1
     model, cfg, ckpt = load_checkpoint(tmp_path / "two" / "best_checkpoint.pth")
     assert ckpt["metrics"]["epoch"] >= 1
-    # every training row once per epoch over the two processes together: the rows are split, not repeated
+    # every training row once per epoch over the processes together: the rows are split, not repeated
     ts = TraceSet(tiny_traces)
     table = ts.sequence_table()
     train_tokens = int(table["length"][np.isin(table["seq_id"], ckpt["split"]["train"].numpy())].sum())
