@@ -32,7 +32,7 @@ from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
 from common.paths import check_writable
 from models.checkpoint import checkpoint_for_traces
-from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
+from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row, reads_hidden
 from training.checks import missing_inputs
 from training.trainer import add_training_args, resolve_defaults
 from validation.coverage.evaluate import evaluate
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             label = f"{kind} (seed recipe)" if seed_recipe else kind
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
                     "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}
-            entries.append((label, predictor_scorer(model, d, m.num_experts), True, info))
+            entries.append((label, predictor_scorer(model, d, m.num_experts), reads_hidden(cfg), info))
         for b in bases:
             if SCORERS[b].same_layer_only != (d == 0) and SCORERS[b].needs_router:
                 continue  # at d = 0 router reuse is the router itself: the control row stands for both
