@@ -257,3 +257,22 @@ def test_every_input_of_the_routing_only_hybrid_reaches_its_output(feature):
     g = make_features(make_block(0), torch.tensor([27, 33]), torch.tensor([2, 3]), 1, LE, feature_spec(model))
     setattr(g, feature, getattr(g, feature) + 1.0)
     assert not torch.equal(model(f), model(g))
+
+
+def test_compare_predictors_trains_and_scores_the_routing_only_hybrid_beside_the_routing_baselines(repeating_routing,
+                                                                                                  tmp_path):
+    """On the repeating routing (above): the same rows for every entry (the test split's tokens x L - 1 layers, no
+    hidden state needed), the previous-token baseline exact but at a sequence's first token, the learned copy close."""
+    from tests.conftest import run_script
+
+    out = tmp_path / "cmp"
+    run_script("compare_predictors", "--traces", repeating_routing, "--routing-only", "--predictors", "hybrid",
+               "--baselines", "previous-token,random", "--lookaheads", "1", "--epochs", "2", "--lr", "3e-3",
+               "--batch-rows", "128", "--hidden-dim", "64", "--device", "cpu", "--output", out)
+    row = {r["predictor"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert set(row) == {"hybrid-routing-only", "previous-token", "random"}
+    ckpt = out / "checkpoints" / "hybrid-routing-only-d1" / "best_checkpoint.pth"
+    rows = tokens_of_test_split(repeating_routing, ckpt) * (L - 1)
+    assert {r["rows"] for r in row.values()} == {rows}
+    assert row["previous-token"][f"recall@{K}"] >= (T_REPEAT - 1) / T_REPEAT
+    assert row["hybrid-routing-only"][f"recall@{K}"] >= 0.9

@@ -926,6 +926,11 @@ MUTATIONS = [
               RO + "test_a_routing_only_checkpoint_fits_any_hidden_size_and_a_hidden_reading_one_must_still_match"),
              "the offload engine refuses a routing-only checkpoint from imported routing (hidden size 0) on the "
              "model it was recorded from", traces=True),
+    Mutation("compare-asks-routing-only-for-hidden", "scripts/compare_predictors.py",
+             "predictor_scorer(model, d, m.num_experts), reads_hidden(cfg), info))",
+             "predictor_scorer(model, d, m.num_experts), True, info))",
+             (RO + "test_compare_predictors_trains_and_scores_the_routing_only_hybrid_beside_the_routing_baselines",),
+             "compare_predictors scores its routing-only hybrid with hidden states, which an imported set lacks"),
     Mutation("no-hidden-refusal-forgets-the-flag", "training/checks.py",
              '"--routing-only" if args.model_type == "hybrid" else "--model-type hybrid --routing-only"', "None",
              (RO + "test_the_hidden_reading_predictors_on_imported_routing_are_refused_in_one_line_naming_the_flag",),
