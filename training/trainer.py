@@ -188,8 +188,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
             raise UserError(f"--{name.replace('_', '-')} must be a number >= 0")
     if args.routing_only and args.model_type != "hybrid":
-        raise UserError(f"--routing-only is the hybrid predictor's variant; --model-type {args.model_type} reads hidden "
-                        "states (add --model-type hybrid)")
+        raise UserError(f"--routing-only is the hybrid predictor's variant; --model-type {args.model_type} reads "
+                        "hidden states (add --model-type hybrid)")
     if args.routing_only and (args.own_layers < 1 or args.window < 1):
         raise UserError("--routing-only reads this token's finished layers and the previous tokens: --own-layers and "
                         "--window must be 1 or more")
@@ -496,7 +496,8 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
         torch.cuda.empty_cache()
     warm_s = time.perf_counter() - t_warm
     print(f"warm-up: one step on {len(warm_ids)} training sequence(s), undone, in {warm_s:.2f} s")
-    train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_hidden=hidden, with_logits=with_logits)
+    train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_hidden=hidden,
+                               with_logits=with_logits)
     train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
     val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group, with_hidden=hidden)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "

@@ -360,8 +360,8 @@ def build_evict_scorer(policy: Policy, ts: TraceSet, test_ids: np.ndarray) -> Pr
                         "the next tokens' (its config has no lookahead_tokens > 0); train one for eviction")
     scorer = predictor_scorer(model, cfg.lookahead, ts.manifest.num_experts)
     label = f"evict:{cfg.kind}-next{window} ({Path(policy.evict_source).parent.name})"
-    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", reads_hidden(cfg), label, cfg.to_json(), "evict",
-                     cfg.lookahead)
+    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", reads_hidden(cfg), label, cfg.to_json(),
+                     "evict", cfg.lookahead)
 
 
 def policy_label(policy: Policy, predictors: dict[str, Predictor]) -> str:
