@@ -21,7 +21,7 @@ from collection.traces.format import require_token_ids
 from collection.traces.rows import SPLITS
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
-from models.predictors import PredictorConfig, build_predictor, config_problem
+from models.predictors import PredictorConfig, build_predictor, config_problem, reads_hidden
 
 CHECKPOINT_FORMAT = "expert-predictor/1"
 
@@ -147,16 +147,22 @@ def checkpoint_split(ckpt: dict[str, Any], name: str, path: Path | str) -> np.nd
 
 def check_fits_traces(cfg: PredictorConfig, ts: Any, where: str) -> None:
     """One clear line unless the trace set `ts` (a collection.traces.format.TraceSet) holds rows this predictor can
-    read: the same routing shape (layers L, experts E, top-k, hidden H), every hidden layer its features
-    reach, and token ids inside its embedding table."""
+    read: the same routing shape (layers L, experts E, top-k, and hidden H where it reads hidden states: a
+    routing-only predictor reads none, and scores a set of imported routing, hidden size 0, as well as a
+    collected one), every hidden layer its features reach, and token ids inside its embedding table."""
     m = ts.manifest
-    shape = lambda l, e, k, h: f"{l} layers x {e} experts, top-{k}, hidden {h}"  # noqa: E731
-    mine = (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.input_dim)
-    theirs = (m.num_layers, m.num_experts, m.top_k, m.hidden_size)
+    shape = lambda l, e, k, *h: f"{l} layers x {e} experts, top-{k}" + "".join(f", hidden {x}" for x in h)  # noqa: E731
+    hidden = reads_hidden(cfg)
+    mine = (cfg.num_layers, cfg.num_experts, cfg.top_k) + ((cfg.input_dim,) if hidden else ())
+    theirs = (m.num_layers, m.num_experts, m.top_k) + ((m.hidden_size,) if hidden else ())
+    if hidden and not m.hidden_layers:  # a set of imported routing: its hidden size 0 is no model's
+        raise UserError(f"{where}: the {cfg.kind} predictor reads the MoE input h_l, and {ts.dir} stores no hidden "
+                        "states (routing only); a hybrid trained with --routing-only reads none")
     if mine != theirs:
         raise UserError(f"{where}: routing shape {shape(*theirs)} differs from the checkpoint's {shape(*mine)} "
                         "(it was trained on other traces)")
-    if (cfg.past_layers or cfg.window or cfg.context) and sorted(m.hidden_layers) != list(range(m.num_layers)):
+    every_layer = sorted(m.hidden_layers) == list(range(m.num_layers))
+    if hidden and (cfg.past_layers or cfg.window or cfg.context) and not every_layer:
         raise UserError(f"{where}: the predictor reads hidden states of other layers than l (past layers / window), "
                         f"and {ts.dir} stores only layers {m.hidden_layers}; collect with --hidden-layers all")
     if cfg.token_vocab:

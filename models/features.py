@@ -13,6 +13,9 @@ sees (its features are make_features(.., lookahead=0, ..)): t's MoE inputs up to
 layer l - 1, and the earlier tokens. t's own routing at layer l is not in its target, yet stays unseen, so
 that the scores of (t, l) exist before layer l's router runs for t (an eviction or a prefetch decided then
 may use them).
+
+A *routing-only* predictor (`FeatureSpec.hidden` False: the hybrid trained with --routing-only) reads the routing
+parts alone and never a MoE input, so that a set of imported routing, which holds no hidden state, serves it.
 """
 from __future__ import annotations
 
@@ -26,18 +29,20 @@ from collection.traces.rows import TokenBlock, context_mean, earlier_token, hidd
 @dataclass(frozen=True)
 class FeatureSpec:
     """Which features a predictor reads (all causal; zeros where a layer or token does not exist)."""
+    hidden: bool = True     # the MoE input h_l (and, through past_layers, window and context, other MoE inputs);
+                            # False: routing only (the routing-only hybrid), what a set of imported routing holds
     history: bool = False   # hybrid: own_routing and prev_token below
     past_layers: int = 0    # this token's MoE inputs at layers l-1 .. l-P
     own_layers: int = 0     # this token's routing at its last Q finished layers (l .. l-Q+1; l-1 .. l-Q at d = 0)
-    window: int = 0         # the previous W tokens' MoE inputs and routing at the target layer l + d
+    window: int = 0         # the previous W tokens' MoE inputs (when `hidden`) and routing at the target layer l + d
     token_id: bool = False  # this token's id
     context: int = 0        # the mean MoE input at the target layer l + d over the previous C tokens
 
 
 @dataclass
 class Features:
-    """One batch of rows. Only `hidden` and `layer` exist for every predictor."""
-    hidden: torch.Tensor                     # (R, H) MoE-block input at layer l
+    """One batch of rows. Only `layer` exists for every predictor, `hidden` for every one that reads the MoE input."""
+    hidden: torch.Tensor | None              # (R, H) MoE-block input at layer l (None: a routing-only predictor)
     layer: torch.Tensor                      # (R,) input layer l; the target is l + lookahead
     own_routing: torch.Tensor | None = None  # (R, E) this token's routing weights at layer l (scattered)
     prev_token: torch.Tensor | None = None   # (R, E) previous token's routing weights at layer l + d (0 at t=0)
@@ -65,7 +70,7 @@ def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, loo
     """What is known when layer `layer` runs for token `tok` (see the module docstring). `needs` is a
     FeatureSpec, or a bool meaning FeatureSpec(history=needs) (the hybrid's features)."""
     spec = needs if isinstance(needs, FeatureSpec) else FeatureSpec(history=bool(needs))
-    f = Features(hidden=block.hidden_at(layer, tok, dtype), layer=layer)
+    f = Features(hidden=block.hidden_at(layer, tok, dtype) if spec.hidden else None, layer=layer)
     last_seen = layer if lookahead >= 1 else layer - 1  # layer l's own routing is the answer when d = 0
     target = layer + lookahead
     if spec.history:
@@ -79,7 +84,8 @@ def make_features(block: TokenBlock, tok: torch.Tensor, layer: torch.Tensor, loo
                                     for j in range(spec.own_layers)], 1).to(dtype)
     if spec.window:
         back = [earlier_token(block, tok, j) for j in range(1, spec.window + 1)]
-        f.window_hidden = torch.stack([hidden_at(block, target, b, dtype) for b in back], 1)
+        if spec.hidden:
+            f.window_hidden = torch.stack([hidden_at(block, target, b, dtype) for b in back], 1)
         f.window_routing = torch.stack([routing_vector(block, target, b, num_experts) for b in back], 1).to(dtype)
     if spec.token_id:
         f.token_id = block.token_ids[tok]
@@ -97,7 +103,7 @@ def example_features(spec: FeatureSpec, hidden_size: int, num_experts: int, toke
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype)
     H, E = hidden_size, num_experts
-    f = Features(hidden=rand(rows, H), layer=torch.full((rows,), layer, device=device))
+    f = Features(hidden=rand(rows, H) if spec.hidden else None, layer=torch.full((rows,), layer, device=device))
     if spec.history:
         f.own_routing, f.prev_token = rand(rows, E), rand(rows, E)
     if spec.past_layers:
@@ -105,7 +111,8 @@ def example_features(spec: FeatureSpec, hidden_size: int, num_experts: int, toke
     if spec.own_layers:
         f.own_window = rand(rows, spec.own_layers, E)
     if spec.window:
-        f.window_hidden, f.window_routing = rand(rows, spec.window, H), rand(rows, spec.window, E)
+        f.window_hidden = rand(rows, spec.window, H) if spec.hidden else None
+        f.window_routing = rand(rows, spec.window, E)
     if spec.token_id:
         f.token_id = torch.randint(0, max(token_vocab, 1), (rows,), generator=g).to(device)
     if spec.context:

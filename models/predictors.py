@@ -6,7 +6,9 @@ decided by `models.features.make_features`, which is where the no-future-leakage
     simple       the seed's MLP on the MoE input h_l, one network for all layers (layer-agnostic)
     layer-aware  the same trunk plus a layer embedding and one output head per target layer
     hybrid       layer-aware, plus the routing already observed: this token's experts at layer l
-                 and the previous token's experts at the target layer (causal by construction)
+                 and the previous token's experts at the target layer (causal by construction);
+                 `routing_only`: that history part alone, over this token's last Q finished layers and the
+                 previous W tokens, and no hidden state (what a set of imported routing can train)
     anchored     router-anchored: predicts the target layer's MoE input h_{l+d} = h_l + delta and scores it
                  with the target layer's own router matrix (stored in the checkpoint), plus a residual
                  logit head; router reuse is its starting point (d = 0 reads exactly the router at init)
@@ -24,18 +26,19 @@ from models.features import Features, FeatureSpec
 
 @dataclass
 class PredictorConfig:
-    kind: str              # simple | layer-aware | hybrid
-    input_dim: int         # hidden size of the MoE model (2048 for Qwen1.5-MoE)
+    kind: str              # simple | layer-aware | hybrid | anchored
+    input_dim: int         # hidden size of the MoE model (2048 for Qwen1.5-MoE); 0 for a routing-only predictor
     num_experts: int       # 60
     top_k: int             # 4
     num_layers: int        # MoE layers
     lookahead: int = 0     # predict layer l + lookahead from what is known at layer l
     hidden_dim: int = 256  # the seed's width
     dropout: float = 0.1
-    # anchored only (the other kinds ignore them; their defaults keep older checkpoints loadable)
+    # anchored only (the other kinds ignore them, but for own_layers and window of a routing-only hybrid; their
+    # defaults keep older checkpoints loadable)
     past_layers: int = 0          # this token's MoE inputs at layers l-1 .. l-P
     own_layers: int = 0           # this token's routing at its last Q finished layers
-    window: int = 0               # previous W tokens' MoE input and routing at the target layer
+    window: int = 0               # previous W tokens' MoE input (anchored) and routing at the target layer
     token_vocab: int = 0          # token-id embedding table size (the model's vocabulary); 0 = none
     token_dim: int = 64           # width of that table (projected to hidden_dim)
     context: int = 0              # mean MoE input at the target layer over the previous C tokens; 0 = none
@@ -46,6 +49,10 @@ class PredictorConfig:
     # W >= 1: row (t, l) predicts the experts layer l uses in tokens t+1 .. t+W (then lookahead is 0); older
     # checkpoints, which predict layers ahead, load with 0
     lookahead_tokens: int = 0
+    # hybrid only: read no hidden state, only the routing already observed (own_layers Q >= 1 finished layers of this
+    # token, window W >= 1 previous tokens at the target layer; Q = W = 1 is the hybrid's history part exactly), so
+    # that a set of imported routing trains and scores it; older checkpoints, which all read h_l, load with False
+    routing_only: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,9 +99,14 @@ class LayerAwarePredictor(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, E, L = cfg.hidden_dim, cfg.num_experts, cfg.num_layers
-        self.proj = nn.Linear(cfg.input_dim, d)
+        self.features = (FeatureSpec(hidden=False, own_layers=cfg.own_layers, window=cfg.window) if cfg.routing_only
+                         else FeatureSpec(history=self.uses_history))
+        self.proj = None if cfg.routing_only else nn.Linear(cfg.input_dim, d)
         self.layer_emb = nn.Embedding(L, d)
-        if self.uses_history:
+        if cfg.routing_only:  # the history part over Q layers and W tokens: (R, Q*E) and (R, W*E) in
+            self.own_proj = nn.Linear(cfg.own_layers * E, d, bias=False)
+            self.prev_proj = nn.Linear(cfg.window * E, d, bias=False)
+        elif self.uses_history:
             self.own_proj = nn.Linear(E, d, bias=False)
             self.prev_proj = nn.Linear(E, d, bias=False)
         self.trunk = nn.Sequential(
@@ -108,8 +120,10 @@ class LayerAwarePredictor(nn.Module):
 
     def forward(self, f: Features) -> torch.Tensor:
         target = f.layer + self.cfg.lookahead
-        z = self.proj(f.hidden) + self.layer_emb(target)
-        if self.uses_history:
+        z = self.layer_emb(target) if self.proj is None else self.proj(f.hidden) + self.layer_emb(target)
+        if self.cfg.routing_only:
+            z = z + self.own_proj(f.own_window.flatten(1)) + self.prev_proj(f.window_routing.flatten(1))
+        elif self.uses_history:
             z = z + self.own_proj(f.own_routing) + self.prev_proj(f.prev_token)
         z = self.trunk(z)
         E = self.cfg.num_experts
@@ -119,7 +133,8 @@ class LayerAwarePredictor(nn.Module):
 
 class HybridPredictor(LayerAwarePredictor):
     """The sound form of the seed's hybrid idea: hidden state plus routing already observed
-    (this token at layer l, the previous token at the target layer), causal by construction."""
+    (this token at layer l, the previous token at the target layer), causal by construction. With
+    `routing_only`, that routing alone (over cfg.own_layers layers and cfg.window tokens) and no hidden state."""
 
     uses_history = True
 
@@ -293,8 +308,11 @@ def config_problem(cfg: PredictorConfig) -> str | None:
     every size (CONFIG_LIMITS), the dropout and the flags."""
     if cfg.kind not in PREDICTORS:
         return f"kind {cfg.kind!r} is not one of {', '.join(PREDICTORS)}"
+    if not isinstance(cfg.routing_only, bool):
+        return f"routing_only {cfg.routing_only!r} is not true or false"
+    positive = ("num_experts", "top_k", "num_layers") + (() if cfg.routing_only else ("input_dim",))
     for name, most in CONFIG_LIMITS.items():
-        value, low = getattr(cfg, name), 1 if name in ("input_dim", "num_experts", "top_k", "num_layers") else 0
+        value, low = getattr(cfg, name), 1 if name in positive else 0
         if type(value) is not int or not low <= value <= most:
             return f"{name} {value!r} is not an integer in {low}..{most}"
     if cfg.top_k > cfg.num_experts:
@@ -304,7 +322,16 @@ def config_problem(cfg: PredictorConfig) -> str | None:
     for name in ("separate_layers", "anchor", "residual_logits"):
         if not isinstance(getattr(cfg, name), bool):
             return f"{name} {getattr(cfg, name)!r} is not true or false"
+    if cfg.routing_only and not (cfg.kind == "hybrid" and cfg.own_layers >= 1 and cfg.window >= 1):
+        return (f"routing_only is the hybrid's variant with own_layers and window of 1 or more (kind {cfg.kind}, "
+                f"own_layers {cfg.own_layers}, window {cfg.window})")
     return None
+
+
+def reads_hidden(cfg: PredictorConfig) -> bool:
+    """Whether the predictor of `cfg` reads stored MoE inputs: every kind but the routing-only hybrid, the one that a
+    set of imported routing (no hidden states) can train and score."""
+    return not cfg.routing_only
 
 
 def build_predictor(cfg: PredictorConfig) -> nn.Module:

@@ -4,8 +4,9 @@ policies (the simulator's registry, validation/prefetch/simulator.py) predict at
     router-reuse      layer l+d's router (the model's own module weights, and its bias / selection rule) on
                       layer l's MoE input
     <checkpoint.pth>  a learned predictor of models/checkpoint.py, checked to fit the model (layers, experts,
-                      top-k, hidden size, lookahead); its features (models/features.py) are assembled from the
-                      decode's live state by `LiveFeatures`; the anchored kind scores with the model's own routers
+                      top-k, hidden size unless it is the routing-only hybrid, lookahead); its features
+                      (models/features.py) are assembled from the decode's live state by `LiveFeatures`; the
+                      anchored kind scores with the model's own routers
     previous-token    the previous token's experts at layer l+d, popularity (a trace set's training split) below
     popularity        each layer's most used experts (a trace set's training split)
     random            uniform random scores
@@ -26,6 +27,7 @@ from torch import nn
 from collection.families import selection_scores
 from common.errors import UserError
 from models.features import Features, FeatureSpec, feature_spec
+from models.predictors import reads_hidden
 
 
 def top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -39,9 +41,10 @@ def top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
 class LiveFeatures:
     """The decode's state a learned predictor reads, in static buffers (what `make_features` reads from traces):
 
-        cur_hidden   (L, N, H)     this step's MoE input at every layer run so far
+        cur_hidden   (L, N, H)     this step's MoE input at every layer run so far (read unless routing-only)
         cur_routing  (L, N, E)     this step's routing weights (scattered) at every layer run so far
-        hist_hidden  (L, N, W, H)  previous W tokens' MoE input per layer (newest first); W = max(window, context)
+        hist_hidden  (L, N, W, H)  previous W tokens' MoE input per layer (newest first); W = max(window, context),
+                                   the window counted only where the predictor reads hidden states
         hist_routing (L, N, V, E)  previous V tokens' routing per layer; V = max(window, 1 with history)
         seen         (N,)          tokens before the current one in each row's sequence
         token        (N,)          this step's token id
@@ -52,7 +55,7 @@ class LiveFeatures:
     def __init__(self, spec: FeatureSpec, L: int, E: int, H: int, lookahead: int, rows: int,
                  device: torch.device, dtype: torch.dtype):
         self.spec, self.L, self.E, self.H, self.d, self.N = spec, L, E, H, lookahead, rows
-        self.W = max(spec.window, spec.context)
+        self.W = max(spec.window if spec.hidden else 0, spec.context)
         self.V = max(spec.window, 1 if spec.history else 0)
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         self.cur_hidden = z(L, rows, H)
@@ -106,7 +109,7 @@ class LiveFeatures:
         """What make_features gives for rows at input layer l (d >= 1), from the buffers (no host sync)."""
         s, d, N = self.spec, self.d, self.N
         target = l + d
-        f = Features(hidden=self.cur_hidden[l], layer=self.layers[l])
+        f = Features(hidden=self.cur_hidden[l] if s.hidden else None, layer=self.layers[l])
         valid = lambda j: (self.seen > j).unsqueeze(-1)  # noqa: E731  an earlier token j+1 back exists
         if s.history:
             f.own_routing = self.cur_routing[l]
@@ -119,7 +122,8 @@ class LiveFeatures:
                                         for j in range(s.own_layers)], 1)
         if s.window:
             mask = torch.stack([valid(j) for j in range(s.window)], 1)                     # (N, W, 1)
-            f.window_hidden = self.hist_hidden[target, :, :s.window] * mask
+            if s.hidden:
+                f.window_hidden = self.hist_hidden[target, :, :s.window] * mask
             f.window_routing = self.hist_routing[target, :, :s.window] * mask
         if s.token_id:
             f.token_id = self.token
@@ -196,9 +200,12 @@ def router_reuse(routers: list[nn.Module], spec: dict[str, Any], lookahead: int,
 
 
 def check_fits_model(cfg: Any, L: int, E: int, K: int, H: int, lookahead: int, vocab: int, where: str) -> None:
-    """One line unless the checkpoint's predictor reads this model: routing shape, hidden size, lookahead."""
-    shape = lambda l, e, k, h: f"{l} layers x {e} experts, top-{k}, hidden {h}"  # noqa: E731
-    mine, theirs = (cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.input_dim), (L, E, K, H)
+    """One line unless the checkpoint's predictor reads this model: routing shape, hidden size (a routing-only
+    predictor reads none: it may come from a set of imported routing, hidden size 0), lookahead."""
+    shape = lambda l, e, k, *h: f"{l} layers x {e} experts, top-{k}" + "".join(f", hidden {x}" for x in h)  # noqa: E731
+    reads = reads_hidden(cfg)
+    mine = (cfg.num_layers, cfg.num_experts, cfg.top_k) + ((cfg.input_dim,) if reads else ())
+    theirs = (L, E, K) + ((H,) if reads else ())
     if mine != theirs:
         raise UserError(f"{where}: the checkpoint predicts for {shape(*mine)}; this model is {shape(*theirs)} "
                         "(a predictor of another model)")

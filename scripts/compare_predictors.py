@@ -12,6 +12,11 @@ The table in docs/RESULTS.md (embedded default, traces of the whole bundled trac
 Seconds on a CPU (tiny and noisy):
     python scripts/compare_predictors.py --traces routing_data/traces/quick --lookaheads 0,1 --epochs 1 \
         --output results/compare-quick
+
+A set of imported routing (no hidden states) compares the hybrid's history part (--routing-only) with the
+routing-only baselines:
+    python scripts/compare_predictors.py --traces routing_data/traces/qwen3-vllm --routing-only --predictors hybrid \
+        --baselines previous-token,popularity,random,recency,frequency --lookaheads 1,2 --output results/compare-vllm
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
 from common.paths import check_writable
 from models.checkpoint import checkpoint_for_traces
-from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row
+from models.predictors import CONFIG_LIMITS, PREDICTORS, count_parameters, flops_per_row, reads_hidden
 from training.checks import missing_inputs
 from training.trainer import add_training_args, resolve_defaults
 from validation.coverage.evaluate import evaluate
@@ -44,7 +49,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def job_dir(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> Path:
-    return Path(args.output) / "checkpoints" / (f"{kind}-seed-recipe-d{d}" if seed_recipe else f"{kind}-d{d}")
+    name = f"{kind}-seed-recipe" if seed_recipe else trained_name(args, kind)
+    return Path(args.output) / "checkpoints" / f"{name}-d{d}"
+
+
+def trained_name(args: argparse.Namespace, kind: str) -> str:
+    """A trained kind's name in the table (and its checkpoint folder's): the hybrid of --routing-only says so."""
+    return f"{kind}-routing-only" if args.routing_only and kind == "hybrid" else kind
 
 
 def trainer_flags(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool) -> list[str]:
@@ -55,7 +66,8 @@ def trainer_flags(args: argparse.Namespace, kind: str, d: int, seed_recipe: bool
                *(["--batch-rows", str(args.batch_rows)] if args.batch_rows else [])])
     return ["--traces", args.traces, "--model-type", kind, "--lookahead", str(d), "--seed", str(args.seed),
             "--output", str(job_dir(args, kind, d, seed_recipe)), "--overwrite", "--device", args.device, *recipe,
-            *(["--no-verify"] if args.no_verify else []), *(["--allow-incomplete"] if args.allow_incomplete else [])]
+            *(["--no-verify"] if args.no_verify else []), *(["--allow-incomplete"] if args.allow_incomplete else []),
+            *(["--routing-only"] if args.routing_only and kind == "hybrid" else [])]
 
 
 def check_jobs(args: argparse.Namespace, jobs: list[tuple[str, int, bool]], kinds: list[str], ts: TraceSet) -> None:
@@ -99,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookaheads", default="0,1,2,3", help="comma list of d (0,1,2,3)")
     p.add_argument("--predictors", default=",".join(PREDICTORS), help="learned predictors to train and compare")
     p.add_argument("--baselines", default=",".join(BASELINES), help="training-free baselines to compare")
+    p.add_argument("--routing-only", action="store_true", help="train the hybrid's history part alone, without "
+                   "hidden states (train_hybrid_predictor.py --routing-only): what a set of imported routing can "
+                   "compare, with --predictors hybrid and baselines that read routing only")
     p.add_argument("--seed-recipe", action="store_true", help="also train the simple MLP at d=0 with the seed's exact "
                    "recipe (lr 5e-5, 20 epochs, batch 8 sequences)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the comparison recipe (1e-3)")
@@ -173,10 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             if dd != d:
                 continue
             model, cfg, ckpt = checkpoint_for_traces(ck / "best_checkpoint.pth", ts, dev, str(ck), test_ids=split["test"])
-            label = f"{kind} (seed recipe)" if seed_recipe else kind
+            name = f"{kind} (seed recipe)" if seed_recipe else trained_name(args, kind)
             info = {"parameters": count_parameters(model), "flops_per_row": flops_per_row(model),
                     "epochs": ckpt["args"]["epochs"], "lr": ckpt["args"]["lr"], "hidden_dim": cfg.hidden_dim}
-            entries.append((label, predictor_scorer(model, d, m.num_experts), True, info))
+            entries.append((name, predictor_scorer(model, d, m.num_experts), reads_hidden(cfg), info))
         for b in bases:
             if SCORERS[b].same_layer_only != (d == 0) and SCORERS[b].needs_router:
                 continue  # at d = 0 router reuse is the router itself: the control row stands for both

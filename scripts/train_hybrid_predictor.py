@@ -11,6 +11,13 @@ the seed's lr 3e-5 stays near random, 0.09 against 0.067, in 2 epochs). 120 text
 Unlike the original hybrid (a temporal head that saw the tokens it predicted), this one sees only
 what exists when layer l runs: h_l, this token's experts at layer l (l-1 when --lookahead 0) and
 the previous token's experts at the target layer. It predicts layer l+d, d = --lookahead (default 1).
+
+--routing-only keeps the history part alone and reads no hidden state: this token's experts at its last
+--own-layers finished layers and the previous --window tokens' experts at the target layer (1 and 1 unless
+given). Routing is then all it needs, so a set of imported routing (scripts/import_routing.py, which holds no
+hidden states) trains it, and the checkpoint says so to every reader:
+    python scripts/train_hybrid_predictor.py --traces routing_data/traces/qwen3-vllm --routing-only --lr 3e-3 \
+        --epochs 5 --output models/hybrid_checkpoints/qwen3-vllm
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
 from common.paths import check_writable
 from models.checkpoint import check_checkpoint_fits, checkpoint_split, load_checkpoint
-from models.predictors import PREDICTORS
+from models.predictors import PREDICTORS, reads_hidden
 from validation.coverage.evaluate import evaluate, evaluate_window
 from validation.coverage.metrics import SEED_KS
 from validation.coverage.report import check_ks, coverage_result, print_coverage, report_window, why_control_differs
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--traces {traces} lacks {len(missing)} of the {len(seq_ids)} sequences of the checkpoint's "
                             f"{args.split} split (it was trained on {ckpt['traces'].get('dir')}); evaluate on that trace set")
         scorer = predictor_scorer(model, lookahead, m.num_experts)
-        need_hidden = True
+        need_hidden = reads_hidden(cfg)  # the routing-only hybrid: every layer's rows, from routing alone
         label = f"{cfg.kind} predictor ({args.checkpoint})"
     else:
         if args.model_type in PREDICTORS:

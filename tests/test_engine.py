@@ -70,13 +70,19 @@ def hybrid_checkpoint(tmp_path_factory, tiny_traces):
     return _checkpoint(tmp_path_factory, tiny_traces, "hybrid")
 
 
-def _checkpoint(tmp_path_factory, traces, kind, **extra):
+@pytest.fixture(scope="module")
+def hybrid_routing_only_checkpoint(tmp_path_factory, tiny_traces):
+    """The hybrid's history part alone, over 2 finished layers and 3 previous tokens; no hidden size."""
+    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", input_dim=0, routing_only=True, own_layers=2, window=3)
+
+
+def _checkpoint(tmp_path_factory, traces, kind, input_dim=128, **extra):
     from collection.traces.format import TraceSet
     from collection.traces.rows import split_sequences
     from models.checkpoint import save_checkpoint
     from models.predictors import PredictorConfig, build_predictor
 
-    cfg = PredictorConfig(kind=kind, input_dim=128, num_experts=60, top_k=4, num_layers=8, lookahead=1,
+    cfg = PredictorConfig(kind=kind, input_dim=input_dim, num_experts=60, top_k=4, num_layers=8, lookahead=1,
                           hidden_dim=32, **extra)
     torch.manual_seed(3)
     model = build_predictor(cfg)
@@ -304,15 +310,16 @@ def test_cache_gib_gives_slots_per_layer_by_hand():
 # ----------------------------------------------------------------------------------------------
 # live features = the training features
 
-@pytest.mark.parametrize("kind", ["anchored", "hybrid"])
-def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, anchored_checkpoint, hybrid_checkpoint):
+@pytest.mark.parametrize("kind", ["anchored", "hybrid", "hybrid-routing-only"])
+def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     """What the engine predicts at decode time from its live state equals what the project's scorer predicts from
-    a TokenBlock of the same tokens (models/features.make_features): no feature is assembled differently."""
+    a TokenBlock of the same tokens (models/features.make_features): no feature is assembled differently (the
+    routing-only hybrid: from routing alone, its checkpoint of no hidden size run on this model's)."""
     from collection.traces.rows import TokenBlock
     from models.checkpoint import load_checkpoint
     from validation.coverage.scorers import predictor_scorer
 
-    ckpt = anchored_checkpoint if kind == "anchored" else hybrid_checkpoint
+    ckpt = request.getfixturevalue(f"{kind.replace('-', '_')}_checkpoint")
     model = embedded()
     h = offload_experts(model, cache_experts=60, policy=f"prefetch:{ckpt}", fetch_budget=4, record=True)
     seen = {l: [] for l in range(8)}

@@ -42,6 +42,7 @@ E = "tests/test_engine.py::"
 G = "tests/test_guidance.py::"
 A = "tests/test_attacks.py::"
 EH = "tests/test_engine_host.py::"
+RO = "tests/test_routing_only.py::"
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ MUTATIONS = [
               "tests/test_pipeline.py::test_baselines_at_lookahead_1_equal_a_hand_computation"),
              "router reuse applies layer l's router instead of layer l+d's", traces=True),
     Mutation("layer-aware-ignores-lookahead", "models/predictors.py",
-             "target = f.layer + self.cfg.lookahead\n        z = self.proj(f.hidden)",
-             "target = f.layer\n        z = self.proj(f.hidden)", (B + "test_layer_aware_head_follows_the_lookahead",),
+             "target = f.layer + self.cfg.lookahead\n        z = self.layer_emb(target) if",
+             "target = f.layer\n        z = self.layer_emb(target) if",
+             (B + "test_layer_aware_head_follows_the_lookahead",),
              "the layer-aware predictor uses the input layer's head, whatever the lookahead"),
     Mutation("previous-token-ignores-previous", "validation/coverage/scorers.py", "block.prev[tok], E)",
              "torch.full_like(tok, -1), E)", (B + "test_previous_token_is_the_previous_tokens_experts",),
@@ -909,6 +911,53 @@ MUTATIONS = [
              "        from offload.api import plan\n        plan(e.model, e.device, layout0=e.layout0, **options).apply(e)",
              ("tests/test_architecture.py::test_no_two_modules_import_each_other",),
              "two modules import each other (the handle re-imports the planner that builds it)"),
+    # --- the routing-only hybrid: trained and scored from imported routing, no reader asking for hidden states
+    Mutation("routing-only-not-in-checkpoint", "training/trainer.py",
+             "cfg.input_dim, cfg.routing_only, cfg.own_layers, cfg.window = 0, True, args.own_layers, args.window",
+             "cfg.input_dim = 0",
+             (RO + "test_the_routing_only_hybrid_trains_on_imported_routing_and_every_reader_scores_it",),
+             "--routing-only is not stored in the predictor's config: the hybrid built reads h_l, which an imported "
+             "set does not hold"),
+    Mutation("routing-only-ignores-previous-tokens", "models/predictors.py",
+             "z = z + self.own_proj(f.own_window.flatten(1)) + self.prev_proj(f.window_routing.flatten(1))",
+             "z = z + self.own_proj(f.own_window.flatten(1))",
+             (RO + "test_on_routing_that_repeats_the_previous_token_the_routing_only_hybrid_learns_to_copy_it",
+              RO + "test_every_input_of_the_routing_only_hybrid_reaches_its_output[window_routing]"),
+             "the routing-only hybrid drops the previous tokens' experts: its history part is this token's alone"),
+    Mutation("coverage-asks-routing-only-for-hidden", "scripts/validate_coverage_analysis.py",
+             "        need_hidden = reads_hidden(cfg)", "        need_hidden = True",
+             (RO + "test_the_routing_only_hybrid_trains_on_imported_routing_and_every_reader_scores_it",),
+             "the coverage analysis asks a routing-only checkpoint's traces for hidden states it never reads"),
+    Mutation("validation-asks-routing-only-for-hidden", "validation/coverage/evaluate.py",
+             "    hidden = feature_spec(model).hidden", "    hidden = True",
+             (RO + "test_the_routing_only_hybrid_trains_on_imported_routing_and_every_reader_scores_it",),
+             "training's per-epoch validation asks for hidden states: the routing-only hybrid fails after its first "
+             "epoch on an imported set"),
+    Mutation("simulator-asks-routing-only-for-hidden", "validation/prefetch/simulator.py",
+             "        if missing and reads_stored_hidden(policy):", "        if missing:",
+             (RO + "test_the_routing_only_hybrid_trains_on_imported_routing_and_every_reader_scores_it",),
+             "prefetch:<routing-only checkpoint> is refused on an imported set for hidden states it never reads"),
+    Mutation("routing-only-held-to-hidden-size", "models/checkpoint.py",
+             "    hidden = reads_hidden(cfg)\n    mine", "    hidden = True\n    mine",
+             (RO + "test_a_routing_only_checkpoint_fits_any_hidden_size_and_a_hidden_reading_one_must_still_match",
+              RO + "test_the_routing_only_hybrid_trains_on_imported_routing_and_every_reader_scores_it"),
+             "a routing-only checkpoint is refused on traces of another hidden size (or none) than it was trained on"),
+    Mutation("live-routing-only-held-to-hidden-size", "offload/prefetch.py",
+             "    reads = reads_hidden(cfg)", "    reads = True",
+             (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[hybrid-routing-only]",
+              RO + "test_a_routing_only_checkpoint_fits_any_hidden_size_and_a_hidden_reading_one_must_still_match"),
+             "the offload engine refuses a routing-only checkpoint from imported routing (hidden size 0) on the "
+             "model it was recorded from", traces=True),
+    Mutation("compare-asks-routing-only-for-hidden", "scripts/compare_predictors.py",
+             "predictor_scorer(model, d, m.num_experts), reads_hidden(cfg), info))",
+             "predictor_scorer(model, d, m.num_experts), True, info))",
+             (RO + "test_compare_predictors_trains_and_scores_the_routing_only_hybrid_beside_the_routing_baselines",),
+             "compare_predictors scores its routing-only hybrid with hidden states, which an imported set lacks"),
+    Mutation("no-hidden-refusal-forgets-the-flag", "training/checks.py",
+             '"--routing-only" if args.model_type == "hybrid" else "--model-type hybrid --routing-only"', "None",
+             (RO + "test_the_hidden_reading_predictors_on_imported_routing_are_refused_in_one_line_naming_the_flag",),
+             "a hidden-reading predictor on an imported set is refused without naming --routing-only, the one "
+             "predictor such a set trains"),
 ]
 
 

@@ -39,7 +39,7 @@ from common.atomic import atomic_write_bytes, atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, one_line_errors
 from models.checkpoint import checkpoint_for_traces
-from models.predictors import count_parameters, flops_per_row
+from models.predictors import count_parameters, flops_per_row, reads_hidden
 from validation.coverage.evaluate import evaluate
 from validation.coverage.metrics import headline_columns
 from validation.coverage.scorers import baseline_scorer, predictor_scorer
@@ -205,7 +205,8 @@ def run_job(args: argparse.Namespace, name: str, flags: list[str], d: int, work:
         model, cfg, ckpt = checkpoint_for_traces(out / "best_checkpoint.pth", ts, dev, str(out),
                                                  test_ids=None if exclude else test_ids)  # a held-out source: its own rows
         row["checkpoint"] = str(out / "best_checkpoint.pth")
-        acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev, progress=False)
+        acc = evaluate(predictor_scorer(model, d, ts.manifest.num_experts), ts, test_ids, d, dev,
+                       need_hidden=reads_hidden(cfg), progress=False)
         summary = acc.summary()
         recall = f"recall@{ts.manifest.top_k}"
         history = ckpt["metrics"]["history"]

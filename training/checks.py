@@ -35,8 +35,14 @@ class Need:
 def missing_inputs(args: argparse.Namespace, ts: TraceSet) -> list[Need]:
     """Every input the run of `args` (recipe flags resolved: training.trainer.resolve_defaults) needs and `ts` lacks."""
     m = ts.manifest
-    input_layers(ts, args.lookahead)  # a lookahead the model has, and h_l stored at some layer l (one line if not)
+    hidden = not getattr(args, "routing_only", False)  # the routing-only hybrid reads no MoE input
+    # a lookahead the model has, and h_l stored at some layer l where it is read (one line if not)
+    input_layers(ts, args.lookahead, hidden and bool(m.hidden_layers))
     needs = []
+    if hidden and not m.hidden_layers:  # a routing-only set (imported routing): the hybrid's history part trains
+        needs.append(Need(f"the {args.model_type} predictor reads the MoE input h_l, and {ts.dir} stores no hidden "
+                          "states (routing only)", "collect with --hidden-layers all",
+                          "--routing-only" if args.model_type == "hybrid" else "--model-type hybrid --routing-only"))
     if args.loss_kl > 0 and not m.capture.get("store_logits", False):
         recipe = "the anchored predictor's default recipe" if args.model_type == "anchored" else "this run"
         needs.append(Need(f"{recipe} distils the target router's logits (--loss-kl {args.loss_kl:g}), and {ts.dir} "

@@ -121,8 +121,10 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
     g.add_argument("--warmup", type=float, default=None, help="warm-up share of all steps with --schedule step (0.05)")
     g = p.add_argument_group("anchored predictor (--model-type anchored; unset: KIND_DEFAULTS)")
     g.add_argument("--past-layers", type=int, default=None, help="this token's MoE inputs at layers l-1..l-P")
-    g.add_argument("--own-layers", type=int, default=None, help="this token's routing at its last Q finished layers")
-    g.add_argument("--window", type=int, default=None, help="previous W tokens' MoE input and routing at layer l+d")
+    g.add_argument("--own-layers", type=int, default=None, help="this token's routing at its last Q finished layers "
+                   "(also the --routing-only hybrid's, 1 unless given)")
+    g.add_argument("--window", type=int, default=None, help="previous W tokens' MoE input and routing at layer l+d "
+                   "(the --routing-only hybrid: their routing, 1 token unless given)")
     g.add_argument("--context", type=int, default=None, help="mean MoE input at layer l+d over the previous C tokens")
     g.add_argument("--token-emb", action=argparse.BooleanOptionalAction, default=None,
                    help="learned embedding of the token id (a table of the model's vocabulary)")
@@ -140,6 +142,11 @@ def add_training_args(p: argparse.ArgumentParser, *, kind: str, shards_per_group
                    help="learning rate of the router matrices as a multiple of --lr (0 = frozen)")
     g = p.add_argument_group("run")
     g.add_argument("--model-type", default=kind, choices=list(PREDICTORS), help=f"predictor ({kind})")
+    g.add_argument("--routing-only", action="store_true",
+                   help="the hybrid without hidden states: this token's experts at its last --own-layers finished "
+                        "layers and the previous --window tokens' experts at layer l+d (1 and 1 unless given: the "
+                        "hybrid's history part), so that routing alone, e.g. a set of imported routing "
+                        "(scripts/import_routing.py), trains it; stored in the checkpoint, which every reader follows")
     g.add_argument("--output", default=output, help=f"checkpoint directory (default {output})")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=int, default=None, help="CUDA GPU index")
@@ -159,13 +166,16 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
                  "past_layers": 2, "own_layers": 2, "window": 2, "token_emb": True, "depth": 2, "router_lr": 0.0,
                  "separate_layers": True, "layer_fallback": True},
 }
+# --routing-only (the hybrid): its history over one finished layer and one previous token, the hybrid's history part
+ROUTING_ONLY_DEFAULTS: dict[str, Any] = {"own_layers": 1, "window": 1}
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
     """Fill every unset recipe flag with its kind's default (in place, so the saved args are complete)."""
+    kind = ROUTING_ONLY_DEFAULTS if getattr(args, "routing_only", False) else KIND_DEFAULTS.get(args.model_type, {})
     for key, value in BASE_DEFAULTS.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, KIND_DEFAULTS.get(args.model_type, {}).get(key, value))
+            setattr(args, key, kind.get(key, value))
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -177,6 +187,12 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("loss_ce", "loss_kl", "loss_mse", "router_lr"):
         if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
             raise UserError(f"--{name.replace('_', '-')} must be a number >= 0")
+    if args.routing_only and args.model_type != "hybrid":
+        raise UserError(f"--routing-only is the hybrid predictor's variant; --model-type {args.model_type} reads "
+                        "hidden states (add --model-type hybrid)")
+    if args.routing_only and (args.own_layers < 1 or args.window < 1):
+        raise UserError("--routing-only reads this token's finished layers and the previous tokens: --own-layers and "
+                        "--window must be 1 or more")
     if args.loss_ce + args.loss_kl + args.loss_mse <= 0:
         raise UserError("--loss-ce, --loss-kl and --loss-mse are all 0: nothing to train on")
     if args.loss_mse > 0 and not (args.model_type == "anchored" and args.anchor):
@@ -374,7 +390,8 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
             split[name] = split[name][~np.isin(split[name], table["seq_id"][drop])]
     if len(split["train"]) == 0 or len(split["val"]) == 0:
         raise UserError(f"{args.traces}: too few sequences ({len(table['seq_id'])}) for a train and a validation split")
-    layers = input_layers(ts, args.lookahead)
+    hidden = not args.routing_only  # a routing-only predictor's rows: every layer, whatever hidden states are stored
+    layers = input_layers(ts, args.lookahead, hidden)
     tokens_per_seq = mean_tokens_per_sequence(table, split["train"])
     rows_per_step = args.batch_rows or max(1, round(args.batch_size * tokens_per_seq * len(layers)))
     train_tokens = int(table["length"][np.isin(table["seq_id"], split["train"])].sum())
@@ -392,6 +409,8 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
     cfg = PredictorConfig(kind=args.model_type, input_dim=m.hidden_size, num_experts=m.num_experts, top_k=m.top_k,
                           num_layers=m.num_layers, lookahead=args.lookahead, hidden_dim=args.hidden_dim,
                           dropout=args.dropout, lookahead_tokens=W)
+    if args.routing_only:  # the hybrid's history part alone: no MoE input, so no hidden size
+        cfg.input_dim, cfg.routing_only, cfg.own_layers, cfg.window = 0, True, args.own_layers, args.window
     if args.model_type == "anchored":
         cfg.past_layers, cfg.own_layers, cfg.window, cfg.context, cfg.depth = (
             args.past_layers, args.own_layers, args.window, args.context, args.depth)
@@ -469,7 +488,7 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
     first_shards = np.unique(table["shard"][is_train])[:args.shards_per_group]
     warm_ids = table["seq_id"][is_train & np.isin(table["shard"], first_shards)]
     warm_ids = np.sort(warm_ids)[:max(1, math.ceil(rows_per_step / max(tokens_per_seq * len(layers), 1)))]
-    warm = load_block(ts, first_shards.tolist(), warm_ids, device, with_logits=with_logits)
+    warm = load_block(ts, first_shards.tolist(), warm_ids, device, with_hidden=hidden, with_logits=with_logits)
     undone(lambda: step(warm, *next(iter(dp.row_batches(warm, layers, rows_per_step, torch.Generator())))),
            model, opt, device)
     del warm
@@ -477,9 +496,10 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
         torch.cuda.empty_cache()
     warm_s = time.perf_counter() - t_warm
     print(f"warm-up: one step on {len(warm_ids)} training sequence(s), undone, in {warm_s:.2f} s")
-    train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_logits=with_logits)
+    train_blocks = SplitBlocks(ts, train_seqs, device, args.shards_per_group, with_hidden=hidden,
+                               with_logits=with_logits)
     train_blocks.keep = dp.agree(train_blocks.keep)  # every rank walks the groups in the same order
-    val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group)
+    val_blocks = SplitBlocks(ts, split["val"], device, args.shards_per_group, with_hidden=hidden)
     print(f"data: {'kept on ' + str(device) + ' after the first epoch' if train_blocks.keep else 'reloaded every epoch'} "
           f"({len(ts)} shards, {args.shards_per_group} per group)")
     history: list[dict[str, Any]] = []
@@ -581,7 +601,7 @@ def train(args: argparse.Namespace, validate: Validate, reference: Reference | N
     best_val = val if fallback else best_epoch["val"]
     window = getattr(args, "lookahead_tokens", 0) > 0  # a window target: its own metrics, no router reuse to beat
     reuse = (dp.from_main(lambda: reference(ts, split["val"], args.lookahead, device, val_blocks))
-             if reference and not window else None)
+             if reference and not window and hidden else None)  # router reuse reads h_l, which is not loaded
     if reuse is not None:
         print(f"router reuse at lookahead {args.lookahead}, validation split: recall@{K} {reuse:.4f}")
     warning = (window_quality_warning(best_val["window_ap"], best_val["random/window_ap"]) if window else

@@ -23,6 +23,7 @@ from collection.traces.rows import (
     targets,
     window_targets,
 )
+from models.features import feature_spec
 from models.predictors import lookahead_tokens
 from validation.coverage.metrics import SEED_KS, CoverageAccumulator, WindowAccumulator, true_expert_ranks
 from validation.coverage.scorers import Scorer, baseline_scorer, predictor_scorer
@@ -98,12 +99,13 @@ def epoch_validation(model: nn.Module, ts: TraceSet, seq_ids: np.ndarray, lookah
     recall@K as a list, "per_layer_recall@K"); a predictor trained for a lookahead in tokens gets the window
     metrics (and "per_layer_window_ap")."""
     W = lookahead_tokens(model)
+    hidden = feature_spec(model).hidden  # a routing-only predictor's rows: every layer, stored h_l or not
     if W:
         acc = evaluate_window(predictor_scorer(model, 0, ts.manifest.num_experts, dtype), ts, seq_ids, W, device,
-                              progress=False, loss_fn=loss_fn, blocks=blocks)
+                              need_hidden=hidden, progress=False, loss_fn=loss_fn, blocks=blocks)
         return {**acc.summary(), "loss": acc.mean_loss(), "per_layer_window_ap": acc.per_layer("window_ap")}
     acc = evaluate(predictor_scorer(model, lookahead, ts.manifest.num_experts, dtype), ts, seq_ids, lookahead,
-                   device, progress=False, loss_fn=loss_fn, blocks=blocks)
+                   device, need_hidden=hidden, progress=False, loss_fn=loss_fn, blocks=blocks)
     recall = f"recall@{ts.manifest.top_k}"
     return {**acc.summary(), "loss": acc.mean_loss(), f"per_layer_{recall}": acc.per_layer(recall)}
 

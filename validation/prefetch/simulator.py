@@ -45,7 +45,8 @@ from tqdm import tqdm
 from collection.traces.format import TraceSet
 from collection.traces.rows import SplitBlocks, TokenBlock, row_batches, split_sequences
 from common.errors import UserError
-from models.checkpoint import checkpoint_for_traces
+from models.checkpoint import checkpoint_for_traces, load_checkpoint
+from models.predictors import reads_hidden
 from validation.coverage.scorers import BASELINES, SCORERS, Scorer, baseline_scorer, expert_popularity, predictor_scorer
 from validation.prefetch.cost_model import DEFAULT_PREDICTOR_MS, CostModel
 
@@ -272,11 +273,26 @@ def check_needs(policy: Policy, ts: TraceSet, lookahead: int) -> None:
     if "hidden" in policy.needs:
         first = lookahead if policy.prefetch == PREDICTED else 0
         missing = sorted(set(range(L - first)) - set(ts.manifest.hidden_layers))
-        if missing:
+        if missing and reads_stored_hidden(policy):
             raise UserError(f"policy {policy.name} needs the stored MoE input (hidden state) of layers "
                             f"0..{L - first - 1}; {ts.dir} lacks layers {missing} (collect with --hidden-layers all)")
     if "router_weights" in policy.needs:
         ts.router_weights()  # raises a one-line TraceFormatError naming the missing file
+
+
+def reads_stored_hidden(policy: Policy) -> bool:
+    """Whether a policy whose parts may read the stored MoE input does: a baseline as the scorer registry says, a
+    checkpoint as its config says (the routing-only hybrid reads routing alone; the file is read here only when the
+    traces lack hidden states, and again when its predictor is built)."""
+    sources = ([policy.source] if policy.prefetch == PREDICTED else []) + (
+        [policy.evict_source] if policy.eviction == SCORE else [])
+    for src in sources:
+        if src in PREFETCH_BASELINES or src in EVICT_SCORES:
+            if "hidden" in PREFETCH_BASELINES.get(src, ()):
+                return True
+        elif reads_hidden(load_checkpoint(Path(src), "cpu")[1]):
+            return True
+    return False
 
 
 def check_costs(policy: Policy, cost: CostModel) -> None:
@@ -330,7 +346,7 @@ def build_predictor(policy: Policy, ts: TraceSet, lookahead: int, train_ids: np.
         raise UserError(f"{where}: the checkpoint predicts {cfg.lookahead} layer(s) ahead, --lookahead is {lookahead}")
     scorer = predictor_scorer(model, lookahead, m.num_experts)
     label = f"prefetch:{cfg.kind}-d{cfg.lookahead} ({Path(policy.source).parent.name})"
-    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json())
+    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", reads_hidden(cfg), label, cfg.to_json())
 
 
 def build_evict_scorer(policy: Policy, ts: TraceSet, test_ids: np.ndarray) -> Predictor:
@@ -344,8 +360,8 @@ def build_evict_scorer(policy: Policy, ts: TraceSet, test_ids: np.ndarray) -> Pr
                         "the next tokens' (its config has no lookahead_tokens > 0); train one for eviction")
     scorer = predictor_scorer(model, cfg.lookahead, ts.manifest.num_experts)
     label = f"evict:{cfg.kind}-next{window} ({Path(policy.evict_source).parent.name})"
-    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", True, label, cfg.to_json(), "evict",
-                     cfg.lookahead)
+    return Predictor(scorer, DEFAULT_PREDICTOR_MS["learned"], "learned", reads_hidden(cfg), label, cfg.to_json(),
+                     "evict", cfg.lookahead)
 
 
 def policy_label(policy: Policy, predictors: dict[str, Predictor]) -> str:
