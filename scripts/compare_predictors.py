@@ -29,10 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-
 from collection.traces.format import TraceSet
 from collection.traces.rows import split_sequences
-from common.atomic import atomic_write_bytes, atomic_write_json
 from common.device import device_name, pick_device
 from common.errors import UserError, choices_list, one_line_errors
 from common.paths import check_writable
@@ -42,8 +40,8 @@ from training.checks import missing_inputs
 from training.trainer import add_training_args, resolve_defaults
 from validation.coverage.evaluate import evaluate
 from validation.coverage.metrics import headline_columns
+from validation.coverage.report import write_comparison
 from validation.coverage.scorers import BASELINES, SCORERS, baseline_scorer, predictor_scorer
-from validation.plots import comparison_figure
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 AttributeError, StopIteration) as e:
             raise UserError(f"--from-json {args.from_json}: not a comparison this script wrote "
                             f"({type(e).__name__}: {str(e)[:100]})") from None
-        write_report(rows, traces, model, top_k, device, saved_args, Path(args.output))
+        write_comparison(rows, traces, model, top_k, device, saved_args, Path(args.output))
         return
     try:
         ds = sorted({int(x) for x in args.lookaheads.split(",")})
@@ -203,50 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"per_layer_{recall}": acc.per_layer(recall), **info})
             print(f"d={d} {label:<22} " + " ".join(f"{c} {s[c]:.4f}" for c in cols), flush=True)
 
-    write_report(rows, args.traces, m.model, m.top_k, device_name(dev),
+    write_comparison(rows, args.traces, m.model, m.top_k, device_name(dev),
                  {**vars(args), "test_sequences": len(split["test"])}, out)
-
-
-def write_report(rows: list[dict[str, Any]], traces: str, model: dict[str, Any], top_k: int, device: str,
-                 args: dict[str, Any], out: Path) -> None:
-    """comparison.md / .json / _per_layer.png, and how much of router reuse's error each best predictor removes."""
-    out.mkdir(parents=True, exist_ok=True)
-    cols = headline_columns(top_k)
-    recall = cols[0]
-    ds = sorted({r["lookahead"] for r in rows})
-    summary = {}
-    for d in ds:
-        reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
-        mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in PREDICTORS]
-        if reuse and mine:
-            best = max(mine, key=lambda r: r[recall])
-            cut = 1 - (1 - best[recall]) / max(1 - reuse[recall], 1e-12)
-            summary[d] = {"best": best["predictor"], f"best_{recall}": best[recall],
-                          f"router_reuse_{recall}": reuse[recall], "error_reduction_vs_router_reuse": cut}
-    n_test = args.get("test_sequences")
-    lines = [f"Model `{model['name_or_path']}`, traces `{traces}`, held-out test split"
-             f"{f': {n_test} sequences' if n_test else ''} "
-             f"(split seed {args['seed']}); rows = (token, layer l) with target layer l+d; device {device}.", "",
-             "| d | predictor | " + " | ".join(cols) + " | params | FLOPs/row |",
-             "|---|---|" + "---|" * (len(cols) + 2)]
-    for r in rows:
-        lines.append(f"| {r['lookahead']} | {r['predictor']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) +
-                     f" | {r.get('parameters', '-')} | {r.get('flops_per_row', '-')} |")
-    lines += ["", f"| d | best learned | its {recall} | router reuse {recall} | error cut vs router reuse |",
-              "|---|---|---|---|---|"]
-    for d, s in summary.items():
-        lines.append(f"| {d} | {s['best']} | {s[f'best_{recall}']:.4f} | {s[f'router_reuse_{recall}']:.4f} | "
-                     f"{s['error_reduction_vs_router_reuse'] * 100:.1f}% |")
-    table = "\n".join(lines) + "\n"
-    atomic_write_bytes(out / "comparison.md", table.encode())
-    atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": traces, "model": model,
-                                                 "top_k": top_k, "device": device, "args": args})
-    curves: dict[str, dict[int, list[float | None]]] = {}
-    for r in rows:
-        curves.setdefault(r["predictor"], {})[r["lookahead"]] = r[f"per_layer_{recall}"]
-    comparison_figure(curves, recall, out / "comparison_per_layer.png",
-                      f"per-layer {recall} by lookahead, {model['name_or_path']}, test split")
-    print("\n" + table + f"\nwrote {out / 'comparison.md'}, comparison.json, comparison_per_layer.png")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from collection.traces.format import MANIFEST, shard_name, write_manifest
 from collection.importers import (
     IMPORT_FORMATS,
     READERS,
@@ -35,6 +34,7 @@ from collection.importers import (
     model_facts,
     read_expert_map,
 )
+from collection.traces.format import MANIFEST, shard_name, write_manifest
 from collection.traces.legacy import natural_key
 from collection.traces.output import OutputLock, open_output, start_one_shot
 from common.atomic import sha256_file

@@ -215,7 +215,9 @@ def test_a_routing_only_checkpoint_fits_any_hidden_size_and_a_hidden_reading_one
 def routing_only_model(d: int, q: int = 2, w: int = 3):
     """A routing-only hybrid for the leakage block of tests/test_leakage.py, weights drawn at random."""
     from models.predictors import PredictorConfig, build_predictor
-    from tests.test_leakage import E as LE, K as LK, L as LL
+    from tests.test_leakage import E as LE
+    from tests.test_leakage import K as LK
+    from tests.test_leakage import L as LL
 
     torch.manual_seed(0)
     model = build_predictor(PredictorConfig("hybrid", 0, LE, LK, LL, lookahead=d, hidden_dim=32, own_layers=q,
@@ -233,7 +235,8 @@ def test_the_routing_only_hybrid_sees_no_future_and_no_hidden_state(d):
     from dataclasses import replace
 
     from models.features import feature_spec, make_features
-    from tests.test_leakage import E as LE, check_no_leak, make_block
+    from tests.test_leakage import E as LE
+    from tests.test_leakage import check_no_leak, make_block
 
     model = routing_only_model(d)
     check_no_leak(model, d)
@@ -250,7 +253,8 @@ def test_the_routing_only_hybrid_sees_no_future_and_no_hidden_state(d):
 def test_every_input_of_the_routing_only_hybrid_reaches_its_output(feature):
     """The leakage check means something only if each feature reaches the output: one changed, the scores change."""
     from models.features import feature_spec, make_features
-    from tests.test_leakage import E as LE, make_block
+    from tests.test_leakage import E as LE
+    from tests.test_leakage import make_block
 
     model = routing_only_model(1)
     f = make_features(make_block(0), torch.tensor([27, 33]), torch.tensor([2, 3]), 1, LE, feature_spec(model))

@@ -7,10 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
-from validation.coverage.metrics import SEED_KS, CoverageAccumulator, WindowAccumulator, random_expectation
+from models.predictors import PREDICTORS
+from validation.coverage.metrics import (
+    SEED_KS,
+    CoverageAccumulator,
+    WindowAccumulator,
+    headline_columns,
+    random_expectation,
+)
 from validation.coverage.scorers import RouterScorer
+from validation.plots import comparison_figure
 
 
 def check_ks(ks: tuple[int, ...] | None, num_experts: int) -> tuple[int, ...]:
@@ -124,3 +132,45 @@ def report_window(acc: WindowAccumulator, meta: dict[str, Any], m: Any, label: s
     print(f"\nwrote {json_path}")
 
 
+def write_comparison(rows: list[dict[str, Any]], traces: str, model: dict[str, Any], top_k: int, device: str,
+                 args: dict[str, Any], out: Path) -> None:
+    """compare_predictors.py's report: comparison.md / .json / _per_layer.png, and how much of router reuse's error
+    each best learned predictor removes at each lookahead. rows: one per (lookahead, predictor) with the headline
+    columns, per_layer_<recall@K>, and for learned predictors their parameters and FLOPs per row."""
+    out.mkdir(parents=True, exist_ok=True)
+    cols = headline_columns(top_k)
+    recall = cols[0]
+    ds = sorted({r["lookahead"] for r in rows})
+    summary = {}
+    for d in ds:
+        reuse = next((r for r in rows if r["lookahead"] == d and r["predictor"] == "router-reuse"), None)  # d >= 1
+        mine = [r for r in rows if r["lookahead"] == d and r["predictor"] in PREDICTORS]
+        if reuse and mine:
+            best = max(mine, key=lambda r: r[recall])
+            cut = 1 - (1 - best[recall]) / max(1 - reuse[recall], 1e-12)
+            summary[d] = {"best": best["predictor"], f"best_{recall}": best[recall],
+                          f"router_reuse_{recall}": reuse[recall], "error_reduction_vs_router_reuse": cut}
+    n_test = args.get("test_sequences")
+    lines = [f"Model `{model['name_or_path']}`, traces `{traces}`, held-out test split"
+             f"{f': {n_test} sequences' if n_test else ''} "
+             f"(split seed {args['seed']}); rows = (token, layer l) with target layer l+d; device {device}.", "",
+             "| d | predictor | " + " | ".join(cols) + " | params | FLOPs/row |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        lines.append(f"| {r['lookahead']} | {r['predictor']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) +
+                     f" | {r.get('parameters', '-')} | {r.get('flops_per_row', '-')} |")
+    lines += ["", f"| d | best learned | its {recall} | router reuse {recall} | error cut vs router reuse |",
+              "|---|---|---|---|---|"]
+    for d, s in summary.items():
+        lines.append(f"| {d} | {s['best']} | {s[f'best_{recall}']:.4f} | {s[f'router_reuse_{recall}']:.4f} | "
+                     f"{s['error_reduction_vs_router_reuse'] * 100:.1f}% |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_bytes(out / "comparison.md", table.encode())
+    atomic_write_json(out / "comparison.json", {"rows": rows, "summary": summary, "traces": traces, "model": model,
+                                                 "top_k": top_k, "device": device, "args": args})
+    curves: dict[str, dict[int, list[float | None]]] = {}
+    for r in rows:
+        curves.setdefault(r["predictor"], {})[r["lookahead"]] = r[f"per_layer_{recall}"]
+    comparison_figure(curves, recall, out / "comparison_per_layer.png",
+                      f"per-layer {recall} by lookahead, {model['name_or_path']}, test split")
+    print("\n" + table + f"\nwrote {out / 'comparison.md'}, comparison.json, comparison_per_layer.png")
