@@ -450,3 +450,27 @@ def test_the_import_benchmark_prints_its_rates(tmp_path):
 
     res = json.loads((tmp_path / "bench.json").read_text())
     assert "ids/s" in proc.stdout and res
+
+
+def test_the_simulator_runs_every_routing_only_policy_on_an_imported_set(tmp_path):
+    """Every request routes each token to experts {0, 1, 2} at both layers. At C = 3 the cache policies miss only
+    the first token's 6 accesses (hit rate 1 - 1/T over the T streamed tokens); oracle and previous-token prefetch
+    fetch its layer 1 while layer 0 runs (1 - 1/(2T)); static placement, counted on the training split, holds
+    {0, 1, 2} from the start (1.0), and so does CPU compute's. A policy that reads hidden states is refused."""
+    (tmp_path / "in").mkdir()
+    for r in range(12):
+        np.save(tmp_path / "in" / f"r{r:02d}.npy", np.tile(np.array([0, 1, 2], dtype=np.int16), (20, 2, 1)))
+    run_script("import_routing", "--from", "vllm", tmp_path / "in", "--output", tmp_path / "set", "--num-experts", E)
+    policies = "on-demand,lfu,belady,oracle,prefetch:previous-token,static-popular,cpu-compute"
+    run_script("simulate_prefetch", "--traces", tmp_path / "set", "--policies", policies, "--cache-experts", "3",
+               "--cpu-expert-ms", "0.3", "--output-dir", tmp_path / "sim")
+    res = json.loads((tmp_path / "sim" / "prefetch.json").read_text())
+    T = res["tokens"]
+    hit = {r["policy"]: r["hit_rate"] for r in res["rows"]}
+    assert T == 20 and hit == pytest.approx({"on-demand": 1 - 1 / T, "lfu": 1 - 1 / T, "belady": 1 - 1 / T,
+                                             "oracle": 1 - 1 / (2 * T), "prefetch:previous-token": 1 - 1 / (2 * T),
+                                             "static-popular": 1.0, "cpu-compute": 1.0})
+    proc = run_script("simulate_prefetch", "--traces", tmp_path / "set", "--policies", "on-demand,prefetch:router-reuse",
+                      "--cache-experts", "3", "--output-dir", tmp_path / "sim2", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs the stored MoE input" in proc.stderr
+    assert not (tmp_path / "sim2").exists()
