@@ -154,8 +154,8 @@ def test_commits_hash_in_helper_processes_not_in_this_one(tmp_path, monkeypatch)
 
 
 def test_helpers_run_outside_the_terminals_process_group(tmp_path):
-    """Ctrl-C reaches every process of the terminal's foreground group: the helpers, in a session of their own,
-    neither die mid-commit nor print a traceback; the collector handles it and closes them."""
+    """Ctrl-C reaches every process of the terminal's foreground group: the hashing processes, started outside that
+    group, neither die mid-commit nor print a traceback; the collector handles it and closes them."""
     import os
 
     hasher = HashProcesses(2)

@@ -100,7 +100,7 @@ class HashProcesses:
         self.lock = threading.Lock()
         try:
             for _ in range(n):
-                # a session of its own: Ctrl-C in the terminal, sent to the whole foreground process group, reaches
+                # outside the terminal's foreground process group: Ctrl-C, sent to that whole group, reaches
                 # the collector only (which prints "interrupted" and closes the helpers), never a helper mid-start
                 p = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HASHER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, encoding="utf-8", start_new_session=True)
