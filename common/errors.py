@@ -38,6 +38,8 @@ def number_flag(flag: str, value: float | None, low: float, high: float, *, abov
         return
     ok = math.isfinite(value) and (value > low if above_low else value >= low) and value <= high
     if not ok:
+        if high == math.inf:
+            raise UserError(f"--{flag} {value}: must be a finite number {'>' if above_low else '>='} {low:g}")
         raise UserError(f"--{flag} {value}: must be a number in {'(' if above_low else '['}{low:g}, {high:g}]")
 
 

@@ -540,8 +540,8 @@ def test_a_damaged_checkpoint_is_one_line(tiny_traces, tmp_path, scripts, edit, 
 TRAINERS = ["train_simple_predictor", "train_hybrid_predictor", "train_anchored_predictor"]
 TRAINING_FLAGS = [("--hidden-dim", "200000"), ("--window", "1000000"), ("--context", "100000"), ("--depth", "1000"),
                   ("--past-layers", "100000"), ("--own-layers", "100000"), ("--lr", "nan"), ("--lr", "inf"),
-                  ("--dropout", "nan"), ("--seed", "-1"), ("--weight-decay", "inf"), ("--grad-clip", "nan"),
-                  ("--warmup", "nan"), ("--val-fraction", "nan"), ("--loss-kl", "inf"), ("--hidden-dim", "0")]
+                  ("--lr", "1e-310"), ("--dropout", "nan"), ("--seed", "-1"), ("--weight-decay", "inf"),
+                  ("--grad-clip", "nan"), ("--warmup", "nan"), ("--val-fraction", "nan"), ("--loss-kl", "inf"), ("--hidden-dim", "0")]
 
 
 @pytest.mark.parametrize("flag,value", TRAINING_FLAGS)
@@ -649,9 +649,11 @@ def test_nan_hidden_states_with_a_valid_checksum_are_refused_naming_shard_and_la
 
 
 SIMULATE_FLAGS = [("--gpu-gib", "1e300"), ("--gpu-gib", "nan"), ("--gpu-gib", "inf"), ("--gpu-gib", "-1"),
-                  ("--link-gbps", "nan"), ("--link-gbps", "0"), ("--link-gbps", "inf"), ("--link-gbps", "-5"),
+                  ("--link-gbps", "nan"), ("--link-gbps", "0"), ("--link-gbps", "1e-310"), ("--link-gbps", "inf"),
+                  ("--link-gbps", "-5"),
                   ("--pre-ms", "nan"), ("--shared-ms", "-1"), ("--expert-ms", "inf"), ("--token-ms", "1e300"),
-                  ("--layer-ms", "0"), ("--layer-ms", "nan"), ("--predictor-ms", "nan"), ("--locality", "nan"),
+                  ("--layer-ms", "0"), ("--layer-ms", "nan"), ("--layer-ms", "1e-310"), ("--cpu-expert-ms", "1e-310"),
+                  ("--prefill-tflops", "1e-310"), ("--predictor-ms", "nan"), ("--locality", "nan"),
                   ("--locality", "2"), ("--seed", "-1"), ("--max-tokens", "0"), ("--warmup-tokens", "-1"),
                   ("--warmup-tokens", "1000000000")]
 
@@ -679,10 +681,10 @@ def test_json_is_never_written_with_nan_or_infinity(tmp_path):
 
 
 NUMBER_FLAGS = {  # (script, flag): the range it takes, for the fuzz below
-    ("simulate_prefetch", "--gpu-gib"): (0, 2**20), ("simulate_prefetch", "--link-gbps"): (1e-300, 1e5),
+    ("simulate_prefetch", "--gpu-gib"): (0, 2**20), ("simulate_prefetch", "--link-gbps"): (1e-3, 1e5),
     ("simulate_prefetch", "--pre-ms"): (0, 1e6), ("simulate_prefetch", "--expert-ms"): (0, 1e6),
-    ("simulate_prefetch", "--locality"): (0, 1), ("train_anchored_predictor", "--lr"): (1e-300, float("inf")),
-    ("train_anchored_predictor", "--dropout"): (0, 0.999), ("train_anchored_predictor", "--weight-decay"):
+    ("simulate_prefetch", "--locality"): (0, 1), ("train_anchored_predictor", "--lr"): (1e-12, float("inf")),
+    ("train_anchored_predictor", "--dropout"): (0, 1), ("train_anchored_predictor", "--weight-decay"):
     (0, float("inf")), ("compare_traces", "--weights-atol"): (0, 1e6), ("compare_traces", "--hidden-rtol"): (0, 1e6)}
 INT_FLAGS = {("train_anchored_predictor", "--hidden-dim"): (1, 16384), ("train_anchored_predictor", "--window"): (0, 64),
              ("train_anchored_predictor", "--context"): (0, 4096), ("simulate_prefetch", "--seed"): (0, 2**63 - 1),

@@ -46,7 +46,7 @@ from collection.traces.rows import (
     window_targets,
 )
 from common.atomic import PARTIAL_SUFFIX, atomic_write_json
-from common.errors import UserError
+from common.errors import UserError, number_flag
 from common.paths import check_writable, refuse_symlink
 from models.checkpoint import check_token_ids, save_checkpoint
 from models.features import feature_spec, make_features
@@ -60,6 +60,9 @@ from models.predictors import (
 )
 from training.checks import check_traces_serve, interrupted_note, quality_warning, window_quality_warning
 from training.distributed import data_parallel, describe
+
+# the smallest --lr taken: below it AdamW's steps vanish under float32 rounding of the weights
+MIN_LR = 1e-12
 
 # every file a run writes in --output: what --overwrite may replace, and all it may replace
 OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth", "latest_checkpoint.json",
@@ -206,8 +209,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.batch_rows is not None and args.batch_rows <= 0:
         raise UserError("--batch-rows must be positive")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError("--lr must be a positive number")
+    number_flag("lr", args.lr, MIN_LR, math.inf)
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         raise UserError("--weight-decay must be a number >= 0")
     if not (args.grad_clip > 0 and math.isfinite(args.grad_clip)):

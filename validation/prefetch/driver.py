@@ -79,6 +79,10 @@ MAX_MS = 1e6        # one phase of one layer: 1000 s is beyond any machine (the 
 MAX_GBPS = 1e5      # a host-to-GPU link: 100 TB/s
 MAX_GIB = 1 << 20   # a GPU budget
 MAX_STEPS = 1 << 40
+# the smallest positive costs taken: below them a token's time rounds to nothing and its rate to infinity
+MIN_MS = 1e-6       # a nanosecond
+MIN_GBPS = 1e-3     # 1 MB/s
+MIN_TFLOPS = 1e-3
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -93,11 +97,11 @@ def check_flags(args: argparse.Namespace) -> None:
     number_flag("locality", args.locality, 0, 1)
     for name in ("pre_ms", "shared_ms", "expert_ms", "token_ms", "predictor_ms"):
         number_flag(name.replace("_", "-"), getattr(args, name), 0, MAX_MS)
-    number_flag("layer-ms", args.layer_ms, 0, MAX_MS, above_low=True)
-    number_flag("cpu-expert-ms", args.cpu_expert_ms, 0, MAX_MS, above_low=True)
-    number_flag("link-gbps", args.link_gbps, 0, MAX_GBPS, above_low=True)
+    number_flag("layer-ms", args.layer_ms, MIN_MS, MAX_MS)
+    number_flag("cpu-expert-ms", args.cpu_expert_ms, MIN_MS, MAX_MS)
+    number_flag("link-gbps", args.link_gbps, MIN_GBPS, MAX_GBPS)
     number_flag("gpu-gib", args.gpu_gib, 0, MAX_GIB, above_low=True)
-    number_flag("prefill-tflops", args.prefill_tflops, 0, 1e6, above_low=True)
+    number_flag("prefill-tflops", args.prefill_tflops, MIN_TFLOPS, 1e6)
     number_flag("lfru-decay", args.lfru_decay, 0, 1)
     number_flag("stale-alpha", args.stale_alpha, 0, 1)
     for name in ("context", "prompt_tokens", "batch", "static_window", "hot_uses", "evict_window"):
