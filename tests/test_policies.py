@@ -5,6 +5,7 @@ Every number asserted here is worked out in the comment above it (units: ms; cop
     pytest -q tests/test_policies.py
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,6 +372,22 @@ def test_bad_input_is_one_line(argv, message, tiny_traces, tmp_path, monkeypatch
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         main([*[a.replace("ENGINE", str(engine)) for a in argv], "--traces", str(tiny_traces), "--output-dir", str(out)])
     assert not out.exists()
+
+
+def test_the_maps_engine_profile_reads_the_engines_benchmark(tmp_path):
+    """--engine-costs with tools/bench_offload.py's JSON: the phases its on-demand row measured on the engine itself
+    (the committed H100 run: 0.858 + 0.155 + 4 x 0.084 ms per layer, 4.92 ms per token outside the layers)."""
+    from validation.prefetch.policy_map import engine_phases
+
+    bench = Path(__file__).resolve().parent.parent / "docs/results/offload/bench_quick_h100_2026-12-07.json"
+    phases, source = engine_phases(str(bench))
+    assert phases == pytest.approx((0.8584, 0.1554, 0.0836, 4.9225), abs=1e-4)
+    assert "fp16 C=15 on-demand (own routing)" in source and "H100" in source
+    rows = json.loads(bench.read_text())
+    rows["rows"] = [r for r in rows["rows"] if "on-demand (own routing)" not in r["label"]]
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError, match="without a calibrated 'on-demand \\(own routing\\)' row"):
+        engine_phases(str(tmp_path / "b.json"))
 
 
 def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):

@@ -11,7 +11,8 @@ simulated; the header and the JSON name each locality's measured summary (locali
              engine     an optimised engine, 0.2 ms per layer: pre 0.08 + shared 0.06 + K x 0.015 (a hypothetical
                         split), or the figures of --engine-costs: a JSON object with pre_ms, shared_ms, expert_ms
                         (and optionally token_ms), or one holding them under "cost_models" / "costs" per format
-                        (tools/replay_offload.py's JSON: its first format's)
+                        (tools/replay_offload.py's JSON: its first format's), or tools/bench_offload.py's JSON: the
+                        phases the engine measured on itself in its first on-demand row (ENGINE_ROW)
     budget   a fraction f of each layer's experts: C = max(1, round(f x E)) slots per layer (split by --split)
     locality 0 = the traces as collected; p > 0: `--locality p`
 """
@@ -52,6 +53,9 @@ from validation.prefetch.simulator import (
 )
 from validation.prefetch.workload import as_batch, with_prompts
 
+# the row of tools/bench_offload.py's JSON whose measured phases stand for the engine: on-demand LRU on the model's
+# own routing, the first cache size (no predictor's work in its pre phase)
+ENGINE_ROW = "on-demand (own routing)"
 COMPUTE = {"hf-eager": (0.43, 0.53, 0.06), "engine": (0.08, 0.06, 0.015)}  # pre, shared, expert ms (docstring)
 MAP_POLICIES = ("on-demand,lfu,lfru,least-stale,static-popular,static-frequency,lowbit-on-miss,"
                 "evict:frequency-window,prefetch:router-reuse,oracle,belady")
@@ -67,7 +71,8 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--map-compute", default="hf-eager,engine", help="compute profiles: hf-eager, engine "
                    "(hf-eager,engine)")
     g.add_argument("--engine-costs", default=None, help="JSON with the engine's own pre_ms, shared_ms, expert_ms "
-                   "(and token_ms) for the engine profile (default: 0.2 ms per layer, hypothetical)")
+                   "(and token_ms) for the engine profile, or tools/bench_offload.py's JSON (its on-demand row's "
+                   "measured phases; default: 0.2 ms per layer, hypothetical)")
     g.add_argument("--map-budgets", default="0.05,0.15,0.3,0.5", help="GPU budgets as fractions of each layer's "
                    "experts (0.05,0.15,0.3,0.5)")
     g.add_argument("--map-localities", default="0,0.4,0.8", help="--locality values; 0 = as collected (0,0.4,0.8)")
@@ -114,17 +119,24 @@ def engine_phases(path: str | None) -> tuple[tuple[float, float, float, float], 
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"--engine-costs {path}: not a readable JSON file ({str(e).splitlines()[0][:120]})") from None
-    costs = raw
+    costs, where = raw, path
     for key in ("cost_models", "costs"):  # tools/replay_offload.py's JSON and measure_costs' layout: the first format
         if isinstance(raw, dict) and isinstance(raw.get(key), dict) and raw[key]:
             costs = next(iter(raw[key].values()))
+    if isinstance(raw, dict) and isinstance(raw.get("rows"), list):  # tools/bench_offload.py: the engine on itself
+        row = next((r for r in raw["rows"] if isinstance(r, dict) and ENGINE_ROW in str(r.get("label"))
+                    and isinstance(r.get("calibration"), dict)), None)
+        if row is None:
+            raise UserError(f"--engine-costs {path}: a benchmark JSON without a calibrated '{ENGINE_ROW}' row")
+        costs = row["calibration"].get("cost")
+        where = f"{path}: {row['label']}, {raw.get('device', 'device not named')}"
     try:
         phases = tuple(float(costs[k]) for k in ("pre_ms", "shared_ms", "expert_ms")) + (float(costs.get("token_ms", 0)),)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"--engine-costs {path}: needs numbers pre_ms, shared_ms, expert_ms (ms)") from None
     if min(phases) < 0 or sum(phases[:3]) <= 0:
         raise UserError(f"--engine-costs {path}: the phases must be >= 0 and not all 0")
-    return phases, f"the engine's measured figures ({path})"
+    return phases, f"the engine's measured figures ({where})"
 
 
 def run_map(args: argparse.Namespace) -> None:
