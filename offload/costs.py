@@ -25,11 +25,13 @@ predictor_ms = 0 and queues prefetches with the demand copies, as the engine doe
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.errors import UserError
 from offload.stats import OffloadHandle
 from validation.prefetch.cost_model import CostModel
 
@@ -137,3 +139,49 @@ def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32,
            "layer_steps": len(phases["layer"]), **{f"{k}_ms": v for k, v in mean.items()}}
     handle.reset()
     return {"cost": cost, "raw": raw}
+
+
+def measure_on_engine(preset: str, traces: str, expert_format: str, cache_experts: int, prefetch: list[str],
+                      device: torch.device, seed: int = 0, tokens: int = 32) -> dict[str, Any]:
+    """The simulator's costs measured on the engine users run (`simulate_prefetch.py --measure`).
+
+    `preset`'s architecture with random weights (models/random_model.py), one decoder layer per MoE layer of
+    `traces`, its experts offloaded in `expert_format` behind `cache_experts` slots per layer, on-demand LRU, the
+    traces' test routing forced on every layer (so the layers copy and compute what the simulated stream asks):
+    `measure_costs` of a greedy decode of `tokens` tokens. Then each `prefetch` policy is measured the same way
+    (under forced routing a checkpoint's predictor runs at this model's size with random weights: its work, for
+    its time; the answers come from the traces, offload/routing.py); the engine runs its predictor inside the pre
+    phase, so a predictor's time is that pre phase less on-demand's.
+
+    Returns {"cost": CostModel, "raw": on-demand's measured numbers, "predictor_ms": {policy: ms}}.
+    """
+    from collection.families import num_experts
+    from collection.traces.format import read_manifest
+    from models.moe_configs import make_config
+    from models.random_model import random_model, sixteen_bit
+    from offload.api import expert_format_dtype, offload_experts
+
+    m = read_manifest(Path(traces))
+    cfg = make_config(preset)
+    arch = (num_experts(cfg), int(cfg.num_experts_per_tok))
+    if arch != (m.num_experts, m.top_k):
+        raise UserError(f"--measure runs {preset} with the traces' routing forced into it: it needs the traces' "
+                        f"experts and top-k ({preset}: {arch[0]} and top-{arch[1]}; traces: {m.num_experts} and "
+                        f"top-{m.top_k}); choose a --model-config of that shape")
+    dtype = sixteen_bit(device) if expert_format == "fp16" else expert_format_dtype(expert_format)
+    if expert_format in ("fp16", "bf16") and device.type != "cuda":
+        dtype, expert_format = torch.float32, "fp32"  # a CPU (tests): the code path, not its numbers
+    elif expert_format == "fp16" and dtype != torch.float16:
+        expert_format = "bf16"  # grouped_mm has no fp16 on this GPU: the same bytes per expert in bf16
+    model = random_model(preset, device, dtype, seed, layers=m.num_layers)
+    prompt = torch.randint(1, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(seed)).to(device)
+    handle = offload_experts(model, cache_experts=cache_experts, policy="on-demand", expert_format=expert_format,
+                             routing_from=traces, seed=seed, nf4_on_cpu=device.type != "cuda")
+    base = measure_costs(handle, prompt, tokens=tokens)
+    predictor_ms: dict[str, float] = {}
+    for pol in prefetch:
+        handle.reconfigure(cache_experts=cache_experts, policy=pol, expert_format=expert_format, routing_from=traces)
+        res = measure_costs(handle, prompt, tokens=tokens)
+        predictor_ms[pol] = max(res["cost"].pre_ms - base["cost"].pre_ms, 0.0)
+    return {"cost": base["cost"], "raw": {k: v for k, v in base["raw"].items() if k != "recorded"},
+            "predictor_ms": predictor_ms}

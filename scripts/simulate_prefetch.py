@@ -18,7 +18,8 @@ A GPU budget shared with the KV cache, split by marginal hit rate, CPU compute o
 The map (docs/PREFETCH.md "Which policy wins where"; minutes on 2 CPU cores):
     python scripts/simulate_prefetch.py --traces runs/demo/traces --map --cpu-expert-ms 0.25 \
         --output-dir results/prefetch-map
-Costs measured on this machine's GPU instead of the defaults (pinned copy bandwidth, per-layer compute):
+Costs measured on this machine's GPU by the offload engine instead of the defaults (its copies, its phases, its
+predictors' time; the preset with random weights and the traces' routing forced into it):
     python scripts/simulate_prefetch.py --measure --expert-format nf4
 After `make demo`, its traces and predictor (what its last lines report; seconds on a CPU):
     python scripts/simulate_prefetch.py --traces runs/demo/traces --lookahead 1 --cache-experts 8,15,30 \
@@ -34,11 +35,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from collection.traces.format import DEFAULT_TRACES
 from common.atomic import atomic_write_json
 from common.errors import UserError, one_line_errors
 from common.paths import check_writable
 from models.moe_configs import PRESETS
+from offload.costs import measure_on_engine
 from validation.plots import prefetch_figure
 from validation.prefetch.budget import SPLITS
 from validation.prefetch.cost_model import (
@@ -54,7 +58,7 @@ from validation.prefetch.driver import (
     cache_sizes,
     cost_from_args,
     header_lines,
-    measure_on_gpu,
+    measure_cache,
     needs_popularity,
     popularity_of,
     print_table,
@@ -162,13 +166,16 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--warmup-tokens {args.warmup_tokens}: the replayed stream has only {stream.tokens} "
                         "steps; lower it")
 
-    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU by the replay's code
+    # --- costs: the flags' (defaults: HF eager decode measured on an H200), or measured on this GPU by the engine
+    pred_ms = {n: p.predictor_ms for n, p in r.predictors.items()}
     if args.measure:
-        cost, pred_ms = measure_on_gpu(args, stream, r.predictors, L, E, K)
-        cost = with_policy_costs(cost, args, r.shape, cpu)
+        measured = measure_on_engine(args.model_config, args.traces, args.expert_format, measure_cache(args, E),
+                                     [n for n in r.predictors if n.startswith("prefetch:")],
+                                     torch.device("cuda", torch.cuda.current_device()), args.seed)
+        print(f"measured on the engine: {measured['raw']}")
+        cost, pred_ms = with_policy_costs(measured["cost"], args, r.shape, cpu), {**pred_ms, **measured["predictor_ms"]}
     else:
         cost = cost_from_args(args, r.shape, K, cpu)
-        pred_ms = {n: p.predictor_ms for n, p in r.predictors.items()}
     if args.predictor_ms is not None:
         pred_ms = {n: args.predictor_ms for n in r.predictors}
     caches, budget = cache_sizes(r, args)

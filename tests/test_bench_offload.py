@@ -63,7 +63,8 @@ def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():
     dispatched from where it is not on the host (here: meta) is refused, not measured."""
     import torch
 
-    from tools.bench_offload import build, dispatch_offloaded, offloaded_weights
+    from models.random_model import random_model as build
+    from tools.bench_offload import dispatch_offloaded, offloaded_weights
 
     dev = torch.device("meta")  # stands for the GPU: dispatch_model with a CPU main device offloads nothing
     model = build("qwen2moe-tiny", torch.device("cpu"), torch.float32, 0)

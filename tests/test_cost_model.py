@@ -2,7 +2,6 @@
 
     pytest -q tests/test_cost_model.py
 """
-import numpy as np
 import pytest
 import torch
 
@@ -75,20 +74,11 @@ def test_simulator_runs_a_preset_without_moe_intermediate_size(tiny_traces, tmp_
 
 
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-gpt_oss", "tiny-deepseek_v2", "tiny-qwen3_moe"])
-def test_replay_engine_runs_every_family(preset):
-    """The replay of a family without a shared expert (Mixtral, Qwen3), with expert biases (GPT-OSS), with two
-    shared experts (DeepSeek): schedules replay to the all-resident outputs."""
-    from validation.prefetch.replay import ModelDims, ReplayEngine, check_engine
-    from validation.prefetch.simulator import Stream, add_locality
+def test_the_cost_models_expert_is_the_offload_engines(preset):
+    """A family without a shared expert (Mixtral, Qwen3), with expert biases (GPT-OSS), with two shared experts
+    (DeepSeek): the bytes the cost model charges per expert are the bytes the engine copies per expert."""
+    from models.random_model import random_model
+    from offload import offload_experts
 
-    dims = ModelDims.from_preset(preset, 8, 2, max_len=64)
-    engine = ReplayEngine(dims, 2, torch.device("cpu"), ["fp16"], seed=0)
-    assert engine.stores["fp16"].nbytes == expert_bytes(model_shape(preset).expert_params, "fp16")
-    rng = np.random.default_rng(0)
-    ids = np.argsort(rng.random((8, 2, 8)), axis=2)[:, :, :2].astype(np.int64)
-    first = np.zeros(8, dtype=bool)
-    first[0] = True
-    s = Stream(ids=add_locality(ids, first, 0.3, 0), weights=rng.random((8, 2, 2)).astype(np.float32), first=first,
-               position=np.arange(8))
-    check = check_engine(engine, s, ["fp16"], lookahead=1, tokens=8)
-    assert all(v <= 1e-3 for k, v in check.items() if "vs_all_resident" in k)
+    h = offload_experts(random_model(preset, torch.device("cpu"), torch.float32, 0), cache_experts=1)
+    assert h.engine.layout.nbytes == 4 * model_shape(preset).expert_params  # float32: 4 bytes per parameter

@@ -411,3 +411,27 @@ def test_the_script_prints_text_and_the_table(tmp_path):
 
     res = json.loads(js.read_text())
     assert res["stats"]["decode_tokens"] == 3 and res["texts"][0].startswith("The history of the city")
+
+
+# ----------------------------------------------------------------------------------------------
+# the simulator's --measure: the costs measured on this engine (offload/costs.py measure_on_engine)
+
+
+def test_the_simulators_measured_costs_come_from_the_engine(tiny_traces, hybrid_checkpoint,
+                                                             hybrid_routing_only_checkpoint):
+    """The preset with random weights at the traces' layer count, the traces' routing forced into it: the cost
+    model charges the engine's own expert bytes, and every layer of every decode step is timed; each prefetch
+    policy is timed too, a checkpoint of another hidden size at this model's size (forced routing); a preset of
+    another routing shape is refused in one line."""
+    from models.moe_configs import make_config
+    from offload.costs import measure_on_engine
+    from validation.prefetch.cost_model import model_shape
+
+    pols = ["prefetch:router-reuse", f"prefetch:{hybrid_routing_only_checkpoint}", f"prefetch:{hybrid_checkpoint}"]
+    out = measure_on_engine("qwen2moe-tiny", str(tiny_traces), "fp16", 8, pols, torch.device("cpu"), tokens=4)
+    assert out["cost"].expert_bytes == 4 * model_shape("qwen2moe-tiny").expert_params  # on a CPU: fp32 experts
+    assert out["raw"]["layer_steps"] == 8 * 3  # every MoE layer of the traces (8), 3 decode steps after the prompt
+    assert set(out["predictor_ms"]) == set(pols) and all(v >= 0 for v in out["predictor_ms"].values())
+    assert make_config("tiny-mixtral").num_local_experts != 60
+    with pytest.raises(UserError, match="needs the traces' experts and top-k"):
+        measure_on_engine("tiny-mixtral", str(tiny_traces), "fp16", 8, [], torch.device("cpu"))

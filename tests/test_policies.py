@@ -391,7 +391,7 @@ def test_the_maps_engine_profile_reads_the_engines_benchmark(tmp_path):
 
 
 def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):
-    engine = tmp_path / "replay.json"  # an engine's measured phases, as tools/replay_offload.py writes them
+    engine = tmp_path / "engine.json"  # an engine's measured phases per expert format
     engine.write_text(json.dumps({"cost_models": {"fp16": {"pre_ms": 0.1, "shared_ms": 0.04, "expert_ms": 0.01}}}))
     proc = run_script("simulate_prefetch", "--traces", tiny_traces, "--map", "--map-links", "pcie4,nvlink-c2c",
                       "--map-budgets", "0.1,0.3", "--map-localities", "0,0.6", "--map-batches", "1,2",

@@ -43,6 +43,7 @@ from common.atomic import atomic_write_json  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, one_line_errors  # noqa: E402
 from models.moe_configs import PRESETS, make_config  # noqa: E402
+from models.random_model import random_model, sixteen_bit  # noqa: E402
 from offload import offload_experts  # noqa: E402
 from offload.clock import ForwardClock  # noqa: E402
 from offload.costs import measure_costs  # noqa: E402
@@ -133,41 +134,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # models
 
 
-def sixteen_bit(dev: torch.device) -> torch.dtype:
-    """fp16 where grouped_mm runs it on this GPU, else bf16 (same bytes per expert); float32 on a CPU."""
-    if dev.type != "cuda":
-        return torch.float32
-    try:
-        a = torch.randn(8, 64, device=dev, dtype=torch.float16)
-        torch.nn.functional.grouped_mm(a, torch.randn(2, 64, 32, device=dev, dtype=torch.float16),
-                                       offs=torch.tensor([4, 8], device=dev, dtype=torch.int32))
-        return torch.float16
-    except (RuntimeError, AttributeError, TypeError):
-        return torch.bfloat16
-
-
-def build(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, layers: int | None = None) -> torch.nn.Module:
-    """The architecture with random weights, built where it runs; routers drawn N(0, 0.02) so that random hidden
-    states spread over the experts (a zero router sends every token to the same experts). `layers`: the same
-    layers, `layers` of them (the model routing is forced into from a trace set of that many MoE layers)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    over = {} if layers is None else {"num_hidden_layers": layers, "max_window_layers": layers,
-                                      "layer_types": ["full_attention"] * layers}
-    cfg = make_config(preset, **over)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    from collection.families import moe_layers
-
-    gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in moe_layers(model):
-            m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=gen, device=dev) * 0.02)
-    model.config._experts_implementation = "grouped_mm"
-    return model.eval().requires_grad_(False)
-
-
 def accelerate_model(preset: str, dev: torch.device, dtype: torch.dtype, seed: int, cap: int) -> tuple[Any, int]:
     """The same model dispatched by accelerate with max_memory = {gpu: cap}: what HF users do today (a model loaded
     on the host, then `infer_auto_device_map` + `dispatch_model`). Built on the GPU (fast) and moved to the host
@@ -176,7 +142,7 @@ def accelerate_model(preset: str, dev: torch.device, dtype: torch.dtype, seed: i
     model and its GPU-resident bytes."""
     from accelerate import infer_auto_device_map
 
-    model = build(preset, dev, dtype, seed).to("cpu")
+    model = random_model(preset, dev, dtype, seed).to("cpu")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     gpu = dev.index or 0
@@ -407,11 +373,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- the three models (resident, accelerate, engine), same weights
     models: dict[str, Any] = {"clocks": {}, "own_bytes": {}}
-    models["resident"] = build(args.preset, dev, dtype, args.seed)
+    models["resident"] = random_model(args.preset, dev, dtype, args.seed)
     models["clocks"]["resident"] = ForwardClock.attach(models["resident"], dev)
     models["own_bytes"]["resident"] = sum(p.numel() * p.element_size() for p in models["resident"].parameters())
     print(f"resident model built ({models['own_bytes']['resident'] / 2**30:.1f} GiB)", flush=True)
-    engine_model = build(args.preset, dev, dtype, args.seed)
+    engine_model = random_model(args.preset, dev, dtype, args.seed)
     handle = offload_experts(engine_model, cache_experts=15, policy="on-demand")
     models["engine"], models["clocks"]["engine"] = handle, handle.engine.clock
     mem = handle.memory()
@@ -422,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
 
         layers = read_manifest(Path(traces)).num_layers
         same = layers == cfg.num_hidden_layers
-        forced_model = engine_model if same else build(args.preset, dev, dtype, args.seed, layers=layers)
+        forced_model = engine_model if same else random_model(args.preset, dev, dtype, args.seed, layers=layers)
         forced = handle if same else offload_experts(forced_model, cache_experts=15, policy="on-demand")
         models["engine-traces"], models["clocks"]["engine-traces"] = forced, forced.engine.clock
         result_mapping = "trace MoE layer i -> MoE layer i of " + (

@@ -42,7 +42,7 @@ Defaults were measured on one NVIDIA H200 on 2026-11-28 (Hugging Face eager deco
 with random weights, batch 1, the batched_mm experts implementation: 1.2 ms per layer; the whole MoE block for
 one token 0.77 ms; one
 expert for one token 0.06 ms): pre = 1.2 - 0.77 = 0.43, shared = 0.77 - 4 * 0.06 = 0.53, expert = 0.06.
-`--measure` (validation/prefetch/replay.py) replaces them with times measured on the GPU in use.
+`--measure` replaces them with the offload engine's own times on the GPU in use (offload/costs.py).
 
 The KV cache a GPU budget must also hold (`ModelShape.kv_bytes`): per token of context and per attention
 layer 2 x kv_heads x head_dim x 2 bytes (fp16/bf16), sliding-window layers capped at their window; MLA

@@ -2,8 +2,9 @@
 
 scripts/simulate_prefetch.py reads top to bottom as the story of a simulation and calls these: `resolve` checks
 every input before anything is computed or written, `workload` builds the replayed steps (locality, prompts,
-lanes), `cost_from_args` (or `measure_on_gpu`) gives the cost model, `cache_sizes` the slots per layer
-(`--cache-experts`, or `--gpu-gib` split over the layers: validation/prefetch/budget.py), `simulate` replays
+lanes), `cost_from_args` gives the cost model (or, with --measure, the script has the offload engine measure it:
+offload/costs.py), `cache_sizes` the slots per layer (`--cache-experts`, or `--gpu-gib` split over the layers:
+validation/prefetch/budget.py), `simulate` replays
 every policy at every cache size (validation/prefetch/simulator.py), `print_table` shows it.
 """
 from __future__ import annotations
@@ -140,7 +141,7 @@ def resolve(args: argparse.Namespace) -> Resolved:
         import torch
 
         if args.expert_format not in ("fp16", "bf16", "nf4"):
-            raise UserError(f"--measure replays fp16, bf16 or nf4 experts, not {args.expert_format}")
+            raise UserError(f"--measure runs the engine with fp16, bf16 or nf4 experts, not {args.expert_format}")
         if not torch.cuda.is_available():
             raise UserError("--measure needs a CUDA GPU (this machine has none); drop it to use the cost model's "
                             "defaults or set --pre-ms/--shared-ms/--expert-ms/--link-gbps")
@@ -198,29 +199,11 @@ def with_policy_costs(cost: CostModel, args: argparse.Namespace, shape: ModelSha
                    prefill_token_ms=prefill_token_ms(shape, args.prefill_tflops))
 
 
-def measure_on_gpu(args: argparse.Namespace, stream: Any, predictors: dict[str, Any], L: int, E: int, K: int
-                   ) -> tuple[CostModel, dict[str, float]]:
-    """Pinned copy time per expert and per-layer compute of the replay's full-size layer (validation/prefetch/replay.py),
-    with its pre phase calibrated on a 128-token all-resident replay, on this machine's GPU."""
-    import torch
-
-    from validation.prefetch.replay import (
-        ModelDims,
-        ReplayEngine,
-        host_schedule,
-        measure_costs,
-    )
-    from validation.prefetch.simulator import CEILING_POLICY, POLICIES
-
-    dims = ModelDims.from_preset(args.model_config, E, K, max_len=max(512, int(stream.position.max()) + 1))
-    engine = ReplayEngine(dims, L, torch.device("cuda", torch.cuda.current_device()), [args.expert_format], args.seed)
-    _, cal = run_policy(POLICIES[CEILING_POLICY], E, stream, CostModel(1, 1.0), args.lookahead, args.fetch_budget, E,
-                        record=True)
-    measured = measure_costs(engine, [args.expert_format], {n: (p.kind, p.config) for n, p in predictors.items()},
-                             args.lookahead, calibration=host_schedule(cal, stream.weights, stream.position,
-                                                                       min(stream.tokens, 128)))
-    print(f"measured: {measured['raw']}")
-    return measured["costs"][args.expert_format], measured["predictor_ms"]
+def measure_cache(args: argparse.Namespace, num_experts: int) -> int:
+    """The cache size `--measure` runs the engine at: the smallest --cache-experts above 0 (its phases barely
+    depend on it), or a quarter of the experts under --gpu-gib."""
+    sizes = [c for c in cache_list(args.cache_experts) if 0 < c < num_experts] if args.gpu_gib is None else []
+    return sizes[0] if sizes else max(1, num_experts // 4)
 
 
 def cache_sizes(r: Resolved, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:

@@ -11,8 +11,8 @@ simulated; the header and the JSON name each locality's measured summary (locali
              engine     an optimised engine, 0.2 ms per layer: pre 0.08 + shared 0.06 + K x 0.015 (a hypothetical
                         split), or the figures of --engine-costs: a JSON object with pre_ms, shared_ms, expert_ms
                         (and optionally token_ms), or one holding them under "cost_models" / "costs" per format
-                        (tools/replay_offload.py's JSON: its first format's), or tools/bench_offload.py's JSON: the
-                        phases the engine measured on itself in its first on-demand row (ENGINE_ROW)
+                        (its first format's), or tools/bench_offload.py's JSON: the phases the engine measured on
+                        itself in its first on-demand row (ENGINE_ROW)
     budget   a fraction f of each layer's experts: C = max(1, round(f x E)) slots per layer (split by --split)
     locality 0 = the traces as collected; p > 0: `--locality p`
 """
@@ -120,7 +120,7 @@ def engine_phases(path: str | None) -> tuple[tuple[float, float, float, float], 
     except (OSError, ValueError) as e:
         raise UserError(f"--engine-costs {path}: not a readable JSON file ({str(e).splitlines()[0][:120]})") from None
     costs, where = raw, path
-    for key in ("cost_models", "costs"):  # tools/replay_offload.py's JSON and measure_costs' layout: the first format
+    for key in ("cost_models", "costs"):  # phases per expert format: the first format's
         if isinstance(raw, dict) and isinstance(raw.get(key), dict) and raw[key]:
             costs = next(iter(raw[key].values()))
     if isinstance(raw, dict) and isinstance(raw.get("rows"), list):  # tools/bench_offload.py: the engine on itself

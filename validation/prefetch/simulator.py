@@ -111,7 +111,8 @@ class Policy:
 
     @property
     def replayable(self) -> bool:
-        """tools/replay_offload.py can execute its schedule: copies on a miss or ahead, slots never re-planned."""
+        """An engine can execute its recorded schedule (`Schedule`): copies on a miss or ahead, slots never
+        re-planned."""
         return self.miss == FETCH and self.eviction != WINDOW
 
     @property
@@ -154,7 +155,7 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
 )}
 BASELINE_POLICY = "on-demand"  # every speedup is over it, at the same cache size
 CEILING_POLICY = "all-resident"  # no transfers: what calibrates a measured cost model
-# what simulate_prefetch.py and tools/replay_offload.py run by default (the replay keeps the replayable ones)
+# what simulate_prefetch.py runs by default
 DEFAULT_POLICIES = ("on-demand,lfu,lfru,least-stale,static-popular,static-frequency,lowbit-on-miss,"
                     "evict:frequency-window,prefetch:router-reuse,oracle,belady,all-resident")
 DEFAULT_PREFETCH = "router-reuse"  # the predictor of `+prefetch` without a source: no training needed
@@ -996,7 +997,7 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
 
 @dataclass
 class Schedule:
-    """What the kernel decided, for a real replay (tools/replay_offload.py)."""
+    """What the kernel decided (`run_policy(..., record=True)`): the schedule an engine would execute."""
     need: np.ndarray       # (T, L, K) slot each needed expert is computed from; -1 - j: staging j
     demand: np.ndarray     # (T, L, K, 2) (expert, slot) demand copies queued after layer l's router
     prefetch: np.ndarray   # (T, L, m, 2) (expert, slot) speculative copies for layer l+d queued at layer l
