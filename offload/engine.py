@@ -416,7 +416,7 @@ class OffloadEngine:
         base, base_t = l * self.C, (l + self.d) * self.C  # the layers' first cache rows (SlotBuffers.cache_row)
         fetch = [(e, base_t + s) for e, s in cache.fetch[:n_fetch].tolist()]
         if n_staged == 0 and not slots.nf4 and self.C > 1:  # the common case: one call on this layer's own slots
-            demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
+            self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])
             self._issue(l + self.d, fetch, self.markers[l])
             self._stamp(l, "ready")
             self.copies.wait(int(self.row_seq[base + need].max()))  # the newest copy into any row it reads

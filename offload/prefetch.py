@@ -107,7 +107,7 @@ class LiveFeatures:
 
     def features(self, l: int) -> Features:
         """What make_features gives for rows at input layer l (d >= 1), from the buffers (no host sync)."""
-        s, d, N = self.spec, self.d, self.N
+        s, d = self.spec, self.d
         target = l + d
         f = Features(hidden=self.cur_hidden[l] if s.hidden else None, layer=self.layers[l])
         valid = lambda j: (self.seen > j).unsqueeze(-1)  # noqa: E731  an earlier token j+1 back exists
