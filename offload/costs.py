@@ -1,7 +1,7 @@
 """The engine's costs in the simulator's terms (validation/cost_model.CostModel), measured on the engine itself.
 
 `measure_costs(handle, prompt)` runs a short greedy decode of the handle's model, as configured (policy, cache,
-format), with a timestamp at five points of every MoE layer of every decode step (a timed CUDA event on the
+format), after an untimed one of WARM_TOKENS tokens in the same configuration, with a timestamp at five points of every MoE layer of every decode step (a timed CUDA event on the
 compute stream; the host clock on a CPU, where the numbers mean nothing):
 
     start    the decoder layer begins               pre_ms    = routed - start   (attention, norms, router, the
@@ -34,6 +34,9 @@ import torch
 from common.errors import UserError
 from offload.stats import OffloadHandle
 from validation.prefetch.cost_model import CostModel
+
+
+WARM_TOKENS = 8  # an untimed decode of this configuration before its measured one
 
 
 def _elapsed_ms(a: Any, b: Any) -> float:
@@ -93,6 +96,11 @@ def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32,
     model = e.model
     copy_ms = measure_copy_ms(handle, copies)
     link = measure_link(handle)
+    # the same warm state as the runs it predicts: an engine's first decode (numba's compilation of the cache step
+    # on a fresh machine, first kernel launches, first allocations) ran 2.6x slower per token than the timed rounds
+    handle.reset()
+    model.generate(prompt.to(e.device), max_new_tokens=WARM_TOKENS, min_new_tokens=WARM_TOKENS, do_sample=False,
+                   pad_token_id=0)
     handle.reset()
     e.profile, e.latency_ns, e.latency_n = [], 0, 0
     cuda = e.device.type == "cuda"

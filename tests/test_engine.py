@@ -435,3 +435,18 @@ def test_the_simulators_measured_costs_come_from_the_engine(tiny_traces, hybrid_
     assert make_config("tiny-mixtral").num_local_experts != 60
     with pytest.raises(UserError, match="needs the traces' experts and top-k"):
         measure_on_engine("tiny-mixtral", str(tiny_traces), "fp16", 8, [], torch.device("cpu"))
+
+
+def test_costs_are_measured_warm_on_the_rows_the_timed_runs_decode(tiny_traces):
+    """measure_costs decodes once untimed (an engine's first decode ran 2.6x slower per token than the timed
+    rounds), then measures a decode that starts where a timed run starts: the forced stream's first rows."""
+    from offload.costs import WARM_TOKENS, measure_costs
+
+    model = embedded()
+    h = offload_experts(model, cache_experts=15, policy="on-demand", routing_from=tiny_traces, record=True)
+    calls, generate = [], model.generate
+    model.generate = lambda *a, **kw: calls.append(kw["max_new_tokens"]) or generate(*a, **kw)
+    rec = measure_costs(h, PROMPT, tokens=6, copies=2)["raw"]["recorded"]
+    assert calls == [WARM_TOKENS, 6]
+    P = PROMPT.shape[1]  # the prompt's forward takes the stream's first P rows, each decode step the next one
+    assert np.array_equal(rec["ids"], h.engine.forced.stream.ids[P:P + 5])

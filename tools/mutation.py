@@ -802,6 +802,17 @@ MUTATIONS = [
              "    model = random_model(preset, device, dtype, seed)",
              (E + "test_the_simulators_measured_costs_come_from_the_engine",),
              "--measure times the preset's own layer count, not one layer per MoE layer of the simulated traces"),
+    Mutation("calibration-cold", "offload/costs.py",
+             "    model.generate(prompt.to(e.device), max_new_tokens=WARM_TOKENS, min_new_tokens=WARM_TOKENS, do_sample=False,\n"
+             "                   pad_token_id=0)\n    handle.reset()\n",
+             "",
+             (E + "test_costs_are_measured_warm_on_the_rows_the_timed_runs_decode",),
+             "the engine's costs are measured on its first, cold decode (2.6x slower per token than the runs they "
+             "predict)"),
+    Mutation("calibration-after-the-warm-rows", "offload/costs.py",
+             "                   pad_token_id=0)\n    handle.reset()\n    e.profile", "                   pad_token_id=0)\n    e.profile",
+             (E + "test_costs_are_measured_warm_on_the_rows_the_timed_runs_decode",),
+             "the measured decode continues the forced stream after the warm-up's rows, not the rows a timed run decodes"),
     Mutation("lr-any-positive", "training/trainer.py", "MIN_LR = 1e-12", "MIN_LR = 5e-324",
              (A + "test_training_flags_out_of_range_are_refused_before_the_traces_are_read[--lr-1e-310]",),
              "a learning rate too small to move a float32 weight trains for the whole run and learns nothing",
