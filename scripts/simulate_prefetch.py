@@ -130,8 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "0.05 ms learned, 0.01 router-reuse, 0 table look-ups)")
     g.add_argument("--prefill-tflops", type=float, default=DEFAULT_PREFILL_TFLOPS, help="effective GPU TFLOP/s of a "
                    f"prefill: its compute per prompt token ({DEFAULT_PREFILL_TFLOPS}, assumed)")
-    g.add_argument("--measure", action="store_true", help="measure pinned copy bandwidth and per-layer compute "
-                   "(full-size layer of --model-config) on this machine's CUDA GPU, and use them")
+    g.add_argument("--measure", action="store_true", help="take copy, per-layer and predictor times from the "
+                   "offload engine on this machine's CUDA GPU (--model-config with random weights, the traces' "
+                   "routing forced into it) instead of the flags")
     g.add_argument("--cpu-expert-ms", type=float, default=None, help="cpu-compute: one expert on the host CPU for "
                    "one token (ms; each further token of a batch adds as much)")
     g.add_argument("--measure-cpu", action="store_true", help="cpu-compute: time one expert of --model-config in "
