@@ -23,7 +23,43 @@ from offload.engine import OffloadedExperts, OffloadEngine
 from offload.routing import ForcedRouting, load_forced_routing, trace_frequencies
 from offload.stats import OffloadHandle
 from offload.store import DTYPE_FORMATS, make_layout
-from validation.prefetch.simulator import BELADY, NO_PREFETCH, ORACLE, PREDICTED, STATIC, Policy, parse_policy
+from validation.prefetch.simulator import (
+    BELADY,
+    FETCH,
+    LFU,
+    LRU,
+    NO_PREFETCH,
+    ORACLE,
+    PREDICTED,
+    PREFETCH_BASELINES,
+    STATIC,
+    Policy,
+    parse_policy,
+)
+
+# what the engine runs of the simulator's registry: a miss is fetched (no host compute, no low-bit copy), slots are
+# evicted by LRU, LFU or Belady or pinned (static, all-resident), and a prefetch predictor runs live on the GPU;
+# the rest (LFRU, least-stale, frequency windows, eviction scores, CPU compute, low-bit copies) is simulated only
+ENGINE_EVICTIONS = (LRU, LFU, BELADY, STATIC)
+LIVE_SOURCES = ("router-reuse", "previous-token", "popularity", "random")  # and a checkpoint.pth
+ENGINE_POLICY_HELP = ("on-demand (LRU), lfu, static-popular, all-resident, oracle, belady, prefetch:<checkpoint.pth | "
+                      + " | ".join(LIVE_SOURCES) + ">, and an eviction joined to a prefetch by '+' (e.g. "
+                      "lfu+prefetch:router-reuse); oracle and belady with routing from traces")
+
+
+def check_engine_policy(pol: Policy) -> None:
+    """One line unless the engine runs `pol` (ENGINE_EVICTIONS, LIVE_SOURCES): never another policy's numbers
+    under its name."""
+    why = None
+    if pol.miss != FETCH:
+        why = "computes a miss on the host CPU or from a low-bit copy"
+    elif pol.eviction not in ENGINE_EVICTIONS:
+        why = "evicts by a rule the engine does not have"
+    elif pol.prefetch == PREDICTED and pol.source in PREFETCH_BASELINES and pol.source not in LIVE_SOURCES:
+        why = f"prefetches with {pol.source}, which does not run live"
+    if why:
+        raise UserError(f"policy {pol.name} {why}: the simulator has it (scripts/simulate_prefetch.py), the "
+                        f"engine runs {ENGINE_POLICY_HELP}")
 
 
 @dataclass
@@ -60,6 +96,7 @@ def plan(model: nn.Module, device: torch.device, *, cache_experts: int | None = 
     cfg = model.config
     L, E, K = len(layers), int(getattr(cfg, fam.num_experts)), int(cfg.num_experts_per_tok)
     pol = parse_policy(policy)
+    check_engine_policy(pol)
     own = layout0 or make_layout(layers[0].experts, fam.fused, DTYPE_FORMATS.get(
         getattr(layers[0].experts, fam.fused[0]).dtype, "fp32"))
     fmt = expert_format or own.fmt
@@ -92,9 +129,9 @@ def plan(model: nn.Module, device: torch.device, *, cache_experts: int | None = 
         raise UserError(f"--locality {locality}: a probability, within 0..1")
     if locality and routing_from is None:
         raise UserError("--locality changes forced routing: give --routing-from")
+    if staging_experts is not None and not 1 <= staging_experts <= E:
+        raise UserError(f"--staging-experts {staging_experts}: experts per staging bank, within 1..{E}")
     bank = staging_experts or K
-    if bank < 1:
-        raise UserError(f"--staging-experts {bank}: at least 1")
     forced = None
     if routing_from is not None:
         key = (str(routing_from), pol.name, lookahead, fetch_budget, str(device), layout.dtype, seed, locality,
@@ -128,8 +165,8 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
                     there without its experts, so a GPU smaller than the model serves it
     cache_experts / cache_gib  C slots per layer (0..E), or a GPU budget for all layers' slots (exactly one;
                     neither for all-resident)
-    policy          a name of the simulator's registry (validation/prefetch/simulator.py POLICY_HELP): on-demand, lfu,
-                    static-popular, oracle, belady, all-resident, prefetch:<checkpoint.pth | baseline>
+    policy          a name of the simulator's registry that the engine runs (ENGINE_POLICY_HELP): on-demand, lfu,
+                    static-popular, oracle, belady, all-resident, prefetch:<checkpoint.pth | live baseline>
     lookahead, fetch_budget    d and m of a prefetch policy (layer l predicts layer l+d, fetches its top m)
     expert_format   fp16 | bf16 | nf4 (default: the model's dtype; 16-bit formats must equal it)
     routing_from    a trace set whose test split's routing is forced on every layer (offload/routing.py)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from common.errors import UserError
+from common.errors import UserError, number_flag
 from validation.prefetch.simulator import (
     BELADY,
     DEMAND,
@@ -78,6 +78,7 @@ def cache_slots(num_layers: int, num_experts: int, slot_bytes: int, cache_expert
             raise UserError(f"--cache-experts {cache_experts}: each layer has {E} experts, so the cache holds "
                             f"0..{E} of them per layer")
         return int(cache_experts)
+    number_flag("cache-gib", cache_gib, 0, 1 << 20, above_low=True)  # NaN, an infinity or 1 PiB: no slot count
     one_per_layer = L * slot_bytes / 2**30
     if cache_gib < one_per_layer:
         raise UserError(f"--cache-gib {cache_gib:g}: cannot hold one slot per layer ({L} layers x "

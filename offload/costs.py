@@ -35,7 +35,6 @@ from common.errors import UserError
 from offload.stats import OffloadHandle
 from validation.prefetch.cost_model import CostModel
 
-
 WARM_TOKENS = 8  # an untimed decode of this configuration before its measured one
 
 

@@ -437,7 +437,8 @@ class OffloadEngine:
             return host[1]
         if self.N != 1:
             raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
-        src = self.forced.stream.ids if self.policy.prefetch == ORACLE else self.forced.stream.predictions[self.policy.name]
+        stream = self.forced.stream
+        src = stream.ids if self.policy.prefetch == ORACLE else stream.predictions[self.policy.prefetch_key]
         return src[self.row0, l + self.d]
 
     def _belady_next_use(self, l: int) -> np.ndarray:
@@ -569,8 +570,9 @@ class OffloadEngine:
     # reports
 
     def describe(self) -> str:
+        m = f"m={self.m}" + (f" (at most C = {self.C} fetched)" if 0 < self.C < self.m and self.n_pred else "")
         return (f"{self.L} MoE layers x {self.E} experts (top-{self.K}), {self.C} cache slots per layer, policy "
-                f"{self.policy.name}, d={self.d}, m={self.m}, {self.layout.fmt} ({self.layout.nbytes:,} bytes/expert), "
+                f"{self.policy.name}, d={self.d}, {m}, {self.layout.fmt} ({self.layout.nbytes:,} bytes/expert), "
                 f"experts implementation {self.impl}")
 
 

@@ -22,9 +22,10 @@ from collection.model import EMBEDDED_MODEL_NAME, load_model
 from common.atomic import atomic_write_json
 from common.device import pick_device
 from common.errors import UserError, one_line_errors
+from common.paths import check_writable
 from offload import format_table, offload_experts
-from offload.api import expert_format_dtype
-from validation.prefetch.simulator import POLICY_HELP
+from offload.api import ENGINE_POLICY_HELP, check_engine_policy, expert_format_dtype
+from validation.prefetch.simulator import parse_policy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(0 streams every expert; default 15 unless --cache-gib)")
     g.add_argument("--cache-gib", type=float, default=None, help="GPU memory for all layers' expert slots, in GiB "
                    "(instead of --cache-experts)")
-    g.add_argument("--policy", default="on-demand", help=f"cache and prefetch policy: {POLICY_HELP} (on-demand)")
+    g.add_argument("--policy", default="on-demand", help=f"cache and prefetch policy: {ENGINE_POLICY_HELP} (on-demand)")
     g.add_argument("--lookahead", type=int, default=1, help="prefetch layer l+d's experts while layer l runs (1)")
     g.add_argument("--fetch-budget", type=int, default=4, help="experts prefetched per layer (4)")
     g.add_argument("--expert-format", default="bf16", choices=["fp16", "bf16", "nf4", "fp32"],
@@ -64,11 +65,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt '': an empty prompt gives generation no token to start from")
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise UserError(f"--prompts-file {path}: no such file")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise UserError(f"--prompts-file {path}: {'a directory' if path.is_dir() else 'no such file'}, not a "
+                            "text file of prompts")
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts-file {path}: not UTF-8 text (byte {e.start}); one prompt per line") from None
+        if not lines:
+            raise UserError(f"--prompts-file {path}: holds no prompt (one per line)")
+        prompts += lines
     return prompts or ["The history of the city"]
 
 
@@ -76,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
+    check_writable("--json", args.json, "file")  # before the model loads: a run never ends unable to save
+    check_engine_policy(parse_policy(args.policy))
     if args.cache_experts is None and args.cache_gib is None and args.policy != "all-resident":
         args.cache_experts = 15
     prompts = read_prompts(args)

@@ -4,6 +4,7 @@ tiny run end to end (the code path; a CPU's numbers mean nothing).
     pytest -q tests/test_bench_offload.py
 """
 import json
+import re
 
 import pytest
 
@@ -83,3 +84,21 @@ def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():
     assert all(params[n].device.type == "meta" for n in on_host)
     with pytest.raises(RuntimeError, match="not in host memory"):
         dispatch_offloaded(build("qwen2moe-tiny", torch.device("cpu"), torch.float32, 0).to(dev), device_map, dev)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokens", "0"], "--tokens 0: within 2..4096"),
+    (["--tokens", "99999999999999"], "--tokens 99999999999999: within 2..4096"),
+    (["--accelerate-tokens", "-1"], "--accelerate-tokens -1: within 2..4096"),
+    (["--warmup-s", "inf"], "--warmup-s inf: must be a number in [0, 3600]"),
+    (["--warmup-s", "nan"], "--warmup-s nan"),
+    (["--traces", "no/such/traces"], "--traces no/such/traces: no trace set there"),
+])
+def test_bench_flags_out_of_range_are_refused_before_any_model_is_built(argv, message, capsys):
+    """A value out of range is refused (never replaced by a default, never run until a hang or an unwritable
+    JSON), and a --traces path that holds no set is named, not silently collected elsewhere."""
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        main(["--device", "cpu", "--preset", "qwen2moe-tiny", *argv])
+    assert "built" not in capsys.readouterr().out

@@ -6,6 +6,8 @@ decode path, which computes each layer in one call of the model's own experts ke
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -166,7 +168,7 @@ def test_a_long_prompt_streams_through_both_staging_banks():
 # the simulator's counts, for forced routing
 
 FORCED_POLICIES = ["on-demand", "lfu", "static-popular", "oracle", "belady", "all-resident", "prefetch:router-reuse",
-                   "prefetch:previous-token", "prefetch:popularity", "anchored", "hybrid"]
+                   "prefetch:previous-token", "prefetch:popularity", "anchored", "hybrid", "lfu+prefetch:router-reuse"]
 FORCED_T = 40
 
 
@@ -364,6 +366,11 @@ def test_bad_inputs_of_the_library_are_one_line(tiny_traces, tmp_path, monkeypat
          "traces of another shape"),
         (lambda: offload_experts(embedded(), cache_experts=4, policy="oracle"), "--routing-from TRACES only"),
         (lambda: offload_experts(embedded(), cache_experts=4, expert_format="bf16"), "load the model in bf16"),
+        (lambda: offload_experts(embedded(), cache_gib=float("nan")), "--cache-gib nan: must be a number in (0"),
+        (lambda: offload_experts(embedded(), cache_gib=float("inf")), "--cache-gib inf: must be a number in (0"),
+        (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=0), "--staging-experts 0: experts "
+         "per staging bank, within 1..60"),
+        (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=61), "within 1..60"),
     ]
     for fn, message in cases:
         with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -391,13 +398,27 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     (["--expert-format", "nf4"], "needs a CUDA GPU"),
     (["--model", "Qwen/Qwen1.5-MoE-A2.7B"], "needs the Hugging Face hub"),
     (["--policy", "belady"], "--routing-from TRACES only"),
+    (["--policy", "lfru"], "policy lfru evicts by a rule the engine does not have"),
+    (["--prompt", ""], "an empty prompt"),
+    (["--prompts-file", "BINARY"], "not UTF-8 text"),
+    (["--prompts-file", "EMPTY"], "holds no prompt"),
+    (["--prompts-file", "TMP"], "a directory, not a text file of prompts"),
+    (["--seed", "-1"], "--seed -1: must be in 0.."),
+    (["--json", "FILE/out.json"], "--json"),
 ])
-def test_the_script_answers_bad_input_in_one_line(argv, message):
+def test_the_script_answers_bad_input_in_one_line(argv, message, tmp_path):
+    (tmp_path / "b").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "e").write_text("\n  \n")
+    (tmp_path / "f").write_text("a file\n")
+    paths = {"BINARY": tmp_path / "b", "EMPTY": tmp_path / "e", "TMP": tmp_path, "FILE/out.json": tmp_path / "f/o.json"}
+    argv = [str(paths.get(a, a)) for a in argv]
     proc = run_script("generate_offloaded", "--device", "cpu", "--expert-format", "fp32", *argv, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("generate_offloaded: error: ") and message in lines[-1]
     assert "Traceback" not in proc.stderr
+    if "--cache" not in argv[0] and argv[1] != "belady":  # what needs no model is refused before it loads
+        assert "Loading weights" not in proc.stderr
 
 
 def test_the_script_prints_text_and_the_table(tmp_path):
@@ -450,3 +471,13 @@ def test_costs_are_measured_warm_on_the_rows_the_timed_runs_decode(tiny_traces):
     assert calls == [WARM_TOKENS, 6]
     P = PROMPT.shape[1]  # the prompt's forward takes the stream's first P rows, each decode step the next one
     assert np.array_equal(rec["ids"], h.engine.forced.stream.ids[P:P + 5])
+
+
+@pytest.mark.parametrize("policy", ["lfru", "least-stale", "static-frequency", "lowbit-on-miss", "cpu-compute",
+                                    "cpu-compute+prefetch", "evict:frequency-window", "evict:/no/such/checkpoint.pth",
+                                    "lfru+prefetch:router-reuse", "prefetch:recency", "prefetch:frequency"])
+def test_a_policy_the_engine_does_not_run_is_refused_not_run_as_lru(policy):
+    """The simulator's registry is larger than the engine: a policy the engine cannot run is one line naming what
+    it runs, never LRU's numbers under another name (the checkpoint of evict: is never opened)."""
+    with pytest.raises(UserError, match=f"policy {re.escape(policy)} .*the engine runs on-demand"):
+        offload_experts(tiny("qwen2_moe"), cache_experts=2, policy=policy)

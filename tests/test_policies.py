@@ -388,6 +388,10 @@ def test_the_maps_engine_profile_reads_the_engines_benchmark(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(rows))
     with pytest.raises(UserError, match="without a calibrated 'on-demand \\(own routing\\)' row"):
         engine_phases(str(tmp_path / "b.json"))
+    for bad in ("NaN", "Infinity"):  # Python's json reads both: refused here, not after the map has run
+        (tmp_path / "n.json").write_text(f'{{"pre_ms": {bad}, "shared_ms": 0.1, "expert_ms": 0.01}}')
+        with pytest.raises(UserError, match="finite numbers >= 0"):
+            engine_phases(str(tmp_path / "n.json"))
 
 
 def test_the_map_names_a_best_policy_per_cell(tiny_traces, tmp_path):

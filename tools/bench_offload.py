@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collection.traces.format import DEFAULT_TRACES  # noqa: E402
 from common.atomic import atomic_write_json  # noqa: E402
 from common.device import pick_device  # noqa: E402
-from common.errors import UserError, one_line_errors  # noqa: E402
+from common.errors import UserError, number_flag, one_line_errors  # noqa: E402
 from models.moe_configs import PRESETS, make_config  # noqa: E402
 from models.random_model import random_model, sixteen_bit  # noqa: E402
 from offload import offload_experts  # noqa: E402
@@ -50,6 +50,7 @@ from offload.costs import measure_costs  # noqa: E402
 from validation.prefetch.simulator import Stream, parse_policy, run_policy, summarize  # noqa: E402
 
 UNSTABLE = 0.10  # a row whose spread exceeds this is marked unstable (counts as not met)
+MAX_TOKENS = 4096  # decode or prompt tokens of one run: beyond any preset's positions this benchmark needs
 
 
 @dataclass
@@ -107,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="a learned predictor of the traces' model: adds "
                    "prefetch:<checkpoint> to the forced-routing rows (its work runs at this model's size)")
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"the embedded default's traces for --routing-from rows "
-                   f"(default {DEFAULT_TRACES}; built into results/bench_offload/traces when missing; none: no "
-                   "forced-routing rows)")
+                   f"(default {DEFAULT_TRACES}; when that is missing, a small set is collected into "
+                   "results/bench_offload/traces; a path given must hold a trace set; none: no forced-routing rows)")
     p.add_argument("--locality", type=float, default=None, help="the forced rows of the first format and cache again "
                    "at this --locality (full 0.4; quick 0: skipped)")
     p.add_argument("--accelerate-tokens", type=int, default=3, help="tokens generated per accelerate run (3: two decode "
@@ -118,13 +119,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights and trace split seed (0)")
     p.add_argument("--json", default="results/bench_offload/bench.json", help="results (results/bench_offload/bench.json)")
     args = p.parse_args(argv)
+    # a value out of range is refused, never replaced by a default: 0 tokens is not "the default number"
+    if args.tokens is not None and not 2 <= args.tokens <= MAX_TOKENS:
+        raise UserError(f"--tokens {args.tokens}: within 2..{MAX_TOKENS}")
+    if not 2 <= args.accelerate_tokens <= MAX_TOKENS:
+        raise UserError(f"--accelerate-tokens {args.accelerate_tokens}: within 2..{MAX_TOKENS} (one prompt forward, "
+                        "then decode steps)")
+    number_flag("warmup-s", args.warmup_s, 0, 3600)
     args.tokens = args.tokens or (16 if args.quick else 24)
     args.formats = [f for f in (args.formats or ("fp16" if args.quick else "fp16,nf4")).split(",") if f]
     args.caches = [int(c) for c in (args.caches or ("15" if args.quick else "15,30")).split(",") if c]
     args.warmup_s = args.warmup_s if args.warmup_s is not None else (6.0 if args.quick else 15.0)
     args.locality = args.locality if args.locality is not None else (0.0 if args.quick else 0.4)
-    if args.repeats < 1 or args.tokens < 2 or args.prompt_tokens < 1:
-        raise UserError("--repeats >= 1, --tokens >= 2 and --prompt-tokens >= 1")
+    if not (1 <= args.repeats <= 1000 and 1 <= args.prompt_tokens <= MAX_TOKENS):
+        raise UserError(f"--repeats within 1..1000 and --prompt-tokens within 1..{MAX_TOKENS}")
+    if args.traces not in (DEFAULT_TRACES, "none") and not (Path(args.traces) / "manifest.json").is_file():
+        raise UserError(f"--traces {args.traces}: no trace set there (only the default, {DEFAULT_TRACES}, is collected "
+                        "when missing; none: no forced-routing rows)")
     if any(f not in ("fp16", "nf4") for f in args.formats):
         raise UserError(f"--formats {','.join(args.formats)}: a comma list of fp16, nf4")
     return args
@@ -260,7 +271,7 @@ def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
     stream = Stream(ids=ids.astype(np.int64), weights=np.zeros(ids.shape, dtype=np.float32), first=first,
                     position=np.arange(len(ids)))
     if pol.prefetch == 1 and rec is not None:
-        stream.predictions[pol.name] = rec["pred"][:, :, :e.m]
+        stream.predictions[pol.prefetch_key] = rec["pred"][:, :, :e.m]
     resident = (e.cache.slot_of >= 0) if pol.eviction == 3 and not pol.all_resident else None
     stats, _ = run_policy(pol, e.C, stream, costs["cost"], e.d, e.m, e.E, predictor_ms=0.0, resident=resident)
     return summarize(stats, e.L, e.K, e.layout.nbytes)["tokens_per_s"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,8 @@ def engine_phases(path: str | None) -> tuple[tuple[float, float, float, float], 
         phases = tuple(float(costs[k]) for k in ("pre_ms", "shared_ms", "expert_ms")) + (float(costs.get("token_ms", 0)),)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"--engine-costs {path}: needs numbers pre_ms, shared_ms, expert_ms (ms)") from None
-    if min(phases) < 0 or sum(phases[:3]) <= 0:
-        raise UserError(f"--engine-costs {path}: the phases must be >= 0 and not all 0")
+    if not all(math.isfinite(v) for v in phases) or min(phases) < 0 or sum(phases[:3]) <= 0:
+        raise UserError(f"--engine-costs {path}: the phases must be finite numbers >= 0 and not all 0")
     return phases, f"the engine's measured figures ({where})"
 
 
