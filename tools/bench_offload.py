@@ -19,7 +19,8 @@ Full (~8 min of one H100 / H200):
     python tools/bench_offload.py --json results/bench_offload/full.json
 Quick (~2 min):
     python tools/bench_offload.py --quick --json results/bench_offload/quick.json
-Seconds on a CPU (a random model of the embedded default's shape; the code path, not its numbers):
+Seconds on a CPU, after `make demo` (its traces; a random model of the embedded default's shape; the code path, not
+its numbers):
     python tools/bench_offload.py --device cpu --preset qwen2moe-mini --quick --repeats 2 --tokens 4 \
         --traces runs/demo/traces --json /tmp/bench.json
 """
