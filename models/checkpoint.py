@@ -64,22 +64,25 @@ def load_failure(e: Exception) -> str:
     return first[:200]
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, PredictorConfig, dict[str, Any]]:
-    """(predictor in eval mode, its config, the whole checkpoint dict). Bad files give a UserError."""
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", where: str | None = None
+                    ) -> tuple[nn.Module, PredictorConfig, dict[str, Any]]:
+    """(predictor in eval mode, its config, the whole checkpoint dict). Bad files give a UserError that starts with
+    `where` (default "--checkpoint PATH": the flag that named it)."""
     path = Path(path)
+    where = where or f"--checkpoint {path}"
     if not path.is_file():
-        raise UserError(f"--checkpoint {path}: no such file")
+        raise UserError(f"{where}: no such file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "not a checkpoint"
-        raise UserError(f"--checkpoint {path}: not a loadable checkpoint ({load_failure(e)})") from None
+        raise UserError(f"{where}: not a loadable checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"--checkpoint {path}: not a predictor checkpoint of this project (format "
+        raise UserError(f"{where}: not a predictor checkpoint of this project (format "
                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
     def bad(why: str) -> UserError:
-        return UserError(f"--checkpoint {path}: {why}")
+        return UserError(f"{where}: {why}")
 
     state, split = ckpt.get("state_dict"), ckpt.get("split")
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):

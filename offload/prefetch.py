@@ -249,7 +249,7 @@ def learned(path: str, L: int, E: int, K: int, H: int, lookahead: int, vocab: in
     from models.checkpoint import load_checkpoint
     from models.predictors import PredictorConfig, build_predictor
 
-    model, cfg, _ = load_checkpoint(Path(path), "cpu")
+    model, cfg, _ = load_checkpoint(Path(path), "cpu", where=f"policy prefetch:{path}")
     if check:
         check_fits_model(cfg, L, E, K, H, lookahead, vocab, f"policy prefetch:{path}")
     else:

@@ -357,6 +357,8 @@ def test_bad_inputs_of_the_library_are_one_line(tiny_traces, tmp_path, monkeypat
 
     dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                          num_hidden_layers=1, num_attention_heads=2))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
     cases = [
         (lambda: offload_experts(dense, cache_experts=1), "not a supported MoE family; supported: qwen2_moe"),
         (lambda: offload_experts(embedded(), cache_experts=61), "0..60"),
@@ -371,6 +373,8 @@ def test_bad_inputs_of_the_library_are_one_line(tiny_traces, tmp_path, monkeypat
         (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=0), "--staging-experts 0: experts "
          "per staging bank, within 1..60"),
         (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=61), "within 1..60"),
+        (lambda: offload_experts(embedded(), cache_experts=4, policy=f"prefetch:{empty}"),
+         f"policy prefetch:{empty}: not a loadable checkpoint"),  # named as the user named it, not as a flag
     ]
     for fn, message in cases:
         with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
