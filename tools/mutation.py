@@ -646,8 +646,8 @@ MUTATIONS = [
              "frequency marks whether an expert was used, not how often"),
     # --- the offload engine (offload/): a wrong slot, a stale slot, a prefetch into the current layer, a missed wait
     Mutation("engine-demand-wrong-slot", "offload/engine.py",
-             "demand_seq = self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])",
-             "demand_seq = self._issue(l, [(e, base + (s + 1) % self.C) for e, s in cache.demand[:n_dem].tolist()], "
+             "self._issue(l, [(e, base + s) for e, s in cache.demand[:n_dem].tolist()], self.markers[l])",
+             "self._issue(l, [(e, base + (s + 1) % self.C) for e, s in cache.demand[:n_dem].tolist()], "
              "self.markers[l])",
              (E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C15]",
               E + "test_every_policy_generates_the_resident_models_tokens[on-demand-C3]"),
