@@ -134,8 +134,9 @@ def plan(model: nn.Module, device: torch.device, *, cache_experts: int | None = 
     bank = staging_experts or K
     forced = None
     if routing_from is not None:
-        key = (str(routing_from), pol.name, lookahead, fetch_budget, str(device), layout.dtype, seed, locality,
-               routing_tokens)
+        # the model's shape is part of the key: a stream loaded for one model is never handed, unchecked, to another
+        key = (str(routing_from), (L, E, K), pol.name, lookahead, fetch_budget, str(device), layout.dtype, seed,
+               locality, routing_tokens)
         if key not in _FORCED:
             _FORCED[key] = load_forced_routing(routing_from, pol, (L, E, K), lookahead, fetch_budget, device,
                                                layout.dtype, seed, locality, routing_tokens, verify=verify_traces)

@@ -485,3 +485,11 @@ def test_a_policy_the_engine_does_not_run_is_refused_not_run_as_lru(policy):
     it runs, never LRU's numbers under another name (the checkpoint of evict: is never opened)."""
     with pytest.raises(UserError, match=f"policy {re.escape(policy)} .*the engine runs on-demand"):
         offload_experts(tiny("qwen2_moe"), cache_experts=2, policy=policy)
+
+
+def test_forced_routing_loaded_for_one_model_is_checked_again_for_another(tiny_traces):
+    """Forced streams are cached by their arguments within a process: a second model of another shape, given
+    the same traces and options, is still refused (the cache once handed it the first model's stream)."""
+    offload_experts(embedded(), cache_experts=4, routing_from=tiny_traces)
+    with pytest.raises(UserError, match="traces of another shape"):
+        offload_experts(tiny("qwen2_moe"), cache_experts=4, routing_from=tiny_traces)
