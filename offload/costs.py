@@ -1,8 +1,9 @@
 """The engine's costs in the simulator's terms (validation/cost_model.CostModel), measured on the engine itself.
 
 `measure_costs(handle, prompt)` runs a short greedy decode of the handle's model, as configured (policy, cache,
-format), after an untimed one of WARM_TOKENS tokens in the same configuration, with a timestamp at five points of every MoE layer of every decode step (a timed CUDA event on the
-compute stream; the host clock on a CPU, where the numbers mean nothing):
+format), after an untimed one of WARM_TOKENS tokens in the same configuration, with a timestamp at five points
+of every MoE layer of every decode step (a timed CUDA event on the compute stream; the host clock on a CPU, where
+the numbers mean nothing):
 
     start    the decoder layer begins               pre_ms    = routed - start   (attention, norms, router, the
     routed   the router's (and predictor's) choice             prefetch predictor, the host read queued)
