@@ -33,9 +33,11 @@ def test_target_lines_by_hand():
             {"label": "fp16 C=15 prefetch:router-reuse (traces)", "median_tokens_per_s": 13.0,
              "measured_over_predicted": 1.1, "unstable": True},
             {"label": "fp16 C=15 oracle (traces)", "median_tokens_per_s": 14.0, "measured_over_predicted": 0.95}]
-    lines = "\n".join(targets(rows, "fp16"))
+    lines = "\n".join(targets(rows, "fp16", 10.0))
     assert "all-resident / resident = 0.950" in lines
     assert "on-demand C=15 / accelerate = 30.0x" in lines
+    assert "peaks 10.00 (engine) vs 12.00 GiB (accelerate), cap 10.00 GiB: engine peak <= the cap" in lines
+    assert "engine peak ABOVE the cap" in "\n".join(targets(rows, "fp16", 9.99))
     assert "best prefetch / on-demand = 1.30x" in lines and "/ oracle = 0.93" in lines
     assert "largest |measured / predicted - 1| = 10.0%" in lines
     assert "0.0800 ms per layer" in lines
