@@ -110,10 +110,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"routing: {handle.engine.forced.mapping}")
 
     # --- generate, a batch at a time, greedy
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    encoded = [tok(batch, return_tensors="pt", padding=True) for batch in batches]
+    if args.routing_from:  # every forward takes B x T rows of the stream: refuse now, not when it runs out
+        need = sum(e["input_ids"].shape[0] * (e["input_ids"].shape[1] + args.max_new_tokens - 1) for e in encoded)
+        have = handle.engine.forced.tokens
+        if need > have:
+            raise UserError(f"--routing-from {args.routing_from}: its test split holds {have} tokens of routing and "
+                            f"this run may need {need} (prompt tokens + --max-new-tokens - 1, per sequence); use "
+                            "fewer or shorter prompts, fewer tokens, or a larger trace set")
     texts = []
-    for i in range(0, len(prompts), args.batch_size):
-        batch = prompts[i:i + args.batch_size]
-        enc = tok(batch, return_tensors="pt", padding=True).to(dev)
+    for batch, enc in zip(batches, encoded):
+        enc = enc.to(dev)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)

@@ -425,6 +425,17 @@ def test_the_script_answers_bad_input_in_one_line(argv, message, tmp_path):
         assert "Loading weights" not in proc.stderr
 
 
+def test_the_script_refuses_a_run_longer_than_its_forced_routing_before_generating(tiny_traces):
+    """Every forward takes B x T rows of the forced stream: a run that may need more than the test split holds is
+    refused before the first token, in one line with both counts (it used to fail when the stream ran out)."""
+    proc = run_script("generate_offloaded", "--device", "cpu", "--expert-format", "fp32", "--cache-experts", "4",
+                      "--routing-from", str(tiny_traces), "--max-new-tokens", "100000", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"its test split holds \d+ tokens of routing and this run may need 10000\d ", line), line
+    assert "The history of" not in proc.stdout  # nothing generated
+
+
 def test_the_script_prints_text_and_the_table(tmp_path):
     js = tmp_path / "out.json"
     proc = run_script("generate_offloaded", "--device", "cpu", "--expert-format", "fp32", "--cache-experts", "15",
