@@ -90,6 +90,39 @@ def measure_copy_ms(handle: OffloadHandle, n: int = 40) -> float:
 
 
 @torch.no_grad()
+def measure_predictor_us(handle: OffloadHandle, n: int = 200) -> float | None:
+    """us per call of the prefetch predictor at batch 1 on the GPU's own clock: its CUDA graph (the one the decode
+    replays) replayed n times back to back between two events, so the GPU does not wait for the host between
+    calls (an upper bound of its kernels' time where the host launches slower than they run); without a graph,
+    the whole call, timed the same way. The timed events around each call in the decode (`predictor_us_per_layer`)
+    also count the host's launch gaps of a host-bound decode. None without a predictor; host clock on a CPU."""
+    e = handle.engine
+    pred = e.predictor
+    if pred is None or e.d >= e.L:
+        return None
+    x = torch.zeros(1, e.H, device=e.device, dtype=next(e.model.parameters()).dtype)
+    if e.learned is not None:
+        e.learned.features(1)
+    for _ in range(3):  # captures the graph if the decode has not
+        pred(0, x)
+    graph = pred.graphs.get((0, 1)) if pred.use_graphs else None
+    run = graph[0].replay if graph is not None else (lambda: pred(0, x))
+    if e.device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        return (time.perf_counter() - t0) * 1e6 / n
+    torch.cuda.synchronize(e.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
+
+
+@torch.no_grad()
 def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32, copies: int = 40) -> dict[str, Any]:
     """{"cost": CostModel, "raw": the measured numbers} (module docstring). Resets the handle's statistics."""
     e = handle.engine
@@ -144,7 +177,8 @@ def measure_costs(handle: OffloadHandle, prompt: torch.Tensor, tokens: int = 32,
     raw = {"device": device, "copy_ms": copy_ms, "link_bytes_per_s": link, "latency_ms": latency_ms,
            "engine_copy_bytes_per_s": group_bytes / (group_ms / 1e3) if group_ms > 0 else None,
            "recorded": handle.recorded() if e.record_on else None, "decode_ms_per_token": decode_ms / decode_tokens,
-           "layer_steps": len(phases["layer"]), **{f"{k}_ms": v for k, v in mean.items()}}
+           "layer_steps": len(phases["layer"]), **{f"{k}_ms": v for k, v in mean.items()},
+           "predictor_graph_us": measure_predictor_us(handle)}
     handle.reset()
     return {"cost": cost, "raw": raw}
 

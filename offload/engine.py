@@ -84,7 +84,6 @@ class OffloadEngine:
         cfg = model.config
         self.L, self.E = len(layers), int(getattr(cfg, fam.num_experts))
         self.K, self.H = int(cfg.num_experts_per_tok), int(cfg.hidden_size)
-        self.impl = getattr(cfg, "_experts_implementation", None) or "eager"
         self.blocks = [m.block for m in layers]
         self.inner = [m.experts for m in layers]
         self.routers = [m.router for m in layers]
@@ -524,6 +523,12 @@ class OffloadEngine:
         table[[e for e, _ in call]] = [r for _, r in call]
         ids, w = self._absent(self._remap(table, ids), w, R)
         return self._call(l, hidden, ids, w, self.glob, R, None)
+
+    @property
+    def impl(self) -> str:
+        """The experts implementation the model runs now: read at every call, because generate() may switch it
+        (transformers 5.24 decodes with batched_mm on a GPU where the model asks for grouped_mm)."""
+        return getattr(self.model.config, "_experts_implementation", None) or "eager"
 
     def _absent(self, ids: torch.Tensor, w: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids of experts outside a call are the sentinel n, which grouped_mm skips (transformers 5.17 and 5.24).

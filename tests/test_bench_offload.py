@@ -32,7 +32,11 @@ def test_target_lines_by_hand():
             {"label": "fp16 C=15 on-demand (traces)", "median_tokens_per_s": 10.0},
             {"label": "fp16 C=15 prefetch:router-reuse (traces)", "median_tokens_per_s": 13.0,
              "measured_over_predicted": 1.1, "unstable": True},
-            {"label": "fp16 C=15 oracle (traces)", "median_tokens_per_s": 14.0, "measured_over_predicted": 0.95}]
+            {"label": "fp16 C=15 oracle (traces)", "median_tokens_per_s": 14.0, "measured_over_predicted": 0.95},
+            {"label": "fp16 C=30 prefetch:router-reuse (traces)", "median_tokens_per_s": 13.0,
+             "predictor_us_per_layer": 140.0, "calibration": {"raw": {"predictor_graph_us": 18.0}}},
+            {"label": "fp16 C=15 prefetch:router-reuse (own routing)", "median_tokens_per_s": 13.0,
+             "predictor_us_per_layer": 90.0, "calibration": {"raw": {"predictor_graph_us": 12.5}}}]
     lines = "\n".join(targets(rows, "fp16", 10.0))
     assert "all-resident / resident = 0.950" in lines
     assert "on-demand C=15 / accelerate = 30.0x" in lines
@@ -41,6 +45,8 @@ def test_target_lines_by_hand():
     assert "best prefetch / on-demand = 1.30x" in lines and "/ oracle = 0.93" in lines
     assert "largest |measured / predicted - 1| = 10.0%" in lines
     assert "0.0800 ms per layer" in lines
+    assert ("predictor: 18.0 us per layer at most on the GPU's clock, its graph replayed back to back (target <= 20); "
+            "140.0 us between the events around it in the decode") in lines
     assert "unstable rows (spread > 10%): fp16 C=15 prefetch:router-reuse (traces)" in lines
 
 
@@ -57,6 +63,9 @@ def test_a_tiny_run_writes_every_row(tmp_path):
         if r["kind"] == "engine":
             assert r["predicted_tokens_per_s"] > 0 and r["calibration"]["cost"]["expert_bytes"] > 0
     assert any("no engine tax" in t for t in res["targets"])
+    by = {r["label"]: r for r in res["rows"]}  # the predictor timed on its own clock, where a row has one
+    assert by["fp32 C=15 prefetch:router-reuse (own routing)"]["calibration"]["raw"]["predictor_graph_us"] > 0
+    assert by["fp32 C=15 on-demand (own routing)"]["calibration"]["raw"]["predictor_graph_us"] is None
 
 
 def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():

@@ -141,6 +141,25 @@ def test_every_family_generates_the_resident_models_tokens(model_type, policy, c
     assert h.stats()["demand"] > 0
 
 
+def test_an_implementation_switched_after_conversion_never_sees_the_sentinel():
+    """generate() may switch the experts implementation (transformers 5.24 decodes with batched_mm on a GPU where
+    the model asks for grouped_mm): the engine reads the implementation at every call, so one that cannot skip the
+    sentinel id (here a strict one, as 5.17's batched_mm clamps without masking) gets row 0 with weight 0 instead,
+    and the tokens stay the resident model's. C = 0: every call holds sentinel ids."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, batched_mm_experts_forward
+
+    def strict(self, hidden, ids, w):
+        assert not bool((ids >= self.num_experts).any()), "a sentinel id reached an implementation that cannot skip it"
+        return batched_mm_experts_forward(self, hidden, ids, w)
+    ALL_EXPERTS_FUNCTIONS.register("strict_mm", strict)
+    ref, model = embedded(), embedded()
+    model.config._experts_implementation = "grouped_mm"
+    h = offload_experts(model, cache_experts=0, policy="on-demand")
+    model.config._experts_implementation = ref.config._experts_implementation = "strict_mm"
+    assert h.engine.impl == "strict_mm"
+    assert_same_as_resident(ref, model, new=4)
+
+
 def test_a_batch_of_two_with_padding_uses_the_union_of_its_experts():
     ref, model = embedded(), embedded()
     h = offload_experts(model, cache_experts=6, policy="prefetch:router-reuse", record=True)

@@ -358,8 +358,15 @@ def targets(rows: list[dict[str, Any]], fmt16: str, cap_gib: float | None = None
     if host is not None:
         lines.append(f"host overhead: {host:.4f} ms per layer at batch 1 (target <= 0.1)")
     pred = [r["predictor_us_per_layer"] for r in rows if r.get("predictor_us_per_layer")]
-    if pred:
-        lines.append(f"predictor: {max(pred):.1f} us per layer at most, GPU time (target <= 20)")
+    graph = [r["calibration"]["raw"]["predictor_graph_us"] for r in rows
+             if r.get("calibration") and r["calibration"]["raw"].get("predictor_graph_us")]
+    if graph:
+        lines.append(f"predictor: {max(graph):.1f} us per layer at most on the GPU's clock, its graph replayed back to "
+                     f"back (target <= 20); {max(pred or [0.0]):.1f} us between the events around it in the decode, "
+                     "host gaps included")
+    elif pred:
+        lines.append(f"predictor: {max(pred):.1f} us per layer at most between the events around it in the decode, "
+                     "host gaps included (target <= 20)")
     mem = [(r["peak_gib"], r["bound_gib"]) for r in rows if r.get("peak_gib") and r.get("bound_gib")]
     if mem:
         worst = max(p / b for p, b in mem)
