@@ -9,7 +9,8 @@ returns an `OffloadHandle`; the user then calls `model.generate()` as usual. Per
   * `OffloadedExperts` (the block's new experts module) runs the cache's bookkeeping (offload/cache.py, the
     simulator's rules), queues the demand copies and then the prefetch copies on the copy stream
     (offload/copies.py), makes the compute stream wait for the newest copy its rows need, remaps the
-    router's expert ids to GPU rows (a small table sent through pinned memory, gathered on the GPU), and calls
+    router's expert ids to GPU rows (on the host, which holds them, sent through pinned memory; a call with
+    staged experts, or a wide batch, sends the expert -> row table and gathers it on the GPU), and calls
     the model's own experts implementation (grouped_mm, batched_mm or eager) on the rows, presented as the
     experts' tensors. Ids of experts not in a call map to the "sentinel" row count, which grouped_mm skips
     (the expert-parallel convention, `_is_expert_parallel`); other implementations get row 0 with weight 0.
@@ -420,8 +421,13 @@ class OffloadEngine:
             self._stamp(l, "ready")
             self.copies.wait(int(self.row_seq[base + need].max()))  # the newest copy into any row it reads
             self._stamp(l, "waited")
-            table = np.where(cache.slot_of[l] >= 0, cache.slot_of[l], self.C)
-            return self._call(l, hidden, self._remap(table, ids), w, self.local[l], self.C, None)
+            # every expert of the step is in a slot of this layer: its ids become slot numbers on the host (the host
+            # copy of the same ids), one upload, no table and no gather on the GPU
+            if flat.size <= self.uploads.width:
+                rows = self.uploads.send(cache.slot_of[l, flat]).view(ids.shape)
+            else:  # a batch wider than an upload row: the expert -> slot table, gathered on the device
+                rows = self._remap(cache.slot_of[l], ids)
+            return self._call(l, hidden, rows, w, self.local[l], self.C, None)
         pairs = list(zip(access.tolist(), need.tolist()))
         cached = [(e, base + s) for e, s in pairs if s >= 0]
         staged = [e for e, s in pairs if s < 0]

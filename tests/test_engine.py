@@ -172,6 +172,18 @@ def test_a_batch_of_two_with_padding_uses_the_union_of_its_experts():
     assert 4 * (NEW - 1) * 8 < s["hits"] + s["demand"] <= 8 * (NEW - 1) * 8
 
 
+def test_a_batch_wider_than_an_upload_row_remaps_on_the_device():
+    """The common decode step sends its ids as slot numbers in one upload row (E + 2G + 8 values: 76 here); a batch
+    of 20 x top-4 = 80 ids is wider, and its step takes the expert -> slot table instead. C = E: every step is
+    the common one."""
+    ref, model = embedded(), embedded()
+    h = offload_experts(model, cache_experts=60, policy="on-demand")
+    assert h.engine.uploads.width < 20 * 4
+    ids = torch.randint(1, 8000, (20, 3), generator=torch.Generator().manual_seed(1))
+    assert_same_as_resident(ref, model, ids, new=3)
+    assert h.stats()["demand"] > 0
+
+
 def test_a_long_prompt_streams_through_both_staging_banks():
     ref, model = embedded(), embedded()
     h = offload_experts(model, cache_experts=3, staging_experts=2, policy="on-demand")
