@@ -40,6 +40,9 @@ log() { echo "[$(date +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$O/retrai
 #   scratch_loc0.32_bal0.1   the same held at 0.32: less perplexity lost, recall nearer the band's floor
 #   retune_loc0.32_bal0.1    the shipped model (perplexity 63.9) retuned with the locality loss held at 0.32 (on
 #                            the CPU a retune reached the band but lost 73% perplexity: the fallback)
+#                            It starts from models/embedded/qwen2moe-mini as it is; since 2026-12-07 that is this
+#                            variant's own result (recall@4 0.314), so to reproduce it, restore the folder of
+#                            commit e2b9d5c first: git checkout e2b9d5c -- models/embedded/qwen2moe-mini
 # From-scratch runs plan STEPS steps (the cosine schedule's length), the retune RETUNE_STEPS; every run stops at
 # TRAIN_S seconds of training whatever its step (retrain.log says where each stopped).
 TRAIN_S=${TRAIN_S:-330} STEPS=${STEPS:-1800} RETUNE_STEPS=${RETUNE_STEPS:-1600}
