@@ -52,6 +52,7 @@ from validation.prefetch.simulator import Stream, parse_policy, run_policy, summ
 
 UNSTABLE = 0.10  # a row whose spread exceeds this is marked unstable (counts as not met)
 MAX_TOKENS = 4096  # decode or prompt tokens of one run: beyond any preset's positions this benchmark needs
+ACCELERATE_ROW = "accelerate offload (device_map, cap = engine at C=15)"
 
 
 @dataclass
@@ -290,7 +291,7 @@ def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
 def plan_rows(args: argparse.Namespace, traces: str | None, cuda: bool) -> list[Row]:
     rows = [Row("resident (grouped_mm)", "resident", tokens=args.tokens)]
     if cuda:
-        rows.append(Row("accelerate offload (device_map, cap = engine at C=15)", "accelerate",
+        rows.append(Row(ACCELERATE_ROW, "accelerate",
                         tokens=args.accelerate_tokens))
     policies = [p for p in args.policies.split(",") if p]
     for fmt in args.formats:
@@ -330,15 +331,14 @@ def targets(rows: list[dict[str, Any]], fmt16: str, cap_gib: float | None = None
     res, allres = med("resident (grouped_mm)"), med(f"{fmt16} all-resident")
     if res and allres:
         lines.append(f"no engine tax: all-resident / resident = {allres / res:.3f} (target >= 0.95)")
-    acc, lru = med("accelerate offload (device_map, cap = engine at C=15)"), med(f"{fmt16} C=15 on-demand (own routing)")
+    lru_row = f"{fmt16} C=15 on-demand (own routing)"
+    acc, lru = med(ACCELERATE_ROW), med(lru_row)
     if acc and lru:
-        peak = by[f"{fmt16} C=15 on-demand (own routing)"].get("peak_gib", float("nan"))
+        peak, acc_peak = by[lru_row].get("peak_gib", float("nan")), by[ACCELERATE_ROW].get("peak_gib", float("nan"))
         cap = f"{cap_gib:.2f} GiB" if cap_gib else "unknown"
         lines.append(f"against accelerate: on-demand C=15 / accelerate = {lru / acc:.1f}x (target >= 20x); peaks "
-                     f"{peak:.2f} (engine) vs "
-                     f"{by['accelerate offload (device_map, cap = engine at C=15)'].get('peak_gib', float('nan')):.2f}"
-                     f" GiB (accelerate), cap {cap}: engine peak {'<=' if cap_gib and peak <= cap_gib else 'ABOVE'} "
-                     "the cap")
+                     f"{peak:.2f} (engine) vs {acc_peak:.2f} GiB (accelerate), cap {cap}: engine peak "
+                     f"{'<=' if cap_gib and peak <= cap_gib else 'ABOVE'} the cap")
     pre, lru_t, orc = (med(f"{fmt16} C=15 prefetch:router-reuse (traces)"), med(f"{fmt16} C=15 on-demand (traces)"),
                        med(f"{fmt16} C=15 oracle (traces)"))
     learned = med(f"{fmt16} C=15 prefetch:learned (traces)")
@@ -354,7 +354,7 @@ def targets(rows: list[dict[str, Any]], fmt16: str, cap_gib: float | None = None
     if link:
         frac = min(c["engine_copy_bytes_per_s"] / c["link_bytes_per_s"] for c in link)
         lines.append(f"link speed: the engine's copies run at >= {frac:.0%} of one large pinned copy (target >= 85%)")
-    host = by.get(f"{fmt16} C=15 on-demand (own routing)", {}).get("host_ms_per_layer")
+    host = by.get(lru_row, {}).get("host_ms_per_layer")
     if host is not None:
         lines.append(f"host overhead: {host:.4f} ms per layer at batch 1 (target <= 0.1)")
     pred = [r["predictor_us_per_layer"] for r in rows if r.get("predictor_us_per_layer")]

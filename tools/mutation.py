@@ -834,7 +834,7 @@ MUTATIONS = [
              (E + "test_the_script_answers_bad_input_in_one_line[argv8-holds no prompt]",),
              "an empty prompts file generates from the default prompt without a word"),
     Mutation("bench-engine-peak-never-above-cap", "tools/bench_offload.py",
-             "engine peak {'<=' if cap_gib and peak <= cap_gib else 'ABOVE'}", "engine peak {'<='}",
+             "{'<=' if cap_gib and peak <= cap_gib else 'ABOVE'} the cap", "{'<='} the cap",
              ("tests/test_bench_offload.py::test_target_lines_by_hand",),
              "the engine's peak is reported within accelerate's cap whatever it is"),
     Mutation("generate-forced-stream-unchecked", "scripts/generate_offloaded.py", "        if need > have:",
