@@ -3,6 +3,7 @@ tiny run end to end (the code path; a CPU's numbers mean nothing).
 
     pytest -q tests/test_bench_offload.py
 """
+import gc
 import json
 import re
 
@@ -50,7 +51,17 @@ def test_target_lines_by_hand():
     assert "unstable rows (spread > 10%): fp16 C=15 prefetch:router-reuse (traces)" in lines
 
 
-def test_a_tiny_run_writes_every_row(tmp_path):
+def test_a_tiny_run_writes_every_row(tmp_path, monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+
+    collector_on = []  # whether Python's cyclic collector could run inside each generate(): never in a timed run
+    generate = GenerationMixin.generate
+
+    def probe(self, *a, **k):
+        collector_on.append(gc.isenabled())
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(GenerationMixin, "generate", probe)
     out = tmp_path / "bench.json"
     main(["--device", "cpu", "--preset", "qwen2moe-tiny", "--quick", "--repeats", "1", "--tokens", "3",
           "--prompt-tokens", "3", "--warmup-s", "0", "--traces", "none", "--json", str(out)])
@@ -66,6 +77,7 @@ def test_a_tiny_run_writes_every_row(tmp_path):
     by = {r["label"]: r for r in res["rows"]}  # the predictor timed on its own clock, where a row has one
     assert by["fp32 C=15 prefetch:router-reuse (own routing)"]["calibration"]["raw"]["predictor_graph_us"] > 0
     assert by["fp32 C=15 on-demand (own routing)"]["calibration"]["raw"]["predictor_graph_us"] is None
+    assert len(collector_on) >= len(labels) and not any(collector_on[-len(labels):]) and gc.isenabled()
 
 
 def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():

@@ -27,6 +27,8 @@ its numbers):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import sys
 import time
 from dataclasses import dataclass, field
@@ -227,6 +229,18 @@ def accelerate_cap(models: dict[str, Any], prompt: torch.Tensor, tokens: int) ->
     return -(-int(probe["peak_gib"] * 2**30) // 2**20) * 2**20
 
 
+@contextlib.contextmanager
+def no_collector():
+    """Python's cyclic collector off for one timed run, and run just before it: a gen-2 pass over the models'
+    objects inside a 24-token decode would be charged to whichever row it fell on."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: bool) -> dict[str, Any]:
     """One run of a row: its decode tokens/s and, for the engine, its statistics and peak memory as if alone."""
     dev = prompt.device
@@ -251,7 +265,7 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
     if row.kind.startswith("engine"):
         handle.reset()
     clock.reset()
-    with torch.no_grad():
+    with torch.no_grad(), no_collector():
         model.generate(prompt, max_new_tokens=row.tokens, min_new_tokens=row.tokens, do_sample=False, pad_token_id=0)
     out: dict[str, Any] = {}
     if row.kind.startswith("engine"):
