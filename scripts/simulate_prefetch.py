@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lowbit-format", default="nf4", choices=FORMATS, help="lowbit-on-miss: format of the copy "
                    "fetched on a miss (nf4)")
     g.add_argument("--evict-window", type=int, default=k.evict_window, help="evict:frequency-window: steps of "
-                   f"history ({k.evict_window})")
+                   f"history; evict:oracle-window: steps ahead ({k.evict_window})")
     g = p.add_argument_group("cost model (validation/prefetch/cost_model.py)")
     g.add_argument("--model-config", default="qwen1.5-moe-a2.7b", choices=sorted(PRESETS),
                    help="model whose expert size is moved (default qwen1.5-moe-a2.7b: 3 x 2048 x 1408)")

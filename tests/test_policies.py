@@ -178,6 +178,31 @@ def test_frequency_window_score_counts_the_last_steps():
     assert sc.tolist() == [[1, 0], [2, 0], [1, 1], [0, 2], [0, 2], [1, 1]]
 
 
+def test_oracle_window_score_counts_the_next_steps_once_per_step():
+    from validation.prefetch.simulator import oracle_window_scores
+
+    ids = np.array([0, 0, 1, 1, 1, 0]).reshape(-1, 1, 1)
+    sc = oracle_window_scores(ids, 2, 2)[:, 0]  # (T, E) uses among the next 2 steps (t+1, t+2)
+    assert sc.tolist() == [[1, 1], [0, 2], [0, 2], [1, 1], [1, 0], [0, 0]]
+    two = np.array([[1, -1], [0, 0], [0, 1]]).reshape(3, 1, 2)  # two lanes on one expert: one step
+    assert oracle_window_scores(two, 2, 1)[:, 0].tolist() == [[1, 0], [1, 1], [0, 0]]
+
+
+def test_oracle_window_evicts_by_the_next_window_and_its_horizon_matters():
+    from validation.prefetch.simulator import Knobs
+
+    # C = 2, experts 0 1 2 0 1: at step 2 expert 2 misses with {0, 1} cached. Window 1 sees 0 at step 3 (score 1)
+    # and 1 nowhere (0): it evicts 1, and 0 hits at step 3. Window 2 sees both (1 and 1): the tie goes to LRU,
+    # which evicts 0; at step 3 it sees 1 at step 4 and 2 nowhere, evicts 2, and 1 hits at step 4. LRU evicts 0,
+    # then 1: nothing hits.
+    s = one_expert([0, 1, 2, 0, 1])
+    pol = POLICIES["evict:oracle-window"]
+    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=1))[0]) == [0, 0, 0, 1, 0]
+    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=2))[0]) == [0, 0, 0, 0, 1]
+    assert hits(run_policy(POLICIES["on-demand"], 2, s, cost(), 1, 1, 3)[0]) == [0, 0, 0, 0, 0]
+    assert not pol.realizable and not parse_policy("evict:oracle-window+prefetch").realizable
+
+
 # ----------------------------------------------------------------------------------------------
 # placements
 

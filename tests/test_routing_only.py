@@ -151,6 +151,13 @@ def test_the_hidden_reading_predictors_on_imported_routing_are_refused_in_one_li
         (train(capsys, random_routing, out, "--routing-only", "--window", "0"),
          "train_hybrid_predictor: error: --routing-only reads this token's finished layers and the previous tokens: "
          "--own-layers and --window must be 1 or more"),
+        (train(capsys, random_routing, out, "--window", "16"),  # the hybrid that reads h_l takes no window
+         "train_hybrid_predictor: error: --window: read by --model-type anchored only (--own-layers and --window "
+         "also by --routing-only); --model-type hybrid would ignore it"),
+        (run_main(capsys, "train_simple_predictor", simple, "--traces", random_routing, "--output", out,
+                  "--model-type", "layer-aware", "--depth", "3", "--no-anchor", "--routing-only"),
+         "train_simple_predictor: error: --depth, --anchor: read by --model-type anchored only (--own-layers and "
+         "--window also by --routing-only); --model-type layer-aware would ignore them"),
     ]
     ckpt = normal_hybrid_checkpoint(tmp_path / "normal.pth", random_routing)
     refusals += [

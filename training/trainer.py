@@ -181,8 +181,28 @@ def resolve_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, kind.get(key, value))
 
 
+# the flags only the anchored predictor reads (and, of them, the two the --routing-only hybrid reads): given to
+# another kind they would be dropped without a word, so they are refused instead
+ANCHORED_ONLY = ("past_layers", "own_layers", "window", "context", "token_emb", "depth", "separate_layers", "anchor",
+                 "residual_logits", "layer_fallback", "router_lr")
+ROUTING_ONLY_READS = ("own_layers", "window")
+
+
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """The anchored-only flags given explicitly to a kind that would not read them."""
+    if args.model_type == "anchored":
+        return []
+    reads = ROUTING_ONLY_READS if getattr(args, "routing_only", False) else ()
+    return [f"--{n.replace('_', '-')}" for n in ANCHORED_ONLY if getattr(args, n, None) is not None and n not in reads]
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Every flag checked before anything is read or written: one line for the first bad one."""
+    ignored = ignored_flags(args)
+    if ignored:
+        them = "it" if len(ignored) == 1 else "them"
+        raise UserError(f"{', '.join(ignored)}: read by --model-type anchored only (--own-layers and --window also by "
+                        f"--routing-only); --model-type {args.model_type} would ignore {them}")
     resolve_defaults(args)
     for name in ("past_layers", "own_layers", "window", "context"):
         if getattr(args, name) < 0:

@@ -147,6 +147,9 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            "--evict-window steps", evict_source="frequency-window"),
     Policy("evict:oracle-next-use", SCORE, NO_PREFETCH, summary="evict the expert whose next use is furthest "
            "(the oracle's score: Belady)", evict_source="oracle-next-use", realizable=False),
+    Policy("evict:oracle-window", SCORE, NO_PREFETCH, summary="evict the expert used in the fewest of the next "
+           "--evict-window steps (a next-tokens predictor's target, known: the bound of evict:<checkpoint> at "
+           "that window)", evict_source="oracle-window", realizable=False),
     Policy("oracle", LRU, ORACLE, summary="prefetch the true experts of layer l+d (LRU eviction)", realizable=False),
     Policy("belady", BELADY, NO_PREFETCH, summary="evict the expert used furthest in the future; fetch on a miss",
            realizable=False),
@@ -159,7 +162,7 @@ CEILING_POLICY = "all-resident"  # no transfers: what calibrates a measured cost
 DEFAULT_POLICIES = ("on-demand,lfu,lfru,least-stale,static-popular,static-frequency,lowbit-on-miss,"
                     "evict:frequency-window,prefetch:router-reuse,oracle,belady,all-resident")
 DEFAULT_PREFETCH = "router-reuse"  # the predictor of `+prefetch` without a source: no training needed
-EVICT_SCORES = ("frequency-window", "oracle-next-use")  # eviction scores that need no checkpoint
+EVICT_SCORES = ("frequency-window", "oracle-next-use", "oracle-window")  # eviction scores that need no checkpoint
 
 # the parts a policy name is made of, joined by "+": one eviction part, one miss part, one prefetch part
 _EVICTION_PARTS = {"on-demand": LRU, "lfu": LFU, "lfru": LFRU, "least-stale": LEAST_STALE, "belady": BELADY,
@@ -232,7 +235,7 @@ def parse_policy(name: str) -> Policy:
             if part.startswith("evict:"):
                 eviction, (evict_source, more) = SCORE, _evict_source(name, part[len("evict:"):])
                 needs += more
-                realizable = realizable and evict_source != "oracle-next-use"
+                realizable = realizable and evict_source not in ("oracle-next-use", "oracle-window")
             else:
                 eviction = _EVICTION_PARTS[part]
                 realizable = realizable and part != "belady"
@@ -618,10 +621,24 @@ def window_count_scores(ids: np.ndarray, E: int, window: int) -> np.ndarray:
     return out
 
 
+def oracle_window_scores(ids: np.ndarray, E: int, window: int) -> np.ndarray:
+    """(T, L, E) float32 the steps among t+1..t+window in which each expert is used at its layer: what a
+    next-tokens predictor (lookahead_tokens W) is trained to foresee, known exactly."""
+    T, L, _ = ids.shape
+    used = np.zeros((T + 1, L, E + 1), dtype=np.float32)  # column E takes the -1 padding
+    t_idx, l_idx = np.indices(ids.shape[:2])
+    used[t_idx[..., None], l_idx[..., None], np.where(ids >= 0, ids, E)] = 1.0  # once per step, however many lanes
+    run = np.cumsum(used[::-1], axis=0)[::-1]  # run[t] = steps t..T-1 that use it
+    later = np.minimum(np.arange(T) + 1 + window, T)
+    return np.ascontiguousarray(run[np.arange(T) + 1] - run[later], dtype=np.float32)[..., :E]
+
+
 def eviction_scores(policy: Policy, stream: Stream, num_experts: int, knobs: Knobs) -> np.ndarray:
     """The (T, L, E) scores a SCORE policy evicts by."""
     if policy.evict_source == "oracle-next-use":
         return oracle_next_use_scores(stream.ids, num_experts)
+    if policy.evict_source == "oracle-window":
+        return oracle_window_scores(stream.ids, num_experts, knobs.evict_window)
     if policy.evict_source == "frequency-window":
         return window_count_scores(stream.ids, num_experts, knobs.evict_window)
     return stream.scores[policy.evict_key]
