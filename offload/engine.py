@@ -491,11 +491,14 @@ class OffloadEngine:
             self._issue(l, banks[1], after)
         self._issue(l + self.d, fetch, after)
         N, K = ids.shape
+        weights = w
         if len(calls) > 1:
-            # each (token, k) pair as its own row with top-1 routing: every call returns the pairs' weighted outputs
-            # (zero for pairs of other calls), exactly the values the resident model sums, and the sum over k is
-            # done once below as the experts implementation does it: the same result, bit for bit
-            hidden, ids, w = hidden.repeat_interleave(K, dim=0), ids.reshape(-1, 1), w.reshape(-1, 1)
+            # each (token, k) pair as its own row with top-1 routing and weight 1: every call returns the pairs'
+            # expert outputs (zero for pairs of other calls) in the model's dtype, exactly; the weighting and the sum
+            # over k are done once below as transformers' grouped_mm and batched_mm do them (product in the weights'
+            # dtype, fp32 for some routers, then one cast): the same result, bit for bit. Weighted inside each call,
+            # a pair's fp32 product would be rounded to bf16 before the sum.
+            hidden, ids, w = hidden.repeat_interleave(K, dim=0), ids.reshape(-1, 1), torch.ones_like(w).reshape(-1, 1)
         out = None
         for i, call in enumerate(calls):
             rows = [r for _, r in call]
@@ -509,7 +512,9 @@ class OffloadEngine:
             g = i - bank_call
             if 0 <= g and g + 2 < len(banks):  # bank g is free once this call has run: queue group g + 2 into it
                 self._issue(l, banks[g + 2], self.copies.mark())
-        return out if len(calls) == 1 else out.view(N, K, -1).sum(dim=1).to(out.dtype)
+        if len(calls) == 1:
+            return out
+        return (out * weights.reshape(-1, 1)).view(N, K, -1).sum(dim=1).to(out.dtype)
 
     def _call_rows(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                    call: list[tuple[int, int]]) -> torch.Tensor:

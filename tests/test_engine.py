@@ -141,6 +141,23 @@ def test_every_family_generates_the_resident_models_tokens(model_type, policy, c
     assert h.stats()["demand"] > 0
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "qwen2_moe"])
+def test_a_streamed_bf16_prompt_is_the_resident_models_bit_for_bit(model_type, impl):
+    """C = 1: a prompt's experts stream through the staging banks in several calls. DeepSeek-V2's router weights are
+    fp32 while its hidden states are bf16: weighted inside each call, a pair's fp32 product would be rounded to bf16
+    before the sum over k (one bf16 step off the resident model, as a GPU run found); the engine weights and sums
+    once, as the implementation does. Qwen's weights are in the hidden states' dtype."""
+    ids = torch.tensor([[5, 90, 700, 3, 17, 44]])
+    ref, model = tiny(model_type).to(torch.bfloat16), tiny(model_type).to(torch.bfloat16)
+    for m in (ref, model):
+        m.config._experts_implementation = impl
+    h = offload_experts(model, cache_experts=1, policy="on-demand")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert h.engine.counters.prefill_copies > 0
+
+
 def test_an_implementation_switched_after_conversion_never_sees_the_sentinel():
     """generate() may switch the experts implementation (transformers 5.24 decodes with batched_mm on a GPU where
     the model asks for grouped_mm): the engine reads the implementation at every call, so one that cannot skip the
