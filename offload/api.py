@@ -25,6 +25,7 @@ from offload.stats import OffloadHandle
 from offload.store import DTYPE_FORMATS, make_layout
 from validation.prefetch.simulator import (
     BELADY,
+    EVICT_SCORES,
     FETCH,
     LFU,
     LRU,
@@ -32,19 +33,22 @@ from validation.prefetch.simulator import (
     ORACLE,
     PREDICTED,
     PREFETCH_BASELINES,
+    SCORE,
     STATIC,
     Policy,
     parse_policy,
 )
 
 # what the engine runs of the simulator's registry: a miss is fetched (no host compute, no low-bit copy), slots are
-# evicted by LRU, LFU or Belady or pinned (static, all-resident), and a prefetch predictor runs live on the GPU;
-# the rest (LFRU, least-stale, frequency windows, eviction scores, CPU compute, low-bit copies) is simulated only
-ENGINE_EVICTIONS = (LRU, LFU, BELADY, STATIC)
+# evicted by LRU, LFU, Belady or a next-tokens predictor (evict:<checkpoint>, alone) or pinned (static,
+# all-resident), and a prefetch predictor runs live on the GPU; the rest (LFRU, least-stale, frequency windows, the
+# oracles' eviction scores, CPU compute, low-bit copies) is simulated only
+ENGINE_EVICTIONS = (LRU, LFU, BELADY, STATIC, SCORE)
 LIVE_SOURCES = ("router-reuse", "previous-token", "popularity", "random")  # and a checkpoint.pth
 ENGINE_POLICY_HELP = ("on-demand (LRU), lfu, static-popular, all-resident, oracle, belady, prefetch:<checkpoint.pth | "
-                      + " | ".join(LIVE_SOURCES) + ">, and an eviction joined to a prefetch by '+' (e.g. "
-                      "lfu+prefetch:router-reuse); oracle and belady with routing from traces")
+                      + " | ".join(LIVE_SOURCES) + ">, evict:<next-tokens checkpoint.pth> (alone), and an eviction "
+                      "joined to a prefetch by '+' (e.g. lfu+prefetch:router-reuse); oracle and belady with routing "
+                      "from traces")
 
 
 def check_engine_policy(pol: Policy) -> None:
@@ -55,6 +59,10 @@ def check_engine_policy(pol: Policy) -> None:
         why = "computes a miss on the host CPU or from a low-bit copy"
     elif pol.eviction not in ENGINE_EVICTIONS:
         why = "evicts by a rule the engine does not have"
+    elif pol.eviction == SCORE and pol.evict_source in EVICT_SCORES:
+        why = f"evicts by the {pol.evict_source} score, which the engine does not compute"
+    elif pol.eviction == SCORE and pol.prefetch != NO_PREFETCH:
+        why = "joins a learned eviction to a prefetch, which the engine does not run (evict:<checkpoint> alone)"
     elif pol.prefetch == PREDICTED and pol.source in PREFETCH_BASELINES and pol.source not in LIVE_SOURCES:
         why = f"prefetches with {pol.source}, which does not run live"
     if why:

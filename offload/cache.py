@@ -2,9 +2,10 @@
 
 `cache_step` is the simulator's replay kernel (validation/prefetch/simulator.py `replay_kernel`) for one (token, layer)
 step with the clock of time taken out: the same slot tables, the same eviction keys (`_key`: LRU, LFU with
-LRU ties, Belady), the same pinning of the current access, the same prefetch rule and the same byte
-accounting, statement for statement, so the engine's hits, demand copies, staged experts and speculative
-copies equal the simulator's for the same routing and predictions (tests/test_engine.py checks it).
+LRU ties, Belady; `_victim`: a score with LRU ties), the same pinning of the current access, the same prefetch
+rule and the same byte accounting, statement for statement, so the engine's hits, demand copies, staged experts
+and speculative copies equal the simulator's for the same routing, predictions and scores (tests/test_engine.py
+checks it).
 
 One step at layer l:
   1. the access: the experts layer l needs now (batch 1: the router's top-k in its order; a batch: the union,
@@ -31,6 +32,7 @@ from validation.prefetch.simulator import (
     LFU,
     N_STATS,
     NO_PREFETCH,
+    SCORE,
     SPEC,
     SPEC_USED,
     SPEC_WASTED,
@@ -43,7 +45,7 @@ from validation.prefetch.simulator import (
 def _key(eviction, last, freq, nxt, T):
     """Eviction priority of a cached expert, the kernel's order for the rules the engine runs: the smallest key
     goes first. LRU: last touch; LFU: fewest accesses, then LRU; BELADY: furthest next use, then LRU (the clock
-    stays below 2^40)."""
+    stays below 2^40); SCORE: last touch, the tie-break under the step's scores (`_victim`)."""
     if eviction == LFU:
         return (freq << 40) | last
     if eviction == BELADY:
@@ -52,15 +54,24 @@ def _key(eviction, last, freq, nxt, T):
 
 
 @njit(cache=True)
-def _victim(l, C, slot_key, slot_pin, stamp):
-    """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are."""
+def _victim(l, C, slot_key, slot_pin, stamp, eviction, slot_expert, score):
+    """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are. SCORE: the expert
+    of the lowest score (the step's, by expert), least recently touched among equals (the simulator's `_victim`)."""
     keys, pins = slot_key[l], slot_pin[l]
-    best, best_key = -1, np.iinfo(np.int64).max
+    best, best_key, best_score = -1, np.iinfo(np.int64).max, np.inf
     for s in range(C):
-        if pins[s] != stamp and keys[s] < best_key:
+        if pins[s] == stamp:
+            continue
+        if eviction == SCORE:
+            sc = score[slot_expert[l, s]]
+            if sc < best_score or (sc == best_score and keys[s] < best_key):
+                best, best_key, best_score = s, keys[s], sc
+        elif keys[s] < best_key:
             best, best_key = s, keys[s]
     return best
 
+
+NO_SCORE = np.zeros(0, dtype=np.float64)  # the score of a step under a rule that reads none
 
 # the simulator's statistics columns the engine counts (LATE, STALL_MS and END_MS are times: measured instead)
 COUNTED = (HITS, DEMAND, STAGED, SPEC, SPEC_USED, SPEC_WASTED)
@@ -125,10 +136,12 @@ class CacheState:
                     self.n_used[l] += 1
 
     def step(self, layer: int, access: np.ndarray, pred: np.ndarray, n_pred: int, lookahead: int,
-             next_use: np.ndarray) -> tuple[int, int, int]:
-        """One step (module docstring). Returns (n_demand, n_fetch, n_staged); the rows are in self.need[:A],
+             next_use: np.ndarray, score: np.ndarray = NO_SCORE) -> tuple[int, int, int]:
+        """One step (module docstring). `score` (E,) float64: this step's eviction score of every expert of the
+        layer (SCORE; higher = used sooner). Returns (n_demand, n_fetch, n_staged); the rows are in self.need[:A],
         self.demand[:n_demand], self.fetch[:n_fetch]; counts are added to self.stats."""
-        return _step(layer, access, pred, n_pred, lookahead, next_use, self.C, self.eviction, self.prefetch, self.T,
+        return _step(layer, access, pred, n_pred, lookahead, next_use, score, self.C, self.eviction, self.prefetch,
+                     self.T,
                      self.slot_of, self.slot_expert, self.slot_key, self.slot_pin, self.n_used, self.freq, self.nxt,
                      self.pending, self.counters, self.need, self.demand, self.fetch, self.stats)
 
@@ -138,8 +151,8 @@ class CacheState:
 
 
 @njit(cache=True)
-def _step(l, access, pred, n_pred, d, next_use, C, eviction, prefetch, T, slot_of, slot_expert, slot_key, slot_pin,
-          n_used, freq, nxt, pending, counters, need, log_demand, log_fetch, stats):
+def _step(l, access, pred, n_pred, d, next_use, score, C, eviction, prefetch, T, slot_of, slot_expert, slot_key,
+          slot_pin, n_used, freq, nxt, pending, counters, need, log_demand, log_fetch, stats):
     """replay_kernel's loop body for (token t, layer l), without its clock (see the module docstring)."""
     L = slot_of.shape[0]
     A = access.shape[0]
@@ -171,7 +184,7 @@ def _step(l, access, pred, n_pred, d, next_use, C, eviction, prefetch, T, slot_o
                     s = n_used[l]
                     n_used[l] += 1
                 else:
-                    s = _victim(l, C, slot_key, slot_pin, stamp)
+                    s = _victim(l, C, slot_key, slot_pin, stamp, eviction, slot_expert, score)
                     if s >= 0:
                         old = slot_expert[l, s]
                         slot_of[l, old] = -1
@@ -212,7 +225,7 @@ def _step(l, access, pred, n_pred, d, next_use, C, eviction, prefetch, T, slot_o
                     s = n_used[tl]
                     n_used[tl] += 1
                 else:
-                    s = _victim(tl, C, slot_key, slot_pin, stamp)
+                    s = _victim(tl, C, slot_key, slot_pin, stamp, eviction, slot_expert, score)
                     old = slot_expert[tl, s]
                     slot_of[tl, old] = -1
                     if pending[tl, old]:

@@ -35,15 +35,15 @@ from torch import nn
 
 from collection.families import family_of, moe_layers, router_spec
 from common.errors import UserError
-from offload.cache import CacheState
+from offload.cache import NO_SCORE, CacheState
 from offload.clock import ForwardClock, forward_shape
 from offload.copies import HostReader, SyncCopies, make_copies
-from offload.prefetch import LivePredictor, learned, router_reuse
+from offload.prefetch import LivePredictor, eviction_order, learned, router_reuse
 from offload.routing import ForcedRouting
 from offload.slots import SlotBuffers
 from offload.store import DTYPE_FORMATS, ExpertLayout, HostExpertStore, make_layout
 from offload.uploads import Uploads
-from validation.prefetch.simulator import BELADY, HITS, ORACLE, PREDICTED, STATIC, Policy
+from validation.prefetch.simulator import BELADY, HITS, ORACLE, PREDICTED, SCORE, STATIC, Policy
 
 EMPTY = np.zeros(0, dtype=np.int64)
 ZERO_USE = np.zeros(0, dtype=np.int64)
@@ -98,6 +98,8 @@ class OffloadEngine:
         self.record_on = False
         self.forced: ForcedRouting | None = None
         self.learned = self.predictor = self.policy = None
+        self.evict_learned = self.evictor = None
+        self.live: list[Any] = []  # the learned parts' live state (prefetch, eviction): fed at every forward and layer
         self.resident_fast = False
         # per-forward state
         self.counters = Counters()
@@ -107,7 +109,7 @@ class OffloadEngine:
         self.phase = "prefill"
         self.early: list[Any] = [None] * self.L   # the router's output computed early, by layer
         self.markers: list[Any] = [None] * self.L
-        self.log: dict[str, list] = {"ids": [], "pred": [], "stats": []}
+        self.log: dict[str, list] = {"ids": [], "pred": [], "stats": [], "score": []}
         self.clock = ForwardClock(device, timing)
         self.kv_bytes = 0
         self.predictor_events: list[tuple[Any, Any]] = []
@@ -135,6 +137,12 @@ class OffloadEngine:
         self.learned = None
         if policy.prefetch == PREDICTED:
             self.predictor = self._live_predictor(policy, popularity, self.graphs)
+        self.evictor: LivePredictor | None = None
+        self.evict_learned = None
+        if policy.eviction == SCORE:
+            self.evictor = self._live_evictor(policy.evict_source, self.graphs)
+        self.live = [x for x in (self.learned, self.evict_learned) if x is not None]
+        self._rank, self._ranks = np.zeros(self.E, dtype=np.float64), np.arange(self.E, dtype=np.float64)
         self.store = self._store(expert_format)
         self.layout = self.store.layout
         # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
@@ -203,6 +211,19 @@ class OffloadEngine:
             pred = LivePredictor(policy.name, self.m, self.learned, reads_x=False, features=self.learned.features)
         # a random predictor draws from its own generator, which a CUDA graph cannot replay: it runs eagerly
         pred.use_graphs = graphs and dev.type == "cuda" and src != "random"
+        return pred
+
+    def _live_evictor(self, path: str, graphs: bool) -> LivePredictor:
+        """evict:<checkpoint>: a next-tokens predictor run live at layer l (d = 0 rows), read as every expert's
+        order from least to most likely used in the next tokens (its scores' ranks: the order is all eviction
+        reads). With routing forced from traces, the stream's scores are used and this runs for its cost."""
+        routers = torch.stack([r.weight.detach() for r in self.routers])
+        dtype = next(self.model.parameters()).dtype
+        self.evict_learned = learned(path, self.L, self.E, self.K, self.H, 0, int(self.model.config.vocab_size),
+                                     routers, self.device, dtype, check=self.forced is None, seed=self.seed, evict=True)
+        pred = LivePredictor(f"evict:{path}", self.E, self.evict_learned, reads_x=False,
+                             features=self.evict_learned.features, reduce=eviction_order)
+        pred.use_graphs = graphs and self.device.type == "cuda"
         return pred
 
     def _table_predictor(self, src: str, popularity: np.ndarray | None) -> LivePredictor:
@@ -292,14 +313,14 @@ class OffloadEngine:
         self.phase = "prefill" if new_sequence else "decode"
         if self.forced is not None:
             self.row0 = self.forced.take(self.N)
-        if self.learned is not None:
-            self.learned.features(self.B).begin(ids, new_sequence)
+        for live in self.live:
+            live.features(self.B).begin(ids, new_sequence)
         self.clock.begin(self.phase, self.N)
 
     def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.clock.end()
-        if self.learned is not None:
-            self.learned.features(self.B).end(self.T)
+        for live in self.live:
+            live.features(self.B).end(self.T)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 / 5.17 names
         if cache is None and hasattr(output, "keys"):
             names = [k for k in ("cache", "past_key_values") if k in output.keys()]
@@ -322,9 +343,10 @@ class OffloadEngine:
             rows = slice(self.row0, self.row0 + x.shape[0])
             ids, w = self.forced.ids[rows, l], self.forced.weights[rows, l].to(w.dtype)
             out = (logits, w, ids)
-        if self.learned is not None:  # the live features' state: part of the predictor's cost
+        if self.live:  # the live features' state: part of the predictor's cost
             tp = time.perf_counter_ns()
-            self.learned.current.record(l, x, ids, w)
+            for live in self.live:
+                live.current.record(l, x, ids, w)
             tp = time.perf_counter_ns() - tp
             t0 += tp
             self.counters.predictor_host_ns += tp
@@ -344,7 +366,19 @@ class OffloadEngine:
                 self.counters.predictor_calls += 1
                 if self.forced is not None:
                     pred = None  # forced routing: the stream's predictions are used; the work above is its cost
-            self.reader.stage(ids) if pred is None else self.reader.stage(ids, pred)
+            order = None
+            if self.evictor is not None:  # layer l's next-tokens scores, read after its record (d = 0 rows)
+                tp = time.perf_counter_ns()
+                ev = self._timed_start()
+                order = self.evictor(l, x)
+                self._timed_end(ev)
+                tp = time.perf_counter_ns() - tp
+                t0 += tp
+                self.counters.predictor_host_ns += tp
+                self.counters.predictor_calls += 1
+                if self.forced is not None:
+                    order = None  # forced routing: the stream's scores are used
+            self.reader.stage(ids, *[t for t in (pred, order) if t is not None])
         else:
             self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
         self.markers[l] = self.copies.mark()
@@ -406,12 +440,14 @@ class OffloadEngine:
         self.counters.steps += 1
         flat = host[0]
         access = flat if self.N == 1 else _first_appearance(flat)
-        pred, next_use = self._prediction(l, host), ZERO_USE
+        pred, next_use, score = self._prediction(l, host), ZERO_USE, NO_SCORE
         if self.policy.eviction == BELADY:
             next_use = self._belady_next_use(l)
-        n_dem, n_fetch, n_staged = cache.step(l, access, pred, self.n_pred, self.d, next_use)
+        elif self.policy.eviction == SCORE:
+            score = self._eviction_score(l, host)
+        n_dem, n_fetch, n_staged = cache.step(l, access, pred, self.n_pred, self.d, next_use, score)
         if self.record_on:
-            self._log_step(l, access, pred)
+            self._log_step(l, access, pred, score)
         need = cache.need[:len(access)]
         base, base_t = l * self.C, (l + self.d) * self.C  # the layers' first cache rows (SlotBuffers.cache_row)
         fetch = [(e, base_t + s) for e, s in cache.fetch[:n_fetch].tolist()]
@@ -446,15 +482,29 @@ class OffloadEngine:
         src = stream.ids if self.policy.prefetch == ORACLE else stream.predictions[self.policy.prefetch_key]
         return src[self.row0, l + self.d]
 
+    def _eviction_score(self, l: int, host: list[np.ndarray]) -> np.ndarray:
+        """(E,) this step's eviction score at layer l (higher: kept): the live order's ranks, or with forced
+        routing the stream's scores (the simulator's, from the same checkpoint on the traces)."""
+        if self.forced is None:
+            self._rank[host[-1]] = self._ranks
+            return self._rank
+        if self.N != 1:
+            raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
+        return self.forced.stream.scores[self.policy.evict_key][self.row0, l].astype(np.float64)
+
     def _belady_next_use(self, l: int) -> np.ndarray:
         if self.forced is None or self.N != 1:
             raise UserError("policy belady needs routing from traces (routing_from=) at batch size 1")
         return self.forced.next_use[self.row0, l]
 
-    def _log_step(self, l: int, access: np.ndarray, pred: np.ndarray) -> None:
+    def _log_step(self, l: int, access: np.ndarray, pred: np.ndarray, score: np.ndarray) -> None:
         if l == 0:
             self.log["ids"].append(np.full((self.L, self.K), -1, dtype=np.int64))
             self.log["pred"].append(np.full((self.L, max(self.m, 1)), -1, dtype=np.int64))
+            if len(score):
+                self.log["score"].append(np.zeros((self.L, self.E)))
+        if len(score):
+            self.log["score"][-1][l] = score
         self.log["ids"][-1][l, :min(len(access), self.K)] = access[:self.K]
         if len(pred) and l + self.d < self.L:
             self.log["pred"][-1][l + self.d, :len(pred[:self.m])] = pred[:self.m]

@@ -50,13 +50,19 @@ class LiveFeatures:
         token        (N,)          this step's token id
 
     Rows are the batch's sequences at decode (N = batch size). `record` is called at every layer of every forward;
-    a forward of T > 1 tokens per sequence (a prompt) restarts the history from its last tokens."""
+    a forward of T > 1 tokens per sequence (a prompt) restarts the history from its last tokens.
+
+    lookahead 0 (a next-tokens predictor, read for eviction): its target is layer l itself, which `record` has
+    already written for this token when the scorer runs, so the history is one entry longer and is read from
+    entry 1 (the previous token), and this token's routing from layer l - 1 down (make_features at d = 0)."""
 
     def __init__(self, spec: FeatureSpec, L: int, E: int, H: int, lookahead: int, rows: int,
                  device: torch.device, dtype: torch.dtype):
         self.spec, self.L, self.E, self.H, self.d, self.N = spec, L, E, H, lookahead, rows
-        self.W = max(spec.window if spec.hidden else 0, spec.context)
-        self.V = max(spec.window, 1 if spec.history else 0)
+        self.off = 1 if lookahead == 0 else 0  # history entries of this token at the target layer (see above)
+        W = max(spec.window if spec.hidden else 0, spec.context)
+        V = max(spec.window, 1 if spec.history else 0)
+        self.W, self.V = W + self.off if W else 0, V + self.off if V else 0
         z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         self.cur_hidden = z(L, rows, H)
         self.cur_routing = z(L, rows, E, dt=torch.float32)
@@ -106,31 +112,32 @@ class LiveFeatures:
             self.hist_routing[l, :, :last.shape[1]] = last
 
     def features(self, l: int) -> Features:
-        """What make_features gives for rows at input layer l (d >= 1), from the buffers (no host sync)."""
-        s, d = self.spec, self.d
+        """What make_features gives for rows at input layer l, from the buffers (no host sync)."""
+        s, d, o = self.spec, self.d, self.off
         target = l + d
+        last = l if d >= 1 else l - 1  # this token's newest routing a row reads (at d = 0 layer l's is the answer)
         f = Features(hidden=self.cur_hidden[l] if s.hidden else None, layer=self.layers[l])
         valid = lambda j: (self.seen > j).unsqueeze(-1)  # noqa: E731  an earlier token j+1 back exists
+        routing = lambda j: self.cur_routing[j] if j >= 0 else torch.zeros_like(self.cur_routing[0])  # noqa: E731
         if s.history:
-            f.own_routing = self.cur_routing[l]
-            f.prev_token = self.hist_routing[target, :, 0] * valid(0)
+            f.own_routing = routing(last)
+            f.prev_token = self.hist_routing[target, :, o] * valid(0)
         if s.past_layers:
             f.past_hidden = torch.stack([self.cur_hidden[l - j] if l - j >= 0 else torch.zeros_like(self.cur_hidden[0])
                                          for j in range(1, s.past_layers + 1)], 1)
         if s.own_layers:
-            f.own_window = torch.stack([self.cur_routing[l - j] if l - j >= 0 else torch.zeros_like(self.cur_routing[0])
-                                        for j in range(s.own_layers)], 1)
+            f.own_window = torch.stack([routing(last - j) for j in range(s.own_layers)], 1)
         if s.window:
             mask = torch.stack([valid(j) for j in range(s.window)], 1)                     # (N, W, 1)
             if s.hidden:
-                f.window_hidden = self.hist_hidden[target, :, :s.window] * mask
-            f.window_routing = self.hist_routing[target, :, :s.window] * mask
+                f.window_hidden = self.hist_hidden[target, :, o:o + s.window] * mask
+            f.window_routing = self.hist_routing[target, :, o:o + s.window] * mask
         if s.token_id:
             f.token_id = self.token
         if s.context:
             n = self.seen.clamp(max=s.context)                                             # (N,)
             mask = (torch.arange(s.context, device=n.device).unsqueeze(0) < n.unsqueeze(1)).unsqueeze(-1)
-            total = (self.hist_hidden[target, :, :s.context].float() * mask).sum(1)
+            total = (self.hist_hidden[target, :, o:o + s.context].float() * mask).sum(1)
             f.context = (total / n.clamp(min=1).unsqueeze(1)).to(self.cur_hidden.dtype)
         # routing is kept in float32 (weights accumulate exactly); the network runs in the model's dtype, and its
         # first layer concatenates every feature, so each one reaches it in that dtype
@@ -140,13 +147,21 @@ class LiveFeatures:
         return f
 
 
+def eviction_order(logits: torch.Tensor, m: int = 0) -> torch.Tensor:
+    """(E,) the experts from least to most likely used in the next tokens: a next-tokens predictor's (N, E) logits,
+    a batch's rows merged by their highest probability (an expert any row will use soon is kept)."""
+    return logits.float().amax(0).argsort()
+
+
 class LivePredictor:
-    """One prefetch source run live. `__call__(l, x)` -> (m,) int64 experts of layer l+d on the device.
-    `run(l, x)` gives (N, E) scores; a learned predictor reads its features from `features(N)` instead of x."""
+    """One prefetch source run live. `__call__(l, x)` -> (m,) int64 experts of layer l+d on the device (`reduce`:
+    top_m; eviction_order for a next-tokens predictor, (E,)). `run(l, x)` gives (N, E) scores; a learned predictor
+    reads its features from `features(N)` instead of x."""
 
     def __init__(self, name: str, m: int, run: Callable[[int, torch.Tensor], torch.Tensor], reads_x: bool = True,
-                 features: Callable[[int], LiveFeatures] | None = None):
-        self.name, self.m, self._run, self.reads_x = name, m, run, reads_x
+                 features: Callable[[int], LiveFeatures] | None = None,
+                 reduce: Callable[[torch.Tensor, int], torch.Tensor] = top_m):
+        self.name, self.m, self._run, self.reads_x, self.reduce = name, m, run, reads_x, reduce
         self.features = features          # rows -> the LiveFeatures of that batch size (learned predictors)
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._static: dict[int, torch.Tensor] = {}
@@ -154,7 +169,7 @@ class LivePredictor:
 
     def __call__(self, l: int, x: torch.Tensor) -> torch.Tensor:
         if not self.use_graphs:
-            return top_m(self._run(l, x), self.m)
+            return self.reduce(self._run(l, x), self.m)
         n = x.shape[0]
         if self.reads_x:
             if n not in self._static:
@@ -163,7 +178,7 @@ class LivePredictor:
         g = self.graphs.get((l, n))
         if g is None:  # captured at its first use: its inputs are the static buffers, which stay where they are
             xs = self._static.get(n, x)
-            g = self.graphs[(l, n)] = _capture(lambda: top_m(self._run(l, xs), self.m), x.device)
+            g = self.graphs[(l, n)] = _capture(lambda: self.reduce(self._run(l, xs), self.m), x.device)
         g[0].replay()
         return g[1]
 
@@ -242,16 +257,26 @@ class Learned:
 
 
 def learned(path: str, L: int, E: int, K: int, H: int, lookahead: int, vocab: int, routers: torch.Tensor,
-            device: torch.device, dtype: torch.dtype, check: bool = True, seed: int = 0) -> Learned:
+            device: torch.device, dtype: torch.dtype, check: bool = True, seed: int = 0, evict: bool = False
+            ) -> Learned:
     """A checkpoint's predictor, on `device` in `dtype`. With check=False (routing forced from traces of another
     model) a predictor of the checkpoint's kind and width is built at this model's size with random weights: the
-    same work, for its time; its answers are not used."""
+    same work, for its time; its answers are not used. evict: a next-tokens predictor (lookahead_tokens > 0, d = 0)
+    for `evict:<checkpoint>`; otherwise a predictor of layer l + d's experts for `prefetch:<checkpoint>`."""
     from models.checkpoint import load_checkpoint
     from models.predictors import PredictorConfig, build_predictor
 
-    model, cfg, _ = load_checkpoint(Path(path), "cpu", where=f"policy prefetch:{path}")
+    where = f"policy {'evict' if evict else 'prefetch'}:{path}"
+    model, cfg, _ = load_checkpoint(Path(path), "cpu", where=where)
+    window = int(getattr(cfg, "lookahead_tokens", 0) or 0)
+    if evict and window <= 0:
+        raise UserError(f"{where}: the checkpoint predicts layer l+{cfg.lookahead}'s experts of the same token, not "
+                        "the next tokens' (its config has no lookahead_tokens > 0); train one for eviction")
+    if not evict and window > 0:
+        raise UserError(f"{where}: the checkpoint predicts the next tokens' experts (lookahead_tokens {window}); "
+                        f"use it as evict:{path}")
     if check:
-        check_fits_model(cfg, L, E, K, H, lookahead, vocab, f"policy prefetch:{path}")
+        check_fits_model(cfg, L, E, K, H, lookahead, vocab, where)
     else:
         torch.manual_seed(seed)
         cfg = PredictorConfig(**{**cfg.to_json(), "input_dim": H, "num_experts": E, "top_k": K, "num_layers": L,

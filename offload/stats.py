@@ -71,7 +71,7 @@ class OffloadHandle:
         e.copies.waited = e.copies.seq  # the slots' contents are complete: nothing older needs a wait
         if e.forced is not None:
             e.forced.position = 0
-        e.log = {"ids": [], "pred": [], "stats": []}
+        e.log = {"ids": [], "pred": [], "stats": [], "score": []}
         e.clock.reset()
         e.predictor_events = []
         e.kv_bytes = 0
@@ -81,7 +81,8 @@ class OffloadHandle:
 
     def recorded(self) -> dict[str, np.ndarray]:
         """The decode steps run with record=True: ids (T, L, K) each layer's access (batch 1: the router's top-k),
-        pred (T, L, m) the predictions used for each target layer (-1: none), stats (T, N_STATS) cumulative."""
+        pred (T, L, m) the predictions used for each target layer (-1: none), stats (T, N_STATS) cumulative,
+        score (T, L, E) the eviction scores used (evict:<checkpoint>: live, each expert's rank)."""
         log = self.engine.log
         return {k: np.stack(v) if v else np.zeros((0,)) for k, v in log.items()}
 

@@ -21,7 +21,7 @@ from offload.store import make_layout, nf4_round_trip
 from tests.conftest import run_script
 from tests.test_families import tiny
 from validation.prefetch.cost_model import CostModel, expert_bytes
-from validation.prefetch.simulator import SPEC_WASTED, parse_policy, run_policy, static_experts
+from validation.prefetch.simulator import HITS, SPEC_WASTED, parse_policy, run_policy, static_experts
 
 EMBEDDED = "models/embedded/qwen2moe-mini"
 PROMPT = torch.tensor([[17, 233, 1009, 45, 7, 812]])
@@ -78,13 +78,22 @@ def hybrid_routing_only_checkpoint(tmp_path_factory, tiny_traces):
     return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", input_dim=0, routing_only=True, own_layers=2, window=3)
 
 
-def _checkpoint(tmp_path_factory, traces, kind, input_dim=128, **extra):
+@pytest.fixture(scope="module")
+def window_checkpoint(tmp_path_factory, tiny_traces):
+    """A random next-tokens predictor (lookahead_tokens 4, d = 0 rows) for evict:<checkpoint>: the hybrid over 2
+    finished layers and 2 previous tokens, so that every d = 0 feature (own routing from layer l - 1, the previous
+    tokens at layer l itself) is read."""
+    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", lookahead=0, lookahead_tokens=4, own_layers=2,
+                       window=2)
+
+
+def _checkpoint(tmp_path_factory, traces, kind, input_dim=128, lookahead=1, **extra):
     from collection.traces.format import TraceSet
     from collection.traces.rows import split_sequences
     from models.checkpoint import save_checkpoint
     from models.predictors import PredictorConfig, build_predictor
 
-    cfg = PredictorConfig(kind=kind, input_dim=input_dim, num_experts=60, top_k=4, num_layers=8, lookahead=1,
+    cfg = PredictorConfig(kind=kind, input_dim=input_dim, num_experts=60, top_k=4, num_layers=8, lookahead=lookahead,
                           hidden_dim=32, **extra)
     torch.manual_seed(3)
     model = build_predictor(cfg)
@@ -121,6 +130,18 @@ def test_every_policy_generates_the_resident_models_tokens(policy, cache, extra)
     ref, model = embedded(), embedded()
     offload_experts(model, cache_experts=cache, policy=policy, **extra)
     assert_same_as_resident(ref, model)
+
+
+def test_learned_eviction_runs_live_and_changes_nothing(window_checkpoint):
+    """evict:<checkpoint> on the model's own routing: the resident model's tokens and logits, and its scores, not
+    recency, choose what leaves (the same prompt under LRU copies other experts)."""
+    ref, model = embedded(), embedded()
+    h = offload_experts(model, cache_experts=6, policy=f"evict:{window_checkpoint}")
+    assert_same_as_resident(ref, model)
+    lru = embedded()
+    g = offload_experts(lru, cache_experts=6, policy="on-demand")
+    assert_same_as_resident(ref, lru)
+    assert h.engine.cache.stats[HITS] != g.engine.cache.stats[HITS]
 
 
 @pytest.mark.parametrize("kind", ["anchored", "hybrid"])
@@ -216,7 +237,8 @@ def test_a_long_prompt_streams_through_both_staging_banks():
 # the simulator's counts, for forced routing
 
 FORCED_POLICIES = ["on-demand", "lfu", "static-popular", "oracle", "belady", "all-resident", "prefetch:router-reuse",
-                   "prefetch:previous-token", "prefetch:popularity", "anchored", "hybrid", "lfu+prefetch:router-reuse"]
+                   "prefetch:previous-token", "prefetch:popularity", "anchored", "hybrid", "lfu+prefetch:router-reuse",
+                   "evict"]
 FORCED_T = 40
 
 
@@ -248,11 +270,13 @@ class ForcedResident:
 
 
 @pytest.mark.parametrize("policy", FORCED_POLICIES)
-def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anchored_checkpoint, hybrid_checkpoint):
+def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anchored_checkpoint, hybrid_checkpoint,
+                                                        window_checkpoint):
     """C = 15 of 60 on the embedded default, routing forced from its traces' test split: the engine's hits,
     demand copies, staged experts, speculative copies (used, wasted) equal the simulator kernel's, token by
     token, and its tokens equal the resident model's under the same forced routing."""
-    name = {"anchored": f"prefetch:{anchored_checkpoint}", "hybrid": f"prefetch:{hybrid_checkpoint}"}.get(policy, policy)
+    name = {"anchored": f"prefetch:{anchored_checkpoint}", "hybrid": f"prefetch:{hybrid_checkpoint}",
+            "evict": f"evict:{window_checkpoint}"}.get(policy, policy)
     model = embedded()
     h = offload_experts(model, cache_experts=None if policy == "all-resident" else 15, policy=name,
                         routing_from=tiny_traces, routing_tokens=FORCED_T, record=True)
@@ -279,6 +303,9 @@ def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anc
         assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
     if pol.prefetch:
         assert sim[:, 3].sum() > 0  # the policy did prefetch
+    if policy == "evict":  # the scores decided: LRU on the same stream counts otherwise
+        lru, _ = run_policy(parse_policy("on-demand"), 15, stream, CostModel(e.layout.nbytes, 1e9), 1, 4, 60)
+        assert not np.array_equal(lru[:, HITS], sim[:, HITS])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,18 +387,21 @@ def test_cache_gib_gives_slots_per_layer_by_hand():
 # ----------------------------------------------------------------------------------------------
 # live features = the training features
 
-@pytest.mark.parametrize("kind", ["anchored", "hybrid", "hybrid-routing-only"])
+@pytest.mark.parametrize("kind", ["anchored", "hybrid", "hybrid-routing-only", "window"])
 def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     """What the engine predicts at decode time from its live state equals what the project's scorer predicts from
     a TokenBlock of the same tokens (models/features.make_features): no feature is assembled differently (the
-    routing-only hybrid: from routing alone, its checkpoint of no hidden size run on this model's)."""
+    routing-only hybrid: from routing alone, its checkpoint of no hidden size run on this model's; the next-tokens
+    predictor of evict:<checkpoint>: its d = 0 rows, each expert's rank in the scores)."""
     from collection.traces.rows import TokenBlock
     from models.checkpoint import load_checkpoint
     from validation.coverage.scorers import predictor_scorer
 
     ckpt = request.getfixturevalue(f"{kind.replace('-', '_')}_checkpoint")
     model = embedded()
-    h = offload_experts(model, cache_experts=60, policy=f"prefetch:{ckpt}", fetch_budget=4, record=True)
+    policy = f"evict:{ckpt}" if kind == "window" else f"prefetch:{ckpt}"
+    h = offload_experts(model, cache_experts=12 if kind == "window" else 60, policy=policy, fetch_budget=4,
+                        record=True)
     seen = {l: [] for l in range(8)}
     for l, m in enumerate(moe_layers(model)):
         getattr(m.block, "experts").register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a))
@@ -390,6 +420,13 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     predictor, _, _ = load_checkpoint(ckpt)
     if hasattr(predictor, "set_router"):
         predictor.set_router(torch.stack([m.router.weight.detach() for m in moe_layers(model)]))
+    if kind == "window":
+        score = predictor_scorer(predictor, 0, 60)
+        live = h.recorded()["score"]  # (T, L, E) each expert's rank at layer l, from row (t, l)
+        for l in range(8):
+            want = score(block, torch.arange(T), torch.full((T,), l)).argsort(dim=1).argsort(dim=1)
+            assert np.array_equal(live[:, l], want.numpy()), f"layer {l}"
+        return
     score = predictor_scorer(predictor, 1, 60)
     live = h.recorded()["pred"]  # (T, L, m) by target layer
     for l in range(7):
@@ -537,13 +574,24 @@ def test_costs_are_measured_warm_on_the_rows_the_timed_runs_decode(tiny_traces):
 
 
 @pytest.mark.parametrize("policy", ["lfru", "least-stale", "static-frequency", "lowbit-on-miss", "cpu-compute",
-                                    "cpu-compute+prefetch", "evict:frequency-window", "evict:/no/such/checkpoint.pth",
+                                    "cpu-compute+prefetch", "evict:frequency-window", "evict:oracle-window",
+                                    "evict:/no/such/checkpoint.pth+prefetch:router-reuse",
                                     "lfru+prefetch:router-reuse", "prefetch:recency", "prefetch:frequency"])
 def test_a_policy_the_engine_does_not_run_is_refused_not_run_as_lru(policy):
     """The simulator's registry is larger than the engine: a policy the engine cannot run is one line naming what
-    it runs, never LRU's numbers under another name (the checkpoint of evict: is never opened)."""
+    it runs, never LRU's numbers under another name (the checkpoint of a learned eviction joined to a prefetch is
+    never opened)."""
     with pytest.raises(UserError, match=f"policy {re.escape(policy)} .*the engine runs on-demand"):
         offload_experts(tiny("qwen2_moe"), cache_experts=2, policy=policy)
+
+
+def test_a_predictor_given_for_the_other_use_is_one_line(hybrid_checkpoint, window_checkpoint):
+    """evict: takes a next-tokens predictor and prefetch: one of the layers ahead; each is refused in the other's
+    place in one line."""
+    with pytest.raises(UserError, match="not the next tokens'"):
+        offload_experts(embedded(), cache_experts=4, policy=f"evict:{hybrid_checkpoint}")
+    with pytest.raises(UserError, match="use it as evict:"):
+        offload_experts(embedded(), cache_experts=4, policy=f"prefetch:{window_checkpoint}")
 
 
 def test_forced_routing_loaded_for_one_model_is_checked_again_for_another(tiny_traces):

@@ -12,7 +12,8 @@ simulator's prediction (validation/prefetch/simulator.py run_policy on the row's
 
 Rows: resident, accelerate; per expert format and cache size: on-demand LRU and prediction-driven prefetch on the
 model's own routing and on routing forced from the embedded default's traces (oracle as the bound there), the
-same forced rows at --locality; C = 0 streaming and all-resident per format. Targets of docs/OFFLOAD.md are
+same forced rows at --locality; C = 0 streaming and all-resident per format; with --evict-checkpoint, learned
+eviction and Belady on the forced routing of the first format and cache. Targets of docs/OFFLOAD.md are
 checked at the end. JSON is rewritten after every round (a cut-off run keeps what it measured).
 
 Full (~8 min of one H100 / H200):
@@ -50,7 +51,15 @@ from models.random_model import random_model, sixteen_bit  # noqa: E402
 from offload import offload_experts  # noqa: E402
 from offload.clock import ForwardClock  # noqa: E402
 from offload.costs import measure_costs  # noqa: E402
-from validation.prefetch.simulator import Stream, parse_policy, run_policy, summarize  # noqa: E402
+from validation.prefetch.simulator import (  # noqa: E402
+    PREDICTED,
+    SCORE,
+    STATIC,
+    Stream,
+    parse_policy,
+    run_policy,
+    summarize,
+)
 
 UNSTABLE = 0.10  # a row whose spread exceeds this is marked unstable (counts as not met)
 MAX_TOKENS = 4096  # decode or prompt tokens of one run: beyond any preset's positions this benchmark needs
@@ -111,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "oracle is added on forced routing")
     p.add_argument("--checkpoint", default=None, help="a learned predictor of the traces' model: adds "
                    "prefetch:<checkpoint> to the forced-routing rows (its work runs at this model's size)")
+    p.add_argument("--evict-checkpoint", default=None, help="a next-tokens predictor of the traces' model (trained with "
+                   "--lookahead-tokens on these traces): adds evict:<checkpoint> and belady to the forced-routing rows "
+                   "of the first format and cache")
     p.add_argument("--traces", default=DEFAULT_TRACES, help=f"the embedded default's traces for --routing-from rows "
                    f"(default {DEFAULT_TRACES}; when that is missing, a small set is collected into "
                    "results/bench_offload/traces; a path given must hold a trace set; none: no forced-routing rows)")
@@ -140,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.traces not in (DEFAULT_TRACES, "none") and not (Path(args.traces) / "manifest.json").is_file():
         raise UserError(f"--traces {args.traces}: no trace set there (only the default, {DEFAULT_TRACES}, is collected "
                         "when missing; none: no forced-routing rows)")
+    if args.evict_checkpoint and not Path(args.evict_checkpoint).is_file():
+        raise UserError(f"--evict-checkpoint {args.evict_checkpoint}: no such file")
+    if args.evict_checkpoint and args.traces == "none":
+        raise UserError("--evict-checkpoint runs on forced routing: give --traces (not none)")
     if any(f not in ("fp16", "nf4") for f in args.formats):
         raise UserError(f"--formats {','.join(args.formats)}: a comma list of fp16, nf4")
     return args
@@ -295,9 +311,11 @@ def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
     first[0] = True
     stream = Stream(ids=ids.astype(np.int64), weights=np.zeros(ids.shape, dtype=np.float32), first=first,
                     position=np.arange(len(ids)))
-    if pol.prefetch == 1 and rec is not None:
+    if pol.prefetch == PREDICTED and rec is not None:
         stream.predictions[pol.prefetch_key] = rec["pred"][:, :, :e.m]
-    resident = (e.cache.slot_of >= 0) if pol.eviction == 3 and not pol.all_resident else None
+    if pol.eviction == SCORE and rec is not None:  # the scores the engine evicted by
+        stream.scores[pol.evict_key] = rec["score"].astype(np.float32)
+    resident = (e.cache.slot_of >= 0) if pol.eviction == STATIC and not pol.all_resident else None
     stats, _ = run_policy(pol, e.C, stream, costs["cost"], e.d, e.m, e.E, predictor_ms=0.0, resident=resident)
     return summarize(stats, e.L, e.K, e.layout.nbytes)["tokens_per_s"]
 
@@ -321,11 +339,14 @@ def plan_rows(args: argparse.Namespace, traces: str | None, cuda: bool) -> list[
             if traces is None:
                 continue
             forced = policies + ["oracle"] + ([f"prefetch:{args.checkpoint}"] if args.checkpoint else [])
-            localities = [0.0] + ([args.locality] if args.locality and fmt == args.formats[0]
-                                  and c == args.caches[0] else [])
+            first = fmt == args.formats[0] and c == args.caches[0]
+            localities = [0.0] + ([args.locality] if args.locality and first else [])
             for loc in localities:
-                for pol in forced:
-                    name = pol if not pol.startswith("prefetch:") or pol == "prefetch:router-reuse" else "prefetch:learned"
+                with_evict = args.evict_checkpoint and first and not loc
+                evict = [f"evict:{args.evict_checkpoint}", "belady"] if with_evict else []
+                for pol in forced + evict:
+                    name = ("prefetch:learned" if pol.startswith("prefetch:") and pol != "prefetch:router-reuse" else
+                            "evict:learned" if pol.startswith("evict:") else pol)
                     rows.append(Row(f"{fmt} C={c} {name} (traces{f', locality {loc}' if loc else ''})", "engine-traces",
                                     {**base, "cache_experts": c, "policy": pol, "routing_from": traces,
                                      "locality": loc, "seed": args.seed}, args.tokens))
@@ -360,6 +381,12 @@ def targets(rows: list[dict[str, Any]], fmt16: str, cap_gib: float | None = None
     if best and lru_t and orc:
         lines.append(f"payoff (traces, d=1, C=15): best prefetch / on-demand = {best / lru_t:.2f}x (target >= 1.3x), "
                      f"/ oracle = {best / orc:.2f} (target >= 0.90)")
+    evict, belady = med(f"{fmt16} C=15 evict:learned (traces)"), med(f"{fmt16} C=15 belady (traces)")
+    if evict and belady and lru_t:
+        gap = (f"{(evict - lru_t) / (belady - lru_t):.0%} of the gap to Belady closed" if belady > lru_t else
+               "Belady no faster than on-demand here: no gap to close")
+        lines.append(f"learned eviction (traces, C=15): {evict / lru_t:.2f}x on-demand, Belady {belady / lru_t:.2f}x: "
+                     f"{gap} (measured; the simulated target: >= 50% at 0.2 ms per layer)")
     ratios = [abs(r["measured_over_predicted"] - 1) for r in rows if r.get("measured_over_predicted")]
     if ratios:
         lines.append(f"simulator agreement: largest |measured / predicted - 1| = {max(ratios):.1%} (target <= 15%)")

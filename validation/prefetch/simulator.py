@@ -667,11 +667,12 @@ def next_uses(ids: np.ndarray, E: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay):
+def _keep(rule, l, e, t, ts, freq, nxt, lfru, last_step, gap, scores, decay):
     """How much a cached expert is worth keeping at step t: the smallest is evicted (ties: least recently
     touched). LRU: equal for all (recency alone); LFU: uses since the start; BELADY: minus its next use;
     LFRU: its uses decayed by `decay` per step of age; LEAST_STALE: minus its time since the last use over its
-    mean reuse gap; SCORE: the scorer's value at (t, l)."""
+    mean reuse gap; SCORE: the scorer's value at (ts, l), the newest step whose score of layer l exists (none
+    before the first: 0, all equal)."""
     if rule == LFU:
         return float(freq[l, e])
     if rule == BELADY:
@@ -681,19 +682,21 @@ def _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay):
     if rule == LEAST_STALE:
         return -(t - last_step[l, e]) / gap[l, e]
     if rule == SCORE:
-        return float(scores[t, l, e])
+        return float(scores[ts, l, e]) if ts >= 0 else 0.0
     return 0.0
 
 
 @njit(cache=True)
-def _victim(l, cap, slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru, last_step, gap, scores, decay):
-    """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are."""
+def _victim(l, cap, slot_expert, slot_pin, stamp, rule, t, ts, touched, freq, nxt, lfru, last_step, gap, scores,
+            decay):
+    """The slot to free in layer l's full cache, never one pinned with `stamp`; -1 if all are. `ts`: the step
+    whose scores a SCORE rule reads (`_keep`)."""
     best, best_keep, best_age = -1, np.inf, np.iinfo(np.int64).max
     for s in range(cap):
         if slot_pin[l, s] == stamp:
             continue
         e = slot_expert[l, s]
-        k = _keep(rule, l, e, t, freq, nxt, lfru, last_step, gap, scores, decay)
+        k = _keep(rule, l, e, t, ts, freq, nxt, lfru, last_step, gap, scores, decay)
         age = touched[l, e]  # smaller: touched longer ago
         if k < best_keep or (k == best_keep and age < best_age):
             best, best_keep, best_age = s, k, age
@@ -913,7 +916,7 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
                             s = n_used[l]
                             n_used[l] += 1
                         else:
-                            s = _victim(l, cap[l], slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru,
+                            s = _victim(l, cap[l], slot_expert, slot_pin, stamp, rule, t, t, touched, freq, nxt, lfru,
                                         last_step, gap, scores, decay)
                             if s >= 0:
                                 old = slot_expert[l, s]
@@ -965,8 +968,10 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
                             s = n_used[tl]
                             n_used[tl] += 1
                         else:
-                            s = _victim(tl, cap[tl], slot_expert, slot_pin, stamp, rule, t, touched, freq, nxt, lfru,
-                                        last_step, gap, scores, decay)
+                            # a score of layer l+d from row (t, l+d) needs this token's input there, which
+                            # does not exist yet when layer l runs: the previous token's is the newest
+                            s = _victim(tl, cap[tl], slot_expert, slot_pin, stamp, rule, t, t - 1, touched, freq, nxt,
+                                        lfru, last_step, gap, scores, decay)
                             old = slot_expert[tl, s]
                             slot_of[tl, old] = -1
                             if pending[tl, old]:
