@@ -142,6 +142,11 @@ def test_learned_eviction_runs_live_and_changes_nothing(window_checkpoint):
     g = offload_experts(lru, cache_experts=6, policy="on-demand")
     assert_same_as_resident(ref, lru)
     assert h.engine.cache.stats[HITS] != g.engine.cache.stats[HITS]
+    # a batch of two with padding: each row's features, their scores merged per expert (its highest probability)
+    ref, model = embedded(), embedded()
+    offload_experts(model, cache_experts=6, policy=f"evict:{window_checkpoint}")
+    ids = torch.tensor([[0, 0, 17, 233, 1009, 45], [8, 9, 10, 11, 12, 13]])
+    assert_same_as_resident(ref, model, ids, attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
 
 
 @pytest.mark.parametrize("kind", ["anchored", "hybrid"])

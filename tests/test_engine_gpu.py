@@ -111,7 +111,26 @@ def test_cuda_batch_of_two():
 def checkpoints(tmp_path_factory, tiny_traces):
     return {"anchored": _checkpoint(tmp_path_factory, tiny_traces, "anchored", past_layers=1, own_layers=2, window=2,
                                     token_vocab=8192, context=3),
-            "hybrid": _checkpoint(tmp_path_factory, tiny_traces, "hybrid")}
+            "hybrid": _checkpoint(tmp_path_factory, tiny_traces, "hybrid"),
+            "window": _checkpoint(tmp_path_factory, tiny_traces, "hybrid", lookahead=0, lookahead_tokens=4,
+                                  own_layers=2, window=2)}
+
+
+def test_cuda_graph_evictor_orders_what_the_eager_one_does(checkpoints):
+    """evict:<next-tokens checkpoint> replayed as CUDA graphs gives the same eviction order, step by step, as run
+    eagerly; generation equals the resident model's."""
+    ranks = {}
+    for graphs in (False, True):
+        model = embedded()
+        h = offload_experts(model, cache_experts=8, policy=f"evict:{checkpoints['window']}", record=True,
+                            cuda_graphs=graphs)
+        decode_steps(model, 16)
+        ranks[graphs] = h.recorded()["score"]
+        assert h.engine.evictor.use_graphs == graphs and bool(h.engine.evictor.graphs) == graphs
+    assert np.array_equal(ranks[False], ranks[True])
+    ref, model = embedded(), embedded()
+    offload_experts(model, cache_experts=8, policy=f"evict:{checkpoints['window']}")
+    assert_same(ref, model)
 
 
 @pytest.mark.parametrize("kind", ["anchored", "hybrid"])
