@@ -683,8 +683,8 @@ MUTATIONS = [
              (E + "test_a_batch_of_two_with_padding_uses_the_union_of_its_experts",),
              "a batch's step loads the first row's experts only"),
     Mutation("engine-live-previous-token-wrong-layer", "offload/prefetch.py",
-             "f.prev_token = self.hist_routing[target, :, 0] * valid(0)",
-             "f.prev_token = self.hist_routing[l, :, 0] * valid(0)",
+             "f.prev_token = self.hist_routing[target, :, o] * valid(0)",
+             "f.prev_token = self.hist_routing[l, :, o] * valid(0)",
              (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[hybrid]",),
              "the live previous-token feature reads the input layer, not the target layer", traces=True),
     # --- the newcomer's path: --help, what to add, what is kept, what a result is worth, the demo's last lines
