@@ -107,6 +107,8 @@ class CacheState:
     def __init__(self, num_layers: int, num_experts: int, cache: int, eviction: int, prefetch: int,
                  stream_tokens: int = 0):
         L, E, C = num_layers, num_experts, cache
+        if eviction == SCORE and prefetch != NO_PREFETCH:  # a prefetch's victim would need layer l+d's scores
+            raise ValueError("a score eviction joined to a prefetch is not implemented in the engine's cache")
         W = max(C, 1)
         self.L, self.E, self.C, self.eviction, self.prefetch = L, E, C, eviction, prefetch
         self.slot_of = np.full((L, E), -1, dtype=np.int64)

@@ -91,18 +91,19 @@ def measure_copy_ms(handle: OffloadHandle, n: int = 40) -> float:
 
 @torch.no_grad()
 def measure_predictor_us(handle: OffloadHandle, n: int = 200) -> float | None:
-    """us per call of the prefetch predictor at batch 1 on the GPU's own clock: its CUDA graph (the one the decode
-    replays) replayed n times back to back between two events, so the GPU does not wait for the host between
-    calls (an upper bound of its kernels' time where the host launches slower than they run); without a graph,
-    the whole call, timed the same way. The timed events around each call in the decode (`predictor_us_per_layer`)
-    also count the host's launch gaps of a host-bound decode. None without a predictor; host clock on a CPU."""
+    """us per call of the prefetch predictor (or learned eviction's scorer) at batch 1 on the GPU's own clock: its
+    CUDA graph (the one the decode replays) replayed n times back to back between two events, so the GPU does not
+    wait for the host between calls (an upper bound of its kernels' time where the host launches slower than they
+    run); without a graph, the whole call, timed the same way. The timed events around each call in the decode
+    (`predictor_us_per_layer`) also count the host's launch gaps of a host-bound decode. None without either; host
+    clock on a CPU."""
     e = handle.engine
-    pred = e.predictor
-    if pred is None or e.d >= e.L:
+    pred, live = (e.predictor, e.learned) if e.predictor is not None else (e.evictor, e.evict_learned)
+    if pred is None or (pred is e.predictor and e.d >= e.L):
         return None
     x = torch.zeros(1, e.H, device=e.device, dtype=next(e.model.parameters()).dtype)
-    if e.learned is not None:
-        e.learned.features(1)
+    if live is not None:
+        live.features(1)
     for _ in range(3):  # captures the graph if the decode has not
         pred(0, x)
     graph = pred.graphs.get((0, 1)) if pred.use_graphs else None

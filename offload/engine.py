@@ -38,12 +38,12 @@ from common.errors import UserError
 from offload.cache import NO_SCORE, CacheState
 from offload.clock import ForwardClock, forward_shape
 from offload.copies import HostReader, SyncCopies, make_copies
-from offload.prefetch import LivePredictor, eviction_order, learned, router_reuse
+from offload.prefetch import LivePredictor, eviction_ranks, learned, router_reuse
 from offload.routing import ForcedRouting
 from offload.slots import SlotBuffers
 from offload.store import DTYPE_FORMATS, ExpertLayout, HostExpertStore, make_layout
 from offload.uploads import Uploads
-from validation.prefetch.simulator import BELADY, HITS, ORACLE, PREDICTED, SCORE, STATIC, Policy
+from validation.prefetch.simulator import BELADY, HITS, NO_PREFETCH, ORACLE, PREDICTED, SCORE, STATIC, Policy
 
 EMPTY = np.zeros(0, dtype=np.int64)
 ZERO_USE = np.zeros(0, dtype=np.int64)
@@ -142,7 +142,7 @@ class OffloadEngine:
         if policy.eviction == SCORE:
             self.evictor = self._live_evictor(policy.evict_source, self.graphs)
         self.live = [x for x in (self.learned, self.evict_learned) if x is not None]
-        self._rank, self._ranks = np.zeros(self.E, dtype=np.float64), np.arange(self.E, dtype=np.float64)
+        self._rank = np.zeros(self.E, dtype=np.float64)
         self.store = self._store(expert_format)
         self.layout = self.store.layout
         # all-resident in 16 bits: no host read, no remap (nf4 still dequantizes the needed experts only)
@@ -215,14 +215,14 @@ class OffloadEngine:
 
     def _live_evictor(self, path: str, graphs: bool) -> LivePredictor:
         """evict:<checkpoint>: a next-tokens predictor run live at layer l (d = 0 rows), read as every expert's
-        order from least to most likely used in the next tokens (its scores' ranks: the order is all eviction
-        reads). With routing forced from traces, the stream's scores are used and this runs for its cost."""
+        rank from least to most likely used in the next tokens (the order is all eviction reads; equal scores keep
+        equal ranks). With routing forced from traces, the stream's scores are used and this runs for its cost."""
         routers = torch.stack([r.weight.detach() for r in self.routers])
         dtype = next(self.model.parameters()).dtype
         self.evict_learned = learned(path, self.L, self.E, self.K, self.H, 0, int(self.model.config.vocab_size),
                                      routers, self.device, dtype, check=self.forced is None, seed=self.seed, evict=True)
         pred = LivePredictor(f"evict:{path}", self.E, self.evict_learned, reads_x=False,
-                             features=self.evict_learned.features, reduce=eviction_order)
+                             features=self.evict_learned.features, reduce=eviction_ranks)
         pred.use_graphs = graphs and self.device.type == "cuda"
         return pred
 
@@ -420,7 +420,7 @@ class OffloadEngine:
                 self.cache.stats[HITS] += ids.numel()  # every (token, k) access is a hit
             self._stamp(l, "ready")
             self._stamp(l, "waited")
-            out = self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None)
+            out = self._call(l, hidden, ids, w, self.local[l] if self.local else None, self.E, None, sentinel=False)
             self._stamp(l, "done")
             return out
         host = self.reader.get()
@@ -463,7 +463,7 @@ class OffloadEngine:
                 rows = self.uploads.send(cache.slot_of[l, flat]).view(ids.shape)
             else:  # a batch wider than an upload row: the expert -> slot table, gathered on the device
                 rows = self._remap(cache.slot_of[l], ids)
-            return self._call(l, hidden, rows, w, self.local[l], self.C, None)
+            return self._call(l, hidden, rows, w, self.local[l], self.C, None, sentinel=False)
         pairs = list(zip(access.tolist(), need.tolist()))
         cached = [(e, base + s) for e, s in pairs if s >= 0]
         staged = [e for e, s in pairs if s < 0]
@@ -483,10 +483,10 @@ class OffloadEngine:
         return src[self.row0, l + self.d]
 
     def _eviction_score(self, l: int, host: list[np.ndarray]) -> np.ndarray:
-        """(E,) this step's eviction score at layer l (higher: kept): the live order's ranks, or with forced
+        """(E,) this step's eviction score at layer l (higher: kept): the live scores' ranks, or with forced
         routing the stream's scores (the simulator's, from the same checkpoint on the traces)."""
         if self.forced is None:
-            self._rank[host[-1]] = self._ranks
+            self._rank[:] = host[-1]
             return self._rank
         if self.N != 1:
             raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
@@ -605,8 +605,11 @@ class OffloadEngine:
         return torch.take(self.uploads.send(table), ids)  # (N, k) rows; take: fewer host steps than indexing
 
     def _call(self, l: int, hidden: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, tensors: list | None,
-              n: int, dequantize: tuple[torch.Tensor, int] | None) -> torch.Tensor:
-        """The model's experts implementation on `n` rows presented as its experts (sentinel: id n)."""
+              n: int, dequantize: tuple[torch.Tensor, int] | None, sentinel: bool = True) -> torch.Tensor:
+        """The model's experts implementation on `n` rows presented as its experts (sentinel: id n). sentinel=False:
+        every id is a row (all-resident, or a decode step whose experts are all in this layer's slots), so the
+        implementation is told that no id is absent and skips its sentinel masking (three to five small kernels
+        per call in transformers 5.24)."""
         t0 = time.perf_counter_ns()
         inner = self.inner[l]
         if dequantize is not None:
@@ -615,6 +618,7 @@ class OffloadEngine:
         for name, t in zip(self.layout.names, tensors):
             inner.__dict__[name] = t
         inner.num_experts = n
+        inner._is_expert_parallel = sentinel
         out = inner(hidden, ids, w)
         self._inner_ns += time.perf_counter_ns() - t0
         return out
@@ -637,8 +641,9 @@ class OffloadEngine:
 
     def describe(self) -> str:
         m = f"m={self.m}" + (f" (at most C = {self.C} fetched)" if 0 < self.C < self.m and self.n_pred else "")
+        ahead = f", d={self.d}, {m}" if self.policy.prefetch != NO_PREFETCH else ""  # no prefetch: d and m unused
         return (f"{self.L} MoE layers x {self.E} experts (top-{self.K}), {self.C} cache slots per layer, policy "
-                f"{self.policy.name}, d={self.d}, {m}, {self.layout.fmt} ({self.layout.nbytes:,} bytes/expert), "
+                f"{self.policy.name}{ahead}, {self.layout.fmt} ({self.layout.nbytes:,} bytes/expert), "
                 f"experts implementation {self.impl}")
 
 

@@ -147,15 +147,18 @@ class LiveFeatures:
         return f
 
 
-def eviction_order(logits: torch.Tensor, m: int = 0) -> torch.Tensor:
-    """(E,) the experts from least to most likely used in the next tokens: a next-tokens predictor's (N, E) logits,
-    a batch's rows merged by their highest probability (an expert any row will use soon is kept)."""
-    return logits.float().amax(0).argsort()
+def eviction_ranks(logits: torch.Tensor, m: int = 0) -> torch.Tensor:
+    """(E,) int64 each expert's rank among the layer's, from least (0) to most likely used in the next tokens: a
+    next-tokens predictor's (N, E) logits, a batch's rows merged by their highest probability (an expert any row will
+    use soon is kept). Equal scores get equal ranks, so that least-recently-used breaks their tie, as in the
+    simulator (an argsort would order them arbitrarily)."""
+    v = logits.float().amax(0)
+    return torch.searchsorted(v.sort().values, v)
 
 
 class LivePredictor:
     """One prefetch source run live. `__call__(l, x)` -> (m,) int64 experts of layer l+d on the device (`reduce`:
-    top_m; eviction_order for a next-tokens predictor, (E,)). `run(l, x)` gives (N, E) scores; a learned predictor
+    top_m; eviction_ranks for a next-tokens predictor, (E,)). `run(l, x)` gives (N, E) scores; a learned predictor
     reads its features from `features(N)` instead of x."""
 
     def __init__(self, name: str, m: int, run: Callable[[int, torch.Tensor], torch.Tensor], reads_x: bool = True,

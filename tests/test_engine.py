@@ -429,7 +429,8 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
         score = predictor_scorer(predictor, 0, 60)
         live = h.recorded()["score"]  # (T, L, E) each expert's rank at layer l, from row (t, l)
         for l in range(8):
-            want = score(block, torch.arange(T), torch.full((T,), l)).argsort(dim=1).argsort(dim=1)
+            v = score(block, torch.arange(T), torch.full((T,), l))
+            want = torch.searchsorted(v.sort(dim=1).values, v)
             assert np.array_equal(live[:, l], want.numpy()), f"layer {l}"
         return
     score = predictor_scorer(predictor, 1, 60)
@@ -437,6 +438,85 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     for l in range(7):
         want = score(block, torch.arange(T), torch.full((T,), l)).topk(4, dim=1).indices
         assert torch.equal(torch.from_numpy(live[:, l + 1]), want), f"input layer {l}"
+
+
+def test_live_eviction_ranks_equal_the_predictor_after_a_prompt_and_merge_a_batch_by_its_highest(window_checkpoint):
+    """evict:<checkpoint> after a 6-token prompt, two rows: each decode step's ranks at every layer are those of the
+    two rows' scores (make_features' d = 0 rows over each row's own tokens, the prompt's included) merged by their
+    maximum: the prompt's history is read as the decode's, and a batch keeps what any row needs soon."""
+    from collection.traces.rows import TokenBlock
+    from models.checkpoint import load_checkpoint
+    from validation.coverage.scorers import predictor_scorer
+
+    model = embedded()
+    h = offload_experts(model, cache_experts=12, policy=f"evict:{window_checkpoint}", record=True)
+    seen = {l: [] for l in range(8)}
+    for l, m in enumerate(moe_layers(model)):
+        m.block.experts.register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a))
+    prompts = torch.tensor([[17, 233, 1009, 45, 7, 812], [8, 9, 10, 11, 12, 13]])
+    B, P = prompts.shape
+    toks, cache, tok = [prompts], DynamicCache(), prompts
+    with torch.no_grad():
+        for _ in range(6):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            toks.append(tok)
+    tokens = torch.cat(toks, 1)
+    T = tokens.shape[1] - 1  # rows the model computed per sequence
+
+    def rows_of(l, b, i):  # sequence b's rows of the experts module's argument i at layer l, every forward
+        return torch.cat([a[i].view(B, a[i].shape[0] // B, *a[i].shape[1:])[b] for a in seen[l]])
+    score = predictor_scorer(load_checkpoint(window_checkpoint)[0], 0, 60)
+    per_row = []
+    for b in range(B):
+        block = TokenBlock(hidden=torch.stack([rows_of(l, b, 0) for l in range(8)]),
+                           topk_ids=torch.stack([rows_of(l, b, 1) for l in range(8)]),
+                           topk_weights=torch.stack([rows_of(l, b, 2) for l in range(8)]).float(),
+                           prev=torch.arange(T) - 1, source=torch.zeros(T, dtype=torch.long),
+                           hidden_slot=torch.arange(8), token_ids=tokens[b, :T])
+        steps = torch.arange(P, T)  # the decode steps
+        per_row.append(torch.stack([score(block, steps, torch.full((len(steps),), l)) for l in range(8)], 1))
+    merged = torch.maximum(per_row[0], per_row[1])
+    want = torch.searchsorted(merged.sort(dim=-1).values, merged)
+    assert np.array_equal(h.recorded()["score"], want.numpy())
+
+
+@pytest.mark.parametrize("policy,cache", [("all-resident", None), ("on-demand", 15)])
+def test_a_decode_step_on_its_own_slots_runs_no_sentinel_masking(policy, cache):
+    """Where every id of a step is a row (all-resident, or every expert of the step in this layer's slots), the
+    experts implementation is told that none is absent: transformers' expert-parallel masking (a compare, a
+    clamp, masked fills: seven small kernels per call in grouped_mm, three in batched_mm) would run for nothing in
+    every layer of every token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = embedded()
+    offload_experts(model, cache_experts=cache, policy=policy)
+    kv, tok = DynamicCache(), torch.tensor([[17, 233]])
+    with torch.no_grad():
+        tok = model(input_ids=tok, cache=kv, use_cache=True).logits[:, -1:].argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=tok, cache=kv, use_cache=True)
+    masking = [e.name for e in prof.events() if e.name in ("aten::masked_fill", "aten::masked_fill_", "aten::clamp_")]
+    assert masking == []
+
+
+def test_the_eviction_scorer_is_timed_as_the_predictor(window_checkpoint):
+    """measure_costs' predictor time (the bench's predictor target) covers learned eviction's scorer, not only a
+    prefetch predictor; a policy with neither has none."""
+    from offload.costs import measure_predictor_us
+
+    assert measure_predictor_us(offload_experts(embedded(), cache_experts=6, policy=f"evict:{window_checkpoint}"),
+                                n=5) > 0
+    assert measure_predictor_us(offload_experts(embedded(), cache_experts=6, policy="on-demand"), n=5) is None
+
+
+def test_the_engines_cache_refuses_a_score_eviction_joined_to_a_prefetch():
+    """Its prefetch victims would need the target layer's scores, which a step does not carry: refused where the
+    tables are made, not only by the policy check in front of it."""
+    from offload.cache import CacheState
+    from validation.prefetch.simulator import PREDICTED, SCORE
+
+    with pytest.raises(ValueError, match="not implemented"):
+        CacheState(8, 60, 15, SCORE, PREDICTED)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -161,19 +161,21 @@ def test_evict_by_score_keeps_what_the_scorer_expects_soon():
 
 
 def test_a_prefetch_evicts_by_the_newest_score_that_exists_when_it_is_issued():
-    # two layers, top-1, two slots each; layer 0 uses 0 throughout, layer 1 uses 0 1 2 1; at t2 layer 0 prefetches
+    # two layers, top-1, two slots each; layer 0 uses 0 throughout, layer 1 uses 0 1 2 0; at t2 layer 0 prefetches
     # layer 1's expert 2 into a full cache {0, 1}. The score of layer 1 from row (t2, 1) needs t2's input at layer 1,
-    # which does not exist yet: the victim is chosen by t1's scores (keep 1: 0 goes, 1 hits at t3), not t2's
-    # (keep 0: 1 would go and miss at t3)
+    # which does not exist yet: the victim is chosen by t1's scores (keep 0: 1 goes, 0 hits at t3), not by t2's
+    # (keep 1: 0 would go and miss at t3), nor by recency (0, the least recently used, would go)
     pol = parse_policy("evict:scores.pth+prefetch:router-reuse")
-    s = stream_of([[[0], [0]], [[0], [1]], [[0], [2]], [[0], [1]]],
+    s = stream_of([[[0], [0]], [[0], [1]], [[0], [2]], [[0], [0]]],
                   predictions={pol.prefetch_key: [[[-1], [-1]], [[-1], [-1]], [[-1], [2]], [[-1], [-1]]]})
     scores = np.zeros((4, 2, 3), np.float32)
-    scores[1, 1, 1] = 1.0  # t1: expert 1 of layer 1 used soon
-    scores[2, 1, 0] = 1.0  # t2: expert 0
+    scores[1, 1, 0] = 1.0  # t1: expert 0 of layer 1 used soon
+    scores[2, 1, 1] = 1.0  # t2: expert 1
     s.scores = {pol.evict_key: scores}
     stats, _ = run_policy(pol, 2, s, cost(), 1, 1, 3)
     assert hits(stats) == [0, 1, 2, 2] and stats[2, SPEC] == 1
+    lru, _ = run_policy(parse_policy("on-demand+prefetch:router-reuse"), 2, s, cost(), 1, 1, 3)
+    assert hits(lru) == [0, 1, 2, 1]
 
 
 def test_the_oracle_next_use_score_is_belady():
