@@ -175,7 +175,8 @@ def offload_experts(model: nn.Module, *, device: str | torch.device | None = Non
     cache_experts / cache_gib  C slots per layer (0..E), or a GPU budget for all layers' slots (exactly one;
                     neither for all-resident)
     policy          a name of the simulator's registry that the engine runs (ENGINE_POLICY_HELP): on-demand, lfu,
-                    static-popular, oracle, belady, all-resident, prefetch:<checkpoint.pth | live baseline>
+                    static-popular, oracle, belady, all-resident, prefetch:<checkpoint.pth | live baseline>,
+                    evict:<next-tokens checkpoint.pth>
     lookahead, fetch_budget    d and m of a prefetch policy (layer l predicts layer l+d, fetches its top m)
     expert_format   fp16 | bf16 | nf4 (default: the model's dtype; 16-bit formats must equal it)
     routing_from    a trace set whose test split's routing is forced on every layer (offload/routing.py)
