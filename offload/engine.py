@@ -313,8 +313,12 @@ class OffloadEngine:
         self.phase = "prefill" if new_sequence else "decode"
         if self.forced is not None:
             self.row0 = self.forced.take(self.N)
+        pads = None
+        mask = kwargs.get("attention_mask")
+        if new_sequence and self.live and mask is not None and tuple(mask.shape) == (self.B, self.T):
+            pads = (mask == 0).sum(1)  # left padding (generate's, for decoder-only models)
         for live in self.live:
-            live.features(self.B).begin(ids, new_sequence)
+            live.features(self.B).begin(ids, new_sequence, pads)
         self.clock.begin(self.phase, self.N)
 
     def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

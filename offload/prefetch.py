@@ -73,10 +73,14 @@ class LiveFeatures:
         self.layers = [torch.full((rows,), l, dtype=torch.int64, device=device) for l in range(L)]
         self.needs_routing = spec.history or spec.own_layers > 0 or self.V > 0
 
-    def begin(self, input_ids: torch.Tensor | None, new_sequence: bool) -> None:
-        """A forward starts: its last tokens' ids; a new sequence clears the history."""
+    def begin(self, input_ids: torch.Tensor | None, new_sequence: bool, pads: torch.Tensor | None = None) -> None:
+        """A forward starts: its last tokens' ids; a new sequence clears the history. `pads` (N,): each row's
+        left-padding tokens in a new sequence's prompt, which are no earlier tokens of it (a feature of a token
+        further back than the row's real tokens stays zero, as in training)."""
         if new_sequence:
             self.seen.zero_()
+            if pads is not None:
+                self.seen.sub_(pads.to(self.seen.dtype))
             for t in (self.hist_hidden, self.hist_routing):
                 if t is not None:
                     t.zero_()

@@ -80,11 +80,17 @@ def hybrid_routing_only_checkpoint(tmp_path_factory, tiny_traces):
 
 @pytest.fixture(scope="module")
 def window_checkpoint(tmp_path_factory, tiny_traces):
-    """A random next-tokens predictor (lookahead_tokens 4, d = 0 rows) for evict:<checkpoint>: the hybrid over 2
-    finished layers and 2 previous tokens, so that every d = 0 feature (own routing from layer l - 1, the previous
-    tokens at layer l itself) is read."""
-    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", lookahead=0, lookahead_tokens=4, own_layers=2,
-                       window=2)
+    """A random next-tokens predictor (lookahead_tokens 4, d = 0 rows) for evict:<checkpoint>: the hybrid, which
+    reads h_l, this token's routing at layer l - 1 and the previous token's at layer l itself."""
+    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", lookahead=0, lookahead_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def window_routing_checkpoint(tmp_path_factory, tiny_traces):
+    """The same from routing alone (the routing-only hybrid) over this token's last 2 finished layers (l - 1 and
+    l - 2 at d = 0) and the 2 previous tokens at layer l: the d = 0 rows' windows."""
+    return _checkpoint(tmp_path_factory, tiny_traces, "hybrid", input_dim=0, routing_only=True, lookahead=0,
+                       lookahead_tokens=4, own_layers=2, window=2)
 
 
 def _checkpoint(tmp_path_factory, traces, kind, input_dim=128, lookahead=1, **extra):
@@ -392,7 +398,7 @@ def test_cache_gib_gives_slots_per_layer_by_hand():
 # ----------------------------------------------------------------------------------------------
 # live features = the training features
 
-@pytest.mark.parametrize("kind", ["anchored", "hybrid", "hybrid-routing-only", "window"])
+@pytest.mark.parametrize("kind", ["anchored", "hybrid", "hybrid-routing-only", "window", "window-routing"])
 def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     """What the engine predicts at decode time from its live state equals what the project's scorer predicts from
     a TokenBlock of the same tokens (models/features.make_features): no feature is assembled differently (the
@@ -404,9 +410,9 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
 
     ckpt = request.getfixturevalue(f"{kind.replace('-', '_')}_checkpoint")
     model = embedded()
-    policy = f"evict:{ckpt}" if kind == "window" else f"prefetch:{ckpt}"
-    h = offload_experts(model, cache_experts=12 if kind == "window" else 60, policy=policy, fetch_budget=4,
-                        record=True)
+    window = kind.startswith("window")
+    policy = f"evict:{ckpt}" if window else f"prefetch:{ckpt}"
+    h = offload_experts(model, cache_experts=12 if window else 60, policy=policy, fetch_budget=4, record=True)
     seen = {l: [] for l in range(8)}
     for l, m in enumerate(moe_layers(model)):
         getattr(m.block, "experts").register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a))
@@ -425,7 +431,7 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
     predictor, _, _ = load_checkpoint(ckpt)
     if hasattr(predictor, "set_router"):
         predictor.set_router(torch.stack([m.router.weight.detach() for m in moe_layers(model)]))
-    if kind == "window":
+    if window:
         score = predictor_scorer(predictor, 0, 60)
         live = h.recorded()["score"]  # (T, L, E) each expert's rank at layer l, from row (t, l)
         for l in range(8):
@@ -440,42 +446,51 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
         assert torch.equal(torch.from_numpy(live[:, l + 1]), want), f"input layer {l}"
 
 
-def test_live_eviction_ranks_equal_the_predictor_after_a_prompt_and_merge_a_batch_by_its_highest(window_checkpoint):
+@pytest.mark.parametrize("padded", [False, True])
+def test_live_eviction_ranks_equal_the_predictor_after_a_prompt_and_merge_a_batch_by_its_highest(
+        window_routing_checkpoint, padded):
     """evict:<checkpoint> after a 6-token prompt, two rows: each decode step's ranks at every layer are those of the
     two rows' scores (make_features' d = 0 rows over each row's own tokens, the prompt's included) merged by their
-    maximum: the prompt's history is read as the decode's, and a batch keeps what any row needs soon."""
+    maximum: the prompt's history is read as the decode's, and a batch keeps what any row needs soon. Padded: one
+    row whose prompt is one token after 5 of left padding, which are no earlier tokens of it (its window of 2
+    previous tokens reaches them at the first steps)."""
     from collection.traces.rows import TokenBlock
     from models.checkpoint import load_checkpoint
     from validation.coverage.scorers import predictor_scorer
 
     model = embedded()
-    h = offload_experts(model, cache_experts=12, policy=f"evict:{window_checkpoint}", record=True)
+    h = offload_experts(model, cache_experts=12, policy=f"evict:{window_routing_checkpoint}", record=True)
     seen = {l: [] for l in range(8)}
     for l, m in enumerate(moe_layers(model)):
         m.block.experts.register_forward_pre_hook(lambda mod, a, l=l: seen[l].append(a))
-    prompts = torch.tensor([[17, 233, 1009, 45, 7, 812], [8, 9, 10, 11, 12, 13]])
+    prompts = torch.tensor([[0, 0, 0, 0, 0, 812]] if padded else [[17, 233, 1009, 45, 7, 812], [8, 9, 10, 11, 12, 13]])
+    mask = (prompts > 0).long() if padded else torch.ones_like(prompts)
     B, P = prompts.shape
     toks, cache, tok = [prompts], DynamicCache(), prompts
     with torch.no_grad():
         for _ in range(6):
-            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             toks.append(tok)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
     tokens = torch.cat(toks, 1)
-    T = tokens.shape[1] - 1  # rows the model computed per sequence
 
-    def rows_of(l, b, i):  # sequence b's rows of the experts module's argument i at layer l, every forward
-        return torch.cat([a[i].view(B, a[i].shape[0] // B, *a[i].shape[1:])[b] for a in seen[l]])
-    score = predictor_scorer(load_checkpoint(window_checkpoint)[0], 0, 60)
+    def rows_of(l, b, i, pad):  # sequence b's rows of the experts module's argument i at layer l, pads left out
+        return torch.cat([a[i].view(B, a[i].shape[0] // B, *a[i].shape[1:])[b] for a in seen[l]])[pad:]
+    score = predictor_scorer(load_checkpoint(window_routing_checkpoint)[0], 0, 60)
     per_row = []
     for b in range(B):
-        block = TokenBlock(hidden=torch.stack([rows_of(l, b, 0) for l in range(8)]),
-                           topk_ids=torch.stack([rows_of(l, b, 1) for l in range(8)]),
-                           topk_weights=torch.stack([rows_of(l, b, 2) for l in range(8)]).float(),
+        pad = 5 if padded and b == 0 else 0
+        T = tokens.shape[1] - 1 - pad  # the row's real tokens the model computed
+        block = TokenBlock(hidden=torch.stack([rows_of(l, b, 0, pad) for l in range(8)]),
+                           topk_ids=torch.stack([rows_of(l, b, 1, pad) for l in range(8)]),
+                           topk_weights=torch.stack([rows_of(l, b, 2, pad) for l in range(8)]).float(),
                            prev=torch.arange(T) - 1, source=torch.zeros(T, dtype=torch.long),
-                           hidden_slot=torch.arange(8), token_ids=tokens[b, :T])
-        steps = torch.arange(P, T)  # the decode steps
+                           hidden_slot=torch.arange(8), token_ids=tokens[b, pad:pad + T])
+        steps = torch.arange(P - pad, T)  # the decode steps
         per_row.append(torch.stack([score(block, steps, torch.full((len(steps),), l)) for l in range(8)], 1))
-    merged = torch.maximum(per_row[0], per_row[1])
+    merged = torch.stack(per_row).amax(0)
+    live = h.engine.evict_learned.current  # each row's earlier tokens: its real ones only
+    assert live.seen.tolist() == [tokens.shape[1] - 1 - (5 if padded and b == 0 else 0) for b in range(B)]
     want = torch.searchsorted(merged.sort(dim=-1).values, merged)
     assert np.array_equal(h.recorded()["score"], want.numpy())
 
