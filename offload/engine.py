@@ -370,19 +370,19 @@ class OffloadEngine:
                 self.counters.predictor_calls += 1
                 if self.forced is not None:
                     pred = None  # forced routing: the stream's predictions are used; the work above is its cost
-            order = None
+            ranks = None
             if self.evictor is not None:  # layer l's next-tokens scores, read after its record (d = 0 rows)
                 tp = time.perf_counter_ns()
                 ev = self._timed_start()
-                order = self.evictor(l, x)
+                ranks = self.evictor(l, x)
                 self._timed_end(ev)
                 tp = time.perf_counter_ns() - tp
                 t0 += tp
                 self.counters.predictor_host_ns += tp
                 self.counters.predictor_calls += 1
                 if self.forced is not None:
-                    order = None  # forced routing: the stream's scores are used
-            self.reader.stage(ids, *[t for t in (pred, order) if t is not None])
+                    ranks = None  # forced routing: the stream's scores are used
+            self.reader.stage(ids, *[t for t in (pred, ranks) if t is not None])
         else:
             self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
         self.markers[l] = self.copies.mark()
