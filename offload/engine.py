@@ -196,7 +196,6 @@ class OffloadEngine:
 
     def _live_predictor(self, policy: Policy, popularity: np.ndarray | None, graphs: bool) -> LivePredictor:
         src, dev = policy.source, self.device
-        forced = self.forced is not None
         if src == "router-reuse":
             spec = router_spec(self.model)
             run = router_reuse(self.routers, spec, self.d, self.fam.router_bias, self.fam.correction_bias)
@@ -204,10 +203,7 @@ class OffloadEngine:
         elif src in ("popularity", "previous-token", "random"):
             pred = self._table_predictor(src, popularity)
         else:
-            routers = torch.stack([r.weight.detach() for r in self.routers])
-            dtype = next(self.model.parameters()).dtype
-            self.learned = learned(src, self.L, self.E, self.K, self.H, self.d, int(self.model.config.vocab_size),
-                                   routers, dev, dtype, check=not forced, seed=self.seed)
+            self.learned = self._learned(src, self.d, evict=False)
             pred = LivePredictor(policy.name, self.m, self.learned, reads_x=False, features=self.learned.features)
         # a random predictor draws from its own generator, which a CUDA graph cannot replay: it runs eagerly
         pred.use_graphs = graphs and dev.type == "cuda" and src != "random"
@@ -217,14 +213,19 @@ class OffloadEngine:
         """evict:<checkpoint>: a next-tokens predictor run live at layer l (d = 0 rows), read as every expert's
         rank from least to most likely used in the next tokens (the order is all eviction reads; equal scores keep
         equal ranks). With routing forced from traces, the stream's scores are used and this runs for its cost."""
-        routers = torch.stack([r.weight.detach() for r in self.routers])
-        dtype = next(self.model.parameters()).dtype
-        self.evict_learned = learned(path, self.L, self.E, self.K, self.H, 0, int(self.model.config.vocab_size),
-                                     routers, self.device, dtype, check=self.forced is None, seed=self.seed, evict=True)
+        self.evict_learned = self._learned(path, 0, evict=True)
         pred = LivePredictor(f"evict:{path}", self.E, self.evict_learned, reads_x=False,
                              features=self.evict_learned.features, reduce=eviction_ranks)
         pred.use_graphs = graphs and self.device.type == "cuda"
         return pred
+
+    def _learned(self, path: str, lookahead: int, evict: bool) -> Any:
+        """A checkpoint's predictor on this model's device and dtype (offload/prefetch.py `learned`): checked to fit
+        the model, or with forced routing a random one of its kind for its time; the anchored kind gets the routers."""
+        routers = torch.stack([r.weight.detach() for r in self.routers])
+        return learned(path, self.L, self.E, self.K, self.H, lookahead, int(self.model.config.vocab_size), routers,
+                       self.device, next(self.model.parameters()).dtype, check=self.forced is None, seed=self.seed,
+                       evict=evict)
 
     def _table_predictor(self, src: str, popularity: np.ndarray | None) -> LivePredictor:
         if src != "random" and popularity is None and self.forced is None:
@@ -360,26 +361,14 @@ class OffloadEngine:
         if self.decode:
             pred = None
             if self.predictor is not None and l + self.d < self.L:
-                tp = time.perf_counter_ns()
-                ev = self._timed_start()
-                pred = self.predictor(l, x)
-                self._timed_end(ev)
-                tp = time.perf_counter_ns() - tp
+                pred, tp = self._timed_call(self.predictor, l, x)
                 t0 += tp  # reported on its own
-                self.counters.predictor_host_ns += tp
-                self.counters.predictor_calls += 1
                 if self.forced is not None:
                     pred = None  # forced routing: the stream's predictions are used; the work above is its cost
             ranks = None
             if self.evictor is not None:  # layer l's next-tokens scores, read after its record (d = 0 rows)
-                tp = time.perf_counter_ns()
-                ev = self._timed_start()
-                ranks = self.evictor(l, x)
-                self._timed_end(ev)
-                tp = time.perf_counter_ns() - tp
+                ranks, tp = self._timed_call(self.evictor, l, x)
                 t0 += tp
-                self.counters.predictor_host_ns += tp
-                self.counters.predictor_calls += 1
                 if self.forced is not None:
                     ranks = None  # forced routing: the stream's scores are used
             self.reader.stage(ids, *[t for t in (pred, ranks) if t is not None])
@@ -389,6 +378,18 @@ class OffloadEngine:
         self._stamp(l, "routed")
         self.counters.host_ns += time.perf_counter_ns() - t0
         return out
+
+    def _timed_call(self, live: LivePredictor, l: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A live predictor's call at layer l, counted as the predictor's (timed events on a GPU, host ns); returns
+        its output and its host ns."""
+        tp = time.perf_counter_ns()
+        ev = self._timed_start()
+        out = live(l, x)
+        self._timed_end(ev)
+        tp = time.perf_counter_ns() - tp
+        self.counters.predictor_host_ns += tp
+        self.counters.predictor_calls += 1
+        return out, tp
 
     def _stamp(self, l: int, tag: str) -> None:
         """A timestamp for measure_costs (a timed CUDA event on the compute stream; the host clock on a CPU)."""

@@ -10,7 +10,8 @@
     mb_wasted_per_token    speculative copies evicted unused, or unused so far, x bytes per expert / token
     host_ms_per_layer      the engine's own host time per decode cache step (its Python, bookkeeping, launches;
                            not the model's kernels, not the wait for the router)
-    predictor_us_per_layer the prefetch predictor's GPU time per call (CUDA events), and its host time
+    predictor_us_per_layer the prefetch predictor's (or eviction scorer's) GPU time per call (CUDA events), and its
+                           host time
     memory                 peak GPU memory and its split: non-expert weights, cache slots, staging (+ nf4 work
                            rows), KV cache; `bound` = 1.05 x (weights + slots + KV cache)
 
