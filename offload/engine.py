@@ -99,6 +99,8 @@ class OffloadEngine:
         self.forced: ForcedRouting | None = None
         self.learned = self.predictor = self.policy = None
         self.evict_learned = self.evictor = None
+        self.prev_ranks: list[torch.Tensor | None] = [None] * self.L  # learned eviction: the last token's, by layer
+        self.no_ranks = torch.zeros(self.E, dtype=torch.int64, device=device)  # none yet: all equal, LRU decides
         self.live: list[Any] = []  # the learned parts' live state (prefetch, eviction): fed at every forward and layer
         self.resident_fast = False
         # per-forward state
@@ -320,6 +322,8 @@ class OffloadEngine:
             pads = (mask == 0).sum(1)  # left padding (generate's, for decoder-only models)
         for live in self.live:
             live.features(self.B).begin(ids, new_sequence, pads)
+        if new_sequence:
+            self.prev_ranks = [None] * self.L
         self.clock.begin(self.phase, self.N)
 
     def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -365,13 +369,17 @@ class OffloadEngine:
                 t0 += tp  # reported on its own
                 if self.forced is not None:
                     pred = None  # forced routing: the stream's predictions are used; the work above is its cost
-            ranks = None
-            if self.evictor is not None:  # layer l's next-tokens scores, read after its record (d = 0 rows)
-                ranks, tp = self._timed_call(self.evictor, l, x)
+            if self.evictor is None:
+                self.reader.stage(ids, *[t for t in (pred,) if t is not None])
+            else:
+                # this step's misses evict by the previous token's ranks of layer l, read with the router's choice;
+                # this token's scorer runs after that read is queued, beside the copies, off the critical path
+                # (forced routing: the stream's scores are used, and the scorer runs for its cost)
+                prev = self.prev_ranks[l] if self.prev_ranks[l] is not None else self.no_ranks
+                self.reader.stage(ids, *[t for t in (pred, None if self.forced is not None else prev)
+                                         if t is not None])
+                self.prev_ranks[l], tp = self._timed_call(self.evictor, l, x)
                 t0 += tp
-                if self.forced is not None:
-                    ranks = None  # forced routing: the stream's scores are used
-            self.reader.stage(ids, *[t for t in (pred, ranks) if t is not None])
         else:
             self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
         self.markers[l] = self.copies.mark()
@@ -488,14 +496,17 @@ class OffloadEngine:
         return src[self.row0, l + self.d]
 
     def _eviction_score(self, l: int, host: list[np.ndarray]) -> np.ndarray:
-        """(E,) this step's eviction score at layer l (higher: kept): the live scores' ranks, or with forced
-        routing the stream's scores (the simulator's, from the same checkpoint on the traces)."""
+        """(E,) this step's eviction score at layer l (higher: kept): the previous token's live ranks (`route`), or
+        with forced routing the stream's scores of the previous row (the simulator's, from the same checkpoint on
+        the traces; before the first, all equal)."""
         if self.forced is None:
             self._rank[:] = host[-1]
             return self._rank
         if self.N != 1:
             raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
-        return self.forced.stream.scores[self.policy.evict_key][self.row0, l].astype(np.float64)
+        if self.row0 == 0:
+            return np.zeros(self.E)
+        return self.forced.stream.scores[self.policy.evict_key][self.row0 - 1, l].astype(np.float64)
 
     def _belady_next_use(self, l: int) -> np.ndarray:
         if self.forced is None or self.N != 1:

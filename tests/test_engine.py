@@ -433,11 +433,12 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
         predictor.set_router(torch.stack([m.router.weight.detach() for m in moe_layers(model)]))
     if window:
         score = predictor_scorer(predictor, 0, 60)
-        live = h.recorded()["score"]  # (T, L, E) each expert's rank at layer l, from row (t, l)
+        live = h.recorded()["score"]  # (T, L, E) the ranks step t evicted by at layer l: row (t-1, l)'s, none at t0
+        assert not live[0].any()
         for l in range(8):
             v = score(block, torch.arange(T), torch.full((T,), l))
             want = torch.searchsorted(v.sort(dim=1).values, v)
-            assert np.array_equal(live[:, l], want.numpy()), f"layer {l}"
+            assert np.array_equal(live[1:, l], want[:-1].numpy()), f"layer {l}"
         return
     score = predictor_scorer(predictor, 1, 60)
     live = h.recorded()["pred"]  # (T, L, m) by target layer
@@ -446,12 +447,24 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
         assert torch.equal(torch.from_numpy(live[:, l + 1]), want), f"input layer {l}"
 
 
+def test_a_new_sequence_evicts_by_no_ranks_of_the_last_one(window_checkpoint):
+    """Learned eviction reads the previous token's ranks: a new sequence's first step has none (all equal: LRU
+    decides), never the last sequence's final ones; its second step has its own first token's."""
+    model = embedded()
+    h = offload_experts(model, cache_experts=6, policy=f"evict:{window_checkpoint}", record=True)
+    decode_steps(model, 3)
+    decode_steps(model, 3)
+    used = h.recorded()["score"]  # (6, L, E): two sequences of three steps
+    assert [bool(used[t].any()) for t in range(6)] == [False, True, True, False, True, True]
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_live_eviction_ranks_equal_the_predictor_after_a_prompt_and_merge_a_batch_by_its_highest(
         window_routing_checkpoint, padded):
-    """evict:<checkpoint> after a 6-token prompt, two rows: each decode step's ranks at every layer are those of the
-    two rows' scores (make_features' d = 0 rows over each row's own tokens, the prompt's included) merged by their
-    maximum: the prompt's history is read as the decode's, and a batch keeps what any row needs soon. Padded: one
+    """evict:<checkpoint> after a 6-token prompt, two rows: each decode step evicts by the previous step's ranks at
+    every layer (none at the first: the prompt's last token is not scored), those of the two rows' scores
+    (make_features' d = 0 rows over each row's own tokens, the prompt's included) merged by their maximum: the
+    prompt's history is read as the decode's, and a batch keeps what any row needs soon. Padded: one
     row whose prompt is one token after 5 of left padding, which are no earlier tokens of it (its window of 2
     previous tokens reaches them at the first steps)."""
     from collection.traces.rows import TokenBlock
@@ -492,7 +505,9 @@ def test_live_eviction_ranks_equal_the_predictor_after_a_prompt_and_merge_a_batc
     live = h.engine.evict_learned.current  # each row's earlier tokens: its real ones only
     assert live.seen.tolist() == [tokens.shape[1] - 1 - (5 if padded and b == 0 else 0) for b in range(B)]
     want = torch.searchsorted(merged.sort(dim=-1).values, merged)
-    assert np.array_equal(h.recorded()["score"], want.numpy())
+    used = h.recorded()["score"]
+    assert len(used) == len(want) and not used[0].any()
+    assert np.array_equal(used[1:], want[:-1].numpy())
 
 
 @pytest.mark.parametrize("policy,cache", [("all-resident", None), ("on-demand", 15)])

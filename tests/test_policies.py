@@ -149,15 +149,31 @@ def test_least_stale_evicts_the_expert_most_overdue_for_its_reuse():
 
 
 def test_evict_by_score_keeps_what_the_scorer_expects_soon():
-    # 0 1 2 1, two slots: at t2, 2 evicts the cached expert with the lower score at (t2, layer 0)
+    # 0 1 2 1, two slots: at t2, 2 evicts the cached expert with the lower score at (t1, layer 0): the previous
+    # token's, since t2's own are computed after t2's router (off the critical path); t2's say the opposite
     scorer = Policy("evict:scores.pth", SCORE, NO_PREFETCH, evict_source="scores.pth")
     s = one_expert([0, 1, 2, 1])
     for keep, want in ((1, [0, 0, 0, 1]), (0, [0, 0, 0, 0])):
         scores = np.zeros((4, 1, 3), np.float32)
-        scores[2, 0, keep] = 1.0
+        scores[1, 0, keep] = 1.0
+        scores[2, 0, 1 - keep] = 1.0
         s.scores = {"evict:scores.pth": scores}
         stats, _ = run_policy(scorer, 2, s, cost(), 1, 1, 3)
         assert hits(stats) == want, keep
+
+
+def test_the_eviction_scorer_runs_beside_the_copies_not_before_them():
+    # one layer, one slot, experts 0 0 1: pre 1, scorer 2, expert 1, copy 5. The scorer runs after the router:
+    # t0: router at 1, the copy of 0 lands at 6 while the scorer runs 1..3: the expert at 6..7 (stall 3).
+    # t1: a hit; router at 8, scorer 8..10, expert 10..11 (its time is paid when no copy hides it).
+    # t2: router at 12, copy of 1 12..17 (scorer 12..14 beside it): expert 17..18.
+    # Had the scorer sat before the router, the copies would start 2 ms later (t0 ends at 9, t2 at 22).
+    pol = Policy("evict:scores.pth", SCORE, NO_PREFETCH, evict_source="scores.pth")
+    s = one_expert([0, 0, 1])
+    s.scores = {"evict:scores.pth": np.zeros((3, 1, 2), np.float32)}
+    stats, _ = run_policy(pol, 1, s, cost(), 1, 1, 2, evict_ms=2.0)
+    assert stats[:, END_MS].tolist() == [7.0, 11.0, 18.0]
+    assert stats[:, STALL_MS].tolist() == [3.0, 0.0, 3.0]
 
 
 def test_a_prefetch_evicts_by_the_newest_score_that_exists_when_it_is_issued():
@@ -209,14 +225,14 @@ def test_oracle_window_score_counts_the_next_steps_once_per_step():
 def test_oracle_window_evicts_by_the_next_window_and_its_horizon_matters():
     from validation.prefetch.simulator import Knobs
 
-    # C = 2, experts 0 1 2 0 1: at step 2 expert 2 misses with {0, 1} cached. Window 1 sees 0 at step 3 (score 1)
-    # and 1 nowhere (0): it evicts 1, and 0 hits at step 3. Window 2 sees both (1 and 1): the tie goes to LRU,
-    # which evicts 0; at step 3 it sees 1 at step 4 and 2 nowhere, evicts 2, and 1 hits at step 4. LRU evicts 0,
-    # then 1: nothing hits.
+    # C = 2, experts 0 1 2 0 1: at step 2 expert 2 misses with {0, 1} cached, and evicts by step 1's scores (the
+    # previous token's, as a learned scorer's). Window 1 from step 1 sees only step 2 (expert 2): 0 and 1 tie, LRU
+    # evicts 0, which misses at step 3 and evicts 1 (step 2's window sees 0 alone): nothing hits. Window 2 from
+    # step 1 sees steps 2 and 3: 0 scores 1, 1 scores 0, 1 goes, and 0 hits at step 3. LRU evicts 0, then 1.
     s = one_expert([0, 1, 2, 0, 1])
     pol = POLICIES["evict:oracle-window"]
-    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=1))[0]) == [0, 0, 0, 1, 0]
-    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=2))[0]) == [0, 0, 0, 0, 1]
+    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=1))[0]) == [0, 0, 0, 0, 0]
+    assert hits(run_policy(pol, 2, s, cost(), 1, 1, 3, knobs=Knobs(evict_window=2))[0]) == [0, 0, 0, 1, 0]
     assert hits(run_policy(POLICIES["on-demand"], 2, s, cost(), 1, 1, 3)[0]) == [0, 0, 0, 0, 0]
     assert not pol.realizable and not parse_policy("evict:oracle-window+prefetch").realizable
 

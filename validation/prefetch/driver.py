@@ -270,14 +270,15 @@ def header_lines(loc: dict[str, float], stream: Stream, what: str) -> list[str]:
 def run_one(pol: Policy, cache: Any, stream: Stream, cost: CostModel, args: argparse.Namespace, num_experts: int,
             predictor_ms: dict[str, float], resident: np.ndarray | None, knobs: Knobs,
             scores: dict[str, np.ndarray]) -> np.ndarray:
-    """One policy at one cache size: its predictor's time, an evict scorer's time in each layer's pre phase."""
+    """One policy at one cache size, with its predictor's and its eviction scorer's time per layer."""
     p_ms = predictor_ms.get(pol.prefetch_key, 0.0) if pol.prefetch == PREDICTED else 0.0
+    e_ms = 0.0
     if pol.eviction == SCORE:
-        cost = replace(cost, pre_ms=cost.pre_ms + predictor_ms.get(pol.evict_key, 0.0))
+        e_ms = predictor_ms.get(pol.evict_key, 0.0)
         if pol.evict_key not in scores:
             scores[pol.evict_key] = eviction_scores(pol, stream, num_experts, knobs)
     stats, _ = run_policy(pol, cache, stream, cost, args.lookahead, args.fetch_budget, num_experts, p_ms, resident,
-                          knobs=knobs, scores=scores.get(pol.evict_key))
+                          knobs=knobs, scores=scores.get(pol.evict_key), evict_ms=e_ms)
     return stats
 
 

@@ -11,11 +11,13 @@ B such streams decoded together, a step needing the union of their experts). Ste
    (that is how speculative bytes can hurt), or (cpu-compute) the host CPU computes it from the token's
    hidden state while the GPU computes the hits (only activations cross the link, not queued behind expert
    copies). A demand-fetched expert takes a slot, evicting by the
-   policy's rule (`_keep`), never an expert of the current access; when no slot can be freed (a static
-   cache, or cap < experts needed) it goes to a staging buffer and is dropped after use.
+   policy's rule (`_keep`; a learned eviction by the previous token's scores of the layer), never an expert
+   of the current access; when no slot can be freed (a static cache, or cap < experts needed) it goes to a
+   staging buffer and is dropped after use.
 2. A prefetch policy runs its predictor (`predictor_ms`), then queues the top-m predicted experts of
    layer l+d (l+d < L) that are not cached; they take slots by the eviction rule, never one another.
-3. The shared expert (`shared_ms`) runs while copies are in flight; the routed experts on the GPU start
+3. A learned eviction scorer (`evict_ms`) scores this token for the next one's misses, then the shared
+   expert (`shared_ms`) runs; both while copies are in flight; the routed experts on the GPU start
    when it is done and every one they need has arrived; the layer ends when they and the CPU's results
    (back over the link) are done. The wait beyond the GPU's own work is the stall.
 
@@ -65,8 +67,8 @@ N_STATS = 21
 
 # the kernel's float parameters, one array (`Knobs.params`)
 (P_COPY, P_PRE, P_PRED, P_SHARED, P_EXPERT, P_TOKEN, P_LOWCOPY, P_CPU1, P_CPUTOK, P_ACT, P_DECAY, P_ALPHA, P_PRIOR,
- P_HOT, P_WINDOW, P_PREFILL_TOKEN) = range(16)
-N_PARAMS = 16
+ P_HOT, P_WINDOW, P_PREFILL_TOKEN, P_EVICT) = range(17)
+N_PARAMS = 17
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,8 +673,8 @@ def _keep(rule, l, e, t, ts, freq, nxt, lfru, last_step, gap, scores, decay):
     """How much a cached expert is worth keeping at step t: the smallest is evicted (ties: least recently
     touched). LRU: equal for all (recency alone); LFU: uses since the start; BELADY: minus its next use;
     LFRU: its uses decayed by `decay` per step of age; LEAST_STALE: minus its time since the last use over its
-    mean reuse gap; SCORE: the scorer's value at (ts, l), the newest step whose score of layer l exists (none
-    before the first: 0, all equal)."""
+    mean reuse gap; SCORE: the scorer's value at (ts, l), the step whose scores the caller reads (the previous
+    one: before the first, 0, all equal)."""
     if rule == LFU:
         return float(freq[l, e])
     if rule == BELADY:
@@ -797,6 +799,7 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
     B = prompt_at.shape[1]
     copy_ms, pre_ms, pred_ms, shared_ms, expert_ms = prm[P_COPY], prm[P_PRE], prm[P_PRED], prm[P_SHARED], prm[P_EXPERT]
     decay, alpha, hot, window = prm[P_DECAY], prm[P_ALPHA], prm[P_HOT], int(prm[P_WINDOW])
+    evict_ms = prm[P_EVICT]
     stats = np.zeros((T, N_STATS))
     slot_of = np.full((L, E), -1, dtype=np.int64)      # slot of a cached expert, -1 if not cached
     slot_expert = np.full((L, W), -1, dtype=np.int64)  # expert in a slot
@@ -843,7 +846,7 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
             r = now + pre_ms  # router done: this layer's experts are known
             runs_predictor = prefetch != NO_PREFETCH and l + d < L
             p = pred_ms if runs_predictor else 0.0
-            ready = r + p + shared_ms  # the routed experts could start here
+            ready = r + p + evict_ms + shared_ms  # the routed experts could start here
             wait = ready
             n_acc = 0
             for s in range(S):  # each distinct expert once, counting its tokens
@@ -916,8 +919,10 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
                             s = n_used[l]
                             n_used[l] += 1
                         else:
-                            s = _victim(l, cap[l], slot_expert, slot_pin, stamp, rule, t, t, touched, freq, nxt, lfru,
-                                        last_step, gap, scores, decay)
+                            # a SCORE rule reads the previous token's scores of layer l: this token's are computed
+                            # after its router, beside the copies, off the critical path (step 3)
+                            s = _victim(l, cap[l], slot_expert, slot_pin, stamp, rule, t, t - 1, touched, freq, nxt,
+                                        lfru, last_step, gap, scores, decay)
                             if s >= 0:
                                 old = slot_expert[l, s]
                                 slot_of[l, old] = -1
@@ -994,7 +999,9 @@ def replay_kernel(ids, pred, n_pred, cap, rule, prefetch, miss, d, resident0, ne
                     # cached or just queued: the most recent
                     touched[tl, e] = clock
                     clock += 1
-            # 3. the routed experts on the GPU, once the shared expert is done and every one they need is here;
+            # 3. an eviction scorer on this token's input (its scores serve the next token's misses: `evict_ms`, in
+            # `ready` above, beside the copies), then the routed experts on the GPU, once the shared expert is done
+            # and every one they need is here;
             # the CPU's misses meanwhile, from the router's end: hidden states down, compute, results up (a few KB
             # each way, on their own stream: not queued behind expert copies); the layer waits for both
             end = wait + n_gpu * expert_ms
@@ -1027,8 +1034,10 @@ class Schedule:
     slots: int             # cache slots per layer the schedule uses (the largest layer's)
 
 
-def kernel_params(cost: CostModel, predictor_ms: float, knobs: Knobs, num_experts: int, top_k: int) -> np.ndarray:
+def kernel_params(cost: CostModel, predictor_ms: float, knobs: Knobs, num_experts: int, top_k: int,
+                  evict_ms: float = 0.0) -> np.ndarray:
     prm = np.zeros(N_PARAMS)
+    prm[P_EVICT] = evict_ms
     prm[[P_COPY, P_PRE, P_PRED, P_SHARED, P_EXPERT, P_TOKEN]] = (cost.copy_ms, cost.pre_ms, predictor_ms,
                                                                   cost.shared_ms, cost.expert_ms, cost.token_ms)
     prm[[P_LOWCOPY, P_CPU1, P_CPUTOK, P_ACT]] = (cost.lowbit_copy_ms, cost.cpu_expert_ms, cost.cpu_token_ms,
@@ -1045,8 +1054,8 @@ _NONE_I = np.zeros((1, 1, 1), dtype=np.int64)
 
 def run_policy(policy: Policy, cache: int | np.ndarray, stream: Stream, cost: CostModel, lookahead: int, budget: int,
                num_experts: int, predictor_ms: float = 0.0, resident: np.ndarray | None = None,
-               record: bool = False, knobs: Knobs = Knobs(), scores: np.ndarray | None = None
-               ) -> tuple[np.ndarray, Schedule | None]:
+               record: bool = False, knobs: Knobs = Knobs(), scores: np.ndarray | None = None,
+               evict_ms: float = 0.0) -> tuple[np.ndarray, Schedule | None]:
     """Per-step statistics (T, N_STATS) of `policy` with `cache` slots per layer (one number or (L,)), and its
     schedule. `resident`: (L, E) experts placed before the first step (static placements); `scores`: a SCORE
     policy's (T, L, E) scores when already computed (else from the stream)."""
@@ -1080,7 +1089,7 @@ def run_policy(policy: Policy, cache: int | np.ndarray, stream: Stream, cost: Co
         prompts = (stream.prompt_need, stream.prompt_len.astype(np.int64), stream.prompt_at)
     else:
         prompts = (np.zeros((1, 1, 1), dtype=np.bool_), np.zeros(1, np.int64), np.full((T, 1), -1, np.int64))
-    prm = kernel_params(cost, predictor_ms, knobs, E, S // stream.lanes)
+    prm = kernel_params(cost, predictor_ms, knobs, E, S // stream.lanes, evict_ms if policy.eviction == SCORE else 0.0)
     stats = replay_kernel(ids, pred, n_pred, caps, policy.eviction, policy.prefetch, policy.miss, lookahead,
                           resident, nu, sc, ntok, *prompts, prm, record, *logs)
     return stats, (Schedule(*logs, slots=int(caps.max())) if record else None)
