@@ -8,7 +8,8 @@ the numbers mean nothing):
     start    the decoder layer begins               pre_ms    = routed - start   (attention, norms, router, the
     routed   the router's (and predictor's) choice             prefetch predictor, the host read queued)
              is queued for the host
-    ready    the copies are queued, before the wait  shared_ms = ready - routed   (shared expert, bookkeeping)
+    ready    the copies are queued, before the wait  shared_ms = ready - routed   (shared expert, bookkeeping,
+                                                                             a learned eviction's scorer)
     waited   after the wait for the copies           (stall: waited - ready, predicted by the simulator instead)
     done     the routed experts are computed         expert_ms = (done - waited) / top-k
 

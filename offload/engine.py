@@ -362,6 +362,7 @@ class OffloadEngine:
         if self.resident_fast:
             self._stamp(l, "routed")
             return out
+        evict = self.decode and self.evictor is not None
         if self.decode:
             pred = None
             if self.predictor is not None and l + self.d < self.L:
@@ -369,21 +370,19 @@ class OffloadEngine:
                 t0 += tp  # reported on its own
                 if self.forced is not None:
                     pred = None  # forced routing: the stream's predictions are used; the work above is its cost
-            if self.evictor is None:
-                self.reader.stage(ids, *[t for t in (pred,) if t is not None])
-            else:
-                # this step's misses evict by the previous token's ranks of layer l, read with the router's choice;
-                # this token's scorer runs after that read is queued, beside the copies, off the critical path
-                # (forced routing: the stream's scores are used, and the scorer runs for its cost)
+            # learned eviction: this step's misses evict by the previous token's ranks of layer l, read with the
+            # router's choice (forced routing: the stream's scores are used)
+            prev = None
+            if evict and self.forced is None:
                 prev = self.prev_ranks[l] if self.prev_ranks[l] is not None else self.no_ranks
-                self.reader.stage(ids, *[t for t in (pred, None if self.forced is not None else prev)
-                                         if t is not None])
-                self.prev_ranks[l], tp = self._timed_call(self.evictor, l, x)
-                t0 += tp
+            self.reader.stage(ids, *[t for t in (pred, prev) if t is not None])
         else:
             self.reader.stage(torch.bincount(ids.reshape(-1), minlength=self.E))
         self.markers[l] = self.copies.mark()
         self._stamp(l, "routed")
+        if evict:  # this token's scorer, after the read and the copies' marker: it runs beside the copies
+            self.prev_ranks[l], tp = self._timed_call(self.evictor, l, x)
+            t0 += tp
         self.counters.host_ns += time.perf_counter_ns() - t0
         return out
 

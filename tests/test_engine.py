@@ -447,6 +447,20 @@ def test_live_predictions_equal_the_predictor_on_the_same_rows(kind, request):
         assert torch.equal(torch.from_numpy(live[:, l + 1]), want), f"input layer {l}"
 
 
+def test_the_eviction_scorer_runs_after_the_copies_marker(window_checkpoint):
+    """Learned eviction's scorer is queued after the router's read and after the marker its layer's copies wait
+    behind: the copies never wait for the scorer's kernels (on a GPU a marker is an event recorded on the compute
+    stream, and a copy group starts only once everything queued before it has run)."""
+    model = embedded()
+    h = offload_experts(model, cache_experts=6, policy=f"evict:{window_checkpoint}")
+    e, order = h.engine, []
+    mark, score = e.copies.mark, e.evictor.__call__
+    e.copies.mark = lambda: order.append("mark") or mark()
+    e.evictor = type("Logged", (), {"__call__": lambda self, l, x: order.append("score") or score(l, x)})()
+    decode_steps(model, 2)
+    assert order == ["mark", "score"] * 16  # two decode steps of 8 layers
+
+
 def test_a_new_sequence_evicts_by_no_ranks_of_the_last_one(window_checkpoint):
     """Learned eviction reads the previous token's ranks: a new sequence's first step has none (all equal: LRU
     decides), never the last sequence's final ones; its second step has its own first token's."""

@@ -1104,6 +1104,16 @@ MUTATIONS = [
              "prev = self.no_ranks",
              (E + "test_live_predictions_equal_the_predictor_on_the_same_rows[window]",),
              "the live scorer runs but its ranks never reach the host: every eviction is LRU", traces=True),
+    Mutation("engine-copies-wait-for-the-eviction-scorer", "offload/engine.py",
+             "        self.markers[l] = self.copies.mark()\n        self._stamp(l, \"routed\")\n        if evict:"
+             "  # this token's scorer, after the read and the copies' marker: it runs beside the copies\n"
+             "            self.prev_ranks[l], tp = self._timed_call(self.evictor, l, x)\n",
+             "        self._stamp(l, \"routed\")\n        if evict:\n"
+             "            self.prev_ranks[l], tp = self._timed_call(self.evictor, l, x)\n"
+             "        self.markers[l] = self.copies.mark()\n        if evict:\n",
+             (E + "test_the_eviction_scorer_runs_after_the_copies_marker",),
+             "the layer's copies are queued behind the eviction scorer's kernels: the scorer is back on the critical "
+             "path", traces=True),
     Mutation("engine-eviction-ranks-kept-across-sequences", "offload/engine.py",
              "        if new_sequence:\n            self.prev_ranks = [None] * self.L",
              "        if new_sequence:\n            pass",
