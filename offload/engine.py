@@ -144,6 +144,7 @@ class OffloadEngine:
         if policy.eviction == SCORE:
             self.evictor = self._live_evictor(policy.evict_source, self.graphs)
         self.live = [x for x in (self.learned, self.evict_learned) if x is not None]
+        self.prev_ranks = [None] * self.L  # ranks of another configuration's scorer (and its graphs' outputs) go
         self._rank = np.zeros(self.E, dtype=np.float64)
         self.store = self._store(expert_format)
         self.layout = self.store.layout
@@ -322,7 +323,7 @@ class OffloadEngine:
             pads = (mask == 0).sum(1)  # left padding (generate's, for decoder-only models)
         for live in self.live:
             live.features(self.B).begin(ids, new_sequence, pads)
-        if new_sequence:
+        if new_sequence:  # the prompt's last token is not scored: a new sequence's first step evicts by LRU
             self.prev_ranks = [None] * self.L
         self.clock.begin(self.phase, self.N)
 
@@ -497,15 +498,16 @@ class OffloadEngine:
     def _eviction_score(self, l: int, host: list[np.ndarray]) -> np.ndarray:
         """(E,) this step's eviction score at layer l (higher: kept): the previous token's live ranks (`route`), or
         with forced routing the stream's scores of the previous row (the simulator's, from the same checkpoint on
-        the traces; before the first, all equal)."""
+        the traces; at a sequence's first row, all equal)."""
         if self.forced is None:
             self._rank[:] = host[-1]
             return self._rank
         if self.N != 1:
             raise UserError(f"policy {self.policy.name} with routing from traces runs at batch size 1")
-        if self.row0 == 0:
+        stream = self.forced.stream
+        if self.row0 == 0 or stream.first[self.row0]:  # a sequence's first step: none (the simulator's rule)
             return np.zeros(self.E)
-        return self.forced.stream.scores[self.policy.evict_key][self.row0 - 1, l].astype(np.float64)
+        return stream.scores[self.policy.evict_key][self.row0 - 1, l].astype(np.float64)
 
     def _belady_next_use(self, l: int) -> np.ndarray:
         if self.forced is None or self.N != 1:

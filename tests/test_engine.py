@@ -294,6 +294,8 @@ def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anc
     e = h.engine
     stream = e.forced.stream
     assert stream.tokens == FORCED_T
+    if policy == "evict":  # a trace sequence starts mid-run: its first step evicts by no score, here as there
+        stream.first[FORCED_T // 2] = True
     tokens = decode_steps(model, FORCED_T)
     ref = embedded()
     ForcedResident(ref, stream.ids, stream.weights)
@@ -459,6 +461,23 @@ def test_the_eviction_scorer_runs_after_the_copies_marker(window_checkpoint):
     e.evictor = type("Logged", (), {"__call__": lambda self, l, x: order.append("score") or score(l, x)})()
     decode_steps(model, 2)
     assert order == ["mark", "score"] * 16  # two decode steps of 8 layers
+
+
+def test_the_benchs_replay_of_a_recorded_learned_eviction_gives_the_engines_counts(window_checkpoint):
+    """The bench predicts a row from the stream the engine recorded: for learned eviction on the model's own
+    routing, the simulator's replay of it hits, fetches and evicts exactly as the engine did, step by step (the
+    recorded ranks are what each step evicted by, the previous token's; replayed one row off, the counts differ)."""
+    from tools.bench_offload import recorded_stream
+
+    model = embedded()
+    pol = parse_policy(f"evict:{window_checkpoint}")
+    h = offload_experts(model, cache_experts=6, policy=pol.name, record=True)
+    generate(model, new=12)
+    e, rec = h.engine, h.recorded()
+    sim, _ = run_policy(pol, e.C, recorded_stream(e, pol, rec, 0), CostModel(e.layout.nbytes, 1e9), e.d, e.m, e.E)
+    got = np.diff(np.concatenate([np.zeros((1, sim.shape[1])), rec["stats"]]), axis=0)
+    for col in COUNTED:
+        assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
 
 
 def test_a_new_sequence_evicts_by_no_ranks_of_the_last_one(window_checkpoint):

@@ -176,6 +176,21 @@ def test_the_eviction_scorer_runs_beside_the_copies_not_before_them():
     assert stats[:, STALL_MS].tolist() == [3.0, 0.0, 3.0]
 
 
+def test_a_sequence_start_evicts_by_no_score_of_the_last_sequence():
+    # 0 1 2 1, two slots, a new sequence at t2: t1's scores (keep 0) belong to the last sequence, whose last token
+    # the engine never scores for the next one's first step: none there, LRU evicts 0 and 1 hits at t3. Without
+    # the sequence start, t1's scores evict 1, which misses at t3.
+    pol = Policy("evict:scores.pth", SCORE, NO_PREFETCH, evict_source="scores.pth")
+    scores = np.zeros((4, 1, 3), np.float32)
+    scores[1, 0, 0] = 1.0
+    for first, want in (([1, 0, 1, 0], [0, 0, 0, 1]), ([1, 0, 0, 0], [0, 0, 0, 0])):
+        s = stream_of(np.array([0, 1, 2, 1]).reshape(-1, 1, 1), first=first)
+        s.scores = {"evict:scores.pth": scores}
+        stats, _ = run_policy(pol, 2, s, cost(), 1, 1, 3)
+        assert hits(stats) == want, first
+    assert scores[1, 0, 0] == 1.0  # the caller's scores are left as they were
+
+
 def test_a_prefetch_evicts_by_the_newest_score_that_exists_when_it_is_issued():
     # two layers, top-1, two slots each; layer 0 uses 0 throughout, layer 1 uses 0 1 2 0; at t2 layer 0 prefetches
     # layer 1's expert 2 into a full cache {0, 1}. The score of layer 1 from row (t2, 1) needs t2's input at layer 1,

@@ -300,21 +300,29 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
     return out
 
 
-def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
-    """The simulator's decode tokens/s for the row's recorded stream, with the row's measured costs."""
-    e = handle.engine
-    rec = costs["raw"]["recorded"]
-    pol = parse_policy(row.options.get("policy", "on-demand"))
-    T = max(len(rec["stats"]), 1) if rec is not None else row.tokens - 1
-    ids = rec["ids"] if rec is not None and len(rec["ids"]) else np.zeros((T, e.L, e.K), dtype=np.int64)
+def recorded_stream(e: Any, pol: Any, rec: dict[str, np.ndarray] | None, steps: int) -> Stream:
+    """The decode stream an engine recorded (one generation), as the simulator replays it: its accesses, the
+    predictions it prefetched by, and the eviction scores it evicted by, as rows of the step that computed them
+    (step t evicted by the previous token's, which the simulator reads from row t-1)."""
+    ids = rec["ids"] if rec is not None and len(rec["ids"]) else np.zeros((steps, e.L, e.K), dtype=np.int64)
     first = np.zeros(len(ids), dtype=bool)
     first[0] = True
     stream = Stream(ids=ids.astype(np.int64), weights=np.zeros(ids.shape, dtype=np.float32), first=first,
                     position=np.arange(len(ids)))
     if pol.prefetch == PREDICTED and rec is not None:
         stream.predictions[pol.prefetch_key] = rec["pred"][:, :, :e.m]
-    if pol.eviction == SCORE and rec is not None:  # the scores the engine evicted by
-        stream.scores[pol.evict_key] = rec["score"].astype(np.float32)
+    if pol.eviction == SCORE and rec is not None:
+        used = rec["score"].astype(np.float32)
+        stream.scores[pol.evict_key] = np.concatenate([used[1:], np.zeros_like(used[:1])])
+    return stream
+
+
+def predict(handle: Any, row: Row, costs: dict[str, Any]) -> float:
+    """The simulator's decode tokens/s for the row's recorded stream, with the row's measured costs."""
+    e = handle.engine
+    rec = costs["raw"]["recorded"]
+    pol = parse_policy(row.options.get("policy", "on-demand"))
+    stream = recorded_stream(e, pol, rec, max(len(rec["stats"]), 1) if rec is not None else row.tokens - 1)
     resident = (e.cache.slot_of >= 0) if pol.eviction == STATIC and not pol.all_resident else None
     stats, _ = run_policy(pol, e.C, stream, costs["cost"], e.d, e.m, e.E, predictor_ms=0.0, resident=resident)
     return summarize(stats, e.L, e.K, e.layout.nbytes)["tokens_per_s"]

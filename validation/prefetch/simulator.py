@@ -1077,6 +1077,12 @@ def run_policy(policy: Policy, cache: int | np.ndarray, stream: Stream, cost: Co
     nu = next_uses(ids, E) if policy.eviction == BELADY else _NONE_I
     if policy.eviction == SCORE:
         sc = scores if scores is not None else eviction_scores(policy, stream, E, knobs)
+        # step t evicts by row t-1's scores (`_victim`), except where t starts a sequence: its prompt's last token
+        # is not scored (the engine's rule), so none there (all equal: LRU decides)
+        starts = np.flatnonzero(stream.first[1:])
+        if len(starts):
+            sc = sc.copy()
+            sc[starts] = 0.0
     else:
         sc = np.zeros((1, 1, 1), dtype=np.float32)
     if record:
