@@ -20,9 +20,10 @@ the numbers mean nothing):
                 groups during the decode are timed too (engine_copy_bytes_per_s: how near the link they run)
 
 The host's bookkeeping between the router read and the copies (`latency`) is moved from shared_ms into pre_ms:
-the engine queues its demand copies then, where the simulator queues them at the end of pre. The predictor's
-time is inside pre_ms (the engine reads its choice together with the router's), so the simulator runs with
-predictor_ms = 0 and queues prefetches with the demand copies, as the engine does.
+the engine queues its demand copies then, where the simulator queues them at the end of pre. The prefetch
+predictor's time is inside pre_ms (the engine reads its choice together with the router's), so the simulator runs
+with predictor_ms = 0 and queues prefetches with the demand copies, as the engine does. A learned eviction's
+scorer runs after the router's read, so its time falls in shared_ms, where the simulator's evict_ms would put it.
 """
 from __future__ import annotations
 
