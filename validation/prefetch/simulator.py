@@ -1058,7 +1058,8 @@ def run_policy(policy: Policy, cache: int | np.ndarray, stream: Stream, cost: Co
                evict_ms: float = 0.0) -> tuple[np.ndarray, Schedule | None]:
     """Per-step statistics (T, N_STATS) of `policy` with `cache` slots per layer (one number or (L,)), and its
     schedule. `resident`: (L, E) experts placed before the first step (static placements); `scores`: a SCORE
-    policy's (T, L, E) scores when already computed (else from the stream)."""
+    policy's (T, L, E) scores when already computed (else from the stream); `evict_ms`: its scorer's time per
+    layer, run after the router (module docstring, step 3)."""
     ids = stream.ids
     T, L, S = ids.shape
     E = num_experts
