@@ -265,6 +265,15 @@ def decode_steps(model, steps: int) -> list[int]:
     return out
 
 
+def assert_counts_equal(h, sim: np.ndarray) -> None:
+    """The engine's recorded counts (cumulative per decode step) equal the simulator's per-step statistics `sim`
+    in every column the engine counts, step by step (the GPU tests share this helper)."""
+    got = np.diff(np.concatenate([np.zeros((1, sim.shape[1])), h.recorded()["stats"]]), axis=0)
+    got[-1, SPEC_WASTED] += h.engine.cache.pending_count()  # the simulator counts unused prefetches at the end
+    for col in COUNTED:
+        assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
+
+
 class ForcedResident:
     """The resident model with the same forced routing (router outputs replaced by the stream's rows)."""
 
@@ -310,10 +319,7 @@ def test_counts_equal_the_simulators_for_forced_routing(policy, tiny_traces, anc
         ts = TraceSet(tiny_traces)
         resident = static_experts(ts, split_sequences(ts.sequence_table(), 0)["train"], 15)
     sim, _ = run_policy(pol, 15, stream, CostModel(e.layout.nbytes, 1e9), 1, 4, 60, resident=resident)
-    got = np.diff(np.concatenate([np.zeros((1, sim.shape[1])), h.recorded()["stats"]]), axis=0)
-    got[-1, SPEC_WASTED] += e.cache.pending_count()  # the simulator counts unused prefetches at the end
-    for col in COUNTED:
-        assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
+    assert_counts_equal(h, sim)
     if pol.prefetch:
         assert sim[:, 3].sum() > 0  # the policy did prefetch
     if policy == "evict":  # the scores decided: LRU on the same stream counts otherwise
@@ -473,11 +479,10 @@ def test_the_benchs_replay_of_a_recorded_learned_eviction_gives_the_engines_coun
     pol = parse_policy(f"evict:{window_checkpoint}")
     h = offload_experts(model, cache_experts=6, policy=pol.name, record=True)
     generate(model, new=12)
-    e, rec = h.engine, h.recorded()
-    sim, _ = run_policy(pol, e.C, recorded_stream(e, pol, rec, 0), CostModel(e.layout.nbytes, 1e9), e.d, e.m, e.E)
-    got = np.diff(np.concatenate([np.zeros((1, sim.shape[1])), rec["stats"]]), axis=0)
-    for col in COUNTED:
-        assert np.array_equal(got[:, col], sim[:, col]), f"column {col} differs"
+    e = h.engine
+    sim, _ = run_policy(pol, e.C, recorded_stream(e, pol, h.recorded(), 0), CostModel(e.layout.nbytes, 1e9), e.d,
+                        e.m, e.E)
+    assert_counts_equal(h, sim)
 
 
 def test_a_new_sequence_evicts_by_no_ranks_of_the_last_one(window_checkpoint):
