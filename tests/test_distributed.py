@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from collection.compare import bf16_ulp, near_ties, row_agreement
 from collection.distributed import rank_shards
 from collection.placement import device_runs, from_pretrained_placement, parse_device_map, parse_max_memory, rank_gpus
-from collection.compare import bf16_ulp, near_ties, row_agreement
 from common.errors import UserError
 from common.ranks import Ranks
 from training.distributed import DataParallel, loss_weights, split_by_tokens, step_sizes
