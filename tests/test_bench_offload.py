@@ -54,7 +54,8 @@ def test_target_lines_by_hand():
 def test_a_tiny_run_writes_every_row(tmp_path, monkeypatch):
     from transformers.generation.utils import GenerationMixin
 
-    collector_on = []  # whether Python's cyclic collector could run inside each generate(): never in a timed run
+    collector_on = []  # whether Python's cyclic collector could run inside each generate(): never in a timed run,
+    # nor in a calibration run (its costs predict the timed runs); with no warm-up, those are all the generate() calls
     generate = GenerationMixin.generate
 
     def probe(self, *a, **k):
@@ -77,7 +78,7 @@ def test_a_tiny_run_writes_every_row(tmp_path, monkeypatch):
     by = {r["label"]: r for r in res["rows"]}  # the predictor timed on its own clock, where a row has one
     assert by["fp32 C=15 prefetch:router-reuse (own routing)"]["calibration"]["raw"]["predictor_graph_us"] > 0
     assert by["fp32 C=15 on-demand (own routing)"]["calibration"]["raw"]["predictor_graph_us"] is None
-    assert len(collector_on) >= len(labels) and not any(collector_on[-len(labels):]) and gc.isenabled()
+    assert len(collector_on) >= 3 * len(labels) - 2 and not any(collector_on) and gc.isenabled()
 
 
 def test_accelerate_offload_keeps_the_offloaded_weights_in_host_memory():

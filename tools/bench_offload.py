@@ -264,8 +264,9 @@ def run_once(row: Row, models: dict[str, Any], prompt: torch.Tensor, calibrate: 
     if row.kind.startswith("engine"):
         handle = models[row.kind]
         handle.reconfigure(**row.options, record=calibrate)
-        if calibrate:  # the calibration run is itself a decode of the row (with timestamps): it is not timed
-            res = measure_costs(handle, prompt, tokens=row.tokens)
+        if calibrate:  # the calibration run is itself a decode of the row (with timestamps): it is not timed, but
+            with no_collector():  # its costs predict the timed runs, so it runs as they do, the collector off
+                res = measure_costs(handle, prompt, tokens=row.tokens)
             row.calibration = {"cost": res["cost"].to_json(), "raw": {k: v for k, v in res["raw"].items()
                                                                         if k != "recorded"}}
             row.predicted = predict(handle, row, res)
