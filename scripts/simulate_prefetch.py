@@ -52,6 +52,8 @@ from validation.prefetch.cost_model import (
     DEFAULT_SHARED_MS,
     FORMATS,
     LINKS,
+    default_policies_for,
+    lowbit_below,
 )
 from validation.prefetch.cpu_cost import measure_cpu_expert
 from validation.prefetch.driver import (
@@ -106,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"recomputations of the resident set ({k.static_window})")
     g.add_argument("--hot-uses", type=int, default=k.hot_uses, help="lowbit-on-miss: uses of the low-bit copy "
                    f"after which the full copy is fetched ({k.hot_uses})")
-    g.add_argument("--lowbit-format", default="nf4", choices=FORMATS, help="lowbit-on-miss: format of the copy "
-                   "fetched on a miss (nf4)")
+    g.add_argument("--lowbit-format", default=None, choices=FORMATS, help="lowbit-on-miss: format of the copy "
+                   "fetched on a miss (default: the widest below --expert-format: nf4 below fp16 / bf16, int2 below "
+                   "nf4; below int2 there is none, and the default policy list leaves lowbit-on-miss out)")
     g.add_argument("--evict-window", type=int, default=k.evict_window, help="evict:frequency-window: steps of "
                    f"history; evict:oracle-window: steps ahead ({k.evict_window})")
     g = p.add_argument_group("cost model (validation/prefetch/cost_model.py)")
@@ -144,7 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--json", default=None, help="JSON path (default <output-dir>/prefetch.json)")
     g.add_argument("--plot", default=None, help="PNG path (default <output-dir>/prefetch.png)")
     g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.lowbit_format = args.lowbit_format or lowbit_below(args.expert_format) or args.expert_format
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     check_writable("--plot", args.plot, "file")
     if args.map:  # the sweep of docs/PREFETCH.md's map: validation/prefetch/policy_map.py
         return run_map(args)
-    args.policies = args.policies or DEFAULT_POLICIES
+    args.policies = args.policies or default_policies_for(DEFAULT_POLICIES, args.expert_format)
     r = resolve(args)
     m = r.ts.manifest
     L, E, K = m.num_layers, m.num_experts, m.top_k

@@ -421,11 +421,33 @@ def test_script_reports_budget_prefill_batch_and_locality(tiny_traces, tmp_path)
     assert all(r["prefill_tokens_per_s"] > 0 and r["cache_per_layer"] == caps for r in res["rows"])
 
 
+def test_the_low_bit_copy_defaults_below_the_experts_format_and_int2_has_none(tiny_traces, tmp_path):
+    """Without --lowbit-format, lowbit-on-miss fetches the widest format narrower than the experts' (an NF4 run's
+    default policy list used to stop on its own lowbit-on-miss); int2 experts have none, and the default list
+    leaves the policy out."""
+    from scripts.simulate_prefetch import main
+    from validation.prefetch.cost_model import lowbit_below
+
+    assert [lowbit_below(f) for f in ("fp16", "bf16", "nf4", "int2")] == ["nf4", "nf4", "int2", None]
+    out = {}
+    for fmt in ("nf4", "int2"):
+        js = tmp_path / f"{fmt}.json"
+        main(["--traces", str(tiny_traces), "--expert-format", fmt, "--cache-experts", "4", "--max-tokens", "40",
+              "--json", str(js), "--plot", str(tmp_path / f"{fmt}.png")])
+        out[fmt] = json.loads(js.read_text())
+    assert out["nf4"]["args"]["lowbit_format"] == "int2"
+    assert out["nf4"]["cost_model"]["lowbit_bytes"] == out["int2"]["cost_model"]["expert_bytes"]
+    assert "lowbit-on-miss" in {r["policy"] for r in out["nf4"]["rows"]}
+    assert "lowbit-on-miss" not in {r["policy"] for r in out["int2"]["rows"]}
+    assert "on-demand" in {r["policy"] for r in out["int2"]["rows"]}
+
+
 BAD = [
     (["--gpu-gib", "0.01"], "--gpu-gib 0.01: "),
     (["--policies", "cpu-compute", "--cpu-expert-ms", "0"], "--cpu-expert-ms 0.0: "),
     (["--policies", "cpu-compute"], "give --cpu-expert-ms"),
-    (["--policies", "lowbit-on-miss", "--expert-format", "nf4"], "must be smaller than the expert"),
+    (["--policies", "lowbit-on-miss", "--expert-format", "int2"], "must be smaller than the expert"),
+    (["--policies", "lowbit-on-miss", "--expert-format", "nf4", "--lowbit-format", "nf4"], "must be smaller than"),
     (["--map", "--map-budgets", ""], "--map-budgets is empty"),
     (["--map", "--map-links", "pcie4,serial"], "unknown link 'serial'"),
     (["--map", "--engine-costs", "ENGINE"], "needs numbers pre_ms, shared_ms, expert_ms"),

@@ -64,6 +64,7 @@ from models.moe_configs import PRESETS, make_config
 # pinned host-to-GPU bytes/s, x16, one copy engine; nvlink-c2c: Grace Hopper's chip-to-chip link (one direction)
 LINKS: dict[str, float] = {"pcie4": 25e9, "pcie5": 55e9, "nvlink-c2c": 350e9}
 FORMATS = ("fp16", "bf16", "nf4", "int2")
+FORMAT_BITS = {"fp16": 16, "bf16": 16, "nf4": 4, "int2": 2}
 NF4_BLOCK2 = 256  # second-level block size of bitsandbytes' double quantization (first level: NF4_BLOCKSIZE)
 INT2_GROUP = 64   # int2: one fp16 scale and one fp16 zero per group of 64 weights
 KV_DTYPE_BYTES = 2  # fp16/bf16 KV cache
@@ -78,6 +79,21 @@ DEFAULT_PREDICTOR_MS = {"learned": 0.05, "router-reuse": 0.01}  # 0 for table lo
 # Effective dense bf16 FLOP/s of a prefill: assumed (an H100's peak is ~990 TFLOP/s; eager prefill reaches a
 # fraction of it), only used for the prefill's compute per prompt token
 DEFAULT_PREFILL_TFLOPS = 200.0
+
+
+def lowbit_below(expert_format: str) -> str | None:
+    """lowbit-on-miss's copy format when none is given: the widest format narrower than the experts' (nf4 below
+    fp16 / bf16, int2 below nf4); None below int2."""
+    narrower = [f for f in FORMATS if FORMAT_BITS[f] < FORMAT_BITS[expert_format]]
+    return max(narrower, key=FORMAT_BITS.__getitem__) if narrower else None
+
+
+def default_policies_for(policies: str, expert_format: str) -> str:
+    """A default policy list (comma-separated) as it applies to `expert_format`: without lowbit-on-miss where no
+    format is narrower (a list the user names is kept as given, and refused with a reason if it cannot run)."""
+    if lowbit_below(expert_format) is not None:
+        return policies
+    return ",".join(p for p in policies.split(",") if p != "lowbit-on-miss")
 
 
 def nf4_layout(params: int) -> tuple[int, int, int, int]:

@@ -30,7 +30,7 @@ import numpy as np
 from common.atomic import atomic_write_json
 from common.errors import UserError
 from validation.plots import policy_map_figure
-from validation.prefetch.cost_model import LINKS
+from validation.prefetch.cost_model import LINKS, default_policies_for
 from validation.prefetch.cpu_cost import measure_cpu_expert
 from validation.prefetch.driver import (
     cost_from_args,
@@ -147,7 +147,8 @@ def run_map(args: argparse.Namespace) -> None:
     engine, engine_source = engine_phases(args.engine_costs)
     cpu_given = args.cpu_expert_ms is not None or args.measure_cpu
     if args.policies is None:
-        args.policies = MAP_POLICIES + ("," + MAP_CPU_POLICIES if cpu_given else "")
+        args.policies = default_policies_for(MAP_POLICIES + ("," + MAP_CPU_POLICIES if cpu_given else ""),
+                                             args.expert_format)
     names = [p.strip() for p in args.policies.split(",")]
     for ref in (BASELINE_POLICY, *REFERENCES):  # every cell is measured against these
         if ref not in names:
