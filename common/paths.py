@@ -10,11 +10,14 @@ project did not create, and every destination checked before any work starts.
   The directory a user names on the command line may itself be a link (the user made it).
 - `check_writable(flag, path, kind)`: an output the run will write is a directory (or file) that exists and is
   writable, or can be created; checked before the run reads or computes anything, so a long run never fails
-  at its end for a destination it could have refused at its start.
+  at its end for a destination it could have refused at its start. A report file replaces only an earlier
+  report (`not_a_report`): never a link, a trace set's file, a checkpoint or a training run's file, nor, for a
+  JSON or image report, a file that holds something else.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -22,6 +25,15 @@ from pathlib import Path
 from common.errors import UserError
 
 NAME_MAX = 255  # bytes in one file name (Linux, ext4, xfs)
+# the files a training run writes into its --output (training/trainer.py replaces these and nothing else)
+TRAINING_RUN_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth",
+                      "latest_checkpoint.json", "results.json")
+TRACE_MANIFEST = "manifest.json"  # a trace set's manifest (collection/traces/format.py reads and writes it)
+CHECKPOINT_FAMILY = "expert-predictor/"  # a predictor checkpoint's "format" is this and a version (models/checkpoint.py)
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+IMAGE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg", b"\xff\xd8")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (a .pth checkpoint)
+REPORT_READ_MAX = 256 * 2**20  # an earlier JSON report larger than this is not read to be recognised
 
 
 def plain_name_problem(name: object) -> str | None:
@@ -97,7 +109,12 @@ def check_writable(flag: str, path: Path | str | None, kind: str) -> None:
     name = f"{flag} {path}"
     if kind not in ("dir", "file"):
         raise ValueError(kind)
+    if kind == "file" and is_link(path):
+        raise UserError(f"{name} is a symbolic link; a report is never written through one: remove the link or "
+                        f"choose another {flag}")
     if os.path.lexists(path):
+        if kind == "file" and not path.is_dir() and (why := not_a_report(path, flag)) is not None:
+            raise UserError(f"{name} {why}; a report replaces only an earlier report: choose another {flag}")
         if kind == "dir" and not path.is_dir():
             what = "a file, not a directory" if path.is_file() else "not a directory"
             raise UserError(f"{name} is {what}; choose another {flag}")
@@ -112,3 +129,59 @@ def check_writable(flag: str, path: Path | str | None, kind: str) -> None:
         raise UserError(f"{name} cannot be created: {parent} is a file, not a directory; choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{name} cannot be created: {parent} is not writable; choose another {flag}")
+
+
+def _strings(node: object) -> set[str]:
+    if isinstance(node, str):
+        return {node}
+    if isinstance(node, dict):
+        return set().union(*(_strings(v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(_strings(v) for v in node)) if node else set()
+    return set()
+
+
+def _json_of(path: Path) -> tuple[bool, object]:
+    """(whether `path` holds JSON, its value)."""
+    try:
+        if path.stat().st_size > REPORT_READ_MAX:
+            return False, None
+        return True, json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False, None
+
+
+def not_a_report(path: Path, flag: str) -> str | None:
+    """Why the existing file `path` is not an earlier report that `flag` may replace, or None when it is one:
+    it is not a regular file; it belongs to a trace set (its manifest, or a file a manifest beside it names); it
+    is a predictor checkpoint (a torch archive, a sidecar of format expert-predictor/...) or a training run's
+    file beside one; or, for a JSON report (`--*json`, or a .json name), it does not hold JSON; for an image
+    (`--plot`, or an image's name), it is not an image."""
+    if not path.is_file():
+        return "is not a regular file"
+    parent, name = path.parent, path.name
+    manifest = parent / TRACE_MANIFEST
+    if manifest.is_file():
+        ok, value = _json_of(manifest)
+        if name == TRACE_MANIFEST or (ok and name in _strings(value)):
+            return f"is a file of the trace set in {parent}"
+    if name in TRAINING_RUN_FILES and any((parent / n).is_file() for n in TRAINING_RUN_FILES if n.endswith(".pth")):
+        return f"is a file of the training run in {parent}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if head.startswith(ZIP_MAGIC):
+        return "is an archive (a torch checkpoint?), not a report"
+    is_json = "json" in flag or path.suffix.lower() == ".json"
+    is_image = flag == "--plot" or path.suffix.lower() in IMAGE_SUFFIXES
+    if is_json or (not is_image and head[:1] in (b"{", b"[")):
+        ok, value = _json_of(path)
+        if isinstance(value, dict) and str(value.get("format", "")).startswith(CHECKPOINT_FAMILY):
+            return "is a predictor checkpoint's description, not a report"
+        if is_json and not ok:
+            return "does not hold JSON, so it is no earlier report"
+    if is_image and not head.startswith(IMAGE_MAGIC):
+        return "is not an image, so it is no earlier plot"
+    return None

@@ -21,9 +21,10 @@ from collection.traces.format import require_token_ids
 from collection.traces.rows import SPLITS
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
+from common.paths import CHECKPOINT_FAMILY
 from models.predictors import PredictorConfig, build_predictor, config_problem, reads_hidden
 
-CHECKPOINT_FORMAT = "expert-predictor/1"
+CHECKPOINT_FORMAT = CHECKPOINT_FAMILY + "1"
 
 
 def plain(obj: Any) -> Any:

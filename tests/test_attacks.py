@@ -577,7 +577,8 @@ def destination_cases(scene: Scene) -> list[tuple[str, list, str, str]]:
             ("compare_traces", [t, t], "--json", "file"),
             ("simulate_prefetch", simulate[:-2], "--output-dir", "dir"),
             ("simulate_prefetch", simulate, "--json", "file"),
-            ("simulate_prefetch", simulate, "--plot", "file")]
+            ("simulate_prefetch", simulate, "--plot", "file"),
+            ("generate_offloaded", ["--device", "cpu", "--max-new-tokens", "1"], "--json", "file")]
 
 
 @pytest.mark.parametrize("bad", ["FILE/sub", "FILE-or-DIR", "empty"])
@@ -590,6 +591,87 @@ def test_every_destination_is_checked_before_any_work(scene, scripts, bad):
         assert_refused(code, err, script, flag, str(dest))
         scene.assert_untouched()
         assert not (scene.root.parent / "v").exists() and not (scene.root.parent / "s").exists()
+
+
+def plant_non_reports(scene: Scene) -> dict[str, Path]:
+    """Files a report flag must never replace: a trace set's manifest and a shard, a predictor checkpoint, its
+    sidecar and its run's results (in a training run's folder), a checkpoint and a sidecar copied alone, a text
+    file, an image's name holding text, a link to a file, a dangling link."""
+    from models.checkpoint import save_checkpoint
+    from models.predictors import PredictorConfig, build_predictor
+
+    run, alone = scene.root / "run", scene.root / "alone"
+    run.mkdir()
+    alone.mkdir()
+    m = TraceSet(scene.T).manifest
+    cfg = PredictorConfig("simple", m.hidden_size, m.num_experts, m.top_k, m.num_layers)
+    split = {"train": np.array([0]), "val": np.array([1]), "test": np.array([2])}
+    save_checkpoint(run / "best_checkpoint.pth", build_predictor(cfg), cfg, split, {"dir": str(scene.T)}, {}, {})
+    (run / "results.json").write_text('{"best": {}}')
+    shutil.copy(run / "best_checkpoint.pth", alone / "model.pth")
+    shutil.copy(run / "best_checkpoint.json", alone / "model.json")
+    (scene.root / "notes.json").write_text("not json\n")
+    (scene.root / "figure.png").write_text("a text, not a figure\n")
+    (scene.root / "old.json").write_text("{}")
+    (scene.root / "link.json").symlink_to(scene.root / "old.json")
+    (scene.root / "dangling.json").symlink_to(scene.root / "nowhere.json")
+    return {"manifest": scene.T / MANIFEST, "shard": scene.T / "shard_00001.safetensors",
+            "checkpoint": run / "best_checkpoint.pth", "sidecar": run / "best_checkpoint.json",
+            "results": run / "results.json", "checkpoint alone": alone / "model.pth",
+            "sidecar alone": alone / "model.json", "text": scene.root / "notes.json",
+            "text as png": scene.root / "figure.png", "link": scene.root / "link.json",
+            "dangling link": scene.root / "dangling.json"}
+
+
+NON_REPORTS = ["manifest", "shard", "checkpoint", "sidecar", "results", "checkpoint alone", "sidecar alone", "text",
+               "text as png", "link", "dangling link"]
+
+
+@pytest.mark.parametrize("target", NON_REPORTS)
+def test_a_report_flag_never_replaces_what_is_not_an_earlier_report(scene, scripts, target):
+    """`--json` on a trace set's manifest, a checkpoint or a prompts file replaced it without a word (the next run
+    on that set failed, the checkpoint was gone); a link was replaced by a file. Every report flag of every
+    script refuses them, one line, before any work, and leaves every file as it was."""
+    dest = plant_non_reports(scene)[target]
+    scene.freeze()
+    for script, argv, flag, kind in destination_cases(scene):
+        if kind != "file" or (target == "text as png" and flag != "--plot"):
+            continue
+        code, err = scene.run(scripts, script, *argv, flag, dest)
+        assert_refused(code, err, script, flag, str(dest))
+        scene.assert_untouched()
+        assert not (scene.root.parent / "v").exists() and not (scene.root.parent / "s").exists()
+
+
+def test_an_earlier_report_is_replaced_and_the_rules_by_hand(tmp_path):
+    """The refusals' reasons, and what stays replaceable: an earlier JSON report or figure, a .json of any JSON
+    (a report of another script), a file of another name beside a trace set or in a training run's folder."""
+    from common.paths import not_a_report
+
+    (tmp_path / "old.json").write_text('{"rows": []}')
+    (tmp_path / "old.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / MANIFEST).write_text(json.dumps({"shards": [{"file": "shard_00000.safetensors"}]}))
+    (tmp_path / "T" / "shard_00000.safetensors").write_bytes(b"x")
+    (tmp_path / "T" / "prefetch.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best_checkpoint.pth").write_bytes(b"PK\x03\x04")
+    (tmp_path / "run" / "coverage_metrics.json").write_text("{}")
+    (tmp_path / "results.json").write_text("{}")  # a report that happens to share a training run's file name
+    for ok in ("old.json", "old.png", "T/prefetch.json", "run/coverage_metrics.json", "results.json"):
+        assert not_a_report(tmp_path / ok, "--plot" if ok.endswith(".png") else "--json") is None, ok
+    says = {"T/" + MANIFEST: "is a file of the trace set in", "T/shard_00000.safetensors": "is a file of the trace set",
+            "run/best_checkpoint.pth": "is a file of the training run in"}
+    for name, why in says.items():
+        assert why in not_a_report(tmp_path / name, "--json"), name
+    (tmp_path / "x.pth").write_bytes(b"PK\x03\x04rest")
+    (tmp_path / "side.json").write_text('{"format": "expert-predictor/7"}')
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "archive" in not_a_report(tmp_path / "x.pth", "--json")
+    assert "checkpoint's description" in not_a_report(tmp_path / "side.json", "--stats-json")
+    assert "does not hold JSON" in not_a_report(tmp_path / "notes.txt", "--json")
+    assert "not an image" in not_a_report(tmp_path / "old.json", "--plot")
+    assert "not a regular file" in not_a_report(tmp_path / "T", "--json")
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -47,7 +47,7 @@ from collection.traces.rows import (
 )
 from common.atomic import PARTIAL_SUFFIX, atomic_write_json
 from common.errors import UserError, number_flag
-from common.paths import check_writable, refuse_symlink
+from common.paths import TRAINING_RUN_FILES, check_writable, refuse_symlink
 from models.checkpoint import check_token_ids, save_checkpoint
 from models.features import feature_spec, make_features
 from models.predictors import (
@@ -65,8 +65,7 @@ from training.distributed import data_parallel, describe
 MIN_LR = 1e-12
 
 # every file a run writes in --output: what --overwrite may replace, and all it may replace
-OUTPUT_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth", "latest_checkpoint.json",
-                "results.json")
+OUTPUT_FILES = TRAINING_RUN_FILES  # a run writes these into --output, and nothing else
 
 # validate(model, trace set, sequence ids, lookahead, device, blocks, loss_fn, dtype) -> flat metric dict with
 # "loss": the train scripts pass `validation.coverage.evaluate.epoch_validation`, the project's one evaluation loop

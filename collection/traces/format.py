@@ -50,13 +50,13 @@ from collection.traces.hidden_format import CODEC_FILE, FORMATS, LOSSLESS, MAX_B
 from collection.traces.locks import SetReadLock, read_fd
 from common.atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_json, commit_file, sha256_fd, sha256_file
 from common.errors import DISK_FULL, UserError, disk_full
-from common.paths import is_link, open_nofollow, plain_name_problem, refuse_symlink, set_file
+from common.paths import TRACE_MANIFEST, is_link, open_nofollow, plain_name_problem, refuse_symlink, set_file
 
 FORMAT_VERSION = 1          # what a lossless trace set is written as (unchanged, so old readers read it)
 COMPACT_FORMAT_VERSION = 2  # a compact hidden format: readers older than it must refuse, not misread
 READABLE_VERSIONS = (FORMAT_VERSION, COMPACT_FORMAT_VERSION)
 DEFAULT_TRACES = "routing_data/traces/qwen2moe-mini"  # where the embedded default's traces go (repository-relative)
-MANIFEST = "manifest.json"
+MANIFEST = TRACE_MANIFEST
 ROUTER_WEIGHTS = "router_weights.safetensors"
 STAGING = ".incoming"  # a set replacing the one in a directory is written here until complete (collection/traces/output.py)
 REPLACED = "replaced_manifest.json"  # inside STAGING: the old manifest, moved aside when a swap starts
