@@ -2,9 +2,9 @@ r"""Train the hybrid expert predictor: hidden state plus the routing already obs
 
 The seed's command (its hyperparameters are the defaults):
     python scripts/train_hybrid_predictor.py --shards-per-group 2 --batch-size 12 --lr 3e-5 --epochs 30
-Seconds on a CPU, on the collect script's quick traces, with `make demo`'s recipe (validation recall@4 about 0.65;
+Seconds on a CPU, on the collect script's quick traces, with `make demo`'s recipe (validation recall@4 about 0.60;
 the seed's lr 3e-5 stays near random, 0.09 against 0.067, in 2 epochs). 120 texts are too few to beat router reuse
-(0.68 there), and the trainer says so:
+(0.63 there), and the trainer says so:
     python scripts/train_hybrid_predictor.py --traces routing_data/traces/quick --epochs 2 --lr 3e-3 --dropout 0 \
         --batch-rows 2048 --output models/hybrid_checkpoints/quick --overwrite
 
