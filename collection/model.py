@@ -67,7 +67,8 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
             raise UserError(f"--model {name_or_path}: directory has no config.json (not a saved model)")
         return str(p), True
     if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"--model {name_or_path}: no such model directory")
+        raise UserError(f"--model {name_or_path}: " + ("a file, not a model directory" if p.exists() else
+                                                      "no such model directory"))
     require_hub(f"--model {name_or_path}",
                 f"Pass a local directory saved with save_pretrained (the embedded default is {EMBEDDED_MODEL}).")
     return name_or_path, False

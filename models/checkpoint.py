@@ -72,7 +72,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", where: str |
     path = Path(path)
     where = where or f"--checkpoint {path}"
     if not path.is_file():
-        raise UserError(f"{where}: no such file")
+        raise UserError(f"{where}: " + ("a directory, not a checkpoint file" if path.is_dir() else
+                                        "not a regular file" if path.exists() else "no such file"))
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore")

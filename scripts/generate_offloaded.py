@@ -70,8 +70,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise UserError(f"--prompts-file {path}: {'a directory' if path.is_dir() else 'no such file'}, not a "
-                            "text file of prompts")
+            what = "a directory" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+            raise UserError(f"--prompts-file {path}: {what}, not a text file of prompts")
         try:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as e:

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from common.errors import UserError
 from tests.conftest import run_script
 
 
@@ -55,6 +56,22 @@ def test_missing_traces(tmp_path):
     proc = run_script("train_simple_predictor", "--traces", tmp_path / "nope", "--output", tmp_path / "o", check=False)
     assert_one_line_error(proc, "no such trace directory")
     assert not (tmp_path / "o" / "best_checkpoint.pth").exists()
+
+
+def test_paths_of_the_wrong_kind_say_so(tiny_traces, tmp_path):
+    """A file where a trace directory, a model directory or a checkpoint is expected is named for what it is,
+    not reported missing."""
+    from collection.model import resolve_model_path
+    from models.checkpoint import load_checkpoint
+
+    note = tmp_path / "README.md"
+    note.write_text("a file\n")
+    proc = run_script("train_simple_predictor", "--traces", note, "--output", tmp_path / "o", check=False)
+    assert_one_line_error(proc, f"{note}: a file, not a trace directory")
+    with pytest.raises(UserError, match="a file, not a model directory"):
+        resolve_model_path(str(note))
+    with pytest.raises(UserError, match="a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path, "cpu")
 
 
 def test_corrupt_shard_names_the_file(tiny_traces, tmp_path):

@@ -708,7 +708,8 @@ def manifest_json(directory: Path, lock: bool = False, name: str = MANIFEST) -> 
     MAX_MANIFEST_BYTES), and with `lock` the reader's shared lock it was read under (collection/traces/locks.py)."""
     path = directory / name
     if not directory.is_dir():
-        raise TraceFormatError(f"{directory}: no such trace directory")
+        raise TraceFormatError(f"{directory}: " + ("a file, not a trace directory" if os.path.lexists(directory) else
+                                                   "no such trace directory"))
     held = None
     try:
         held = SetReadLock(path) if lock else None
