@@ -21,7 +21,7 @@ from collection.traces.format import require_token_ids
 from collection.traces.rows import SPLITS
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError
-from common.paths import CHECKPOINT_FAMILY
+from common.paths import CHECKPOINT_FAMILY, ZIP_MAGIC
 from models.predictors import PredictorConfig, build_predictor, config_problem, reads_hidden
 
 CHECKPOINT_FORMAT = CHECKPOINT_FAMILY + "1"
@@ -74,6 +74,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", where: str |
     if not path.is_file():
         raise UserError(f"{where}: " + ("a directory, not a checkpoint file" if path.is_dir() else
                                         "not a regular file" if path.exists() else "no such file"))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(b"\x80")):  # torch.save's archive, or a bare pickle
+        raise UserError(f"{where}: not a loadable checkpoint (not a file torch.save wrote: it starts with neither "
+                        "a zip header nor a pickle)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore")

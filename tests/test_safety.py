@@ -538,6 +538,18 @@ def test_a_pickled_object_checkpoint_never_suggests_weights_only_false(tmp_path)
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("data", [b"hello, not a checkpoint\n", b'{"format": "expert-predictor/1"}', b""])
+def test_a_file_torch_never_wrote_is_not_called_a_pickle_of_objects(tmp_path, data):
+    """Text, JSON or nothing under a checkpoint's name was refused as "Python objects besides tensors", the wrong
+    reason: it is no file torch.save wrote."""
+    from models.checkpoint import load_checkpoint
+
+    path = tmp_path / "c.pth"
+    path.write_bytes(data)
+    with pytest.raises(UserError, match="not a loadable checkpoint \\(not a file torch.save wrote"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("bad,says", [
     (["--seed", "-1"], "--seed -1"),
     (["--dropout", "2"], "--dropout 2"),
