@@ -51,6 +51,18 @@ ENGINE_POLICY_HELP = ("on-demand (LRU), lfu, static-popular, all-resident, oracl
                       "from traces")
 
 
+def engine_policy(name: str) -> Policy:
+    """The registry's policy `name`, if the engine runs it; else one line naming what the engine runs."""
+    try:
+        pol = parse_policy(name)
+    except UserError as e:  # the simulator's list names policies the engine does not run: name the engine's
+        if str(e).startswith("unknown policy"):
+            raise UserError(f"unknown policy {name!r}; the engine runs {ENGINE_POLICY_HELP}") from None
+        raise
+    check_engine_policy(pol)
+    return pol
+
+
 def check_engine_policy(pol: Policy) -> None:
     """One line unless the engine runs `pol` (ENGINE_EVICTIONS, LIVE_SOURCES): never another policy's numbers
     under its name."""
@@ -103,8 +115,7 @@ def plan(model: nn.Module, device: torch.device, *, cache_experts: int | None = 
     layers = moe_layers(model)
     cfg = model.config
     L, E, K = len(layers), int(getattr(cfg, fam.num_experts)), int(cfg.num_experts_per_tok)
-    pol = parse_policy(policy)
-    check_engine_policy(pol)
+    pol = engine_policy(policy)
     own = layout0 or make_layout(layers[0].experts, fam.fused, DTYPE_FORMATS.get(
         getattr(layers[0].experts, fam.fused[0]).dtype, "fp32"))
     fmt = expert_format or own.fmt

@@ -24,8 +24,7 @@ from common.device import pick_device
 from common.errors import UserError, one_line_errors
 from common.paths import check_writable
 from offload import format_table, offload_experts
-from offload.api import ENGINE_POLICY_HELP, check_engine_policy, expert_format_dtype
-from validation.prefetch.simulator import parse_policy
+from offload.api import ENGINE_POLICY_HELP, engine_policy, expert_format_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed {args.seed}: must be in 0..{2**63 - 1}")
     check_writable("--json", args.json, "file")  # before the model loads: a run never ends unable to save
-    check_engine_policy(parse_policy(args.policy))
+    engine_policy(args.policy)
     if args.cache_experts is None and args.cache_gib is None and args.policy != "all-resident":
         args.cache_experts = 15
     prompts = read_prompts(args)

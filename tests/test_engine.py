@@ -611,6 +611,8 @@ def test_bad_inputs_of_the_library_are_one_line(tiny_traces, tmp_path, monkeypat
         (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=0), "--staging-experts 0: experts "
          "per staging bank, within 1..60"),
         (lambda: offload_experts(embedded(), cache_experts=4, staging_experts=61), "within 1..60"),
+        (lambda: offload_experts(embedded(), cache_experts=4, policy="bogus"),  # the engine's list, not the simulator's
+         "unknown policy 'bogus'; the engine runs on-demand"),
         (lambda: offload_experts(embedded(), cache_experts=4, policy=f"prefetch:{empty}"),
          f"policy prefetch:{empty}: not a loadable checkpoint"),  # named as the user named it, not as a flag
     ]
