@@ -39,8 +39,14 @@ def number_flag(flag: str, value: float | None, low: float, high: float, *, abov
     ok = math.isfinite(value) and (value > low if above_low else value >= low) and value <= high
     if not ok:
         if high == math.inf:
-            raise UserError(f"--{flag} {value}: must be a finite number {'>' if above_low else '>='} {low:g}")
-        raise UserError(f"--{flag} {value}: must be a number in {'(' if above_low else '['}{low:g}, {high:g}]")
+            raise UserError(f"--{flag} {value}: must be a finite number {'>' if above_low else '>='} {_plain(low)}")
+        raise UserError(f"--{flag} {value}: must be a number in {'(' if above_low else '['}{_plain(low)}, "
+                        f"{_plain(high)}]")
+
+
+def _plain(x: float) -> str:
+    """A bound as a person writes it: 1,048,576 rather than 1.04858e+06 (an integer), else %g."""
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) >= 1e4 else f"{x:g}"
 
 
 def disk_full(path: Path | str, e: OSError) -> UserError:

@@ -155,3 +155,13 @@ def test_comma_lists_of_choices_name_the_first_unknown_item():
         choices_list("kinds", "simple,nope,bad", ["simple", "anchored"])
     proc = run_script("compare_predictors", "--predictors", "simple,nope", check=False)
     assert proc.returncode == 2 and "--predictors: unknown 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_numbers_bounds_read_as_a_person_writes_them():
+    """--cache-gib's bound read "(0, 1.04858e+06]"."""
+    from common.errors import number_flag
+
+    with pytest.raises(UserError, match=r"--cache-gib 2000000.0: must be a number in \(0, 1,048,576\]$"):
+        number_flag("cache-gib", 2e6, 0, 1 << 20, above_low=True)
+    with pytest.raises(UserError, match=r"--x 1.0: must be a number in \[0, 0.5\]$"):
+        number_flag("x", 1.0, 0, 0.5)
