@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from collection.traces.format import NO_VERIFY_HINT, TraceSet
+from collection.traces.format import TraceSet
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.errors import UserError, one_line_errors
 from models.moe_configs import PRESETS
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-config", default=None, choices=sorted(PRESETS), metavar="PRESET",
                    help="the model whose expert size prices each budget in GiB (fp16, NF4); default: the set's "
                         "model when it is a preset (models/moe_configs.py), else no prices")
-    p.add_argument("--no-verify", action="store_true", help=f"skip the shards' SHA-256 check ({NO_VERIFY_HINT})")
+    p.add_argument("--no-verify", action="store_true", help="skip the shards' SHA-256 check (faster; a damaged shard then goes unnoticed)")
     return p.parse_args(argv)
 
 

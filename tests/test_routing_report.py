@@ -128,6 +128,8 @@ def test_kernel_ranks_are_the_metric_ranks():
 def test_verdict_names_the_better_policy_and_prices_the_budget(hand):
     text = " ".join(rr.verdict(hand, "qwen1.5-moe-a2.7b"))
     assert "a static hot set (75.0% hits) does as well as LRU (37.5%)" in text
+    # oracle prefetch (on LRU) hits 68.75%, below the hot set's 75%: it adds nothing, never "-6.2 points"
+    assert "(oracle prefetch, 68.8%) would add nothing (6.2 points below the better of the two)" in text
     gib = 2 * 2 * 3 * 2048 * 1408 * 2 / 2**30   # 2 experts x 2 layers x fp16 bytes of a Qwen1.5-MoE expert
     assert f"{gib:.3g} GiB in fp16" in text
 

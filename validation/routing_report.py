@@ -432,8 +432,10 @@ def verdict(res: dict[str, Any], preset: str | None) -> list[str]:
         head = h["oracle prefetch"] - base
         gain = h["LRU + previous-token prefetch"] - h["LRU"]
         if head < WORTH:
+            adds = (f"would add {100 * head:.1f} points" if head >= 0 else
+                    f"would add nothing ({100 * -head:.1f} points below the better of the two)")
             s += (f"no predictor is worth building, since even a perfect one (oracle prefetch, "
-                  f"{_pct(h['oracle prefetch'])}) would add {100 * head:.1f} points.")
+                  f"{_pct(h['oracle prefetch'])}) {adds}.")
         else:
             s += (f"a predictor can add up to {100 * head:.1f} points (oracle prefetch {_pct(h['oracle prefetch'])}); "
                   f"prefetching the previous token's experts adds {100 * gain:+.1f} points over LRU, so a learned "
