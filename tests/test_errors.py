@@ -54,7 +54,8 @@ def test_existing_output_is_not_overwritten(tiny_traces, tiny_model):
 
 def test_missing_traces(tmp_path):
     proc = run_script("train_simple_predictor", "--traces", tmp_path / "nope", "--output", tmp_path / "o", check=False)
-    assert_one_line_error(proc, "no such trace directory")
+    assert_one_line_error(proc, f"no such trace directory (collect one: python scripts/collect_traces.py --output "
+                                f"{tmp_path / 'nope'})")
     assert not (tmp_path / "o" / "best_checkpoint.pth").exists()
 
 

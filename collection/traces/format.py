@@ -709,7 +709,8 @@ def manifest_json(directory: Path, lock: bool = False, name: str = MANIFEST) -> 
     path = directory / name
     if not directory.is_dir():
         raise TraceFormatError(f"{directory}: " + ("a file, not a trace directory" if os.path.lexists(directory) else
-                                                   "no such trace directory"))
+                                                   "no such trace directory (collect one: python "
+                                                   f"scripts/collect_traces.py --output {directory})"))
     held = None
     try:
         held = SetReadLock(path) if lock else None
