@@ -73,6 +73,9 @@ from validation.prefetch.policy_map import add_map_args, run_map
 from validation.prefetch.simulator import DEFAULT_POLICIES, POLICY_HELP, Knobs
 
 
+DEFAULT_CACHES = "4,8,15,30,45,60"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,9 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "prefilled at once and reported apart (0: decode only)")
     g.add_argument("--batch", type=int, default=1, help="decode B requests at once; a layer needs their union (1)")
     g = p.add_argument_group("cache and prefetch")
-    g.add_argument("--cache-experts", default="4,8,15,30,45,60", help="expert slots per layer, a comma list to sweep")
+    g.add_argument("--cache-experts", default=None, help="expert slots per layer, a comma list to sweep "
+                   f"({DEFAULT_CACHES})")
     g.add_argument("--gpu-gib", type=float, default=None, help="GPU memory for expert slots and the KV cache together "
-                   "(GiB, for --model-config's whole model); replaces --cache-experts")
+                   "(GiB, for --model-config's whole model); instead of --cache-experts")
     g.add_argument("--context", type=int, default=2048, help="tokens of KV cache --gpu-gib holds (2048)")
     g.add_argument("--split", default="uniform", choices=SPLITS, help="--gpu-gib's slots over the layers: uniform, "
                    "popularity (training split) or optimised (marginal LRU hit rate per byte) (uniform)")
@@ -148,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--plot", default=None, help="PNG path (default <output-dir>/prefetch.png)")
     g.add_argument("--no-verify", action="store_true", help="skip shard checksum verification")
     args = p.parse_args(argv)
+    if args.gpu_gib is not None and args.cache_experts is not None:
+        raise UserError(f"--cache-experts {args.cache_experts} and --gpu-gib {args.gpu_gib}: give one (--gpu-gib "
+                        "sets the slots of every layer)")
+    args.cache_experts = args.cache_experts or DEFAULT_CACHES
     args.lowbit_format = args.lowbit_format or lowbit_below(args.expert_format) or args.expert_format
     return args
 

@@ -444,6 +444,7 @@ def test_the_low_bit_copy_defaults_below_the_experts_format_and_int2_has_none(ti
 
 BAD = [
     (["--gpu-gib", "0.01"], "--gpu-gib 0.01: "),
+    (["--gpu-gib", "8", "--cache-experts", "8"], "--cache-experts 8 and --gpu-gib 8.0: give one"),
     (["--policies", "cpu-compute", "--cpu-expert-ms", "0"], "--cpu-expert-ms 0.0: "),
     (["--policies", "cpu-compute"], "give --cpu-expert-ms"),
     (["--policies", "lowbit-on-miss", "--expert-format", "int2"], "must be smaller than the expert"),
