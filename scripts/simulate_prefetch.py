@@ -72,7 +72,6 @@ from validation.prefetch.driver import (
 from validation.prefetch.policy_map import add_map_args, run_map
 from validation.prefetch.simulator import DEFAULT_POLICIES, POLICY_HELP, Knobs
 
-
 DEFAULT_CACHES = "4,8,15,30,45,60"
 
 
