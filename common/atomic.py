@@ -77,6 +77,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             raise disk_full(path, e) from None
+        if isinstance(e, OSError) and e.filename in (str(tmp), str(path)):  # a place the pre-flight could not judge
+            raise UserError(f"{path}: cannot write it ({(e.strerror or type(e).__name__).lower()}; nothing partial "
+                            "was kept); write elsewhere") from None
         raise
 
 

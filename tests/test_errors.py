@@ -166,3 +166,24 @@ def test_a_numbers_bounds_read_as_a_person_writes_them():
         number_flag("cache-gib", 2e6, 0, 1 << 20, above_low=True)
     with pytest.raises(UserError, match=r"--x 1.0: must be a number in \[0, 0.5\]$"):
         number_flag("x", 1.0, 0, 0.5)
+
+
+def test_a_report_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A --json under /proc passed the pre-flight (permissions allow it) and ended the run with a traceback."""
+    import errno
+    import os
+
+    import common.atomic as atomic
+
+    real = os.open
+
+    def read_only(p, *a, **k):
+        if str(p).endswith(".partial"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(atomic.os, "open", read_only)
+    target = tmp_path / "report.json"
+    with pytest.raises(UserError, match=r"report.json: cannot write it \(read-only file system; nothing partial"):
+        atomic.atomic_write_json(target, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
