@@ -161,9 +161,10 @@ def not_a_report(path: Path, flag: str) -> str | None:
         return "is not a regular file"
     parent, name = path.parent, path.name
     manifest = parent / TRACE_MANIFEST
-    if manifest.is_file():
+    if manifest.is_file():  # a trace manifest (it has a format_version) protects itself and every name it holds
         ok, value = _json_of(manifest)
-        if name == TRACE_MANIFEST or (ok and name in _strings(value)):
+        if ok and isinstance(value, dict) and "format_version" in value and (
+                name == TRACE_MANIFEST or name in _strings(value)):
             return f"is a file of the trace set in {parent}"
     if name in TRAINING_RUN_FILES and any((parent / n).is_file() for n in TRAINING_RUN_FILES if n.endswith(".pth")):
         return f"is a file of the training run in {parent}"

@@ -651,14 +651,18 @@ def test_an_earlier_report_is_replaced_and_the_rules_by_hand(tmp_path):
     (tmp_path / "old.json").write_text('{"rows": []}')
     (tmp_path / "old.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "T").mkdir()
-    (tmp_path / "T" / MANIFEST).write_text(json.dumps({"shards": [{"file": "shard_00000.safetensors"}]}))
+    (tmp_path / "T" / MANIFEST).write_text(json.dumps({"format_version": 2,
+                                                       "shards": [{"file": "shard_00000.safetensors"}]}))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / MANIFEST).write_text('{"rows": []}')  # a report that happens to be named so
     (tmp_path / "T" / "shard_00000.safetensors").write_bytes(b"x")
     (tmp_path / "T" / "prefetch.json").write_text("{}")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best_checkpoint.pth").write_bytes(b"PK\x03\x04")
     (tmp_path / "run" / "coverage_metrics.json").write_text("{}")
     (tmp_path / "results.json").write_text("{}")  # a report that happens to share a training run's file name
-    for ok in ("old.json", "old.png", "T/prefetch.json", "run/coverage_metrics.json", "results.json"):
+    for ok in ("old.json", "old.png", "T/prefetch.json", "run/coverage_metrics.json", "results.json",
+               "elsewhere/" + MANIFEST):
         assert not_a_report(tmp_path / ok, "--plot" if ok.endswith(".png") else "--json") is None, ok
     says = {"T/" + MANIFEST: "is a file of the trace set in", "T/shard_00000.safetensors": "is a file of the trace set",
             "run/best_checkpoint.pth": "is a file of the training run in"}

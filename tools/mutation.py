@@ -857,7 +857,7 @@ MUTATIONS = [
              '    if False:', ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
              "a report flag naming a symbolic link replaces the link (its target's name is kept, the link is lost)"),
     Mutation("report-replaces-a-trace-sets-file", "common/paths.py",
-             "        if name == TRACE_MANIFEST or (ok and name in _strings(value)):", "        if False:",
+             '            return f"is a file of the trace set in {parent}"', "            pass",
              ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
              "--json on a trace set's manifest or shard replaces it (the next run on the set fails)"),
     Mutation("report-replaces-a-checkpoint", "common/paths.py", "    if head.startswith(ZIP_MAGIC):",
