@@ -29,7 +29,8 @@ NAME_MAX = 255  # bytes in one file name (Linux, ext4, xfs)
 TRAINING_RUN_FILES = ("best_checkpoint.pth", "best_checkpoint.json", "latest_checkpoint.pth",
                       "latest_checkpoint.json", "results.json")
 TRACE_MANIFEST = "manifest.json"  # a trace set's manifest (collection/traces/format.py reads and writes it)
-CHECKPOINT_FAMILY = "expert-predictor/"  # a predictor checkpoint's "format" is this and a version (models/checkpoint.py)
+# a predictor checkpoint's "format" is this and a version (models/checkpoint.py)
+CHECKPOINT_FAMILY = "expert-predictor/"
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 IMAGE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg", b"\xff\xd8")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (a .pth checkpoint)

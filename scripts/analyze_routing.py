@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-config", default=None, choices=sorted(PRESETS), metavar="PRESET",
                    help="the model whose expert size prices each budget in GiB (fp16, NF4); default: the set's "
                         "model when it is a preset (models/moe_configs.py), else no prices")
-    p.add_argument("--no-verify", action="store_true", help="skip the shards' SHA-256 check (faster; a damaged shard then goes unnoticed)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the shards' SHA-256 check (faster; a damaged shard then goes unnoticed)")
     return p.parse_args(argv)
 
 

@@ -43,6 +43,9 @@ G = "tests/test_guidance.py::"
 A = "tests/test_attacks.py::"
 EH = "tests/test_engine_host.py::"
 RO = "tests/test_routing_only.py::"
+# the report rule (common/paths.py not_a_report): every report flag of every script, and the rules by hand
+REPORT = (A + "test_a_report_flag_never_replaces_what_is_not_an_earlier_report",
+          A + "test_an_earlier_report_is_replaced_and_the_rules_by_hand")
 
 
 @dataclass(frozen=True)
@@ -854,17 +857,17 @@ MUTATIONS = [
              "    gc.collect()\n", ("tests/test_bench_offload.py::test_a_tiny_run_writes_every_row",),
              "Python's cyclic collector can run inside a timed decode"),
     Mutation("report-written-through-a-link", "common/paths.py", '    if kind == "file" and is_link(path):',
-             '    if False:', ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
+             '    if False:', REPORT,
              "a report flag naming a symbolic link replaces the link (its target's name is kept, the link is lost)"),
     Mutation("report-replaces-a-trace-sets-file", "common/paths.py",
              '            return f"is a file of the trace set in {parent}"', "            pass",
-             ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
+             REPORT,
              "--json on a trace set's manifest or shard replaces it (the next run on the set fails)"),
     Mutation("report-replaces-a-checkpoint", "common/paths.py", "    if head.startswith(ZIP_MAGIC):",
-             "    if False:", ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
+             "    if False:", REPORT,
              "--json on a predictor checkpoint copied out of its run replaces it"),
     Mutation("json-report-replaces-any-file", "common/paths.py", "        if is_json and not ok:",
-             "        if False:", ("tests/test_attacks.py::test_a_report_flag_never_replaces_what_is_not_an_earlier_report", "tests/test_attacks.py::test_an_earlier_report_is_replaced_and_the_rules_by_hand"),
+             "        if False:", REPORT,
              "--json on a text file (a prompts file, a README) replaces it"),
     Mutation("checkpoint-garbage-called-a-pickle", "models/checkpoint.py",
              '    if not (head.startswith(ZIP_MAGIC) or head.startswith(b"\\x80")):', "    if False:",
